@@ -1,0 +1,11 @@
+//! Traffic capture without eBPF: generates and installs the iptables/nftables rules that steer TCP
+//! into the node tunnel (see `shared/spec/capture.md`). Host mode, for VMs and developer machines,
+//! captures in the host's own network namespace; in-pod mode will reuse the same rule model inside
+//! each enrolled pod's namespace. [`rules`] is pure and golden-tested; [`apply`] only runs the tools.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod rules;
+
+pub use apply::{install, uninstall, ApplyError};
+pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError};

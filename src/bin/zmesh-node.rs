@@ -1,0 +1,150 @@
+//! zmesh-node: the per-node L4 tunnel.
+//!
+//! `zmesh-node run [--config FILE]` serves; `check-config FILE` validates (exit 64 when invalid);
+//! `ca init` creates a dev CA for the built-in file CA mode.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use zmesh::config::{AccessLogFormat, Config, EMBEDDED_DEFAULT};
+use zmesh::identity::FileCa;
+
+/// sysexits.h EX_DATAERR... no: EX_USAGE (64) is what istio-style tools and the spec use for an
+/// invalid configuration.
+const EXIT_INVALID_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "zmesh-node", version, about = "zmesh node tunnel (HBONE)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the tunnel (the default).
+    Run {
+        /// Config file; without it the embedded default is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and exit (64 when invalid).
+    CheckConfig { file: PathBuf },
+    /// Certificate authority tools.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a self-signed dev CA for the built-in file CA.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = zmesh::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd.unwrap_or(Cmd::Run { config: None }) {
+        Cmd::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+        },
+        Cmd::Ca {
+            cmd: CaCmd::Init { dir, trust_domain },
+        } => match FileCa::init(&dir, &trust_domain) {
+            Ok(()) => {
+                println!(
+                    "created CA for trust domain {trust_domain} in {}",
+                    dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ca init: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run { config } => {
+            let cfg = match &config {
+                Some(path) => Config::load(path),
+                None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>"),
+            };
+            let cfg = match cfg {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            };
+            match run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("zmesh-node: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: AccessLogFormat) {
+    let filter = EnvFilter::try_from_env("ZMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == AccessLogFormat::Json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    init_logging(cfg.node.access_log);
+    let workers = match cfg.node.worker_threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("zmesh-data")
+        .enable_all()
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    rt.block_on(async move {
+        tracing::info!(config = ?cfg, "effective config");
+        let node = zmesh::proxy::Node::new(cfg)?;
+        let running = zmesh::proxy::start(node).await?;
+        wait_for_termination().await;
+        tracing::info!("shutting down");
+        running.stop().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

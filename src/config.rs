@@ -1,0 +1,665 @@
+//! The local configuration file: node settings, workloads and services in one strict YAML file.
+//!
+//! The file is parsed once into typed structs. Unknown fields and wrong types are refused with the
+//! file, line and column serde_yaml reports; cross-field checks (duplicate uids, bad references)
+//! name the path of the offending entry and its value. Every field has a documented default, and
+//! the README shows a complete example (examples/*.yaml are tested to load).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::identity::SpiffeId;
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// istiod's default workload certificate lifetime.
+const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Bounds on any one string in the file, so hostile input cannot balloon memory (reliability #24).
+const MAX_STRING: usize = 4096;
+
+/// The embedded default config: a single-node mesh with a dev CA under /var/lib/zmesh/ca.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/default.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Unlocated { path: String, message: String },
+    #[error("{path}: {field} = {value:?}: {reason}")]
+    Invalid {
+        path: String,
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// Line and column of the error, when the parser knew them.
+    pub fn location(&self) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Syntax { line, column, .. } => Some((*line, *column)),
+            _ => None,
+        }
+    }
+}
+
+/// Whole-file schema.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; workloads whose `node` equals it are local and proxied here.
+    pub name: BoundedString,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: BoundedString,
+    /// Cluster name sent in `baggage` (k8s.cluster.name).
+    #[serde(default = "default_cluster")]
+    pub cluster: BoundedString,
+    /// Address the node-wide listeners bind (host mode). Default: all addresses.
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+    #[serde(default)]
+    pub ports: Ports,
+    /// Whether 15006 accepts plaintext from non-mesh clients.
+    #[serde(default)]
+    pub inbound_plaintext: InboundPlaintext,
+    /// Refuse outbound connections to destinations the model does not know (no passthrough).
+    #[serde(default)]
+    pub registry_only: bool,
+    #[serde(default)]
+    pub access_log: AccessLogFormat,
+    pub certificates: CertificatesConfig,
+    /// Data-plane worker threads; 0 = one per available CPU.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ports {
+    /// HBONE port, inbound here and on every peer node (Istio: 15008).
+    #[serde(default = "p15008")]
+    pub hbone: u16,
+    #[serde(default = "p15001")]
+    pub outbound: u16,
+    #[serde(default = "p15006")]
+    pub inbound_plaintext: u16,
+    #[serde(default = "p15021")]
+    pub readiness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            hbone: 15008,
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            readiness: 15021,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundPlaintext {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    #[default]
+    Text,
+    Json,
+    Off,
+}
+
+/// Exactly one certificate source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "CertificatesRaw")]
+pub enum CertificatesConfig {
+    /// The built-in CA: leaves issued on the node (`zmesh-node ca init` makes one).
+    FileCa { dir: PathBuf, ttl: Duration },
+    /// Certificates provisioned elsewhere, one per identity.
+    Static {
+        roots: PathBuf,
+        identities: Vec<StaticIdentity>,
+    },
+}
+
+/// The YAML shape of `node.certificates`: one of two keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificatesRaw {
+    file_ca: Option<FileCaRaw>,
+    #[serde(rename = "static")]
+    static_: Option<StaticRaw>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCaRaw {
+    dir: PathBuf,
+    #[serde(default = "default_ttl", deserialize_with = "de_duration")]
+    ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticRaw {
+    roots: PathBuf,
+    identities: Vec<StaticIdentity>,
+}
+
+impl TryFrom<CertificatesRaw> for CertificatesConfig {
+    type Error = String;
+    fn try_from(raw: CertificatesRaw) -> Result<Self, String> {
+        match (raw.file_ca, raw.static_) {
+            (Some(f), None) => Ok(CertificatesConfig::FileCa {
+                dir: f.dir,
+                ttl: f.ttl,
+            }),
+            (None, Some(s)) => Ok(CertificatesConfig::Static {
+                roots: s.roots,
+                identities: s.identities,
+            }),
+            _ => Err("node.certificates needs exactly one of `file_ca` or `static`".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TunnelProtocol {
+    /// Speaks HBONE: traffic to it is tunneled to its node's 15008.
+    #[default]
+    Hbone,
+    /// Not in the mesh: traffic to it is plain TCP.
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: BoundedString,
+    #[serde(default)]
+    pub zone: BoundedString,
+    #[serde(default)]
+    pub subzone: BoundedString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub uid: BoundedString,
+    pub name: BoundedString,
+    pub namespace: BoundedString,
+    #[serde(default = "default_sa")]
+    pub service_account: BoundedString,
+    /// Defaults to the node's trust domain.
+    #[serde(default)]
+    pub trust_domain: Option<BoundedString>,
+    pub addresses: Vec<IpAddr>,
+    /// The node this workload runs on.
+    pub node: BoundedString,
+    #[serde(default)]
+    pub protocol: TunnelProtocol,
+    /// The kind of controller, for `baggage` (deployment, pod, job, cronjob).
+    #[serde(default = "default_workload_type")]
+    pub workload_type: BoundedString,
+    #[serde(default)]
+    pub canonical_name: Option<BoundedString>,
+    #[serde(default)]
+    pub canonical_revision: Option<BoundedString>,
+    #[serde(default)]
+    pub status: HealthStatus,
+    /// Load-balancing weight among a service's endpoints.
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    #[serde(default)]
+    pub locality: Locality,
+    /// Services this workload backs: "namespace/hostname" → {service port: target port}.
+    #[serde(default)]
+    pub services: BTreeMap<BoundedString, BTreeMap<u16, u16>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancingMode {
+    /// Prefer closer endpoints, fall back to any.
+    #[default]
+    Standard,
+    /// Only endpoints matching every routing-preference field.
+    Strict,
+    /// Prefer closer endpoints, fall back tier by tier.
+    Failover,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingScope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancing {
+    #[serde(default)]
+    pub mode: LoadBalancingMode,
+    #[serde(default)]
+    pub routing_preference: Vec<RoutingScope>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: BoundedString,
+    pub namespace: BoundedString,
+    pub hostname: BoundedString,
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    /// Service port → default target port (a workload's own port map overrides it).
+    pub ports: BTreeMap<u16, u16>,
+    /// Extra identities a client accepts from this service's endpoints.
+    #[serde(default)]
+    pub subject_alt_names: Vec<SpiffeIdString>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+}
+
+/// A string with a length bound, checked while parsing so the error carries a line number.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BoundedString(pub String);
+
+impl<'de> Deserialize<'de> for BoundedString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() > MAX_STRING {
+            return Err(serde::de::Error::custom(format!(
+                "string of {} bytes is over the {MAX_STRING}-byte limit",
+                s.len()
+            )));
+        }
+        Ok(BoundedString(s))
+    }
+}
+
+impl fmt::Display for BoundedString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for BoundedString {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for BoundedString {
+    fn from(s: &str) -> Self {
+        BoundedString(s.to_string())
+    }
+}
+
+/// A SPIFFE ID validated during parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffeIdString(pub SpiffeId);
+
+impl<'de> Deserialize<'de> for SpiffeIdString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SpiffeId::parse(&s)
+            .map(SpiffeIdString)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+}
+
+fn default_trust_domain() -> BoundedString {
+    DEFAULT_TRUST_DOMAIN.into()
+}
+fn default_cluster() -> BoundedString {
+    "Kubernetes".into()
+}
+fn default_bind() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_sa() -> BoundedString {
+    "default".into()
+}
+fn default_workload_type() -> BoundedString {
+    "deployment".into()
+}
+fn default_capacity() -> u32 {
+    1
+}
+fn default_ttl() -> Duration {
+    DEFAULT_CERT_TTL
+}
+fn p15008() -> u16 {
+    15008
+}
+fn p15001() -> u16 {
+    15001
+}
+fn p15006() -> u16 {
+    15006
+}
+fn p15021() -> u16 {
+    15021
+}
+
+/// Parses durations such as `500ms`, `30s`, `10m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} has no unit: use ms, s, m or h"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?} does not start with a whole number"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "duration {s:?} has unknown unit {unit:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    Ok(d)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
+            Some(loc) => ConfigError::Syntax {
+                path: origin.to_string(),
+                line: loc.line(),
+                column: loc.column(),
+                // serde_yaml appends " at line L column C"; we already lead with it.
+                message: strip_location(&e.to_string()),
+            },
+            None => ConfigError::Unlocated {
+                path: origin.to_string(),
+                message: e.to_string(),
+            },
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid =
+            |field: String, value: &dyn fmt::Display, reason: &str| ConfigError::Invalid {
+                path: origin.to_string(),
+                field,
+                value: value.to_string(),
+                reason: reason.to_string(),
+            };
+        let n = &self.node;
+        SpiffeId::new(&n.trust_domain, "x", "x")
+            .map_err(|e| invalid("node.trust_domain".into(), &n.trust_domain, &e.to_string()))?;
+        let p = &n.ports;
+        for (name, port) in [
+            ("hbone", p.hbone),
+            ("outbound", p.outbound),
+            ("inbound_plaintext", p.inbound_plaintext),
+            ("readiness", p.readiness),
+        ] {
+            if port == 0 {
+                return Err(invalid(
+                    format!("node.ports.{name}"),
+                    &port,
+                    "port 0 cannot be listened on",
+                ));
+            }
+        }
+        if let CertificatesConfig::FileCa { ttl, .. } = &n.certificates {
+            if *ttl < Duration::from_secs(60) {
+                return Err(invalid(
+                    "node.certificates.file_ca.ttl".into(),
+                    &format!("{ttl:?}"),
+                    "certificates shorter than 1m would be renewed continuously",
+                ));
+            }
+        }
+        let mut uids = std::collections::HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = |f: &str| format!("workloads[{i}].{f}");
+            if w.uid.is_empty() {
+                return Err(invalid(at("uid"), &"", "a workload needs a non-empty uid"));
+            }
+            if !uids.insert(w.uid.clone()) {
+                return Err(invalid(at("uid"), &w.uid, "duplicate workload uid"));
+            }
+            let td = w.trust_domain.as_ref().unwrap_or(&n.trust_domain);
+            SpiffeId::new(td, &w.namespace, &w.service_account)
+                .map_err(|e| invalid(at("service_account"), &w.service_account, &e.to_string()))?;
+            if w.addresses.is_empty() {
+                return Err(invalid(
+                    at("addresses"),
+                    &"[]",
+                    "a workload needs at least one address",
+                ));
+            }
+            for (svc, ports) in &w.services {
+                if !svc.contains('/') {
+                    return Err(invalid(
+                        at("services"),
+                        svc,
+                        "service keys are \"namespace/hostname\"",
+                    ));
+                }
+                if ports.iter().any(|(a, b)| *a == 0 || *b == 0) {
+                    return Err(invalid(at("services"), svc, "port 0 is not a port"));
+                }
+            }
+        }
+        let mut hosts = std::collections::HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            if !hosts.insert(key.clone()) {
+                return Err(invalid(
+                    format!("services[{i}].hostname"),
+                    &key,
+                    "duplicate service",
+                ));
+            }
+            if s.ports.iter().any(|(a, b)| *a == 0 || *b == 0) {
+                return Err(invalid(
+                    format!("services[{i}].ports"),
+                    &key,
+                    "port 0 is not a port",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address of one of the node's ports.
+    pub fn listen_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.node.bind, port)
+    }
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node:
+  name: node-a
+  certificates:
+    file_ca: { dir: /tmp/ca }
+workloads:
+  - uid: a
+    name: app-a
+    namespace: default
+    addresses: [10.0.0.1]
+    node: node-a
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(GOOD, "t.yaml").unwrap();
+        assert_eq!(&*c.node.trust_domain, "cluster.local");
+        assert_eq!(c.node.ports.hbone, 15008);
+        assert_eq!(c.node.ports.outbound, 15001);
+        assert_eq!(c.node.inbound_plaintext, InboundPlaintext::Allow);
+        assert_eq!(&*c.workloads[0].service_account, "default");
+        assert_eq!(c.workloads[0].protocol, TunnelProtocol::Hbone);
+        assert!(
+            matches!(c.node.certificates, CertificatesConfig::FileCa { ttl, .. } if ttl == DEFAULT_CERT_TTL)
+        );
+    }
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text, "t.yaml").unwrap_err()
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_column_and_field() {
+        let text = GOOD.replace("    node: node-a\n", "    node: node-a\n    colour: blue\n");
+        let e = err(&text);
+        let msg = e.to_string();
+        assert_eq!(e.location(), Some((12, 5)), "{msg}");
+        assert!(msg.starts_with("t.yaml:12:5: "), "{msg}");
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+    }
+
+    #[test]
+    fn type_errors_name_line_and_value() {
+        let e = err(&GOOD.replace("[10.0.0.1]", "[10.0.0.300]"));
+        assert_eq!(e.location().map(|l| l.0), Some(10), "{e}");
+        assert!(e.to_string().contains("invalid IP address"), "{e}");
+
+        let e = err(&GOOD.replace(
+            "file_ca: { dir: /tmp/ca }",
+            "file_ca: { dir: /tmp/ca, ttl: 3 days }",
+        ));
+        assert!(e.to_string().contains("unknown unit"), "{e}");
+        assert_eq!(e.location().map(|l| l.0), Some(5), "{e}");
+
+        let e = err(&GOOD.replace(
+            "node: node-a\n  cert",
+            "node: node-a\n  worker_threads: many\n  cert",
+        ));
+        assert!(e.to_string().contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field_and_value() {
+        let dup = format!(
+            "{GOOD}  - uid: a\n    name: b\n    namespace: default\n    addresses: [10.0.0.2]\n    node: node-a\n"
+        );
+        let e = err(&dup).to_string();
+        assert!(
+            e.contains("workloads[1].uid") && e.contains("duplicate"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("namespace: default", "namespace: Default")).to_string();
+        assert!(
+            e.contains("workloads[0].service_account") && e.contains("Default"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("[10.0.0.1]", "[]")).to_string();
+        assert!(e.contains("workloads[0].addresses"), "{e}");
+    }
+
+    #[test]
+    fn bad_yaml_and_oversized_strings_are_refused() {
+        assert!(err("node: [").location().is_some());
+        let huge = GOOD.replace("name: app-a", &format!("name: {}", "x".repeat(5000)));
+        assert!(err(&huge).to_string().contains("limit"));
+        // Deep nesting must be an error, not a stack overflow (reliability #24).
+        let deep = format!("node: {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(Config::parse(&deep, "t.yaml").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("24").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("1d").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! zmesh: an ambient service-mesh node tunnel that speaks Istio's HBONE.
+//!
+//! Where things live:
+//! - `config`: the local YAML file, parsed once into typed structs;
+//! - `model`: workloads and services, and outbound destination selection;
+//! - `identity`: SPIFFE IDs, the built-in file CA and the certificate manager;
+//! - `tls`: rustls configuration and SPIFFE-aware verification;
+//! - `hbone`: the CONNECT protocol, the pooled client and the server settings;
+//! - `proxy`: the node's listeners (15001, 15006, 15008, 15021);
+//! - `copy`: moving bytes between sockets and HTTP/2 streams;
+//! - `socket`: socket options (SO_MARK, IP_TRANSPARENT, SO_ORIGINAL_DST).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod copy;
+pub mod hbone;
+pub mod identity;
+pub mod model;
+pub mod proxy;
+pub mod socket;
+pub mod tls;

@@ -1,0 +1,192 @@
+//! HBONE inbound (:15008): mTLS + HTTP/2 CONNECT from other nodes' tunnels (and waypoints).
+//!
+//! The server certificate is the DESTINATION workload's, chosen by the address the client dialed
+//! (each workload has its own IP). The TLS handshake plus the HTTP/2 preface must finish within
+//! the handshake deadline. Each CONNECT stream is validated, then the local app is dialed from
+//! the client's IP (IP_TRANSPARENT) so the app sees who really called it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, StatusCode};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::{accept_loop, ConnLog, Direction, Node};
+use crate::copy::tcp_to_h2;
+use crate::hbone::connect::parse_connect;
+use crate::hbone::{keepalive, server, ALPN_H2, HANDSHAKE_TIMEOUT};
+use crate::identity::{peer_identity, SpiffeId};
+use crate::model::Workload;
+use crate::socket::{dial, DialOptions};
+
+pub(super) async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_loop(listener, shutdown, "HBONE", move |tcp, peer| {
+        let node = node.clone();
+        async move {
+            if let Err(reason) = connection(node, tcp, peer).await {
+                tracing::warn!(src = %peer, reason = %reason, "HBONE connection rejected");
+            }
+        }
+    })
+    .await
+}
+
+async fn connection(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let model = node.model();
+    let workload = model.local_workload(local.ip()).cloned().ok_or_else(|| {
+        format!(
+            "{} is not the address of a workload on this node",
+            local.ip()
+        )
+    })?;
+    let cert = node
+        .certs
+        .fetch(&workload.identity)
+        .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
+    let cfg = node.server_config(&cert).map_err(|e| e.to_string())?;
+    let handshake = async {
+        let tls = TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let (_, conn) = tls.get_ref();
+        if conn.alpn_protocol() != Some(ALPN_H2) {
+            return Err("client did not negotiate ALPN h2".to_string());
+        }
+        let client = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("client presented no certificate")
+            .and_then(|c| peer_identity(c).map_err(|_| "client certificate has no SPIFFE identity"))
+            .map_err(str::to_string)?;
+        let h2 = server::handshake(tls)
+            .await
+            .map_err(|e| format!("HTTP/2 preface failed: {e}"))?;
+        Ok((client, h2))
+    };
+    let (client, mut h2) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| format!("TLS + HTTP/2 handshake not done within {HANDSHAKE_TIMEOUT:?}"))??;
+    tracing::debug!(src = %peer, identity = %client, "HBONE connection established");
+    let pinger = h2.ping_pong();
+    let ka = async {
+        match pinger {
+            Some(p) => keepalive(p).await,
+            None => std::future::pending().await,
+        }
+    };
+    let accept = async {
+        while let Some(next) = h2.accept().await {
+            match next {
+                Ok((req, respond)) => {
+                    tokio::spawn(stream(
+                        node.clone(),
+                        workload.clone(),
+                        client.clone(),
+                        peer,
+                        req,
+                        respond,
+                    ));
+                }
+                Err(e) => return Err(format!("HTTP/2 error: {e}")),
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = accept => r,
+        e = ka => Err(format!("peer stopped answering PINGs: {e}")),
+    }
+}
+
+async fn stream(
+    node: Arc<Node>,
+    workload: Arc<Workload>,
+    client: SpiffeId,
+    peer: SocketAddr,
+    req: Request<h2::RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
+    let enabled = node.access_log_enabled();
+    let dst = match parse_connect(&req) {
+        Ok(d) => d,
+        Err(e) => {
+            server::refuse(respond, e.status());
+            let mut log = ConnLog::new(
+                Direction::Inbound,
+                peer,
+                SocketAddr::new(workload.addresses[0], 0),
+            );
+            log.src_identity = Some(client.to_string());
+            log.emit(enabled, Some(&format_args!("bad CONNECT: {e}")));
+            return;
+        }
+    };
+    let mut log = ConnLog::new(Direction::Inbound, peer, dst);
+    log.src_identity = Some(client.to_string());
+    log.dst_identity = Some(workload.identity.to_string());
+    log.dst_workload = Some(workload.name.clone());
+    log.path = format!("app {dst}");
+    let model = node.model();
+    match model.local_workload(dst.ip()) {
+        None => {
+            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(
+                enabled,
+                Some(&format_args!(
+                    "{} is not a workload on this node (503)",
+                    dst.ip()
+                )),
+            );
+            return;
+        }
+        Some(w) if w.uid != workload.uid => {
+            server::refuse(respond, StatusCode::BAD_REQUEST);
+            log.emit(
+                enabled,
+                Some(&format_args!(
+                    "authority {dst} belongs to {}, not to {} which owns this listener (400)",
+                    w.name, workload.name
+                )),
+            );
+            return;
+        }
+        Some(_) => {}
+    }
+    // The app sees the calling workload's address; bytes the client sent before our 200 wait in
+    // h2's window and reach nobody until the dial succeeded (reliability #11).
+    let opts = DialOptions {
+        mark: node.mark(),
+        source: Some(peer.ip()),
+        transparent: true,
+    };
+    let mut app = match dial(dst, opts).await {
+        Ok(a) => a,
+        Err(e) => {
+            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(enabled, Some(&format_args!("{e} (503)")));
+            return;
+        }
+    };
+    let send = match server::accept(respond) {
+        Ok(s) => s,
+        Err(e) => {
+            log.emit(
+                enabled,
+                Some(&format_args!("client went away before the 200: {e}")),
+            );
+            return;
+        }
+    };
+    log.transfer = tcp_to_h2(&mut app, send, req.into_body()).await;
+    log.emit(enabled, None);
+}

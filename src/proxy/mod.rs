@@ -1,0 +1,276 @@
+//! The node's listeners and the state they share.
+//!
+//! `Node` is built once from the config: the model, the certificate manager, the HBONE pool and
+//! the per-identity TLS server configs. `start` binds the listeners (15001 outbound, 15006
+//! plaintext inbound, 15008 HBONE inbound, 15021 readiness) and returns a handle that stops them.
+
+mod accesslog;
+mod inbound;
+mod outbound;
+mod plaintext;
+mod readiness;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use accesslog::{ConnLog, Direction};
+
+use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext};
+use crate::hbone::client::Pool;
+use crate::identity::{
+    load_certs_pem, load_key_pem, CertManager, CertSource, FileCa, SpiffeId, StaticCert,
+    WorkloadCert,
+};
+use crate::model::{Model, Workload};
+use crate::socket::{listen, TUNNEL_MARK};
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Certs(String),
+    #[error("cannot listen on {addr} ({role}): {source}")]
+    Listen {
+        role: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the listeners share.
+pub struct Node {
+    pub cfg: Config,
+    model: Arc<Model>,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<Pool>,
+    mark: Option<u32>,
+    server_configs: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
+    ready: AtomicBool,
+}
+
+impl Node {
+    /// Builds the node's state: loads the CA or static certificates and issues the certificates of
+    /// every local workload up front, so the first connection pays no issuance latency.
+    pub fn new(cfg: Config) -> Result<Arc<Node>, StartError> {
+        let provider = tls::provider();
+        let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
+        let (source, roots) = match &cfg.node.certificates {
+            CertificatesConfig::FileCa { dir, ttl } => {
+                let ca = FileCa::load(dir).map_err(|e| certs_err(&e))?;
+                let roots = ca.roots().to_vec();
+                (CertSource::FileCa { ca, ttl: *ttl }, roots)
+            }
+            CertificatesConfig::Static { roots, identities } => {
+                let roots = load_certs_pem(roots).map_err(|e| certs_err(&e))?;
+                let mut certs = Vec::new();
+                for i in identities {
+                    certs.push(StaticCert {
+                        chain: load_certs_pem(&i.cert).map_err(|e| certs_err(&e))?,
+                        key: load_key_pem(&i.key).map_err(|e| certs_err(&e))?,
+                    });
+                }
+                (CertSource::Static(certs), roots)
+            }
+        };
+        let certs =
+            Arc::new(CertManager::new(source, &roots, provider).map_err(|e| certs_err(&e))?);
+        let model = Arc::new(Model::from_config(&cfg));
+        for w in model.local_workloads() {
+            certs.fetch(&w.identity).map_err(|e| certs_err(&e))?;
+        }
+        // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
+        let mark = Some(TUNNEL_MARK);
+        let pool = Pool::new(certs.clone(), mark);
+        Ok(Arc::new(Node {
+            cfg,
+            model,
+            certs,
+            pool,
+            mark,
+            server_configs: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn model(&self) -> Arc<Model> {
+        self.model.clone()
+    }
+
+    pub fn mark(&self) -> Option<u32> {
+        self.mark
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn access_log_enabled(&self) -> bool {
+        self.cfg.node.access_log != AccessLogFormat::Off
+    }
+
+    pub fn inbound_plaintext_allowed(&self) -> bool {
+        self.cfg.node.inbound_plaintext == InboundPlaintext::Allow
+    }
+
+    /// The local workload a connection from `ip` belongs to. A host with a single workload owns
+    /// every local address, so connections from its other interfaces still have an identity.
+    pub fn source_workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        if let Some(w) = self.model.local_workload(ip) {
+            return Some(w.clone());
+        }
+        let mut local = self.model.local_workloads();
+        match (local.next(), local.next()) {
+            (Some(only), None) => Some(only.clone()),
+            _ => None,
+        }
+    }
+
+    /// TLS server config presenting `cert`, cached per identity and certificate serial.
+    pub fn server_config(
+        &self,
+        cert: &WorkloadCert,
+    ) -> Result<Arc<ServerConfig>, tls::TlsConfigError> {
+        let mut cache = self
+            .server_configs
+            .lock()
+            .expect("server config cache poisoned");
+        if let Some((serial, cfg)) = cache.get(&cert.identity) {
+            if *serial == cert.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(tls::server_config(
+            cert,
+            self.certs.roots(),
+            self.certs.provider(),
+        )?);
+        cache.insert(cert.identity.clone(), (cert.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// The listeners' bound addresses (useful when a config asks for port 0 in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+    pub hbone: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// A running node: listeners plus the shutdown switch.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub bound: Bound,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting and waits for the accept loops to end.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn bind(
+    role: &'static str,
+    addr: SocketAddr,
+    transparent: bool,
+) -> Result<TcpListener, StartError> {
+    listen(addr, transparent).map_err(|source| StartError::Listen { role, addr, source })
+}
+
+/// Binds every listener and starts serving.
+pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
+    let cfg = &node.cfg;
+    let p = &cfg.node.ports;
+    let outbound = bind("outbound", cfg.listen_addr(p.outbound), true)?;
+    let plain = bind(
+        "inbound plaintext",
+        cfg.listen_addr(p.inbound_plaintext),
+        true,
+    )?;
+    let hbone = bind("HBONE", cfg.listen_addr(p.hbone), false)?;
+    let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
+    let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let bound = Bound {
+        outbound: addr(&outbound),
+        inbound_plaintext: addr(&plain),
+        hbone: addr(&hbone),
+        readiness: addr(&ready),
+    };
+    let (tx, rx) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(outbound::serve(node.clone(), outbound, rx.clone())),
+        tokio::spawn(plaintext::serve(node.clone(), plain, rx.clone())),
+        tokio::spawn(inbound::serve(node.clone(), hbone, rx.clone())),
+        tokio::spawn(readiness::serve(node.clone(), ready, rx.clone())),
+        tokio::spawn({
+            let certs = node.certs.clone();
+            let mut rx = rx.clone();
+            async move {
+                tokio::select! {
+                    _ = certs.run_renewals() => {}
+                    _ = rx.changed() => {}
+                }
+            }
+        }),
+    ];
+    node.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = %cfg.node.name,
+        outbound = %bound.outbound,
+        inbound_plaintext = %bound.inbound_plaintext,
+        hbone = %bound.hbone,
+        readiness = %bound.readiness,
+        local_workloads = node.model.local_workloads().count(),
+        "zmesh node ready"
+    );
+    Ok(Running {
+        node,
+        bound,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+/// Accepts connections until shutdown, spawning `handle` for each. Accept errors (such as
+/// running out of file descriptors) are logged and retried after a pause instead of ending the
+/// loop (reliability #29).
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    role: &'static str,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    crate::socket::tune(&tcp);
+                    tokio::spawn(handle(tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(listener = role, error = %e, "accept failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}

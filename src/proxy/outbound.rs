@@ -1,0 +1,147 @@
+//! Outbound capture (:15001): connections REDIRECTed from local applications. The original
+//! destination (SO_ORIGINAL_DST) goes through destination selection; mesh destinations are
+//! tunneled over HBONE with the source workload's certificate, others are relayed as plain TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{accept_loop, ConnLog, Direction, Node};
+use crate::copy::{reset_on_drop, tcp_to_h2, tcp_to_tcp};
+use crate::hbone::client::PoolKey;
+use crate::hbone::connect::{build_connect, new_trace_ids, ConnectHeaders};
+use crate::model::Route;
+use crate::socket::{dial, original_dst, DialOptions};
+
+pub(super) async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
+    let own = listener.local_addr().ok();
+    accept_loop(listener, shutdown, "outbound", move |tcp, peer| {
+        let node = node.clone();
+        async move {
+            match original_dst(&tcp) {
+                // A connection made straight to the listener was not captured: proxying it to
+                // itself would loop forever.
+                Ok(dst) if Some(dst) == own || dst.port() == node.cfg.node.ports.outbound && node.model().local_workload(dst.ip()).is_some() => {
+                    let log = ConnLog::new(Direction::Outbound, peer, dst);
+                    reset_on_drop(&tcp);
+                    log.emit(node.access_log_enabled(), Some(&"connection to the outbound port itself was not captured traffic; refused"));
+                }
+                Ok(dst) => proxy(node, tcp, peer, dst).await,
+                Err(e) => {
+                    reset_on_drop(&tcp);
+                    tracing::warn!(src = %peer, error = %e, "outbound connection has no original destination (not REDIRECTed?); refused");
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Proxies one captured connection from `peer` to its original destination `dst`.
+pub async fn proxy(node: Arc<Node>, mut tcp: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let mut log = ConnLog::new(Direction::Outbound, peer, dst);
+    let enabled = node.access_log_enabled();
+    let Some(source) = node.source_workload(peer.ip()) else {
+        reset_on_drop(&tcp);
+        log.emit(
+            enabled,
+            Some(&format_args!(
+                "no local workload has address {}; is it in the config with node: {}?",
+                peer.ip(),
+                node.cfg.node.name
+            )),
+        );
+        return;
+    };
+    log.src_identity = Some(source.identity.to_string());
+    let model = node.model();
+    let route = match model.select(&source, dst, &mut rand::thread_rng()) {
+        Ok(r) => r,
+        Err(e) => {
+            reset_on_drop(&tcp);
+            log.emit(enabled, Some(&e));
+            return;
+        }
+    };
+    match route {
+        Route::Hbone {
+            hbone_addr,
+            authority,
+            expected,
+            destination,
+            service,
+        } => {
+            log.dst_identity = Some(destination.identity.to_string());
+            log.dst_workload = Some(destination.name.clone());
+            log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+            log.path = format!("hbone {hbone_addr} authority {authority}");
+            let (trace_id, span_id) = new_trace_ids();
+            let req = build_connect(
+                authority,
+                &ConnectHeaders {
+                    source: &source,
+                    client_addr: peer,
+                    service_host: service.as_ref().map(|s| s.hostname.as_str()),
+                    trace_id,
+                    span_id,
+                },
+            );
+            let key = PoolKey {
+                source: source.identity.clone(),
+                expected,
+                dst: hbone_addr,
+                source_ip: Some(peer.ip()),
+            };
+            match node.pool.connect(&key, req).await {
+                Ok(tunnel) => {
+                    let _guard = tunnel.guard;
+                    log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
+                    log.emit(enabled, None);
+                }
+                Err(e) => {
+                    // Never fall back to plaintext: the application sees a reset.
+                    reset_on_drop(&tcp);
+                    log.emit(enabled, Some(&e));
+                }
+            }
+        }
+        Route::Direct {
+            addr,
+            destination,
+            service,
+        } => {
+            log.dst_workload = Some(destination.name.clone());
+            log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+            log.path = format!("direct {addr}");
+            relay(&node, tcp, addr, log).await;
+        }
+        Route::Passthrough { addr } => {
+            log.path = format!("passthrough {addr}");
+            relay(&node, tcp, addr, log).await;
+        }
+    }
+}
+
+async fn relay(node: &Node, mut tcp: TcpStream, addr: SocketAddr, mut log: ConnLog) {
+    let opts = DialOptions {
+        mark: node.mark(),
+        source: None,
+        transparent: false,
+    };
+    match dial(addr, opts).await {
+        Ok(mut up) => {
+            log.transfer = tcp_to_tcp(&mut tcp, &mut up).await;
+            log.emit(node.access_log_enabled(), None);
+        }
+        Err(e) => {
+            reset_on_drop(&tcp);
+            log.emit(node.access_log_enabled(), Some(&e));
+        }
+    }
+}

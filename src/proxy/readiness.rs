@@ -1,0 +1,62 @@
+//! Readiness (:15021 `GET /healthz/ready`): 200 once the node's certificates are issued and its
+//! listeners bound, 503-style 500 with what is pending otherwise (what kubelet probes).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+use super::Node;
+
+type Body = http_body_util::Full<Bytes>;
+
+fn respond(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+    let (status, body) = match req.uri().path() {
+        "/healthz/ready" if node.is_ready() => (StatusCode::OK, "ready\n".to_string()),
+        "/healthz/ready" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not ready: listeners are still starting\n".to_string(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Body::new(Bytes::from(body)))
+        .expect("static response")
+}
+
+pub(super) async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "readiness accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = respond(&node, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
