@@ -617,8 +617,8 @@ workloads:
         assert_eq!(e.location().map(|l| l.0), Some(5), "{e}");
 
         let e = err(&GOOD.replace(
-            "node: node-a\n  cert",
-            "node: node-a\n  worker_threads: many\n  cert",
+            "name: node-a\n  cert",
+            "name: node-a\n  worker_threads: many\n  cert",
         ));
         assert!(e.to_string().contains("worker_threads"), "{e}");
     }

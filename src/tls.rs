@@ -32,7 +32,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Why a peer certificate was refused, in words an operator can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum VerifyError {
     #[error("server identity {received} is not one of the expected [{}]", expected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "))]
     UnexpectedServer {
@@ -43,6 +43,13 @@ pub enum VerifyError {
     TrustDomain { ours: String, received: String },
     #[error("peer certificate has no acceptable SPIFFE identity: {0}")]
     Identity(String),
+}
+
+// rustls prints `OtherError` with `{:?}`; make that the operator-facing sentence too.
+impl std::fmt::Debug for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn reject(e: VerifyError) -> rustls::Error {

@@ -6,7 +6,7 @@
 
 mod accesslog;
 mod inbound;
-mod outbound;
+pub mod outbound;
 mod plaintext;
 mod readiness;
 

@@ -1,0 +1,137 @@
+//! Tier (b) builder: two or more zmesh nodes in this process, each owning loopback addresses
+//! 127.<net>.0.<host>, with a file CA in a temp dir. `net` must be unique per test so tests can
+//! run in parallel without their listeners colliding.
+
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use zmesh::config::Config;
+use zmesh::identity::{CertManager, CertSource, FileCa, SpiffeId, WorkloadCert};
+use zmesh::proxy::{self, Node, Running};
+
+pub fn ip(net: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, net, 0, host))
+}
+
+/// One workload in the shared model.
+pub struct W {
+    pub uid: &'static str,
+    pub sa: &'static str,
+    pub host: u8,
+    pub node: &'static str,
+}
+
+pub struct Mesh {
+    pub net: u8,
+    pub dir: tempfile::TempDir,
+    pub ca_dir: PathBuf,
+    pub nodes: Vec<Running>,
+}
+
+pub fn workloads_yaml(net: u8, ws: &[W]) -> String {
+    let mut y = String::from("workloads:\n");
+    for w in ws {
+        y += &format!(
+            "  - {{ uid: {uid}, name: {uid}, namespace: default, service_account: {sa}, addresses: [{ip}], node: {node} }}\n",
+            uid = w.uid,
+            sa = w.sa,
+            ip = ip(net, w.host),
+            node = w.node
+        );
+    }
+    y
+}
+
+pub fn node_yaml(
+    net: u8,
+    name: &str,
+    host: u8,
+    ca_dir: &std::path::Path,
+    workloads: &str,
+) -> String {
+    format!(
+        "node:\n  name: {name}\n  bind: {bind}\n  access_log: text\n  certificates:\n    file_ca: {{ dir: {ca} }}\n{workloads}",
+        bind = ip(net, host),
+        ca = ca_dir.display()
+    )
+}
+
+impl Mesh {
+    pub fn new(net: u8) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        FileCa::init(&ca_dir, "cluster.local").unwrap();
+        Mesh {
+            net,
+            dir,
+            ca_dir,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Starts a node named `name` listening on 127.<net>.0.<host>, with `workloads_yaml`.
+    pub async fn node(&mut self, name: &str, host: u8, workloads: &str) -> Arc<Node> {
+        let text = node_yaml(self.net, name, host, &self.ca_dir, workloads);
+        let cfg = Config::parse(&text, name).unwrap();
+        let node = Node::new(cfg).unwrap();
+        let running = proxy::start(node.clone()).await.unwrap();
+        self.nodes.push(running);
+        node
+    }
+
+    /// A certificate for `id` from this mesh's CA (a client outside any node).
+    pub fn cert(&self, id: &SpiffeId) -> (Arc<WorkloadCert>, Arc<CertManager>) {
+        cert_from(&self.ca_dir, id)
+    }
+}
+
+pub fn cert_from(ca_dir: &std::path::Path, id: &SpiffeId) -> (Arc<WorkloadCert>, Arc<CertManager>) {
+    let ca = FileCa::load(ca_dir).unwrap();
+    let roots = ca.roots().to_vec();
+    let mgr = Arc::new(
+        CertManager::new(
+            CertSource::FileCa {
+                ca,
+                ttl: std::time::Duration::from_secs(3600),
+            },
+            &roots,
+            zmesh::tls::provider(),
+        )
+        .unwrap(),
+    );
+    (mgr.fetch(id).unwrap(), mgr)
+}
+
+/// Stands in for capture: accepts on the source workload's address and hands each connection to
+/// the node's outbound proxy with `dst` as its original destination (what SO_ORIGINAL_DST would
+/// say after a REDIRECT). Returns the address apps should connect to.
+pub async fn capture_to(node: Arc<Node>, listen: IpAddr, dst: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(SocketAddr::new(listen, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            // The app's own address is the source the node sees, as after a REDIRECT.
+            let peer = SocketAddr::new(listen, tcp.peer_addr().unwrap().port());
+            tokio::spawn(proxy::outbound::proxy(node.clone(), tcp, peer, dst));
+        }
+    });
+    addr
+}
+
+/// Connects from `src` (bound) to `to`.
+pub async fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(src, 0))?;
+    s.connect(to).await
+}
+
+pub fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa).unwrap()
+}
