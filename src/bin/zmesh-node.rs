@@ -12,8 +12,7 @@ use tracing_subscriber::EnvFilter;
 use zmesh::config::{AccessLogFormat, Config, EMBEDDED_DEFAULT};
 use zmesh::identity::FileCa;
 
-/// sysexits.h EX_DATAERR... no: EX_USAGE (64) is what istio-style tools and the spec use for an
-/// invalid configuration.
+/// Exit code for an invalid config: sysexits.h EX_USAGE, as the project's conventions require.
 const EXIT_INVALID_CONFIG: u8 = 64;
 
 #[derive(Parser)]

@@ -49,7 +49,7 @@ pub struct StaticCert {
 
 /// Where leaf certificates come from.
 pub enum CertSource {
-    FileCa { ca: FileCa, ttl: Duration },
+    FileCa { ca: Box<FileCa>, ttl: Duration },
     Static(Vec<StaticCert>),
 }
 
@@ -98,7 +98,7 @@ impl CertManager {
         if let CertSource::Static(certs) = &mgr.source {
             // Load every static certificate now, so a bad file fails at start, not at first use.
             for c in certs {
-                let wc = mgr.from_static(c)?;
+                let wc = mgr.load_static(c)?;
                 mgr.cache
                     .lock()
                     .expect("cert cache poisoned")
@@ -133,7 +133,7 @@ impl CertManager {
         Ok(Arc::new(CertifiedKey::new(chain, signer)))
     }
 
-    fn from_static(&self, c: &StaticCert) -> Result<WorkloadCert, CertManagerError> {
+    fn load_static(&self, c: &StaticCert) -> Result<WorkloadCert, CertManagerError> {
         let leaf = c.chain.first().ok_or(CertError::NoUriSan)?;
         let identity = peer_identity(leaf)?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
@@ -153,7 +153,15 @@ impl CertManager {
 
     /// The current certificate for `id`, issuing or renewing it when needed.
     pub fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CertManagerError> {
-        let now = SystemTime::now();
+        self.fetch_at(id, SystemTime::now())
+    }
+
+    /// `fetch` as of `now`: lets tests step the clock instead of sleeping.
+    pub fn fetch_at(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<Arc<WorkloadCert>, CertManagerError> {
         if let Some(c) = self.cache.lock().expect("cert cache poisoned").get(id) {
             let fresh = match self.source {
                 CertSource::FileCa { .. } => now < c.refresh_at(),
@@ -233,5 +241,109 @@ impl CertManager {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{FileCa, ROOT_CERT_FILE};
+
+    fn manager(dir: &std::path::Path) -> CertManager {
+        FileCa::init(dir, "cluster.local").unwrap();
+        let ca = FileCa::load(dir).unwrap();
+        let roots = ca.roots().to_vec();
+        CertManager::new(
+            CertSource::FileCa {
+                ca: Box::new(ca),
+                ttl: Duration::from_secs(24 * 3600),
+            },
+            &roots,
+            crate::tls::provider(),
+        )
+        .unwrap()
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).unwrap()
+    }
+
+    #[test]
+    fn file_ca_issues_one_p256_leaf_per_identity_and_caches_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path());
+        let a = m.fetch(&id("a")).unwrap();
+        let again = m.fetch(&id("a")).unwrap();
+        assert!(Arc::ptr_eq(&a, &again), "cached until half-life");
+        assert_ne!(m.fetch(&id("b")).unwrap().serial, a.serial);
+
+        let leaf = &a.certified.cert[0];
+        assert_eq!(peer_identity(leaf).unwrap(), id("a"));
+        let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        assert_eq!(
+            x.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let eku = x.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let life = a.not_after.duration_since(a.not_before).unwrap();
+        // 24 h plus the 5-minute backdate.
+        assert_eq!(life.as_secs(), 24 * 3600 + 300);
+    }
+
+    #[test]
+    fn renews_at_half_life_and_forgets_departed_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path());
+        let first = m.fetch(&id("a")).unwrap();
+        let before_half = first.refresh_at() - Duration::from_secs(1);
+        assert_eq!(
+            m.fetch_at(&id("a"), before_half).unwrap().serial,
+            first.serial
+        );
+        let after_half = first.refresh_at() + Duration::from_secs(1);
+        let renewed = m.fetch_at(&id("a"), after_half).unwrap();
+        assert_ne!(renewed.serial, first.serial, "renewed at half-life");
+        assert_eq!(m.fetch(&id("a")).unwrap().serial, renewed.serial);
+
+        m.fetch(&id("b")).unwrap();
+        m.retain(&[id("b")].into_iter().collect());
+        let left: Vec<_> = m.cached().iter().map(|c| c.identity.clone()).collect();
+        assert_eq!(left, vec![id("b")]);
+    }
+
+    #[test]
+    fn static_certificates_are_loaded_once_and_never_invented() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        FileCa::init(&ca_dir, "cluster.local").unwrap();
+        let ca = FileCa::load(&ca_dir).unwrap();
+        let issued = ca.issue(&id("vm"), Duration::from_secs(3600)).unwrap();
+        let roots = crate::identity::load_certs_pem(&ca_dir.join(ROOT_CERT_FILE)).unwrap();
+        let m = CertManager::new(
+            CertSource::Static(vec![StaticCert {
+                chain: issued.chain,
+                key: issued.key,
+            }]),
+            &roots,
+            crate::tls::provider(),
+        )
+        .unwrap();
+        let c = m.fetch(&id("vm")).unwrap();
+        assert_eq!(c.serial, issued.serial);
+        // Long past half-life a static certificate is still served: nothing can renew it here.
+        let later = c.refresh_at() + Duration::from_secs(60);
+        assert_eq!(m.fetch_at(&id("vm"), later).unwrap().serial, issued.serial);
+        assert!(matches!(
+            m.fetch(&id("other")),
+            Err(CertManagerError::NoStaticCert(_))
+        ));
+    }
+
+    #[test]
+    fn roots_must_parse() {
+        let junk = vec![CertificateDer::from(vec![1u8, 2, 3])];
+        let r = CertManager::new(CertSource::Static(vec![]), &junk, crate::tls::provider());
+        assert!(matches!(r, Err(CertManagerError::Roots(_))));
     }
 }

@@ -32,6 +32,7 @@ mod capture;
 mod data;
 mod frame;
 mod link;
+pub mod mesh;
 mod netns;
 mod process;
 

@@ -95,7 +95,7 @@ pub fn cert_from(ca_dir: &std::path::Path, id: &SpiffeId) -> (Arc<WorkloadCert>,
     let mgr = Arc::new(
         CertManager::new(
             CertSource::FileCa {
-                ca,
+                ca: Box::new(ca),
                 ttl: std::time::Duration::from_secs(3600),
             },
             &roots,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the system packages zmesh's demo and tests need (Debian/Ubuntu, as root).
+# The Rust toolchain itself comes from rustup and is expected to be on PATH.
+set -euo pipefail
+PACKAGES=(iptables nftables iproute2)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${CI:-}" = "true" ] || [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${PACKAGES[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }

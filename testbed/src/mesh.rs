@@ -1,0 +1,138 @@
+//! A two-node host-mode mesh: nodes A and B are network namespaces joined by a veth pair, each
+//! running a real `zmesh-node` process with the real capture rules of `zmesh-redirect host
+//! install`. The tier (c) tests and the demo both build it, so what the demo shows is exactly
+//! what CI checks.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use zmesh_redirect::{Backend, HostOptions};
+
+use crate::{link_veth, Child, Netns};
+
+pub const A_IP: &str = "10.213.0.1";
+pub const B_IP: &str = "10.213.0.2";
+pub const A_IF: &str = "zm-a";
+pub const B_IF: &str = "zm-b";
+/// The application port on node B. Inbound plaintext to it is captured to :15006.
+pub const APP_PORT: u16 = 8080;
+/// How long a node may take to start (certificate issuance + binding).
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running two-node host-mode mesh; dropping it stops the nodes and deletes the namespaces.
+pub struct HostMesh {
+    // Field order is drop order: processes first, then namespaces, then files.
+    pub node_a: Child,
+    pub node_b: Child,
+    pub a: Netns,
+    pub b: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+fn config(name: &str, ca: &Path, access_log: &str) -> String {
+    format!(
+        "# Written by zmesh-testbed.
+node:
+  name: {name}
+  trust_domain: cluster.local
+  access_log: {access_log}
+  certificates:
+    file_ca: {{ dir: {ca}, ttl: 1h }}
+workloads:
+  - uid: vm-a
+    name: app-a
+    namespace: shop
+    service_account: frontend
+    addresses: [{A_IP}]
+    node: node-a
+  - uid: vm-b
+    name: app-b
+    namespace: shop
+    service_account: backend
+    addresses: [{B_IP}]
+    node: node-b
+",
+        ca = ca.display()
+    )
+}
+
+impl HostMesh {
+    /// Builds the topology and starts `zmesh_node` (a path to the binary) on both nodes.
+    pub fn start(zmesh_node: &Path, access_log: &str) -> Result<HostMesh> {
+        let a = Netns::new("zmA")?;
+        let b = Netns::new("zmB")?;
+        link_veth(
+            &a,
+            A_IF,
+            &format!("{A_IP}/24"),
+            &b,
+            B_IF,
+            &format!("{B_IP}/24"),
+        )?;
+        let dir = tempfile::tempdir().context("temp dir")?;
+        let ca = dir.path().join("ca");
+        let out = std::process::Command::new(zmesh_node)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca)
+            .args(["--trust-domain", "cluster.local"])
+            .output()
+            .with_context(|| format!("running {}", zmesh_node.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ca init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for name in ["node-a", "node-b"] {
+            let p = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&p, config(name, &ca, access_log))?;
+            paths.push(p);
+        }
+        // Node A captures its outbound traffic; node B also captures plaintext inbound to the
+        // app port, so nothing reaches the app around the tunnel.
+        install_rules(&a, vec![])?;
+        install_rules(&b, vec![APP_PORT])?;
+        let bin = zmesh_node.to_str().context("binary path is not UTF-8")?;
+        let spawn = |ns: &Netns, cfg: &Path| -> Result<Child> {
+            let cfg = cfg.to_str().context("config path is not UTF-8")?;
+            let child = ns.spawn(bin, &["run", "--config", cfg], &[("ZMESH_LOG", "info")])?;
+            child.wait_for_log("zmesh node ready", START_TIMEOUT)?;
+            Ok(child)
+        };
+        let node_a = spawn(&a, &paths[0])?;
+        let node_b = spawn(&b, &paths[1])?;
+        Ok(HostMesh {
+            node_a,
+            node_b,
+            a,
+            b,
+            dir,
+        })
+    }
+
+    pub fn config_path(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.yaml"))
+    }
+
+    /// Access-log lines a node has written so far.
+    pub fn access_log(node: &Child) -> Vec<String> {
+        node.read_log()
+            .lines()
+            .filter(|l| l.contains("connection complete"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Installs the host capture rules inside `ns` (the rule commands inherit the namespace of the
+/// thread that runs them).
+pub fn install_rules(ns: &Netns, inbound_ports: Vec<u16>) -> Result<()> {
+    let opts = HostOptions {
+        inbound_ports,
+        ..HostOptions::default()
+    };
+    ns.run(|| zmesh_redirect::install(&opts, Backend::Iptables))
+        .with_context(|| format!("installing capture rules in {}", ns.name()))
+}

@@ -1,0 +1,72 @@
+//! The zmesh-node command line: check-config exit codes and messages, and `ca init`.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_zmesh-node");
+
+#[test]
+fn check_config_accepts_every_shipped_example() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = Command::new(BIN)
+                .arg("check-config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn check_config_refuses_unknown_field_with_exit_64_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "node:\n  name: n\n  certificates:\n    file_ca: { dir: /tmp/x }\n  listen_everywhere: true\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:5:3", path.display())), "{err}");
+    assert!(err.contains("unknown field `listen_everywhere`"), "{err}");
+}
+
+#[test]
+fn ca_init_writes_a_ca_and_refuses_to_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let run = || {
+        Command::new(BIN)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca)
+            .args(["--trust-domain", "example.org"])
+            .output()
+            .unwrap()
+    };
+    assert!(run().status.success());
+    for f in ["ca-cert.pem", "ca-key.pem", "root-cert.pem"] {
+        assert!(ca.join(f).exists(), "{f}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ca.join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "CA key must not be readable by others");
+    let again = run();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}

@@ -1,0 +1,159 @@
+//! Tier (c): two host-mode nodes in network namespaces joined by a veth pair, with the real
+//! capture rules and real `zmesh-node` processes. The apps know nothing of the mesh: A's app dials
+//! B's ordinary IP:port and the rules do the rest.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown};
+use std::path::Path;
+
+use zmesh_testbed::mesh::{HostMesh, APP_PORT, A_IP, B_IF, B_IP};
+use zmesh_testbed::{is_root, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
+
+const MARKER_UP: &[u8] = b"PLAINTEXT-MARKER-FROM-A-7c1f";
+const MARKER_DOWN: &[u8] = b"PLAINTEXT-MARKER-FROM-B-93ad";
+
+fn require_root() {
+    assert!(
+        is_root(),
+        "tier (c) tests build network namespaces and need root (CI runs as root)"
+    );
+}
+
+#[test]
+fn host_mode_traffic_is_hbone_only_exact_and_keeps_the_source_ip() {
+    require_root();
+    let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "json").unwrap();
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+
+    let mut up = MARKER_UP.to_vec();
+    up.extend(seeded_bytes(31, 8 << 20));
+    let mut down = MARKER_DOWN.to_vec();
+    down.extend(seeded_bytes(32, 8 << 20));
+    let (want_up, want_down) = (sha256(&up), sha256(&down));
+
+    let capture = PacketCapture::start(&mesh.b, B_IF).unwrap();
+    let reply = down.clone();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(&reply).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        (peer, got)
+    });
+
+    let mut c = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&up).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    let (peer, server_got) = server.join().unwrap();
+    let frames = capture.stop().unwrap();
+
+    assert_eq!(
+        sha256(&server_got),
+        want_up,
+        "B's app received A's bytes exactly"
+    );
+    assert_eq!(
+        sha256(&got),
+        want_down,
+        "A's app received B's reply exactly"
+    );
+    assert_eq!(
+        peer.ip(),
+        A_IP.parse::<IpAddr>().unwrap(),
+        "B's app sees A's real IP"
+    );
+
+    let tcp: Vec<_> = frames
+        .iter()
+        .filter(|f| f.proto == Some(IPPROTO_TCP))
+        .collect();
+    assert!(
+        tcp.len() > 100,
+        "capture saw the transfer ({} TCP frames)",
+        tcp.len()
+    );
+    for f in &tcp {
+        let (s, d) = f.tcp_ports().unwrap();
+        assert!(
+            s == 15008 || d == 15008,
+            "non-HBONE TCP on the wire: {s} -> {d}"
+        );
+    }
+    for f in &frames {
+        assert!(
+            !f.contains(MARKER_UP) && !f.contains(MARKER_DOWN),
+            "plaintext marker on the wire"
+        );
+    }
+
+    let a_log = HostMesh::access_log(&mesh.node_a).join("\n");
+    let b_log = HostMesh::access_log(&mesh.node_b).join("\n");
+    assert!(
+        a_log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
+            && a_log.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/backend\"")
+            && a_log.contains(&format!("\"bytes_sent\":{}", (8 << 20) + MARKER_UP.len())),
+        "node A access log: {a_log}"
+    );
+    assert!(
+        b_log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
+            && b_log.contains(&format!(
+                "\"bytes_received\":{}",
+                (8 << 20) + MARKER_UP.len()
+            )),
+        "node B access log: {b_log}"
+    );
+}
+
+#[test]
+fn plaintext_to_a_captured_app_port_goes_through_inbound_capture() {
+    require_root();
+    let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "json").unwrap();
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    // A client with no tunnel: connect from B's peer namespace with the tunnel's mark, which
+    // A's capture rules skip, so the bytes leave A as plaintext like a non-mesh client's.
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        (peer, got)
+    });
+    let mut c = mesh
+        .a
+        .run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_mark(1337)?;
+            s.connect(
+                &format!("{B_IP}:{APP_PORT}")
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )?;
+            Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
+        })
+        .unwrap();
+    c.write_all(b"hello from outside the mesh").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(got, b"hello from outside the mesh");
+    assert_eq!(peer.ip(), A_IP.parse::<IpAddr>().unwrap());
+    // It went through B's :15006 (inbound plaintext), which logged it.
+    let mut b_log = String::new();
+    for _ in 0..50 {
+        b_log = HostMesh::access_log(&mesh.node_b).join("\n");
+        if b_log.contains("inbound_plaintext") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        b_log.contains("\"direction\":\"inbound_plaintext\""),
+        "node B log: {b_log}"
+    );
+}
