@@ -31,8 +31,9 @@ pub(super) async fn serve(
     accept_loop(listener, shutdown, "HBONE", move |tcp, peer| {
         let node = node.clone();
         async move {
+            let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
             if let Err(reason) = connection(node, tcp, peer).await {
-                tracing::warn!(src = %peer, reason = %reason, "HBONE connection rejected");
+                tracing::warn!(src = %peer, dst, reason = %reason, "HBONE connection rejected");
             }
         }
     })

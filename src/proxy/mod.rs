@@ -66,7 +66,13 @@ impl Node {
             CertificatesConfig::FileCa { dir, ttl } => {
                 let ca = FileCa::load(dir).map_err(|e| certs_err(&e))?;
                 let roots = ca.roots().to_vec();
-                (CertSource::FileCa { ca: Box::new(ca), ttl: *ttl }, roots)
+                (
+                    CertSource::FileCa {
+                        ca: Box::new(ca),
+                        ttl: *ttl,
+                    },
+                    roots,
+                )
             }
             CertificatesConfig::Static { roots, identities } => {
                 let roots = load_certs_pem(roots).map_err(|e| certs_err(&e))?;
