@@ -1,4 +1,5 @@
-//! Moving bytes: TCP ↔ HTTP/2 stream (HBONE both ends) and TCP ↔ TCP (plain paths).
+//! Moving bytes: a byte stream ↔ HTTP/2 stream (HBONE both ends) and stream ↔ stream (plain
+//! paths). Generic over tokio's `AsyncRead + AsyncWrite` so benchmarks can drive it in memory.
 //!
 //! Invariants (reliability.md): every byte read from one side is written to the other or the
 //! application sees a reset; EOF maps to END_STREAM (and END_STREAM to a TCP FIN), so half-close
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Read size per syscall. 64 KiB is the largest TLS-friendly chunk that still fits in L2 and
@@ -20,11 +21,12 @@ pub const COPY_BUF: usize = 64 * 1024;
 /// Bytes moved each way and how the connection ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transfer {
-    /// Bytes read from the local TCP side and sent on (to the tunnel / the other socket).
+    /// Bytes read from the local side and sent on (to the tunnel / the other socket).
     pub sent: u64,
-    /// Bytes received from the tunnel / the other socket and written to the local TCP side.
+    /// Bytes received from the tunnel / the other socket and written to the local side.
     pub received: u64,
-    /// Whether the connection ended with a reset instead of a clean close both ways.
+    /// Whether the connection ended with a reset instead of a clean close both ways. The caller
+    /// must then reset its sockets (`reset_on_drop`) so the application learns of it.
     pub reset: bool,
 }
 
@@ -34,15 +36,15 @@ pub fn reset_on_drop(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Relays between a TCP connection and an HTTP/2 stream until both directions are closed.
-pub async fn tcp_to_h2(
-    tcp: &mut TcpStream,
+/// Relays between a byte stream and an HTTP/2 stream until both directions are closed.
+pub async fn stream_to_h2<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
 ) -> Transfer {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (mut rd, mut wr) = tcp.split();
+    let (mut rd, mut wr) = tokio::io::split(io);
 
     let upstream = async {
         let mut buf = BytesMut::with_capacity(COPY_BUF);
@@ -54,10 +56,11 @@ pub async fn tcp_to_h2(
                 Some(Err(e)) => return Err(Failure::H2(e)),
                 None => return Err(Failure::StreamGone),
             };
+            // Reuses the allocation once h2 has written (and dropped) the previous chunk.
             buf.reserve(cap.min(COPY_BUF));
             let n = {
                 let mut limited = (&mut rd).take(cap as u64);
-                limited.read_buf(&mut buf).await.map_err(Failure::Tcp)?
+                limited.read_buf(&mut buf).await.map_err(Failure::Io)?
             };
             if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(Failure::H2)?;
@@ -73,28 +76,18 @@ pub async fn tcp_to_h2(
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(Failure::H2)?;
             let n = chunk.len();
-            wr.write_all(&chunk).await.map_err(Failure::Tcp)?;
+            wr.write_all(&chunk).await.map_err(Failure::Io)?;
             received.fetch_add(n as u64, Relaxed);
             // Re-open the window only once the bytes are in the socket: backpressure end to end.
             let _ = recv.flow_control().release_capacity(n);
         }
-        wr.shutdown().await.map_err(Failure::Tcp)?;
+        wr.shutdown().await.map_err(Failure::Io)?;
         Ok(())
     };
 
-    let outcome = run_both(upstream, downstream).await;
-    let reset = match outcome {
-        Ok(()) => false,
-        Err(ref f) => {
-            tracing::debug!(reason = %f, "tunnel stream ended abnormally; resetting both sides");
-            true
-        }
-    };
-    if reset {
-        reset_on_drop(tcp);
-        // Only the upstream future owned `send`; after it is dropped we cannot reach it, but
-        // dropping an open SendStream makes h2 send RST_STREAM(CANCEL) for us.
-    }
+    // On failure the h2 handles are dropped with the futures, and h2 answers an open stream
+    // whose handles are gone with RST_STREAM(CANCEL).
+    let reset = finish(run_both(upstream, downstream).await);
     Transfer {
         sent: sent.load(Relaxed),
         received: received.load(Relaxed),
@@ -102,40 +95,59 @@ pub async fn tcp_to_h2(
     }
 }
 
-/// Relays between two TCP connections, with half-close and reset propagation.
-pub async fn tcp_to_tcp(a: &mut TcpStream, b: &mut TcpStream) -> Transfer {
+/// Relays between two byte streams, with half-close and reset propagation.
+pub async fn stream_to_stream<A, B>(a: &mut A, b: &mut B) -> Transfer
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
     let up = copy_half(&mut ar, &mut bw, &sent);
     let down = copy_half(&mut br, &mut aw, &received);
-    let outcome = run_both(up, down).await;
-    let reset = outcome.is_err();
-    if reset {
+    let reset = finish(run_both(up, down).await);
+    Transfer {
+        sent: sent.load(Relaxed),
+        received: received.load(Relaxed),
+        reset,
+    }
+}
+
+/// TCP ↔ HTTP/2, resetting the socket when the stream failed.
+pub async fn tcp_to_h2(tcp: &mut TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Transfer {
+    let t = stream_to_h2(tcp, send, recv).await;
+    if t.reset {
+        reset_on_drop(tcp);
+    }
+    t
+}
+
+/// TCP ↔ TCP, resetting both sockets when either side failed.
+pub async fn tcp_to_tcp(a: &mut TcpStream, b: &mut TcpStream) -> Transfer {
+    let t = stream_to_stream(a, b).await;
+    if t.reset {
         reset_on_drop(a);
         reset_on_drop(b);
     }
-    Transfer {
-        sent: sent.load(Relaxed),
-        received: received.load(Relaxed),
-        reset,
-    }
+    t
 }
 
-async fn copy_half(
-    r: &mut tokio::net::tcp::ReadHalf<'_>,
-    w: &mut tokio::net::tcp::WriteHalf<'_>,
-    count: &AtomicU64,
-) -> Result<(), Failure> {
+async fn copy_half<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // One buffer per direction for the connection's lifetime.
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = r.read(&mut buf).await.map_err(Failure::Tcp)?;
+        let n = r.read(&mut buf).await.map_err(Failure::Io)?;
         if n == 0 {
-            w.shutdown().await.map_err(Failure::Tcp)?;
+            w.shutdown().await.map_err(Failure::Io)?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await.map_err(Failure::Tcp)?;
+        w.write_all(&buf[..n]).await.map_err(Failure::Io)?;
         count.fetch_add(n as u64, Relaxed);
     }
 }
@@ -143,11 +155,21 @@ async fn copy_half(
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     #[error("socket error: {0}")]
-    Tcp(std::io::Error),
+    Io(std::io::Error),
     #[error("HTTP/2 stream error: {0}")]
     H2(h2::Error),
     #[error("HTTP/2 stream closed by the peer")]
     StreamGone,
+}
+
+fn finish(outcome: Result<(), Failure>) -> bool {
+    match outcome {
+        Ok(()) => false,
+        Err(f) => {
+            tracing::debug!(reason = %f, "relay ended abnormally; resetting both sides");
+            true
+        }
+    }
 }
 
 /// Drives both directions; the first failure ends both (the caller then resets).
@@ -164,4 +186,45 @@ async fn run_both(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn stream_to_stream_counts_and_half_closes() {
+        let (mut app_a, mut proxy_a) = duplex(1024);
+        let (mut proxy_b, mut app_b) = duplex(1024);
+        let relay = tokio::spawn(async move { stream_to_stream(&mut proxy_a, &mut proxy_b).await });
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sender = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                app_a.write_all(&data).await.unwrap();
+                app_a.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                app_a.read_to_end(&mut back).await.unwrap();
+                back
+            })
+        };
+        let mut got = Vec::new();
+        app_b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        // The other direction still works after the first one closed.
+        app_b.write_all(b"reply").await.unwrap();
+        app_b.shutdown().await.unwrap();
+        drop(app_b);
+        assert_eq!(sender.await.unwrap(), b"reply");
+        let t = relay.await.unwrap();
+        assert_eq!(
+            t,
+            Transfer {
+                sent: 100_000,
+                received: 5,
+                reset: false
+            }
+        );
+    }
 }

@@ -191,3 +191,26 @@ async fn destination_refusing_gives_the_app_a_reset() {
         "got {r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_200_once_started_and_404_elsewhere() {
+    let net = 15;
+    let (_mesh, _a) = two_nodes(net).await;
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(SocketAddr::new(ip(net, 2), 15021))
+            .await
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let ready = get("/healthz/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let other = get("/nope").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+}
