@@ -113,8 +113,24 @@ fn init_logging(format: AccessLogFormat) {
     }
 }
 
+/// Every proxied connection holds two sockets; the distribution default of 1024 open files would
+/// cap a node at ~500 connections. Raise the soft limit to the hard one, as ztunnel does.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise RLIMIT_NOFILE");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+}
+
 fn run(cfg: Config) -> anyhow::Result<()> {
     init_logging(cfg.node.access_log);
+    raise_nofile_limit();
     let workers = match cfg.node.worker_threads {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())

@@ -1,0 +1,633 @@
+//! Whole-system benchmark: two host-mode nodes (network namespaces joined by a veth pair, real
+//! `zmesh-node` processes, real capture rules) measured side by side, in ONE run, with
+//! - baseline 1: direct TCP over the same veth (a marked socket the capture rules skip);
+//! - baseline 2: raw rustls TLS 1.3 mTLS over the same veth, same crypto provider and configs.
+//!
+//! `sudo cargo bench --bench system` (add `-- --quick` for a short smoke run). Prints one
+//! markdown table and writes it to benches/RESULTS.md with the date, CPU model and commit.
+//! Needs root; runs on this machine's two cores with the app, both tunnels and nothing else.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
+use zmesh::identity::{CertManager, CertSource, FileCa, SpiffeId};
+use zmesh_testbed::mesh::{HostMesh, APP_PORT, B_IP};
+use zmesh_testbed::Netns;
+
+const DIRECT_PORT: u16 = 9000;
+const TLS_PORT: u16 = 9443;
+const CHUNK: usize = 256 * 1024;
+/// Connection modes: the client's first byte tells the server app what to do.
+const SINK: u8 = b'S';
+const ECHO: u8 = b'E';
+const PONG: u8 = b'P';
+const HOLD: u8 = b'H';
+
+struct Sizes {
+    bulk: u64,
+    round_trips: usize,
+    new_conns: usize,
+    idle_conns: usize,
+    handshakes: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Tunnel,
+    Direct,
+    Tls,
+}
+
+trait Conn: Read + Write + Send {
+    fn half_close(&mut self) -> std::io::Result<()>;
+}
+impl Conn for TcpStream {
+    fn half_close(&mut self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+impl Conn for StreamOwned<ClientConnection, TcpStream> {
+    fn half_close(&mut self) -> std::io::Result<()> {
+        self.conn.send_close_notify();
+        self.flush()
+    }
+}
+
+struct Bench {
+    mesh: HostMesh,
+    client_tls: Arc<rustls::ClientConfig>,
+    _certs: tempfile::TempDir,
+}
+
+fn marked_connect(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
+    Ok(ns.run(|| -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        // The tunnel's mark: node A's capture rules let this socket through untouched.
+        s.set_mark(1337)?;
+        s.set_nodelay(true)?;
+        s.connect(&addr.into())?;
+        Ok(s.into())
+    })?)
+}
+
+impl Bench {
+    fn connect(&self, path: Path) -> Result<Box<dyn Conn>> {
+        Ok(match path {
+            Path::Tunnel => {
+                let s = self.mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Path::Direct => Box::new(marked_connect(
+                &self.mesh.a,
+                format!("{B_IP}:{DIRECT_PORT}").parse()?,
+            )?),
+            Path::Tls => {
+                let tcp = marked_connect(&self.mesh.a, format!("{B_IP}:{TLS_PORT}").parse()?)?;
+                let conn = ClientConnection::new(
+                    self.client_tls.clone(),
+                    zmesh::tls::placeholder_server_name(),
+                )?;
+                let mut s = StreamOwned::new(conn, tcp);
+                while s.conn.is_handshaking() {
+                    s.conn.complete_io(&mut s.sock)?;
+                }
+                Box::new(s)
+            }
+        })
+    }
+}
+
+/// What the server app does with one connection.
+fn handle(
+    mut s: impl Read + Write,
+    held: &Mutex<Vec<Box<dyn Send>>>,
+    keep: impl FnOnce() -> Box<dyn Send>,
+) {
+    let mut mode = [0u8; 1];
+    if s.read_exact(&mut mode).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    match mode[0] {
+        SINK => {
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = s.write_all(b"k");
+        }
+        ECHO => {
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+        PONG => {
+            let _ = s.write_all(b"p");
+            let _ = s.read(&mut buf);
+        }
+        HOLD => held.lock().unwrap().push(keep()),
+        _ => {}
+    }
+}
+
+fn serve_plain(l: TcpListener, held: Arc<Mutex<Vec<Box<dyn Send>>>>) {
+    for _ in 0..4 {
+        let l = l.try_clone().unwrap();
+        let held = held.clone();
+        std::thread::spawn(move || loop {
+            let Ok((s, _)) = l.accept() else { return };
+            let _ = s.set_nodelay(true);
+            let mut peek = [0u8; 1];
+            // Bulk and echo get their own thread; pong and hold are answered inline so the
+            // connection-rate test measures the tunnel, not thread creation.
+            match s.peek(&mut peek) {
+                Ok(1) if peek[0] == SINK || peek[0] == ECHO => {
+                    let held = held.clone();
+                    std::thread::spawn(move || handle(s, &held, || Box::new(())));
+                }
+                _ => {
+                    let keep = s.try_clone().unwrap();
+                    handle(s, &held, move || Box::new(keep));
+                }
+            }
+        });
+    }
+}
+
+fn serve_tls(l: TcpListener, cfg: Arc<rustls::ServerConfig>, held: Arc<Mutex<Vec<Box<dyn Send>>>>) {
+    std::thread::spawn(move || loop {
+        let Ok((s, _)) = l.accept() else { return };
+        let _ = s.set_nodelay(true);
+        let cfg = cfg.clone();
+        let held = held.clone();
+        std::thread::spawn(move || {
+            let Ok(conn) = ServerConnection::new(cfg) else {
+                return;
+            };
+            let stream = StreamOwned::new(conn, s);
+            handle(stream, &held, || Box::new(()));
+        });
+    });
+}
+
+fn pid_stat(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = &stat[stat.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .split_whitespace()
+        .next()
+        .context("VmRSS value")?
+        .parse::<u64>()?;
+    Ok((ticks, rss))
+}
+
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// CPU seconds used by the whole bench process (client + server apps, and TLS for baseline 2).
+fn self_cpu() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    t(u.user_time()) + t(u.system_time())
+}
+
+struct Cpu {
+    a: u64,
+    b: u64,
+    me: f64,
+}
+
+impl Bench {
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            a: pid_stat(self.mesh.node_a.pid()).map(|x| x.0).unwrap_or(0),
+            b: pid_stat(self.mesh.node_b.pid()).map(|x| x.0).unwrap_or(0),
+            me: self_cpu(),
+        }
+    }
+}
+
+struct Throughput {
+    gbps: f64,
+    cpu_a: f64,
+    cpu_b: f64,
+    cpu_me: f64,
+    gb: f64,
+}
+
+fn bulk(b: &Bench, path: Path, streams: usize, total: u64) -> Result<Throughput> {
+    let per = total / streams as u64;
+    let mut conns = Vec::new();
+    for _ in 0..streams {
+        let mut c = b.connect(path)?;
+        c.write_all(&[SINK])?;
+        conns.push(c);
+    }
+    let before = b.cpu();
+    let start = Instant::now();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let buf = vec![0x5au8; CHUNK];
+                let mut left = per;
+                while left > 0 {
+                    let k = left.min(CHUNK as u64) as usize;
+                    c.write_all(&buf[..k])?;
+                    left -= k as u64;
+                }
+                c.half_close()?;
+                let mut ack = [0u8; 1];
+                c.read_exact(&mut ack)
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("sender")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = b.cpu();
+    let bytes = per * streams as u64;
+    let gb = bytes as f64 / 1e9;
+    let tck = clk_tck();
+    Ok(Throughput {
+        gbps: bytes as f64 * 8.0 / secs / 1e9,
+        cpu_a: (after.a - before.a) as f64 / tck / gb,
+        cpu_b: (after.b - before.b) as f64 / tck / gb,
+        cpu_me: (after.me - before.me) / gb,
+        gb,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn latency(b: &Bench, path: Path, size: usize, n: usize) -> Result<Latency> {
+    let mut c = b.connect(path)?;
+    c.write_all(&[ECHO])?;
+    let msg = vec![0x42u8; size];
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 20 {
+        let t = Instant::now();
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)?;
+        // The first 5% warm caches and windows; they are not reported.
+        if i >= n / 20 {
+            samples.push(t.elapsed());
+        }
+    }
+    samples.sort_unstable();
+    Ok(Latency {
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+        p999: percentile(&samples, 0.999),
+    })
+}
+
+struct Rate {
+    per_sec: f64,
+    p99_setup_us: f64,
+    per_node_cpu_sec: f64,
+}
+
+/// New connections: connect, 1 byte each way, close; 4 client threads.
+fn conn_rate(b: &Bench, path: Path, n: usize) -> Result<Rate> {
+    let done = AtomicUsize::new(0);
+    let before = b.cpu();
+    let start = Instant::now();
+    let all: Vec<Duration> = std::thread::scope(|s| -> Result<Vec<Duration>> {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| -> Result<Vec<Duration>> {
+                    let mut v = Vec::new();
+                    while done.fetch_add(1, Ordering::Relaxed) < n {
+                        let t = Instant::now();
+                        let mut c = b.connect(path)?;
+                        c.write_all(&[PONG])?;
+                        let mut p = [0u8; 1];
+                        c.read_exact(&mut p)?;
+                        v.push(t.elapsed());
+                    }
+                    Ok(v)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in hs {
+            all.extend(h.join().expect("client")?);
+        }
+        Ok(all)
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let after = b.cpu();
+    let mut all = all;
+    all.sort_unstable();
+    let node_cpu = (after.a + after.b - before.a - before.b) as f64 / clk_tck();
+    Ok(Rate {
+        per_sec: all.len() as f64 / secs,
+        p99_setup_us: percentile(&all, 0.99),
+        per_node_cpu_sec: if node_cpu > 0.0 {
+            all.len() as f64 / node_cpu
+        } else {
+            f64::NAN
+        },
+    })
+}
+
+fn handshake_rate(b: &Bench, n: usize) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut c = b.connect(Path::Tls)?;
+        c.write_all(&[PONG])?;
+        let mut p = [0u8; 1];
+        c.read_exact(&mut p)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn raise_nofile() {
+    use nix::sys::resource::{setrlimit, Resource};
+    // 10k idle connections mean 20k sockets in this process (both apps) and 10k+ in each node.
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, 200_000, 200_000);
+}
+
+fn tls_configs() -> Result<(
+    tempfile::TempDir,
+    Arc<rustls::ClientConfig>,
+    Arc<rustls::ServerConfig>,
+)> {
+    let dir = tempfile::tempdir()?;
+    FileCa::init(dir.path(), "cluster.local")?;
+    let ca = FileCa::load(dir.path())?;
+    let roots = ca.roots().to_vec();
+    let m = CertManager::new(
+        CertSource::FileCa {
+            ca: Box::new(ca),
+            ttl: Duration::from_secs(3600),
+        },
+        &roots,
+        zmesh::tls::provider(),
+    )?;
+    let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
+    let server = SpiffeId::new("cluster.local", "shop", "backend")?;
+    let c = zmesh::tls::client_config(
+        &*m.fetch(&client)?,
+        m.roots(),
+        m.provider(),
+        vec![server.clone()],
+    )?;
+    let s = zmesh::tls::server_config(&*m.fetch(&server)?, m.roots(), m.provider())?;
+    Ok((dir, Arc::new(c), Arc::new(s)))
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    ensure!(
+        zmesh_testbed::is_root(),
+        "the system benchmark builds network namespaces: run it as root"
+    );
+    let sizes = if quick {
+        Sizes {
+            bulk: 256 << 20,
+            round_trips: 5_000,
+            new_conns: 2_000,
+            idle_conns: 1_000,
+            handshakes: 300,
+        }
+    } else {
+        Sizes {
+            bulk: 2 << 30,
+            round_trips: 50_000,
+            new_conns: 20_000,
+            idle_conns: 10_000,
+            handshakes: 2_000,
+        }
+    };
+    raise_nofile();
+    let node_bin = std::path::Path::new(env!("CARGO_BIN_EXE_zmesh-node"));
+    let mesh = HostMesh::start(node_bin, "off")?;
+    for ns in [&mesh.a, &mesh.b] {
+        // The connection-rate test cycles through more ports than the default range holds.
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    let (certs, client_tls, server_tls) = tls_configs()?;
+    let held: Arc<Mutex<Vec<Box<dyn Send>>>> = Arc::default();
+    serve_plain(
+        mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}"))?,
+        held.clone(),
+    );
+    serve_plain(
+        mesh.b.listen_tcp(format!("{B_IP}:{DIRECT_PORT}"))?,
+        held.clone(),
+    );
+    serve_tls(
+        mesh.b.listen_tcp(format!("{B_IP}:{TLS_PORT}"))?,
+        server_tls,
+        held.clone(),
+    );
+    let (a_pid, b_pid) = (mesh.node_a.pid(), mesh.node_b.pid());
+    let idle_a = pid_stat(a_pid)?.1;
+    let idle_b = pid_stat(b_pid)?.1;
+    let b = Bench {
+        mesh,
+        client_tls,
+        _certs: certs,
+    };
+
+    let mut rows = Vec::new();
+    let mut out = String::new();
+    let paths = [Path::Tunnel, Path::Tls, Path::Direct];
+
+    eprintln!("bulk throughput...");
+    let mut tput = Vec::new();
+    for streams in [1usize, 8] {
+        for p in paths {
+            tput.push((streams, p, bulk(&b, p, streams, sizes.bulk)?));
+        }
+    }
+    eprintln!("latency...");
+    let mut lat = Vec::new();
+    for size in [64usize, 1024] {
+        for p in paths {
+            lat.push((size, p, latency(&b, p, size, sizes.round_trips)?));
+        }
+    }
+    eprintln!("connection rate...");
+    let rate_tunnel = conn_rate(&b, Path::Tunnel, sizes.new_conns)?;
+    let rate_direct = conn_rate(&b, Path::Direct, sizes.new_conns)?;
+    eprintln!("handshake rate...");
+    let hs = handshake_rate(&b, sizes.handshakes)?;
+
+    eprintln!("memory at {} idle connections...", sizes.idle_conns);
+    held.lock().unwrap().clear();
+    let base_a = pid_stat(a_pid)?.1;
+    let base_b = pid_stat(b_pid)?.1;
+    let mut idle = Vec::new();
+    for _ in 0..sizes.idle_conns {
+        let mut c = b.connect(Path::Tunnel)?;
+        c.write_all(&[HOLD])?;
+        idle.push(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.lock().unwrap().len() < sizes.idle_conns && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        held.lock().unwrap().len() == sizes.idle_conns,
+        "not every idle connection reached the app"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let full_a = pid_stat(a_pid)?.1;
+    let full_b = pid_stat(b_pid)?.1;
+    drop(idle);
+
+    // Table.
+    let find_t = |s: usize, p: Path| &tput.iter().find(|x| x.0 == s && x.1 == p).unwrap().2;
+    let find_l = |s: usize, p: Path| &lat.iter().find(|x| x.0 == s && x.1 == p).unwrap().2;
+    rows.push("| measure | zmesh (two tunnels) | raw rustls mTLS | direct TCP | zmesh / TLS | zmesh / direct |".to_string());
+    rows.push("|---|---|---|---|---|---|".to_string());
+    for s in [1usize, 8] {
+        let (z, t, d) = (
+            find_t(s, Path::Tunnel),
+            find_t(s, Path::Tls),
+            find_t(s, Path::Direct),
+        );
+        rows.push(format!(
+            "| throughput, {s} stream{} ({:.1} GB), Gbit/s | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            if s > 1 { "s" } else { "" },
+            z.gb,
+            z.gbps,
+            t.gbps,
+            d.gbps,
+            z.gbps / t.gbps,
+            z.gbps / d.gbps
+        ));
+        rows.push(format!(
+            "| CPU-s/GB, {s} stream{}: node A / node B (tunnel); bench process (apps{}) | A {:.3} / B {:.3}; apps {:.3} | apps+TLS {:.3} | apps {:.3} | | |",
+            if s > 1 { "s" } else { "" },
+            ", both TLS ends for TLS",
+            z.cpu_a,
+            z.cpu_b,
+            z.cpu_me,
+            t.cpu_me,
+            d.cpu_me
+        ));
+    }
+    for size in [64usize, 1024] {
+        let (z, t, d) = (
+            find_l(size, Path::Tunnel),
+            find_l(size, Path::Tls),
+            find_l(size, Path::Direct),
+        );
+        rows.push(format!(
+            "| latency {size} B, µs p50 / p99 / p99.9 | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | | added vs direct: +{:.1} / +{:.1} / +{:.1} |",
+            z.p50, z.p99, z.p999, t.p50, t.p99, t.p999, d.p50, d.p99, d.p999,
+            z.p50 - d.p50, z.p99 - d.p99, z.p999 - d.p999
+        ));
+    }
+    rows.push(format!(
+        "| new connections/s, warm pool (4 clients; 1 B each way) | {:.0} | | {:.0} | | {:.2} |",
+        rate_tunnel.per_sec,
+        rate_direct.per_sec,
+        rate_tunnel.per_sec / rate_direct.per_sec
+    ));
+    rows.push(format!(
+        "| p99 connection setup, µs | {:.0} | | {:.0} | | |",
+        rate_tunnel.p99_setup_us, rate_direct.p99_setup_us
+    ));
+    rows.push(format!(
+        "| new connections per node CPU-second (A+B) | {:.0} | | | | |",
+        rate_tunnel.per_node_cpu_sec
+    ));
+    rows.push(format!(
+        "| full mTLS handshakes/s (cold-pool cost), sequential | | {hs:.0} | | | |"
+    ));
+    rows.push(format!(
+        "| node RSS idle at start, MiB: A / B | {:.1} / {:.1} | | | | |",
+        idle_a as f64 / 1024.0,
+        idle_b as f64 / 1024.0
+    ));
+    rows.push(format!(
+        "| RSS per idle proxied connection at {} open, KiB: A / B | {:.2} / {:.2} | | | | |",
+        sizes.idle_conns,
+        (full_a as f64 - base_a as f64) / sizes.idle_conns as f64,
+        (full_b as f64 - base_b as f64) / sizes.idle_conns as f64
+    ));
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?;
+    out += "# zmesh system benchmark\n\n";
+    out += &format!(
+        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- mode: {}\n- command: `sudo cargo bench --bench system{}`\n\n",
+        String::from_utf8_lossy(&date.stdout).trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        if dirty { " (with uncommitted changes)" } else { "" },
+        if quick { "quick (smoke sizes)" } else { "full" },
+        if quick { " -- --quick" } else { "" },
+    );
+    out += "Topology: nodes A and B are network namespaces joined by one veth pair; each runs zmesh-node \
+with the host capture rules. The client app in A dials B's app by IP; the baselines use the same veth \
+(direct: a socket the capture skips; TLS: rustls with zmesh's provider, TLS 1.3 mTLS, both ends in the bench \
+process). All processes share this machine's cores.\n\n";
+    out += &rows.join("\n");
+    out += "\n";
+    println!("{out}");
+    if !quick {
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md"),
+            &out,
+        )?;
+        eprintln!("wrote benches/RESULTS.md");
+    }
+    Ok(())
+}
