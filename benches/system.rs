@@ -501,9 +501,50 @@ fn main() -> Result<()> {
     while held.lock().unwrap().len() < sizes.idle_conns && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let reached = held.lock().unwrap().len();
+    if reached != sizes.idle_conns {
+        let tail = |l: String| {
+            l.lines()
+                .rev()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("error=\"[^-]"))
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        eprintln!(
+            "node A log (newest first):\n{}",
+            tail(b.mesh.node_a.read_log())
+        );
+        eprintln!(
+            "node B log (newest first):\n{}",
+            tail(b.mesh.node_b.read_log())
+        );
+        for ns in [&b.mesh.a, &b.mesh.b] {
+            let ss = ns.exec(&["ss", "-tn"]).unwrap_or_default();
+            let mut counts = std::collections::BTreeMap::new();
+            for l in ss.lines().skip(1) {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() >= 5 {
+                    let port = |a: &str| a.rsplit(':').next().unwrap_or("").to_string();
+                    *counts
+                        .entry(format!(
+                            "{} {}->{} q{}/{}",
+                            f[0],
+                            port(f[3]).len().min(0),
+                            port(f[4]),
+                            f[1],
+                            f[2]
+                        ))
+                        .or_insert(0) += 1;
+                }
+            }
+            eprintln!("{} sockets: {counts:?}", ns.name());
+        }
+    }
     ensure!(
-        held.lock().unwrap().len() == sizes.idle_conns,
-        "not every idle connection reached the app"
+        reached == sizes.idle_conns,
+        "only {reached} of {} idle connections reached the app",
+        sizes.idle_conns
     );
     std::thread::sleep(Duration::from_secs(1));
     let full_a = pid_stat(a_pid)?.1;

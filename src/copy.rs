@@ -6,17 +6,109 @@
 //! works both ways; a reset on either side becomes a reset on the other. A peer's EOF or reset is
 //! a normal way for a connection to end, reported in the result, not logged as an error.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 
-/// Read size per syscall. 64 KiB is the largest TLS-friendly chunk that still fits in L2 and
-/// matches the default Linux socket buffer growth; issue #3's benchmarks tune it.
-pub const COPY_BUF: usize = 64 * 1024;
+/// Smallest read buffer, and the size up to which a read counts as "small". Small reads release
+/// their buffer, so an idle connection holds no buffer at all (the RSS-per-idle-connection budget).
+pub const MIN_BUF: usize = 16 * 1024;
+/// Largest read buffer. Bulk reads grow the buffer to this: fewer syscalls, fewer and larger
+/// HTTP/2 DATA frames and TLS flushes. 256 KiB measured best (issue #3 note).
+pub const MAX_BUF: usize = 256 * 1024;
+
+/// A byte stream the relays can split into borrowed halves, with a way to wait for readability
+/// before a read buffer is allocated.
+pub trait Relayable: Send {
+    type Read<'a>: AsyncRead + WaitReadable + Unpin + Send
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+/// Waits until a read would not block.
+pub trait WaitReadable {
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Relayable for TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl WaitReadable for tokio::net::tcp::ReadHalf<'_> {
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+/// In-memory pipes (benchmarks, tests) have no readiness to wait on; they read eagerly.
+impl Relayable for DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut DuplexStream>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut DuplexStream>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
+impl WaitReadable for tokio::io::ReadHalf<&mut DuplexStream> {
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// A read buffer that is only allocated when data is ready, grows while reads fill it and shrinks
+/// (and is released) when they don't.
+struct AdaptiveBuf {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl AdaptiveBuf {
+    fn new() -> Self {
+        AdaptiveBuf {
+            buf: BytesMut::new(),
+            size: MIN_BUF,
+        }
+    }
+
+    /// Reads once from `r`; returns the bytes read (empty at EOF).
+    async fn read_from<R: AsyncRead + WaitReadable + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> io::Result<Bytes> {
+        if self.buf.capacity() == 0 {
+            // Idle: hold no memory until the socket has something for us.
+            r.wait_readable().await?;
+        }
+        // Reclaims the previous allocation once the last chunk sent from it was dropped.
+        self.buf.reserve(self.size);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = r.read_buf(&mut self.buf).await?;
+        let data = self.buf.split().freeze();
+        if n >= room {
+            self.size = (self.size * 2).min(MAX_BUF);
+        } else if n < self.size / 4 {
+            self.size = (self.size / 2).max(MIN_BUF);
+        }
+        if n < MIN_BUF {
+            // A small message: do not pin a buffer between messages.
+            self.buf = BytesMut::new();
+        }
+        Ok(data)
+    }
+}
 
 /// Bytes moved each way and how the connection ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,38 +129,36 @@ pub fn reset_on_drop(tcp: &TcpStream) {
 }
 
 /// Relays between a byte stream and an HTTP/2 stream until both directions are closed.
-pub async fn stream_to_h2<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn stream_to_h2<S: Relayable>(
     io: &mut S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
 ) -> Transfer {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (mut rd, mut wr) = tokio::io::split(io);
+    let (mut rd, mut wr) = io.halves();
 
     let upstream = async {
-        let mut buf = BytesMut::with_capacity(COPY_BUF);
+        let mut buf = AdaptiveBuf::new();
         loop {
-            // Ask for window first: reading more than h2 may send would just buffer it in h2.
-            send.reserve_capacity(COPY_BUF);
-            let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(Failure::H2(e)),
-                None => return Err(Failure::StreamGone),
-            };
-            // Reuses the allocation once h2 has written (and dropped) the previous chunk.
-            buf.reserve(cap.min(COPY_BUF));
-            let n = {
-                let mut limited = (&mut rd).take(cap as u64);
-                limited.read_buf(&mut buf).await.map_err(Failure::Io)?
-            };
-            if n == 0 {
+            let mut data = buf.read_from(&mut rd).await.map_err(Failure::Io)?;
+            if data.is_empty() {
                 send.send_data(Bytes::new(), true).map_err(Failure::H2)?;
                 return Ok(());
             }
-            sent.fetch_add(n as u64, Relaxed);
-            send.send_data(buf.split().freeze(), false)
-                .map_err(Failure::H2)?;
+            sent.fetch_add(data.len() as u64, Relaxed);
+            // Ask for window only for bytes we hold: a stream that reserved capacity while idle
+            // would starve its siblings of the shared connection window.
+            while !data.is_empty() {
+                send.reserve_capacity(data.len());
+                let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(Failure::H2(e)),
+                    None => return Err(Failure::StreamGone),
+                };
+                let chunk = data.split_to(cap.min(data.len()));
+                send.send_data(chunk, false).map_err(Failure::H2)?;
+            }
         }
     };
 
@@ -96,15 +186,11 @@ pub async fn stream_to_h2<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Relays between two byte streams, with half-close and reset propagation.
-pub async fn stream_to_stream<A, B>(a: &mut A, b: &mut B) -> Transfer
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn stream_to_stream<A: Relayable, B: Relayable>(a: &mut A, b: &mut B) -> Transfer {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
+    let (mut ar, mut aw) = a.halves();
+    let (mut br, mut bw) = b.halves();
     let up = copy_half(&mut ar, &mut bw, &sent);
     let down = copy_half(&mut br, &mut aw, &received);
     let reset = finish(run_both(up, down).await);
@@ -136,19 +222,18 @@ pub async fn tcp_to_tcp(a: &mut TcpStream, b: &mut TcpStream) -> Transfer {
 
 async fn copy_half<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), Failure>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + WaitReadable + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // One buffer per direction for the connection's lifetime.
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = AdaptiveBuf::new();
     loop {
-        let n = r.read(&mut buf).await.map_err(Failure::Io)?;
-        if n == 0 {
+        let data = buf.read_from(r).await.map_err(Failure::Io)?;
+        if data.is_empty() {
             w.shutdown().await.map_err(Failure::Io)?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await.map_err(Failure::Io)?;
-        count.fetch_add(n as u64, Relaxed);
+        w.write_all(&data).await.map_err(Failure::Io)?;
+        count.fetch_add(data.len() as u64, Relaxed);
     }
 }
 

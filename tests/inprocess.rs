@@ -214,3 +214,49 @@ async fn readiness_answers_200_once_started_and_404_elsewhere() {
     let other = get("/nope").await;
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_do_not_starve_a_busy_sibling_of_connection_window() {
+    // Regression: streams that reserved send window while idle hoarded the shared 16 MiB
+    // connection window, so past ~64 idle streams a busy one stalled forever.
+    let net = 16;
+    let (_mesh, a) = two_nodes(net).await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let dst = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = app.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let entry = capture_to(a, ip(net, 2), dst).await;
+    let mut idle = Vec::new();
+    for _ in 0..99 {
+        let mut c = connect_from(ip(net, 2), entry).await.unwrap();
+        c.write_all(b"h").await.unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).await.unwrap();
+        idle.push(c);
+    }
+    let data = seeded_bytes(9, 16 * MIB);
+    let mut c = connect_from(ip(net, 2), entry).await.unwrap();
+    let (mut r, mut w) = c.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(send, recv);
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
+    drop(idle);
+}

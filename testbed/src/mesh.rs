@@ -30,13 +30,14 @@ pub struct HostMesh {
     pub dir: tempfile::TempDir,
 }
 
-fn config(name: &str, ca: &Path, access_log: &str) -> String {
+fn config(name: &str, ca: &Path, access_log: &str, workers: usize) -> String {
     format!(
         "# Written by zmesh-testbed.
 node:
   name: {name}
   trust_domain: cluster.local
   access_log: {access_log}
+  worker_threads: {workers}
   certificates:
     file_ca: {{ dir: {ca}, ttl: 1h }}
 workloads:
@@ -60,6 +61,16 @@ workloads:
 impl HostMesh {
     /// Builds the topology and starts `zmesh_node` (a path to the binary) on both nodes.
     pub fn start(zmesh_node: &Path, access_log: &str) -> Result<HostMesh> {
+        // ZMESH_WORKERS lets benchmarks compare runtime sizes; 0 = the node's default.
+        let workers = std::env::var("ZMESH_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0);
+        Self::start_with(zmesh_node, access_log, workers)
+    }
+
+    /// `start` with an explicit data-plane worker count for both nodes.
+    pub fn start_with(zmesh_node: &Path, access_log: &str, workers: usize) -> Result<HostMesh> {
         let a = Netns::new("zmA")?;
         let b = Netns::new("zmB")?;
         link_veth(
@@ -87,7 +98,7 @@ impl HostMesh {
         let mut paths: Vec<PathBuf> = Vec::new();
         for name in ["node-a", "node-b"] {
             let p = dir.path().join(format!("{name}.yaml"));
-            std::fs::write(&p, config(name, &ca, access_log))?;
+            std::fs::write(&p, config(name, &ca, access_log, workers))?;
             paths.push(p);
         }
         // Node A captures its outbound traffic; node B also captures plaintext inbound to the

@@ -50,6 +50,15 @@ fn send(mut c: TcpStream, bytes: u64) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// utime + stime of a process, in clock ticks (USER_HZ, 100 on Linux).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let f: Vec<&str> = stat[stat.rfind(')').context("stat")? + 2..]
+        .split_whitespace()
+        .collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let bin = match args.next() {
@@ -65,7 +74,9 @@ fn main() -> Result<()> {
 
     let t = sink(&mesh.b, APP_PORT)?;
     let c = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    let cpu_before = (cpu_ticks(mesh.node_a.pid())?, cpu_ticks(mesh.node_b.pid())?);
     let tunnel_s = send(c, bytes)?;
+    let cpu_after = (cpu_ticks(mesh.node_a.pid())?, cpu_ticks(mesh.node_b.pid())?);
     ensure!(t.join().expect("sink") == bytes, "tunnel lost bytes");
 
     let t = sink(&mesh.b, DIRECT_PORT)?;
@@ -91,5 +102,11 @@ fn main() -> Result<()> {
         gbps(direct_s)
     );
     println!("\nratio tunnel/direct: {:.2}", direct_s / tunnel_s);
+    let gb = bytes as f64 / 1e9;
+    println!(
+        "node CPU-seconds per GB: A {:.3}, B {:.3}",
+        (cpu_after.0 - cpu_before.0) as f64 / 100.0 / gb,
+        (cpu_after.1 - cpu_before.1) as f64 / 100.0 / gb
+    );
     Ok(())
 }
