@@ -506,7 +506,7 @@ fn main() -> Result<()> {
         let tail = |l: String| {
             l.lines()
                 .rev()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("error=\"[^-]"))
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                 .take(20)
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -520,25 +520,18 @@ fn main() -> Result<()> {
             tail(b.mesh.node_b.read_log())
         );
         for ns in [&b.mesh.a, &b.mesh.b] {
+            // Sockets holding unread bytes show where the stalled connections wait.
             let ss = ns.exec(&["ss", "-tn"]).unwrap_or_default();
-            let mut counts = std::collections::BTreeMap::new();
-            for l in ss.lines().skip(1) {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                if f.len() >= 5 {
-                    let port = |a: &str| a.rsplit(':').next().unwrap_or("").to_string();
-                    *counts
-                        .entry(format!(
-                            "{} {}->{} q{}/{}",
-                            f[0],
-                            port(f[3]).len().min(0),
-                            port(f[4]),
-                            f[1],
-                            f[2]
-                        ))
-                        .or_insert(0) += 1;
-                }
-            }
-            eprintln!("{} sockets: {counts:?}", ns.name());
+            let unread = ss
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(1).is_some_and(|q| q != "0"))
+                .count();
+            eprintln!(
+                "{}: {} TCP sockets, {unread} with unread bytes",
+                ns.name(),
+                ss.lines().count().saturating_sub(1)
+            );
         }
     }
     ensure!(
