@@ -2,6 +2,7 @@
 //! same veth, in one run. Prints Gbit/s for each and the ratio.
 //!
 //! Usage: zmesh-throughput [PATH-TO-zmesh-node] [MiB]   (default: next to this binary, 1024 MiB)
+//!        zmesh-throughput PATH-TO-zmesh-node conns N    (N new connections, 1 byte each way, 4 clients)
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -68,7 +69,12 @@ fn main() -> Result<()> {
             .context("no dir")?
             .join("zmesh-node"),
     };
-    let mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1024);
+    let second = args.next();
+    if second.as_deref() == Some("conns") {
+        let n: usize = args.next().context("conns N")?.parse()?;
+        return conn_rate(&bin, n);
+    }
+    let mib: u64 = second.map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let bytes = mib << 20;
     let mesh = HostMesh::start(&bin, "off")?;
 
@@ -107,6 +113,54 @@ fn main() -> Result<()> {
         "node CPU-seconds per GB: A {:.3}, B {:.3}",
         (cpu_after.0 - cpu_before.0) as f64 / 100.0 / gb,
         (cpu_after.1 - cpu_before.1) as f64 / 100.0 / gb
+    );
+    Ok(())
+}
+
+/// New connections through the tunnel as fast as 4 clients can make them, for profiling the
+/// per-connection cost (the system benchmark reports the same figure side by side).
+fn conn_rate(bin: &std::path::Path, n: usize) -> Result<()> {
+    let mesh = HostMesh::start(bin, "off")?;
+    for ns in [&mesh.a, &mesh.b] {
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    let l = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    for _ in 0..4 {
+        let l = l.try_clone()?;
+        std::thread::spawn(move || loop {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
+                let _ = s.read(&mut b);
+            }
+        });
+    }
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let before = (cpu_ticks(mesh.node_a.pid())?, cpu_ticks(mesh.node_b.pid())?);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let mut c = mesh
+                        .a
+                        .connect_tcp(format!("{B_IP}:{APP_PORT}"))
+                        .expect("connect");
+                    let mut b = [1u8; 1];
+                    c.write_all(&b).expect("write");
+                    c.read_exact(&mut b).expect("read");
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let after = (cpu_ticks(mesh.node_a.pid())?, cpu_ticks(mesh.node_b.pid())?);
+    println!("{n} connections in {secs:.2} s: {:.0}/s", n as f64 / secs);
+    println!(
+        "node CPU per connection: A {:.0} µs, B {:.0} µs",
+        (after.0 - before.0) as f64 * 1e4 / n as f64,
+        (after.1 - before.1) as f64 * 1e4 / n as f64
     );
     Ok(())
 }
