@@ -374,9 +374,11 @@ fn handshake_rate(b: &Bench, n: usize) -> Result<f64> {
 }
 
 fn raise_nofile() {
-    use nix::sys::resource::{setrlimit, Resource};
-    // 10k idle connections mean 20k sockets in this process (both apps) and 10k+ in each node.
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, 200_000, 200_000);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // 10k idle connections mean 10k sockets in each app process and 10k+ in each node.
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn tls_configs() -> Result<(
@@ -408,7 +410,27 @@ fn tls_configs() -> Result<(
     Ok((dir, Arc::new(c), Arc::new(s)))
 }
 
+/// Child mode: open `n` tunnel connections from node A (we run inside its namespace), mark them
+/// HOLD, and keep them open until killed.
+fn hold_clients(n: usize) -> Result<()> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = TcpStream::connect(format!("{B_IP}:{APP_PORT}"))?;
+        c.write_all(&[HOLD])?;
+        conns.push(c);
+    }
+    println!("holding {n}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--hold-clients") {
+        raise_nofile();
+        return hold_clients(args.get(i + 1).context("--hold-clients N")?.parse()?);
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     ensure!(
         zmesh_testbed::is_root(),
@@ -432,7 +454,14 @@ fn main() -> Result<()> {
         }
     };
     raise_nofile();
-    let node_bin = std::path::Path::new(env!("CARGO_BIN_EXE_zmesh-node"));
+    // ZMESH_NODE_BIN measures another build of the node (e.g. before/after a change) with this
+    // same harness; by default the node built with this benchmark.
+    let node_bin_env = std::env::var("ZMESH_NODE_BIN").ok();
+    let node_bin = std::path::Path::new(
+        node_bin_env
+            .as_deref()
+            .unwrap_or(env!("CARGO_BIN_EXE_zmesh-node")),
+    );
     let mesh = HostMesh::start(node_bin, "off")?;
     for ns in [&mesh.a, &mesh.b] {
         // The connection-rate test cycles through more ports than the default range holds.
@@ -491,12 +520,16 @@ fn main() -> Result<()> {
     held.lock().unwrap().clear();
     let base_a = pid_stat(a_pid)?.1;
     let base_b = pid_stat(b_pid)?.1;
-    let mut idle = Vec::new();
-    for _ in 0..sizes.idle_conns {
-        let mut c = b.connect(Path::Tunnel)?;
-        c.write_all(&[HOLD])?;
-        idle.push(c);
-    }
+    // The clients live in a child process inside node A: this process may hold at most 20k
+    // descriptors (the sandbox's hard limit) and already holds the server side.
+    let exe = std::env::current_exe()?;
+    let n = sizes.idle_conns.to_string();
+    let idle = b.mesh.a.spawn(
+        exe.to_str().context("exe path")?,
+        &["--hold-clients", &n],
+        &[],
+    )?;
+    idle.wait_for_log("holding", Duration::from_secs(120))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while held.lock().unwrap().len() < sizes.idle_conns && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -642,10 +675,11 @@ fn main() -> Result<()> {
         .output()?;
     out += "# zmesh system benchmark\n\n";
     out += &format!(
-        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- mode: {}\n- command: `sudo cargo bench --bench system{}`\n\n",
+        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- node binary: {}\n- mode: {}\n- command: `sudo cargo bench --bench system{}`\n\n",
         String::from_utf8_lossy(&date.stdout).trim(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         if dirty { " (with uncommitted changes)" } else { "" },
+        node_bin_env.as_deref().unwrap_or("built with this benchmark"),
         if quick { "quick (smoke sizes)" } else { "full" },
         if quick { " -- --quick" } else { "" },
     );
@@ -656,7 +690,7 @@ process). All processes share this machine's cores.\n\n";
     out += &rows.join("\n");
     out += "\n";
     println!("{out}");
-    if !quick {
+    if !quick && node_bin_env.is_none() {
         std::fs::write(
             concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md"),
             &out,
