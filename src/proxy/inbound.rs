@@ -170,7 +170,7 @@ async fn stream(
         source: Some(peer.ip()),
         transparent: true,
     };
-    let mut app = match dial(dst, opts).await {
+    let mut app = match Box::pin(dial(dst, opts)).await {
         Ok(a) => a,
         Err(e) => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);

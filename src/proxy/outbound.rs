@@ -98,7 +98,9 @@ pub async fn proxy(node: Arc<Node>, mut tcp: TcpStream, peer: SocketAddr, dst: S
                 dst: hbone_addr,
                 source_ip: Some(peer.ip()),
             };
-            match node.pool.connect(&key, req).await {
+            // Boxed: the connect future is large and would otherwise stay part of this task's state
+            // for the connection's whole life (RSS per idle connection).
+            match Box::pin(node.pool.connect(&key, req)).await {
                 Ok(tunnel) => {
                     let _guard = tunnel.guard;
                     log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
@@ -134,7 +136,7 @@ async fn relay(node: &Node, mut tcp: TcpStream, addr: SocketAddr, mut log: ConnL
         source: None,
         transparent: false,
     };
-    match dial(addr, opts).await {
+    match Box::pin(dial(addr, opts)).await {
         Ok(mut up) => {
             log.transfer = tcp_to_tcp(&mut tcp, &mut up).await;
             log.emit(node.access_log_enabled(), None);
