@@ -3,6 +3,7 @@
 //!
 //! Usage: zmesh-throughput [PATH-TO-zmesh-node] [MiB]   (default: next to this binary, 1024 MiB)
 //!        zmesh-throughput PATH-TO-zmesh-node conns N    (N new connections, 1 byte each way, 4 clients)
+//!        zmesh-throughput PATH-TO-zmesh-node plain MiB  (non-mesh client -> B's :15006 -> app: TCP-to-TCP)
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -70,6 +71,10 @@ fn main() -> Result<()> {
             .join("zmesh-node"),
     };
     let second = args.next();
+    if second.as_deref() == Some("plain") {
+        let mib: u64 = args.next().context("plain MiB")?.parse()?;
+        return plaintext(&bin, mib << 20);
+    }
     if second.as_deref() == Some("conns") {
         let n: usize = args.next().context("conns N")?.parse()?;
         return conn_rate(&bin, n);
@@ -161,6 +166,34 @@ fn conn_rate(bin: &std::path::Path, n: usize) -> Result<()> {
         "node CPU per connection: A {:.0} µs, B {:.0} µs",
         (after.0 - before.0) as f64 * 1e4 / n as f64,
         (after.1 - before.1) as f64 * 1e4 / n as f64
+    );
+    Ok(())
+}
+
+/// A non-mesh client (a socket node A's capture skips) sends to B's app port, which B captures to
+/// its plaintext inbound listener: the TCP-to-TCP relay path.
+fn plaintext(bin: &std::path::Path, bytes: u64) -> Result<()> {
+    let mesh = HostMesh::start(bin, "off")?;
+    let t = sink(&mesh.b, APP_PORT)?;
+    let addr: SocketAddr = format!("{B_IP}:{APP_PORT}").parse()?;
+    let c = mesh.a.run(|| -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_mark(1337)?;
+        s.connect(&addr.into())?;
+        Ok(s.into())
+    })?;
+    let before = cpu_ticks(mesh.node_b.pid())?;
+    let secs = send(c, bytes)?;
+    let after = cpu_ticks(mesh.node_b.pid())?;
+    ensure!(
+        t.join().expect("sink") == bytes,
+        "plaintext relay lost bytes"
+    );
+    let gb = bytes as f64 / 1e9;
+    println!(
+        "plaintext inbound relay: {:.2} Gbit/s, node B {:.3} CPU-s/GB",
+        bytes as f64 * 8.0 / secs / 1e9,
+        (after - before) as f64 / 100.0 / gb
     );
     Ok(())
 }
