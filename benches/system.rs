@@ -8,7 +8,7 @@
 //! Needs root; runs on this machine's two cores with the app, both tunnels and nothing else.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use zmesh::identity::{CertManager, CertSource, FileCa, SpiffeId};
-use zmesh_testbed::mesh::{HostMesh, APP_PORT, B_IP};
-use zmesh_testbed::Netns;
+use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, B_IP};
 
 const DIRECT_PORT: u16 = 9000;
 const TLS_PORT: u16 = 9443;
@@ -64,17 +63,6 @@ struct Bench {
     _certs: tempfile::TempDir,
 }
 
-fn marked_connect(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
-    Ok(ns.run(|| -> std::io::Result<TcpStream> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        // The tunnel's mark: node A's capture rules let this socket through untouched.
-        s.set_mark(1337)?;
-        s.set_nodelay(true)?;
-        s.connect(&addr.into())?;
-        Ok(s.into())
-    })?)
-}
-
 impl Bench {
     fn connect(&self, path: Path) -> Result<Box<dyn Conn>> {
         Ok(match path {
@@ -83,12 +71,12 @@ impl Bench {
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            Path::Direct => Box::new(marked_connect(
+            Path::Direct => Box::new(connect_uncaptured(
                 &self.mesh.a,
                 format!("{B_IP}:{DIRECT_PORT}").parse()?,
             )?),
             Path::Tls => {
-                let tcp = marked_connect(&self.mesh.a, format!("{B_IP}:{TLS_PORT}").parse()?)?;
+                let tcp = connect_uncaptured(&self.mesh.a, format!("{B_IP}:{TLS_PORT}").parse()?)?;
                 let conn = ClientConnection::new(
                     self.client_tls.clone(),
                     zmesh::tls::placeholder_server_name(),

@@ -100,33 +100,14 @@ async fn two_hundred_concurrent_connections_share_the_pool() {
         .await
         .unwrap();
     let dst = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = app.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                tokio::io::copy(&mut r, &mut w).await.unwrap();
-                w.shutdown().await.unwrap();
-            });
-        }
-    });
+    spawn_echo(app);
     let entry = capture_to(a.clone(), ip(net, 2), dst).await;
     let mut tasks = Vec::new();
     for i in 0..200u64 {
         tasks.push(tokio::spawn(async move {
             let data = seeded_bytes(100 + i, 64 * 1024 + i as usize);
             let mut c = connect_from(ip(net, 2), entry).await.unwrap();
-            let (mut r, mut w) = c.split();
-            let send = async {
-                w.write_all(&data).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let recv = async {
-                let mut got = Vec::new();
-                r.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let ((), got) = tokio::join!(send, recv);
+            let got = exchange(&mut c, &data).await;
             assert_eq!(
                 Sha256::digest(&got),
                 Sha256::digest(&data),
@@ -225,16 +206,7 @@ async fn idle_streams_do_not_starve_a_busy_sibling_of_connection_window() {
         .await
         .unwrap();
     let dst = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = app.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    spawn_echo(app);
     let entry = capture_to(a, ip(net, 2), dst).await;
     let mut idle = Vec::new();
     for _ in 0..99 {
@@ -246,17 +218,7 @@ async fn idle_streams_do_not_starve_a_busy_sibling_of_connection_window() {
     }
     let data = seeded_bytes(9, 16 * MIB);
     let mut c = connect_from(ip(net, 2), entry).await.unwrap();
-    let (mut r, mut w) = c.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let recv = async {
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::join!(send, recv);
+    let got = exchange(&mut c, &data).await;
     assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
     drop(idle);
 }

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown};
 use std::path::Path;
 
-use zmesh_testbed::mesh::{HostMesh, APP_PORT, A_IP, B_IF, B_IP};
+use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, A_IP, B_IF, B_IP};
 use zmesh_testbed::{is_root, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
 
 const MARKER_UP: &[u8] = b"PLAINTEXT-MARKER-FROM-A-7c1f";
@@ -124,20 +124,7 @@ fn plaintext_to_a_captured_app_port_goes_through_inbound_capture() {
         s.read_to_end(&mut got).unwrap();
         (peer, got)
     });
-    let mut c = mesh
-        .a
-        .run(|| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.set_mark(1337)?;
-            s.connect(
-                &format!("{B_IP}:{APP_PORT}")
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap()
-                    .into(),
-            )?;
-            Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
-        })
-        .unwrap();
+    let mut c = connect_uncaptured(&mesh.a, format!("{B_IP}:{APP_PORT}").parse().unwrap()).unwrap();
     c.write_all(b"hello from outside the mesh").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     let (peer, got) = server.join().unwrap();

@@ -8,4 +8,4 @@ pub mod apply;
 pub mod rules;
 
 pub use apply::{install, uninstall, ApplyError};
-pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError};
+pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError, TUNNEL_MARK};

@@ -3,6 +3,7 @@
 //! install`. The tier (c) tests and the demo both build it, so what the demo shows is exactly
 //! what CI checks.
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -146,4 +147,18 @@ pub fn install_rules(ns: &Netns, inbound_ports: Vec<u16>) -> Result<()> {
     };
     ns.run(|| zmesh_redirect::install(&opts, Backend::Iptables))
         .with_context(|| format!("installing capture rules in {}", ns.name()))
+}
+
+/// Connects from `ns` to `addr` with a socket carrying the tunnel's mark (1337), which the capture
+/// rules let through untouched: a stand-in for a client outside the mesh, or for the
+/// direct-TCP baseline over the same link.
+pub fn connect_uncaptured(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
+    ns.run(|| -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_mark(zmesh_redirect::TUNNEL_MARK)?;
+        s.set_nodelay(true)?;
+        s.connect(&addr.into())?;
+        Ok(s.into())
+    })
+    .with_context(|| format!("uncaptured connect from {} to {addr}", ns.name()))
 }

@@ -135,3 +135,36 @@ pub async fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStr
 pub fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).unwrap()
 }
+
+/// An app that echoes every connection back and half-closes when its client does.
+pub fn spawn_echo(app: TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = app.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+/// Writes `data` then half-closes, while reading everything the other side sends until EOF.
+pub async fn exchange(c: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = c.split();
+    let send = async {
+        w.write_all(data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    tokio::join!(send, recv).1
+}

@@ -6,12 +6,12 @@
 //!        zmesh-throughput PATH-TO-zmesh-node plain MiB  (non-mesh client -> B's :15006 -> app: TCP-to-TCP)
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use zmesh_testbed::mesh::{HostMesh, APP_PORT, B_IP};
+use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, B_IP};
 use zmesh_testbed::Netns;
 
 /// Direct TCP uses a port the capture rules leave alone, from a socket carrying the tunnel's
@@ -91,13 +91,7 @@ fn main() -> Result<()> {
     ensure!(t.join().expect("sink") == bytes, "tunnel lost bytes");
 
     let t = sink(&mesh.b, DIRECT_PORT)?;
-    let addr: SocketAddr = format!("{B_IP}:{DIRECT_PORT}").parse()?;
-    let c = mesh.a.run(|| -> std::io::Result<TcpStream> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_mark(1337)?;
-        s.connect(&addr.into())?;
-        Ok(s.into())
-    })?;
+    let c = connect_uncaptured(&mesh.a, format!("{B_IP}:{DIRECT_PORT}").parse()?)?;
     let direct_s = send(c, bytes)?;
     ensure!(t.join().expect("sink") == bytes, "direct lost bytes");
 
@@ -175,13 +169,7 @@ fn conn_rate(bin: &std::path::Path, n: usize) -> Result<()> {
 fn plaintext(bin: &std::path::Path, bytes: u64) -> Result<()> {
     let mesh = HostMesh::start(bin, "off")?;
     let t = sink(&mesh.b, APP_PORT)?;
-    let addr: SocketAddr = format!("{B_IP}:{APP_PORT}").parse()?;
-    let c = mesh.a.run(|| -> std::io::Result<TcpStream> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_mark(1337)?;
-        s.connect(&addr.into())?;
-        Ok(s.into())
-    })?;
+    let c = connect_uncaptured(&mesh.a, format!("{B_IP}:{APP_PORT}").parse()?)?;
     let before = cpu_ticks(mesh.node_b.pid())?;
     let secs = send(c, bytes)?;
     let after = cpu_ticks(mesh.node_b.pid())?;
