@@ -8,7 +8,8 @@
 //! - `hbone`: the CONNECT protocol, the pooled client and the server settings;
 //! - `proxy`: the node's listeners (15001, 15006, 15008, 15021);
 //! - `copy`: moving bytes between sockets and HTTP/2 streams;
-//! - `socket`: socket options (SO_MARK, IP_TRANSPARENT, SO_ORIGINAL_DST).
+//! - `socket`: socket options (SO_MARK, IP_TRANSPARENT, SO_ORIGINAL_DST);
+//! - `netns`: making sockets inside a pod's network namespace (in-pod mode).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod model;
+pub mod netns;
 pub mod proxy;
 pub mod socket;
 pub mod tls;

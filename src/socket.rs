@@ -11,6 +11,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::hbone::DIAL_TIMEOUT;
+use crate::netns::PodNetns;
 
 /// Istio's tunnel socket mark (0x539). Capture rules match it to never redirect our own sockets.
 pub const TUNNEL_MARK: u32 = 1337;
@@ -64,9 +65,22 @@ pub fn tune(stream: &TcpStream) {
 
 /// Dials `addr` with a deadline and the given options.
 pub async fn dial(addr: SocketAddr, opts: DialOptions) -> Result<TcpStream, DialError> {
+    dial_in(None, addr, opts).await
+}
+
+/// Dials from inside a pod's network namespace (in-pod mode) or, with `None`, from ours.
+pub async fn dial_in(
+    netns: Option<&PodNetns>,
+    addr: SocketAddr,
+    opts: DialOptions,
+) -> Result<TcpStream, DialError> {
     let setup = |what: &'static str| move |source| DialError::Setup { addr, what, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(setup("socket"))?;
+    let new = move || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
+    let socket = match netns {
+        Some(ns) => ns.run_async(new).await,
+        None => new(),
+    }
+    .map_err(setup("socket"))?;
     socket.set_nonblocking(true).map_err(setup("O_NONBLOCK"))?;
     if let Some(mark) = opts.mark {
         socket.set_mark(mark).map_err(setup(
@@ -108,6 +122,36 @@ pub async fn dial(addr: SocketAddr, opts: DialOptions) -> Result<TcpStream, Dial
 /// Binds a listener (SO_REUSEADDR; SO_REUSEPORT so a new process can bind beside an old one).
 pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    finish_listener(socket, addr, transparent)
+}
+
+/// `listen` inside a pod's network namespace: the socket is created (and bound) there.
+pub async fn listen_in(
+    netns: &PodNetns,
+    addr: SocketAddr,
+    transparent: bool,
+) -> io::Result<TcpListener> {
+    let socket = netns
+        .run_async(move || {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            // Bind inside the namespace: the address belongs to the pod's interfaces.
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            if transparent {
+                let _ = s.set_ip_transparent(true);
+            }
+            s.bind(&addr.into()).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot bind {addr} in pod netns: {e}"))
+            })?;
+            Ok(s)
+        })
+        .await?;
+    socket.set_nonblocking(true)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn finish_listener(socket: Socket, addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if transparent {
