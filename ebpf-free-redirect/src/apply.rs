@@ -1,5 +1,7 @@
-//! Thin I/O that applies what `rules` generates, by running `iptables-restore`, `iptables`, `nft` and
-//! `ip` in the caller's network namespace. All decisions about *what* the rules are live in `rules`;
+//! Thin I/O that applies what `rules` generates, by running `iptables-restore`, `iptables` (and their
+//! `ip6tables` twins), `nft` and `ip` in the caller's network namespace. In-pod capture is applied
+//! the same way: the caller enters the pod netns first (a thread that setns'd, or `ip netns exec`),
+//! and host and pod share every step below through [`Capture`]. All decisions about *what* the rules are live in `rules`;
 //! this module only decides *how* to reach that state idempotently: install twice and the ruleset is
 //! unchanged, uninstall removes exactly what install added and succeeds when nothing is installed.
 //! The order of steps is chosen so a half-done run never captures traffic it cannot serve.
@@ -9,10 +11,9 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 
 use thiserror::Error;
 
-use crate::rules::{Backend, HostOptions, Jump, OptionsError, PolicyRouting};
+use crate::rules::{Backend, Capture, Family, HostOptions, Jump, OptionsError, PodOptions};
+use crate::rules::{IptablesRules, PolicyRouting};
 
-const IPTABLES: &str = "iptables";
-const IPTABLES_RESTORE: &str = "iptables-restore";
 const NFT: &str = "nft";
 const IP: &str = "ip";
 /// Wait for the xtables lock held by another writer (kube-proxy, Docker, firewalld) rather than fail
@@ -43,65 +44,105 @@ pub enum ApplyError {
     StuckDelete { command: String },
 }
 
-/// Installs host capture. Steps run in dependency order: policy routing first (inert until packets
-/// are marked), then the chains, and the jumps into them last, so capture switches on only once every
-/// rule it relies on is in place.
+/// Installs host capture in the current netns; see [`install_capture`] for the steps.
 pub fn install(opts: &HostOptions, backend: Backend) -> Result<(), ApplyError> {
-    let rules = opts.validate()?;
-    install_routing(rules.routing())?;
+    install_capture(opts.validate()?.capture(), backend)
+}
+
+/// Removes host capture. `opts` is needed only for the policy routing (connmark and table); the
+/// chains and the nft table have fixed names.
+pub fn uninstall(opts: &HostOptions, backend: Backend) -> Result<(), ApplyError> {
+    uninstall_capture(opts.validate()?.capture(), backend)
+}
+
+/// Installs in-pod capture in the CURRENT network namespace, which must be the pod's: the caller
+/// enters it first. Idempotent like [`install`].
+pub fn install_pod(opts: &PodOptions, backend: Backend) -> Result<(), ApplyError> {
+    install_capture(opts.validate()?.capture(), backend)
+}
+
+/// Removes in-pod capture from the current network namespace; succeeds when nothing is installed.
+/// `opts` supplies the policy routing and whether the IPv6 rules are to be removed too (pass the
+/// options the pod was installed with).
+pub fn uninstall_pod(opts: &PodOptions, backend: Backend) -> Result<(), ApplyError> {
+    uninstall_capture(opts.validate()?.capture(), backend)
+}
+
+/// Steps run in dependency order: policy routing first (inert until packets are marked), then the
+/// chains, and the jumps into them last, so capture switches on only once every rule it relies on
+/// is in place.
+fn install_capture(capture: &Capture, backend: Backend) -> Result<(), ApplyError> {
+    for routing in capture.routing() {
+        install_routing(routing)?;
+    }
     match backend {
         Backend::Iptables => {
-            let ipt = rules.iptables();
-            run_ok(
-                IPTABLES_RESTORE,
-                &["--noflush".into(), XTABLES_WAIT.into()],
-                Some(&ipt.restore),
-            )?;
-            for jump in &ipt.jumps {
-                if !jump_exists(jump)? {
-                    run_ok(IPTABLES, &with_wait(jump.insert_args()), None)?;
-                }
+            for ipt in capture.iptables() {
+                install_iptables(&ipt)?;
             }
         }
         Backend::Nftables => {
-            run_ok(NFT, &["-f".into(), "-".into()], Some(&rules.nftables()))?;
+            run_ok(NFT, &["-f".into(), "-".into()], Some(&capture.nftables()))?;
         }
     }
     Ok(())
 }
 
-/// Removes host capture in the reverse order of `install`. `opts` is needed only for the policy
-/// routing (connmark and table); the chains and the nft table have fixed names.
-pub fn uninstall(opts: &HostOptions, backend: Backend) -> Result<(), ApplyError> {
-    let rules = opts.validate()?;
+fn install_iptables(ipt: &IptablesRules) -> Result<(), ApplyError> {
+    let family = ipt.family;
+    run_ok(
+        family.iptables_restore(),
+        &["--noflush".into(), XTABLES_WAIT.into()],
+        Some(&ipt.restore),
+    )?;
+    for jump in &ipt.jumps {
+        if !jump_exists(family, jump)? {
+            run_ok(family.iptables(), &with_wait(jump.insert_args()), None)?;
+        }
+    }
+    Ok(())
+}
+
+/// The reverse of [`install_capture`].
+fn uninstall_capture(capture: &Capture, backend: Backend) -> Result<(), ApplyError> {
     match backend {
         Backend::Iptables => {
-            let jumps = rules.iptables().jumps;
-            // A jump can only exist while its target chain does; asking `-C` about a missing chain
-            // is an error rather than "no", hence the chain check first.
-            for jump in &jumps {
-                if chain_exists(jump.table, jump.to)? {
-                    delete_all_jumps(jump)?;
-                }
-            }
-            for jump in &jumps {
-                if chain_exists(jump.table, jump.to)? {
-                    for op in ["-F", "-X"] {
-                        let args = ["-t", jump.table, op, jump.to].map(String::from).to_vec();
-                        run_ok(IPTABLES, &with_wait(args), None)?;
-                    }
-                }
+            for ipt in capture.iptables() {
+                uninstall_iptables(&ipt)?;
             }
         }
         Backend::Nftables => {
             run_ok(
                 NFT,
                 &["-f".into(), "-".into()],
-                Some(&crate::rules::nft_uninstall_script()),
+                Some(&capture.nft_uninstall()),
             )?;
         }
     }
-    uninstall_routing(rules.routing())
+    for routing in capture.routing() {
+        uninstall_routing(routing)?;
+    }
+    Ok(())
+}
+
+fn uninstall_iptables(ipt: &IptablesRules) -> Result<(), ApplyError> {
+    let family = ipt.family;
+    // A jump can only exist while its target chain does; asking `-C` about a missing chain is an
+    // error rather than "no", hence the chain check first.
+    for jump in &ipt.jumps {
+        if chain_exists(family, jump.table, jump.to)? {
+            delete_all_jumps(family, jump)?;
+        }
+    }
+    for jump in &ipt.jumps {
+        if chain_exists(family, jump.table, jump.to)? {
+            for op in ["-F", "-X"] {
+                let args = ["-t", jump.table, op, jump.to].map(String::from).to_vec();
+                run_ok(family.iptables(), &with_wait(args), None)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn install_routing(routing: &PolicyRouting) -> Result<(), ApplyError> {
@@ -141,13 +182,13 @@ fn rule_exists(routing: &PolicyRouting) -> Result<bool, ApplyError> {
 /// never held a route, which would be indistinguishable from a real failure.
 fn route_exists(routing: &PolicyRouting) -> Result<bool, ApplyError> {
     let args = [
-        "-4",
+        routing.family.ip_flag(),
         "route",
         "show",
         "table",
         "all",
         "exact",
-        "0.0.0.0/0",
+        routing.family.any(),
         "type",
         "local",
     ]
@@ -163,26 +204,26 @@ fn route_exists(routing: &PolicyRouting) -> Result<bool, ApplyError> {
 }
 
 /// `iptables -C` exits 1 for "no such rule"; anything else but 0 is a real failure.
-fn jump_exists(jump: &Jump) -> Result<bool, ApplyError> {
-    exit_code_says(IPTABLES, &with_wait(jump.check_args()))
+fn jump_exists(family: Family, jump: &Jump) -> Result<bool, ApplyError> {
+    exit_code_says(family.iptables(), &with_wait(jump.check_args()))
 }
 
 /// `iptables -S CHAIN` exits 1 when the chain (or, with nf_tables, the whole table) is missing.
-fn chain_exists(table: &str, chain: &str) -> Result<bool, ApplyError> {
+fn chain_exists(family: Family, table: &str, chain: &str) -> Result<bool, ApplyError> {
     let args = ["-t", table, "-S", chain].map(String::from).to_vec();
-    exit_code_says(IPTABLES, &with_wait(args))
+    exit_code_says(family.iptables(), &with_wait(args))
 }
 
-fn delete_all_jumps(jump: &Jump) -> Result<(), ApplyError> {
+fn delete_all_jumps(family: Family, jump: &Jump) -> Result<(), ApplyError> {
     let delete = with_wait(jump.delete_args());
     for _ in 0..MAX_COPIES {
-        if !jump_exists(jump)? {
+        if !jump_exists(family, jump)? {
             return Ok(());
         }
-        run_ok(IPTABLES, &delete, None)?;
+        run_ok(family.iptables(), &delete, None)?;
     }
     Err(ApplyError::StuckDelete {
-        command: command_line(IPTABLES, &delete),
+        command: command_line(family.iptables(), &delete),
     })
 }
 

@@ -1,8 +1,9 @@
-//! Pure generation of the capture rules (capture.md, "Mode 2: host"; the in-pod rules of Mode 1 will
-//! be built here the same way). Options are validated once into [`HostRules`], which holds the chains
-//! in the backend-neutral form of `model`; the iptables and nftables renderings both derive from
-//! those chains, so they cannot drift apart. Nothing here touches the system: `apply` runs the text
-//! produced here, and the golden tests compare it byte for byte.
+//! Pure generation of the capture rules (capture.md: "Mode 2: host" here, "Mode 1: in-pod" in
+//! `pod`). Options are validated once into [`HostRules`] or [`PodRules`], each of which wraps a
+//! [`Capture`]: the chains per IP family in the backend-neutral form of `model`, plus the policy
+//! routing. The iptables and nftables renderings both derive from those chains, so they cannot drift
+//! apart, and `apply` installs any `Capture` the same way. Nothing here touches the system: `apply`
+//! runs the text produced here, and the golden tests compare it byte for byte.
 
 use std::fmt::Write as _;
 
@@ -10,9 +11,13 @@ use ipnet::IpNet;
 use thiserror::Error;
 
 mod model;
+mod pod;
 
-use model::{iptables_rules, nft_script, rule, Chain, Hook, Match, Table, Verdict};
-pub use model::{nft_uninstall_script, IptablesRules, Jump};
+use model::Scope;
+use model::{chains, iptables_rules, nft_script, nft_uninstall_script, rule, Chain, Hook, Match};
+pub use model::{Family, IptablesRules, Jump};
+use model::{Table, Verdict};
+pub use pod::{PodOptions, PodRules};
 
 /// SO_MARK carried by every socket the tunnel creates (capture.md: 1337). Matching it is how the
 /// rules tell the tunnel's own traffic apart, so the tunnel never captures itself.
@@ -28,10 +33,12 @@ pub const ROUTE_TABLE: u32 = 100;
 /// Preference of the fwmark rule (capture.md: 32764): after `local` (0), before `main` (32766), so it
 /// only decides for marked packets that are not already addressed to this host.
 pub const RULE_PREF: u32 = 32764;
-/// The tunnel's listeners (capture.md, Mode 1): captured outbound, captured inbound plaintext, HBONE.
+/// The tunnel's listeners (capture.md, Mode 1): captured outbound, captured inbound plaintext, HBONE,
+/// and the DNS proxy (in-pod DNS capture only).
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAIN_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
+pub const DNS_CAPTURE_PORT: u16 = 15053;
 /// SSH is never captured in either direction, whatever the user configures, so that a crashed or
 /// misconfigured tunnel still leaves a host one can log into (capture.md, Mode 2).
 pub const SSH_PORT: u16 = 22;
@@ -42,7 +49,8 @@ pub enum Backend {
     /// `iptables-restore`/`iptables`, whichever flavour (legacy or nf_tables) the host selected.
     #[default]
     Iptables,
-    /// One `table ip zmesh` applied by `nft -f` as a single transaction.
+    /// One table per family (`ip zmesh` for host, `ip istio-zmesh` and `ip6 istio-zmesh` in a pod),
+    /// applied by `nft -f` as a single transaction.
     Nftables,
 }
 
@@ -129,25 +137,46 @@ pub enum OptionsError {
     ReservedRouteTable { table: u32 },
     #[error("exclude CIDR {cidr} is IPv6; only IPv4 capture rules are generated so far")]
     Ipv6Cidr { cidr: IpNet },
+    #[error(
+        "{field}: {addr} cannot be the kubelet probe source (unspecified, loopback and multicast \
+         addresses never arrive from the node); use the node's probe SNAT address, by default {default}"
+    )]
+    ProbeSource {
+        field: &'static str,
+        addr: std::net::IpAddr,
+        default: std::net::IpAddr,
+    },
+}
+
+/// Checks every mode shares: the marks, the routing table, and the tunnel's listener ports, which
+/// must be non-zero and distinct (`listeners` holds field name, human name, port).
+fn check_tunnel(
+    tunnel_mark: u32,
+    connmark: u32,
+    route_table: u32,
+    listeners: &[(&'static str, &'static str, u16)],
+) -> Result<(), OptionsError> {
+    check_mark("tunnel_mark", tunnel_mark)?;
+    check_mark("connmark", connmark)?;
+    if tunnel_mark == connmark {
+        return Err(OptionsError::MarksEqual { value: tunnel_mark });
+    }
+    if matches!(route_table, 0 | 253..=255) {
+        return Err(OptionsError::ReservedRouteTable { table: route_table });
+    }
+    for (i, &(field, _, port)) in listeners.iter().enumerate() {
+        nonzero(field, port)?;
+        if let Some(&(_, other, _)) = listeners[..i].iter().find(|l| l.2 == port) {
+            return Err(OptionsError::PortClash { field, port, other });
+        }
+    }
+    Ok(())
 }
 
 impl HostOptions {
     /// Validates and normalises the options: 22 is added to the excluded ports, duplicates are
     /// dropped (first occurrence kept), and CIDRs lose their host bits.
     pub fn validate(&self) -> Result<HostRules, OptionsError> {
-        check_mark("tunnel_mark", self.tunnel_mark)?;
-        check_mark("connmark", self.connmark)?;
-        if self.tunnel_mark == self.connmark {
-            return Err(OptionsError::MarksEqual {
-                value: self.tunnel_mark,
-            });
-        }
-        if matches!(self.route_table, 0 | 253..=255) {
-            return Err(OptionsError::ReservedRouteTable {
-                table: self.route_table,
-            });
-        }
-
         let listeners = [
             ("outbound_port", "outbound", self.outbound_port),
             (
@@ -157,12 +186,12 @@ impl HostOptions {
             ),
             ("hbone_port", "HBONE", self.hbone_port),
         ];
-        for (i, &(field, _, port)) in listeners.iter().enumerate() {
-            nonzero(field, port)?;
-            if let Some(&(_, other, _)) = listeners[..i].iter().find(|l| l.2 == port) {
-                return Err(OptionsError::PortClash { field, port, other });
-            }
-        }
+        check_tunnel(
+            self.tunnel_mark,
+            self.connmark,
+            self.route_table,
+            &listeners,
+        )?;
 
         let mut exclude_ports = vec![SSH_PORT];
         for &port in &self.exclude_ports {
@@ -201,13 +230,12 @@ impl HostOptions {
             ..self.clone()
         };
         Ok(HostRules {
-            chains: host_chains(&opts),
-            routing: PolicyRouting {
-                fwmark: opts.connmark,
-                mask: MARK_MASK,
-                table: opts.route_table,
-                pref: RULE_PREF,
-            },
+            capture: Capture::new(
+                Scope::Host,
+                vec![(Family::V4, host_chains(&opts))],
+                opts.connmark,
+                opts.route_table,
+            ),
             options: opts,
         })
     }
@@ -233,12 +261,11 @@ fn push_unique<T: PartialEq>(list: &mut Vec<T>, item: T) {
     }
 }
 
-/// The validated host capture: normalised options, the chains, and the policy routing.
+/// The validated host capture: normalised options and the [`Capture`] they produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRules {
     options: HostOptions,
-    chains: Vec<Chain>,
-    routing: PolicyRouting,
+    capture: Capture,
 }
 
 impl HostRules {
@@ -247,43 +274,129 @@ impl HostRules {
         &self.options
     }
 
-    /// The `ip rule`/`ip route` pair both backends install.
+    /// What `apply` installs.
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    /// The `ip rule`/`ip route` pair both backends install (host capture is IPv4 only, so one).
     pub fn routing(&self) -> &PolicyRouting {
-        &self.routing
+        &self.capture.routing[0]
     }
 
     /// The iptables rendering: restore text plus the jumps from the built-in chains.
     pub fn iptables(&self) -> IptablesRules {
-        iptables_rules(&self.chains)
+        self.capture.iptables().remove(0)
     }
 
     /// The nftables rendering: an `nft -f` script that atomically replaces `table ip zmesh`.
     pub fn nftables(&self) -> String {
-        nft_script(&self.chains)
+        self.capture.nftables()
+    }
+
+    /// Everything `install` would do with `backend`, as text for people (and the golden files).
+    pub fn render(&self, backend: Backend) -> String {
+        self.capture.render(backend)
+    }
+}
+
+/// A validated capture, whatever the mode: the chains for each IP family it covers and the policy
+/// routing per family. `apply` installs and removes any `Capture` with the same steps, so host and
+/// in-pod mode share them (and their idempotence) instead of each having their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    scope: Scope,
+    families: Vec<(Family, Vec<Chain>)>,
+    routing: Vec<PolicyRouting>,
+}
+
+impl Capture {
+    /// One policy-routing pair per family, all with the same connmark and table.
+    fn new(
+        scope: Scope,
+        families: Vec<(Family, Vec<Chain>)>,
+        connmark: u32,
+        table: u32,
+    ) -> Capture {
+        let routing = families
+            .iter()
+            .map(|&(family, _)| PolicyRouting {
+                family,
+                fwmark: connmark,
+                mask: MARK_MASK,
+                table,
+                pref: RULE_PREF,
+            })
+            .collect();
+        Capture {
+            scope,
+            families,
+            routing,
+        }
+    }
+
+    /// The `ip rule`/`ip route` pairs, one per family.
+    pub fn routing(&self) -> &[PolicyRouting] {
+        &self.routing
+    }
+
+    /// The iptables rendering per family (IPv4 first): restore text plus the jumps.
+    pub fn iptables(&self) -> Vec<IptablesRules> {
+        self.families
+            .iter()
+            .map(|(family, chains)| iptables_rules(self.scope, *family, chains))
+            .collect()
+    }
+
+    /// An `nft -f` script that atomically replaces our table in every family.
+    pub fn nftables(&self) -> String {
+        nft_script(self.scope, &self.families)
+    }
+
+    /// An `nft -f` script that removes our table in every family, and succeeds if it is absent.
+    pub fn nft_uninstall(&self) -> String {
+        nft_uninstall_script(self.scope, self.families.iter().map(|(f, _)| *f))
     }
 
     /// Everything `install` would do with `backend`, as text for people (and the golden files). The
     /// tool input comes first and stays valid input; the follow-up commands are comments.
     pub fn render(&self, backend: Backend) -> String {
+        let mode = match self.scope {
+            Scope::Host => "host",
+            Scope::Pod => "in-pod",
+        };
         let mut out = String::new();
         match backend {
             Backend::Iptables => {
-                let ipt = self.iptables();
-                out.push_str(
-                    "# zmesh host capture, iptables backend.\n\
-                     # Input for `iptables-restore --noflush`: declaring a chain flushes it, so \
-                     reapplying replaces rather than duplicates.\n",
-                );
-                out.push_str(&ipt.restore);
-                out.push_str("# Jumps from the built-in chains, each added only if `iptables -C` finds it missing:\n");
-                for jump in &ipt.jumps {
-                    let _ = writeln!(out, "# iptables {}", jump.insert_args().join(" "));
+                let _ = writeln!(out, "# zmesh {mode} capture, iptables backend.");
+                for ipt in self.iptables() {
+                    let _ = writeln!(
+                        out,
+                        "# Input for `{} --noflush`: declaring a chain flushes it, so reapplying \
+                         replaces rather than duplicates.",
+                        ipt.family.iptables_restore()
+                    );
+                    out.push_str(&ipt.restore);
+                    let tool = ipt.family.iptables();
+                    let _ = writeln!(
+                        out,
+                        "# Jumps from the built-in chains, each added only if `{tool} -C` finds it missing:"
+                    );
+                    for jump in &ipt.jumps {
+                        let _ = writeln!(out, "# {tool} {}", jump.insert_args().join(" "));
+                    }
                 }
             }
             Backend::Nftables => {
-                out.push_str(
-                    "# zmesh host capture, nftables backend.\n\
-                     # Input for `nft -f`: one transaction that deletes and recreates the table.\n",
+                let tables = if self.families.len() > 1 {
+                    "tables"
+                } else {
+                    "table"
+                };
+                let _ = writeln!(
+                    out,
+                    "# zmesh {mode} capture, nftables backend.\n\
+                     # Input for `nft -f`: one transaction that deletes and recreates the {tables}."
                 );
                 out.push_str(&self.nftables());
             }
@@ -291,8 +404,10 @@ impl HostRules {
         out.push_str(
             "# Policy routing for source-IP preservation (the rule only if absent; replace is idempotent):\n",
         );
-        let _ = writeln!(out, "# ip {}", self.routing.rule_args("add").join(" "));
-        let _ = writeln!(out, "# ip {}", self.routing.route_args("replace").join(" "));
+        for routing in &self.routing {
+            let _ = writeln!(out, "# ip {}", routing.rule_args("add").join(" "));
+            let _ = writeln!(out, "# ip {}", routing.route_args("replace").join(" "));
+        }
         out
     }
 }
@@ -302,6 +417,7 @@ impl HostRules {
 /// rule sends marked packets to a table whose only route says "every address is local".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyRouting {
+    pub family: Family,
     pub fwmark: u32,
     pub mask: u32,
     pub table: u32,
@@ -312,7 +428,7 @@ impl PolicyRouting {
     /// `ip` arguments for the rule with `verb` (`add`, `del`, `list`).
     pub fn rule_args(&self, verb: &str) -> Vec<String> {
         [
-            "-4",
+            self.family.ip_flag(),
             "rule",
             verb,
             "fwmark",
@@ -329,11 +445,11 @@ impl PolicyRouting {
     /// `ip` arguments for the route with `verb` (`replace`, `del`).
     pub fn route_args(&self, verb: &str) -> Vec<String> {
         [
-            "-4",
+            self.family.ip_flag(),
             "route",
             verb,
             "local",
-            "0.0.0.0/0",
+            self.family.any(),
             "dev",
             "lo",
             "table",
@@ -437,22 +553,16 @@ fn host_chains(o: &HostOptions) -> Vec<Chain> {
         );
     }
 
-    let mut rules_by_hook = [
-        mangle_prerouting,
-        mangle_output,
-        nat_prerouting,
-        nat_output,
-        filter_input,
-    ]
-    .into_iter();
-    ALL_HOOKS
-        .iter()
-        .map(|&(table, hook)| Chain {
-            table,
-            hook,
-            rules: rules_by_hook.next().unwrap_or_default(),
-        })
-        .collect()
+    chains(
+        ALL_HOOKS,
+        [
+            mangle_prerouting,
+            mangle_output,
+            nat_prerouting,
+            nat_output,
+            filter_input,
+        ],
+    )
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use zmesh_redirect::{Backend, HostOptions, InboundPlaintext};
+use zmesh_redirect::{Backend, Capture, HostOptions, InboundPlaintext, PodOptions};
 
-fn cases() -> Vec<(&'static str, HostOptions)> {
+fn host_cases() -> Vec<(&'static str, HostOptions)> {
     vec![
         // Outbound capture only: what a developer machine gets with no flags.
         ("host-default", HostOptions::default()),
@@ -36,13 +36,49 @@ fn cases() -> Vec<(&'static str, HostOptions)> {
     ]
 }
 
+fn pod_cases() -> Vec<(&'static str, PodOptions)> {
+    vec![
+        // What an enrolled pod gets with no opt-outs: capture.md's block, IPv4 only.
+        ("pod-default", PodOptions::default()),
+        // Both per-pod opt-outs flipped: inbound plaintext bypasses the tunnel, DNS is captured.
+        (
+            "pod-bypass-inbound-dns",
+            PodOptions {
+                inbound_capture: false,
+                dns_capture: true,
+                ..PodOptions::default()
+            },
+        ),
+        // A dual-stack pod with DNS capture: every rule twice, v6 with ::1 and the v6 probe source.
+        (
+            "pod-dual-stack-dns",
+            PodOptions {
+                dns_capture: true,
+                ipv6: true,
+                ..PodOptions::default()
+            },
+        ),
+    ]
+}
+
+fn cases() -> Vec<(&'static str, Capture)> {
+    let host = host_cases().into_iter().map(|(name, options)| {
+        let rules = options.validate().expect("golden options are valid");
+        (name, rules.capture().clone())
+    });
+    let pod = pod_cases().into_iter().map(|(name, options)| {
+        let rules = options.validate().expect("golden options are valid");
+        (name, rules.capture().clone())
+    });
+    host.chain(pod).collect()
+}
+
 #[test]
 fn renderings_match_golden_files() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut mismatches = Vec::new();
-    for (name, options) in cases() {
-        let rules = options.validate().expect("golden options are valid");
+    for (name, rules) in cases() {
         for (backend, suffix) in [(Backend::Iptables, "iptables"), (Backend::Nftables, "nft")] {
             let path = dir.join(format!("{name}.{suffix}.txt"));
             let got = rules.render(backend);
