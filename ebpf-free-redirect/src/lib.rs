@@ -9,3 +9,6 @@ pub mod rules;
 
 pub use apply::{install, uninstall, ApplyError};
 pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError, TUNNEL_MARK};
+pub mod zds;
+pub use apply::{install_pod, uninstall_pod};
+pub use rules::{Capture, Family, PodOptions, PodRules};
