@@ -99,6 +99,26 @@ pub struct NodeConfig {
     /// Data-plane worker threads; 0 = one per available CPU.
     #[serde(default)]
     pub worker_threads: usize,
+    /// host: proxy the workloads of this machine from its own namespace (VMs);
+    /// in_pod: receive pod namespaces over ZDS and proxy each from inside its pod (Kubernetes).
+    #[serde(default)]
+    pub mode: Mode,
+    /// The ZDS socket the redirect agent (or istio-cni) listens on (in_pod mode).
+    #[serde(default = "default_zds_socket")]
+    pub zds_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Host,
+    InPod,
+}
+
+/// istio-cni's default path, so either agent can drive zmesh-node.
+fn default_zds_socket() -> PathBuf {
+    PathBuf::from("/var/run/ztunnel/ztunnel.sock")
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -183,6 +183,10 @@ impl Model {
         }
     }
 
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.iter().find(|w| w.uid == uid)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads_by_ip.get(&ip)
     }

@@ -70,3 +70,168 @@ fn namespace_identity_is_device_and_inode() {
     let not_ns: OwnedFd = std::fs::File::open("/proc/self/stat").unwrap().into();
     assert!(PodNetns::new(not_ns, "bad").is_err());
 }
+
+mod inpod_node {
+    //! A node netns with a bridge and two pod netns; zmesh-node in in-pod mode, driven over ZDS
+    //! by the crate's agent-side server, with the real in-pod capture rules in each pod.
+
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Shutdown};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use zmesh_redirect::zds::{WorkloadInfo, ZdsServer};
+    use zmesh_redirect::{install_pod, Backend, PodOptions};
+    use zmesh_testbed::{attach_to_bridge, is_root, seeded_bytes, sha256, Netns};
+
+    const POD_A: &str = "10.216.0.2";
+    const POD_B: &str = "10.216.0.3";
+
+    fn config(ca: &Path, zds: &Path) -> String {
+        format!(
+            "node:
+  name: node-1
+  mode: in_pod
+  zds_socket: {zds}
+  access_log: json
+  certificates:
+    file_ca: {{ dir: {ca} }}
+workloads:
+  - {{ uid: pod-a, name: client, namespace: shop, service_account: frontend, addresses: [{POD_A}], node: node-1 }}
+  - {{ uid: pod-b, name: server, namespace: shop, service_account: backend, addresses: [{POD_B}], node: node-1 }}
+",
+            zds = zds.display(),
+            ca = ca.display()
+        )
+    }
+
+    fn info(name: &str, sa: &str) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_node_pods_talk_through_their_pod_proxies_and_deletion_tears_down() {
+        assert!(is_root(), "needs root to create network namespaces");
+        let node = Netns::new("zpn").unwrap();
+        node.add_bridge("zbr0", "10.216.0.1/24").unwrap();
+        let pod_a = Netns::new("zpa").unwrap();
+        let pod_b = Netns::new("zpb").unwrap();
+        attach_to_bridge(
+            &node,
+            "zbr0",
+            &pod_a,
+            "eth0",
+            &format!("{POD_A}/24"),
+            "10.216.0.1",
+        )
+        .unwrap();
+        attach_to_bridge(
+            &node,
+            "zbr0",
+            &pod_b,
+            "eth0",
+            &format!("{POD_B}/24"),
+            "10.216.0.1",
+        )
+        .unwrap();
+        for pod in [&pod_a, &pod_b] {
+            pod.run(|| install_pod(&PodOptions::default(), Backend::Iptables))
+                .unwrap();
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
+        let zds_path = dir.path().join("zds.sock");
+        let agent = ZdsServer::bind(&zds_path).unwrap();
+        let cfg = dir.path().join("node.yaml");
+        std::fs::write(&cfg, config(&ca, &zds_path)).unwrap();
+        let zn = node
+            .spawn(
+                env!("CARGO_BIN_EXE_zmesh-node"),
+                &["run", "--config", cfg.to_str().unwrap()],
+                &[("ZMESH_LOG", "info")],
+            )
+            .unwrap();
+        for _ in 0..200 {
+            if agent.connected_tunnels() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            agent.connected_tunnels(),
+            1,
+            "zmesh-node did not connect: {}",
+            zn.read_log()
+        );
+        let fd =
+            |ns: &Netns| -> std::os::fd::OwnedFd { std::fs::File::open(ns.path()).unwrap().into() };
+        agent
+            .add_pod("pod-a", info("client", "frontend"), fd(&pod_a))
+            .await
+            .unwrap();
+        agent
+            .add_pod("pod-b", info("server", "backend"), fd(&pod_b))
+            .await
+            .unwrap();
+        // A repeated add of the same namespace is a no-op (acked, proxy kept).
+        agent
+            .add_pod("pod-b", info("server", "backend"), fd(&pod_b))
+            .await
+            .unwrap();
+
+        // The app in pod B; the client in pod A dials it by pod IP, knowing nothing of the mesh.
+        let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
+        let data = seeded_bytes(5, 2 << 20);
+        let want = sha256(&data);
+        let server = std::thread::spawn(move || {
+            let (mut s, peer) = app.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            s.write_all(b"done").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            // Keep accepting: the deletion check below expects nothing more to arrive.
+            (peer, got, app)
+        });
+        // Blocking socket calls are fine here: the test body is not on a runtime worker.
+        let mut c = pod_a.connect_tcp(format!("{POD_B}:8080")).unwrap();
+        c.write_all(&data).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"done");
+        let (peer, got, app) = server.join().unwrap();
+        drop(app);
+        assert_eq!(sha256(&got), want, "bytes arrived exactly");
+        assert_eq!(
+            peer.ip(),
+            POD_A.parse::<IpAddr>().unwrap(),
+            "the app sees the source pod's IP"
+        );
+        let log = zn.read_log();
+        assert!(
+            log.contains("\"direction\":\"inbound\"")
+                && log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
+                && log.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/backend\""),
+            "node log: {log}"
+        );
+
+        // Deleting pod B tears its proxy down: pod A's next connection gets a reset, never a
+        // plaintext bypass.
+        agent.del_pod("pod-b").await.unwrap();
+        let _app_again = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
+        // Pod A's own proxy accepts (capture is local), then finds nobody at B's 15008.
+        let mut c = pod_a.connect_tcp(format!("{POD_B}:8080")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = c.write_all(b"x").and_then(|()| c.read(&mut [0u8; 1]));
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "after deletion the connection must be reset, got {r:?}"
+        );
+    }
+}

@@ -24,7 +24,8 @@ use super::{
     MAX_FRAME_SIZE, POOL_IDLE_TIMEOUT, STREAM_WINDOW,
 };
 use crate::identity::{CertManager, SpiffeId};
-use crate::socket::{dial, DialError, DialOptions};
+use crate::netns::PodNetns;
+use crate::socket::{dial_in, DialError, DialOptions};
 use crate::tls;
 
 /// How often the pool looks for idle connections to release.
@@ -146,14 +147,21 @@ impl KeyEntry {
 pub struct Pool {
     certs: Arc<CertManager>,
     mark: Option<u32>,
+    /// In-pod mode: dial from inside this pod's namespace, so HBONE leaves with the pod's IP.
+    netns: Option<Arc<PodNetns>>,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
 }
 
 impl Pool {
-    pub fn new(certs: Arc<CertManager>, mark: Option<u32>) -> Arc<Pool> {
+    pub fn new(
+        certs: Arc<CertManager>,
+        mark: Option<u32>,
+        netns: Option<Arc<PodNetns>>,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             certs,
             mark,
+            netns,
             entries: Mutex::new(HashMap::new()),
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
@@ -255,7 +263,8 @@ impl Pool {
         cert: &crate::identity::WorkloadCert,
     ) -> Result<Arc<Conn>, HboneError> {
         let dst = key.dst;
-        let tcp = dial(
+        let tcp = dial_in(
+            self.netns.as_deref(),
             dst,
             DialOptions {
                 mark: self.mark,

@@ -15,24 +15,27 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use super::{accept_loop, ConnLog, Direction, Node};
+use super::{accept_loop, ConnLog, Direction, Node, Scope};
 use crate::copy::tcp_to_h2;
 use crate::hbone::connect::parse_connect;
 use crate::hbone::{keepalive, server, ALPN_H2, HANDSHAKE_TIMEOUT};
 use crate::identity::{peer_identity, SpiffeId};
 use crate::model::Workload;
-use crate::socket::{dial, DialOptions};
+use crate::socket::{dial_in, DialOptions};
 
 pub(super) async fn serve(
     node: Arc<Node>,
+    scope: Arc<Scope>,
     listener: tokio::net::TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, shutdown, "HBONE", move |tcp, peer| {
+    let kill = scope.kill.clone();
+    accept_loop(listener, shutdown, kill, "HBONE", move |tcp, peer| {
         let node = node.clone();
+        let scope = scope.clone();
         async move {
             let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(reason) = connection(node, tcp, peer).await {
+            if let Err(reason) = connection(node, scope, tcp, peer).await {
                 tracing::warn!(src = %peer, dst, reason = %reason, "HBONE connection rejected");
             }
         }
@@ -40,10 +43,20 @@ pub(super) async fn serve(
     .await
 }
 
-async fn connection(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
+async fn connection(
+    node: Arc<Node>,
+    scope: Arc<Scope>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
     let local = tcp.local_addr().map_err(|e| e.to_string())?;
     let model = node.model();
-    let workload = model.local_workload(local.ip()).cloned().ok_or_else(|| {
+    // In-pod, this listener belongs to exactly one pod; in host mode, the dialed IP says which.
+    let found = match &scope.workload {
+        Some(w) => Some(w.clone()),
+        None => model.local_workload(local.ip()).cloned(),
+    };
+    let workload = found.ok_or_else(|| {
         format!(
             "{} is not the address of a workload on this node",
             local.ip()
@@ -91,6 +104,7 @@ async fn connection(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr) -> Result
                 Ok((req, respond)) => {
                     tokio::spawn(stream(
                         node.clone(),
+                        scope.clone(),
                         workload.clone(),
                         client.clone(),
                         peer,
@@ -111,6 +125,7 @@ async fn connection(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr) -> Result
 
 async fn stream(
     node: Arc<Node>,
+    scope: Arc<Scope>,
     workload: Arc<Workload>,
     client: SpiffeId,
     peer: SocketAddr,
@@ -170,7 +185,7 @@ async fn stream(
         source: Some(peer.ip()),
         transparent: true,
     };
-    let mut app = match Box::pin(dial(dst, opts)).await {
+    let mut app = match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
         Ok(a) => a,
         Err(e) => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);

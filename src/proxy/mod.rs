@@ -6,6 +6,7 @@
 
 mod accesslog;
 mod inbound;
+pub mod inpod;
 pub mod outbound;
 mod plaintext;
 mod readiness;
@@ -22,13 +23,14 @@ use tokio::task::JoinHandle;
 
 pub use accesslog::{ConnLog, Direction};
 
-use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext};
+use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext, Mode};
 use crate::hbone::client::Pool;
 use crate::identity::{
     load_certs_pem, load_key_pem, CertManager, CertSource, FileCa, SpiffeId, StaticCert,
     WorkloadCert,
 };
 use crate::model::{Model, Workload};
+use crate::netns::PodNetns;
 use crate::socket::{listen, TUNNEL_MARK};
 use crate::tls;
 
@@ -94,7 +96,7 @@ impl Node {
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
-        let pool = Pool::new(certs.clone(), mark);
+        let pool = Pool::new(certs.clone(), mark, None);
         Ok(Arc::new(Node {
             cfg,
             model,
@@ -163,6 +165,25 @@ impl Node {
     }
 }
 
+/// Where a set of listeners works: the node's own namespace (host mode) or one pod's (in-pod
+/// mode, spec/capture.md), with the HBONE pool and source identity that go with it.
+pub struct Scope {
+    /// The pod's namespace: upstream sockets are made there. None in host mode.
+    pub netns: Option<Arc<PodNetns>>,
+    pub pool: Arc<Pool>,
+    /// The one workload these listeners serve (in-pod); None in host mode, where the workload
+    /// is found by address.
+    pub workload: Option<Arc<Workload>>,
+    /// Flips (or closes) when the scope is torn down: its open connections end at once.
+    pub kill: watch::Receiver<bool>,
+}
+
+impl Scope {
+    pub fn dial_netns(&self) -> Option<&PodNetns> {
+        self.netns.as_deref()
+    }
+}
+
 /// The listeners' bound addresses (useful when a config asks for port 0 in tests).
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -177,6 +198,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub bound: Bound,
     shutdown: watch::Sender<bool>,
+    /// Host-mode connections live as long as the process: this sender is never flipped.
+    _host_kill: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -200,6 +223,9 @@ fn bind(
 
 /// Binds every listener and starts serving.
 pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
+    if node.cfg.node.mode == Mode::InPod {
+        return start_in_pod(node).await;
+    }
     let cfg = &node.cfg;
     let p = &cfg.node.ports;
     let outbound = bind("outbound", cfg.listen_addr(p.outbound), true)?;
@@ -218,10 +244,27 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         readiness: addr(&ready),
     };
     let (tx, rx) = watch::channel(false);
+    let (host_kill, kill) = watch::channel(false);
+    let scope = Arc::new(Scope {
+        netns: None,
+        pool: node.pool.clone(),
+        workload: None,
+        kill,
+    });
     let tasks = vec![
-        tokio::spawn(outbound::serve(node.clone(), outbound, rx.clone())),
-        tokio::spawn(plaintext::serve(node.clone(), plain, rx.clone())),
-        tokio::spawn(inbound::serve(node.clone(), hbone, rx.clone())),
+        tokio::spawn(outbound::serve(
+            node.clone(),
+            scope.clone(),
+            outbound,
+            rx.clone(),
+        )),
+        tokio::spawn(plaintext::serve(
+            node.clone(),
+            scope.clone(),
+            plain,
+            rx.clone(),
+        )),
+        tokio::spawn(inbound::serve(node.clone(), scope, hbone, rx.clone())),
         tokio::spawn(readiness::serve(node.clone(), ready, rx.clone())),
         tokio::spawn({
             let certs = node.certs.clone();
@@ -248,6 +291,66 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         node,
         bound,
         shutdown: tx,
+        _host_kill: host_kill,
+        tasks,
+    })
+}
+
+/// In-pod mode: only readiness listens in the node's namespace; the pod proxies come and go with
+/// ZDS. Ready once the first snapshot is in and every pod proxy in it is up.
+async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
+    let cfg = &node.cfg;
+    let p = &cfg.node.ports;
+    let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
+    let in_pod = |port| SocketAddr::new(std::net::IpAddr::from([0, 0, 0, 0]), port);
+    let bound = Bound {
+        outbound: in_pod(p.outbound),
+        inbound_plaintext: in_pod(p.inbound_plaintext),
+        hbone: in_pod(p.hbone),
+        readiness: ready.local_addr().expect("bound listener has an address"),
+    };
+    let (tx, rx) = watch::channel(false);
+    let (host_kill, _) = watch::channel(false);
+    let (state_tx, mut state_rx) = watch::channel(inpod::InPodState::default());
+    let tasks = vec![
+        tokio::spawn(inpod::run(
+            node.clone(),
+            cfg.node.zds_socket.clone(),
+            state_tx,
+            rx.clone(),
+        )),
+        tokio::spawn(readiness::serve(node.clone(), ready, rx.clone())),
+        tokio::spawn({
+            let node = node.clone();
+            async move {
+                while state_rx.changed().await.is_ok() {
+                    let s = *state_rx.borrow();
+                    node.ready.store(s.snapshot_received, Ordering::Release);
+                }
+            }
+        }),
+        tokio::spawn({
+            let certs = node.certs.clone();
+            let mut rx = rx.clone();
+            async move {
+                tokio::select! {
+                    _ = certs.run_renewals() => {}
+                    _ = rx.changed() => {}
+                }
+            }
+        }),
+    ];
+    tracing::info!(
+        node = %cfg.node.name,
+        zds = %cfg.node.zds_socket.display(),
+        readiness = %bound.readiness,
+        "zmesh node started in in-pod mode; waiting for the ZDS snapshot"
+    );
+    Ok(Running {
+        node,
+        bound,
+        shutdown: tx,
+        _host_kill: host_kill,
         tasks,
     })
 }
@@ -258,6 +361,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    kill: watch::Receiver<bool>,
     role: &'static str,
     handle: F,
 ) where
@@ -269,7 +373,16 @@ async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     crate::socket::tune(&tcp);
-                    tokio::spawn(handle(tcp, peer));
+                    let conn = handle(tcp, peer);
+                    let mut kill = kill.clone();
+                    tokio::spawn(async move {
+                        // A torn-down scope (deleted pod) ends its connections now; dropping the
+                        // handler closes its sockets.
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = kill.wait_for(|k| *k) => {}
+                        }
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(listener = role, error = %e, "accept failed; retrying");

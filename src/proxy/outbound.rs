@@ -8,21 +8,24 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{accept_loop, ConnLog, Direction, Node};
+use super::{accept_loop, ConnLog, Direction, Node, Scope};
 use crate::copy::{reset_on_drop, tcp_to_h2, tcp_to_tcp};
 use crate::hbone::client::PoolKey;
 use crate::hbone::connect::{build_connect, new_trace_ids, ConnectHeaders};
 use crate::model::Route;
-use crate::socket::{dial, original_dst, DialOptions};
+use crate::socket::{dial_in, original_dst, DialOptions};
 
 pub(super) async fn serve(
     node: Arc<Node>,
+    scope: Arc<Scope>,
     listener: tokio::net::TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
-    accept_loop(listener, shutdown, "outbound", move |tcp, peer| {
+    let kill = scope.kill.clone();
+    accept_loop(listener, shutdown, kill, "outbound", move |tcp, peer| {
         let node = node.clone();
+        let scope = scope.clone();
         async move {
             match original_dst(&tcp) {
                 // A connection made straight to the listener was not captured: proxying it to
@@ -32,7 +35,7 @@ pub(super) async fn serve(
                     reset_on_drop(&tcp);
                     log.emit(node.access_log_enabled(), Some(&"connection to the outbound port itself was not captured traffic; refused"));
                 }
-                Ok(dst) => proxy(node, tcp, peer, dst).await,
+                Ok(dst) => proxy_in(node, scope, tcp, peer, dst).await,
                 Err(e) => {
                     reset_on_drop(&tcp);
                     tracing::warn!(src = %peer, error = %e, "outbound connection has no original destination (not REDIRECTed?); refused");
@@ -43,11 +46,34 @@ pub(super) async fn serve(
     .await
 }
 
-/// Proxies one captured connection from `peer` to its original destination `dst`.
-pub async fn proxy(node: Arc<Node>, mut tcp: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+/// Proxies one captured connection from `peer` to its original destination `dst` (host mode:
+/// the node's own pool and namespace).
+pub async fn proxy(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let (_keep, kill) = tokio::sync::watch::channel(false);
+    let scope = Arc::new(Scope {
+        netns: None,
+        pool: node.pool.clone(),
+        workload: None,
+        kill,
+    });
+    proxy_in(node, scope, tcp, peer, dst).await
+}
+
+async fn proxy_in(
+    node: Arc<Node>,
+    scope: Arc<Scope>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
     let mut log = ConnLog::new(Direction::Outbound, peer, dst);
     let enabled = node.access_log_enabled();
-    let Some(source) = node.source_workload(peer.ip()) else {
+    // In-pod, the listener belongs to exactly one pod: that pod is the source.
+    let source = scope
+        .workload
+        .clone()
+        .or_else(|| node.source_workload(peer.ip()));
+    let Some(source) = source else {
         reset_on_drop(&tcp);
         log.emit(
             enabled,
@@ -100,7 +126,7 @@ pub async fn proxy(node: Arc<Node>, mut tcp: TcpStream, peer: SocketAddr, dst: S
             };
             // Boxed: the connect future is large and would otherwise stay part of this task's state
             // for the connection's whole life (RSS per idle connection).
-            match Box::pin(node.pool.connect(&key, req)).await {
+            match Box::pin(scope.pool.connect(&key, req)).await {
                 Ok(tunnel) => {
                     let _guard = tunnel.guard;
                     log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
@@ -121,22 +147,22 @@ pub async fn proxy(node: Arc<Node>, mut tcp: TcpStream, peer: SocketAddr, dst: S
             log.dst_workload = Some(destination.name.clone());
             log.dst_service = service.as_ref().map(|s| s.hostname.clone());
             log.path = format!("direct {addr}");
-            relay(&node, tcp, addr, log).await;
+            relay(&node, &scope, tcp, addr, log).await;
         }
         Route::Passthrough { addr } => {
             log.path = format!("passthrough {addr}");
-            relay(&node, tcp, addr, log).await;
+            relay(&node, &scope, tcp, addr, log).await;
         }
     }
 }
 
-async fn relay(node: &Node, mut tcp: TcpStream, addr: SocketAddr, mut log: ConnLog) {
+async fn relay(node: &Node, scope: &Scope, mut tcp: TcpStream, addr: SocketAddr, mut log: ConnLog) {
     let opts = DialOptions {
         mark: node.mark(),
         source: None,
         transparent: false,
     };
-    match Box::pin(dial(addr, opts)).await {
+    match Box::pin(dial_in(scope.dial_netns(), addr, opts)).await {
         Ok(mut up) => {
             log.transfer = tcp_to_tcp(&mut tcp, &mut up).await;
             log.emit(node.access_log_enabled(), None);

@@ -1,0 +1,210 @@
+//! In-pod mode (spec/capture.md "Mode 1"): the redirect agent (or istio-cni) hands us each pod's
+//! network namespace over ZDS, and we run one proxy per pod whose listeners (15001, 15006, 15008)
+//! and upstream sockets live INSIDE that pod's namespace.
+//!
+//! ZDS sequence: hello; the agent replays every pod as `add`/`keep` (each acked); `snapshot_sent`
+//! (we then stop proxies for pods not in the snapshot, and become ready); then incremental
+//! `add`/`del`. A repeated `add` for the same namespace is a no-op, a different namespace for the
+//! same uid replaces the proxy, and `del` tears the proxy and its connections down at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use zmesh_redirect::zds::{Backoff, ZdsClient, ZdsEvent};
+
+use super::{inbound, outbound, plaintext, Node, Scope};
+use crate::hbone::client::Pool;
+use crate::netns::PodNetns;
+use crate::socket::listen_in;
+
+/// A running pod proxy. Dropping it stops its listeners and ends its connections.
+struct PodProxy {
+    netns_id: (u64, u64),
+    tasks: Vec<JoinHandle<()>>,
+    _kill: watch::Sender<bool>,
+    _stop: watch::Sender<bool>,
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        // Accept loops end with the stop channel; connection tasks end with the kill channel
+        // (its sender is dropped with us). Aborting makes both immediate.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Number of pods currently proxied and whether the first snapshot is in (for readiness).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InPodState {
+    pub pods: usize,
+    pub snapshot_received: bool,
+}
+
+/// Connects to the ZDS socket (reconnecting with backoff) and runs pod proxies until shutdown.
+pub async fn run(
+    node: Arc<Node>,
+    path: PathBuf,
+    state: watch::Sender<InPodState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Pod proxies survive agent reconnects: the agent replays its cache as a new snapshot.
+    let mut pods: HashMap<String, PodProxy> = HashMap::new();
+    let mut backoff = Backoff::default();
+    loop {
+        let mut client = tokio::select! {
+            c = ZdsClient::connect_with_backoff(&path, &mut backoff) => c,
+            _ = shutdown.changed() => return,
+        };
+        tracing::info!(path = %path.display(), "connected to the ZDS agent");
+        let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
+        loop {
+            let event = tokio::select! {
+                e = client.next_event() => e,
+                _ = shutdown.changed() => return,
+            };
+            let reply = match event {
+                Ok(Some(ZdsEvent::Add { uid, info, netns })) => {
+                    if let Some(s) = snapshot.as_mut() {
+                        s.insert(uid.clone());
+                    }
+                    add(&node, &mut pods, &uid, &info.name, netns).await
+                }
+                Ok(Some(ZdsEvent::Keep { uid })) => {
+                    if let Some(s) = snapshot.as_mut() {
+                        s.insert(uid.clone());
+                    }
+                    if pods.contains_key(&uid) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "keep for unknown pod uid {uid:?}: no proxy to keep"
+                        ))
+                    }
+                }
+                Ok(Some(ZdsEvent::Del { uid })) => match pods.remove(&uid) {
+                    Some(_) => {
+                        tracing::info!(uid, "pod deleted: proxy torn down");
+                        Ok(())
+                    }
+                    None => Err(format!("del for unknown pod uid {uid:?}")),
+                },
+                Ok(Some(ZdsEvent::SnapshotSent)) => {
+                    if let Some(keep) = snapshot.take() {
+                        pods.retain(|uid, _| keep.contains(uid));
+                    }
+                    tracing::info!(pods = pods.len(), "ZDS snapshot complete");
+                    Ok(())
+                }
+                Ok(None) => {
+                    tracing::warn!("ZDS agent closed the connection; reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ZDS connection failed; reconnecting");
+                    break;
+                }
+            };
+            if let Err(e) = &reply {
+                tracing::warn!(error = %e, "ZDS request refused");
+            }
+            let snapshot_done = snapshot.is_none();
+            state.send_modify(|s| {
+                s.pods = pods.len();
+                s.snapshot_received |= snapshot_done;
+            });
+            if let Err(e) = client.ack(reply).await {
+                tracing::warn!(error = %e, "cannot ack ZDS request; reconnecting");
+                break;
+            }
+        }
+    }
+}
+
+async fn add(
+    node: &Arc<Node>,
+    pods: &mut HashMap<String, PodProxy>,
+    uid: &str,
+    name: &str,
+    fd: OwnedFd,
+) -> Result<(), String> {
+    let netns = PodNetns::new(fd, name)
+        .map_err(|e| format!("cannot enter the network namespace of pod {uid:?}: {e}"))?;
+    if let Some(existing) = pods.get(uid) {
+        if existing.netns_id == netns.id() {
+            return Ok(());
+        }
+        tracing::info!(uid, "pod network namespace changed: replacing its proxy");
+        pods.remove(uid);
+    }
+    let model = node.model();
+    let workload = model
+        .workload_by_uid(uid)
+        .filter(|w| w.node == model.node)
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "pod uid {uid:?} is not a workload of node {:?} in the config; refusing to proxy an unknown pod",
+                model.node
+            )
+        })?;
+    node.certs
+        .fetch(&workload.identity)
+        .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
+    let netns = Arc::new(netns);
+    let p = &node.cfg.node.ports;
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let bind = |port| SocketAddr::new(any, port);
+    let listen_err = |role: &'static str| {
+        move |e: std::io::Error| format!("pod {uid:?}: cannot listen on {role}: {e}")
+    };
+    let outbound_l = listen_in(&netns, bind(p.outbound), true)
+        .await
+        .map_err(listen_err("outbound"))?;
+    let plain_l = listen_in(&netns, bind(p.inbound_plaintext), true)
+        .await
+        .map_err(listen_err("inbound plaintext"))?;
+    let hbone_l = listen_in(&netns, bind(p.hbone), false)
+        .await
+        .map_err(listen_err("HBONE"))?;
+    let (kill_tx, kill) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(false);
+    let scope = Arc::new(Scope {
+        pool: Pool::new(node.certs.clone(), node.mark(), Some(netns.clone())),
+        netns: Some(netns.clone()),
+        workload: Some(workload.clone()),
+        kill,
+    });
+    let tasks = vec![
+        tokio::spawn(outbound::serve(
+            node.clone(),
+            scope.clone(),
+            outbound_l,
+            stop.clone(),
+        )),
+        tokio::spawn(plaintext::serve(
+            node.clone(),
+            scope.clone(),
+            plain_l,
+            stop.clone(),
+        )),
+        tokio::spawn(inbound::serve(node.clone(), scope, hbone_l, stop)),
+    ];
+    tracing::info!(uid, workload = %workload.name, identity = %workload.identity, "pod proxy started");
+    pods.insert(
+        uid.to_string(),
+        PodProxy {
+            netns_id: netns.id(),
+            tasks,
+            _kill: kill_tx,
+            _stop: stop_tx,
+        },
+    );
+    Ok(())
+}
