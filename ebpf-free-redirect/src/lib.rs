@@ -12,3 +12,5 @@ pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError,
 pub mod zds;
 pub use apply::{install_pod, uninstall_pod};
 pub use rules::{Capture, Family, PodOptions, PodRules};
+pub mod agent;
+pub mod cni;

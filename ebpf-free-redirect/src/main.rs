@@ -1,12 +1,17 @@
-//! `zmesh-redirect`: installs, removes or prints the capture rules. Parsing flags into
-//! [`HostOptions`] is all it does; rule generation and application live in the library.
+//! `zmesh-redirect`: host capture (install, remove or print the rules), the node agent that
+//! captures pods and hands them to the node tunnel, its `pod` admin client, and, when run with
+//! `CNI_COMMAND` set, the chained CNI plugin. Parsing arguments is all it does; rule generation,
+//! the agent and the CNI logic live in the library.
 #![forbid(unsafe_code)]
 
+use std::io::Read as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use zmesh_redirect::{apply, Backend, HostOptions, InboundPlaintext};
+use zmesh_redirect::agent::{self, AddRequest, AgentConfig, Request};
+use zmesh_redirect::{apply, cni, zds, Backend, HostOptions, InboundPlaintext};
 
 /// Invalid options, following the project-wide exit code for bad configuration (sysexits EX_USAGE).
 const EXIT_INVALID_CONFIG: u8 = 64;
@@ -28,6 +33,62 @@ enum Mode {
     Host {
         #[command(subcommand)]
         action: Action,
+    },
+    /// Run the node agent: capture enrolled pods and hand them to node tunnels over ZDS.
+    Agent(AgentArgs),
+    /// Enroll or remove a pod through the running agent (what the CNI plugin does).
+    Pod {
+        #[command(subcommand)]
+        action: PodAction,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// ZDS socket the node tunnels connect to.
+    #[arg(long, default_value = zds::DEFAULT_SOCKET_PATH)]
+    zds_socket: PathBuf,
+    /// Admin socket for enrollment requests (mode 0600).
+    #[arg(long, default_value = agent::DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendArg::Iptables)]
+    backend: BackendArg,
+}
+
+#[derive(Subcommand)]
+enum PodAction {
+    /// Capture the pod in NETNS and hand it to the node tunnel; returns once the tunnel acked.
+    Add {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// Let inbound plaintext reach the app directly (the inbound capture bypass).
+        #[arg(long)]
+        no_inbound_capture: bool,
+        /// Redirect the pod's DNS to the tunnel's DNS proxy.
+        #[arg(long)]
+        dns_capture: bool,
+        #[arg(long, default_value = agent::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Forget the pod: the tunnels stop its proxy, and its rules go if its netns still exists.
+    Del {
+        #[arg(long)]
+        uid: String,
+        #[arg(long, default_value = agent::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Print the enrolled pod uids and the number of connected tunnels.
+    List {
+        #[arg(long, default_value = agent::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
     },
 }
 
@@ -79,12 +140,18 @@ enum PlaintextArg {
     Deny,
 }
 
-impl HostArgs {
-    fn backend(&self) -> Backend {
-        match self.backend {
+impl BackendArg {
+    fn backend(self) -> Backend {
+        match self {
             BackendArg::Iptables => Backend::Iptables,
             BackendArg::Nftables => Backend::Nftables,
         }
+    }
+}
+
+impl HostArgs {
+    fn backend(&self) -> Backend {
+        self.backend.backend()
     }
 
     fn options(&self) -> HostOptions {
@@ -103,7 +170,129 @@ impl HostArgs {
 }
 
 fn main() -> ExitCode {
-    let Mode::Host { action } = Cli::parse().mode;
+    // A container runtime runs CNI plugins with arguments in the environment, not on the command
+    // line, so this must be decided before clap sees (and rejects) an empty argv.
+    if let Some(command) = std::env::var_os(cni::COMMAND_ENV) {
+        return cni_plugin(&command.to_string_lossy());
+    }
+    match Cli::parse().mode {
+        Mode::Host { action } => host(action),
+        Mode::Agent(args) => run_agent(args),
+        Mode::Pod { action } => pod(action),
+    }
+}
+
+fn cni_plugin(command: &str) -> ExitCode {
+    let mut stdin = String::new();
+    if cni::reads_stdin(command) {
+        if let Err(e) = std::io::stdin().read_to_string(&mut stdin) {
+            eprintln!("zmesh-redirect (CNI): cannot read the network config on stdin: {e}");
+        }
+    }
+    let outcome = cni::run(|k| std::env::var(k).ok(), &stdin, agent::request);
+    if !outcome.stdout.is_empty() {
+        println!("{}", outcome.stdout);
+    }
+    if !outcome.stderr.is_empty() {
+        eprintln!("{}", outcome.stderr);
+    }
+    ExitCode::from(outcome.exit_code)
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zmesh-redirect: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = AgentConfig {
+        zds_socket: args.zds_socket,
+        admin_socket: args.admin_socket,
+        backend: args.backend.backend(),
+    };
+    let result = runtime.block_on(async {
+        // Registered before binding, so a signal that arrives during start-up is not lost.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        agent::run(config, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zmesh-redirect agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pod(action: PodAction) -> ExitCode {
+    let (socket, request) = match action {
+        PodAction::Add {
+            netns,
+            uid,
+            name,
+            namespace,
+            service_account,
+            no_inbound_capture,
+            dns_capture,
+            admin_socket,
+        } => (
+            admin_socket,
+            Request::Add(AddRequest {
+                netns,
+                uid,
+                name,
+                namespace,
+                service_account,
+                inbound_capture: !no_inbound_capture,
+                dns_capture,
+            }),
+        ),
+        PodAction::Del { uid, admin_socket } => (admin_socket, Request::Del { uid }),
+        PodAction::List { admin_socket } => (admin_socket, Request::List),
+    };
+    match agent::request(&socket, &request) {
+        Ok(reply) if reply.ok => {
+            println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            let error = reply
+                .error
+                .as_deref()
+                .unwrap_or("the agent refused without a reason");
+            eprintln!("zmesh-redirect: {error}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("zmesh-redirect: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host(action: Action) -> ExitCode {
     let args = match &action {
         Action::Install(a) | Action::Uninstall(a) | Action::Render(a) => a,
     };
