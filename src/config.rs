@@ -106,6 +106,14 @@ pub struct NodeConfig {
     /// The ZDS socket the redirect agent (or istio-cni) listens on (in_pod mode).
     #[serde(default = "default_zds_socket")]
     pub zds_socket: PathBuf,
+    /// After SIGTERM, how long accepted connections may go on before the process exits.
+    /// Default 25s: Kubernetes' 30 s grace period minus 5 s of margin.
+    #[serde(default = "default_drain", deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(25)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -145,21 +145,47 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .context("cannot start the data-plane runtime")?;
     rt.block_on(async move {
         tracing::info!(config = ?cfg, "effective config");
+        let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
-        let running = zmesh::proxy::start(node).await?;
-        wait_for_termination().await;
-        tracing::info!("shutting down");
+        let running = zmesh::proxy::start(node.clone()).await?;
+        let mut signals = Signals::new();
+        signals.next().await;
+        tracing::info!(
+            active = node.active_connections(),
+            ?drain_timeout,
+            "stopping: no new connections; draining"
+        );
         running.stop().await;
+        // A second signal exits at once; otherwise connections get until the deadline.
+        tokio::select! {
+            left = zmesh::proxy::drain(&node, drain_timeout) => {
+                tracing::info!(cut = left, "drain finished");
+            }
+            _ = signals.next() => tracing::info!("second signal: exiting now"),
+        }
         Ok(())
     })
 }
 
-async fn wait_for_termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

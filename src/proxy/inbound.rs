@@ -29,23 +29,31 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
-    let kill = scope.kill.clone();
-    accept_loop(listener, shutdown, kill, "HBONE", move |tcp, peer| {
-        let node = node.clone();
-        let scope = scope.clone();
-        async move {
-            let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(reason) = connection(node, scope, tcp, peer).await {
-                tracing::warn!(src = %peer, dst, reason = %reason, "HBONE connection rejected");
+    let stopping = shutdown.clone();
+    accept_loop(
+        listener,
+        shutdown,
+        &scope.clone(),
+        "HBONE",
+        move |tcp, peer| {
+            let node = node.clone();
+            let scope = scope.clone();
+            let stopping = stopping.clone();
+            async move {
+                let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                if let Err(reason) = connection(node, scope, stopping, tcp, peer).await {
+                    tracing::warn!(src = %peer, dst, reason = %reason, "HBONE connection rejected");
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 
 async fn connection(
     node: Arc<Node>,
     scope: Arc<Scope>,
+    mut stopping: watch::Receiver<bool>,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
@@ -99,7 +107,19 @@ async fn connection(
         }
     };
     let accept = async {
-        while let Some(next) = h2.accept().await {
+        let mut goaway_sent = false;
+        loop {
+            let next = tokio::select! {
+                n = h2.accept() => n,
+                // Draining: GOAWAY tells the client to open new streams elsewhere; streams in
+                // flight finish, then the connection closes by itself.
+                _ = stopping.wait_for(|s| *s), if !goaway_sent => {
+                    h2.graceful_shutdown();
+                    goaway_sent = true;
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             match next {
                 Ok((req, respond)) => {
                     tokio::spawn(stream(

@@ -60,14 +60,14 @@ pub async fn run(
     loop {
         let mut client = tokio::select! {
             c = ZdsClient::connect_with_backoff(&path, &mut backoff) => c,
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return stop_accepting(&node, pods),
         };
         tracing::info!(path = %path.display(), "connected to the ZDS agent");
         let mut snapshot: Option<HashSet<String>> = Some(HashSet::new());
         loop {
             let event = tokio::select! {
                 e = client.next_event() => e,
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return stop_accepting(&node, pods),
             };
             let reply = match event {
                 Ok(Some(ZdsEvent::Add { uid, info, netns })) => {
@@ -127,6 +127,18 @@ pub async fn run(
     }
 }
 
+/// Shutdown (SIGTERM): close every pod's listeners, so a newer process bound beside us with
+/// SO_REUSEPORT takes all new connections, but let accepted connections finish (drain).
+fn stop_accepting(node: &Node, pods: HashMap<String, PodProxy>) {
+    for (_, mut pod) in pods {
+        for t in &pod.tasks {
+            t.abort();
+        }
+        let (placeholder, _) = watch::channel(false);
+        node.keep_draining(std::mem::replace(&mut pod._kill, placeholder));
+    }
+}
+
 async fn add(
     node: &Arc<Node>,
     pods: &mut HashMap<String, PodProxy>,
@@ -158,6 +170,15 @@ async fn add(
         .fetch(&workload.identity)
         .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
     let netns = Arc::new(netns);
+    // Restart hand-over: when the old process closes its SO_REUSEPORT listeners, connections
+    // still in their accept queues migrate to the new process's listeners instead of being reset
+    // (Linux 5.14+). Best effort: older kernels lose only connections queued at that instant.
+    if let Err(e) = netns
+        .run_async(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+        .await
+    {
+        tracing::debug!(uid, error = %e, "cannot enable tcp_migrate_req in the pod netns");
+    }
     let p = &node.cfg.node.ports;
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let bind = |port| SocketAddr::new(any, port);
@@ -180,6 +201,7 @@ async fn add(
         netns: Some(netns.clone()),
         workload: Some(workload.clone()),
         kill,
+        active: node.active.clone(),
     });
     let tasks = vec![
         tokio::spawn(outbound::serve(

@@ -13,7 +13,7 @@ mod readiness;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustls::ServerConfig;
@@ -56,6 +56,10 @@ pub struct Node {
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
     ready: AtomicBool,
+    /// Proxied connections in flight, across every scope: what a drain waits for.
+    active: Arc<AtomicUsize>,
+    /// Kill switches of scopes that stopped accepting but whose connections may finish (drain).
+    draining: Mutex<Vec<watch::Sender<bool>>>,
 }
 
 impl Node {
@@ -105,6 +109,8 @@ impl Node {
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
+            active: Arc::new(AtomicUsize::new(0)),
+            draining: Mutex::new(Vec::new()),
         }))
     }
 
@@ -114,6 +120,19 @@ impl Node {
 
     pub fn mark(&self) -> Option<u32> {
         self.mark
+    }
+
+    /// Connections currently being proxied.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Keeps a stopped scope's connections alive until the process exits (drain).
+    fn keep_draining(&self, kill: watch::Sender<bool>) {
+        self.draining
+            .lock()
+            .expect("drain lock poisoned")
+            .push(kill);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -176,6 +195,24 @@ pub struct Scope {
     pub workload: Option<Arc<Workload>>,
     /// Flips (or closes) when the scope is torn down: its open connections end at once.
     pub kill: watch::Receiver<bool>,
+    /// The node-wide count of connections in flight.
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Counts one proxied connection for as long as it lives.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(active: Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(active)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Scope {
@@ -204,13 +241,26 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting and waits for the accept loops to end.
+    /// Stops accepting and waits for the accept loops to end. Connections already accepted go
+    /// on; `drain` waits for them.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        self.node.keep_draining(self._host_kill);
     }
+}
+
+/// Waits until no connection is in flight, or until `deadline`, whichever comes first. Returns
+/// the number of connections still open at the end (they are cut when the process exits).
+pub async fn drain(node: &Node, deadline: std::time::Duration) -> usize {
+    let end = tokio::time::Instant::now() + deadline;
+    // Polling keeps the data path free of drain bookkeeping; 50 ms is far below any deadline.
+    while node.active_connections() > 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    node.active_connections()
 }
 
 fn bind(
@@ -250,6 +300,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         pool: node.pool.clone(),
         workload: None,
         kill,
+        active: node.active.clone(),
     });
     let tasks = vec![
         tokio::spawn(outbound::serve(
@@ -361,7 +412,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    kill: watch::Receiver<bool>,
+    scope: &Scope,
     role: &'static str,
     handle: F,
 ) where
@@ -374,8 +425,10 @@ async fn accept_loop<F, Fut>(
                 Ok((tcp, peer)) => {
                     crate::socket::tune(&tcp);
                     let conn = handle(tcp, peer);
-                    let mut kill = kill.clone();
+                    let mut kill = scope.kill.clone();
+                    let active = ActiveGuard::new(scope.active.clone());
                     tokio::spawn(async move {
+                        let _active = active;
                         // A torn-down scope (deleted pod) ends its connections now; dropping the
                         // handler closes its sockets.
                         tokio::select! {

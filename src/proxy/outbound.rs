@@ -22,8 +22,7 @@ pub(super) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
-    let kill = scope.kill.clone();
-    accept_loop(listener, shutdown, kill, "outbound", move |tcp, peer| {
+    accept_loop(listener, shutdown, &scope.clone(), "outbound", move |tcp, peer| {
         let node = node.clone();
         let scope = scope.clone();
         async move {
@@ -55,6 +54,7 @@ pub async fn proxy(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, dst: Socke
         pool: node.pool.clone(),
         workload: None,
         kill,
+        active: node.active.clone(),
     });
     proxy_in(node, scope, tcp, peer, dst).await
 }

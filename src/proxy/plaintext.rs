@@ -18,11 +18,10 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
-    let kill = scope.kill.clone();
     accept_loop(
         listener,
         shutdown,
-        kill,
+        &scope.clone(),
         "inbound plaintext",
         move |tcp, peer| connection(node.clone(), scope.clone(), tcp, peer),
     )
