@@ -136,6 +136,8 @@ pub async fn listen_in(
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             // Bind inside the namespace: the address belongs to the pod's interfaces.
             s.set_reuse_address(true)?;
+            // Marked like every tunnel socket, so no capture rule ever matches our own traffic.
+            s.set_mark(TUNNEL_MARK)?;
             s.set_reuse_port(true)?;
             if transparent {
                 let _ = s.set_ip_transparent(true);
