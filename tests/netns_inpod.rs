@@ -370,4 +370,55 @@ workloads:
         old.wait_for_log("drain finished", Duration::from_secs(30))
             .unwrap();
     }
+
+    fn readiness(ns: &Netns) -> String {
+        ns.run(|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:15021")?;
+            s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap_or_else(|e| format!("error: {e}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_waits_for_the_zds_snapshot() {
+        assert!(is_root(), "needs root to create network namespaces");
+        let node = Netns::new("zrd").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
+        let zds_path = dir.path().join("zds.sock");
+        let cfg = dir.path().join("node.yaml");
+        std::fs::write(&cfg, config(&ca, &zds_path)).unwrap();
+        // No agent yet: the tunnel runs, retries ZDS with backoff, and is not ready.
+        let zn = node
+            .spawn(
+                env!("CARGO_BIN_EXE_zmesh-node"),
+                &["run", "--config", cfg.to_str().unwrap()],
+                &[],
+            )
+            .unwrap();
+        zn.wait_for_log("waiting for the ZDS snapshot", Duration::from_secs(10))
+            .unwrap();
+        let before = readiness(&node);
+        assert!(
+            before.starts_with("HTTP/1.1 500"),
+            "ready before any snapshot: {before}"
+        );
+        let _agent = ZdsServer::bind(&zds_path).unwrap();
+        let mut after = String::new();
+        for _ in 0..100 {
+            after = readiness(&node);
+            if after.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            after.starts_with("HTTP/1.1 200"),
+            "not ready after the snapshot: {after}"
+        );
+    }
 }
