@@ -105,6 +105,56 @@ workloads:
         )
     }
 
+    /// A node netns with a bridge, pods A and B attached with the in-pod rules installed, a CA,
+    /// an agent-side ZDS server, and the node's config file.
+    struct Topology {
+        // Namespaces are dropped last: they outlive the processes spawned in them.
+        agent: ZdsServer,
+        cfg: std::path::PathBuf,
+        dir: tempfile::TempDir,
+        pod_a: Netns,
+        pod_b: Netns,
+        node: Netns,
+    }
+
+    impl Topology {
+        fn new() -> Topology {
+            assert!(is_root(), "needs root to create network namespaces");
+            let node = Netns::new("zpn").unwrap();
+            node.add_bridge("zbr0", "10.216.0.1/24").unwrap();
+            let pod_a = Netns::new("zpa").unwrap();
+            let pod_b = Netns::new("zpb").unwrap();
+            for (pod, ip) in [(&pod_a, POD_A), (&pod_b, POD_B)] {
+                attach_to_bridge(
+                    &node,
+                    "zbr0",
+                    pod,
+                    "eth0",
+                    &format!("{ip}/24"),
+                    "10.216.0.1",
+                )
+                .unwrap();
+                pod.run(|| install_pod(&PodOptions::default(), Backend::Iptables))
+                    .unwrap();
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let ca = dir.path().join("ca");
+            zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
+            let zds_path = dir.path().join("zds.sock");
+            let agent = ZdsServer::bind(&zds_path).unwrap();
+            let cfg = dir.path().join("node.yaml");
+            std::fs::write(&cfg, config(&ca, &zds_path)).unwrap();
+            Topology {
+                agent,
+                cfg,
+                dir,
+                pod_a,
+                pod_b,
+                node,
+            }
+        }
+    }
+
     fn info(name: &str, sa: &str) -> WorkloadInfo {
         WorkloadInfo {
             name: name.into(),
@@ -115,41 +165,14 @@ workloads:
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn same_node_pods_talk_through_their_pod_proxies_and_deletion_tears_down() {
-        assert!(is_root(), "needs root to create network namespaces");
-        let node = Netns::new("zpn").unwrap();
-        node.add_bridge("zbr0", "10.216.0.1/24").unwrap();
-        let pod_a = Netns::new("zpa").unwrap();
-        let pod_b = Netns::new("zpb").unwrap();
-        attach_to_bridge(
-            &node,
-            "zbr0",
-            &pod_a,
-            "eth0",
-            &format!("{POD_A}/24"),
-            "10.216.0.1",
-        )
-        .unwrap();
-        attach_to_bridge(
-            &node,
-            "zbr0",
-            &pod_b,
-            "eth0",
-            &format!("{POD_B}/24"),
-            "10.216.0.1",
-        )
-        .unwrap();
-        for pod in [&pod_a, &pod_b] {
-            pod.run(|| install_pod(&PodOptions::default(), Backend::Iptables))
-                .unwrap();
-        }
-
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
-        let zds_path = dir.path().join("zds.sock");
-        let agent = ZdsServer::bind(&zds_path).unwrap();
-        let cfg = dir.path().join("node.yaml");
-        std::fs::write(&cfg, config(&ca, &zds_path)).unwrap();
+        let Topology {
+            node,
+            pod_a,
+            pod_b,
+            dir: _dir,
+            cfg,
+            agent,
+        } = Topology::new();
         let zn = node
             .spawn(
                 env!("CARGO_BIN_EXE_zmesh-node"),
@@ -249,40 +272,14 @@ workloads:
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn restart_hands_over_without_failing_a_connection() {
-        assert!(is_root(), "needs root to create network namespaces");
-        let node = Netns::new("zrn").unwrap();
-        node.add_bridge("zbr0", "10.216.0.1/24").unwrap();
-        let pod_a = Netns::new("zra").unwrap();
-        let pod_b = Netns::new("zrb").unwrap();
-        attach_to_bridge(
-            &node,
-            "zbr0",
-            &pod_a,
-            "eth0",
-            &format!("{POD_A}/24"),
-            "10.216.0.1",
-        )
-        .unwrap();
-        attach_to_bridge(
-            &node,
-            "zbr0",
-            &pod_b,
-            "eth0",
-            &format!("{POD_B}/24"),
-            "10.216.0.1",
-        )
-        .unwrap();
-        for pod in [&pod_a, &pod_b] {
-            pod.run(|| install_pod(&PodOptions::default(), Backend::Iptables))
-                .unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca");
-        zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
-        let zds_path = dir.path().join("zds.sock");
-        let agent = ZdsServer::bind(&zds_path).unwrap();
-        let cfg = dir.path().join("node.yaml");
-        std::fs::write(&cfg, config(&ca, &zds_path)).unwrap();
+        let Topology {
+            node,
+            pod_a,
+            pod_b,
+            dir: _dir,
+            cfg,
+            agent,
+        } = Topology::new();
         let start = |n: usize| {
             node.spawn(
                 env!("CARGO_BIN_EXE_zmesh-node"),

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use zmesh_redirect::zds::{Backoff, ZdsClient, ZdsEvent};
 
-use super::{inbound, outbound, plaintext, Node, Scope};
+use super::{spawn_listeners, Node, Scope};
 use crate::hbone::client::Pool;
 use crate::netns::PodNetns;
 use crate::socket::listen_in;
@@ -203,21 +203,7 @@ async fn add(
         kill,
         active: node.active.clone(),
     });
-    let tasks = vec![
-        tokio::spawn(outbound::serve(
-            node.clone(),
-            scope.clone(),
-            outbound_l,
-            stop.clone(),
-        )),
-        tokio::spawn(plaintext::serve(
-            node.clone(),
-            scope.clone(),
-            plain_l,
-            stop.clone(),
-        )),
-        tokio::spawn(inbound::serve(node.clone(), scope, hbone_l, stop)),
-    ];
+    let tasks = spawn_listeners(node, scope, outbound_l, plain_l, hbone_l, &stop);
     tracing::info!(uid, workload = %workload.name, identity = %workload.identity, "pod proxy started");
     pods.insert(
         uid.to_string(),

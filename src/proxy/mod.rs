@@ -127,6 +127,17 @@ impl Node {
         self.active.load(Ordering::Acquire)
     }
 
+    /// The host-mode scope: the node's own namespace and pool, workloads found by address.
+    pub fn host_scope(&self, kill: watch::Receiver<bool>) -> Arc<Scope> {
+        Arc::new(Scope {
+            netns: None,
+            pool: self.pool.clone(),
+            workload: None,
+            kill,
+            active: self.active.clone(),
+        })
+    }
+
     /// Keeps a stopped scope's connections alive until the process exits (drain).
     fn keep_draining(&self, kill: watch::Sender<bool>) {
         self.draining
@@ -295,39 +306,13 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
-    let scope = Arc::new(Scope {
-        netns: None,
-        pool: node.pool.clone(),
-        workload: None,
-        kill,
-        active: node.active.clone(),
-    });
-    let tasks = vec![
-        tokio::spawn(outbound::serve(
-            node.clone(),
-            scope.clone(),
-            outbound,
-            rx.clone(),
-        )),
-        tokio::spawn(plaintext::serve(
-            node.clone(),
-            scope.clone(),
-            plain,
-            rx.clone(),
-        )),
-        tokio::spawn(inbound::serve(node.clone(), scope, hbone, rx.clone())),
-        tokio::spawn(readiness::serve(node.clone(), ready, rx.clone())),
-        tokio::spawn({
-            let certs = node.certs.clone();
-            let mut rx = rx.clone();
-            async move {
-                tokio::select! {
-                    _ = certs.run_renewals() => {}
-                    _ = rx.changed() => {}
-                }
-            }
-        }),
-    ];
+    let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
+    tasks.push(tokio::spawn(readiness::serve(
+        node.clone(),
+        ready,
+        rx.clone(),
+    )));
+    tasks.push(spawn_renewals(&node, &rx));
     node.ready.store(true, Ordering::Release);
     tracing::info!(
         node = %cfg.node.name,
@@ -344,6 +329,44 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         shutdown: tx,
         _host_kill: host_kill,
         tasks,
+    })
+}
+
+/// One scope's three listeners: outbound (15001), plaintext inbound (15006), HBONE (15008).
+fn spawn_listeners(
+    node: &Arc<Node>,
+    scope: Arc<Scope>,
+    outbound: TcpListener,
+    plain: TcpListener,
+    hbone: TcpListener,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(outbound::serve(
+            node.clone(),
+            scope.clone(),
+            outbound,
+            stop.clone(),
+        )),
+        tokio::spawn(plaintext::serve(
+            node.clone(),
+            scope.clone(),
+            plain,
+            stop.clone(),
+        )),
+        tokio::spawn(inbound::serve(node.clone(), scope, hbone, stop.clone())),
+    ]
+}
+
+/// Certificate renewal at half-life, until shutdown.
+fn spawn_renewals(node: &Node, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
+    let certs = node.certs.clone();
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = certs.run_renewals() => {}
+            _ = stop.changed() => {}
+        }
     })
 }
 
@@ -380,16 +403,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
                 }
             }
         }),
-        tokio::spawn({
-            let certs = node.certs.clone();
-            let mut rx = rx.clone();
-            async move {
-                tokio::select! {
-                    _ = certs.run_renewals() => {}
-                    _ = rx.changed() => {}
-                }
-            }
-        }),
+        spawn_renewals(&node, &rx),
     ];
     tracing::info!(
         node = %cfg.node.name,

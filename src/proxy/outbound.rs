@@ -49,13 +49,7 @@ pub(super) async fn serve(
 /// the node's own pool and namespace).
 pub async fn proxy(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let (_keep, kill) = tokio::sync::watch::channel(false);
-    let scope = Arc::new(Scope {
-        netns: None,
-        pool: node.pool.clone(),
-        workload: None,
-        kill,
-        active: node.active.clone(),
-    });
+    let scope = node.host_scope(kill);
     proxy_in(node, scope, tcp, peer, dst).await
 }
 
