@@ -428,7 +428,7 @@ fn main() -> Result<()> {
         zmesh_testbed::is_root(),
         "the system benchmark builds network namespaces: run it as root"
     );
-    let sizes = if quick {
+    let mut sizes = if quick {
         Sizes {
             bulk: 256 << 20,
             round_trips: 5_000,
@@ -445,6 +445,13 @@ fn main() -> Result<()> {
             handshakes: 2_000,
         }
     };
+    if let Some(n) = std::env::var("ZMESH_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // Lets a quick run still measure memory at full scale.
+        sizes.idle_conns = n;
+    }
     raise_nofile();
     // ZMESH_NODE_BIN measures another build of the node (e.g. before/after a change) with this
     // same harness; by default the node built with this benchmark.

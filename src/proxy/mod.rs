@@ -438,7 +438,9 @@ async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     crate::socket::tune(&tcp);
-                    let conn = handle(tcp, peer);
+                    // Boxed: moved into the wrapper below, an inline future would be stored
+                    // twice in the task (measured: +1.5-2 KiB per idle connection).
+                    let conn = Box::pin(handle(tcp, peer));
                     let mut kill = scope.kill.clone();
                     let active = ActiveGuard::new(scope.active.clone());
                     tokio::spawn(async move {
