@@ -103,8 +103,11 @@ fn main() -> ExitCode {
 
 fn init_logging(format: AccessLogFormat) {
     let filter = EnvFilter::try_from_env("ZMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if format == AccessLogFormat::Json {
         builder.json().flatten_event(true).init();
