@@ -9,7 +9,8 @@
 //! - `proxy`: the node's listeners (15001, 15006, 15008, 15021);
 //! - `copy`: moving bytes between sockets and HTTP/2 streams;
 //! - `socket`: socket options (SO_MARK, IP_TRANSPARENT, SO_ORIGINAL_DST);
-//! - `netns`: making sockets inside a pod's network namespace (in-pod mode).
+//! - `netns`: making sockets inside a pod's network namespace (in-pod mode);
+//! - `policy`: L4 authorization (Istio semantics, fail closed); not yet enforced on the data path.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod hbone;
 pub mod identity;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod socket;
 pub mod tls;
