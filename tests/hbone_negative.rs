@@ -16,29 +16,13 @@ use zmesh::identity::{FileCa, SpiffeId};
 /// Starts node B owning the server workload at 127.<net>.0.3 and an app on :8080.
 async fn node_b(net: u8) -> (Mesh, TcpListener) {
     let mut mesh = Mesh::new(net);
-    let w = workloads_yaml(
-        net,
-        &[
-            W {
-                uid: "client",
-                sa: "client",
-                host: 2,
-                node: "node-a",
-            },
-            W {
-                uid: "server",
-                sa: "server",
-                host: 3,
-                node: "node-b",
-            },
-            W {
-                uid: "other",
-                sa: "other",
-                host: 4,
-                node: "node-c",
-            },
-        ],
-    );
+    let other = W {
+        uid: "other",
+        sa: "other",
+        host: 4,
+        node: "node-c",
+    };
+    let w = client_server_workloads(net, "server", &[other]);
     mesh.node("node-b", 3, &w).await;
     let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
         .await

@@ -13,30 +13,10 @@ use zmesh_testbed::seeded_bytes;
 
 const MIB: usize = 1024 * 1024;
 
-fn two_node_workloads(net: u8, server_sa_seen_by_a: &'static str) -> String {
-    workloads_yaml(
-        net,
-        &[
-            W {
-                uid: "client",
-                sa: "client",
-                host: 2,
-                node: "node-a",
-            },
-            W {
-                uid: "server",
-                sa: server_sa_seen_by_a,
-                host: 3,
-                node: "node-b",
-            },
-        ],
-    )
-}
-
 /// Starts node A (client at .2) and node B (server at .3) and returns the mesh.
 async fn two_nodes(net: u8) -> (Mesh, Arc<zmesh::proxy::Node>) {
     let mut mesh = Mesh::new(net);
-    let w = two_node_workloads(net, "server");
+    let w = client_server_workloads(net, "server", &[]);
     let a = mesh.node("node-a", 2, &w).await;
     mesh.node("node-b", 3, &w).await;
     (mesh, a)
@@ -131,9 +111,9 @@ async fn wrong_server_san_fails_without_plaintext_retry() {
     let mut mesh = Mesh::new(net);
     // Node A believes the server runs as "server"; node B gives it "impostor".
     let a = mesh
-        .node("node-a", 2, &two_node_workloads(net, "server"))
+        .node("node-a", 2, &client_server_workloads(net, "server", &[]))
         .await;
-    mesh.node("node-b", 3, &two_node_workloads(net, "impostor"))
+    mesh.node("node-b", 3, &client_server_workloads(net, "impostor", &[]))
         .await;
     let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
         .await

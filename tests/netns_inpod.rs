@@ -155,6 +155,22 @@ workloads:
         }
     }
 
+    fn netns_fd(ns: &Netns) -> std::os::fd::OwnedFd {
+        std::fs::File::open(ns.path()).unwrap().into()
+    }
+
+    /// Hands a pod to the tunnel as the agent would, with the identity the config gives it.
+    async fn enroll(agent: &ZdsServer, uid: &str, pod: &Netns) {
+        let (name, sa) = match uid {
+            "pod-a" => ("client", "frontend"),
+            _ => ("server", "backend"),
+        };
+        agent
+            .add_pod(uid, info(name, sa), netns_fd(pod))
+            .await
+            .unwrap();
+    }
+
     fn info(name: &str, sa: &str) -> WorkloadInfo {
         WorkloadInfo {
             name: name.into(),
@@ -192,21 +208,19 @@ workloads:
             "zmesh-node did not connect: {}",
             zn.read_log()
         );
-        let fd =
-            |ns: &Netns| -> std::os::fd::OwnedFd { std::fs::File::open(ns.path()).unwrap().into() };
-        agent
-            .add_pod("pod-a", info("client", "frontend"), fd(&pod_a))
-            .await
-            .unwrap();
-        agent
-            .add_pod("pod-b", info("server", "backend"), fd(&pod_b))
-            .await
-            .unwrap();
+        enroll(&agent, "pod-a", &pod_a).await;
+        enroll(&agent, "pod-b", &pod_b).await;
         // A repeated add of the same namespace is a no-op (acked, proxy kept).
-        agent
-            .add_pod("pod-b", info("server", "backend"), fd(&pod_b))
+        enroll(&agent, "pod-b", &pod_b).await;
+        // Bad input gets an ack carrying a clear error, and nothing else changes.
+        let e = agent
+            .add_pod("pod-x", info("x", "x"), netns_fd(&pod_b))
             .await
-            .unwrap();
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pod-x") && e.contains("not a workload"), "{e}");
+        let e = agent.del_pod("pod-unknown").await.unwrap_err().to_string();
+        assert!(e.contains("unknown pod uid"), "{e}");
 
         // The app in pod B; the client in pod A dials it by pod IP, knowing nothing of the mesh.
         let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
@@ -291,16 +305,8 @@ workloads:
         let old = start(1);
         old.wait_for_log("connected to the ZDS agent", Duration::from_secs(10))
             .unwrap();
-        let fd =
-            |ns: &Netns| -> std::os::fd::OwnedFd { std::fs::File::open(ns.path()).unwrap().into() };
-        agent
-            .add_pod("pod-a", info("client", "frontend"), fd(&pod_a))
-            .await
-            .unwrap();
-        agent
-            .add_pod("pod-b", info("server", "backend"), fd(&pod_b))
-            .await
-            .unwrap();
+        enroll(&agent, "pod-a", &pod_a).await;
+        enroll(&agent, "pod-b", &pod_b).await;
 
         // A tiny request/response app in pod B.
         let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();

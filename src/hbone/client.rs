@@ -180,13 +180,14 @@ impl Pool {
 
     /// Opens a CONNECT stream for `req` over a pooled connection for `key`.
     pub async fn connect(&self, key: &PoolKey, req: Request<()>) -> Result<Tunnel, HboneError> {
-        let entry = self
-            .entries
-            .lock()
-            .expect("pool lock poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let entry = {
+            let mut entries = self.entries.lock().expect("pool lock poisoned");
+            // The key is cloned only when a destination is first seen, not for every stream.
+            match entries.get(key) {
+                Some(e) => e.clone(),
+                None => entries.entry(key.clone()).or_default().clone(),
+            }
+        };
         let cert = self
             .certs
             .fetch(&key.source)

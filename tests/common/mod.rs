@@ -18,6 +18,7 @@ pub fn ip(net: u8, host: u8) -> IpAddr {
 }
 
 /// One workload in the shared model.
+#[derive(Clone, Copy)]
 pub struct W {
     pub uid: &'static str,
     pub sa: &'static str,
@@ -44,6 +45,27 @@ pub fn workloads_yaml(net: u8, ws: &[W]) -> String {
         );
     }
     y
+}
+
+/// The usual pair: `client` (service account `client`) at .2 on node-a and `server` at .3 on
+/// node-b, whose service account is `server_sa`, plus any `extra` workloads.
+pub fn client_server_workloads(net: u8, server_sa: &'static str, extra: &[W]) -> String {
+    let mut ws = vec![
+        W {
+            uid: "client",
+            sa: "client",
+            host: 2,
+            node: "node-a",
+        },
+        W {
+            uid: "server",
+            sa: server_sa,
+            host: 3,
+            node: "node-b",
+        },
+    ];
+    ws.extend_from_slice(extra);
+    workloads_yaml(net, &ws)
 }
 
 pub fn node_yaml(
