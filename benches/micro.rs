@@ -51,10 +51,7 @@ fn cert_manager() -> (tempfile::TempDir, Arc<CertManager>) {
     let ca = FileCa::load(dir.path()).unwrap();
     let roots = ca.roots().to_vec();
     let m = CertManager::new(
-        CertSource::FileCa {
-            ca: Box::new(ca),
-            ttl: std::time::Duration::from_secs(3600),
-        },
+        CertSource::file_ca(ca, std::time::Duration::from_secs(3600)),
         &roots,
         zmesh::tls::provider(),
     )
@@ -153,13 +150,11 @@ async fn h2_pair(m: &Arc<CertManager>) -> h2::client::SendRequest<Bytes> {
     let server_id = SpiffeId::parse("spiffe://cluster.local/ns/b/sa/server").unwrap();
     let ccfg = zmesh::tls::client_config(
         &m.fetch(&client_id).unwrap(),
-        m.roots(),
-        m.provider(),
+        &m.trust(),
         vec![server_id.clone()],
     )
     .unwrap();
-    let scfg =
-        zmesh::tls::server_config(&m.fetch(&server_id).unwrap(), m.roots(), m.provider()).unwrap();
+    let scfg = zmesh::tls::server_config(&m.fetch(&server_id).unwrap(), &m.trust()).unwrap();
     let (c, s) = duplex(1 << 20);
     let server = tokio::spawn(async move {
         let tls = tokio_rustls::TlsAcceptor::from(Arc::new(scfg))

@@ -383,22 +383,14 @@ fn tls_configs() -> Result<(
     let ca = FileCa::load(dir.path())?;
     let roots = ca.roots().to_vec();
     let m = CertManager::new(
-        CertSource::FileCa {
-            ca: Box::new(ca),
-            ttl: Duration::from_secs(3600),
-        },
+        CertSource::file_ca(ca, Duration::from_secs(3600)),
         &roots,
         zmesh::tls::provider(),
     )?;
     let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
     let server = SpiffeId::new("cluster.local", "shop", "backend")?;
-    let c = zmesh::tls::client_config(
-        &*m.fetch(&client)?,
-        m.roots(),
-        m.provider(),
-        vec![server.clone()],
-    )?;
-    let s = zmesh::tls::server_config(&*m.fetch(&server)?, m.roots(), m.provider())?;
+    let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server.clone()])?;
+    let s = zmesh::tls::server_config(&*m.fetch(&server)?, &m.trust())?;
     Ok((dir, Arc::new(c), Arc::new(s)))
 }
 

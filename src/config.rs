@@ -70,9 +70,15 @@ pub struct Config {
     pub workloads: Vec<WorkloadConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// L4 authorization policies (policy.rs has the schema). Kept as raw YAML here so that one
+    /// broken policy cannot hide the others, and is enforced as deny-all over its scope instead
+    /// of refusing the whole file: a typo in a DENY must never leave the old, more open, policy
+    /// set running (fail closed).
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node's name; workloads whose `node` equals it are local and proxied here.
@@ -110,6 +116,20 @@ pub struct NodeConfig {
     /// Default 25s: Kubernetes' 30 s grace period minus 5 s of margin.
     #[serde(default = "default_drain", deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
+    /// TLS handshake plus HTTP/2 preface deadline on the HBONE port (slowloris guard).
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Certificate revocation lists (PEM `X509 CRL` blocks or one DER CRL) checked at every
+    /// handshake; when the file changes, live tunnels whose peer chain became revoked are cut.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+fn default_handshake_timeout() -> Duration {
+    crate::hbone::HANDSHAKE_TIMEOUT
 }
 
 fn default_drain() -> Duration {
@@ -129,7 +149,7 @@ fn default_zds_socket() -> PathBuf {
     PathBuf::from("/var/run/ztunnel/ztunnel.sock")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Ports {
     /// HBONE port, inbound here and on every peer node (Istio: 15008).
@@ -172,7 +192,7 @@ pub enum AccessLogFormat {
 }
 
 /// Exactly one certificate source.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(try_from = "CertificatesRaw")]
 pub enum CertificatesConfig {
     /// The built-in CA: leaves issued on the node (`zmesh-node ca init` makes one).
@@ -225,7 +245,7 @@ impl TryFrom<CertificatesRaw> for CertificatesConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StaticIdentity {
     pub cert: PathBuf,
@@ -511,6 +531,13 @@ impl Config {
                 ));
             }
         }
+        if n.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "node.handshake_timeout".into(),
+                &"0s",
+                "a zero deadline would refuse every HBONE client",
+            ));
+        }
         if let CertificatesConfig::FileCa { ttl, .. } = &n.certificates {
             if *ttl < Duration::from_secs(60) {
                 return Err(invalid(
@@ -571,6 +598,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The policies of this file. Broken entries are kept as deny-all over their scope; their
+    /// errors are in `PolicySet::errors` (check-config reports them and fails).
+    pub fn policy_set(&self) -> crate::policy::PolicySet {
+        crate::policy::PolicySet::from_yaml_values(self.policies.clone())
     }
 
     /// The listen address of one of the node's ports.

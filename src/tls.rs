@@ -10,15 +10,14 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::hbone::ALPN_H2;
-use crate::identity::{peer_identity, SpiffeId, WorkloadCert};
+use crate::identity::{peer_identity, RustlsTime, SpiffeId, Trust, Usage, WorkloadCert};
 
 /// The crypto provider, chosen explicitly and limited to TLS 1.3 AES-GCM: ring by default,
 /// aws-lc-rs with the `aws-lc` feature (benches/ compares them). AES-256 comes first as Istio
@@ -66,12 +65,11 @@ fn identity_of(der: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
     peer_identity(der).map_err(|e| reject(VerifyError::Identity(e.to_string())))
 }
 
-/// Client side: chain to our roots with the server-auth EKU, then an exact SAN match.
+/// Client side: the chain (with CRLs) and the server's identity, which must be one we expected.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    trust: Arc<Trust>,
     expected: Vec<SpiffeId>,
-    algs: WebPkiSupportedAlgorithms,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -83,14 +81,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        self.trust
+            .verify_chain(end_entity, intermediates, now, Usage::Server)?;
         let received = identity_of(end_entity)?;
         if self.expected.contains(&received) {
             Ok(ServerCertVerified::assertion())
@@ -108,7 +100,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs(&self.trust))
     }
 
     fn verify_tls13_signature(
@@ -117,24 +109,28 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs(&self.trust))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        algs(&self.trust).supported_schemes()
     }
 }
 
-/// Server side: the webpki client verifier (chain + client-auth EKU), then the trust domain.
+fn algs(trust: &Trust) -> WebPkiSupportedAlgorithms {
+    trust.provider().signature_verification_algorithms
+}
+
+/// Server side: the chain (with CRLs), and a client identity in our trust domain. Which identity
+/// may do what is authorization's job (policy.rs), not TLS's.
 #[derive(Debug)]
 struct TrustDomainClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    trust: Arc<Trust>,
     trust_domain: String,
 }
 
 impl ClientCertVerifier for TrustDomainClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // Istio sends no hints; an empty list keeps the CertificateRequest small.
         &[]
     }
 
@@ -144,8 +140,8 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.trust
+            .verify_chain(end_entity, intermediates, now, Usage::Client)?;
         let id = identity_of(end_entity)?;
         if id.trust_domain == self.trust_domain {
             Ok(ClientCertVerified::assertion())
@@ -163,7 +159,7 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs(&self.trust))
     }
 
     fn verify_tls13_signature(
@@ -172,11 +168,11 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs(&self.trust))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        algs(&self.trust).supported_schemes()
     }
 }
 
@@ -184,44 +180,41 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
 #[error("cannot build TLS config: {0}")]
 pub struct TlsConfigError(String);
 
-/// Server config presenting `cert` and requiring a client certificate from `trust_domain`.
+/// The HBONE server config presenting `cert`, verifying clients against `trust` on its clock.
 pub fn server_config(
     cert: &WorkloadCert,
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
+    trust: &Arc<Trust>,
 ) -> Result<ServerConfig, TlsConfigError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsConfigError(e.to_string()))?;
     let verifier = Arc::new(TrustDomainClientVerifier {
-        inner,
+        trust: trust.clone(),
         trust_domain: cert.identity.trust_domain.clone(),
     });
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let time = Arc::new(RustlsTime(trust.clock().clone()));
+    let mut cfg = ServerConfig::builder_with_details(trust.provider().clone(), time)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsConfigError(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCert(cert.certified.clone())));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // No resumption: every connection proves its identity with a full handshake.
+    // Every HBONE connection is a fresh full handshake: resumption would skip the client
+    // certificate check that identity and revocation depend on.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
-/// Client config presenting `cert` (the SOURCE workload's) and accepting only `expected`.
+/// The HBONE client config presenting `cert` and accepting only a server in `expected`.
 pub fn client_config(
     cert: &WorkloadCert,
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
+    trust: &Arc<Trust>,
     expected: Vec<SpiffeId>,
 ) -> Result<ClientConfig, TlsConfigError> {
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots,
+        trust: trust.clone(),
         expected,
-        algs: provider.signature_verification_algorithms,
     });
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    let time = Arc::new(RustlsTime(trust.clock().clone()));
+    let mut cfg = ClientConfig::builder_with_details(trust.provider().clone(), time)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsConfigError(e.to_string()))?
         .dangerous()

@@ -39,7 +39,7 @@ async fn hbone(
 ) -> Result<h2::client::SendRequest<Bytes>, String> {
     let (cert, mgr) = cert_from(ca_dir, client);
     // The client trusts the real mesh CA even when it presents a foreign certificate.
-    let cfg = zmesh::tls::client_config(&cert, mgr.roots(), mgr.provider(), vec![server.clone()])
+    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![server.clone()])
         .map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = TlsConnector::from(Arc::new(cfg))
@@ -133,13 +133,7 @@ async fn untrusted_client_certificate_is_rejected_in_the_handshake() {
     FileCa::init(&rogue, "cluster.local").unwrap();
     let (rogue_cert, _) = cert_from(&rogue, &id("client"));
     let (_, real) = cert_from(&mesh.ca_dir, &id("client"));
-    let cfg = zmesh::tls::client_config(
-        &rogue_cert,
-        real.roots(),
-        real.provider(),
-        vec![id("server")],
-    )
-    .unwrap();
+    let cfg = zmesh::tls::client_config(&rogue_cert, &real.trust(), vec![id("server")]).unwrap();
     let tcp = TcpStream::connect(hb).await.unwrap();
     let result = async {
         let tls = TlsConnector::from(Arc::new(cfg))

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -48,13 +49,36 @@ enum CaCmd {
         #[arg(long, default_value = zmesh::config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Write a CRL signed by the CA revoking leaf serials (hex, as the logs show them). Point
+    /// `node.crl` at it: nodes re-read it and cut live tunnels of the revoked peers.
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial to revoke; repeat for several (none writes an empty CRL).
+        #[arg(long = "revoke")]
+        serials: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the CRL is valid (next update).
+        #[arg(long, default_value = "168h", value_parser = zmesh::config::parse_duration)]
+        validity: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Run { config: None }) {
         Cmd::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(cfg) => {
+                // A broken policy would run (as deny-all over its scope), but it is still an
+                // error in the file: report every one.
+                let policies = cfg.policy_set();
+                if !policies.errors().is_empty() {
+                    for e in policies.errors() {
+                        eprintln!("{}: {e}", file.display());
+                    }
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -78,6 +102,43 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Ca {
+            cmd:
+                CaCmd::Crl {
+                    dir,
+                    serials,
+                    out,
+                    validity,
+                },
+        } => {
+            let written = FileCa::load(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|ca| {
+                    ca.crl_pem(&serials, std::time::SystemTime::now(), validity)
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|pem| {
+                    // Written beside and renamed over, so a watching node never reads half a file.
+                    let tmp = out.with_extension("tmp");
+                    std::fs::write(&tmp, pem)
+                        .and_then(|()| std::fs::rename(&tmp, &out))
+                        .map_err(|e| format!("{}: {e}", out.display()))
+                });
+            match written {
+                Ok(()) => {
+                    println!(
+                        "wrote CRL revoking {} serial(s) to {}",
+                        serials.len(),
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ca crl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config } => {
             let cfg = match &config {
                 Some(path) => Config::load(path),
@@ -90,7 +151,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            match run(cfg) {
+            match run(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zmesh-node: {e:#}");
@@ -131,7 +192,7 @@ fn raise_nofile_limit() {
     }
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
+fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     init_logging(cfg.node.access_log);
     raise_nofile_limit();
     let workers = match cfg.node.worker_threads {
@@ -151,6 +212,24 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
         let running = zmesh::proxy::start(node.clone()).await?;
+        // The config file is watched and re-read on SIGHUP; the embedded default never changes.
+        let hup = Arc::new(tokio::sync::Notify::new());
+        if let Some(path) = path {
+            tokio::spawn(zmesh::proxy::reload::watch(
+                node.clone(),
+                path,
+                zmesh::proxy::reload::WATCH_INTERVAL,
+                hup.clone(),
+            ));
+        }
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                hup.notify_one();
+            }
+        });
         let mut signals = Signals::new();
         signals.next().await;
         tracing::info!(

@@ -11,19 +11,21 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use super::{
     keepalive, ALPN_H2, CLIENT_MAX_HEADER_LIST, CLIENT_MAX_STREAMS, CONNECTION_WINDOW,
     MAX_FRAME_SIZE, POOL_IDLE_TIMEOUT, STREAM_WINDOW,
 };
-use crate::identity::{CertManager, SpiffeId};
+use crate::identity::{unix_time, CertManager, SpiffeId, Trust, Usage};
 use crate::netns::PodNetns;
 use crate::socket::{dial_in, DialError, DialOptions};
 use crate::tls;
@@ -82,8 +84,15 @@ struct Conn {
     /// Set when the connection failed, received GOAWAY, or must drain (rotated certificate).
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+    /// The source certificate this connection was authenticated with, and when it expires.
     cert_serial: String,
+    cert_not_after: SystemTime,
     peer: SocketAddr,
+    /// The server's chain and the time it was verified at, re-checked when CRLs change.
+    peer_chain: Vec<CertificateDer<'static>>,
+    verified_at: UnixTime,
+    /// Ends the connection task (and with it every stream) when the peer is revoked.
+    driver: tokio::task::AbortHandle,
 }
 
 impl Conn {
@@ -127,15 +136,18 @@ struct KeyEntry {
 }
 
 impl KeyEntry {
-    fn checkout(&self, serial: &str) -> Option<Arc<Conn>> {
+    fn checkout(&self, serial: &str, now: SystemTime) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("pool lock poisoned");
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
         conns
             .iter()
             .find(|c| {
-                if c.cert_serial != serial {
-                    // Made with a certificate that has been replaced: drain, never reuse.
+                if c.cert_serial != serial || now >= c.cert_not_after {
+                    // Made with a certificate that has been replaced or has expired: its
+                    // streams finish (TLS does not re-check a live session), but it takes no
+                    // new ones; the caller dials a fresh connection with the current cert.
                     c.closed.store(true, Ordering::Release);
+                    tracing::debug!(peer = %c.peer, serial = %c.cert_serial, "draining pooled connection: its certificate was replaced or expired");
                     return false;
                 }
                 c.try_claim()
@@ -164,7 +176,7 @@ impl Pool {
             netns,
             entries: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(reap(Arc::downgrade(&pool)));
+        tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
         pool
     }
 
@@ -198,12 +210,13 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let conn = match entry.checkout(&cert.serial) {
+            let now = self.certs.now();
+            let conn = match entry.checkout(&cert.serial, now) {
                 Some(c) => c,
                 None => {
                     // Single flight: one dial per key at a time; waiters re-check afterwards.
                     let _dial = entry.dialing.lock().await;
-                    match entry.checkout(&cert.serial) {
+                    match entry.checkout(&cert.serial, now) {
                         Some(c) => c,
                         None => {
                             let conn = self.dial(key, &cert).await?;
@@ -274,15 +287,12 @@ impl Pool {
             },
         )
         .await?;
-        let cfg = tls::client_config(
-            cert,
-            self.certs.roots(),
-            self.certs.provider(),
-            key.expected.clone(),
-        )
-        .map_err(|e| HboneError::Tls {
-            dst,
-            source: std::io::Error::other(e),
+        let trust = self.certs.trust();
+        let cfg = tls::client_config(cert, &trust, key.expected.clone()).map_err(|e| {
+            HboneError::Tls {
+                dst,
+                source: std::io::Error::other(e),
+            }
         })?;
         let tls = TlsConnector::from(Arc::new(cfg))
             .connect(tls::placeholder_server_name(), tcp)
@@ -291,6 +301,13 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoAlpn { dst });
         }
+        let verified_at = unix_time(trust.now());
+        let peer_chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -303,7 +320,7 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let pinger = conn.ping_pong();
         let closed_task = closed.clone();
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             let ka = async {
                 match pinger {
                     Some(p) => keepalive(p).await,
@@ -319,7 +336,8 @@ impl Pool {
                 e = ka => tracing::warn!(%dst, error = %e, "HBONE peer stopped answering PINGs; dropping the connection"),
             }
             closed_task.store(true, Ordering::Release);
-        });
+        })
+        .abort_handle();
         tracing::debug!(%dst, source = %key.source, "new HBONE connection");
         Ok(Arc::new(Conn {
             send,
@@ -327,7 +345,11 @@ impl Pool {
             closed,
             idle_since: Mutex::new(Instant::now()),
             cert_serial: cert.serial.clone(),
+            cert_not_after: cert.not_after,
             peer: dst,
+            peer_chain,
+            verified_at,
+            driver,
         }))
     }
 }
@@ -349,10 +371,70 @@ async fn open_stream(conn: &Conn, req: Request<()>) -> Result<OpenStream, h2::Er
     Ok((stream, resp))
 }
 
-/// Releases connections idle for longer than the pool's idle timeout.
-async fn reap(pool: Weak<Pool>) {
+impl Pool {
+    /// Serial of the source certificate behind each open pooled connection, with its peer and
+    /// whether it is draining (for tests and the admin dump).
+    pub fn connection_serials(&self) -> Vec<(SocketAddr, String, bool)> {
+        let entries = self.entries.lock().expect("pool lock poisoned");
+        let mut out = Vec::new();
+        for e in entries.values() {
+            for c in e.conns.lock().expect("pool lock poisoned").iter() {
+                out.push((
+                    c.peer,
+                    c.cert_serial.clone(),
+                    c.closed.load(Ordering::Acquire),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Re-checks every pooled connection's server chain against a new trust snapshot, at the
+    /// time it was first verified (expiry since then does not matter, revocation does). A
+    /// revoked peer's connection is torn down with all its streams.
+    fn revalidate(&self, trust: &Trust) -> usize {
+        let entries = self.entries.lock().expect("pool lock poisoned");
+        let mut cut = 0;
+        for e in entries.values() {
+            let mut conns = e.conns.lock().expect("pool lock poisoned");
+            conns.retain(|c| {
+                let Some((leaf, rest)) = c.peer_chain.split_first() else {
+                    return true;
+                };
+                match trust.verify_chain(leaf, rest, c.verified_at, Usage::Server) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::warn!(peer = %c.peer, error = %err, "closing HBONE connection: the peer's certificate is no longer trusted");
+                        c.closed.store(true, Ordering::Release);
+                        c.driver.abort();
+                        cut += 1;
+                        false
+                    }
+                }
+            });
+        }
+        cut
+    }
+}
+
+/// Releases connections idle for longer than the pool's idle timeout, and re-checks every
+/// connection when the trust bundle or CRLs change.
+async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
+    let mut trust_open = true;
     loop {
-        tokio::time::sleep(REAP_INTERVAL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(REAP_INTERVAL) => {}
+            r = trust.changed(), if trust_open => {
+                if r.is_err() {
+                    trust_open = false;
+                    continue;
+                }
+                let Some(pool) = pool.upgrade() else { return };
+                let snapshot = trust.borrow_and_update().clone();
+                pool.revalidate(&snapshot);
+                continue;
+            }
+        }
         let Some(pool) = pool.upgrade() else { return };
         let mut entries = pool.entries.lock().expect("pool lock poisoned");
         entries.retain(|_, e| {

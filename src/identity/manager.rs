@@ -2,10 +2,13 @@
 //!
 //! Certificates are cached and renewed at half-life, the point istiod and ztunnel use, so a CA
 //! outage of up to half a lifetime never expires a serving certificate. Renewal happens both in a
-//! background loop and lazily on fetch, so a missed wake-up can never serve an expired leaf.
+//! background loop and lazily on fetch, so a missed wake-up can never serve an expired leaf. A
+//! failed renewal is retried with exponential backoff and jitter (500 ms to 150 s) while the
+//! current certificate keeps being served until it expires. The trust snapshot (roots, CRLs,
+//! clock) lives here too and is swapped on reload; subscribers re-check their live connections.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -13,8 +16,11 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::ca::{CaError, FileCa};
+use tokio::sync::{watch, Notify};
+
+use super::ca::{CaError, FileCa, Issued};
 use super::cert::{peer_identity, CertError};
+use super::trust::{SystemClock, Trust, TrustError, Usage};
 use super::SpiffeId;
 
 /// A leaf the node can present, with the validity it was issued for.
@@ -47,10 +53,51 @@ pub struct StaticCert {
     pub key: PrivateKeyDer<'static>,
 }
 
+/// A certificate authority the node can ask for leaves: the built-in file CA, or (later) istiod.
+pub trait Authority: Send + Sync {
+    /// Issues a leaf for `id`, valid from `now` (backdated) for `ttl`.
+    fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Issued, CaError>;
+}
+
+impl Authority for FileCa {
+    fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Issued, CaError> {
+        self.issue_at(id, ttl, now)
+    }
+}
+
 /// Where leaf certificates come from.
 pub enum CertSource {
-    FileCa { ca: Box<FileCa>, ttl: Duration },
+    /// Issued on the node by a CA, renewed at half-life.
+    Ca {
+        ca: Arc<dyn Authority>,
+        ttl: Duration,
+    },
+    /// Provisioned by the operator, used as is.
     Static(Vec<StaticCert>),
+}
+
+impl CertSource {
+    /// The built-in file CA.
+    pub fn file_ca(ca: FileCa, ttl: Duration) -> CertSource {
+        CertSource::Ca {
+            ca: Arc::new(ca),
+            ttl,
+        }
+    }
+}
+
+/// First retry after a failed renewal. Istio's agents start their CSR retries at 500 ms too.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest wait between renewal attempts, so a recovered CA is used within minutes.
+const RETRY_CAP: Duration = Duration::from_secs(150);
+
+/// Delay before renewal attempt `failures + 1`: 500 ms doubling to 150 s, stretched by up to
+/// 25% of jitter (`jitter` in [0, 1)) so nodes that lost their CA together do not retry in step.
+pub fn retry_backoff(failures: u32, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = RETRY_BASE.saturating_mul(1 << exp).min(RETRY_CAP);
+    base.mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
+        .min(RETRY_CAP)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,55 +112,148 @@ pub enum CertManagerError {
     NoStaticCert(String),
     #[error("key for {identity} is unusable: {detail}")]
     Key { identity: String, detail: String },
-    #[error("trust bundle holds no usable root: {0}")]
-    Roots(String),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error("certificate for {identity} expired and could not be renewed: {detail}")]
+    Expired { identity: String, detail: String },
+}
+
+struct Entry {
+    cert: Arc<WorkloadCert>,
+    /// Renewal attempts that failed since the last success.
+    failures: u32,
+    /// No renewal is attempted before this (backoff after a CA failure).
+    retry_at: Option<SystemTime>,
 }
 
 pub struct CertManager {
-    source: CertSource,
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    cache: Mutex<HashMap<SpiffeId, Arc<WorkloadCert>>>,
+    source: RwLock<Arc<CertSource>>,
+    trust: watch::Sender<Arc<Trust>>,
+    cache: Mutex<HashMap<SpiffeId, Entry>>,
+    /// Wakes the renewal loop when the schedule may have moved earlier.
+    changed: Notify,
 }
 
 impl CertManager {
+    /// A manager on the real clock with no CRL.
     pub fn new(
         source: CertSource,
         roots: &[CertificateDer<'static>],
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, CertManagerError> {
-        let mut store = RootCertStore::empty();
-        let (added, ignored) = store.add_parsable_certificates(roots.iter().cloned());
-        if added == 0 {
-            return Err(CertManagerError::Roots(format!(
-                "{ignored} certificate(s) could not be parsed as trust anchors"
-            )));
-        }
+        let trust = Trust::new(roots, Vec::new(), provider, Arc::new(SystemClock))?;
+        CertManager::with_trust(source, trust)
+    }
+
+    pub fn with_trust(source: CertSource, trust: Trust) -> Result<Self, CertManagerError> {
         let mgr = CertManager {
-            source,
-            roots: Arc::new(store),
-            provider,
+            source: RwLock::new(Arc::new(source)),
+            trust: watch::Sender::new(Arc::new(trust)),
             cache: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
         };
-        if let CertSource::Static(certs) = &mgr.source {
-            // Load every static certificate now, so a bad file fails at start, not at first use.
-            for c in certs {
-                let wc = mgr.load_static(c)?;
-                mgr.cache
-                    .lock()
-                    .expect("cert cache poisoned")
-                    .insert(wc.identity.clone(), Arc::new(wc));
-            }
-        }
+        mgr.load_static_certs()?;
         Ok(mgr)
     }
 
+    /// Loads every static certificate now, so a bad file fails at start (or reload), not at
+    /// first use.
+    fn load_static_certs(&self) -> Result<(), CertManagerError> {
+        let source = self.source();
+        if let CertSource::Static(certs) = &*source {
+            let loaded = certs
+                .iter()
+                .map(|c| self.load_static(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut cache = self.cache.lock().expect("cert cache poisoned");
+            cache.clear();
+            for wc in loaded {
+                cache.insert(
+                    wc.identity.clone(),
+                    Entry {
+                        cert: Arc::new(wc),
+                        failures: 0,
+                        retry_at: None,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn source(&self) -> Arc<CertSource> {
+        self.source.read().expect("cert source poisoned").clone()
+    }
+
+    /// The current trust snapshot.
+    pub fn trust(&self) -> Arc<Trust> {
+        self.trust.borrow().clone()
+    }
+
+    /// Notified whenever the trust snapshot is replaced (roots or CRLs reloaded).
+    pub fn subscribe_trust(&self) -> watch::Receiver<Arc<Trust>> {
+        self.trust.subscribe()
+    }
+
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+        self.trust().roots().clone()
     }
 
     pub fn provider(&self) -> Arc<CryptoProvider> {
-        self.provider.clone()
+        self.trust().provider().clone()
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.trust().now()
+    }
+
+    /// Swaps in a new certificate source and trust snapshot (config reload). Static
+    /// certificates are re-read; an issued certificate the new bundle no longer accepts (the CA
+    /// moved to a root that is not trusted together with the old one) is dropped, so the next
+    /// fetch issues one from the new CA. Everything else is kept until its normal renewal.
+    pub fn replace(&self, source: CertSource, mut trust: Trust) -> Result<(), CertManagerError> {
+        let old = self.trust();
+        let trust_changed = !old.same_material(&trust);
+        let trust = if trust_changed {
+            trust.generation = old.generation + 1;
+            Arc::new(trust)
+        } else {
+            old
+        };
+        let old_source = std::mem::replace(
+            &mut *self.source.write().expect("cert source poisoned"),
+            Arc::new(source),
+        );
+        if let Err(e) = self.load_static_certs() {
+            *self.source.write().expect("cert source poisoned") = old_source;
+            return Err(e);
+        }
+        if matches!(*self.source(), CertSource::Ca { .. }) {
+            let at = super::trust::unix_time(trust.now());
+            self.cache
+                .lock()
+                .expect("cert cache poisoned")
+                .retain(|id, e| {
+                    let chain = &e.cert.certified.cert;
+                    let ok = trust
+                        .verify_chain(&chain[0], &chain[1..], at, Usage::Client)
+                        .is_ok();
+                    if !ok {
+                        tracing::info!(identity = %id, "certificate not trusted by the new bundle; reissuing");
+                    }
+                    ok
+                });
+        }
+        if trust_changed {
+            tracing::info!(
+                roots = trust.roots().len(),
+                crls = trust.crl_count(),
+                "trust bundle replaced; re-checking live connections"
+            );
+            self.trust.send_replace(trust);
+        }
+        self.changed.notify_one();
+        Ok(())
     }
 
     fn certified(
@@ -123,7 +263,7 @@ impl CertManager {
         key: &PrivateKeyDer<'static>,
     ) -> Result<Arc<CertifiedKey>, CertManagerError> {
         let signer = self
-            .provider
+            .provider()
             .key_provider
             .load_private_key(key.clone_key())
             .map_err(|e| CertManagerError::Key {
@@ -153,28 +293,41 @@ impl CertManager {
 
     /// The current certificate for `id`, issuing or renewing it when needed.
     pub fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CertManagerError> {
-        self.fetch_at(id, SystemTime::now())
+        self.fetch_at(id, self.now())
     }
 
-    /// `fetch` as of `now`: lets tests step the clock instead of sleeping.
+    /// `fetch` as of `now`. Past half-life a renewal is attempted (unless a failed one is still
+    /// backing off); when the CA fails, the current certificate is served until it expires.
     pub fn fetch_at(
         &self,
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<Arc<WorkloadCert>, CertManagerError> {
-        if let Some(c) = self.cache.lock().expect("cert cache poisoned").get(id) {
-            let fresh = match self.source {
-                CertSource::FileCa { .. } => now < c.refresh_at(),
-                // Nothing to renew from: keep serving what the operator provisioned.
-                CertSource::Static(_) => true,
-            };
-            if fresh {
-                return Ok(c.clone());
+        let source = self.source();
+        let (ca, ttl) = match &*source {
+            CertSource::Ca { ca, ttl } => (ca, *ttl),
+            // Nothing to renew from: keep serving what the operator provisioned.
+            CertSource::Static(_) => {
+                let cache = self.cache.lock().expect("cert cache poisoned");
+                return cache
+                    .get(id)
+                    .map(|e| e.cert.clone())
+                    .ok_or_else(|| CertManagerError::NoStaticCert(id.to_string()));
             }
-        }
-        match &self.source {
-            CertSource::FileCa { ca, ttl } => {
-                let issued = ca.issue(id, *ttl)?;
+        };
+        let current = {
+            let cache = self.cache.lock().expect("cert cache poisoned");
+            match cache.get(id) {
+                Some(e) if now < e.cert.refresh_at() => return Ok(e.cert.clone()),
+                Some(e) if e.retry_at.is_some_and(|r| now < r) && !e.cert.is_expired(now) => {
+                    return Ok(e.cert.clone())
+                }
+                Some(e) => Some((e.cert.clone(), e.failures)),
+                None => None,
+            }
+        };
+        match ca.issue(id, ttl, now) {
+            Ok(issued) => {
                 let wc = Arc::new(WorkloadCert {
                     certified: self.certified(id, issued.chain, &issued.key)?,
                     identity: id.clone(),
@@ -183,19 +336,50 @@ impl CertManager {
                     serial: issued.serial,
                 });
                 tracing::info!(identity = %id, serial = %wc.serial, "issued workload certificate");
-                self.cache
-                    .lock()
-                    .expect("cert cache poisoned")
-                    .insert(id.clone(), wc.clone());
+                self.cache.lock().expect("cert cache poisoned").insert(
+                    id.clone(),
+                    Entry {
+                        cert: wc.clone(),
+                        failures: 0,
+                        retry_at: None,
+                    },
+                );
+                self.changed.notify_one();
                 Ok(wc)
             }
-            CertSource::Static(_) => Err(CertManagerError::NoStaticCert(id.to_string())),
+            Err(e) => {
+                let Some((cert, failures)) = current else {
+                    return Err(e.into());
+                };
+                let failures = failures + 1;
+                let wait = retry_backoff(failures, rand::random::<f64>());
+                if let Some(entry) = self.cache.lock().expect("cert cache poisoned").get_mut(id) {
+                    entry.failures = failures;
+                    entry.retry_at = Some(now + wait);
+                }
+                if cert.is_expired(now) {
+                    return Err(CertManagerError::Expired {
+                        identity: id.to_string(),
+                        detail: e.to_string(),
+                    });
+                }
+                tracing::warn!(
+                    identity = %id,
+                    serial = %cert.serial,
+                    attempt = failures,
+                    retry_in = ?wait,
+                    error = %e,
+                    "certificate renewal failed; serving the current certificate until it expires"
+                );
+                Ok(cert)
+            }
         }
     }
 
-    /// Forgets certificates of identities that no longer run on this node (file-CA mode).
+    /// Forgets certificates of identities that no longer run on this node (issued ones only:
+    /// static certificates are the operator's).
     pub fn retain(&self, keep: &HashSet<SpiffeId>) {
-        if matches!(self.source, CertSource::FileCa { .. }) {
+        if matches!(*self.source(), CertSource::Ca { .. }) {
             self.cache
                 .lock()
                 .expect("cert cache poisoned")
@@ -203,42 +387,65 @@ impl CertManager {
         }
     }
 
-    /// Snapshot of the cached certificates, for logs and (later) the admin config dump.
+    /// Snapshot of the cached certificates, for logs and the admin config dump.
     pub fn cached(&self) -> Vec<Arc<WorkloadCert>> {
         let mut v: Vec<_> = self
             .cache
             .lock()
             .expect("cert cache poisoned")
             .values()
-            .cloned()
+            .map(|e| e.cert.clone())
             .collect();
         v.sort_by(|a, b| a.identity.cmp(&b.identity));
         v
     }
 
-    /// Renews cached certificates at half-life until the task is dropped.
+    /// When each cached certificate is next due for a renewal attempt.
+    fn schedule(&self) -> Vec<(SpiffeId, SystemTime)> {
+        self.cache
+            .lock()
+            .expect("cert cache poisoned")
+            .iter()
+            .map(|(id, e)| {
+                let due = e
+                    .retry_at
+                    .map_or(e.cert.refresh_at(), |r| r.max(e.cert.refresh_at()));
+                (id.clone(), due)
+            })
+            .collect()
+    }
+
+    /// Renews issued certificates at half-life (retrying with backoff while the CA fails) until
+    /// the task is dropped.
     pub async fn run_renewals(self: Arc<Self>) {
-        if !matches!(self.source, CertSource::FileCa { .. }) {
-            return;
-        }
+        /// Re-check at least this often, in case the clock jumped (suspend, NTP step).
+        const MAX_SLEEP: Duration = Duration::from_secs(60);
         loop {
-            let next = self
-                .cached()
-                .iter()
-                .map(|c| c.refresh_at())
-                .min()
-                .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(60));
-            let wait = next
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .max(Duration::from_secs(1));
-            tokio::time::sleep(wait).await;
-            for c in self.cached() {
-                if SystemTime::now() >= c.refresh_at() {
-                    if let Err(e) = self.fetch(&c.identity) {
-                        tracing::warn!(identity = %c.identity, error = %e, "certificate renewal failed; serving the current one");
+            let schedule = match &*self.source() {
+                CertSource::Ca { .. } => self.schedule(),
+                CertSource::Static(_) => Vec::new(),
+            };
+            let now = self.now();
+            for (id, due) in &schedule {
+                if *due <= now {
+                    if let Err(e) = self.fetch_at(id, now) {
+                        tracing::error!(identity = %id, error = %e, "no valid certificate");
                     }
                 }
+            }
+            let next = self
+                .schedule()
+                .iter()
+                .map(|(_, due)| *due)
+                .filter(|due| *due > now)
+                .min();
+            let wait = next
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => {}
             }
         }
     }
@@ -254,10 +461,7 @@ mod tests {
         let ca = FileCa::load(dir).unwrap();
         let roots = ca.roots().to_vec();
         CertManager::new(
-            CertSource::FileCa {
-                ca: Box::new(ca),
-                ttl: Duration::from_secs(24 * 3600),
-            },
+            CertSource::file_ca(ca, Duration::from_secs(24 * 3600)),
             &roots,
             crate::tls::provider(),
         )
@@ -344,6 +548,176 @@ mod tests {
     fn roots_must_parse() {
         let junk = vec![CertificateDer::from(vec![1u8, 2, 3])];
         let r = CertManager::new(CertSource::Static(vec![]), &junk, crate::tls::provider());
-        assert!(matches!(r, Err(CertManagerError::Roots(_))));
+        assert!(matches!(r, Err(CertManagerError::Trust(_))));
+    }
+
+    /// A CA that can be switched off, counting issuance attempts.
+    struct FlakyCa {
+        inner: FileCa,
+        down: std::sync::atomic::AtomicBool,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Authority for FlakyCa {
+        fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Issued, CaError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.attempts.fetch_add(1, SeqCst);
+            if self.down.load(SeqCst) {
+                return Err(CaError::Issue {
+                    identity: id.to_string(),
+                    detail: "CA unreachable".into(),
+                });
+            }
+            self.inner.issue_at(id, ttl, now)
+        }
+    }
+
+    fn flaky(
+        dir: &std::path::Path,
+        clock: Arc<dyn super::super::Clock>,
+    ) -> (Arc<FlakyCa>, CertManager) {
+        FileCa::init(dir, "cluster.local").unwrap();
+        let inner = FileCa::load(dir).unwrap();
+        let roots = inner.roots().to_vec();
+        let ca = Arc::new(FlakyCa {
+            inner,
+            down: false.into(),
+            attempts: 0.into(),
+        });
+        let trust = Trust::new(&roots, Vec::new(), crate::tls::provider(), clock).unwrap();
+        let m = CertManager::with_trust(
+            CertSource::Ca {
+                ca: ca.clone(),
+                ttl: Duration::from_secs(24 * 3600),
+            },
+            trust,
+        )
+        .unwrap();
+        (ca, m)
+    }
+
+    #[test]
+    fn backoff_doubles_from_500ms_to_150s_with_bounded_jitter() {
+        let ms = |f, j| retry_backoff(f, j).as_millis();
+        assert_eq!(ms(1, 0.0), 500);
+        assert_eq!(ms(2, 0.0), 1000);
+        assert_eq!(ms(3, 0.0), 2000);
+        assert_eq!(ms(9, 0.0), 128_000);
+        assert_eq!(ms(10, 0.0), 150_000, "capped");
+        assert_eq!(
+            ms(1000, 0.99),
+            150_000,
+            "cap holds with jitter and huge counts"
+        );
+        assert_eq!(ms(1, 1.0), 625, "jitter stretches by at most a quarter");
+        assert!(ms(4, 0.5) > ms(4, 0.0));
+    }
+
+    #[test]
+    fn with_the_ca_down_the_current_certificate_is_served_until_it_expires() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = crate::identity::ManualClock::new();
+        let (ca, m) = flaky(dir.path(), clock.clone());
+        let first = m.fetch(&id("a")).unwrap();
+        ca.down.store(true, SeqCst);
+
+        // Past half-life: renewal fails, the current certificate is still served...
+        let t = first.refresh_at() + Duration::from_secs(1);
+        assert_eq!(m.fetch_at(&id("a"), t).unwrap().serial, first.serial);
+        let tried = ca.attempts.load(SeqCst);
+        // ...and the next fetch inside the backoff window does not hammer the CA.
+        assert_eq!(
+            m.fetch_at(&id("a"), t + Duration::from_millis(100))
+                .unwrap()
+                .serial,
+            first.serial
+        );
+        assert_eq!(
+            ca.attempts.load(SeqCst),
+            tried,
+            "no attempt inside the backoff"
+        );
+        // After the backoff it tries again, and still serves the current certificate.
+        assert_eq!(
+            m.fetch_at(&id("a"), t + Duration::from_secs(1))
+                .unwrap()
+                .serial,
+            first.serial
+        );
+        assert_eq!(ca.attempts.load(SeqCst), tried + 1);
+
+        // At expiry there is nothing valid left to serve: an error naming the identity.
+        let Err(err) = m.fetch_at(&id("a"), first.not_after + Duration::from_secs(200)) else {
+            panic!("an expired certificate was served");
+        };
+        assert!(matches!(err, CertManagerError::Expired { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains("spiffe://cluster.local/ns/default/sa/a"));
+
+        // The CA comes back: the next attempt after the backoff issues a new certificate.
+        ca.down.store(false, SeqCst);
+        let later = first.not_after + Duration::from_secs(400);
+        let renewed = m.fetch_at(&id("a"), later).unwrap();
+        assert_ne!(renewed.serial, first.serial);
+    }
+
+    /// The clock a paused tokio runtime drives: wall time at creation plus tokio's elapsed time.
+    #[derive(Debug)]
+    struct TokioClock {
+        base: SystemTime,
+        start: tokio::time::Instant,
+    }
+
+    impl super::super::Clock for TokioClock {
+        fn now(&self) -> SystemTime {
+            self.base + self.start.elapsed()
+        }
+    }
+
+    /// The background loop with paused time: renewal at half-life, then retries at 0.5 s, 1 s,
+    /// 2 s... while the CA is down, and a new certificate as soon as it is back.
+    #[tokio::test(start_paused = true)]
+    async fn renewal_loop_renews_at_half_life_and_backs_off_while_the_ca_is_down() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock {
+            base: SystemTime::now(),
+            start: tokio::time::Instant::now(),
+        });
+        let (ca, m) = flaky(dir.path(), clock);
+        let m = Arc::new(m);
+        let first = m.fetch(&id("a")).unwrap();
+        let half = first.refresh_at().duration_since(m.now()).unwrap();
+        let task = tokio::spawn(m.clone().run_renewals());
+
+        tokio::time::sleep(half + Duration::from_secs(1)).await;
+        let second = m.cached()[0].clone();
+        assert_ne!(second.serial, first.serial, "renewed at half-life");
+
+        ca.down.store(true, SeqCst);
+        let half = second.refresh_at().duration_since(m.now()).unwrap();
+        tokio::time::sleep(half).await;
+        let before = ca.attempts.load(SeqCst);
+        // Jitter stretches each wait by up to 25%: 0.5+1+2+4+8 s is at most 19.4 s.
+        tokio::time::sleep(Duration::from_millis(19_400)).await;
+        let retries = ca.attempts.load(SeqCst) - before;
+        assert!((4..=6).contains(&retries), "{retries} retries in 19.4 s");
+        assert_eq!(
+            m.cached()[0].serial,
+            second.serial,
+            "still serving the current one"
+        );
+
+        ca.down.store(false, SeqCst);
+        // The next retry is at most 16 s * 1.25 away.
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        assert_ne!(
+            m.cached()[0].serial,
+            second.serial,
+            "renewed once the CA is back"
+        );
+        task.abort();
     }
 }

@@ -5,8 +5,13 @@ mod ca;
 mod cert;
 mod manager;
 mod spiffe;
+mod trust;
 
-pub use ca::{FileCa, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE};
+pub use ca::{CaError, FileCa, Issued, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE};
 pub use cert::{load_certs_pem, load_key_pem, peer_identity, CertError};
-pub use manager::{CertManager, CertSource, StaticCert, WorkloadCert};
+pub use manager::{
+    retry_backoff, Authority, CertManager, CertManagerError, CertSource, StaticCert, WorkloadCert,
+};
 pub use spiffe::{SpiffeError, SpiffeId};
+pub(crate) use trust::RustlsTime;
+pub use trust::{load_crls, unix_time, Clock, ManualClock, SystemClock, Trust, TrustError, Usage};

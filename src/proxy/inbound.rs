@@ -13,14 +13,14 @@ use h2::server::SendResponse;
 use http::{Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
-use super::{accept_loop, ConnLog, Direction, Node, Scope};
-use crate::copy::tcp_to_h2;
+use super::{accept_loop, denial_reason, enforce, ConnLog, Direction, Node, Scope};
+use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
-use crate::hbone::{keepalive, server, ALPN_H2, HANDSHAKE_TIMEOUT};
-use crate::identity::{peer_identity, SpiffeId};
+use crate::hbone::{keepalive, server};
+use crate::identity::{unix_time, SpiffeId, Usage};
 use crate::model::Workload;
+use crate::policy::{self, WorkloadRef};
 use crate::socket::{dial_in, DialOptions};
 
 pub(super) async fn serve(
@@ -75,29 +75,15 @@ async fn connection(
         .fetch(&workload.identity)
         .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
     let cfg = node.server_config(&cert).map_err(|e| e.to_string())?;
-    let handshake = async {
-        let tls = TlsAcceptor::from(cfg)
-            .accept(tcp)
-            .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let (_, conn) = tls.get_ref();
-        if conn.alpn_protocol() != Some(ALPN_H2) {
-            return Err("client did not negotiate ALPN h2".to_string());
-        }
-        let client = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or("client presented no certificate")
-            .and_then(|c| peer_identity(c).map_err(|_| "client certificate has no SPIFFE identity"))
-            .map_err(str::to_string)?;
-        let h2 = server::handshake(tls)
-            .await
-            .map_err(|e| format!("HTTP/2 preface failed: {e}"))?;
-        Ok((client, h2))
-    };
-    let (client, mut h2) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| format!("TLS + HTTP/2 handshake not done within {HANDSHAKE_TIMEOUT:?}"))??;
+    // Subscribed before the handshake, so a CRL reload during it is not missed.
+    let mut trust_changes = node.certs.subscribe_trust();
+    trust_changes.borrow_and_update();
+    let server::Accepted {
+        client,
+        chain,
+        mut h2,
+    } = server::accept(tcp, cfg, node.cfg.node.handshake_timeout).await?;
+    let verified_at = unix_time(node.certs.now());
     tracing::debug!(src = %peer, identity = %client, "HBONE connection established");
     let pinger = h2.ping_pong();
     let ka = async {
@@ -137,9 +123,26 @@ async fn connection(
         }
         Ok(())
     };
+    // A CRL reload that revokes the client's chain ends the whole connection (every stream).
+    // The chain is re-checked at its handshake time: expiring since then does not cut it.
+    let revoked = async {
+        while trust_changes.changed().await.is_ok() {
+            let trust = trust_changes.borrow_and_update().clone();
+            if let Some((leaf, rest)) = chain.split_first() {
+                if let Err(e) = trust.verify_chain(leaf, rest, verified_at, Usage::Client) {
+                    return e;
+                }
+            }
+        }
+        std::future::pending().await
+    };
     tokio::select! {
         r = accept => r,
         e = ka => Err(format!("peer stopped answering PINGs: {e}")),
+        e = revoked => {
+            node.stats.revoked_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(format!("closing: client {client} is no longer trusted ({e})"))
+        }
     }
 }
 
@@ -198,6 +201,27 @@ async fn stream(
         }
         Some(_) => {}
     }
+    // Policy is judged at the destination with the real target port (model.md).
+    let who = policy::Connection {
+        src_identity: Some(client.clone()),
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+        dst_workload: WorkloadRef {
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+        },
+    };
+    let mut changes = node.subscribe_state();
+    changes.borrow_and_update();
+    let decision = node.authorize(&who);
+    if !decision.allowed {
+        server::refuse(respond, StatusCode::UNAUTHORIZED);
+        let reason = denial_reason(&decision);
+        tracing::info!(src = %peer, %dst, identity = %client, reason, "connection denied by authorization policy");
+        log.emit(enabled, Some(&format_args!("{reason} (401)")));
+        return;
+    }
     // The app sees the calling workload's address; bytes the client sent before our 200 wait in
     // h2's window and reach nobody until the dial succeeded (reliability #11).
     let opts = DialOptions {
@@ -213,7 +237,7 @@ async fn stream(
             return;
         }
     };
-    let send = match server::accept(respond) {
+    let send = match server::respond_ok(respond) {
         Ok(s) => s,
         Err(e) => {
             log.emit(
@@ -223,6 +247,23 @@ async fn stream(
             return;
         }
     };
-    log.transfer = tcp_to_h2(&mut app, send, req.into_body()).await;
-    log.emit(enabled, None);
+    let relay = tcp_to_h2(&mut app, send, req.into_body());
+    match enforce(&node, &who, changes, relay).await {
+        Ok(transfer) => {
+            log.transfer = transfer;
+            log.emit(enabled, None);
+        }
+        Err(d) => {
+            // Dropping the relay reset the client's stream; reset the app's side too.
+            reset_on_drop(&app);
+            let reason = denial_reason(&d);
+            tracing::info!(src = %peer, %dst, identity = %client, reason, "connection closed due to policy change");
+            log.emit(
+                enabled,
+                Some(&format_args!(
+                    "connection closed due to policy change: {reason}"
+                )),
+            );
+        }
+    }
 }

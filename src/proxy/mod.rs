@@ -1,8 +1,14 @@
 //! The node's listeners and the state they share.
 //!
-//! `Node` is built once from the config: the model, the certificate manager, the HBONE pool and
-//! the per-identity TLS server configs. `start` binds the listeners (15001 outbound, 15006
-//! plaintext inbound, 15008 HBONE inbound, 15021 readiness) and returns a handle that stops them.
+//! `Node` is built once from the config: the certificate manager, the HBONE pool, the
+//! per-identity TLS server configs and the live `State` (model and policies). `start` binds the
+//! listeners (15001 outbound, 15006 plaintext inbound, 15008 HBONE inbound, 15021 readiness) and
+//! returns a handle that stops them.
+//!
+//! The state is published through a watch channel: a reload swaps it in one step, and every
+//! inbound connection waits on the same channel, re-judges itself against the new policies and
+//! closes if it is now denied (`enforce`). That is why a policy change reaches every open
+//! connection in every scope, selector policies included, without a registry of connections.
 
 mod accesslog;
 mod inbound;
@@ -10,10 +16,11 @@ pub mod inpod;
 pub mod outbound;
 mod plaintext;
 mod readiness;
+pub mod reload;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustls::ServerConfig;
@@ -26,11 +33,12 @@ pub use accesslog::{ConnLog, Direction};
 use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext, Mode};
 use crate::hbone::client::Pool;
 use crate::identity::{
-    load_certs_pem, load_key_pem, CertManager, CertSource, FileCa, SpiffeId, StaticCert,
-    WorkloadCert,
+    load_certs_pem, load_crls, load_key_pem, CertManager, CertSource, Clock, FileCa, SpiffeId,
+    StaticCert, SystemClock, Trust, WorkloadCert,
 };
 use crate::model::{Model, Workload};
 use crate::netns::PodNetns;
+use crate::policy::{self, Decision, PolicySet};
 use crate::socket::{listen, TUNNEL_MARK};
 use crate::tls;
 
@@ -47,14 +55,50 @@ pub enum StartError {
     },
 }
 
+/// What a reload replaces, published as one value so readers never see a model from one
+/// config and policies from another.
+pub struct State {
+    pub model: Arc<Model>,
+    pub policies: Arc<PolicySet>,
+}
+
+impl State {
+    fn from_config(cfg: &Config) -> State {
+        let policies = cfg.policy_set();
+        for e in policies.errors() {
+            tracing::error!(error = %e, "authorization policy refused; denying every connection in its scope until it is fixed");
+        }
+        State {
+            model: Arc::new(Model::from_config(cfg)),
+            policies: Arc::new(policies),
+        }
+    }
+}
+
+/// Counters the node keeps (exported as metrics by the admin server).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub policy_allowed: AtomicU64,
+    pub policy_denied: AtomicU64,
+    /// Open connections closed because a new policy denies them.
+    pub policy_closed: AtomicU64,
+    /// Live connections cut because their peer's certificate chain is no longer trusted.
+    pub revoked_closed: AtomicU64,
+    pub reloads_applied: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+}
+
 /// Everything the listeners share.
 pub struct Node {
+    /// The config the node started with. Node settings are fixed for the life of the process;
+    /// workloads, services, policies and certificate files follow reloads (see `reload`).
     pub cfg: Config,
-    model: Arc<Model>,
+    state: watch::Sender<Arc<State>>,
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
+    pub stats: Stats,
     mark: Option<u32>,
-    server_configs: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
+    server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
     /// Proxied connections in flight, across every scope: what a drain waits for.
     active: Arc<AtomicUsize>,
@@ -62,50 +106,73 @@ pub struct Node {
     draining: Mutex<Vec<watch::Sender<bool>>>,
 }
 
+/// A cached TLS server config, valid for one certificate serial and one trust snapshot.
+struct ServerConfigEntry {
+    serial: String,
+    trust_generation: u64,
+    config: Arc<ServerConfig>,
+}
+
+/// Reads the certificate source and trust snapshot a config describes.
+pub fn load_certificates(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+) -> Result<(CertSource, Trust), StartError> {
+    let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
+    let (source, roots) = match &cfg.node.certificates {
+        CertificatesConfig::FileCa { dir, ttl } => {
+            let ca = FileCa::load(dir).map_err(|e| certs_err(&e))?;
+            let roots = ca.roots().to_vec();
+            (CertSource::file_ca(ca, *ttl), roots)
+        }
+        CertificatesConfig::Static { roots, identities } => {
+            let roots = load_certs_pem(roots).map_err(|e| certs_err(&e))?;
+            let mut certs = Vec::new();
+            for i in identities {
+                certs.push(StaticCert {
+                    chain: load_certs_pem(&i.cert).map_err(|e| certs_err(&e))?,
+                    key: load_key_pem(&i.key).map_err(|e| certs_err(&e))?,
+                });
+            }
+            (CertSource::Static(certs), roots)
+        }
+    };
+    let crls = match &cfg.node.crl {
+        Some(path) => load_crls(path).map_err(|e| certs_err(&e))?,
+        None => Vec::new(),
+    };
+    let trust = Trust::new(&roots, crls, tls::provider(), clock).map_err(|e| certs_err(&e))?;
+    Ok((source, trust))
+}
+
 impl Node {
     /// Builds the node's state: loads the CA or static certificates and issues the certificates of
     /// every local workload up front, so the first connection pays no issuance latency.
     pub fn new(cfg: Config) -> Result<Arc<Node>, StartError> {
-        let provider = tls::provider();
-        let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
-        let (source, roots) = match &cfg.node.certificates {
-            CertificatesConfig::FileCa { dir, ttl } => {
-                let ca = FileCa::load(dir).map_err(|e| certs_err(&e))?;
-                let roots = ca.roots().to_vec();
-                (
-                    CertSource::FileCa {
-                        ca: Box::new(ca),
-                        ttl: *ttl,
-                    },
-                    roots,
-                )
-            }
-            CertificatesConfig::Static { roots, identities } => {
-                let roots = load_certs_pem(roots).map_err(|e| certs_err(&e))?;
-                let mut certs = Vec::new();
-                for i in identities {
-                    certs.push(StaticCert {
-                        chain: load_certs_pem(&i.cert).map_err(|e| certs_err(&e))?,
-                        key: load_key_pem(&i.key).map_err(|e| certs_err(&e))?,
-                    });
-                }
-                (CertSource::Static(certs), roots)
-            }
-        };
+        let (source, trust) = load_certificates(&cfg, Arc::new(SystemClock))?;
         let certs =
-            Arc::new(CertManager::new(source, &roots, provider).map_err(|e| certs_err(&e))?);
-        let model = Arc::new(Model::from_config(&cfg));
-        for w in model.local_workloads() {
-            certs.fetch(&w.identity).map_err(|e| certs_err(&e))?;
+            CertManager::with_trust(source, trust).map_err(|e| StartError::Certs(e.to_string()))?;
+        Node::with_certs(cfg, Arc::new(certs))
+    }
+
+    /// `new` with a certificate manager built by the caller (tests inject a stepped clock or a
+    /// failing CA this way).
+    pub fn with_certs(cfg: Config, certs: Arc<CertManager>) -> Result<Arc<Node>, StartError> {
+        let state = State::from_config(&cfg);
+        for w in state.model.local_workloads() {
+            certs
+                .fetch(&w.identity)
+                .map_err(|e| StartError::Certs(e.to_string()))?;
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
         let pool = Pool::new(certs.clone(), mark, None);
         Ok(Arc::new(Node {
             cfg,
-            model,
+            state: watch::Sender::new(Arc::new(state)),
             certs,
             pool,
+            stats: Stats::default(),
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -114,8 +181,41 @@ impl Node {
         }))
     }
 
+    /// The current model and policies.
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// Changes to the state (reloads), for connections that must re-judge themselves.
+    pub fn subscribe_state(&self) -> watch::Receiver<Arc<State>> {
+        self.state.subscribe()
+    }
+
+    /// Judges an inbound connection against the current policies, counting the decision and
+    /// logging what dry-run policies would have done.
+    pub fn authorize(&self, conn: &policy::Connection) -> Decision {
+        let d = self.state().policies.evaluate(conn);
+        let counter = if d.allowed {
+            &self.stats.policy_allowed
+        } else {
+            &self.stats.policy_denied
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        for (policy, would_allow) in &d.dry_run_results {
+            tracing::info!(
+                policy = %policy,
+                src = %conn.src_ip,
+                dst = %format_args!("{}:{}", conn.dst_ip, conn.dst_port),
+                identity = conn.src_identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                verdict = if *would_allow { "allow" } else { "deny" },
+                "dry-run policy"
+            );
+        }
+        d
+    }
+
     pub fn model(&self) -> Arc<Model> {
-        self.model.clone()
+        self.state().model.clone()
     }
 
     pub fn mark(&self) -> Option<u32> {
@@ -161,10 +261,11 @@ impl Node {
     /// The local workload a connection from `ip` belongs to. A host with a single workload owns
     /// every local address, so connections from its other interfaces still have an identity.
     pub fn source_workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        if let Some(w) = self.model.local_workload(ip) {
+        let model = self.model();
+        if let Some(w) = model.local_workload(ip) {
             return Some(w.clone());
         }
-        let mut local = self.model.local_workloads();
+        let mut local = model.local_workloads();
         match (local.next(), local.next()) {
             (Some(only), None) => Some(only.clone()),
             _ => None,
@@ -180,18 +281,61 @@ impl Node {
             .server_configs
             .lock()
             .expect("server config cache poisoned");
-        if let Some((serial, cfg)) = cache.get(&cert.identity) {
-            if *serial == cert.serial {
-                return Ok(cfg.clone());
+        let trust = self.certs.trust();
+        if let Some(e) = cache.get(&cert.identity) {
+            if e.serial == cert.serial && e.trust_generation == trust.generation {
+                return Ok(e.config.clone());
             }
         }
-        let cfg = Arc::new(tls::server_config(
-            cert,
-            self.certs.roots(),
-            self.certs.provider(),
-        )?);
-        cache.insert(cert.identity.clone(), (cert.serial.clone(), cfg.clone()));
-        Ok(cfg)
+        let config = Arc::new(tls::server_config(cert, &trust)?);
+        cache.insert(
+            cert.identity.clone(),
+            ServerConfigEntry {
+                serial: cert.serial.clone(),
+                trust_generation: trust.generation,
+                config: config.clone(),
+            },
+        );
+        Ok(config)
+    }
+}
+
+/// Runs a proxied connection to its end unless a reload publishes policies that deny it: then
+/// the connection's future is dropped (closing both sides) and the deciding policy returned.
+/// `changes` must have been subscribed before the connection was first judged, so a reload in
+/// between is not missed.
+pub(crate) async fn enforce<F: std::future::Future>(
+    node: &Node,
+    who: &policy::Connection,
+    mut changes: watch::Receiver<Arc<State>>,
+    conn: F,
+) -> Result<F::Output, Decision> {
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            out = &mut conn => return Ok(out),
+            r = changes.changed() => {
+                if r.is_err() {
+                    // The node is gone; nothing can change any more.
+                    return Ok(conn.await);
+                }
+                let state = changes.borrow_and_update().clone();
+                let d = state.policies.evaluate(who);
+                if !d.allowed {
+                    node.stats.policy_denied.fetch_add(1, Ordering::Relaxed);
+                    node.stats.policy_closed.fetch_add(1, Ordering::Relaxed);
+                    return Err(d);
+                }
+            }
+        }
+    }
+}
+
+/// How a denial reads in logs: the deciding policy, or why there is none.
+pub(crate) fn denial_reason(d: &Decision) -> String {
+    match &d.decided_by {
+        Some(p) => format!("denied by policy {p}"),
+        None => "denied: ALLOW policies apply to this workload and none matched".to_string(),
     }
 }
 
@@ -320,7 +464,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         inbound_plaintext = %bound.inbound_plaintext,
         hbone = %bound.hbone,
         readiness = %bound.readiness,
-        local_workloads = node.model.local_workloads().count(),
+        local_workloads = node.model().local_workloads().count(),
         "zmesh node ready"
     );
     Ok(Running {

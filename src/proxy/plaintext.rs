@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{accept_loop, ConnLog, Direction, Node, Scope};
+use super::{accept_loop, denial_reason, enforce, ConnLog, Direction, Node, Scope};
 use crate::copy::{reset_on_drop, tcp_to_tcp};
+use crate::policy::{self, WorkloadRef};
 use crate::socket::{dial_in, original_dst, DialOptions};
 
 pub(super) async fn serve(
@@ -64,16 +65,52 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     };
     log.dst_identity = Some(w.identity.to_string());
     log.dst_workload = Some(w.name.clone());
+    // No peer identity: principal, namespace and service-account matches never hold, so a
+    // STRICT policy (DENY not_principals ["*"]) refuses this connection.
+    let who = policy::Connection {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+        dst_workload: WorkloadRef {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+        },
+    };
+    let mut changes = node.subscribe_state();
+    changes.borrow_and_update();
+    let decision = node.authorize(&who);
+    if !decision.allowed {
+        reset_on_drop(&tcp);
+        let reason = denial_reason(&decision);
+        tracing::info!(src = %peer, %dst, reason, "plaintext connection denied by authorization policy");
+        log.emit(enabled, Some(&format_args!("{reason} (reset)")));
+        return;
+    }
     let opts = DialOptions {
         mark: node.mark(),
         source: Some(peer.ip()),
         transparent: true,
     };
     match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
-        Ok(mut app) => {
-            log.transfer = tcp_to_tcp(&mut tcp, &mut app).await;
-            log.emit(enabled, None);
-        }
+        Ok(mut app) => match enforce(&node, &who, changes, tcp_to_tcp(&mut tcp, &mut app)).await {
+            Ok(transfer) => {
+                log.transfer = transfer;
+                log.emit(enabled, None);
+            }
+            Err(d) => {
+                reset_on_drop(&tcp);
+                reset_on_drop(&app);
+                let reason = denial_reason(&d);
+                tracing::info!(src = %peer, %dst, reason, "connection closed due to policy change");
+                log.emit(
+                    enabled,
+                    Some(&format_args!(
+                        "connection closed due to policy change: {reason}"
+                    )),
+                );
+            }
+        },
         Err(e) => {
             reset_on_drop(&tcp);
             log.emit(enabled, Some(&e));

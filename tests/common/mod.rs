@@ -116,10 +116,7 @@ pub fn cert_from(ca_dir: &std::path::Path, id: &SpiffeId) -> (Arc<WorkloadCert>,
     let roots = ca.roots().to_vec();
     let mgr = Arc::new(
         CertManager::new(
-            CertSource::FileCa {
-                ca: Box::new(ca),
-                ttl: std::time::Duration::from_secs(3600),
-            },
+            CertSource::file_ca(ca, std::time::Duration::from_secs(3600)),
             &roots,
             zmesh::tls::provider(),
         )

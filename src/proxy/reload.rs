@@ -1,0 +1,262 @@
+//! Live reconfiguration: the config file (and the certificate files it names) are watched, and
+//! reloaded on SIGHUP too.
+//!
+//! A new file is parsed and validated completely before anything changes; when it is bad, the
+//! error (file:line:column and field) is logged and counted and the last good config keeps
+//! running. A good file replaces, in this order: the certificate source and trust snapshot
+//! (roots, CRLs: live tunnels whose peer is now revoked are cut by their owners), the
+//! certificates of departed identities (forgotten), and finally the model and policies in one
+//! step, which makes every open inbound connection re-judge itself.
+//!
+//! Node settings (ports, mode, bind address...) belong to sockets that already exist; a change
+//! to them is reported as needing a restart and otherwise ignored.
+//!
+//! Watching polls file metadata (size, mtime, inode) rather than using inotify: it sees a
+//! Kubernetes ConfigMap's symlink swap, editors' rename-over-write and network filesystems alike,
+//! at the cost of one `stat` per file per interval.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use super::{load_certificates, Node, State};
+use crate::config::{CertificatesConfig, Config, ConfigError};
+use crate::identity::{CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE};
+
+/// How often the watched files are checked. A policy edit takes effect within this, plus the
+/// time connections need to re-judge themselves (microseconds each).
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("certificates: {0}")]
+    Certs(String),
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub workloads: usize,
+    pub services: usize,
+    pub policies: usize,
+    pub broken_policies: usize,
+    /// Node settings that differ from the running ones and need a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Node {
+    /// Applies a validated config to the running node (see the module docs for what changes).
+    pub fn reload(&self, cfg: Config) -> Result<ReloadSummary, ReloadError> {
+        let clock = self.certs.trust().clock().clone();
+        let (source, trust) =
+            load_certificates(&cfg, clock).map_err(|e| ReloadError::Certs(e.to_string()))?;
+        self.certs
+            .replace(source, trust)
+            .map_err(|e| ReloadError::Certs(e.to_string()))?;
+        let state = State::from_config(&cfg);
+        let local: std::collections::HashSet<_> = state
+            .model
+            .local_workloads()
+            .map(|w| w.identity.clone())
+            .collect();
+        self.certs.retain(&local);
+        for id in &local {
+            // A new workload gets its certificate now rather than on its first connection; a
+            // failure here is retried by the renewal loop and on first use.
+            if let Err(e) = self.certs.fetch(id) {
+                tracing::warn!(identity = %id, error = %e, "no certificate yet for a new workload");
+            }
+        }
+        let summary = ReloadSummary {
+            workloads: cfg.workloads.len(),
+            services: cfg.services.len(),
+            policies: state.policies.len(),
+            broken_policies: state.policies.errors().len(),
+            needs_restart: restart_only_changes(&self.cfg, &cfg),
+        };
+        self.state.send_replace(Arc::new(state));
+        self.stats.reloads_applied.fetch_add(1, Ordering::Relaxed);
+        Ok(summary)
+    }
+}
+
+/// Node settings that differ between the running config and a new one, other than the ones a
+/// reload applies (certificates and CRL).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.node, &new.node);
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("name", o.name != n.name);
+    check("trust_domain", o.trust_domain != n.trust_domain);
+    check("cluster", o.cluster != n.cluster);
+    check("bind", o.bind != n.bind);
+    check("ports", o.ports != n.ports);
+    check(
+        "inbound_plaintext",
+        o.inbound_plaintext != n.inbound_plaintext,
+    );
+    check("registry_only", o.registry_only != n.registry_only);
+    check("access_log", o.access_log != n.access_log);
+    check("worker_threads", o.worker_threads != n.worker_threads);
+    check("mode", o.mode != n.mode);
+    check("zds_socket", o.zds_socket != n.zds_socket);
+    check("drain_timeout", o.drain_timeout != n.drain_timeout);
+    check(
+        "handshake_timeout",
+        o.handshake_timeout != n.handshake_timeout,
+    );
+    changed
+}
+
+/// Every file whose change should trigger a reload: the config and the certificate material
+/// it names.
+pub fn watched_files(config: &Path, cfg: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.to_path_buf()];
+    match &cfg.node.certificates {
+        CertificatesConfig::FileCa { dir, .. } => {
+            for f in [CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE] {
+                files.push(dir.join(f));
+            }
+        }
+        CertificatesConfig::Static { roots, identities } => {
+            files.push(roots.clone());
+            for i in identities {
+                files.push(i.cert.clone());
+                files.push(i.key.clone());
+            }
+        }
+    }
+    files.extend(cfg.node.crl.clone());
+    files
+}
+
+/// What identifies one version of a file without reading it. A missing file is a version too
+/// (`None`), so deleting and restoring it are both seen.
+type Stamp = Option<(u64, SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks: a ConfigMap's `..data` swap changes the target's inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?, m.ino()))
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+    files.iter().map(|f| stamp(f)).collect()
+}
+
+/// Loads `path` and applies it, logging the outcome. Returns the config that is now running
+/// (the new one, or None when it was rejected).
+pub fn reload_from(node: &Node, path: &Path) -> Option<Config> {
+    let outcome = Config::load(path)
+        .map_err(ReloadError::from)
+        .and_then(|cfg| node.reload(cfg.clone()).map(|s| (cfg, s)));
+    match outcome {
+        Ok((cfg, s)) => {
+            if !s.needs_restart.is_empty() {
+                tracing::warn!(settings = ?s.needs_restart, "node settings changed in {}; they take effect at the next restart", path.display());
+            }
+            tracing::info!(
+                workloads = s.workloads,
+                services = s.services,
+                policies = s.policies,
+                broken_policies = s.broken_policies,
+                "config reloaded from {}",
+                path.display()
+            );
+            Some(cfg)
+        }
+        Err(e) => {
+            node.stats.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "config reload rejected; the last good config keeps running");
+            None
+        }
+    }
+}
+
+/// Watches `path` (and the files it names) every `interval`, and reloads at once when
+/// `trigger` is notified (SIGHUP). Runs until dropped.
+pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: Arc<Notify>) {
+    let mut files = watched_files(&path, &node.cfg);
+    let mut seen = stamps(&files);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = trigger.notified() => true,
+        };
+        let now = stamps(&files);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        if let Some(cfg) = reload_from(&node, &path) {
+            // The new config may name other certificate files.
+            files = watched_files(&path, &cfg);
+            seen = stamps(&files);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra_node: &str) -> Config {
+        Config::parse(
+            &format!(
+                "node:\n  name: n\n{extra_node}  certificates:\n    static:\n      roots: /r.pem\n      identities: [{{cert: /c.pem, key: /k.pem}}]\n"
+            ),
+            "t",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn node_settings_that_need_a_restart_are_named() {
+        let old = cfg("");
+        assert!(restart_only_changes(&old, &cfg("")).is_empty());
+        let new = cfg("  ports: { hbone: 16008 }\n  access_log: json\n");
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            vec!["ports", "access_log"]
+        );
+        // Certificates and the CRL are applied by the reload, so they are not listed.
+        let crl = cfg("  crl: /crl.pem\n");
+        assert!(restart_only_changes(&old, &crl).is_empty());
+    }
+
+    #[test]
+    fn watched_files_include_certificate_material() {
+        let c = cfg("  crl: /crl.pem\n");
+        let files = watched_files(Path::new("/etc/zmesh.yaml"), &c);
+        let names: Vec<_> = files.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            names,
+            ["/etc/zmesh.yaml", "/r.pem", "/c.pem", "/k.pem", "/crl.pem"]
+        );
+    }
+
+    #[test]
+    fn a_stamp_changes_with_content_and_sees_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        assert_eq!(stamp(&f), None);
+        std::fs::write(&f, "a").unwrap();
+        let first = stamp(&f);
+        assert!(first.is_some());
+        // Rename-over-write (what editors and ConfigMaps do) gives a new inode.
+        let tmp = dir.path().join("x.tmp");
+        std::fs::write(&tmp, "b").unwrap();
+        std::fs::rename(&tmp, &f).unwrap();
+        assert_ne!(stamp(&f), first);
+    }
+}
