@@ -164,7 +164,7 @@ async fn h2_pair(m: &Arc<CertManager>) -> h2::client::SendRequest<Bytes> {
         let mut conn = zmesh::hbone::server::handshake(tls).await.unwrap();
         while let Some(Ok((req, respond))) = conn.accept().await {
             tokio::spawn(async move {
-                let send = zmesh::hbone::server::accept(respond).unwrap();
+                let send = zmesh::hbone::server::respond_ok(respond).unwrap();
                 // An echo "app" on the far side of the tunnel.
                 let (mut app, mut far) = duplex(256 * 1024);
                 tokio::spawn(async move {
