@@ -30,45 +30,6 @@ async fn node_b(net: u8) -> (Mesh, TcpListener) {
     (mesh, app)
 }
 
-/// TLS + HTTP/2 to `addr` presenting `client` (from `ca_dir`) and expecting `server`.
-async fn hbone(
-    ca_dir: &std::path::Path,
-    client: &SpiffeId,
-    server: &SpiffeId,
-    addr: SocketAddr,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let (cert, mgr) = cert_from(ca_dir, client);
-    // The client trusts the real mesh CA even when it presents a foreign certificate.
-    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![server.clone()])
-        .map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = TlsConnector::from(Arc::new(cfg))
-        .connect(zmesh::tls::placeholder_server_name(), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (send, conn) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| format!("h2: {e}"))?;
-    tokio::spawn(conn);
-    send.ready().await.map_err(|e| format!("h2 ready: {e}"))
-}
-
-async fn status(
-    send: &mut h2::client::SendRequest<Bytes>,
-    req: Request<()>,
-) -> Result<StatusCode, String> {
-    let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    resp.await.map(|r| r.status()).map_err(|e| e.to_string())
-}
-
-fn connect_req(authority: &str) -> Request<()> {
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority)
-        .body(())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_codes_for_bad_requests_keep_the_connection_usable() {
     let net = 21;

@@ -75,11 +75,45 @@ pub fn node_yaml(
     ca_dir: &std::path::Path,
     workloads: &str,
 ) -> String {
+    node_yaml_with(net, name, host, ca_dir, "", workloads)
+}
+
+/// `node_yaml` with extra `node:` settings (each line indented by two spaces).
+pub fn node_yaml_with(
+    net: u8,
+    name: &str,
+    host: u8,
+    ca_dir: &std::path::Path,
+    extra_node: &str,
+    rest: &str,
+) -> String {
     format!(
-        "node:\n  name: {name}\n  bind: {bind}\n  access_log: text\n  certificates:\n    file_ca: {{ dir: {ca} }}\n{workloads}",
+        "node:\n  name: {name}\n  bind: {bind}\n  access_log: text\n{extra_node}  certificates:\n    file_ca: {{ dir: {ca} }}\n{rest}",
         bind = ip(net, host),
         ca = ca_dir.display()
     )
+}
+
+/// How often tests' config watchers look at their files.
+pub const TEST_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Replaces a file the way editors and ConfigMaps do: write beside, rename over.
+pub fn rewrite(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `limit`.
+pub async fn wait_until(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 impl Mesh {
@@ -103,6 +137,42 @@ impl Mesh {
         let running = proxy::start(node.clone()).await.unwrap();
         self.nodes.push(running);
         node
+    }
+
+    /// Starts a node from a config file written to the mesh's temp dir, with a watcher that
+    /// reloads it on change. Returns the node and the file's path.
+    pub async fn node_from_file(&mut self, name: &str, text: &str) -> (Arc<Node>, PathBuf) {
+        let path = self.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let node = Node::new(cfg).unwrap();
+        self.start(node.clone()).await;
+        tokio::spawn(proxy::reload::watch(
+            node.clone(),
+            path.clone(),
+            TEST_WATCH_INTERVAL,
+            Arc::new(tokio::sync::Notify::new()),
+        ));
+        (node, path)
+    }
+
+    /// Starts a node whose certificates come from `certs` (a stepped clock, a failing CA).
+    pub async fn node_with_certs(
+        &mut self,
+        name: &str,
+        host: u8,
+        workloads: &str,
+        certs: Arc<CertManager>,
+    ) -> Arc<Node> {
+        let text = node_yaml(self.net, name, host, &self.ca_dir, workloads);
+        let node = Node::with_certs(Config::parse(&text, name).unwrap(), certs).unwrap();
+        self.start(node.clone()).await;
+        node
+    }
+
+    async fn start(&mut self, node: Arc<Node>) {
+        let running = proxy::start(node).await.unwrap();
+        self.nodes.push(running);
     }
 
     /// A certificate for `id` from this mesh's CA (a client outside any node).
@@ -186,4 +256,43 @@ pub async fn exchange(c: &mut TcpStream, data: &[u8]) -> Vec<u8> {
         got
     };
     tokio::join!(send, recv).1
+}
+
+/// TLS + HTTP/2 to `addr` presenting `client` (from `ca_dir`) and expecting `server`.
+pub async fn hbone(
+    ca_dir: &std::path::Path,
+    client: &SpiffeId,
+    server: &SpiffeId,
+    addr: SocketAddr,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let (cert, mgr) = cert_from(ca_dir, client);
+    // The client trusts the real mesh CA even when it presents a foreign certificate.
+    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![server.clone()])
+        .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(zmesh::tls::placeholder_server_name(), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(conn);
+    send.ready().await.map_err(|e| format!("h2 ready: {e}"))
+}
+
+pub async fn status(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> Result<http::StatusCode, String> {
+    let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
+    resp.await.map(|r| r.status()).map_err(|e| e.to_string())
+}
+
+pub fn connect_req(authority: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap()
 }

@@ -1,0 +1,268 @@
+//! Tier (b): authorization policy enforced at the destination, and policy changes reaching
+//! connections that are already open (reliability #21, #31). Node B's config is a file that the
+//! node watches; each test edits it the way an operator would.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zmesh::proxy::Node;
+
+/// How long a policy change may take to close a connection: the watch interval plus slack for
+/// a loaded CI machine. The spec asks for "within seconds".
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+const CLIENT_PRINCIPAL: &str = "cluster.local/ns/default/sa/client";
+
+struct Setup {
+    _mesh: Mesh,
+    b: Arc<Node>,
+    b_path: PathBuf,
+    /// The base text of node B's config, before any policy.
+    b_base: String,
+    /// Where the client app connects (stands in for capture on node A).
+    entry: SocketAddr,
+}
+
+/// Node A (client at .2) and node B (server at .3, config from a watched file), with an echo
+/// app behind B.
+async fn setup(net: u8, policies: &str) -> Setup {
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let a = mesh.node("node-a", 2, &w).await;
+    let b_base = node_yaml(net, "node-b", 3, &mesh.ca_dir, &w);
+    let (b, b_path) = mesh
+        .node_from_file("node-b", &format!("{b_base}{policies}"))
+        .await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let dst = app.local_addr().unwrap();
+    spawn_echo(app);
+    let entry = capture_to(a, ip(net, 2), dst).await;
+    Setup {
+        _mesh: mesh,
+        b,
+        b_path,
+        b_base,
+        entry,
+    }
+}
+
+fn policy(name: &str, scope: &str, action: &str, principals: &[&str]) -> String {
+    format!(
+        "  - name: {name}\n    namespace: default\n    scope: {scope}\n    action: {action}\n    rules:\n      - clauses:\n          - matches:\n              - principals: {principals:?}\n"
+    )
+}
+
+/// Sends `msg` and reads the echo: proof the tunnel is open end to end.
+async fn round_trip(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.unwrap();
+    let mut got = vec![0; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+        .await
+        .expect("echo within 10 s")
+        .expect("echo arrives");
+    assert_eq!(got, msg);
+}
+
+/// Waits for the app's connection to be cut, and says how: the app must see a reset, never a
+/// clean end of stream that would pass for a complete reply.
+async fn assert_cut(c: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(CLOSE_WITHIN, c.read(&mut buf))
+        .await
+        .expect("connection closed within the limit");
+    match r {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("connection ended with {n} bytes instead of a reset"),
+    }
+}
+
+async fn open(s: &Setup, net: u8) -> TcpStream {
+    let mut c = connect_from(ip(net, 2), s.entry).await.unwrap();
+    round_trip(&mut c, b"hello through the tunnel").await;
+    c
+}
+
+/// A new connection is refused: the app's connection is reset before any reply.
+async fn assert_refused(s: &Setup, net: u8) {
+    let reset = std::io::ErrorKind::ConnectionReset;
+    // The reset can come so fast that it is already reported by connect or the first write.
+    let mut c = match connect_from(ip(net, 2), s.entry).await {
+        Ok(c) => c,
+        Err(e) => return assert_eq!(e.kind(), reset, "{e}"),
+    };
+    if let Err(e) = c.write_all(b"anyone?").await {
+        return assert_eq!(e.kind(), reset, "{e}");
+    }
+    assert_cut(&mut c).await;
+}
+
+async fn change_policies(s: &Setup, policies: &str) {
+    let applied = s.b.stats.reloads_applied.load(Ordering::Acquire);
+    rewrite(&s.b_path, &format!("{}{policies}", s.b_base));
+    wait_until("the reload", CLOSE_WITHIN, || {
+        s.b.stats.reloads_applied.load(Ordering::Acquire) > applied
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_deny_added_to_the_file_closes_the_open_tunnel() {
+    let net = 31;
+    let s = setup(net, "").await;
+    let mut c = open(&s, net).await;
+    // An unrelated policy change re-judges the connection and keeps it.
+    let unrelated = policy(
+        "deny-other",
+        "namespace",
+        "deny",
+        &["cluster.local/ns/x/sa/y"],
+    );
+    change_policies(&s, &format!("policies:\n{unrelated}")).await;
+    round_trip(&mut c, b"still open after an unrelated change").await;
+    assert_eq!(s.b.stats.policy_closed.load(Ordering::Acquire), 0);
+
+    let deny = policy("deny-client", "namespace", "deny", &[CLIENT_PRINCIPAL]);
+    change_policies(&s, &format!("policies:\n{deny}")).await;
+    assert_cut(&mut c).await;
+    assert_eq!(s.b.stats.policy_closed.load(Ordering::Acquire), 1);
+    assert_refused(&s, net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_selector_deny_closes_the_open_tunnel() {
+    // ztunnel misses this scope when re-judging open connections; zmesh re-judges every one.
+    let net = 32;
+    let s = setup(net, "").await;
+    let mut c = open(&s, net).await;
+    // A selector naming another workload does not touch this connection.
+    let elsewhere = policy(
+        "deny-elsewhere",
+        "{workload_selector: {workloads: [not-server]}}",
+        "deny",
+        &[CLIENT_PRINCIPAL],
+    );
+    change_policies(&s, &format!("policies:\n{elsewhere}")).await;
+    round_trip(&mut c, b"a selector for another workload").await;
+
+    let here = policy(
+        "deny-server",
+        "{workload_selector: {workloads: [server]}}",
+        "deny",
+        &[CLIENT_PRINCIPAL],
+    );
+    change_policies(&s, &format!("policies:\n{here}")).await;
+    assert_cut(&mut c).await;
+    assert_refused(&s, net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_that_excludes_the_open_connection_closes_it() {
+    let net = 33;
+    let allow_client = policy("allow-client", "namespace", "allow", &[CLIENT_PRINCIPAL]);
+    let s = setup(net, &format!("policies:\n{allow_client}")).await;
+    let mut c = open(&s, net).await;
+    let allow_other = policy(
+        "allow-other",
+        "namespace",
+        "allow",
+        &["cluster.local/ns/default/sa/someone-else"],
+    );
+    change_policies(&s, &format!("policies:\n{allow_other}")).await;
+    assert_cut(&mut c).await;
+    assert_refused(&s, net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_is_rejected_and_traffic_keeps_flowing() {
+    let net = 34;
+    let s = setup(net, "").await;
+    let mut c = open(&s, net).await;
+    for bad in [
+        "node: [unclosed\n".to_string(),
+        format!("{}unknown_top_level: 1\n", s.b_base),
+        // A policy list that is not a list: the whole file is refused, not the policies.
+        format!("{}policies: 7\n", s.b_base),
+    ] {
+        let rejected = s.b.stats.reloads_rejected.load(Ordering::Acquire);
+        rewrite(&s.b_path, &bad);
+        wait_until("the rejection", CLOSE_WITHIN, || {
+            s.b.stats.reloads_rejected.load(Ordering::Acquire) > rejected
+        })
+        .await;
+        round_trip(&mut c, b"open connection unaffected").await;
+        let mut fresh = open(&s, net).await;
+        round_trip(&mut fresh, b"new connection served").await;
+    }
+    // The watcher survived the bad files: a good one still applies.
+    let deny = policy("deny-client", "namespace", "deny", &[CLIENT_PRINCIPAL]);
+    change_policies(&s, &format!("policies:\n{deny}")).await;
+    assert_cut(&mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_policy_fails_closed_over_its_scope() {
+    let net = 35;
+    let s = setup(net, "").await;
+    let mut c = open(&s, net).await;
+    // A DENY whose CIDR is invalid must deny (its whole scope), never be skipped.
+    let broken = "policies:\n  - name: typo\n    namespace: default\n    action: deny\n    rules:\n      - clauses:\n          - matches:\n              - source_ips: [10.0.0.0/33]\n";
+    change_policies(&s, broken).await;
+    assert_cut(&mut c).await;
+    assert_refused(&s, net).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_connect_gets_401_and_the_app_sees_nothing() {
+    let net = 36;
+    let deny = policy("deny-client", "namespace", "deny", &[CLIENT_PRINCIPAL]);
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let text = node_yaml(
+        net,
+        "node-b",
+        3,
+        &mesh.ca_dir,
+        &format!("{w}policies:\n{deny}"),
+    );
+    let (b, _) = mesh.node_from_file("node-b", &text).await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let hbone_addr = SocketAddr::new(ip(net, 3), 15008);
+    let authority = format!("{}:8080", ip(net, 3));
+
+    let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hbone_addr)
+        .await
+        .unwrap();
+    let st = status(&mut send, connect_req(&authority)).await.unwrap();
+    assert_eq!(st, http::StatusCode::UNAUTHORIZED);
+    // Another identity is not named by the DENY: allowed, on a fresh connection.
+    let mut other = hbone(&mesh.ca_dir, &id("other"), &id("server"), hbone_addr)
+        .await
+        .unwrap();
+    let st = status(&mut other, connect_req(&authority)).await.unwrap();
+    assert_eq!(st, http::StatusCode::OK);
+    let _allowed = tokio::time::timeout(Duration::from_secs(5), app.accept())
+        .await
+        .expect("the allowed client reached the app")
+        .unwrap();
+    // Exactly one connection reached the app: the allowed one's.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), app.accept())
+            .await
+            .is_err(),
+        "the denied CONNECT never dialed the app"
+    );
+    assert_eq!(b.stats.policy_denied.load(Ordering::Acquire), 1);
+    assert_eq!(b.stats.policy_allowed.load(Ordering::Acquire), 1);
+}
