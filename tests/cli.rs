@@ -70,3 +70,60 @@ fn ca_init_writes_a_ca_and_refuses_to_overwrite_it() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+#[test]
+fn check_config_reports_a_broken_policy_by_name_and_field_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &path,
+        "node:\n  name: n\n  certificates:\n    file_ca: { dir: /tmp/x }\npolicies:\n  - name: typo\n    namespace: shop\n    rules:\n      - clauses:\n          - matches:\n              - source_ips: [10.0.0.0/33]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shop/typo"), "{err}");
+    assert!(err.contains("source_ips"), "{err}");
+    assert!(err.contains("10.0.0.0/33"), "{err}");
+}
+
+#[test]
+fn ca_crl_writes_a_crl_the_node_can_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let init = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let crl = dir.path().join("crl.pem");
+    let out = Command::new(BIN)
+        .args(["ca", "crl", "--dir"])
+        .arg(&ca)
+        .args(["--revoke", "0a1b2c", "--revoke", "ff00", "--out"])
+        .arg(&crl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(zmesh::identity::load_crls(&crl).unwrap().len(), 1);
+    // An odd-length serial is not a serial.
+    let bad = Command::new(BIN)
+        .args(["ca", "crl", "--dir"])
+        .arg(&ca)
+        .args(["--revoke", "abc", "--out"])
+        .arg(&crl)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"abc\""));
+}

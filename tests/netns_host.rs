@@ -144,3 +144,80 @@ fn plaintext_to_a_captured_app_port_goes_through_inbound_capture() {
         "node B log: {b_log}"
     );
 }
+
+/// An echo server on B's app port: every connection gets its bytes back until it closes.
+fn spawn_echo_in_b(mesh: &HostMesh) {
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+}
+
+fn echo_once(c: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    c.write_all(msg)?;
+    let mut got = vec![0; msg.len()];
+    c.read_exact(&mut got)?;
+    assert_eq!(got, msg);
+    Ok(())
+}
+
+/// A read that must end in a reset (never a clean EOF that would look like a complete reply).
+fn assert_reset(c: &mut std::net::TcpStream) {
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match c.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("ended with {n} bytes instead of a reset"),
+    }
+}
+
+/// STRICT mTLS as a policy, applied with SIGHUP to a running node: the open plaintext
+/// connection (via :15006) is reset and new ones refused, while HBONE traffic from the mesh
+/// peer (which has an identity) keeps flowing, open and new.
+#[test]
+fn strict_mtls_policy_applied_by_sighup_resets_plaintext_and_keeps_hbone() {
+    require_root();
+    let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "json").unwrap();
+    spawn_echo_in_b(&mesh);
+    let app: std::net::SocketAddr = format!("{B_IP}:{APP_PORT}").parse().unwrap();
+    let mut meshed = mesh.a.connect_tcp(app.to_string()).unwrap();
+    echo_once(&mut meshed, b"over HBONE").unwrap();
+    let mut plain = connect_uncaptured(&mesh.a, app).unwrap();
+    echo_once(&mut plain, b"plaintext via 15006").unwrap();
+
+    let path = mesh.config_path("node-b");
+    let mut cfg = std::fs::read_to_string(&path).unwrap();
+    cfg += "policies:\n  - name: strict\n    namespace: shop\n    action: deny\n    rules:\n      - clauses:\n          - matches:\n              - not_principals: [\"*\"]\n";
+    std::fs::write(&path, cfg).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mesh.node_b.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    mesh.node_b
+        .wait_for_log("config reloaded", std::time::Duration::from_secs(10))
+        .unwrap();
+
+    assert_reset(&mut plain);
+    echo_once(&mut meshed, b"HBONE still flows").unwrap();
+    let mut fresh = mesh.a.connect_tcp(app.to_string()).unwrap();
+    echo_once(&mut fresh, b"new HBONE connection").unwrap();
+    let mut refused = connect_uncaptured(&mesh.a, app).unwrap();
+    let _ = refused.write_all(b"plaintext again");
+    assert_reset(&mut refused);
+
+    let log = mesh.node_b.read_log();
+    assert!(log.contains("SIGHUP: reloading the config"), "{log}");
+    assert!(
+        log.contains("connection closed due to policy change")
+            && log.contains("denied by policy shop/strict"),
+        "node B log names the closing policy: {log}"
+    );
+}

@@ -94,9 +94,12 @@ impl FileCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
+        // A random tag makes every CA's name unique: during a root rotation two roots are
+        // trusted at once, and chain building and CRL matching go by issuer name.
+        let tag: u32 = rand::random();
         dn.push(
             DnType::CommonName,
-            format!("zmesh root CA ({trust_domain})"),
+            format!("zmesh root CA ({trust_domain}) {tag:08x}"),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -277,3 +277,125 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     }
     Ok(ders)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{FileCa, SpiffeId};
+
+    fn ca(dir: &Path, name: &str) -> FileCa {
+        let d = dir.join(name);
+        FileCa::init(&d, "cluster.local").unwrap();
+        FileCa::load(&d).unwrap()
+    }
+
+    fn crl(ca: &FileCa, serials: &[String]) -> CertificateRevocationListDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        let pem = ca
+            .crl_pem(serials, SystemTime::now(), Duration::from_secs(3600))
+            .unwrap();
+        CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn chains_are_checked_against_every_root_and_every_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (ca(dir.path(), "one"), ca(dir.path(), "two"));
+        let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
+        let leaf1 = one.issue(&id, Duration::from_secs(3600)).unwrap();
+        let leaf2 = two.issue(&id, Duration::from_secs(3600)).unwrap();
+        let now = unix_time(SystemTime::now());
+        let roots: Vec<_> = one.roots().iter().chain(two.roots()).cloned().collect();
+        let trust =
+            |crls| Trust::new(&roots, crls, crate::tls::provider(), Arc::new(SystemClock)).unwrap();
+        let check = |t: &Trust, leaf: &crate::identity::Issued, usage| {
+            t.verify_chain(&leaf.chain[0], &leaf.chain[1..], now, usage)
+        };
+
+        // Two roots: leaves of both verify, for both usages.
+        let plain = trust(vec![]);
+        for leaf in [&leaf1, &leaf2] {
+            assert!(check(&plain, leaf, Usage::Client).is_ok());
+            assert!(check(&plain, leaf, Usage::Server).is_ok());
+        }
+        // Only the first root: the second CA's leaf is unknown.
+        let only_one = Trust::new(
+            one.roots(),
+            vec![],
+            crate::tls::provider(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                check(&only_one, &leaf2, Usage::Client),
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer
+                ))
+            ),
+            "{:?}",
+            check(&only_one, &leaf2, Usage::Client)
+        );
+
+        // CA one revokes its leaf: only that leaf fails; CA two's leaf (not covered) passes.
+        let revoking = trust(vec![
+            crl(&one, std::slice::from_ref(&leaf1.serial)),
+            crl(&two, &[]),
+        ]);
+        assert!(matches!(
+            check(&revoking, &leaf1, Usage::Client),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+        ));
+        assert!(check(&revoking, &leaf2, Usage::Client).is_ok());
+        // A CRL revoking other serials changes nothing.
+        let other = trust(vec![crl(&one, &["0badc0de".into()])]);
+        assert!(check(&other, &leaf1, Usage::Server).is_ok());
+        // Change detection compares material, not object identity.
+        assert!(plain.same_material(&trust(vec![])));
+        assert!(!plain.same_material(&other));
+    }
+
+    #[test]
+    fn expiry_is_judged_at_the_time_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = ca(dir.path(), "one");
+        let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
+        let leaf = one.issue(&id, Duration::from_secs(3600)).unwrap();
+        let t = Trust::new(
+            one.roots(),
+            vec![],
+            crate::tls::provider(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let later = unix_time(leaf.not_after + Duration::from_secs(1));
+        assert!(matches!(
+            t.verify_chain(&leaf.chain[0], &[], later, Usage::Client),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
+        ));
+        let during = unix_time(leaf.not_before + Duration::from_secs(60));
+        assert!(t
+            .verify_chain(&leaf.chain[0], &[], during, Usage::Client)
+            .is_ok());
+    }
+
+    #[test]
+    fn crl_files_that_are_not_crls_are_refused_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("crl.pem");
+        std::fs::write(
+            &p,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = load_crls(&p).unwrap_err().to_string();
+        assert!(e.contains("crl.pem") && e.contains("no X509 CRL"), "{e}");
+        std::fs::write(&p, [0x30u8, 0x03, 0x02, 0x01, 0x01]).unwrap();
+        let e = load_crls(&p).unwrap_err().to_string();
+        assert!(e.contains("not a valid CRL"), "{e}");
+        let e = load_crls(&dir.path().join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+    }
+}
