@@ -547,15 +547,13 @@ impl Config {
                 ));
             }
         }
-        let mut uids = std::collections::HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}].{f}");
             if w.uid.is_empty() {
                 return Err(invalid(at("uid"), &"", "a workload needs a non-empty uid"));
             }
-            if !uids.insert(w.uid.clone()) {
-                return Err(invalid(at("uid"), &w.uid, "duplicate workload uid"));
-            }
+            // A duplicate uid is not fatal (reliability #22): the first entry wins, and
+            // `warnings` and the model's log say so.
             let td = w.trust_domain.as_ref().unwrap_or(&n.trust_domain);
             SpiffeId::new(td, &w.namespace, &w.service_account)
                 .map_err(|e| invalid(at("service_account"), &w.service_account, &e.to_string()))?;
@@ -598,6 +596,33 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Problems that do not stop the file from loading (reliability #22): a duplicate workload
+    /// uid (the first entry is used) and an address claimed by two workloads (the first wins).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut uids = std::collections::HashMap::new();
+        let mut ips = std::collections::HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(first) = uids.insert(w.uid.0.as_str(), i) {
+                uids.insert(w.uid.0.as_str(), first);
+                out.push(format!(
+                    "workloads[{i}].uid = {:?}: duplicate of workloads[{first}]; using workloads[{first}]",
+                    w.uid.0
+                ));
+                continue;
+            }
+            for ip in &w.addresses {
+                if let Some(first) = ips.insert(*ip, i) {
+                    ips.insert(*ip, first);
+                    out.push(format!(
+                        "workloads[{i}].addresses: {ip} is also workloads[{first}]'s; traffic to it goes to workloads[{first}]"
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The policies of this file. Broken entries are kept as deny-all over their scope; their
@@ -689,11 +714,22 @@ workloads:
         let dup = format!(
             "{GOOD}  - uid: a\n    name: b\n    namespace: default\n    addresses: [10.0.0.2]\n    node: node-a\n"
         );
-        let e = err(&dup).to_string();
-        assert!(
-            e.contains("workloads[1].uid") && e.contains("duplicate"),
-            "{e}"
+        // Duplicates load (reliability #22), with a warning naming both entries.
+        let c = Config::parse(&dup, "t.yaml").unwrap();
+        assert_eq!(
+            c.warnings(),
+            ["workloads[1].uid = \"a\": duplicate of workloads[0]; using workloads[0]"]
         );
+        let shared_ip = format!(
+            "{GOOD}  - uid: c\n    name: c\n    namespace: default\n    addresses: [10.0.0.1]\n    node: node-b\n"
+        );
+        let c = Config::parse(&shared_ip, "t.yaml").unwrap();
+        assert_eq!(
+            c.warnings(),
+            ["workloads[1].addresses: 10.0.0.1 is also workloads[0]'s; traffic to it goes to workloads[0]"]
+        );
+        let m = crate::model::Model::from_config(&c);
+        assert_eq!(m.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap().uid, "a");
 
         let e = err(&GOOD.replace("namespace: default", "namespace: Default")).to_string();
         assert!(

@@ -101,7 +101,12 @@ impl Model {
     pub fn from_config(cfg: &Config) -> Model {
         let mut workloads = Vec::new();
         let mut workloads_by_ip = HashMap::new();
+        let mut uids = std::collections::HashSet::new();
         for w in &cfg.workloads {
+            if !uids.insert(w.uid.0.as_str()) {
+                tracing::warn!(uid = %w.uid, "duplicate workload uid; keeping the first entry");
+                continue;
+            }
             let td = w.trust_domain.as_ref().unwrap_or(&cfg.node.trust_domain);
             let identity = SpiffeId::new(td, &w.namespace, &w.service_account)
                 .expect("validated at config load");

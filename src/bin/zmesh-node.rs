@@ -79,6 +79,9 @@ fn main() -> ExitCode {
                     }
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
+                for w in cfg.warnings() {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }

@@ -64,6 +64,9 @@ pub struct State {
 
 impl State {
     fn from_config(cfg: &Config) -> State {
+        for w in cfg.warnings() {
+            tracing::warn!("config: {w}");
+        }
         let policies = cfg.policy_set();
         for e in policies.errors() {
             tracing::error!(error = %e, "authorization policy refused; denying every connection in its scope until it is fixed");
