@@ -729,7 +729,10 @@ workloads:
             ["workloads[1].addresses: 10.0.0.1 is also workloads[0]'s; traffic to it goes to workloads[0]"]
         );
         let m = crate::model::Model::from_config(&c);
-        assert_eq!(m.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap().uid, "a");
+        assert_eq!(
+            m.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap().uid,
+            "a"
+        );
 
         let e = err(&GOOD.replace("namespace: default", "namespace: Default")).to_string();
         assert!(

@@ -145,5 +145,75 @@ fn run() -> Result<()> {
         "a node wrote no access log line"
     );
     println!("\npath: app-a -> iptables REDIRECT -> zmesh-node A :15001 -> mTLS+HTTP/2 CONNECT -> {B_IP}:15008 zmesh-node B -> app-b");
+    policy_act(&mesh)
+}
+
+/// Act two: an authorization policy added to node B's config while a connection is open.
+fn policy_act(mesh: &HostMesh) -> Result<()> {
+    println!("\n== policy: a DENY for app-a's identity, applied to running node B with SIGHUP ==");
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                if let Ok(mut r) = s.try_clone() {
+                    let _ = std::io::copy(&mut r, &mut s);
+                }
+            });
+        }
+    });
+    let mut open = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    open.write_all(b"ping")?;
+    let mut echo = [0u8; 4];
+    open.read_exact(&mut echo)?;
+    println!(
+        "app-a opened a connection to app-b and got its echo: {:?}",
+        String::from_utf8_lossy(&echo)
+    );
+
+    let path = mesh.config_path("node-b");
+    let policy = "policies:\n  - name: deny-frontend\n    namespace: shop\n    action: deny\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/shop/sa/frontend\"]\n";
+    let mut cfg = std::fs::read_to_string(&path)?;
+    cfg += policy;
+    std::fs::write(&path, cfg)?;
+    println!("added to {}:\n{}", path.display(), policy.trim_end());
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &mesh.node_b.pid().to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -HUP failed");
+    mesh.node_b
+        .wait_for_log("config reloaded", std::time::Duration::from_secs(10))?;
+
+    open.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut buf = [0u8; 16];
+    let cut = match open.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+        other => format!("{other:?}"),
+    };
+    println!("the connection app-a already had open: {cut}");
+    ensure!(
+        cut == "reset",
+        "the open connection was not closed by the new policy"
+    );
+    let mut again = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    let _ = again.write_all(b"ping");
+    again.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let refused =
+        matches!(again.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+    println!(
+        "a new connection from app-a: {}",
+        if refused {
+            "reset (CONNECT answered 401)"
+        } else {
+            "NOT refused"
+        }
+    );
+    ensure!(refused, "a new connection was not refused");
+    println!("node B says:");
+    for l in mesh.node_b.read_log().lines() {
+        if l.contains("policy change") || l.contains("denied by authorization policy") {
+            println!("  {l}");
+        }
+    }
     Ok(())
 }
