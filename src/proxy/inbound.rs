@@ -202,7 +202,7 @@ async fn stream(
         Some(_) => {}
     }
     // Policy is judged at the destination with the real target port (model.md).
-    let who = policy::Connection {
+    let who = || policy::Connection {
         src_identity: Some(client.clone()),
         src_ip: peer.ip(),
         dst_ip: dst.ip(),
@@ -214,7 +214,7 @@ async fn stream(
     };
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();
-    let decision = node.authorize(&who);
+    let decision = node.authorize(&who());
     if !decision.allowed {
         server::refuse(respond, StatusCode::UNAUTHORIZED);
         let reason = denial_reason(&decision);
@@ -222,6 +222,8 @@ async fn stream(
         log.emit(enabled, Some(&format_args!("{reason} (401)")));
         return;
     }
+    // Not kept across the relay's awaits: an idle connection carries as little as possible.
+    drop(decision);
     // The app sees the calling workload's address; bytes the client sent before our 200 wait in
     // h2's window and reach nobody until the dial succeeded (reliability #11).
     let opts = DialOptions {
@@ -247,8 +249,11 @@ async fn stream(
             return;
         }
     };
-    let relay = tcp_to_h2(&mut app, send, req.into_body());
-    match enforce(&node, &who, changes, relay).await {
+    let outcome = {
+        let relay = std::pin::pin!(tcp_to_h2(&mut app, send, req.into_body()));
+        enforce(&node, who, changes, relay).await
+    };
+    match outcome {
         Ok(transfer) => {
             log.transfer = transfer;
             log.emit(enabled, None);

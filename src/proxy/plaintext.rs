@@ -67,7 +67,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     log.dst_workload = Some(w.name.clone());
     // No peer identity: principal, namespace and service-account matches never hold, so a
     // STRICT policy (DENY not_principals ["*"]) refuses this connection.
-    let who = policy::Connection {
+    let who = || policy::Connection {
         src_identity: None,
         src_ip: peer.ip(),
         dst_ip: dst.ip(),
@@ -79,7 +79,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     };
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();
-    let decision = node.authorize(&who);
+    let decision = node.authorize(&who());
     if !decision.allowed {
         reset_on_drop(&tcp);
         let reason = denial_reason(&decision);
@@ -87,33 +87,41 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         log.emit(enabled, Some(&format_args!("{reason} (reset)")));
         return;
     }
+    // Not kept across the relay's awaits: an idle connection carries as little as possible.
+    drop(decision);
     let opts = DialOptions {
         mark: node.mark(),
         source: Some(peer.ip()),
         transparent: true,
     };
-    match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
-        Ok(mut app) => match enforce(&node, &who, changes, tcp_to_tcp(&mut tcp, &mut app)).await {
-            Ok(transfer) => {
-                log.transfer = transfer;
-                log.emit(enabled, None);
-            }
-            Err(d) => {
-                reset_on_drop(&tcp);
-                reset_on_drop(&app);
-                let reason = denial_reason(&d);
-                tracing::info!(src = %peer, %dst, reason, "connection closed due to policy change");
-                log.emit(
-                    enabled,
-                    Some(&format_args!(
-                        "connection closed due to policy change: {reason}"
-                    )),
-                );
-            }
-        },
+    let mut app = match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
+        Ok(app) => app,
         Err(e) => {
             reset_on_drop(&tcp);
             log.emit(enabled, Some(&e));
+            return;
+        }
+    };
+    let outcome = {
+        let relay = std::pin::pin!(tcp_to_tcp(&mut tcp, &mut app));
+        enforce(&node, who, changes, relay).await
+    };
+    match outcome {
+        Ok(transfer) => {
+            log.transfer = transfer;
+            log.emit(enabled, None);
+        }
+        Err(d) => {
+            reset_on_drop(&tcp);
+            reset_on_drop(&app);
+            let reason = denial_reason(&d);
+            tracing::info!(src = %peer, %dst, reason, "connection closed due to policy change");
+            log.emit(
+                enabled,
+                Some(&format_args!(
+                    "connection closed due to policy change: {reason}"
+                )),
+            );
         }
     }
 }
