@@ -314,6 +314,9 @@ pub struct WorkloadConfig {
     /// Services this workload backs: "namespace/hostname" → {service port: target port}.
     #[serde(default)]
     pub services: BTreeMap<BoundedString, BTreeMap<u16, u16>>,
+    /// uid of the waypoint workload that handles traffic addressed to this workload's IP.
+    #[serde(default)]
+    pub waypoint: Option<BoundedString>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -362,6 +365,10 @@ pub struct ServiceConfig {
     pub subject_alt_names: Vec<SpiffeIdString>,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// uid of the waypoint workload that handles this service's traffic (L7); clients send
+    /// HBONE to it instead of to an endpoint.
+    #[serde(default)]
+    pub waypoint: Option<BoundedString>,
 }
 
 /// A string with a length bound, checked while parsing so the error carries a line number.
@@ -576,6 +583,26 @@ impl Config {
                     return Err(invalid(at("services"), svc, "port 0 is not a port"));
                 }
             }
+        }
+        let by_uid: std::collections::HashMap<&str, &WorkloadConfig> =
+            self.workloads.iter().map(|w| (w.uid.0.as_str(), w)).collect();
+        let check_waypoint = |field: String, uid: &Option<BoundedString>| match uid {
+            None => Ok(()),
+            Some(uid) => match by_uid.get(uid.0.as_str()) {
+                None => Err(invalid(field, uid, "no workload has this uid")),
+                Some(w) if w.protocol != TunnelProtocol::Hbone => Err(invalid(
+                    field,
+                    uid,
+                    "a waypoint must speak HBONE (protocol: HBONE)",
+                )),
+                Some(_) => Ok(()),
+            },
+        };
+        for (i, w) in self.workloads.iter().enumerate() {
+            check_waypoint(format!("workloads[{i}].waypoint"), &w.waypoint)?;
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            check_waypoint(format!("services[{i}].waypoint"), &s.waypoint)?;
         }
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {

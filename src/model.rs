@@ -32,6 +32,8 @@ pub struct Workload {
     pub locality: Locality,
     /// "namespace/hostname" → service port → target port.
     pub services: HashMap<String, HashMap<u16, u16>>,
+    /// uid of the waypoint that handles traffic addressed to this workload.
+    pub waypoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub struct Service {
     pub subject_alt_names: Vec<SpiffeId>,
     pub mode: LoadBalancingMode,
     pub routing_preference: Vec<RoutingScope>,
+    /// uid of the waypoint that handles this service's traffic.
+    pub waypoint: Option<String>,
     /// Backing workloads, in config order.
     pub endpoints: Vec<Arc<Workload>>,
 }
@@ -90,6 +94,7 @@ pub enum SelectError {
 pub struct Model {
     pub node: String,
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    workloads_by_uid: HashMap<String, Arc<Workload>>,
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
     workloads: Vec<Arc<Workload>>,
     services: Vec<Arc<Service>>,
@@ -135,6 +140,7 @@ impl Model {
                     .iter()
                     .map(|(k, v)| (k.0.clone(), v.iter().map(|(a, b)| (*a, *b)).collect()))
                     .collect(),
+                waypoint: w.waypoint.as_ref().map(|u| u.0.clone()),
             });
             for ip in &wl.addresses {
                 // Two workloads with one IP: the first in file order wins, deterministically
@@ -166,6 +172,7 @@ impl Model {
                 subject_alt_names: s.subject_alt_names.iter().map(|x| x.0.clone()).collect(),
                 mode: s.load_balancing.mode,
                 routing_preference: s.load_balancing.routing_preference.clone(),
+                waypoint: s.waypoint.as_ref().map(|u| u.0.clone()),
                 endpoints,
             });
             for vip in &svc.vips {
@@ -180,6 +187,7 @@ impl Model {
         Model {
             node: cfg.node.name.0.clone(),
             workloads_by_ip,
+            workloads_by_uid: workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
             services_by_vip,
             workloads,
             services,
@@ -189,7 +197,7 @@ impl Model {
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
-        self.workloads.iter().find(|w| w.uid == uid)
+        self.workloads_by_uid.get(uid)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -225,6 +233,9 @@ impl Model {
         dst: SocketAddr,
         rng: &mut impl Rng,
     ) -> Result<Route, SelectError> {
+        if let Some(route) = self.via_waypoint(source, dst) {
+            return Ok(route);
+        }
         if let Some(svc) = self.service_by_vip(dst.ip()) {
             let default_target = *svc.ports.get(&dst.port()).ok_or(SelectError::NoSuchPort {
                 service: svc.key(),
@@ -259,6 +270,28 @@ impl Model {
             return Err(SelectError::RegistryOnly(dst));
         }
         Ok(Route::Passthrough { addr: dst })
+    }
+
+    /// model.md steps 2 and 3: a Service VIP or workload IP that names a waypoint is sent to
+    /// that waypoint, with the ORIGINAL destination as `:authority` so the waypoint can apply the
+    /// destination's L7 rules. Traffic from the waypoint itself goes on to the destination.
+    fn via_waypoint(&self, source: &Workload, dst: SocketAddr) -> Option<Route> {
+        let (uid, service) = match self.service_by_vip(dst.ip()) {
+            Some(svc) => (svc.waypoint.as_ref()?, Some(svc.clone())),
+            None => (self.workload_by_ip(dst.ip())?.waypoint.as_ref()?, None),
+        };
+        if *uid == source.uid {
+            return None;
+        }
+        let wp = self.workload_by_uid(uid)?;
+        let ip = pick_address(&wp.addresses, dst.ip());
+        Some(Route::Hbone {
+            hbone_addr: SocketAddr::new(ip, self.hbone_port),
+            authority: dst,
+            expected: vec![wp.identity.clone()],
+            destination: wp.clone(),
+            service,
+        })
     }
 
     fn route_to(
@@ -548,5 +581,74 @@ services:
         let local: Vec<_> = m.local_workloads().map(|w| w.uid.as_str()).collect();
         assert_eq!(local, vec!["client"]);
         assert!(m.local_workload("10.0.1.1".parse().unwrap()).is_none());
+    }
+
+    /// A config where the service `echo` and the workload `echo-1` name the waypoint `wp`.
+    fn waypoint_model() -> Model {
+        let text = r#"
+node: { name: node-a, certificates: { file_ca: { dir: /tmp/ca } } }
+workloads:
+  - { uid: client, name: client, namespace: default, addresses: [10.0.0.1], node: node-a }
+  - { uid: wp, name: waypoint, namespace: default, service_account: waypoint, addresses: [10.0.9.9], node: node-w }
+  - uid: echo-1
+    name: echo-1
+    namespace: default
+    addresses: [10.0.1.1]
+    node: node-b
+    waypoint: wp
+    services: { "default/echo": { 80: 8080 } }
+  - { uid: plain, name: plain, namespace: default, addresses: [10.0.1.2], node: node-b }
+services:
+  - { name: echo, namespace: default, hostname: echo, vips: [10.96.0.10], ports: { 80: 8080 }, waypoint: wp }
+"#;
+        Model::from_config(&Config::parse(text, "t").unwrap())
+    }
+
+    #[test]
+    fn a_service_or_workload_with_a_waypoint_is_sent_to_it_with_the_original_authority() {
+        let m = waypoint_model();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let from = |uid: &str| m.workload_by_uid(uid).unwrap().clone();
+        for dst in ["10.96.0.10:80", "10.0.1.1:8080"] {
+            match m.select(&from("client"), dst.parse().unwrap(), &mut rng).unwrap() {
+                Route::Hbone {
+                    hbone_addr,
+                    authority,
+                    expected,
+                    destination,
+                    ..
+                } => {
+                    assert_eq!(hbone_addr, "10.0.9.9:15008".parse().unwrap(), "{dst}");
+                    assert_eq!(authority, dst.parse().unwrap(), "the original destination");
+                    assert_eq!(expected, vec![destination.identity.clone()]);
+                    assert_eq!(destination.uid, "wp");
+                }
+                r => panic!("{dst}: {r:?}"),
+            }
+        }
+        // The waypoint's own traffic goes on to the destination, never back to itself.
+        match m.select(&from("wp"), "10.96.0.10:80".parse().unwrap(), &mut rng).unwrap() {
+            Route::Hbone { authority, .. } => {
+                assert_eq!(authority, "10.0.1.1:8080".parse().unwrap())
+            }
+            r => panic!("{r:?}"),
+        }
+        // A workload without a waypoint is reached directly.
+        match m.select(&from("client"), "10.0.1.2:80".parse().unwrap(), &mut rng).unwrap() {
+            Route::Hbone { hbone_addr, .. } => {
+                assert_eq!(hbone_addr, "10.0.1.2:15008".parse().unwrap())
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waypoint_must_name_a_known_hbone_workload() {
+        let base = "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }\nworkloads:\n  - { uid: a, name: a, namespace: d, addresses: [10.0.0.1], node: n, waypoint: nope }\n";
+        let e = Config::parse(base, "t").unwrap_err().to_string();
+        assert!(e.contains("workloads[0].waypoint") && e.contains("nope"), "{e}");
+        let tcp = base.replace("waypoint: nope", "waypoint: b") + "  - { uid: b, name: b, namespace: d, addresses: [10.0.0.2], node: n, protocol: TCP }\n";
+        let e = Config::parse(&tcp, "t").unwrap_err().to_string();
+        assert!(e.contains("must speak HBONE"), "{e}");
     }
 }

@@ -170,6 +170,7 @@ mod tests {
             capacity: 1,
             locality: Locality::default(),
             services: Default::default(),
+            waypoint: None,
         }
     }
 
