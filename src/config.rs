@@ -76,6 +76,18 @@ pub struct Config {
     /// set running (fail closed).
     #[serde(default)]
     pub policies: Vec<serde_yaml::Value>,
+    /// The waypoint binary's own workload (`zmesh-waypoint` reads it; the node ignores it).
+    #[serde(default)]
+    pub waypoint: Option<crate::waypoint::config::WaypointSettings>,
+    /// HTTP routes applied by waypoints (spec/waypoint.md).
+    #[serde(default)]
+    pub routes: Vec<crate::waypoint::config::RouteConfig>,
+    /// L7 authorization policies applied by waypoints.
+    #[serde(default)]
+    pub http_policies: Vec<crate::waypoint::config::HttpPolicyConfig>,
+    /// JWT validation applied by waypoints.
+    #[serde(default)]
+    pub request_authentication: Vec<crate::waypoint::config::RequestAuthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -584,8 +596,11 @@ impl Config {
                 }
             }
         }
-        let by_uid: std::collections::HashMap<&str, &WorkloadConfig> =
-            self.workloads.iter().map(|w| (w.uid.0.as_str(), w)).collect();
+        let by_uid: std::collections::HashMap<&str, &WorkloadConfig> = self
+            .workloads
+            .iter()
+            .map(|w| (w.uid.0.as_str(), w))
+            .collect();
         let check_waypoint = |field: String, uid: &Option<BoundedString>| match uid {
             None => Ok(()),
             Some(uid) => match by_uid.get(uid.0.as_str()) {
@@ -604,6 +619,7 @@ impl Config {
         for (i, s) in self.services.iter().enumerate() {
             check_waypoint(format!("services[{i}].waypoint"), &s.waypoint)?;
         }
+        self.validate_l7(&invalid)?;
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.hostname);
@@ -656,6 +672,121 @@ impl Config {
     /// errors are in `PolicySet::errors` (check-config reports them and fails).
     pub fn policy_set(&self) -> crate::policy::PolicySet {
         crate::policy::PolicySet::from_yaml_values(self.policies.clone())
+    }
+
+    /// Cross-checks of the waypoint sections: every referenced service and workload exists and
+    /// every number is in range.
+    fn validate_l7(
+        &self,
+        invalid: &dyn Fn(String, &dyn fmt::Display, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let services: std::collections::HashSet<String> = self
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.hostname))
+            .collect();
+        let known = |field: String, key: &str| {
+            if services.contains(key) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    field,
+                    &key,
+                    "no service has this namespace/hostname",
+                ))
+            }
+        };
+        if let Some(w) = &self.waypoint {
+            if !self.workloads.iter().any(|x| x.uid.0 == w.workload) {
+                return Err(invalid(
+                    "waypoint.workload".into(),
+                    &w.workload,
+                    "no workload has this uid",
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            known(format!("routes[{i}].service"), &r.service)?;
+            for (j, rule) in r.rules.iter().enumerate() {
+                let at = |f: &str| format!("routes[{i}].rules[{j}].{f}");
+                for (k, b) in rule.backends.iter().enumerate() {
+                    known(at(&format!("backends[{k}].service")), &b.service)?;
+                }
+                if !rule.backends.is_empty() && rule.backends.iter().all(|b| b.weight == 0) {
+                    return Err(invalid(
+                        at("backends"),
+                        &"all weights 0",
+                        "at least one backend needs a weight above 0",
+                    ));
+                }
+                if let Some(f) = &rule.fault {
+                    let pct = |p: f64, field: &str| {
+                        if (0.0..=100.0).contains(&p) {
+                            Ok(())
+                        } else {
+                            Err(invalid(at(field), &p, "a percentage is between 0 and 100"))
+                        }
+                    };
+                    if let Some(d) = &f.delay {
+                        pct(d.percent, "fault.delay.percent")?;
+                    }
+                    if let Some(a) = &f.abort {
+                        pct(a.percent, "fault.abort.percent")?;
+                        if !(200..=599).contains(&a.status) {
+                            return Err(invalid(
+                                at("fault.abort.status"),
+                                &a.status,
+                                "an HTTP status is 200-599",
+                            ));
+                        }
+                    }
+                }
+                if let Some(r) = &rule.redirect {
+                    if !(300..=399).contains(&r.status) {
+                        return Err(invalid(
+                            at("redirect.status"),
+                            &r.status,
+                            "a redirect status is 3xx",
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, p) in self.http_policies.iter().enumerate() {
+            if let Some(s) = &p.service {
+                known(format!("http_policies[{i}].service"), s)?;
+            }
+            for (j, rule) in p.rules.iter().enumerate() {
+                for (k, c) in rule.when.iter().enumerate() {
+                    crate::waypoint::l7::validate_condition(&c.key).map_err(|reason| {
+                        invalid(
+                            format!("http_policies[{i}].rules[{j}].when[{k}].key"),
+                            &c.key,
+                            &reason,
+                        )
+                    })?;
+                }
+            }
+        }
+        for (i, a) in self.request_authentication.iter().enumerate() {
+            known(format!("request_authentication[{i}].service"), &a.service)?;
+            let jwks = match (&a.jwks, &a.jwks_file) {
+                (Some(j), None) => j.clone(),
+                // The file is read when the waypoint loads the config, not here.
+                (None, Some(_)) => continue,
+                _ => {
+                    return Err(invalid(
+                        format!("request_authentication[{i}]"),
+                        &a.name,
+                        "needs exactly one of jwks or jwks_file",
+                    ))
+                }
+            };
+            crate::waypoint::jwt::Jwks::parse(&jwks).map_err(|reason| {
+                invalid(format!("request_authentication[{i}].jwks"), &"...", &reason)
+            })?;
+        }
+        Ok(())
     }
 
     /// The listen address of one of the node's ports.

@@ -23,3 +23,4 @@ pub mod policy;
 pub mod proxy;
 pub mod socket;
 pub mod tls;
+pub mod waypoint;

@@ -187,7 +187,10 @@ impl Model {
         Model {
             node: cfg.node.name.0.clone(),
             workloads_by_ip,
-            workloads_by_uid: workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
+            workloads_by_uid: workloads
+                .iter()
+                .map(|w| (w.uid.clone(), w.clone()))
+                .collect(),
             services_by_vip,
             workloads,
             services,
@@ -610,7 +613,10 @@ services:
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let from = |uid: &str| m.workload_by_uid(uid).unwrap().clone();
         for dst in ["10.96.0.10:80", "10.0.1.1:8080"] {
-            match m.select(&from("client"), dst.parse().unwrap(), &mut rng).unwrap() {
+            match m
+                .select(&from("client"), dst.parse().unwrap(), &mut rng)
+                .unwrap()
+            {
                 Route::Hbone {
                     hbone_addr,
                     authority,
@@ -627,14 +633,20 @@ services:
             }
         }
         // The waypoint's own traffic goes on to the destination, never back to itself.
-        match m.select(&from("wp"), "10.96.0.10:80".parse().unwrap(), &mut rng).unwrap() {
+        match m
+            .select(&from("wp"), "10.96.0.10:80".parse().unwrap(), &mut rng)
+            .unwrap()
+        {
             Route::Hbone { authority, .. } => {
                 assert_eq!(authority, "10.0.1.1:8080".parse().unwrap())
             }
             r => panic!("{r:?}"),
         }
         // A workload without a waypoint is reached directly.
-        match m.select(&from("client"), "10.0.1.2:80".parse().unwrap(), &mut rng).unwrap() {
+        match m
+            .select(&from("client"), "10.0.1.2:80".parse().unwrap(), &mut rng)
+            .unwrap()
+        {
             Route::Hbone { hbone_addr, .. } => {
                 assert_eq!(hbone_addr, "10.0.1.2:15008".parse().unwrap())
             }
@@ -646,7 +658,10 @@ services:
     fn a_waypoint_must_name_a_known_hbone_workload() {
         let base = "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }\nworkloads:\n  - { uid: a, name: a, namespace: d, addresses: [10.0.0.1], node: n, waypoint: nope }\n";
         let e = Config::parse(base, "t").unwrap_err().to_string();
-        assert!(e.contains("workloads[0].waypoint") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("workloads[0].waypoint") && e.contains("nope"),
+            "{e}"
+        );
         let tcp = base.replace("waypoint: nope", "waypoint: b") + "  - { uid: b, name: b, namespace: d, addresses: [10.0.0.2], node: n, protocol: TCP }\n";
         let e = Config::parse(&tcp, "t").unwrap_err().to_string();
         assert!(e.contains("must speak HBONE"), "{e}");

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod connect;
+pub mod io;
 pub mod server;
 
 use std::time::Duration;

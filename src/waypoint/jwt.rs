@@ -1,0 +1,356 @@
+//! JWT request authentication (Istio RequestAuthentication): compact JWS with ES256 or RS256,
+//! keys from a JWKS document, issuer / audience / expiry checks.
+//!
+//! Only asymmetric algorithms are accepted, and the algorithm must agree with the key's type:
+//! `alg: none`, HMAC algorithms and an RSA key offered for an ES256 token (the classic
+//! algorithm-confusion attacks) are all refused. Signatures are checked with ring, the crypto
+//! rustls already uses.
+
+use std::time::SystemTime;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::signature::{self, UnparsedPublicKey};
+use serde_json::{Map, Value};
+
+/// Tokens longer than this are refused before any decoding (Envoy's default header limit is
+/// 60 KiB; a JWT is a few hundred bytes).
+const MAX_TOKEN: usize = 16 * 1024;
+/// Clock skew tolerated on `exp` and `nbf`, as Istio's default.
+const LEEWAY_SECS: u64 = 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("algorithm {0:?} is not accepted (ES256 or RS256 only)")]
+    Algorithm(String),
+    #[error("no key in the JWKS verifies this token")]
+    Signature,
+    #[error("issuer {got:?} is not {want:?}")]
+    Issuer { got: String, want: String },
+    #[error("audience does not include any of {0:?}")]
+    Audience(Vec<String>),
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+}
+
+#[derive(Debug, Clone)]
+enum Key {
+    /// Uncompressed P-256 point (0x04 || x || y).
+    Es256(Vec<u8>),
+    Rs256 {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Jwk {
+    kid: Option<String>,
+    key: Key,
+}
+
+/// A parsed JWKS document.
+#[derive(Debug, Clone, Default)]
+pub struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+fn b64(field: &str, v: Option<&Value>) -> Result<Vec<u8>, String> {
+    let s = v
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing {field}"))?;
+    URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|e| format!("{field}: {e}"))
+}
+
+impl Jwks {
+    /// Parses `{"keys": [...]}`. Keys of other types (or `use: enc`) are skipped; a document
+    /// with no usable key is an error, since it could verify nothing.
+    pub fn parse(json: &str) -> Result<Jwks, String> {
+        let doc: Value =
+            serde_json::from_str(json).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+        let keys = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("JWKS has no \"keys\" array")?;
+        let mut out = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if k.get("use").and_then(Value::as_str) == Some("enc") {
+                continue;
+            }
+            let kid = k.get("kid").and_then(Value::as_str).map(str::to_string);
+            let key = match k.get("kty").and_then(Value::as_str) {
+                Some("EC") => {
+                    if k.get("crv").and_then(Value::as_str) != Some("P-256") {
+                        continue;
+                    }
+                    let x = b64("x", k.get("x")).map_err(|e| format!("keys[{i}]: {e}"))?;
+                    let y = b64("y", k.get("y")).map_err(|e| format!("keys[{i}]: {e}"))?;
+                    if x.len() != 32 || y.len() != 32 {
+                        return Err(format!("keys[{i}]: P-256 coordinates must be 32 bytes"));
+                    }
+                    let mut point = vec![4u8];
+                    point.extend(x);
+                    point.extend(y);
+                    Key::Es256(point)
+                }
+                Some("RSA") => Key::Rs256 {
+                    n: b64("n", k.get("n")).map_err(|e| format!("keys[{i}]: {e}"))?,
+                    e: b64("e", k.get("e")).map_err(|e| format!("keys[{i}]: {e}"))?,
+                },
+                _ => continue,
+            };
+            out.push(Jwk { kid, key });
+        }
+        if out.is_empty() {
+            return Err("JWKS holds no ES256 (EC P-256) or RS256 (RSA) key".into());
+        }
+        Ok(Jwks { keys: out })
+    }
+}
+
+/// Checks one issuer's tokens.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: Jwks,
+}
+
+impl Validator {
+    /// Validates `token` at `now`; returns its claims.
+    pub fn validate(&self, token: &str, now: SystemTime) -> Result<Map<String, Value>, JwtError> {
+        let bad = |m: &str| JwtError::Malformed(m.to_string());
+        if token.len() > MAX_TOKEN {
+            return Err(bad("longer than 16 KiB"));
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("a JWT has three dot-separated parts"));
+        };
+        let decode = |part: &str| {
+            URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|_| bad("bad base64url"))
+        };
+        let header: Map<String, Value> =
+            serde_json::from_slice(&decode(h)?).map_err(|_| bad("header is not a JSON object"))?;
+        let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
+        if alg != "ES256" && alg != "RS256" {
+            return Err(JwtError::Algorithm(alg.to_string()));
+        }
+        let kid = header.get("kid").and_then(Value::as_str);
+        let sig = decode(s)?;
+        let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
+        let verified = self
+            .jwks
+            .keys
+            .iter()
+            .filter(|k| kid.is_none() || k.kid.as_deref().is_none() || k.kid.as_deref() == kid)
+            .any(|k| match (&k.key, alg) {
+                (Key::Es256(point), "ES256") => {
+                    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                        .verify(signed, &sig)
+                        .is_ok()
+                }
+                (Key::Rs256 { n, e }, "RS256") => signature::RsaPublicKeyComponents { n, e }
+                    .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, &sig)
+                    .is_ok(),
+                _ => false,
+            });
+        if !verified {
+            return Err(JwtError::Signature);
+        }
+        let claims: Map<String, Value> =
+            serde_json::from_slice(&decode(p)?).map_err(|_| bad("payload is not a JSON object"))?;
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+        if iss != self.issuer {
+            return Err(JwtError::Issuer {
+                got: iss.to_string(),
+                want: self.issuer.clone(),
+            });
+        }
+        if !self.audiences.is_empty() {
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => self.audiences.contains(a),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(|a| self.audiences.iter().any(|w| w == a)),
+                _ => false,
+            };
+            if !ok {
+                return Err(JwtError::Audience(self.audiences.clone()));
+            }
+        }
+        let now = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            if now > exp + LEEWAY_SECS {
+                return Err(JwtError::Expired);
+            }
+        }
+        if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64) {
+            if now + LEEWAY_SECS < nbf {
+                return Err(JwtError::NotYetValid);
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// Test and tooling helper: signs `claims` as an ES256 JWT with a PKCS#8 P-256 key.
+pub fn sign_es256(pkcs8: &[u8], kid: &str, claims: &Value) -> String {
+    let rng = ring::rand::SystemRandom::new();
+    let key = signature::EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8,
+        &rng,
+    )
+    .expect("a P-256 PKCS#8 key");
+    let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key.sign(&rng, signing_input.as_bytes()).expect("signing");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+}
+
+/// The JWKS entry for an ES256 key pair (PKCS#8), for tests and tools.
+pub fn es256_jwk(pkcs8: &[u8], kid: &str) -> Value {
+    use ring::signature::KeyPair;
+    let rng = ring::rand::SystemRandom::new();
+    let key = signature::EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8,
+        &rng,
+    )
+    .expect("a P-256 PKCS#8 key");
+    let point = key.public_key().as_ref();
+    serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+    })
+}
+
+/// A fresh P-256 key in PKCS#8, for tests and tools.
+pub fn new_es256_key() -> Vec<u8> {
+    let rng = ring::rand::SystemRandom::new();
+    signature::EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .expect("key generation")
+        .as_ref()
+        .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn setup() -> (Vec<u8>, Validator) {
+        let key = new_es256_key();
+        let jwks = json!({"keys": [es256_jwk(&key, "k1")]}).to_string();
+        let v = Validator {
+            issuer: "https://issuer.test".into(),
+            audiences: vec!["shop".into()],
+            jwks: Jwks::parse(&jwks).unwrap(),
+        };
+        (key, v)
+    }
+
+    fn claims(exp_in: i64) -> Value {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        json!({"iss": "https://issuer.test", "sub": "alice", "aud": ["shop", "x"], "exp": now + exp_in})
+    }
+
+    #[test]
+    fn a_valid_es256_token_yields_its_claims() {
+        let (key, v) = setup();
+        let t = sign_es256(&key, "k1", &claims(600));
+        let c = v.validate(&t, SystemTime::now()).unwrap();
+        assert_eq!(c["sub"], "alice");
+    }
+
+    #[test]
+    fn every_bad_token_is_refused_with_its_reason() {
+        let (key, v) = setup();
+        let now = SystemTime::now();
+        let good = sign_es256(&key, "k1", &claims(600));
+        let other_key = new_es256_key();
+        let cases: Vec<(String, JwtError)> = vec![
+            (
+                sign_es256(&other_key, "k1", &claims(600)),
+                JwtError::Signature,
+            ),
+            (sign_es256(&key, "k1", &claims(-3600)), JwtError::Expired),
+            (
+                sign_es256(&key, "k1", &json!({"iss": "https://evil", "aud": "shop"})),
+                JwtError::Issuer {
+                    got: "https://evil".into(),
+                    want: "https://issuer.test".into(),
+                },
+            ),
+            (
+                sign_es256(
+                    &key,
+                    "k1",
+                    &json!({"iss": "https://issuer.test", "aud": "other"}),
+                ),
+                JwtError::Audience(vec!["shop".into()]),
+            ),
+            (
+                "a.b".into(),
+                JwtError::Malformed("a JWT has three dot-separated parts".into()),
+            ),
+        ];
+        for (token, want) in cases {
+            assert_eq!(v.validate(&token, now).unwrap_err(), want, "{token}");
+        }
+        // alg: none and HS256, with the real payload and no or any signature.
+        let parts: Vec<&str> = good.split('.').collect();
+        for alg in ["none", "HS256"] {
+            let h = URL_SAFE_NO_PAD.encode(json!({"alg": alg}).to_string());
+            let forged = format!("{h}.{}.", parts[1]);
+            assert_eq!(
+                v.validate(&forged, now).unwrap_err(),
+                JwtError::Algorithm(alg.into())
+            );
+        }
+        // A tampered payload breaks the signature.
+        let tampered_payload = URL_SAFE_NO_PAD.encode(
+            json!({"iss": "https://issuer.test", "sub": "root", "aud": "shop"}).to_string(),
+        );
+        let tampered = format!("{}.{tampered_payload}.{}", parts[0], parts[2]);
+        assert_eq!(v.validate(&tampered, now).unwrap_err(), JwtError::Signature);
+        // Within the leeway an expired token still passes; past it, not.
+        let t = sign_es256(&key, "k1", &claims(-30));
+        assert!(v.validate(&t, now).is_ok());
+        assert_eq!(
+            v.validate(&t, now + Duration::from_secs(60)).unwrap_err(),
+            JwtError::Expired
+        );
+    }
+
+    #[test]
+    fn jwks_without_usable_keys_is_refused() {
+        assert!(Jwks::parse("{}").is_err());
+        assert!(Jwks::parse(r#"{"keys": [{"kty": "oct", "k": "AAAA"}]}"#).is_err());
+        assert!(Jwks::parse("not json").is_err());
+    }
+}
