@@ -141,9 +141,9 @@ pub fn watched_files(config: &Path, cfg: &Config) -> Vec<PathBuf> {
 
 /// What identifies one version of a file without reading it. A missing file is a version too
 /// (`None`), so deleting and restoring it are both seen.
-type Stamp = Option<(u64, SystemTime, u64)>;
+pub type Stamp = Option<(u64, SystemTime, u64)>;
 
-fn stamp(path: &Path) -> Stamp {
+pub fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     // `metadata` follows symlinks: a ConfigMap's `..data` swap changes the target's inode.
     let m = std::fs::metadata(path).ok()?;

@@ -7,3 +7,5 @@
 pub mod config;
 pub mod jwt;
 pub mod l7;
+pub mod metrics;
+pub mod server;

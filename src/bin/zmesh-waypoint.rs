@@ -1,0 +1,141 @@
+//! zmesh-waypoint: the L7 proxy. It takes HBONE in, applies HTTP routing and policy, and sends
+//! each request on over HBONE under its own identity (spec/waypoint.md).
+//!
+//! `zmesh-waypoint run --config FILE` serves; `check-config FILE` validates (exit 64 when
+//! invalid). The config is the mesh model file plus a `waypoint: {workload: <uid>}` section;
+//! it is re-read when it changes and on SIGHUP (a bad file keeps the last good one running).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use zmesh::config::Config;
+use zmesh::identity::CertManager;
+use zmesh::proxy::load_certificates;
+use zmesh::waypoint::server::{self, Waypoint};
+
+/// Exit code for an invalid config: sysexits.h EX_USAGE, as for zmesh-node.
+const EXIT_INVALID_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "zmesh-waypoint",
+    version,
+    about = "zmesh waypoint (L7 proxy over HBONE)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the waypoint.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (64 when invalid).
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::CheckConfig { file } => match load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+        },
+        Cmd::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_INVALID_CONFIG);
+                }
+            };
+            match run(cfg, config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("zmesh-waypoint: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Loads and validates, including the waypoint-only checks (its workload exists, JWKS parse).
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    let cfg = Config::load(path)?;
+    anyhow::ensure!(
+        cfg.waypoint.is_some(),
+        "{}: a waypoint config needs `waypoint: {{workload: <uid>}}`",
+        path.display()
+    );
+    server::WpState::from_config(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
+fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("ZMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let workers = match cfg.node.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("zmesh-waypoint")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let (source, trust) = load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock))?;
+        let certs = Arc::new(CertManager::with_trust(source, trust)?);
+        tokio::spawn(certs.clone().run_renewals());
+        let wp = Waypoint::new(cfg, certs)?;
+        let (hbone, admin) = server::start(wp.clone()).await?;
+        tracing::info!(%hbone, %admin, "zmesh waypoint ready");
+        watch_config(wp, path).await
+    })
+}
+
+/// Re-reads the config when it changes (checked each second) or on SIGHUP.
+async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut seen = zmesh::proxy::reload::stamp(&path);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(zmesh::proxy::reload::WATCH_INTERVAL) => false,
+            _ = hup.recv() => true,
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let now = zmesh::proxy::reload::stamp(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match load(&path).and_then(|cfg| wp.reload(&cfg).map_err(Into::into)) {
+            Ok(()) => tracing::info!("config reloaded from {}", path.display()),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the last good config keeps running")
+            }
+        }
+    }
+}

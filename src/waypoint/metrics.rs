@@ -1,0 +1,100 @@
+//! Istio's standard request metrics as the waypoint reports them (`reporter="waypoint"`):
+//! `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
+//! `istio_response_bytes`, with Istio's label names so existing dashboards work unchanged.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Istio's default duration buckets, in milliseconds.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: &'static str,
+    pub response_code: String,
+    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RequestLabels, Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(DURATION_BUCKETS.into_iter())) as fn() -> Histogram,
+        );
+        let bytes = || {
+            Family::<RequestLabels, Histogram>::new_with_constructor(
+                (|| {
+                    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                        1.0, 10.0, 10,
+                    ))
+                }) as fn() -> Histogram,
+            )
+        };
+        let (request_bytes, response_bytes) = (bytes(), bytes());
+        // prometheus-client appends `_total` to counters itself.
+        registry.register(
+            "istio_requests",
+            "Requests handled by the waypoint",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body size",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body size",
+            response_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,1243 @@
+//! The waypoint's data path (spec/waypoint.md "Data path").
+//!
+//! HBONE in on :15008, exactly like a node's inbound (the same TLS, deadline and HTTP/2
+//! settings) but with the waypoint's own certificate. Each CONNECT is judged by L4 policy, then
+//! its bytes are sniffed: HTTP/1.1 or HTTP/2 go to hyper (keep-alive, so one client connection
+//! carries many requests), anything else is relayed as TCP to an endpoint. Every HTTP request is
+//! routed, authenticated (JWT), authorized (L7 policy), faulted, rewritten, and sent to an
+//! endpoint chosen per request over a pooled HBONE tunnel that carries the WAYPOINT's identity,
+//! with `:authority = endpointIP:targetPort`. Upstream HTTP connections are kept alive and
+//! reused per endpoint.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, HOST, LOCATION};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use rustls::ServerConfig;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::config::{Backend, HeaderOps, PathMatch, RetryOn, RouteConfig, RouteRule};
+use super::jwt::{Jwks, Validator};
+use super::l7::{authorize, select_rule, RequestView};
+use super::metrics::{Metrics, RequestLabels};
+use crate::config::Config;
+use crate::hbone::client::{Pool, PoolKey};
+use crate::hbone::connect::{build_connect, parse_connect, ConnectHeaders};
+use crate::hbone::io::H2Io;
+use crate::hbone::{keepalive, server};
+use crate::identity::{CertManager, SpiffeId};
+use crate::model::{Model, Route, Service, Workload};
+use crate::policy::{self, PolicySet, WorkloadRef};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// How long to wait for a client's first bytes before treating the stream as opaque TCP
+/// (server-first protocols send nothing). Istio's protocol-detection timeout is the same order.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// Request bodies up to this size are buffered when the route retries (a retry must resend
+/// them); larger ones are streamed and not retried.
+const MAX_RETRY_BODY: usize = 1024 * 1024;
+/// Request header block limit: larger gets 431 (reliability #5's spirit at L7).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Idle upstream HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// One RequestAuthentication: required?, the validator, claim → header copies.
+type JwtRule = (bool, Validator, std::collections::BTreeMap<String, String>);
+
+/// The live model and the L7 configuration derived from it.
+pub struct WpState {
+    pub model: Arc<Model>,
+    pub l4: Arc<PolicySet>,
+    routes: HashMap<String, Vec<RouteConfig>>,
+    http_policies: Vec<super::config::HttpPolicyConfig>,
+    auth: HashMap<String, Vec<JwtRule>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error("config has no `waypoint: {{workload: <uid>}}` section")]
+    NoWaypointSection,
+    #[error("waypoint workload {0:?} is not in the model")]
+    UnknownWorkload(String),
+    #[error("request_authentication {name}: {detail}")]
+    Jwks { name: String, detail: String },
+    #[error("certificates: {0}")]
+    Certs(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl WpState {
+    pub fn from_config(cfg: &Config) -> Result<WpState, WaypointError> {
+        let mut routes: HashMap<String, Vec<RouteConfig>> = HashMap::new();
+        for r in &cfg.routes {
+            routes.entry(r.service.clone()).or_default().push(r.clone());
+        }
+        let mut auth: HashMap<String, Vec<_>> = HashMap::new();
+        for a in &cfg.request_authentication {
+            let text = match (&a.jwks, &a.jwks_file) {
+                (Some(j), _) => j.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| WaypointError::Jwks {
+                    name: a.name.clone(),
+                    detail: format!("{}: {e}", f.display()),
+                })?,
+                (None, None) => String::new(),
+            };
+            let jwks = Jwks::parse(&text).map_err(|detail| WaypointError::Jwks {
+                name: a.name.clone(),
+                detail,
+            })?;
+            auth.entry(a.service.clone()).or_default().push((
+                a.required,
+                Validator {
+                    issuer: a.issuer.clone(),
+                    audiences: a.audiences.clone(),
+                    jwks,
+                },
+                a.claims_to_headers.clone(),
+            ));
+        }
+        Ok(WpState {
+            model: Arc::new(Model::from_config(cfg)),
+            l4: Arc::new(cfg.policy_set()),
+            routes,
+            http_policies: cfg.http_policies.clone(),
+            auth,
+        })
+    }
+}
+
+/// A running waypoint's shared state.
+pub struct Waypoint {
+    pub cfg: Config,
+    uid: String,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<Pool>,
+    state: watch::Sender<Arc<WpState>>,
+    server_config: Mutex<Option<(String, Arc<ServerConfig>)>>,
+    upstreams: Upstreams,
+    pub metrics: Metrics,
+}
+
+impl Waypoint {
+    pub fn new(cfg: Config, certs: Arc<CertManager>) -> Result<Arc<Waypoint>, WaypointError> {
+        let uid = cfg
+            .waypoint
+            .as_ref()
+            .ok_or(WaypointError::NoWaypointSection)?
+            .workload
+            .clone();
+        let state = WpState::from_config(&cfg)?;
+        let me = state
+            .model
+            .workload_by_uid(&uid)
+            .ok_or_else(|| WaypointError::UnknownWorkload(uid.clone()))?
+            .clone();
+        certs
+            .fetch(&me.identity)
+            .map_err(|e| WaypointError::Certs(e.to_string()))?;
+        let pool = Pool::new(certs.clone(), None, None);
+        Ok(Arc::new(Waypoint {
+            cfg,
+            uid,
+            certs,
+            pool,
+            state: watch::Sender::new(Arc::new(state)),
+            server_config: Mutex::new(None),
+            upstreams: Upstreams::default(),
+            metrics: Metrics::default(),
+        }))
+    }
+
+    pub fn state(&self) -> Arc<WpState> {
+        self.state.borrow().clone()
+    }
+
+    /// Swaps in a new config's model, policies and routes (config reload).
+    pub fn reload(&self, cfg: &Config) -> Result<(), WaypointError> {
+        let state = WpState::from_config(cfg)?;
+        if state.model.workload_by_uid(&self.uid).is_none() {
+            return Err(WaypointError::UnknownWorkload(self.uid.clone()));
+        }
+        self.state.send_replace(Arc::new(state));
+        Ok(())
+    }
+
+    /// This waypoint's own workload.
+    fn me(&self, state: &WpState) -> Arc<Workload> {
+        state
+            .model
+            .workload_by_uid(&self.uid)
+            .expect("checked at start and on reload")
+            .clone()
+    }
+
+    fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
+        let cert = self.certs.fetch(&me.identity).map_err(|e| e.to_string())?;
+        let mut cached = self.server_config.lock().expect("poisoned");
+        if let Some((serial, cfg)) = &*cached {
+            if *serial == cert.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = Arc::new(
+            crate::tls::server_config(&cert, &self.certs.trust()).map_err(|e| e.to_string())?,
+        );
+        *cached = Some((cert.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// Accepts HBONE connections until the listener fails.
+pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                crate::socket::tune(&tcp);
+                let wp = wp.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = connection(wp, tcp, peer).await {
+                        tracing::warn!(src = %peer, reason, "waypoint HBONE connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    let me = wp.me(&wp.state());
+    let cfg = wp.server_config(&me)?;
+    let server::Accepted { client, mut h2, .. } =
+        server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
+    let pinger = h2.ping_pong();
+    let ka = async {
+        match pinger {
+            Some(p) => keepalive(p).await,
+            None => std::future::pending().await,
+        }
+    };
+    let accept = async {
+        while let Some(next) = h2.accept().await {
+            let (req, respond) = next.map_err(|e| format!("HTTP/2 error: {e}"))?;
+            tokio::spawn(stream(wp.clone(), client.clone(), peer, req, respond));
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = accept => r,
+        e = ka => Err(format!("peer stopped answering PINGs: {e}")),
+    }
+}
+
+/// Who sent a CONNECT and where to.
+#[derive(Clone)]
+struct Downstream {
+    client: SpiffeId,
+    peer: SocketAddr,
+    /// The original destination (`:authority`): a service VIP:port or a workload IP:port.
+    dst: SocketAddr,
+}
+
+async fn stream(
+    wp: Arc<Waypoint>,
+    client: SpiffeId,
+    peer: SocketAddr,
+    req: Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+) {
+    let dst = match parse_connect(&req) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::info!(src = %peer, error = %e, "bad CONNECT");
+            return server::refuse(respond, e.status());
+        }
+    };
+    let state = wp.state();
+    let me = wp.me(&state);
+    if state.model.service_by_vip(dst.ip()).is_none()
+        && state.model.workload_by_ip(dst.ip()).is_none()
+    {
+        tracing::info!(src = %peer, %dst, "CONNECT to an address that is no known service or workload (400)");
+        return server::refuse(respond, StatusCode::BAD_REQUEST);
+    }
+    // L4 authorization on the CONNECT: the waypoint is the destination workload.
+    let decision = state.l4.evaluate(&policy::Connection {
+        src_identity: Some(client.clone()),
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+        dst_workload: WorkloadRef {
+            name: me.name.clone(),
+            namespace: me.namespace.clone(),
+        },
+    });
+    if !decision.allowed {
+        tracing::info!(src = %peer, %dst, identity = %client, policy = ?decision.decided_by, "CONNECT denied by L4 policy (401)");
+        return server::refuse(respond, StatusCode::UNAUTHORIZED);
+    }
+    let Ok(send) = server::respond_ok(respond) else {
+        return;
+    };
+    let mut io = H2Io::new(send, req.into_body());
+    let down = Downstream { client, peer, dst };
+    // Sniff: HTTP/1.x request line or the HTTP/2 preface, else opaque TCP.
+    let mut first = vec![0u8; 16];
+    let n = match tokio::time::timeout(SNIFF_TIMEOUT, io.read(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => return,
+        Err(_) => 0,
+    };
+    first.truncate(n);
+    let io = Rewind::new(first.clone(), io);
+    if n > 0 && looks_like_http(&first) {
+        serve_http(wp, down, io).await;
+    } else {
+        relay_tcp(wp, down, io).await;
+    }
+}
+
+/// HTTP/1.x starts with a method token and a space; HTTP/2 prior knowledge with "PRI ".
+fn looks_like_http(b: &[u8]) -> bool {
+    let token_len = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    (3..=7).contains(&token_len) && b.get(token_len) == Some(&b' ')
+}
+
+async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (wp, down) = (wp.clone(), down.clone());
+        async move { Ok::<_, Infallible>(handle(wp, down, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "downstream HTTP connection ended");
+    }
+}
+
+/// Opaque TCP through the waypoint: L4 only, one endpoint for the whole connection.
+async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
+    let state = wp.state();
+    let me = wp.me(&state);
+    let route = match state.model.select(&me, down.dst, &mut rand::thread_rng()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(dst = %down.dst, error = %e, "no endpoint for TCP through the waypoint");
+            return;
+        }
+    };
+    let Route::Hbone {
+        hbone_addr,
+        authority,
+        expected,
+        ..
+    } = route
+    else {
+        tracing::info!(dst = %down.dst, "TCP through the waypoint to a non-HBONE destination is not supported");
+        return;
+    };
+    match wp
+        .open_tunnel(&me, hbone_addr, authority, expected, down.peer, None)
+        .await
+    {
+        Ok((mut up, _guard)) => {
+            let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+        }
+        Err(e) => tracing::info!(dst = %down.dst, error = %e, "upstream tunnel failed"),
+    }
+}
+
+/// Everything known about one request while it is handled, for the access log and metrics.
+struct Outcome {
+    service: Option<Arc<Service>>,
+    endpoint: Option<Arc<Workload>>,
+    flags: &'static str,
+    detail: String,
+    trace: (u128, u64),
+    retries: u32,
+}
+
+fn local(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// The W3C trace context for the next hop: the caller's trace id (or a new one) with a new
+/// span id for this hop.
+fn next_trace(req: &Request<Incoming>) -> (u128, u64, String) {
+    let (new_trace, span) = crate::hbone::connect::new_trace_ids();
+    let parsed = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let p: Vec<&str> = v.split('-').collect();
+            (p.len() == 4 && p[0] == "00" && p[1].len() == 32)
+                .then(|| Some((u128::from_str_radix(p[1], 16).ok()?, p[3].to_string())))
+                .flatten()
+        });
+    let (trace, flags) = parsed.unwrap_or((new_trace, "01".to_string()));
+    (trace, span, format!("00-{trace:032x}-{span:016x}-{flags}"))
+}
+
+async fn handle(wp: Arc<Waypoint>, down: Downstream, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let state = wp.state();
+    let (trace, span, traceparent) = next_trace(&req);
+    let mut out = Outcome {
+        service: None,
+        endpoint: None,
+        flags: "-",
+        detail: String::new(),
+        trace: (trace, span),
+        retries: 0,
+    };
+    let grpc = req.version() == http::Version::HTTP_2;
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let req_bytes = content_length(req.headers());
+    let resp = route_request(&wp, &state, &down, req, &traceparent, &mut out).await;
+    let resp = resp.unwrap_or_else(|r| r);
+    record(
+        &wp,
+        &down,
+        &out,
+        (&method, &path, grpc, req_bytes),
+        &resp,
+        start,
+    );
+    resp
+}
+
+/// The host a request names, without port: Host, else the URI authority (HTTP/2), else "".
+fn request_host(req: &Request<Incoming>) -> String {
+    let raw = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    match raw.parse::<SocketAddr>() {
+        Ok(a) => a.ip().to_string(),
+        Err(_) => raw
+            .rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map_or(raw.clone(), |(h, _)| h.to_string())
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+    }
+}
+
+/// Which service a request is for: the Host when it names one (full hostname, `name.namespace`,
+/// or a VIP), else the CONNECT's destination service.
+fn resolve_service(model: &Model, host: &str, dst: SocketAddr) -> Result<Option<Arc<Service>>, ()> {
+    let by_dst = model.service_by_vip(dst.ip()).cloned();
+    if host.is_empty() {
+        return Ok(by_dst);
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return match model.service_by_vip(ip) {
+            Some(s) => Ok(Some(s.clone())),
+            // A pod IP: the workload itself, no service.
+            None if model.workload_by_ip(ip).is_some() => Ok(None),
+            None => Err(()),
+        };
+    }
+    let found = model.services().iter().find(|s| {
+        s.hostname == host
+            || host
+                .strip_prefix(&format!("{}.", s.name))
+                .is_some_and(|rest| rest == s.namespace || s.hostname.starts_with(host))
+            || s.name == host && by_dst.as_ref().is_some_and(|d| d.namespace == s.namespace)
+    });
+    found.cloned().map(Some).ok_or(())
+}
+
+type Handled = Result<Response<Body>, Response<Body>>;
+
+async fn route_request(
+    wp: &Arc<Waypoint>,
+    state: &WpState,
+    down: &Downstream,
+    mut req: Request<Incoming>,
+    traceparent: &str,
+    out: &mut Outcome,
+) -> Handled {
+    let host = request_host(&req);
+    let service = resolve_service(&state.model, &host, down.dst).map_err(|()| {
+        out.flags = "NR";
+        local(
+            StatusCode::NOT_FOUND,
+            &format!("no service for host {host:?}\n"),
+        )
+    })?;
+    out.service = service.clone();
+    let key = service.as_ref().map(|s| s.key());
+    // JWT: a bad token is always refused; a missing one only where a validator requires it.
+    let mut claims: Option<Map<String, Value>> = None;
+    let mut claim_headers = Vec::new();
+    if let Some(validators) = key.as_ref().and_then(|k| state.auth.get(k)) {
+        let token = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        match token {
+            Some(t) => {
+                let now = wp.certs.now();
+                let mut last = String::new();
+                for (_, v, to_headers) in validators {
+                    match v.validate(&t, now) {
+                        Ok(c) => {
+                            for (claim, header) in to_headers {
+                                if let Some(Value::String(s)) = c.get(claim) {
+                                    claim_headers.push((header.clone(), s.clone()));
+                                }
+                            }
+                            claims = Some(c);
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                if claims.is_none() {
+                    out.flags = "UAEX";
+                    out.detail = format!("JWT rejected: {last}");
+                    return Err(local(StatusCode::UNAUTHORIZED, "Jwt verification fails\n"));
+                }
+            }
+            None if validators.iter().any(|(required, _, _)| *required) => {
+                out.flags = "UAEX";
+                out.detail = "JWT required and missing".into();
+                return Err(local(StatusCode::UNAUTHORIZED, "Jwt is missing\n"));
+            }
+            None => {}
+        }
+    }
+    let request_principal = claims.as_ref().map(|c| {
+        format!(
+            "{}/{}",
+            c.get("iss").and_then(Value::as_str).unwrap_or(""),
+            c.get("sub").and_then(Value::as_str).unwrap_or("")
+        )
+    });
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let method = req.method().to_string();
+    let view = RequestView {
+        method: &method,
+        path: &path,
+        query: query.as_deref(),
+        headers: req.headers(),
+        host: &host,
+        port: down.dst.port(),
+        source: Some(&down.client),
+        source_ip: down.peer.ip(),
+        claims: claims.as_ref(),
+        request_principal: request_principal.as_deref(),
+    };
+    // L7 authorization: the policies of the service, or of its namespace.
+    let ns = service.as_ref().map(|s| s.namespace.clone());
+    let applicable: Vec<_> = state
+        .http_policies
+        .iter()
+        .filter(|p| match (&p.service, &key) {
+            (Some(s), Some(k)) => s == k,
+            (None, _) => ns.as_deref() == Some(p.namespace.as_str()),
+            (Some(_), None) => false,
+        })
+        .collect();
+    let d = authorize(&applicable, &view);
+    if !d.allowed {
+        out.flags = "RBAC";
+        out.detail = format!(
+            "denied by {}",
+            d.policy.as_deref().unwrap_or("no matching ALLOW policy")
+        );
+        return Err(local(StatusCode::FORBIDDEN, "RBAC: access denied\n"));
+    }
+    let routes: Vec<&RouteConfig> = key
+        .as_ref()
+        .and_then(|k| state.routes.get(k))
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let chosen = select_rule(&routes, &view);
+    let rule = chosen.map(|(r, _)| r);
+    let matched_path = chosen.and_then(|(_, p)| p);
+    if let Some(f) = rule.and_then(|r| r.fault.as_ref()) {
+        // Decided before any await: the thread-local RNG cannot be held across one.
+        let hit = |pct: f64| rand::thread_rng().gen_bool((pct / 100.0).clamp(0.0, 1.0));
+        if let Some(d) = &f.delay {
+            if hit(d.percent) {
+                tokio::time::sleep(d.fixed).await;
+            }
+        }
+        if let Some(a) = &f.abort {
+            if hit(a.percent) {
+                out.flags = "FI";
+                let status =
+                    StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(local(status, "fault filter abort\n"));
+            }
+        }
+    }
+    if let Some(r) = rule.and_then(|r| r.redirect.as_ref()) {
+        let location = format!(
+            "{}://{}{}",
+            r.scheme.as_deref().unwrap_or("http"),
+            r.host.as_deref().unwrap_or(&host),
+            r.path.as_deref().unwrap_or(&path)
+        );
+        let mut resp = local(
+            StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND),
+            "",
+        );
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        return Ok(resp);
+    }
+    // Request edits, in order: rewrite, header ops, claims, trace context.
+    if let Some(rw) = rule.and_then(|r| r.rewrite.as_ref()) {
+        if let Some(new_path) = &rw.path {
+            let rest = match matched_path {
+                Some(PathMatch::Prefix(p)) => {
+                    path.strip_prefix(p.trim_end_matches('/')).unwrap_or("")
+                }
+                _ => "",
+            };
+            let joined = format!("{}{}", new_path.trim_end_matches('/'), rest);
+            let joined = if joined.is_empty() {
+                "/".to_string()
+            } else {
+                joined
+            };
+            let pq = match &query {
+                Some(q) => format!("{joined}?{q}"),
+                None => joined,
+            };
+            if let Ok(u) = pq.parse::<Uri>() {
+                *req.uri_mut() = u;
+            }
+        }
+        if let Some(h) = &rw.host {
+            if let Ok(v) = HeaderValue::from_str(h) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+    }
+    if let Some(r) = rule {
+        apply_header_ops(req.headers_mut(), &r.request_headers);
+    }
+    for (h, v) in claim_headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.as_str()), HeaderValue::from_str(&v)) {
+            req.headers_mut().insert(n, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(traceparent) {
+        req.headers_mut().insert("traceparent", v);
+    }
+    let resp = forward(wp, state, down, req, rule, service.as_ref(), out).await?;
+    let mut resp = resp;
+    if let Some(r) = rule {
+        apply_header_ops(resp.headers_mut(), &r.response_headers);
+    }
+    Ok(resp)
+}
+
+fn apply_header_ops(h: &mut http::HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        h.remove(name.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            h.insert(n, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            h.append(n, v);
+        }
+    }
+}
+
+/// Weighted choice among a rule's backends.
+fn pick_backend<'a>(backends: &'a [Backend], rng: &mut impl Rng) -> Option<&'a Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut n = rng.gen_range(0..total);
+    for b in backends {
+        if n < u64::from(b.weight) {
+            return Some(b);
+        }
+        n -= u64::from(b.weight);
+    }
+    None
+}
+
+/// Why an upstream attempt failed.
+enum AttemptError {
+    NoEndpoint(String),
+    Connect(String),
+    Reset(String),
+}
+
+async fn forward(
+    wp: &Arc<Waypoint>,
+    state: &WpState,
+    down: &Downstream,
+    req: Request<Incoming>,
+    rule: Option<&RouteRule>,
+    service: Option<&Arc<Service>>,
+    out: &mut Outcome,
+) -> Handled {
+    let me = wp.me(state);
+    let retries = rule.and_then(|r| r.retries.clone());
+    let timeout = rule.and_then(|r| r.timeout);
+    let h2 = req.version() == http::Version::HTTP_2;
+    let (parts, body) = req.into_parts();
+    // Only a buffered body can be sent twice; without retries the body streams through.
+    let mut once: Option<Body> = None;
+    let buffered: Option<Bytes> = match &retries {
+        Some(_) => match http_body_util::Limited::new(body, MAX_RETRY_BODY)
+            .collect()
+            .await
+        {
+            Ok(c) => Some(c.to_bytes()),
+            Err(_) => {
+                return Err(local(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large to retry\n",
+                ))
+            }
+        },
+        None => {
+            once = Some(body.map_err(|e| Box::new(e) as BoxError).boxed());
+            None
+        }
+    };
+    let attempts = 1 + retries.as_ref().map_or(0, |r| r.attempts);
+    let per_try = retries.as_ref().and_then(|r| r.per_try_timeout);
+    let retry_on = |r: &Result<Response<Incoming>, AttemptError>| {
+        let on = |x| retries.as_ref().is_some_and(|rc| rc.on.contains(&x));
+        match r {
+            Ok(resp) => resp.status().is_server_error() && on(RetryOn::FiveXx),
+            Err(AttemptError::Connect(_)) | Err(AttemptError::NoEndpoint(_)) => {
+                on(RetryOn::ConnectFailure)
+            }
+            Err(AttemptError::Reset(_)) => on(RetryOn::Reset),
+        }
+    };
+    let run = async {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let body = match &buffered {
+                Some(b) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+                None => once.take().unwrap_or_else(|| {
+                    Full::new(Bytes::new())
+                        .map_err(|never| match never {})
+                        .boxed()
+                }),
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            let one = attempt_once(wp, state, &me, down, req, rule, service, h2, out);
+            let r = match per_try {
+                Some(t) => tokio::time::timeout(t, one)
+                    .await
+                    .unwrap_or_else(|_| Err(AttemptError::Reset(format!("per-try timeout {t:?}")))),
+                None => one.await,
+            };
+            if attempt < attempts && retry_on(&r) {
+                out.retries += 1;
+                continue;
+            }
+            return r;
+        }
+    };
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                out.flags = "UT";
+                return Err(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout\n",
+                ));
+            }
+        },
+        None => run.await,
+    };
+    match result {
+        Ok(resp) => Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())),
+        Err(AttemptError::NoEndpoint(m)) => {
+            out.flags = "UH";
+            out.detail = m;
+            Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream\n",
+            ))
+        }
+        Err(AttemptError::Connect(m)) => {
+            out.flags = "UF";
+            out.detail = m;
+            Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error\n",
+            ))
+        }
+        Err(AttemptError::Reset(m)) => {
+            out.flags = "UR";
+            out.detail = m;
+            Err(local(StatusCode::SERVICE_UNAVAILABLE, "upstream reset\n"))
+        }
+    }
+}
+
+/// One try: pick a backend and an endpoint (anew for every try, so a retry can land on
+/// another endpoint), then send over the upstream pool.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    wp: &Arc<Waypoint>,
+    state: &WpState,
+    me: &Workload,
+    down: &Downstream,
+    req: Request<Body>,
+    rule: Option<&RouteRule>,
+    service: Option<&Arc<Service>>,
+    h2: bool,
+    out: &mut Outcome,
+) -> Result<Response<Incoming>, AttemptError> {
+    let backend = rule.and_then(|r| pick_backend(&r.backends, &mut rand::thread_rng()));
+    let (target, svc) = match (backend, service) {
+        (Some(b), _) => {
+            let svc = state
+                .model
+                .services()
+                .iter()
+                .find(|s| s.key() == b.service)
+                .cloned()
+                .ok_or_else(|| {
+                    AttemptError::NoEndpoint(format!("backend {} is gone", b.service))
+                })?;
+            let vip = *svc.vips.first().ok_or_else(|| {
+                AttemptError::NoEndpoint(format!("backend {} has no VIP", b.service))
+            })?;
+            (
+                SocketAddr::new(vip, b.port.unwrap_or(down.dst.port())),
+                Some(svc),
+            )
+        }
+        (None, Some(s)) if !s.vips.contains(&down.dst.ip()) => {
+            let vip = *s.vips.first().ok_or_else(|| {
+                AttemptError::NoEndpoint(format!("service {} has no VIP", s.key()))
+            })?;
+            (SocketAddr::new(vip, down.dst.port()), Some(s.clone()))
+        }
+        (None, s) => (down.dst, s.cloned()),
+    };
+    let route = state
+        .model
+        .select(me, target, &mut rand::thread_rng())
+        .map_err(|e| AttemptError::NoEndpoint(e.to_string()))?;
+    let Route::Hbone {
+        hbone_addr,
+        authority,
+        expected,
+        destination,
+        ..
+    } = route
+    else {
+        return Err(AttemptError::NoEndpoint(format!(
+            "{target} is not an HBONE destination; the waypoint only forwards over HBONE"
+        )));
+    };
+    out.endpoint = Some(destination);
+    out.service = svc.clone().or(out.service.take());
+    let host = svc.as_ref().map(|s| s.hostname.clone());
+    wp.send_upstream(
+        me,
+        (hbone_addr, authority, expected),
+        down.peer,
+        host.as_deref(),
+        req,
+        h2,
+    )
+    .await
+}
+
+/// Upstream HTTP connections, each inside its own pooled HBONE stream, kept alive per endpoint.
+#[derive(Default)]
+struct Upstreams {
+    h1: Mutex<HashMap<SocketAddr, Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
+}
+
+type HboneTarget = (SocketAddr, SocketAddr, Vec<SpiffeId>);
+
+impl Waypoint {
+    /// A new HBONE stream to `authority` via `hbone_addr`, under the waypoint's identity.
+    async fn open_tunnel(
+        &self,
+        me: &Workload,
+        hbone_addr: SocketAddr,
+        authority: SocketAddr,
+        expected: Vec<SpiffeId>,
+        client_addr: SocketAddr,
+        service_host: Option<&str>,
+    ) -> Result<(H2Io, crate::hbone::client::StreamGuard), String> {
+        let (trace_id, span_id) = crate::hbone::connect::new_trace_ids();
+        let req = build_connect(
+            authority,
+            &ConnectHeaders {
+                source: me,
+                client_addr,
+                service_host,
+                trace_id,
+                span_id,
+            },
+        );
+        let key = PoolKey {
+            source: me.identity.clone(),
+            expected,
+            dst: hbone_addr,
+            source_ip: None,
+        };
+        let t = self
+            .pool
+            .connect(&key, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((H2Io::new(t.send, t.recv), t.guard))
+    }
+
+    async fn send_upstream(
+        &self,
+        me: &Workload,
+        (hbone_addr, authority, expected): HboneTarget,
+        client_addr: SocketAddr,
+        service_host: Option<&str>,
+        req: Request<Body>,
+        h2: bool,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let connect = |e: String| AttemptError::Connect(e);
+        if h2 {
+            let existing = {
+                let map = self.upstreams.h2.lock().expect("poisoned");
+                map.get(&authority).filter(|s| !s.is_closed()).cloned()
+            };
+            let mut sender = match existing {
+                Some(s) => s,
+                None => {
+                    let (io, guard) = self
+                        .open_tunnel(
+                            me,
+                            hbone_addr,
+                            authority,
+                            expected,
+                            client_addr,
+                            service_host,
+                        )
+                        .await
+                        .map_err(connect)?;
+                    let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| connect(e.to_string()))?;
+                    tokio::spawn(async move {
+                        let _stream = guard;
+                        let _ = conn.await;
+                    });
+                    self.upstreams
+                        .h2
+                        .lock()
+                        .expect("poisoned")
+                        .insert(authority, s.clone());
+                    s
+                }
+            };
+            sender
+                .ready()
+                .await
+                .map_err(|e| AttemptError::Reset(e.to_string()))?;
+            return sender
+                .send_request(req)
+                .await
+                .map_err(|e| AttemptError::Reset(e.to_string()));
+        }
+        let idle = {
+            let mut map = self.upstreams.h1.lock().expect("poisoned");
+            let list = map.entry(authority).or_default();
+            list.retain(|s| !s.is_closed());
+            list.iter()
+                .position(|s| s.is_ready())
+                .map(|i| list.swap_remove(i))
+        };
+        let mut sender = match idle {
+            Some(s) => s,
+            None => {
+                let (io, guard) = self
+                    .open_tunnel(
+                        me,
+                        hbone_addr,
+                        authority,
+                        expected,
+                        client_addr,
+                        service_host,
+                    )
+                    .await
+                    .map_err(connect)?;
+                let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    let _stream = guard;
+                    let _ = conn.await;
+                });
+                s
+            }
+        };
+        let response = sender.send_request(req);
+        // Back in the pool at once: it turns ready again when this exchange is over.
+        {
+            let mut map = self.upstreams.h1.lock().expect("poisoned");
+            let list = map.entry(authority).or_default();
+            if list.len() < MAX_IDLE_PER_ENDPOINT {
+                list.push(sender);
+            }
+        }
+        response
+            .await
+            .map_err(|e| AttemptError::Reset(e.to_string()))
+    }
+}
+
+fn content_length(h: &http::HeaderMap) -> u64 {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Metrics and the JSON access-log line for one request.
+fn record(
+    wp: &Waypoint,
+    down: &Downstream,
+    out: &Outcome,
+    (method, path, grpc, req_bytes): (&str, &str, bool, u64),
+    resp: &Response<Body>,
+    start: Instant,
+) {
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let state = wp.state();
+    let src_wl = state.model.workload_by_ip(down.peer.ip());
+    let svc = out.service.as_ref();
+    let ep = out.endpoint.as_ref();
+    let grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let labels = RequestLabels {
+        reporter: "waypoint",
+        source_workload: src_wl.map_or("unknown".into(), |w| w.canonical_name.clone()),
+        source_workload_namespace: down.client.namespace.clone(),
+        source_principal: down.client.to_string(),
+        destination_workload: ep.map_or("unknown".into(), |w| w.canonical_name.clone()),
+        destination_workload_namespace: ep.map_or("unknown".into(), |w| w.namespace.clone()),
+        destination_principal: ep.map_or("unknown".into(), |w| w.identity.to_string()),
+        destination_service: svc.map_or("unknown".into(), |s| s.hostname.clone()),
+        destination_service_name: svc.map_or("unknown".into(), |s| s.name.clone()),
+        destination_service_namespace: svc.map_or("unknown".into(), |s| s.namespace.clone()),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: resp.status().as_u16().to_string(),
+        grpc_response_status: grpc_status,
+        response_flags: out.flags,
+        connection_security_policy: "mutual_tls",
+    };
+    let resp_bytes = content_length(resp.headers());
+    wp.metrics.requests.get_or_create(&labels).inc();
+    wp.metrics.duration.get_or_create(&labels).observe(ms);
+    wp.metrics
+        .request_bytes
+        .get_or_create(&labels)
+        .observe(req_bytes as f64);
+    wp.metrics
+        .response_bytes
+        .get_or_create(&labels)
+        .observe(resp_bytes as f64);
+    let line = serde_json::json!({
+        "time": humantime_now(),
+        "method": method,
+        "path": path,
+        "protocol": labels.request_protocol,
+        "response_code": resp.status().as_u16(),
+        "response_flags": out.flags,
+        "detail": out.detail,
+        "duration_ms": (ms * 1000.0).round() / 1000.0,
+        "retries": out.retries,
+        "source_principal": labels.source_principal,
+        "source_address": down.peer.to_string(),
+        "original_destination": down.dst.to_string(),
+        "destination_service": labels.destination_service,
+        "upstream_workload": labels.destination_workload,
+        "upstream_principal": labels.destination_principal,
+        "trace_id": format!("{:032x}", out.trace.0),
+        "span_id": format!("{:016x}", out.trace.1),
+    });
+    println!("{line}");
+}
+
+fn humantime_now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Gives back the bytes read while sniffing, then reads from the stream.
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Rewind {
+            prefix: Bytes::from(prefix),
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `/healthz/ready` and `/metrics` (Prometheus text) on the readiness port.
+pub async fn serve_admin(wp: Arc<Waypoint>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let wp = wp.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let wp = wp.clone();
+                async move {
+                    let resp = match req.uri().path() {
+                        "/healthz/ready" => local(StatusCode::OK, "ready\n"),
+                        "/metrics" => {
+                            let mut r = local(StatusCode::OK, &wp.metrics.encode());
+                            r.headers_mut().insert(
+                                "content-type",
+                                HeaderValue::from_static("text/plain; version=0.0.4"),
+                            );
+                            r
+                        }
+                        _ => local(StatusCode::NOT_FOUND, "not found\n"),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds the waypoint's HBONE and readiness listeners and serves until the process ends.
+pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), WaypointError> {
+    let ip = wp.cfg.node.bind;
+    let hbone_addr = SocketAddr::new(ip, wp.cfg.node.ports.hbone);
+    let admin_addr = SocketAddr::new(ip, wp.cfg.node.ports.readiness);
+    let listen = |addr| {
+        crate::socket::listen(addr, false).map_err(|source| WaypointError::Listen { addr, source })
+    };
+    let (hbone, admin) = (listen(hbone_addr)?, listen(admin_addr)?);
+    let bound = (
+        hbone.local_addr().expect("bound listener has an address"),
+        admin.local_addr().expect("bound listener has an address"),
+    );
+    tokio::spawn(serve(wp.clone(), hbone));
+    tokio::spawn(serve_admin(wp, admin));
+    Ok(bound)
+}
