@@ -1,0 +1,549 @@
+//! Tier (b): the waypoint in process. Client app → node A (its service names a waypoint) →
+//! HBONE → zmesh-waypoint → HBONE with the waypoint's identity → node B (v1) or node C (v2) →
+//! HTTP apps. Every request is real HTTP over real loopback sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use zmesh::config::Config;
+use zmesh::identity::CertManager;
+use zmesh::waypoint::jwt;
+use zmesh::waypoint::server::{self as wpserver, Waypoint};
+
+/// A response body fed by a channel: lets the gRPC app stream and end with trailers.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, body: String) -> Response<AppBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// The app behind each version: answers with its version, the path it got and the trace
+/// context; `/fail-once/<id>` fails the first time; `/slow` takes 2 s; gRPC requests are echoed
+/// frame by frame and end with `grpc-status: 0` in trailers.
+async fn app(version: &'static str, listener: TcpListener) {
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let path = req.uri().path().to_string();
+                    if req
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v == "application/grpc")
+                    {
+                        let (tx, rx) = tokio::sync::mpsc::channel(16);
+                        let mut body = req.into_body();
+                        tokio::spawn(async move {
+                            while let Some(Ok(f)) = body.frame().await {
+                                if let Ok(d) = f.into_data() {
+                                    let _ = tx.send(Frame::data(d)).await;
+                                }
+                            }
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", "0".parse().unwrap());
+                            t.insert("x-served-by", version.parse().unwrap());
+                            let _ = tx.send(Frame::trailers(t)).await;
+                        });
+                        let mut r = Response::new(ChannelBody(rx).boxed());
+                        r.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        return Ok::<_, Infallible>(r);
+                    }
+                    if let Some(id) = path.strip_prefix("/fail-once/") {
+                        let n = {
+                            let mut s = seen.lock().unwrap();
+                            let n = s.entry(id.to_string()).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        if n == 1 {
+                            return Ok(text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "first try fails\n".into(),
+                            ));
+                        }
+                    }
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    let trace = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    let mut r = text(StatusCode::OK, format!("{version} {path}\n"));
+                    r.headers_mut()
+                        .insert("x-version", version.parse().unwrap());
+                    r.headers_mut()
+                        .insert("x-got-traceparent", trace.parse().unwrap());
+                    if let Some(sub) = req.headers().get("x-jwt-sub") {
+                        r.headers_mut().insert("x-got-sub", sub.clone());
+                    }
+                    Ok(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+struct Setup {
+    _mesh: Mesh,
+    wp: Arc<Waypoint>,
+    /// Capture entries on node A for: the service `s` (VIP:80), `secure`, `dead`, and v1's pod
+    /// IP directly.
+    s: SocketAddr,
+    secure: SocketAddr,
+    dead: SocketAddr,
+    v1_direct: SocketAddr,
+    jwt_key: Vec<u8>,
+}
+
+async fn setup(net: u8) -> Setup {
+    let mut mesh = Mesh::new(net);
+    let jwt_key = jwt::new_es256_key();
+    let jwks = serde_json::json!({"keys": [jwt::es256_jwk(&jwt_key, "k1")]}).to_string();
+    let vip = |n: u8| format!("127.{net}.1.{n}");
+    let wl = |uid: &str, sa: &str, host: u8, node: &str, extra: &str| {
+        format!(
+            "  - {{ uid: {uid}, name: {uid}, namespace: shop, service_account: {sa}, addresses: [{}], node: {node}{extra} }}\n",
+            ip(net, host)
+        )
+    };
+    let mut model = String::from("workloads:\n");
+    model += &wl("client", "client", 2, "node-a", "");
+    model += &wl("wp", "waypoint", 5, "node-w", "");
+    model += &wl(
+        "v1",
+        "s",
+        3,
+        "node-b",
+        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {} }",
+    );
+    model += &wl(
+        "v2",
+        "s",
+        4,
+        "node-c",
+        ", services: { shop/s: {}, shop/s-v2: {} }",
+    );
+    model += &wl(
+        "sick",
+        "s",
+        6,
+        "node-c",
+        ", status: unhealthy, services: { shop/dead: {} }",
+    );
+    model += "services:\n";
+    for (name, n) in [
+        ("s", 1),
+        ("s-v1", 2),
+        ("s-v2", 3),
+        ("secure", 4),
+        ("dead", 5),
+    ] {
+        model += &format!(
+            "  - {{ name: {name}, namespace: shop, hostname: {name}, vips: [{}], ports: {{ 80: 8080 }}, waypoint: wp }}\n",
+            vip(n)
+        );
+    }
+    // Only the waypoint may call the v1/v2 apps: proof that the destination sees ITS identity.
+    let dst_policy = "policies:\n  - name: only-waypoint\n    namespace: shop\n    scope: { workload_selector: { workloads: [v1, v2] } }\n    action: allow\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/shop/sa/waypoint\"]\n";
+    let routes = format!(
+        r#"routes:
+  - name: s
+    service: shop/s
+    rules:
+      - backends: [{{ service: shop/s-v1, weight: 80 }}, {{ service: shop/s-v2, weight: 20 }}]
+      - matches: [{{ path: {{ prefix: /v2 }} }}]
+        backends: [{{ service: shop/s-v2 }}]
+      - matches: [{{ path: {{ prefix: /fail-once }} }}]
+        backends: [{{ service: shop/s-v1 }}]
+        retries: {{ attempts: 2, on: [5xx] }}
+      - matches: [{{ path: {{ exact: /slow }} }}]
+        backends: [{{ service: shop/s-v1 }}]
+        timeout: 300ms
+      - matches: [{{ path: {{ exact: /flaky }} }}]
+        fault: {{ abort: {{ percent: 50, status: 503 }} }}
+        backends: [{{ service: shop/s-v1 }}]
+      - matches: [{{ path: {{ prefix: /old }} }}]
+        rewrite: {{ path: /new }}
+        request_headers: {{ set: {{ x-rewritten: "yes" }} }}
+        response_headers: {{ add: {{ x-via: waypoint }} }}
+        backends: [{{ service: shop/s-v1 }}]
+      - matches: [{{ path: {{ exact: /moved }} }}]
+        redirect: {{ path: /elsewhere, status: 301 }}
+http_policies:
+  - name: deny-admin
+    namespace: shop
+    service: shop/s
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+request_authentication:
+  - name: secure-jwt
+    service: shop/secure
+    issuer: https://issuer.test
+    audiences: [shop]
+    jwks: '{jwks}'
+    required: true
+    claims_to_headers: {{ sub: x-jwt-sub }}
+"#
+    );
+    // Node B and C carry the destination policy; A and the waypoint share the model.
+    let a = mesh.node("node-a", 2, &model).await;
+    mesh.node("node-b", 3, &format!("{model}{dst_policy}"))
+        .await;
+    mesh.node("node-c", 4, &format!("{model}{dst_policy}"))
+        .await;
+    let text = node_yaml(
+        net,
+        "node-w",
+        5,
+        &mesh.ca_dir,
+        &format!("waypoint: {{ workload: wp }}\n{model}{routes}"),
+    );
+    let cfg = Config::parse(&text, "waypoint").unwrap();
+    let (source, trust) =
+        zmesh::proxy::load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock)).unwrap();
+    let certs = Arc::new(CertManager::with_trust(source, trust).unwrap());
+    let wp = Waypoint::new(cfg, certs).unwrap();
+    wpserver::start(wp.clone()).await.unwrap();
+    for (v, host) in [("v1", 3), ("v2", 4)] {
+        let l = TcpListener::bind(SocketAddr::new(ip(net, host), 8080))
+            .await
+            .unwrap();
+        tokio::spawn(app(v, l));
+    }
+    let entry = |addr: String| capture_to(a.clone(), ip(net, 2), addr.parse().unwrap());
+    Setup {
+        s: entry(format!("{}:80", vip(1))).await,
+        secure: entry(format!("{}:80", vip(4))).await,
+        dead: entry(format!("{}:80", vip(5))).await,
+        v1_direct: entry(format!("{}:8080", ip(net, 3))).await,
+        _mesh: mesh,
+        wp,
+        jwt_key,
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection from the client app.
+async fn h1(net: u8, entry: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = connect_from(ip(net, 2), entry).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn get(
+    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, String) {
+    c.ready().await.unwrap();
+    let mut req = Request::get(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = c
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_weights_paths_and_policy_through_the_waypoint() {
+    let net = 51;
+    let s = setup(net).await;
+    let mut c = h1(net, s.s).await;
+
+    // 80/20 by weight, balanced per request on ONE keep-alive connection.
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        let (st, h, _) = get(&mut c, "s", "/", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        if h["x-version"] == "v1" {
+            v1 += 1;
+        }
+    }
+    assert!(
+        (750..=850).contains(&v1),
+        "v1 got {v1} of 1000 (want 800 ± 50)"
+    );
+
+    // A path rule sends /v2/* to v2 only.
+    for _ in 0..50 {
+        let (st, h, body) = get(&mut c, "s", "/v2/items", &[]).await;
+        assert_eq!(
+            (st, &h["x-version"]),
+            (StatusCode::OK, &"v2".parse::<http::HeaderValue>().unwrap())
+        );
+        assert_eq!(body, "v2 /v2/items\n");
+    }
+    // L7 deny: 403 with a body; an allowed path on the same connection is still served.
+    let (st, _, body) = get(&mut c, "s", "/admin/users", &[]).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied\n")
+    );
+    assert_eq!(get(&mut c, "s", "/", &[]).await.0, StatusCode::OK);
+    // Rewrite, request and response header ops; redirect.
+    let (st, h, body) = get(&mut c, "s", "/old/page", &[]).await;
+    assert_eq!((st, body.as_str()), (StatusCode::OK, "v1 /new/page\n"));
+    assert_eq!(h["x-via"], "waypoint");
+    let (st, h, _) = get(&mut c, "s", "/moved", &[]).await;
+    assert_eq!(st, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(h["location"], "http://s/elsewhere");
+    // A request to an unknown host is 404; the connection goes on.
+    assert_eq!(
+        get(&mut c, "nope.example", "/", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Trace context: the caller's trace id is kept, with a new span id for the hop.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (_, h, _) = get(&mut c, "s", "/", &[("traceparent", parent)]).await;
+    let got = h["x-got-traceparent"].to_str().unwrap();
+    assert!(
+        got.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{got}"
+    );
+    assert!(!got.contains("b7ad6b7169203331"), "a new span id: {got}");
+
+    // Metrics counted every request with Istio's labels.
+    let m = s.wp.metrics.encode();
+    assert!(
+        m.contains("istio_requests_total{reporter=\"waypoint\""),
+        "{m}"
+    );
+    assert!(m.contains("response_code=\"403\""), "{m}");
+    assert!(
+        m.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/s\""),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_and_fault_injection() {
+    let net = 52;
+    let s = setup(net).await;
+    let mut c = h1(net, s.s).await;
+    // The app fails each id's first try; the retry turns it into 200.
+    for id in 0..20 {
+        let (st, _, body) = get(&mut c, "s", &format!("/fail-once/{id}"), &[]).await;
+        assert_eq!(
+            (st, body),
+            (StatusCode::OK, format!("v1 /fail-once/{id}\n"))
+        );
+    }
+    // The route's 300 ms timeout answers 504 (the app would take 2 s).
+    let t = Instant::now();
+    let (st, _, _) = get(&mut c, "s", "/slow", &[]).await;
+    assert_eq!(st, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    // 50% aborts.
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        let (st, _, _) = get(&mut c, "s", "/flaky", &[]).await;
+        if st == StatusCode::SERVICE_UNAVAILABLE {
+            aborted += 1;
+        } else {
+            assert_eq!(st, StatusCode::OK);
+        }
+    }
+    assert!(
+        (430..=570).contains(&aborted),
+        "{aborted} of 1000 aborted (want 500 ± 70)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_identity_and_bad_input() {
+    let net = 53;
+    let s = setup(net).await;
+    let mut c = h1(net, s.secure).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good = jwt::sign_es256(
+        &s.jwt_key,
+        "k1",
+        &serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": "shop", "exp": now + 600}),
+    );
+    let forged = jwt::sign_es256(
+        &jwt::new_es256_key(),
+        "k1",
+        &serde_json::json!({"iss": "https://issuer.test", "sub": "mallory", "aud": "shop", "exp": now + 600}),
+    );
+    assert_eq!(
+        get(&mut c, "secure", "/", &[]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let bad = format!("Bearer {forged}");
+    assert_eq!(
+        get(&mut c, "secure", "/", &[("authorization", &bad)])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let ok = format!("Bearer {good}");
+    let (st, h, _) = get(&mut c, "secure", "/", &[("authorization", &ok)]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        h["x-got-sub"], "alice",
+        "claims reach the backend as headers"
+    );
+
+    // The destination nodes allow only the waypoint's identity: going straight to v1's pod IP
+    // (no waypoint on the workload) is refused, so the waypoint path is the only one.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let refused = async {
+        // The reset can surface at connect, on the write or on the read.
+        let mut direct = connect_from(ip(net, 2), s.v1_direct).await?;
+        direct
+            .write_all(b"GET / HTTP/1.1\r\nhost: v1\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 64];
+        direct.read(&mut buf).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client's own identity is refused by node B: {r:?}"
+    );
+
+    // No healthy endpoint: 503.
+    let mut d = h1(net, s.dead).await;
+    assert_eq!(
+        get(&mut d, "dead", "/", &[]).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // Malformed HTTP gets 400 and the connection closes; other clients are unaffected.
+    let mut raw = connect_from(ip(net, 2), s.s).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nbad header line\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Oversize headers get 431.
+    let mut raw = connect_from(ip(net, 2), s.s).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: s\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = raw.write_all(big.as_bytes()).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let mut c2 = h1(net, s.s).await;
+    assert_eq!(get(&mut c2, "s", "/", &[]).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_keep_trailers() {
+    let net = 54;
+    let s = setup(net).await;
+    let tcp = connect_from(ip(net, 2), s.s).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, ChannelBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for frames in [1usize, 20] {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = Request::post("http://s/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(ChannelBody(rx))
+            .unwrap();
+        send.ready().await.unwrap();
+        let resp = send.send_request(req);
+        let writer = tokio::spawn(async move {
+            for i in 0..frames {
+                tx.send(Frame::data(Bytes::from(format!("msg{i};"))))
+                    .await
+                    .unwrap();
+            }
+        });
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let collected = resp.into_body().collect().await.unwrap();
+        writer.await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers arrive");
+        assert_eq!(trailers["grpc-status"], "0");
+        let want: String = (0..frames).map(|i| format!("msg{i};")).collect();
+        assert_eq!(
+            collected.to_bytes(),
+            Bytes::from(want),
+            "{frames} messages echoed"
+        );
+    }
+}
