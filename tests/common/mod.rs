@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod http_app;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;

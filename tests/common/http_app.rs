@@ -1,0 +1,117 @@
+//! HTTP apps for the waypoint tests (tiers b and c): versioned backends with failure,
+//! slowness and gRPC-echo behaviours.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// A response body fed by a channel: lets the gRPC app stream and end with trailers.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, body: String) -> Response<AppBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// The app behind each version: answers with its version, the path it got and the trace
+/// context; `/fail-once/<id>` fails the first time; `/slow` takes 2 s; gRPC requests are echoed
+/// frame by frame and end with `grpc-status: 0` in trailers.
+pub async fn app(version: &'static str, listener: TcpListener) {
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let path = req.uri().path().to_string();
+                    if req
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v == "application/grpc")
+                    {
+                        let (tx, rx) = tokio::sync::mpsc::channel(16);
+                        let mut body = req.into_body();
+                        tokio::spawn(async move {
+                            while let Some(Ok(f)) = body.frame().await {
+                                if let Ok(d) = f.into_data() {
+                                    let _ = tx.send(Frame::data(d)).await;
+                                }
+                            }
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", "0".parse().unwrap());
+                            t.insert("x-served-by", version.parse().unwrap());
+                            let _ = tx.send(Frame::trailers(t)).await;
+                        });
+                        let mut r = Response::new(ChannelBody(rx).boxed());
+                        r.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        return Ok::<_, Infallible>(r);
+                    }
+                    if let Some(id) = path.strip_prefix("/fail-once/") {
+                        let n = {
+                            let mut s = seen.lock().unwrap();
+                            let n = s.entry(id.to_string()).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        if n == 1 {
+                            return Ok(text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "first try fails\n".into(),
+                            ));
+                        }
+                    }
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    let trace = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    let mut r = text(StatusCode::OK, format!("{version} {path}\n"));
+                    r.headers_mut()
+                        .insert("x-version", version.parse().unwrap());
+                    r.headers_mut()
+                        .insert("x-got-traceparent", trace.parse().unwrap());
+                    if let Some(sub) = req.headers().get("x-jwt-sub") {
+                        r.headers_mut().insert("x-got-sub", sub.clone());
+                    }
+                    Ok(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,392 @@
+//! Tier (c): the waypoint with real processes in network namespaces. Three node namespaces on
+//! one bridge: node 1 runs zmesh-node with pod A (capture rules installed), node 2 runs
+//! zmesh-waypoint, node 3 runs zmesh-node with v1 and v2 of service S (inbound capture on the
+//! app port). Pod A's app dials S's VIP like any address; the capture rules, node 1's tunnel, the
+//! waypoint and node 3's tunnel do the rest.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::http_app::{app, ChannelBody};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use zmesh::waypoint::jwt;
+use zmesh_testbed::mesh::install_rules;
+use zmesh_testbed::{attach_to_bridge, is_root, Child, Netns};
+
+const NODE: &str = env!("CARGO_BIN_EXE_zmesh-node");
+const WAYPOINT: &str = env!("CARGO_BIN_EXE_zmesh-waypoint");
+const START: Duration = Duration::from_secs(20);
+const A: &str = "10.218.0.11";
+const WP: &str = "10.218.0.12";
+const V1: &str = "10.218.0.13";
+const V2: &str = "10.218.0.14";
+const S_VIP: &str = "10.96.18.1";
+const SECURE_VIP: &str = "10.96.18.4";
+const DEAD_VIP: &str = "10.96.18.5";
+
+struct Topology {
+    // Drop order: processes, then namespaces, then files.
+    _procs: Vec<Child>,
+    waypoint: Child,
+    n1: Netns,
+    _n2: Netns,
+    _n3: Netns,
+    _switch: Netns,
+    _dir: tempfile::TempDir,
+    jwt_key: Vec<u8>,
+}
+
+fn config(node: &str, bind: &str, jwks: &str, extra: &str) -> String {
+    format!(
+        r#"node:
+  name: {node}
+  bind: {bind}
+  access_log: json
+  certificates: {{ file_ca: {{ dir: CA_DIR }} }}
+{extra}workloads:
+  - {{ uid: a, name: pod-a, namespace: shop, service_account: client, addresses: [{A}], node: n1 }}
+  - {{ uid: wp, name: waypoint, namespace: shop, service_account: waypoint, addresses: [{WP}], node: n2 }}
+  - {{ uid: v1, name: s-v1, namespace: shop, service_account: s, addresses: [{V1}], node: n3, services: {{ shop/s: {{}}, shop/s-v1: {{}}, shop/secure: {{}} }} }}
+  - {{ uid: v2, name: s-v2, namespace: shop, service_account: s, addresses: [{V2}], node: n3, services: {{ shop/s: {{}}, shop/s-v2: {{}} }} }}
+  - {{ uid: sick, name: sick, namespace: shop, service_account: s, addresses: [10.218.0.99], node: n3, status: unhealthy, services: {{ shop/dead: {{}} }} }}
+services:
+  - {{ name: s, namespace: shop, hostname: s, vips: [{S_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: s-v1, namespace: shop, hostname: s-v1, vips: [10.96.18.2], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: s-v2, namespace: shop, hostname: s-v2, vips: [10.96.18.3], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: secure, namespace: shop, hostname: secure, vips: [{SECURE_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: dead, namespace: shop, hostname: dead, vips: [{DEAD_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
+policies:
+  - name: only-waypoint
+    namespace: shop
+    scope: {{ workload_selector: {{ workloads: [s-v1, s-v2] }} }}
+    action: allow
+    rules:
+      - clauses:
+          - matches:
+              - principals: ["cluster.local/ns/shop/sa/waypoint"]
+routes:
+  - name: s
+    service: shop/s
+    rules:
+      - backends: [{{ service: shop/s-v1, weight: 80 }}, {{ service: shop/s-v2, weight: 20 }}]
+      - matches: [{{ path: {{ prefix: /v2 }} }}]
+        backends: [{{ service: shop/s-v2 }}]
+      - matches: [{{ path: {{ prefix: /fail-once }} }}]
+        backends: [{{ service: shop/s-v1 }}]
+        retries: {{ attempts: 2, on: [5xx] }}
+      - matches: [{{ path: {{ exact: /slow }} }}]
+        backends: [{{ service: shop/s-v1 }}]
+        timeout: 1s
+      - matches: [{{ path: {{ exact: /flaky }} }}]
+        fault: {{ abort: {{ percent: 50, status: 503 }} }}
+        backends: [{{ service: shop/s-v1 }}]
+http_policies:
+  - name: deny-admin
+    namespace: shop
+    service: shop/s
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+request_authentication:
+  - name: secure-jwt
+    service: shop/secure
+    issuer: https://issuer.test
+    jwks: '{jwks}'
+    required: true
+"#
+    )
+}
+
+fn start() -> Topology {
+    assert!(
+        is_root(),
+        "tier (c) tests build network namespaces and need root"
+    );
+    let switch = Netns::new("zwS").unwrap();
+    switch.add_bridge("zbr", "10.218.0.1/24").unwrap();
+    let (n1, n2, n3) = (
+        Netns::new("zw1").unwrap(),
+        Netns::new("zw2").unwrap(),
+        Netns::new("zw3").unwrap(),
+    );
+    for (ns, ip) in [(&n1, A), (&n2, WP), (&n3, V1)] {
+        attach_to_bridge(
+            &switch,
+            "zbr",
+            ns,
+            "eth0",
+            &format!("{ip}/24"),
+            "10.218.0.1",
+        )
+        .unwrap();
+    }
+    n3.ip(&["addr", "add", &format!("{V2}/24"), "dev", "eth0"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let out = std::process::Command::new(NODE)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let jwt_key = jwt::new_es256_key();
+    let jwks = serde_json::json!({"keys": [jwt::es256_jwk(&jwt_key, "k1")]}).to_string();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text.replace("CA_DIR", &ca.display().to_string())).unwrap();
+        p
+    };
+    let c1 = write("n1.yaml", config("n1", "0.0.0.0", &jwks, ""));
+    let c2 = write(
+        "n2.yaml",
+        config("n2", WP, &jwks, "waypoint: { workload: wp }\n"),
+    );
+    let c3 = write("n3.yaml", config("n3", "0.0.0.0", &jwks, ""));
+    install_rules(&n1, vec![]).unwrap();
+    install_rules(&n3, vec![8080]).unwrap();
+    let spawn = |ns: &Netns, bin: &str, cfg: &Path, ready: &str| {
+        let child = ns
+            .spawn(
+                bin,
+                &["run", "--config", cfg.to_str().unwrap()],
+                &[("ZMESH_LOG", "info")],
+            )
+            .unwrap();
+        child.wait_for_log(ready, START).unwrap();
+        child
+    };
+    let p1 = spawn(&n1, NODE, &c1, "zmesh node ready");
+    let waypoint = spawn(&n2, WAYPOINT, &c2, "zmesh waypoint ready");
+    let p3 = spawn(&n3, NODE, &c3, "zmesh node ready");
+    Topology {
+        _procs: vec![p1, p3],
+        waypoint,
+        n1,
+        _n2: n2,
+        _n3: n3,
+        _switch: switch,
+        _dir: dir,
+        jwt_key,
+    }
+}
+
+/// Starts the v1 and v2 apps in node 3 (listeners made inside its namespace).
+fn start_apps(n3: &Netns) {
+    for (v, ip) in [("v1", V1), ("v2", V2)] {
+        let l = n3.listen_tcp(format!("{ip}:8080")).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tokio::spawn(app(v, tokio::net::TcpListener::from_std(l).unwrap()));
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection from pod A's app to `vip:80` (captured on node 1).
+async fn h1(t: &Topology, vip: &str) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let s = t.n1.connect_tcp(format!("{vip}:80")).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(
+        tokio::net::TcpStream::from_std(s).unwrap(),
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn get(
+    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap) {
+    c.ready().await.unwrap();
+    let mut req = Request::get(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = c
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = resp.into_parts();
+    body.collect().await.unwrap();
+    (parts.status, parts.headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_between_three_nodes() {
+    let t = start();
+    start_apps(&t._n3);
+    let mut c = h1(&t, S_VIP).await;
+
+    // 80/20 split by weight over 1,000 requests on one connection (±5%).
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        let (st, h) = get(&mut c, "s", "/", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        v1 += usize::from(h["x-version"] == "v1");
+    }
+    assert!((750..=850).contains(&v1), "v1 got {v1} of 1000");
+    // /v2/* only to v2.
+    for _ in 0..50 {
+        assert_eq!(get(&mut c, "s", "/v2/x", &[]).await.1["x-version"], "v2");
+    }
+    // L7 deny 403, allowed path served.
+    assert_eq!(
+        get(&mut c, "s", "/admin", &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(get(&mut c, "s", "/ok", &[]).await.0, StatusCode::OK);
+    // A retry turns the injected 503 into 200.
+    for id in 0..10 {
+        assert_eq!(
+            get(&mut c, "s", &format!("/fail-once/{id}"), &[]).await.0,
+            StatusCode::OK
+        );
+    }
+    // The 1 s timeout answers 504 within ±10%.
+    let start = Instant::now();
+    assert_eq!(
+        get(&mut c, "s", "/slow", &[]).await.0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let took = start.elapsed();
+    assert!(
+        (Duration::from_millis(900)..=Duration::from_millis(1100)).contains(&took),
+        "{took:?}"
+    );
+    // 50% aborts, ±7%, over 1,000 requests.
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        aborted +=
+            usize::from(get(&mut c, "s", "/flaky", &[]).await.0 == StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!((430..=570).contains(&aborted), "{aborted} of 1000 aborted");
+
+    // JWT: missing and bad tokens 401, a valid one 200.
+    let mut sec = h1(&t, SECURE_VIP).await;
+    assert_eq!(
+        get(&mut sec, "secure", "/", &[]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims =
+        serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "exp": now + 600});
+    let forged = format!(
+        "Bearer {}",
+        jwt::sign_es256(&jwt::new_es256_key(), "k1", &claims)
+    );
+    let good = format!("Bearer {}", jwt::sign_es256(&t.jwt_key, "k1", &claims));
+    assert_eq!(
+        get(&mut sec, "secure", "/", &[("authorization", &forged)])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(&mut sec, "secure", "/", &[("authorization", &good)])
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // Node 3 admits only the waypoint's identity, so pod A calling v1 directly is refused: the
+    // source pod's traffic never reaches S except through the waypoint.
+    let refused: std::io::Result<usize> = match t.n1.connect_tcp(format!("{V1}:8080")) {
+        // The reset can come before connect returns.
+        Err(e) => Err(e
+            .downcast::<std::io::Error>()
+            .unwrap_or_else(|e| std::io::Error::other(e.to_string()))),
+        Ok(mut s) => (|| {
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nhost: v1\r\n\r\n")?;
+            let mut buf = [0u8; 32];
+            s.read(&mut buf)
+        })(),
+    };
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{refused:?}"
+    );
+
+    // No healthy endpoint: 503. Unknown host: 404.
+    let mut dead = h1(&t, DEAD_VIP).await;
+    assert_eq!(
+        get(&mut dead, "dead", "/", &[]).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&mut c, "unknown.example", "/", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Malformed request: 400 and close. Oversize headers: 431. Others unaffected.
+    for (raw, want) in [
+        (
+            "GET / HTTP/1.1\r\nno colon here\r\n\r\n".to_string(),
+            "HTTP/1.1 400",
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nhost: s\r\nx-big: {}\r\n\r\n",
+                "a".repeat(100 * 1024)
+            ),
+            "HTTP/1.1 431",
+        ),
+    ] {
+        use std::io::{Read, Write};
+        let mut s = t.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(raw.as_bytes());
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(want), "{want}: {got}");
+    }
+    assert_eq!(get(&mut c, "s", "/", &[]).await.0, StatusCode::OK);
+
+    // gRPC unary and streaming, trailers intact.
+    let s = t.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, ChannelBody>(TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap()))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for frames in [1usize, 10] {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = Request::post("http://s/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .body(ChannelBody(rx))
+            .unwrap();
+        send.ready().await.unwrap();
+        let resp = send.send_request(req);
+        tokio::spawn(async move {
+            for i in 0..frames {
+                tx.send(Frame::data(Bytes::from(format!("m{i};"))))
+                    .await
+                    .unwrap();
+            }
+        });
+        let collected = resp.await.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        let want: String = (0..frames).map(|i| format!("m{i};")).collect();
+        assert_eq!(collected.to_bytes(), Bytes::from(want));
+    }
+
+    // The waypoint wrote one JSON access-log line per request and counts them.
+    let log = t.waypoint.read_log();
+    assert!(
+        log.contains("\"response_code\":403") && log.contains("\"response_flags\":\"RBAC\""),
+        "{log}"
+    );
+}
