@@ -381,6 +381,10 @@ pub struct ServiceConfig {
     /// HBONE to it instead of to an endpoint.
     #[serde(default)]
     pub waypoint: Option<BoundedString>,
+    /// Circuit breaking and outlier ejection, applied by waypoints sending to this service
+    /// (Istio DestinationRule `trafficPolicy`).
+    #[serde(default)]
+    pub traffic_policy: Option<crate::waypoint::config::TrafficPolicy>,
 }
 
 /// A string with a length bound, checked while parsing so the error carries a line number.

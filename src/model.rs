@@ -48,6 +48,8 @@ pub struct Service {
     pub routing_preference: Vec<RoutingScope>,
     /// uid of the waypoint that handles this service's traffic.
     pub waypoint: Option<String>,
+    /// Limits waypoints apply when sending to this service.
+    pub traffic_policy: Option<crate::waypoint::config::TrafficPolicy>,
     /// Backing workloads, in config order.
     pub endpoints: Vec<Arc<Workload>>,
 }
@@ -173,6 +175,7 @@ impl Model {
                 mode: s.load_balancing.mode,
                 routing_preference: s.load_balancing.routing_preference.clone(),
                 waypoint: s.waypoint.as_ref().map(|u| u.0.clone()),
+                traffic_policy: s.traffic_policy.clone(),
                 endpoints,
             });
             for vip in &svc.vips {
@@ -236,6 +239,18 @@ impl Model {
         dst: SocketAddr,
         rng: &mut impl Rng,
     ) -> Result<Route, SelectError> {
+        self.select_excluding(source, dst, rng, &|_| false)
+    }
+
+    /// `select`, never choosing a service endpoint for which `excluded` holds (a waypoint's
+    /// outlier ejection).
+    pub fn select_excluding(
+        &self,
+        source: &Workload,
+        dst: SocketAddr,
+        rng: &mut impl Rng,
+        excluded: &dyn Fn(&Workload) -> bool,
+    ) -> Result<Route, SelectError> {
         if let Some(route) = self.via_waypoint(source, dst) {
             return Ok(route);
         }
@@ -248,7 +263,7 @@ impl Model {
             let candidates: Vec<(&Arc<Workload>, u16)> = svc
                 .endpoints
                 .iter()
-                .filter(|w| w.healthy && !w.addresses.is_empty())
+                .filter(|w| w.healthy && !w.addresses.is_empty() && !excluded(w))
                 .filter_map(|w| {
                     let target = match w.services.get(&key) {
                         Some(map) if !map.is_empty() => *map.get(&dst.port())?,

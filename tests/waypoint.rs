@@ -29,6 +29,8 @@ struct Setup {
     s: SocketAddr,
     secure: SocketAddr,
     dead: SocketAddr,
+    flappy: SocketAddr,
+    tight: SocketAddr,
     v1_direct: SocketAddr,
     jwt_key: Vec<u8>,
 }
@@ -52,14 +54,14 @@ async fn setup(net: u8) -> Setup {
         "s",
         3,
         "node-b",
-        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {} }",
+        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {}, shop/flappy: {}, shop/tight: {} }",
     );
     model += &wl(
         "v2",
         "s",
         4,
         "node-c",
-        ", services: { shop/s: {}, shop/s-v2: {} }",
+        ", services: { shop/s: {}, shop/s-v2: {}, shop/flappy: {} }",
     );
     model += &wl(
         "sick",
@@ -69,15 +71,19 @@ async fn setup(net: u8) -> Setup {
         ", status: unhealthy, services: { shop/dead: {} }",
     );
     model += "services:\n";
-    for (name, n) in [
-        ("s", 1),
-        ("s-v1", 2),
-        ("s-v2", 3),
-        ("secure", 4),
-        ("dead", 5),
+    let outlier = ", traffic_policy: { outlier_detection: { consecutive_5xx: 3, base_ejection_time: 60s, max_ejection_percent: 50 } }";
+    let tight = ", traffic_policy: { max_connections: 1, max_pending_requests: 0 }";
+    for (name, n, extra) in [
+        ("s", 1, ""),
+        ("s-v1", 2, ""),
+        ("s-v2", 3, ""),
+        ("secure", 4, ""),
+        ("dead", 5, ""),
+        ("flappy", 6, outlier),
+        ("tight", 7, tight),
     ] {
         model += &format!(
-            "  - {{ name: {name}, namespace: shop, hostname: {name}, vips: [{}], ports: {{ 80: 8080 }}, waypoint: wp }}\n",
+            "  - {{ name: {name}, namespace: shop, hostname: {name}, vips: [{}], ports: {{ 80: 8080 }}, waypoint: wp{extra} }}\n",
             vip(n)
         );
     }
@@ -153,6 +159,8 @@ request_authentication:
         s: entry(format!("{}:80", vip(1))).await,
         secure: entry(format!("{}:80", vip(4))).await,
         dead: entry(format!("{}:80", vip(5))).await,
+        flappy: entry(format!("{}:80", vip(6))).await,
+        tight: entry(format!("{}:80", vip(7))).await,
         v1_direct: entry(format!("{}:8080", ip(net, 3))).await,
         _mesh: mesh,
         wp,
@@ -442,4 +450,44 @@ async fn grpc_unary_and_streaming_keep_trailers() {
             "{frames} messages echoed"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaking_and_outlier_ejection() {
+    let net = 55;
+    let s = setup(net).await;
+    // v2 fails every /flap: after 3 consecutive 5xx it is ejected and only v1 answers.
+    let mut c = h1(net, s.flappy).await;
+    let mut failures = 0;
+    for _ in 0..40 {
+        if get(&mut c, "flappy", "/flap", &[]).await.0 != StatusCode::OK {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "exactly the 3 failures that ejected v2");
+    for _ in 0..50 {
+        let (st, h, _) = get(&mut c, "flappy", "/flap", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(h["x-version"], "v1");
+    }
+
+    // One connection's worth of capacity and no queue: a second concurrent request is refused
+    // at once with 503 while the first is still being served.
+    let mut first = h1(net, s.tight).await;
+    let slow = tokio::spawn(async move { get(&mut first, "tight", "/slow", &[]).await.0 });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = h1(net, s.tight).await;
+    let t = Instant::now();
+    let (st, _, body) = get(&mut second, "tight", "/", &[]).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n")
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refused without waiting"
+    );
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    // With the slot free again, requests pass.
+    assert_eq!(get(&mut second, "tight", "/", &[]).await.0, StatusCode::OK);
 }

@@ -342,3 +342,43 @@ pub struct RequestAuthConfig {
     #[serde(default)]
     pub claims_to_headers: BTreeMap<String, String>,
 }
+
+/// Per-service limits a waypoint enforces on its upstream traffic (Istio DestinationRule
+/// `connectionPool` and `outlierDetection`). Absent limits are unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficPolicy {
+    /// Concurrent upstream connections (with HTTP/1.1: requests in flight) to the service.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests allowed to wait for a connection when `max_connections` is reached; more get
+    /// 503 at once.
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    /// Concurrent requests to the service, on any protocol.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (or connect failures) that eject an endpoint.
+    pub consecutive_5xx: u32,
+    /// First ejection length; each further ejection of the same endpoint lasts one more.
+    #[serde(default = "default_ejection", deserialize_with = "de_duration")]
+    pub base_ejection_time: Duration,
+    /// At most this share of the service's endpoints is ejected at once.
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_ejection() -> u32 {
+    10
+}

@@ -8,4 +8,5 @@ pub mod config;
 pub mod jwt;
 pub mod l7;
 pub mod metrics;
+pub mod resilience;
 pub mod server;

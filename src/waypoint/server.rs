@@ -33,6 +33,7 @@ use super::config::{Backend, HeaderOps, PathMatch, RetryOn, RouteConfig, RouteRu
 use super::jwt::{Jwks, Validator};
 use super::l7::{authorize, select_rule, RequestView};
 use super::metrics::{Metrics, RequestLabels};
+use super::resilience::Resilience;
 use crate::config::Config;
 use crate::hbone::client::{Pool, PoolKey};
 use crate::hbone::connect::{build_connect, parse_connect, ConnectHeaders};
@@ -135,6 +136,7 @@ pub struct Waypoint {
     state: watch::Sender<Arc<WpState>>,
     server_config: Mutex<Option<(String, Arc<ServerConfig>)>>,
     upstreams: Upstreams,
+    resilience: Resilience,
     pub metrics: Metrics,
 }
 
@@ -164,6 +166,7 @@ impl Waypoint {
             state: watch::Sender::new(Arc::new(state)),
             server_config: Mutex::new(None),
             upstreams: Upstreams::default(),
+            resilience: Resilience::default(),
             metrics: Metrics::default(),
         }))
     }
@@ -714,6 +717,8 @@ fn pick_backend<'a>(backends: &'a [Backend], rng: &mut impl Rng) -> Option<&'a B
 
 /// Why an upstream attempt failed.
 enum AttemptError {
+    /// A circuit breaker refused the request (which limit).
+    Overflow(&'static str),
     NoEndpoint(String),
     Connect(String),
     Reset(String),
@@ -763,6 +768,8 @@ async fn forward(
                 on(RetryOn::ConnectFailure)
             }
             Err(AttemptError::Reset(_)) => on(RetryOn::Reset),
+            // Retrying into an open circuit breaker would defeat it.
+            Err(AttemptError::Overflow(_)) => false,
         }
     };
     let run = async {
@@ -811,6 +818,14 @@ async fn forward(
     };
     match result {
         Ok(resp) => Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())),
+        Err(AttemptError::Overflow(limit)) => {
+            out.flags = "UO";
+            out.detail = format!("circuit breaker: {limit}");
+            Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream overflow\n",
+            ))
+        }
         Err(AttemptError::NoEndpoint(m)) => {
             out.flags = "UH";
             out.detail = m;
@@ -877,9 +892,19 @@ async fn attempt_once(
         }
         (None, s) => (down.dst, s.cloned()),
     };
+    let _admission = wp
+        .resilience
+        .admit(svc.as_deref())
+        .await
+        .map_err(|o| AttemptError::Overflow(o.0))?;
+    let now = Instant::now();
+    let ejected = |w: &Workload| {
+        svc.as_ref()
+            .is_some_and(|s| wp.resilience.is_ejected(s, w, now))
+    };
     let route = state
         .model
-        .select(me, target, &mut rand::thread_rng())
+        .select_excluding(me, target, &mut rand::thread_rng(), &ejected)
         .map_err(|e| AttemptError::NoEndpoint(e.to_string()))?;
     let Route::Hbone {
         hbone_addr,
@@ -893,18 +918,28 @@ async fn attempt_once(
             "{target} is not an HBONE destination; the waypoint only forwards over HBONE"
         )));
     };
-    out.endpoint = Some(destination);
+    out.endpoint = Some(destination.clone());
     out.service = svc.clone().or(out.service.take());
     let host = svc.as_ref().map(|s| s.hostname.clone());
-    wp.send_upstream(
-        me,
-        (hbone_addr, authority, expected),
-        down.peer,
-        host.as_deref(),
-        req,
-        h2,
-    )
-    .await
+    let result = wp
+        .send_upstream(
+            me,
+            (hbone_addr, authority, expected),
+            down.peer,
+            host.as_deref(),
+            req,
+            h2,
+        )
+        .await;
+    if let Some(s) = &svc {
+        let failed = match &result {
+            Ok(r) => r.status().is_server_error(),
+            Err(_) => true,
+        };
+        wp.resilience
+            .record(s, &destination, failed, Instant::now());
+    }
+    result
 }
 
 /// Upstream HTTP connections, each inside its own pooled HBONE stream, kept alive per endpoint.

@@ -38,7 +38,7 @@ fn text(status: StatusCode, body: String) -> Response<AppBody> {
 }
 
 /// The app behind each version: answers with its version, the path it got and the trace
-/// context; `/fail-once/<id>` fails the first time; `/slow` takes 2 s; gRPC requests are echoed
+/// context; `/fail-once/<id>` fails the first time; `/slow` takes 2 s; `/flap` always fails on v2; gRPC requests are echoed
 /// frame by frame and end with `grpc-status: 0` in trailers.
 pub async fn app(version: &'static str, listener: TcpListener) {
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
@@ -88,6 +88,12 @@ pub async fn app(version: &'static str, listener: TcpListener) {
                                 "first try fails\n".into(),
                             ));
                         }
+                    }
+                    if path == "/flap" && version == "v2" {
+                        return Ok(text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "v2 is broken\n".into(),
+                        ));
                     }
                     if path == "/slow" {
                         tokio::time::sleep(Duration::from_secs(2)).await;
