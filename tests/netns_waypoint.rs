@@ -16,29 +16,17 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use zmesh::waypoint::jwt;
-use zmesh_testbed::mesh::install_rules;
-use zmesh_testbed::{attach_to_bridge, is_root, Child, Netns};
+use zmesh_testbed::three::{ThreeNodes, N1_IP as A, N3_IP as V1, N3_IP2 as V2, WAYPOINT_IP as WP};
+use zmesh_testbed::{is_root, Netns};
 
 const NODE: &str = env!("CARGO_BIN_EXE_zmesh-node");
 const WAYPOINT: &str = env!("CARGO_BIN_EXE_zmesh-waypoint");
-const START: Duration = Duration::from_secs(20);
-const A: &str = "10.218.0.11";
-const WP: &str = "10.218.0.12";
-const V1: &str = "10.218.0.13";
-const V2: &str = "10.218.0.14";
 const S_VIP: &str = "10.96.18.1";
 const SECURE_VIP: &str = "10.96.18.4";
 const DEAD_VIP: &str = "10.96.18.5";
 
 struct Topology {
-    // Drop order: processes, then namespaces, then files.
-    _procs: Vec<Child>,
-    waypoint: Child,
-    n1: Netns,
-    _n2: Netns,
-    _n3: Netns,
-    _switch: Netns,
-    _dir: tempfile::TempDir,
+    nodes: ThreeNodes,
     jwt_key: Vec<u8>,
 }
 
@@ -107,73 +95,19 @@ fn start() -> Topology {
         is_root(),
         "tier (c) tests build network namespaces and need root"
     );
-    let switch = Netns::new("zwS").unwrap();
-    switch.add_bridge("zbr", "10.218.0.1/24").unwrap();
-    let (n1, n2, n3) = (
-        Netns::new("zw1").unwrap(),
-        Netns::new("zw2").unwrap(),
-        Netns::new("zw3").unwrap(),
-    );
-    for (ns, ip) in [(&n1, A), (&n2, WP), (&n3, V1)] {
-        attach_to_bridge(
-            &switch,
-            "zbr",
-            ns,
-            "eth0",
-            &format!("{ip}/24"),
-            "10.218.0.1",
-        )
-        .unwrap();
-    }
-    n3.ip(&["addr", "add", &format!("{V2}/24"), "dev", "eth0"])
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    let out = std::process::Command::new(NODE)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     let jwt_key = jwt::new_es256_key();
     let jwks = serde_json::json!({"keys": [jwt::es256_jwk(&jwt_key, "k1")]}).to_string();
-    let write = |name: &str, text: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text.replace("CA_DIR", &ca.display().to_string())).unwrap();
-        p
-    };
-    let c1 = write("n1.yaml", config("n1", "0.0.0.0", &jwks, ""));
-    let c2 = write(
-        "n2.yaml",
-        config("n2", WP, &jwks, "waypoint: { workload: wp }\n"),
-    );
-    let c3 = write("n3.yaml", config("n3", "0.0.0.0", &jwks, ""));
-    install_rules(&n1, vec![]).unwrap();
-    install_rules(&n3, vec![8080]).unwrap();
-    let spawn = |ns: &Netns, bin: &str, cfg: &Path, ready: &str| {
-        let child = ns
-            .spawn(
-                bin,
-                &["run", "--config", cfg.to_str().unwrap()],
-                &[("ZMESH_LOG", "info")],
-            )
-            .unwrap();
-        child.wait_for_log(ready, START).unwrap();
-        child
-    };
-    let p1 = spawn(&n1, NODE, &c1, "zmesh node ready");
-    let waypoint = spawn(&n2, WAYPOINT, &c2, "zmesh waypoint ready");
-    let p3 = spawn(&n3, NODE, &c3, "zmesh node ready");
-    Topology {
-        _procs: vec![p1, p3],
-        waypoint,
-        n1,
-        _n2: n2,
-        _n3: n3,
-        _switch: switch,
-        _dir: dir,
-        jwt_key,
-    }
+    let nodes = ThreeNodes::start(
+        Path::new(NODE),
+        Path::new(WAYPOINT),
+        [
+            config("n1", "0.0.0.0", &jwks, ""),
+            config("n2", WP, &jwks, "waypoint: { workload: wp }\n"),
+            config("n3", "0.0.0.0", &jwks, ""),
+        ],
+    )
+    .unwrap();
+    Topology { nodes, jwt_key }
 }
 
 /// Starts the v1 and v2 apps in node 3 (listeners made inside its namespace).
@@ -187,7 +121,7 @@ fn start_apps(n3: &Netns) {
 
 /// A keep-alive HTTP/1.1 connection from pod A's app to `vip:80` (captured on node 1).
 async fn h1(t: &Topology, vip: &str) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let s = t.n1.connect_tcp(format!("{vip}:80")).unwrap();
+    let s = t.nodes.n1.connect_tcp(format!("{vip}:80")).unwrap();
     s.set_nonblocking(true).unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(
         tokio::net::TcpStream::from_std(s).unwrap(),
@@ -221,7 +155,7 @@ async fn get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_between_three_nodes() {
     let t = start();
-    start_apps(&t._n3);
+    start_apps(&t.nodes.n3);
     let mut c = h1(&t, S_VIP).await;
 
     // 80/20 split by weight over 1,000 requests on one connection (±5%).
@@ -300,7 +234,7 @@ async fn waypoint_between_three_nodes() {
 
     // Node 3 admits only the waypoint's identity, so pod A calling v1 directly is refused: the
     // source pod's traffic never reaches S except through the waypoint.
-    let refused: std::io::Result<usize> = match t.n1.connect_tcp(format!("{V1}:8080")) {
+    let refused: std::io::Result<usize> = match t.nodes.n1.connect_tcp(format!("{V1}:8080")) {
         // The reset can come before connect returns.
         Err(e) => Err(e
             .downcast::<std::io::Error>()
@@ -344,7 +278,7 @@ async fn waypoint_between_three_nodes() {
         ),
     ] {
         use std::io::{Read, Write};
-        let mut s = t.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
+        let mut s = t.nodes.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.write_all(raw.as_bytes());
         let mut got = Vec::new();
@@ -355,7 +289,7 @@ async fn waypoint_between_three_nodes() {
     assert_eq!(get(&mut c, "s", "/", &[]).await.0, StatusCode::OK);
 
     // gRPC unary and streaming, trailers intact.
-    let s = t.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
+    let s = t.nodes.n1.connect_tcp(format!("{S_VIP}:80")).unwrap();
     s.set_nonblocking(true).unwrap();
     let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, ChannelBody>(TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap()))
@@ -384,7 +318,7 @@ async fn waypoint_between_three_nodes() {
     }
 
     // The waypoint wrote one JSON access-log line per request and counts them.
-    let log = t.waypoint.read_log();
+    let log = t.nodes.waypoint.read_log();
     assert!(
         log.contains("\"response_code\":403") && log.contains("\"response_flags\":\"RBAC\""),
         "{log}"

@@ -35,6 +35,7 @@ mod link;
 pub mod mesh;
 mod netns;
 mod process;
+pub mod three;
 
 pub use capture::PacketCapture;
 pub use data::{random_bytes, seeded_bytes, sha256};

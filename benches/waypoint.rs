@@ -1,0 +1,242 @@
+//! Waypoint benchmark: HTTP/1.1 keep-alive requests per second, p50/p99 latency, and the
+//! waypoint's CPU per 10k requests, side by side in one run for three paths between the same
+//! two namespaces (spec/waypoint.md; the three-node topology of `tests/netns_waypoint.rs`):
+//!
+//! 1. direct: the client in node 1 to the app in node 3, plain TCP, no zmesh on the path;
+//! 2. mesh without waypoint: client → node 1 tunnel → HBONE → node 3 tunnel → app;
+//! 3. mesh with waypoint: client → node 1 → HBONE → waypoint (L7) → HBONE → node 3 → app.
+//!
+//! `sudo cargo bench --bench waypoint` (add `-- --quick` for a smoke run). Needs root (network
+//! namespaces). Every process shares this machine's cores, so compare the columns of one run.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use zmesh_testbed::mesh::connect_uncaptured;
+use zmesh_testbed::three::{ThreeNodes, N1_IP, N3_IP, WAYPOINT_IP};
+use zmesh_testbed::{is_root, Child};
+
+/// A port on node 3 the capture rules leave alone: the direct baseline.
+const DIRECT_PORT: u16 = 8081;
+const CONNECTIONS: usize = 4;
+
+fn config(node: &str, bind: &str, extra: &str) -> String {
+    format!(
+        r#"node:
+  name: {node}
+  bind: {bind}
+  access_log: off
+  certificates: {{ file_ca: {{ dir: CA_DIR }} }}
+{extra}workloads:
+  - {{ uid: a, name: client, namespace: bench, service_account: client, addresses: [{N1_IP}], node: n1 }}
+  - {{ uid: wp, name: waypoint, namespace: bench, service_account: waypoint, addresses: [{WAYPOINT_IP}], node: n2 }}
+  - {{ uid: app, name: app, namespace: bench, service_account: app, addresses: [{N3_IP}], node: n3, services: {{ bench/l7: {{}}, bench/l4: {{}} }} }}
+services:
+  - {{ name: l7, namespace: bench, hostname: l7, vips: [10.96.30.1], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: l4, namespace: bench, hostname: l4, vips: [10.96.30.2], ports: {{ 80: 8080 }} }}
+"#
+    )
+}
+
+/// The app: a 2-byte answer to every request, on the captured and the direct port.
+fn start_app(t: &ThreeNodes) -> Result<()> {
+    for port in [8080, DIRECT_PORT] {
+        let l = t.n3.listen_tcp(format!("{N3_IP}:{port}"))?;
+        l.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: usize,
+}
+
+/// `CONNECTIONS` keep-alive connections, each sending `per_conn` sequential GETs.
+async fn run(
+    streams: Vec<std::net::TcpStream>,
+    host: &'static str,
+    per_conn: usize,
+) -> Result<Run> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in streams {
+        s.set_nonblocking(true)?;
+        s.set_nodelay(true)?;
+        let tcp = tokio::net::TcpStream::from_std(s)?;
+        tasks.push(tokio::spawn(async move {
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            let mut lat = Vec::with_capacity(per_conn);
+            for _ in 0..per_conn {
+                let t = Instant::now();
+                send.ready().await?;
+                let req = Request::get("/")
+                    .header("host", host)
+                    .body(Full::new(Bytes::new()))?;
+                let resp = send.send_request(req).await?;
+                anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+                resp.into_body().collect().await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
+    Ok(Run {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        requests: all.len(),
+    })
+}
+
+fn cpu_ticks(c: &Child) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid())).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+fn bin(name: &str) -> Result<PathBuf> {
+    // Benches live in target/<profile>/deps; the binaries one level up.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("bench path")?;
+    let p = dir.join(name);
+    anyhow::ensure!(
+        p.exists(),
+        "{} not built (cargo build --profile <same> --bins)",
+        p.display()
+    );
+    Ok(p)
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    anyhow::ensure!(
+        is_root(),
+        "the waypoint benchmark builds network namespaces: run it as root"
+    );
+    let per_conn = if quick { 500 } else { 5000 };
+    let t = ThreeNodes::start(
+        &bin("zmesh-node")?,
+        &bin("zmesh-waypoint")?,
+        [
+            config("n1", "0.0.0.0", ""),
+            config("n2", WAYPOINT_IP, "waypoint: { workload: wp }\n"),
+            config("n3", "0.0.0.0", ""),
+        ],
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let tck = clk_tck();
+    let rows = rt.block_on(async {
+        start_app(&t)?;
+        let mut rows = Vec::new();
+        for (name, host, dial) in [
+            (
+                "direct TCP (no zmesh)",
+                "app",
+                format!("{N3_IP}:{DIRECT_PORT}"),
+            ),
+            ("mesh, no waypoint (L4)", "l4", "10.96.30.2:80".to_string()),
+            ("mesh via waypoint (L7)", "l7", "10.96.30.1:80".to_string()),
+        ] {
+            let connect = || {
+                (0..CONNECTIONS)
+                    .map(|_| {
+                        if name.starts_with("direct") {
+                            connect_uncaptured(&t.n1, dial.parse()?)
+                        } else {
+                            t.n1.connect_tcp(dial.clone())
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()
+            };
+            // Warm pools and caches on connections of their own, then measure on fresh ones.
+            run(connect()?, host, 50).await?;
+            let streams = connect()?;
+            let before = [
+                cpu_ticks(&t.node1),
+                cpu_ticks(&t.waypoint),
+                cpu_ticks(&t.node3),
+            ];
+            let r = run(streams, host, per_conn).await?;
+            let after = [
+                cpu_ticks(&t.node1),
+                cpu_ticks(&t.waypoint),
+                cpu_ticks(&t.node3),
+            ];
+            let n = r.requests as f64;
+            let per10k = |i: usize| (after[i] - before[i]) as f64 / tck * 10_000.0 / n;
+            let cpu = [per10k(0), per10k(1), per10k(2)];
+            rows.push((name, r, cpu));
+        }
+        anyhow::Ok(rows)
+    })?;
+    let base = rows[0].1.rps;
+    println!("# zmesh waypoint benchmark\n");
+    println!(
+        "HTTP/1.1 keep-alive, {CONNECTIONS} connections × {per_conn} sequential GETs (2-byte answers), one run; mode: {}.\n",
+        if quick { "quick" } else { "full" }
+    );
+    println!("| path | requests/s | vs direct | p50 µs | p99 µs | CPU-s per 10k requests: node 1 / waypoint / node 3 |");
+    println!("|---|---|---|---|---|---|");
+    for (name, r, cpu) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} / {:.3} / {:.3} |",
+            r.rps,
+            r.rps / base,
+            r.p50_us,
+            r.p99_us,
+            cpu[0],
+            cpu[1],
+            cpu[2]
+        );
+    }
+    Ok(())
+}
