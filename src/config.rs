@@ -385,6 +385,17 @@ pub struct ServiceConfig {
     /// (Istio DestinationRule `trafficPolicy`).
     #[serde(default)]
     pub traffic_policy: Option<crate::waypoint::config::TrafficPolicy>,
+    /// Declared protocol per service port (Kubernetes `appProtocol`): `tcp` makes a waypoint
+    /// relay that port's bytes without looking at them; undeclared ports are sniffed.
+    #[serde(default)]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http,
+    Tcp,
 }
 
 /// A string with a length bound, checked while parsing so the error carries a line number.

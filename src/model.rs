@@ -50,6 +50,8 @@ pub struct Service {
     pub waypoint: Option<String>,
     /// Limits waypoints apply when sending to this service.
     pub traffic_policy: Option<crate::waypoint::config::TrafficPolicy>,
+    /// Declared protocols by service port.
+    pub app_protocols: HashMap<u16, crate::config::AppProtocol>,
     /// Backing workloads, in config order.
     pub endpoints: Vec<Arc<Workload>>,
 }
@@ -176,6 +178,7 @@ impl Model {
                 routing_preference: s.load_balancing.routing_preference.clone(),
                 waypoint: s.waypoint.as_ref().map(|u| u.0.clone()),
                 traffic_policy: s.traffic_policy.clone(),
+                app_protocols: s.app_protocols.iter().map(|(p, a)| (*p, *a)).collect(),
                 endpoints,
             });
             for vip in &svc.vips {

@@ -31,6 +31,8 @@ struct Setup {
     dead: SocketAddr,
     flappy: SocketAddr,
     tight: SocketAddr,
+    raw: SocketAddr,
+    banner: SocketAddr,
     v1_direct: SocketAddr,
     jwt_key: Vec<u8>,
 }
@@ -54,7 +56,7 @@ async fn setup(net: u8) -> Setup {
         "s",
         3,
         "node-b",
-        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {}, shop/flappy: {}, shop/tight: {} }",
+        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {}, shop/flappy: {}, shop/tight: {}, shop/raw: {}, shop/banner: {} }",
     );
     model += &wl(
         "v2",
@@ -81,12 +83,29 @@ async fn setup(net: u8) -> Setup {
         ("dead", 5, ""),
         ("flappy", 6, outlier),
         ("tight", 7, tight),
+        ("raw", 8, ""),
+        ("banner", 9, ""),
     ] {
         model += &format!(
             "  - {{ name: {name}, namespace: shop, hostname: {name}, vips: [{}], ports: {{ 80: 8080 }}, waypoint: wp{extra} }}\n",
             vip(n)
         );
     }
+    // `raw` declares TCP (an echo on 9000); `banner` declares nothing and its server speaks
+    // first (9001): the sniff times out and the bytes are relayed as TCP.
+    model = model
+        .replace(
+            "name: raw, namespace: shop, hostname: raw, vips: [127.",
+            "name: raw, namespace: shop, hostname: raw, app_protocols: { 80: tcp }, vips: [127.",
+        )
+        .replace(
+            &format!("vips: [{}], ports: {{ 80: 8080 }}", vip(8)),
+            &format!("vips: [{}], ports: {{ 80: 9000 }}", vip(8)),
+        )
+        .replace(
+            &format!("vips: [{}], ports: {{ 80: 8080 }}", vip(9)),
+            &format!("vips: [{}], ports: {{ 80: 9001 }}", vip(9)),
+        );
     // Only the waypoint may call the v1/v2 apps: proof that the destination sees ITS identity.
     let dst_policy = "policies:\n  - name: only-waypoint\n    namespace: shop\n    scope: { workload_selector: { workloads: [v1, v2] } }\n    action: allow\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/shop/sa/waypoint\"]\n";
     let routes = format!(
@@ -148,6 +167,24 @@ request_authentication:
     let certs = Arc::new(CertManager::with_trust(source, trust).unwrap());
     let wp = Waypoint::new(cfg, certs).unwrap();
     wpserver::start(wp.clone()).await.unwrap();
+    spawn_echo(
+        TcpListener::bind(SocketAddr::new(ip(net, 3), 9000))
+            .await
+            .unwrap(),
+    );
+    let banner = TcpListener::bind(SocketAddr::new(ip(net, 3), 9001))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = banner.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"220 server speaks first\r\n").await.unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
     for (v, host) in [("v1", 3), ("v2", 4)] {
         let l = TcpListener::bind(SocketAddr::new(ip(net, host), 8080))
             .await
@@ -161,6 +198,8 @@ request_authentication:
         dead: entry(format!("{}:80", vip(5))).await,
         flappy: entry(format!("{}:80", vip(6))).await,
         tight: entry(format!("{}:80", vip(7))).await,
+        raw: entry(format!("{}:80", vip(8))).await,
+        banner: entry(format!("{}:80", vip(9))).await,
         v1_direct: entry(format!("{}:8080", ip(net, 3))).await,
         _mesh: mesh,
         wp,
@@ -490,4 +529,24 @@ async fn circuit_breaking_and_outlier_ejection() {
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
     // With the slot free again, requests pass.
     assert_eq!(get(&mut second, "tight", "/", &[]).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_by_declaration_and_by_sniffing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = 56;
+    let s = setup(net).await;
+    // Declared TCP: bytes that happen to look like HTTP are relayed untouched.
+    let mut c = connect_from(ip(net, 2), s.raw).await.unwrap();
+    let msg = b"GET / HTTP/1.1\r\nthis is not parsed\r\n\r\n";
+    assert_eq!(exchange(&mut c, msg).await, msg);
+    // Undeclared, server speaks first: after the sniff timeout the bytes flow as TCP.
+    let mut c = connect_from(ip(net, 2), s.banner).await.unwrap();
+    let mut banner = [0u8; 25];
+    c.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"220 server speaks first\r\n");
+    c.write_all(b"EHLO\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    c.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"EHLO\r\n");
 }

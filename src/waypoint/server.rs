@@ -306,7 +306,20 @@ async fn stream(
         return;
     };
     let mut io = H2Io::new(send, req.into_body());
+    let declared = state
+        .model
+        .service_by_vip(dst.ip())
+        .and_then(|s| s.app_protocols.get(&dst.port()).copied());
     let down = Downstream { client, peer, dst };
+    match declared {
+        Some(crate::config::AppProtocol::Tcp) => {
+            return relay_tcp(wp, down, Rewind::new(Vec::new(), io)).await
+        }
+        Some(crate::config::AppProtocol::Http) => {
+            return serve_http(wp, down, Rewind::new(Vec::new(), io)).await
+        }
+        None => {}
+    }
     // Sniff: HTTP/1.x request line or the HTTP/2 preface, else opaque TCP.
     let mut first = vec![0u8; 16];
     let n = match tokio::time::timeout(SNIFF_TIMEOUT, io.read(&mut first)).await {
