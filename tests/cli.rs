@@ -133,22 +133,51 @@ const WAYPOINT: &str = env!("CARGO_BIN_EXE_zmesh-waypoint");
 #[test]
 fn waypoint_check_config_accepts_the_example_and_refuses_bad_l7_config_with_64() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/waypoint.yaml");
-    let ok = Command::new(WAYPOINT).args(["check-config", example]).output().unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = Command::new(WAYPOINT)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let text = std::fs::read_to_string(example).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (bad, want) in [
-        (text.replace("regex: \"[01]\"", "regex: \"[01\""), "invalid regex"),
-        (text.replace("percent: 5, status: 503", "percent: 500, status: 503"), "fault.abort.percent"),
-        (text.replace("service: shop/reviews-v2.shop.svc.cluster.local }]", "service: shop/nope }]"), "shop/nope"),
-        (text.replace("workload: shop-waypoint", "workload: ghost"), "waypoint.workload"),
-        (text.replace("request.auth.claims[groups]", "source.ip"), "unsupported condition key"),
+        (
+            text.replace("regex: \"[01]\"", "regex: \"[01\""),
+            "invalid regex",
+        ),
+        (
+            text.replace("percent: 5, status: 503", "percent: 500, status: 503"),
+            "fault.abort.percent",
+        ),
+        (
+            text.replace(
+                "service: shop/reviews-v2.shop.svc.cluster.local }]",
+                "service: shop/nope }]",
+            ),
+            "shop/nope",
+        ),
+        (
+            text.replace("workload: shop-waypoint", "workload: ghost"),
+            "waypoint.workload",
+        ),
+        (
+            text.replace("request.auth.claims[groups]", "source.ip"),
+            "unsupported condition key",
+        ),
         (text.replace("\"kty\": \"EC\"", "\"kty\": \"oct\""), "JWKS"),
     ] {
         assert_ne!(bad, text, "the edit for {want:?} applied");
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, bad).unwrap();
-        let out = Command::new(WAYPOINT).arg("check-config").arg(&path).output().unwrap();
+        let out = Command::new(WAYPOINT)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(64), "{want}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{want}: {err}");

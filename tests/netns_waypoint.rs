@@ -317,6 +317,23 @@ async fn waypoint_between_three_nodes() {
         assert_eq!(collected.to_bytes(), Bytes::from(want));
     }
 
+    // Live reload of the waypoint: a new L7 policy applied by SIGHUP takes effect at once.
+    let cfg = t.nodes.dir.path().join("n2.yaml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("paths: [\"/admin*\"]", "paths: [\"/admin*\", \"/ok\"]");
+    std::fs::write(&cfg, text).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.nodes.waypoint.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    t.nodes
+        .waypoint
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(get(&mut c, "s", "/ok", &[]).await.0, StatusCode::FORBIDDEN);
+
     // The waypoint wrote one JSON access-log line per request and counts them.
     let log = t.nodes.waypoint.read_log();
     assert!(

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -441,21 +442,42 @@ async fn handle(wp: Arc<Waypoint>, down: Downstream, req: Request<Incoming>) -> 
         trace: (trace, span),
         retries: 0,
     };
-    let grpc = req.version() == http::Version::HTTP_2;
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let req_bytes = content_length(req.headers());
-    let resp = route_request(&wp, &state, &down, req, &traceparent, &mut out).await;
+    let req_bytes = Arc::new(AtomicU64::new(0));
+    let resp = route_request(&wp, &state, &down, req, &traceparent, &mut out, &req_bytes).await;
     let resp = resp.unwrap_or_else(|r| r);
-    record(
-        &wp,
-        &down,
-        &out,
-        (&method, &path, grpc, req_bytes),
-        &resp,
+    // Recorded when the response body ends (or is dropped): bytes, duration and a gRPC status
+    // sent in trailers are only known then.
+    let finish = Finish {
+        wp: wp.clone(),
+        down,
+        out,
+        method,
+        path,
+        grpc,
+        status: resp.status(),
+        grpc_status: resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
         start,
-    );
-    resp
+        req_bytes,
+    };
+    resp.map(|body| {
+        Counted {
+            inner: body,
+            bytes: 0,
+            on_end: Some(finish),
+        }
+        .boxed()
+    })
 }
 
 /// The host a request names, without port: Host, else the URI authority (HTTP/2), else "".
@@ -512,6 +534,7 @@ async fn route_request(
     mut req: Request<Incoming>,
     traceparent: &str,
     out: &mut Outcome,
+    req_bytes: &Arc<AtomicU64>,
 ) -> Handled {
     let host = request_host(&req);
     let service = resolve_service(&state.model, &host, down.dst).map_err(|()| {
@@ -688,7 +711,7 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         req.headers_mut().insert("traceparent", v);
     }
-    let resp = forward(wp, state, down, req, rule, service.as_ref(), out).await?;
+    let resp = forward(wp, state, down, req, rule, service.as_ref(), out, req_bytes).await?;
     let mut resp = resp;
     if let Some(r) = rule {
         apply_header_ops(resp.headers_mut(), &r.response_headers);
@@ -737,6 +760,7 @@ enum AttemptError {
     Reset(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     wp: &Arc<Waypoint>,
     state: &WpState,
@@ -745,6 +769,7 @@ async fn forward(
     rule: Option<&RouteRule>,
     service: Option<&Arc<Service>>,
     out: &mut Outcome,
+    req_bytes: &Arc<AtomicU64>,
 ) -> Handled {
     let me = wp.me(state);
     let retries = rule.and_then(|r| r.retries.clone());
@@ -758,7 +783,11 @@ async fn forward(
             .collect()
             .await
         {
-            Ok(c) => Some(c.to_bytes()),
+            Ok(c) => {
+                let b = c.to_bytes();
+                req_bytes.store(b.len() as u64, Ordering::Relaxed);
+                Some(b)
+            }
             Err(_) => {
                 return Err(local(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -767,7 +796,13 @@ async fn forward(
             }
         },
         None => {
-            once = Some(body.map_err(|e| Box::new(e) as BoxError).boxed());
+            once = Some(
+                CountedRequest {
+                    inner: body,
+                    bytes: req_bytes.clone(),
+                }
+                .boxed(),
+            );
             None
         }
     };
@@ -1101,81 +1136,175 @@ impl Waypoint {
     }
 }
 
-fn content_length(h: &http::HeaderMap) -> u64 {
-    h.get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// What is needed to record a request once its response body has ended.
+struct Finish {
+    wp: Arc<Waypoint>,
+    down: Downstream,
+    out: Outcome,
+    method: String,
+    path: String,
+    grpc: bool,
+    status: StatusCode,
+    /// From the response headers (a trailers-only gRPC answer); trailers may override it.
+    grpc_status: Option<String>,
+    start: Instant,
+    req_bytes: Arc<AtomicU64>,
 }
 
-/// Metrics and the JSON access-log line for one request.
-fn record(
-    wp: &Waypoint,
-    down: &Downstream,
-    out: &Outcome,
-    (method, path, grpc, req_bytes): (&str, &str, bool, u64),
-    resp: &Response<Body>,
-    start: Instant,
-) {
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    let state = wp.state();
-    let src_wl = state.model.workload_by_ip(down.peer.ip());
-    let svc = out.service.as_ref();
-    let ep = out.endpoint.as_ref();
-    let grpc_status = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let labels = RequestLabels {
-        reporter: "waypoint",
-        source_workload: src_wl.map_or("unknown".into(), |w| w.canonical_name.clone()),
-        source_workload_namespace: down.client.namespace.clone(),
-        source_principal: down.client.to_string(),
-        destination_workload: ep.map_or("unknown".into(), |w| w.canonical_name.clone()),
-        destination_workload_namespace: ep.map_or("unknown".into(), |w| w.namespace.clone()),
-        destination_principal: ep.map_or("unknown".into(), |w| w.identity.to_string()),
-        destination_service: svc.map_or("unknown".into(), |s| s.hostname.clone()),
-        destination_service_name: svc.map_or("unknown".into(), |s| s.name.clone()),
-        destination_service_namespace: svc.map_or("unknown".into(), |s| s.namespace.clone()),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: resp.status().as_u16().to_string(),
-        grpc_response_status: grpc_status,
-        response_flags: out.flags,
-        connection_security_policy: "mutual_tls",
-    };
-    let resp_bytes = content_length(resp.headers());
-    wp.metrics.requests.get_or_create(&labels).inc();
-    wp.metrics.duration.get_or_create(&labels).observe(ms);
-    wp.metrics
-        .request_bytes
-        .get_or_create(&labels)
-        .observe(req_bytes as f64);
-    wp.metrics
-        .response_bytes
-        .get_or_create(&labels)
-        .observe(resp_bytes as f64);
-    let line = serde_json::json!({
-        "time": humantime_now(),
-        "method": method,
-        "path": path,
-        "protocol": labels.request_protocol,
-        "response_code": resp.status().as_u16(),
-        "response_flags": out.flags,
-        "detail": out.detail,
-        "duration_ms": (ms * 1000.0).round() / 1000.0,
-        "retries": out.retries,
-        "source_principal": labels.source_principal,
-        "source_address": down.peer.to_string(),
-        "original_destination": down.dst.to_string(),
-        "destination_service": labels.destination_service,
-        "upstream_workload": labels.destination_workload,
-        "upstream_principal": labels.destination_principal,
-        "trace_id": format!("{:032x}", out.trace.0),
-        "span_id": format!("{:016x}", out.trace.1),
-    });
-    println!("{line}");
+impl Finish {
+    /// Metrics and the JSON access-log line for one request.
+    fn record(self, resp_bytes: u64, trailer_grpc_status: Option<String>) {
+        let Finish { wp, down, out, .. } = &self;
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let req_bytes = self.req_bytes.load(Ordering::Relaxed);
+        let state = wp.state();
+        let src_wl = state.model.workload_by_ip(down.peer.ip());
+        let svc = out.service.as_ref();
+        let ep = out.endpoint.as_ref();
+        let grpc_status = trailer_grpc_status
+            .or_else(|| self.grpc_status.clone())
+            .unwrap_or_else(|| "-".into());
+        let unknown = || "unknown".to_string();
+        let labels = RequestLabels {
+            reporter: "waypoint",
+            source_workload: src_wl.map_or_else(unknown, |w| w.canonical_name.clone()),
+            source_workload_namespace: down.client.namespace.clone(),
+            source_principal: down.client.to_string(),
+            destination_workload: ep.map_or_else(unknown, |w| w.canonical_name.clone()),
+            destination_workload_namespace: ep.map_or_else(unknown, |w| w.namespace.clone()),
+            destination_principal: ep.map_or_else(unknown, |w| w.identity.to_string()),
+            destination_service: svc.map_or_else(unknown, |s| s.hostname.clone()),
+            destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
+            request_protocol: if self.grpc { "grpc" } else { "http" },
+            response_code: self.status.as_u16().to_string(),
+            grpc_response_status: grpc_status,
+            response_flags: out.flags,
+            connection_security_policy: "mutual_tls",
+        };
+        let m = &wp.metrics;
+        m.requests.get_or_create(&labels).inc();
+        m.duration.get_or_create(&labels).observe(ms);
+        m.request_bytes
+            .get_or_create(&labels)
+            .observe(req_bytes as f64);
+        m.response_bytes
+            .get_or_create(&labels)
+            .observe(resp_bytes as f64);
+        let line = serde_json::json!({
+            "time": humantime_now(),
+            "method": self.method,
+            "path": self.path,
+            "protocol": labels.request_protocol,
+            "response_code": self.status.as_u16(),
+            "grpc_status": labels.grpc_response_status,
+            "response_flags": out.flags,
+            "detail": out.detail,
+            "duration_ms": (ms * 1000.0).round() / 1000.0,
+            "request_bytes": req_bytes,
+            "response_bytes": resp_bytes,
+            "retries": out.retries,
+            "source_principal": labels.source_principal,
+            "source_address": down.peer.to_string(),
+            "original_destination": down.dst.to_string(),
+            "destination_service": labels.destination_service,
+            "upstream_workload": labels.destination_workload,
+            "upstream_principal": labels.destination_principal,
+            "trace_id": format!("{:032x}", out.trace.0),
+            "span_id": format!("{:016x}", out.trace.1),
+        });
+        println!("{line}");
+    }
+}
+
+/// The response body, counted; records the request when it ends or is dropped.
+struct Counted {
+    inner: Body,
+    bytes: u64,
+    on_end: Option<Finish>,
+}
+
+impl Counted {
+    fn finish(&mut self, trailer_grpc_status: Option<String>) {
+        if let Some(f) = self.on_end.take() {
+            f.record(self.bytes, trailer_grpc_status);
+        }
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    let status = t
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    this.finish(status);
+                }
+            }
+            std::task::Poll::Ready(None) => this.finish(None),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// The request body, streamed through and counted.
+struct CountedRequest {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn humantime_now() -> String {
