@@ -353,4 +353,59 @@ mod tests {
         assert!(Jwks::parse(r#"{"keys": [{"kty": "oct", "k": "AAAA"}]}"#).is_err());
         assert!(Jwks::parse("not json").is_err());
     }
+
+    /// RS256 against the public test vector of RFC 7515 appendix A.2 (key and token from the
+    /// RFC; the token expired in 2011, so it is checked at a time before that).
+    #[test]
+    fn rs256_rfc7515_a2_vector_verifies() {
+        let strip = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        let n = strip(
+            "ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddx
+             HmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm4d4QlL-yRT-SFd2lZS-pCgNMs
+             D1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSH
+             SXndS5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2CapHg665xsmtdV
+             MTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGhyxXFvUK-DWNmoudF8
+             NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb54h4FRWyuXpoQ",
+        );
+        let token = strip(
+            "eyJhbGciOiJSUzI1NiJ9.
+             eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFt
+             cGxlLmNvbS9pc19yb290Ijp0cnVlfQ.
+             cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7
+             AAuHIm4Bh-0Qc_lF5YKt_O8W2Fp5jujGbds9uJdbF9CUAr7t1dnZcAcQjbKBYNX4
+             BAynRFdiuB--f_nZLgrnbyTyWzO75vRK5h6xBArLIARNPvkSjtQBMHlb1L07Qe7K
+             0GarZRmB_eSN9383LcOLn6_dO--xi12jzDwusC-eOkHWEsqtFZESc6BfI7noOPqv
+             hJ1phCnvWh6IeYI2w9QOYEUipUTI8np6LbgGY9Fs98rqVt5AXLIhWkWywlVmtVrB
+             p0igcN_IoypGlUPQGe77Rw",
+        );
+        let jwks = json!({"keys": [{"kty": "RSA", "n": n, "e": "AQAB"}]}).to_string();
+        let v = Validator {
+            issuer: "joe".into(),
+            audiences: vec![],
+            jwks: Jwks::parse(&jwks).unwrap(),
+        };
+        let before_exp = SystemTime::UNIX_EPOCH + Duration::from_secs(1_300_819_000);
+        let claims = v.validate(&token, before_exp).unwrap();
+        assert_eq!(claims["http://example.com/is_root"], true);
+        assert_eq!(
+            v.validate(&token, SystemTime::now()).unwrap_err(),
+            JwtError::Expired
+        );
+        // One flipped signature character breaks it.
+        let at = token.len() - 20;
+        let flipped = if &token[at..at + 1] == "A" { "B" } else { "A" };
+        let bad = format!("{}{flipped}{}", &token[..at], &token[at + 1..]);
+        assert_eq!(
+            v.validate(&bad, before_exp).unwrap_err(),
+            JwtError::Signature
+        );
+        // An RSA key cannot vouch for an ES256 header (algorithm confusion).
+        let es_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256"}"#);
+        let parts: Vec<&str> = token.split('.').collect();
+        let confused = format!("{es_header}.{}.{}", parts[1], parts[2]);
+        assert_eq!(
+            v.validate(&confused, before_exp).unwrap_err(),
+            JwtError::Signature
+        );
+    }
 }
