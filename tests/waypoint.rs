@@ -122,6 +122,9 @@ async fn setup(net: u8) -> Setup {
       - matches: [{{ path: {{ exact: /slow }} }}]
         backends: [{{ service: shop/s-v1 }}]
         timeout: 300ms
+      - matches: [{{ path: {{ exact: /delayed }} }}]
+        fault: {{ delay: {{ percent: 100, fixed: 200ms }} }}
+        backends: [{{ service: shop/s-v1 }}]
       - matches: [{{ path: {{ exact: /flaky }} }}]
         fault: {{ abort: {{ percent: 50, status: 503 }} }}
         backends: [{{ service: shop/s-v1 }}]
@@ -334,6 +337,10 @@ async fn retries_timeouts_and_fault_injection() {
         "{:?}",
         t.elapsed()
     );
+    // A 100% delay fault holds the request for its 200 ms, then serves it.
+    let t = Instant::now();
+    assert_eq!(get(&mut c, "s", "/delayed", &[]).await.0, StatusCode::OK);
+    assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
     // 50% aborts.
     let mut aborted = 0;
     for _ in 0..1000 {
