@@ -340,7 +340,11 @@ async fn retries_timeouts_and_fault_injection() {
     // A 100% delay fault holds the request for its 200 ms, then serves it.
     let t = Instant::now();
     assert_eq!(get(&mut c, "s", "/delayed", &[]).await.0, StatusCode::OK);
-    assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
     // 50% aborts.
     let mut aborted = 0;
     for _ in 0..1000 {

@@ -4,6 +4,7 @@
 //! `config` is its part of the config file, `l7` the pure routing and authorization decisions,
 //! `jwt` request authentication, `server` the data path.
 
+pub mod accesslog;
 pub mod config;
 pub mod jwt;
 pub mod l7;

@@ -139,6 +139,7 @@ pub struct Waypoint {
     upstreams: Upstreams,
     resilience: Resilience,
     pub metrics: Metrics,
+    access_log: super::accesslog::AccessLog,
 }
 
 impl Waypoint {
@@ -168,6 +169,7 @@ impl Waypoint {
             server_config: Mutex::new(None),
             upstreams: Upstreams::default(),
             resilience: Resilience::default(),
+            access_log: Default::default(),
             metrics: Metrics::default(),
         }))
     }
@@ -1191,29 +1193,29 @@ impl Finish {
         m.response_bytes
             .get_or_create(&labels)
             .observe(resp_bytes as f64);
-        let line = serde_json::json!({
-            "time": humantime_now(),
-            "method": self.method,
-            "path": self.path,
-            "protocol": labels.request_protocol,
-            "response_code": self.status.as_u16(),
-            "grpc_status": labels.grpc_response_status,
-            "response_flags": out.flags,
-            "detail": out.detail,
-            "duration_ms": (ms * 1000.0).round() / 1000.0,
-            "request_bytes": req_bytes,
-            "response_bytes": resp_bytes,
-            "retries": out.retries,
-            "source_principal": labels.source_principal,
-            "source_address": down.peer.to_string(),
-            "original_destination": down.dst.to_string(),
-            "destination_service": labels.destination_service,
-            "upstream_workload": labels.destination_workload,
-            "upstream_principal": labels.destination_principal,
-            "trace_id": format!("{:032x}", out.trace.0),
-            "span_id": format!("{:016x}", out.trace.1),
+        let (peer, dst) = (down.peer.to_string(), down.dst.to_string());
+        wp.access_log.write(&super::accesslog::Line {
+            time: humantime_now(),
+            method: &self.method,
+            path: &self.path,
+            protocol: labels.request_protocol,
+            response_code: self.status.as_u16(),
+            grpc_status: &labels.grpc_response_status,
+            response_flags: out.flags,
+            detail: &out.detail,
+            duration_ms: (ms * 1000.0).round() / 1000.0,
+            request_bytes: req_bytes,
+            response_bytes: resp_bytes,
+            retries: out.retries,
+            source_principal: &labels.source_principal,
+            source_address: peer,
+            original_destination: dst,
+            destination_service: &labels.destination_service,
+            upstream_workload: &labels.destination_workload,
+            upstream_principal: &labels.destination_principal,
+            trace_id: format!("{:032x}", out.trace.0),
+            span_id: format!("{:016x}", out.trace.1),
         });
-        println!("{line}");
     }
 }
 
