@@ -183,3 +183,44 @@ fn waypoint_check_config_accepts_the_example_and_refuses_bad_l7_config_with_64()
         assert!(err.contains(want), "{want}: {err}");
     }
 }
+
+#[test]
+fn waypoint_reads_jwks_from_a_file_and_names_a_missing_one() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/waypoint.yaml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let start = text.find("    jwks: '").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let jwks = text[start + "    jwks: '".len()..end - 1].to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, &jwks).unwrap();
+    let cfg = dir.path().join("wp.yaml");
+    let with_file = |p: &std::path::Path| {
+        format!(
+            "{}    jwks_file: {}{}",
+            &text[..start],
+            p.display(),
+            &text[end..]
+        )
+    };
+    std::fs::write(&cfg, with_file(&jwks_path)).unwrap();
+    let ok = Command::new(WAYPOINT)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let missing = dir.path().join("missing.json");
+    std::fs::write(&cfg, with_file(&missing)).unwrap();
+    let bad = Command::new(WAYPOINT)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("missing.json"));
+}

@@ -122,6 +122,9 @@ async fn setup(net: u8) -> Setup {
       - matches: [{{ path: {{ exact: /slow }} }}]
         backends: [{{ service: shop/s-v1 }}]
         timeout: 300ms
+      - matches: [{{ path: {{ exact: /slow }}, headers: [{{ name: x-per-try, exact: "1" }}] }}]
+        backends: [{{ service: shop/s-v1 }}]
+        retries: {{ attempts: 2, per_try_timeout: 150ms, on: [5xx] }}
       - matches: [{{ path: {{ exact: /delayed }} }}]
         fault: {{ delay: {{ percent: 100, fixed: 200ms }} }}
         backends: [{{ service: shop/s-v1 }}]
@@ -336,6 +339,17 @@ async fn retries_timeouts_and_fault_injection() {
         t.elapsed() >= Duration::from_millis(300),
         "{:?}",
         t.elapsed()
+    );
+    // Per-try timeouts: three tries of 150 ms each, then 504.
+    let t = Instant::now();
+    assert_eq!(
+        get(&mut c, "s", "/slow", &[("x-per-try", "1")]).await.0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
     );
     // A 100% delay fault holds the request for its 200 ms, then serves it.
     let t = Instant::now();

@@ -760,6 +760,8 @@ enum AttemptError {
     NoEndpoint(String),
     Connect(String),
     Reset(String),
+    /// The per-try timeout expired.
+    Timeout(Duration),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -818,6 +820,8 @@ async fn forward(
                 on(RetryOn::ConnectFailure)
             }
             Err(AttemptError::Reset(_)) => on(RetryOn::Reset),
+            // As Envoy: a try that timed out is retried like a 5xx or a reset.
+            Err(AttemptError::Timeout(_)) => on(RetryOn::FiveXx) || on(RetryOn::Reset),
             // Retrying into an open circuit breaker would defeat it.
             Err(AttemptError::Overflow(_)) => false,
         }
@@ -843,7 +847,7 @@ async fn forward(
             let r = match per_try {
                 Some(t) => tokio::time::timeout(t, one)
                     .await
-                    .unwrap_or_else(|_| Err(AttemptError::Reset(format!("per-try timeout {t:?}")))),
+                    .unwrap_or(Err(AttemptError::Timeout(t))),
                 None => one.await,
             };
             if attempt < attempts && retry_on(&r) {
@@ -890,6 +894,14 @@ async fn forward(
             Err(local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error\n",
+            ))
+        }
+        Err(AttemptError::Timeout(t)) => {
+            out.flags = "UT";
+            out.detail = format!("every try timed out after {t:?}");
+            Err(local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout\n",
             ))
         }
         Err(AttemptError::Reset(m)) => {
