@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::http_app::{app, ChannelBody};
+use common::http_app::{app, get, ChannelBody};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
@@ -132,26 +132,6 @@ async fn h1(t: &Topology, vip: &str) -> hyper::client::conn::http1::SendRequest<
     send
 }
 
-async fn get(
-    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, http::HeaderMap) {
-    c.ready().await.unwrap();
-    let mut req = Request::get(path).header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = c
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = resp.into_parts();
-    body.collect().await.unwrap();
-    (parts.status, parts.headers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_between_three_nodes() {
     let t = start();
@@ -161,7 +141,7 @@ async fn waypoint_between_three_nodes() {
     // 80/20 split by weight over 1,000 requests on one connection (±5%).
     let mut v1 = 0;
     for _ in 0..1000 {
-        let (st, h) = get(&mut c, "s", "/", &[]).await;
+        let (st, h, _) = get(&mut c, "s", "/", &[]).await;
         assert_eq!(st, StatusCode::OK);
         v1 += usize::from(h["x-version"] == "v1");
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::http_app::{app, ChannelBody};
+use common::http_app::{app, get, ChannelBody};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -221,30 +221,6 @@ async fn h1(net: u8, entry: SocketAddr) -> hyper::client::conn::http1::SendReque
         .unwrap();
     tokio::spawn(conn);
     send
-}
-
-async fn get(
-    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, http::HeaderMap, String) {
-    c.ready().await.unwrap();
-    let mut req = Request::get(path).header("host", host);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = c
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

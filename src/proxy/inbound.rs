@@ -14,7 +14,9 @@ use http::{Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{accept_loop, denial_reason, enforce, ConnLog, Direction, Node, Scope};
+use super::{
+    accept_loop, denial_reason, enforce, log_policy_close, ConnLog, Direction, Node, Scope,
+};
 use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
 use crate::hbone::{keepalive, server};
@@ -261,14 +263,7 @@ async fn stream(
         Err(d) => {
             // Dropping the relay reset the client's stream; reset the app's side too.
             reset_on_drop(&app);
-            let reason = denial_reason(&d);
-            tracing::info!(src = %peer, %dst, identity = %client, reason, "connection closed due to policy change");
-            log.emit(
-                enabled,
-                Some(&format_args!(
-                    "connection closed due to policy change: {reason}"
-                )),
-            );
+            log_policy_close(log, enabled, &d, Some(&client));
         }
     }
 }

@@ -337,6 +337,29 @@ pub(crate) async fn enforce<F: std::future::Future>(
     }
 }
 
+/// Logs a connection that a policy change closed (its relay already dropped).
+pub(crate) fn log_policy_close(
+    log: ConnLog,
+    enabled: bool,
+    d: &Decision,
+    identity: Option<&SpiffeId>,
+) {
+    let reason = denial_reason(d);
+    tracing::info!(
+        src = %log.src,
+        dst = %log.dst,
+        identity = identity.map(|i| i.to_string()).unwrap_or_default(),
+        reason,
+        "connection closed due to policy change"
+    );
+    log.emit(
+        enabled,
+        Some(&format_args!(
+            "connection closed due to policy change: {reason}"
+        )),
+    );
+}
+
 /// How a denial reads in logs: the deciding policy, or why there is none.
 pub(crate) fn denial_reason(d: &Decision) -> String {
     match &d.decided_by {

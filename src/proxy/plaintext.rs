@@ -8,7 +8,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{accept_loop, denial_reason, enforce, ConnLog, Direction, Node, Scope};
+use super::{
+    accept_loop, denial_reason, enforce, log_policy_close, ConnLog, Direction, Node, Scope,
+};
 use crate::copy::{reset_on_drop, tcp_to_tcp};
 use crate::policy::{self, WorkloadRef};
 use crate::socket::{dial_in, original_dst, DialOptions};
@@ -114,14 +116,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         Err(d) => {
             reset_on_drop(&tcp);
             reset_on_drop(&app);
-            let reason = denial_reason(&d);
-            tracing::info!(src = %peer, %dst, reason, "connection closed due to policy change");
-            log.emit(
-                enabled,
-                Some(&format_args!(
-                    "connection closed due to policy change: {reason}"
-                )),
-            );
+            log_policy_close(log, enabled, &d, None);
         }
     }
 }

@@ -872,42 +872,36 @@ async fn forward(
     };
     match result {
         Ok(resp) => Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())),
-        Err(AttemptError::Overflow(limit)) => {
-            out.flags = "UO";
-            out.detail = format!("circuit breaker: {limit}");
-            Err(local(
-                StatusCode::SERVICE_UNAVAILABLE,
+        Err(e) => {
+            let (flag, status, body, detail) = e.answer();
+            out.flags = flag;
+            out.detail = detail;
+            Err(local(status, body))
+        }
+    }
+}
+
+impl AttemptError {
+    /// What the client gets when the last try failed this way: response flag (Envoy's), status,
+    /// body, and the detail for the access log.
+    fn answer(self) -> (&'static str, StatusCode, &'static str, String) {
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        match self {
+            AttemptError::Overflow(limit) => (
+                "UO",
+                unavailable,
                 "upstream overflow\n",
-            ))
-        }
-        Err(AttemptError::NoEndpoint(m)) => {
-            out.flags = "UH";
-            out.detail = m;
-            Err(local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream\n",
-            ))
-        }
-        Err(AttemptError::Connect(m)) => {
-            out.flags = "UF";
-            out.detail = m;
-            Err(local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error\n",
-            ))
-        }
-        Err(AttemptError::Timeout(t)) => {
-            out.flags = "UT";
-            out.detail = format!("every try timed out after {t:?}");
-            Err(local(
+                format!("circuit breaker: {limit}"),
+            ),
+            AttemptError::NoEndpoint(m) => ("UH", unavailable, "no healthy upstream\n", m),
+            AttemptError::Connect(m) => ("UF", unavailable, "upstream connect error\n", m),
+            AttemptError::Reset(m) => ("UR", unavailable, "upstream reset\n", m),
+            AttemptError::Timeout(t) => (
+                "UT",
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout\n",
-            ))
-        }
-        Err(AttemptError::Reset(m)) => {
-            out.flags = "UR";
-            out.detail = m;
-            Err(local(StatusCode::SERVICE_UNAVAILABLE, "upstream reset\n"))
+                format!("every try timed out after {t:?}"),
+            ),
         }
     }
 }

@@ -298,3 +298,45 @@ pub fn connect_req(authority: &str) -> http::Request<()> {
         .body(())
         .unwrap()
 }
+
+/// How long a test waits for a connection to be cut.
+pub const CUT_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends `msg` and reads the echo: proof the tunnel is open end to end.
+pub async fn round_trip(c: &mut TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(msg).await.unwrap();
+    let mut got = vec![0; msg.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(10), c.read_exact(&mut got))
+        .await
+        .expect("echo within 10 s")
+        .expect("echo arrives");
+    assert_eq!(got, msg);
+}
+
+/// Waits for the app's connection to be cut, and says how: the app must see a reset, never a
+/// clean end of stream that would pass for a complete reply.
+pub async fn assert_cut(c: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(CUT_WITHIN, c.read(&mut buf)).await {
+        Err(_) => panic!("still open after {CUT_WITHIN:?}"),
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(Ok(n)) => panic!("ended with {n} bytes instead of a reset"),
+    }
+}
+
+/// A new connection from `src` to `entry` is refused: reset at connect, on the first write or
+/// on the first read (a reset reported by the write leaves the read a plain EOF).
+pub async fn assert_refused(src: IpAddr, entry: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    let reset = std::io::ErrorKind::ConnectionReset;
+    let mut c = match connect_from(src, entry).await {
+        Ok(c) => c,
+        Err(e) => return assert_eq!(e.kind(), reset, "{e}"),
+    };
+    if let Err(e) = c.write_all(b"anyone?").await {
+        return assert_eq!(e.kind(), reset, "{e}");
+    }
+    assert_cut(&mut c).await;
+}
