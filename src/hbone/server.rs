@@ -121,12 +121,9 @@ mod tests {
         .unwrap()
     }
 
-    /// reliability #28 with paused time: a client that never sends its ClientHello is dropped
-    /// exactly at the deadline, and a well-behaved client connecting meanwhile is served.
-    #[tokio::test(start_paused = true)]
-    async fn slowloris_is_closed_at_the_deadline_while_a_normal_client_is_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let m = certs(dir.path());
+    /// A server config for `ns/server` and a client config for `ns/client`, from one CA.
+    fn configs(dir: &std::path::Path) -> (Arc<ServerConfig>, rustls::ClientConfig, SpiffeId) {
+        let m = certs(dir);
         let server_id = SpiffeId::new("cluster.local", "ns", "server").unwrap();
         let client_id = SpiffeId::new("cluster.local", "ns", "client").unwrap();
         let scfg =
@@ -134,6 +131,15 @@ mod tests {
         let ccfg =
             crate::tls::client_config(&m.fetch(&client_id).unwrap(), &m.trust(), vec![server_id])
                 .unwrap();
+        (scfg, ccfg, client_id)
+    }
+
+    /// reliability #28 with paused time: a client that never sends its ClientHello is dropped
+    /// exactly at the deadline, and a well-behaved client connecting meanwhile is served.
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_is_closed_at_the_deadline_while_a_normal_client_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (scfg, ccfg, client_id) = configs(dir.path());
         let deadline = Duration::from_secs(10);
         let start = tokio::time::Instant::now();
 
@@ -165,14 +171,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_missing_http2_preface_hits_the_same_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let m = certs(dir.path());
-        let server_id = SpiffeId::new("cluster.local", "ns", "server").unwrap();
-        let client_id = SpiffeId::new("cluster.local", "ns", "client").unwrap();
-        let scfg =
-            Arc::new(crate::tls::server_config(&m.fetch(&server_id).unwrap(), &m.trust()).unwrap());
-        let ccfg =
-            crate::tls::client_config(&m.fetch(&client_id).unwrap(), &m.trust(), vec![server_id])
-                .unwrap();
+        let (scfg, ccfg, _) = configs(dir.path());
         let deadline = Duration::from_secs(3);
         let start = tokio::time::Instant::now();
         let (c, s) = duplex(64 * 1024);
