@@ -215,21 +215,67 @@ async fn root_rotation_with_a_two_root_bundle() {
     round_trip(&mut c, b"across two roots").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crl_update_cuts_the_revoked_peers_live_tunnel() {
-    let net = 44;
+/// Nodes A (client) and B (server) with an open tunnel; the node named `with_crl` watches an
+/// empty CRL of the mesh CA at the returned path.
+struct CrlSetup {
+    _mesh: Mesh,
+    a: Arc<Node>,
+    b: Arc<Node>,
+    ca: FileCa,
+    crl: std::path::PathBuf,
+    now: SystemTime,
+    entry: SocketAddr,
+    tunnel: TcpStream,
+}
+
+async fn crl_setup(net: u8, with_crl: &str) -> CrlSetup {
     let mut mesh = Mesh::new(net);
     let ca = FileCa::load(&mesh.ca_dir).unwrap();
     let crl = mesh.dir.path().join("crl.pem");
     let now = SystemTime::now();
     std::fs::write(&crl, ca.crl_pem(&[], now, HOUR).unwrap()).unwrap();
     let w = client_server_workloads(net, "server", &[]);
-    let a = mesh.node("node-a", 2, &w).await;
     let crl_line = format!("  crl: {}\n", crl.display());
-    let text = node_yaml_with(net, "node-b", 3, &mesh.ca_dir, &crl_line, &w);
-    let (b, _) = mesh.node_from_file("node-b", &text).await;
+    let start = |name: &'static str, host: u8| {
+        let text = if name == with_crl {
+            node_yaml_with(net, name, host, &mesh.ca_dir, &crl_line, &w)
+        } else {
+            node_yaml(net, name, host, &mesh.ca_dir, &w)
+        };
+        (name, text)
+    };
+    let (na, ta) = start("node-a", 2);
+    let (nb, tb) = start("node-b", 3);
+    let (a, _) = mesh.node_from_file(na, &ta).await;
+    let (b, _) = mesh.node_from_file(nb, &tb).await;
     let entry = echo_behind(net, &a).await;
-    let mut c = open(net, entry).await;
+    let tunnel = open(net, entry).await;
+    CrlSetup {
+        _mesh: mesh,
+        a,
+        b,
+        ca,
+        crl,
+        now,
+        entry,
+        tunnel,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_update_cuts_the_revoked_peers_live_tunnel() {
+    let net = 44;
+    let CrlSetup {
+        a,
+        b,
+        ca,
+        crl,
+        now,
+        entry,
+        tunnel: mut c,
+        // Bound, not `..`: an unbound field would be dropped here, and with it the mesh.
+        _mesh,
+    } = crl_setup(net, "node-b").await;
 
     // Revoking somebody else changes the CRL but cuts nothing.
     let applied = b.stats.reloads_applied.load(Ordering::Acquire);
@@ -289,18 +335,17 @@ async fn a_slowloris_client_is_closed_at_the_deadline_while_others_are_served() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crl_on_the_client_node_cuts_pooled_tunnels_to_a_revoked_server() {
     let net = 46;
-    let mut mesh = Mesh::new(net);
-    let ca = FileCa::load(&mesh.ca_dir).unwrap();
-    let crl = mesh.dir.path().join("crl.pem");
-    let now = SystemTime::now();
-    std::fs::write(&crl, ca.crl_pem(&[], now, HOUR).unwrap()).unwrap();
-    let w = client_server_workloads(net, "server", &[]);
-    let crl_line = format!("  crl: {}\n", crl.display());
-    let text = node_yaml_with(net, "node-a", 2, &mesh.ca_dir, &crl_line, &w);
-    let (a, _) = mesh.node_from_file("node-a", &text).await;
-    let b = mesh.node("node-b", 3, &w).await;
-    let entry = echo_behind(net, &a).await;
-    let mut c = open(net, entry).await;
+    let CrlSetup {
+        a,
+        b,
+        ca,
+        crl,
+        now,
+        entry,
+        tunnel: mut c,
+        // Bound, not `..`: an unbound field would be dropped here, and with it the mesh.
+        _mesh,
+    } = crl_setup(net, "node-a").await;
     assert_eq!(a.pool.connections(), 1);
 
     let server_serial = b

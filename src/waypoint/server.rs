@@ -1043,16 +1043,54 @@ impl Waypoint {
         Ok((H2Io::new(t.send, t.recv), t.guard))
     }
 
-    async fn send_upstream(
+    /// A new upstream HTTP connection inside a new HBONE stream: `handshake` is hyper's HTTP/1
+    /// or HTTP/2 client handshake; the connection is driven by its own task, which holds the
+    /// stream's pool slot for as long as the connection lives.
+    async fn dial_http<S, C, E, F>(
         &self,
         me: &Workload,
         (hbone_addr, authority, expected): HboneTarget,
         client_addr: SocketAddr,
         service_host: Option<&str>,
+        handshake: impl FnOnce(TokioIo<H2Io>) -> F,
+    ) -> Result<S, AttemptError>
+    where
+        F: std::future::Future<Output = Result<(S, C), E>>,
+        C: std::future::Future + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let (io, guard) = self
+            .open_tunnel(
+                me,
+                hbone_addr,
+                authority,
+                expected,
+                client_addr,
+                service_host,
+            )
+            .await
+            .map_err(AttemptError::Connect)?;
+        let (sender, conn) = handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _stream = guard;
+            conn.await;
+        });
+        Ok(sender)
+    }
+
+    async fn send_upstream(
+        &self,
+        me: &Workload,
+        target: HboneTarget,
+        client_addr: SocketAddr,
+        service_host: Option<&str>,
         req: Request<Body>,
         h2: bool,
     ) -> Result<Response<Incoming>, AttemptError> {
-        let connect = |e: String| AttemptError::Connect(e);
+        let authority = target.1;
+        let reset = |e: hyper::Error| AttemptError::Reset(e.to_string());
         if h2 {
             let existing = {
                 let map = self.upstreams.h2.lock().expect("poisoned");
@@ -1061,25 +1099,12 @@ impl Waypoint {
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
-                    let (io, guard) = self
-                        .open_tunnel(
-                            me,
-                            hbone_addr,
-                            authority,
-                            expected,
-                            client_addr,
-                            service_host,
-                        )
-                        .await
-                        .map_err(connect)?;
-                    let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| connect(e.to_string()))?;
-                    tokio::spawn(async move {
-                        let _stream = guard;
-                        let _ = conn.await;
-                    });
+                    let s = self
+                        .dial_http(me, target, client_addr, service_host, |io| {
+                            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                                .handshake(io)
+                        })
+                        .await?;
                     self.upstreams
                         .h2
                         .lock()
@@ -1088,14 +1113,8 @@ impl Waypoint {
                     s
                 }
             };
-            sender
-                .ready()
-                .await
-                .map_err(|e| AttemptError::Reset(e.to_string()))?;
-            return sender
-                .send_request(req)
-                .await
-                .map_err(|e| AttemptError::Reset(e.to_string()));
+            sender.ready().await.map_err(reset)?;
+            return sender.send_request(req).await.map_err(reset);
         }
         let idle = {
             let mut map = self.upstreams.h1.lock().expect("poisoned");
@@ -1108,25 +1127,10 @@ impl Waypoint {
         let mut sender = match idle {
             Some(s) => s,
             None => {
-                let (io, guard) = self
-                    .open_tunnel(
-                        me,
-                        hbone_addr,
-                        authority,
-                        expected,
-                        client_addr,
-                        service_host,
-                    )
-                    .await
-                    .map_err(connect)?;
-                let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| connect(e.to_string()))?;
-                tokio::spawn(async move {
-                    let _stream = guard;
-                    let _ = conn.await;
-                });
-                s
+                self.dial_http(me, target, client_addr, service_host, |io| {
+                    hyper::client::conn::http1::handshake(io)
+                })
+                .await?
             }
         };
         let response = sender.send_request(req);
@@ -1138,9 +1142,7 @@ impl Waypoint {
                 list.push(sender);
             }
         }
-        response
-            .await
-            .map_err(|e| AttemptError::Reset(e.to_string()))
+        response.await.map_err(reset)
     }
 }
 
