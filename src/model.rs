@@ -100,6 +100,8 @@ pub struct Model {
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     workloads_by_uid: HashMap<String, Arc<Workload>>,
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Hostname and the short forms a client may use (`name.namespace`, `name.namespace.svc`).
+    services_by_host: HashMap<String, Arc<Service>>,
     workloads: Vec<Arc<Workload>>,
     services: Vec<Arc<Service>>,
     pub hbone_port: u16,
@@ -197,6 +199,7 @@ impl Model {
                 .iter()
                 .map(|w| (w.uid.clone(), w.clone()))
                 .collect(),
+            services_by_host: host_index(&services),
             services_by_vip,
             workloads,
             services,
@@ -211,6 +214,11 @@ impl Model {
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads_by_ip.get(&ip)
+    }
+
+    /// The service a Host header names: its hostname, or `name.namespace[.svc]`.
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.services_by_host.get(host)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -346,6 +354,23 @@ impl Model {
             },
         }
     }
+}
+
+/// Every name a service answers to; the first service to claim a name keeps it.
+fn host_index(services: &[Arc<Service>]) -> HashMap<String, Arc<Service>> {
+    let mut index = HashMap::new();
+    for s in services {
+        index.entry(s.hostname.clone()).or_insert_with(|| s.clone());
+    }
+    for s in services {
+        for alias in [
+            format!("{}.{}", s.name, s.namespace),
+            format!("{}.{}.svc", s.name, s.namespace),
+        ] {
+            index.entry(alias).or_insert_with(|| s.clone());
+        }
+    }
+    index
 }
 
 /// Same address family as the one the application dialed, when the endpoint has it.
@@ -683,5 +708,19 @@ services:
         let tcp = base.replace("waypoint: nope", "waypoint: b") + "  - { uid: b, name: b, namespace: d, addresses: [10.0.0.2], node: n, protocol: TCP }\n";
         let e = Config::parse(&tcp, "t").unwrap_err().to_string();
         assert!(e.contains("must speak HBONE"), "{e}");
+    }
+
+    #[test]
+    fn services_are_found_by_hostname_and_short_names() {
+        let m = model("");
+        let by = |h: &str| m.service_by_host(h).map(|s| s.name.clone());
+        assert_eq!(
+            by("echo.default.svc.cluster.local").as_deref(),
+            Some("echo")
+        );
+        assert_eq!(by("echo.default").as_deref(), Some("echo"));
+        assert_eq!(by("echo.default.svc").as_deref(), Some("echo"));
+        assert_eq!(by("echo.other"), None);
+        assert_eq!(by("echo"), None, "a bare name needs the caller's namespace");
     }
 }

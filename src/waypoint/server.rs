@@ -517,14 +517,18 @@ fn resolve_service(model: &Model, host: &str, dst: SocketAddr) -> Result<Option<
             None => Err(()),
         };
     }
-    let found = model.services().iter().find(|s| {
-        s.hostname == host
-            || host
-                .strip_prefix(&format!("{}.", s.name))
-                .is_some_and(|rest| rest == s.namespace || s.hostname.starts_with(host))
-            || s.name == host && by_dst.as_ref().is_some_and(|d| d.namespace == s.namespace)
-    });
-    found.cloned().map(Some).ok_or(())
+    if let Some(s) = model.service_by_host(host) {
+        return Ok(Some(s.clone()));
+    }
+    // A bare name means a service of the destination's namespace, as cluster DNS resolves it.
+    match &by_dst {
+        Some(d) if !host.contains('.') => model
+            .service_by_host(&format!("{host}.{}", d.namespace))
+            .cloned()
+            .map(Some)
+            .ok_or(()),
+        _ => Err(()),
+    }
 }
 
 type Handled = Result<Response<Body>, Response<Body>>;
