@@ -173,6 +173,9 @@ pub struct Ports {
     pub inbound_plaintext: u16,
     #[serde(default = "p15021")]
     pub readiness: u16,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`), Istio's 15020.
+    #[serde(default = "p15020")]
+    pub metrics: u16,
 }
 
 impl Default for Ports {
@@ -182,6 +185,7 @@ impl Default for Ports {
             outbound: 15001,
             inbound_plaintext: 15006,
             readiness: 15021,
+            metrics: 15020,
         }
     }
 }
@@ -480,6 +484,9 @@ fn p15006() -> u16 {
 fn p15021() -> u16 {
     15021
 }
+fn p15020() -> u16 {
+    15020
+}
 
 /// Parses durations such as `500ms`, `30s`, `10m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -556,6 +563,7 @@ impl Config {
             ("outbound", p.outbound),
             ("inbound_plaintext", p.inbound_plaintext),
             ("readiness", p.readiness),
+            ("metrics", p.metrics),
         ] {
             if port == 0 {
                 return Err(invalid(

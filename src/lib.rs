@@ -17,6 +17,7 @@ pub mod config;
 pub mod copy;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod policy;

@@ -3,9 +3,12 @@
 //! it as text or JSON.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::copy::Transfer;
+use crate::metrics::{NodeMetrics, TcpLabels};
+use crate::model::{Service, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -38,11 +41,31 @@ pub struct ConnLog {
     /// How traffic left this node: "hbone 10.0.0.2:15008", "direct", "passthrough", "app".
     pub path: String,
     pub transfer: Transfer,
+    /// For the metrics' labels: the workloads and service, as far as they are known.
+    pub src_wl: Option<Arc<Workload>>,
+    pub dst_wl: Option<Arc<Workload>>,
+    pub svc: Option<Arc<Service>>,
+    /// Whether the far side is reached over mTLS (HBONE).
+    pub mtls: bool,
+    metrics: Arc<NodeMetrics>,
+    /// Set once the connection reached its far side: it is then counted as opened.
+    opened_as: Option<TcpLabels>,
 }
 
 impl ConnLog {
-    pub fn new(direction: Direction, src: SocketAddr, dst: SocketAddr) -> Self {
+    pub fn new(
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        metrics: &Arc<NodeMetrics>,
+    ) -> Self {
         ConnLog {
+            src_wl: None,
+            dst_wl: None,
+            svc: None,
+            mtls: false,
+            metrics: metrics.clone(),
+            opened_as: None,
             direction,
             start: Instant::now(),
             src,
@@ -56,8 +79,44 @@ impl ConnLog {
         }
     }
 
-    /// Emits the line. `error` is None for a connection that completed.
+    fn labels(&self) -> TcpLabels {
+        let reporter = match self.direction {
+            Direction::Outbound => "source",
+            Direction::Inbound | Direction::InboundPlaintext => "destination",
+        };
+        TcpLabels::new(
+            reporter,
+            self.src_wl.as_deref(),
+            self.src_identity.as_deref(),
+            self.dst_wl.as_deref(),
+            self.svc.as_deref(),
+            self.mtls,
+        )
+    }
+
+    /// The connection reached its far side (tunnel up, or app dialed): count it as opened.
+    pub fn opened(&mut self) {
+        let labels = self.labels();
+        self.metrics.opened(&labels);
+        self.opened_as = Some(labels);
+    }
+
+    /// Emits the line (when access logging is on) and settles the metrics: an opened connection
+    /// is closed with its bytes, any other one failed. `error` is None for a completed one.
     pub fn emit(&self, enabled: bool, error: Option<&dyn std::fmt::Display>) {
+        // Istio's meaning: "sent" is response bytes (towards the client), "received" request
+        // bytes. `transfer` counts from the side the relay was given first: the client socket
+        // for outbound and plaintext inbound, the app socket for HBONE inbound.
+        let (request, response) = match self.direction {
+            Direction::Outbound | Direction::InboundPlaintext => {
+                (self.transfer.sent, self.transfer.received)
+            }
+            Direction::Inbound => (self.transfer.received, self.transfer.sent),
+        };
+        match &self.opened_as {
+            Some(l) => self.metrics.closed(l, response, request),
+            None => self.metrics.failed(&self.labels()),
+        }
         if !enabled {
             return;
         }

@@ -166,16 +166,20 @@ async fn stream(
                 Direction::Inbound,
                 peer,
                 SocketAddr::new(workload.addresses[0], 0),
+                &node.metrics,
             );
             log.src_identity = Some(client.to_string());
             log.emit(enabled, Some(&format_args!("bad CONNECT: {e}")));
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::Inbound, peer, dst);
+    let mut log = ConnLog::new(Direction::Inbound, peer, dst, &node.metrics);
     log.src_identity = Some(client.to_string());
     log.dst_identity = Some(workload.identity.to_string());
     log.dst_workload = Some(workload.name.clone());
+    log.dst_wl = Some(workload.clone());
+    log.src_wl = node.model().workload_by_ip(peer.ip()).cloned();
+    log.mtls = true;
     log.path = format!("app {dst}");
     let model = node.model();
     match model.local_workload(dst.ip()) {
@@ -251,6 +255,7 @@ async fn stream(
             return;
         }
     };
+    log.opened();
     let outcome = {
         let relay = std::pin::pin!(tcp_to_h2(&mut app, send, req.into_body()));
         enforce(&node, who, changes, relay).await

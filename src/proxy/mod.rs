@@ -100,6 +100,7 @@ pub struct Node {
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     pub stats: Stats,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
@@ -176,12 +177,95 @@ impl Node {
             certs,
             pool,
             stats: Stats::default(),
+            metrics: Arc::default(),
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             draining: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// The Prometheus text of every node metric: the TCP families with Istio's labels, then the
+    /// counters and gauges the node keeps itself.
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::count;
+        let s = &self.stats;
+        let now = self.certs.now();
+        let certs = self
+            .certs
+            .cached()
+            .iter()
+            .map(|c| {
+                let left = c
+                    .not_after
+                    .duration_since(now)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                (
+                    format!("{{identity=\"{}\",serial=\"{}\"}}", c.identity, c.serial),
+                    left,
+                )
+            })
+            .collect();
+        self.metrics.encode(&[
+            (
+                "zmesh_policy_decisions_total",
+                "counter",
+                "L4 authorization decisions at this node",
+                vec![
+                    ("{decision=\"allow\"}".into(), count(&s.policy_allowed)),
+                    ("{decision=\"deny\"}".into(), count(&s.policy_denied)),
+                ],
+            ),
+            (
+                "zmesh_policy_closed_connections_total",
+                "counter",
+                "Open connections closed because a new policy denies them",
+                vec![(String::new(), count(&s.policy_closed))],
+            ),
+            (
+                "zmesh_revoked_connections_closed_total",
+                "counter",
+                "Live connections cut because the peer's chain became revoked",
+                vec![(String::new(), count(&s.revoked_closed))],
+            ),
+            (
+                "zmesh_config_reloads_total",
+                "counter",
+                "Config reloads by outcome",
+                vec![
+                    ("{result=\"applied\"}".into(), count(&s.reloads_applied)),
+                    ("{result=\"rejected\"}".into(), count(&s.reloads_rejected)),
+                ],
+            ),
+            (
+                "zmesh_certificate_expiry_seconds",
+                "gauge",
+                "Seconds until each workload certificate expires",
+                certs,
+            ),
+            (
+                "zmesh_hbone_pool_connections",
+                "gauge",
+                "Pooled outbound HBONE connections (host scope)",
+                vec![(String::new(), self.pool.connections() as f64)],
+            ),
+            (
+                "zmesh_active_connections",
+                "gauge",
+                "Connections being proxied",
+                vec![(String::new(), self.active_connections() as f64)],
+            ),
+            (
+                "zmesh_build_info",
+                "gauge",
+                "The running build",
+                vec![(
+                    format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
+                    1.0,
+                )],
+            ),
+        ])
     }
 
     /// The current model and policies.
@@ -412,6 +496,7 @@ pub struct Bound {
     pub inbound_plaintext: SocketAddr,
     pub hbone: SocketAddr,
     pub readiness: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 /// A running node: listeners plus the shutdown switch.
@@ -470,20 +555,29 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     )?;
     let hbone = bind("HBONE", cfg.listen_addr(p.hbone), false)?;
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
+    let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let bound = Bound {
         outbound: addr(&outbound),
         inbound_plaintext: addr(&plain),
         hbone: addr(&hbone),
         readiness: addr(&ready),
+        metrics: addr(&metrics),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
     let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
     tasks.push(tokio::spawn(readiness::serve(
         node.clone(),
+        metrics,
+        rx.clone(),
+        true,
+    )));
+    tasks.push(tokio::spawn(readiness::serve(
+        node.clone(),
         ready,
         rx.clone(),
+        false,
     )));
     tasks.push(spawn_renewals(&node, &rx));
     node.ready.store(true, Ordering::Release);
@@ -549,12 +643,14 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     let cfg = &node.cfg;
     let p = &cfg.node.ports;
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
+    let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
     let in_pod = |port| SocketAddr::new(std::net::IpAddr::from([0, 0, 0, 0]), port);
     let bound = Bound {
         outbound: in_pod(p.outbound),
         inbound_plaintext: in_pod(p.inbound_plaintext),
         hbone: in_pod(p.hbone),
         readiness: ready.local_addr().expect("bound listener has an address"),
+        metrics: metrics.local_addr().expect("bound listener has an address"),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);
@@ -566,7 +662,8 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
             state_tx,
             rx.clone(),
         )),
-        tokio::spawn(readiness::serve(node.clone(), ready, rx.clone())),
+        tokio::spawn(readiness::serve(node.clone(), ready, rx.clone(), false)),
+        tokio::spawn(readiness::serve(node.clone(), metrics, rx.clone(), true)),
         tokio::spawn({
             let node = node.clone();
             async move {

@@ -30,7 +30,7 @@ pub(super) async fn serve(
                 // A connection made straight to the listener was not captured: proxying it to
                 // itself would loop forever.
                 Ok(dst) if Some(dst) == own || dst.port() == node.cfg.node.ports.outbound && node.model().local_workload(dst.ip()).is_some() => {
-                    let log = ConnLog::new(Direction::Outbound, peer, dst);
+                    let log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
                     reset_on_drop(&tcp);
                     log.emit(node.access_log_enabled(), Some(&"connection to the outbound port itself was not captured traffic; refused"));
                 }
@@ -60,7 +60,7 @@ async fn proxy_in(
     peer: SocketAddr,
     dst: SocketAddr,
 ) {
-    let mut log = ConnLog::new(Direction::Outbound, peer, dst);
+    let mut log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
     let enabled = node.access_log_enabled();
     // In-pod, the listener belongs to exactly one pod: that pod is the source.
     let source = scope
@@ -80,6 +80,7 @@ async fn proxy_in(
         return;
     };
     log.src_identity = Some(source.identity.to_string());
+    log.src_wl = Some(source.clone());
     let model = node.model();
     let route = match model.select(&source, dst, &mut rand::thread_rng()) {
         Ok(r) => r,
@@ -100,6 +101,9 @@ async fn proxy_in(
             log.dst_identity = Some(destination.identity.to_string());
             log.dst_workload = Some(destination.name.clone());
             log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+            log.dst_wl = Some(destination.clone());
+            log.svc = service.clone();
+            log.mtls = true;
             log.path = format!("hbone {hbone_addr} authority {authority}");
             let (trace_id, span_id) = new_trace_ids();
             let req = build_connect(
@@ -123,6 +127,7 @@ async fn proxy_in(
             match Box::pin(scope.pool.connect(&key, req)).await {
                 Ok(tunnel) => {
                     let _guard = tunnel.guard;
+                    log.opened();
                     log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
                     log.emit(enabled, None);
                 }
@@ -140,6 +145,8 @@ async fn proxy_in(
         } => {
             log.dst_workload = Some(destination.name.clone());
             log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+            log.dst_wl = Some(destination.clone());
+            log.svc = service.clone();
             log.path = format!("direct {addr}");
             relay(&node, &scope, tcp, addr, log).await;
         }
@@ -158,6 +165,7 @@ async fn relay(node: &Node, scope: &Scope, mut tcp: TcpStream, addr: SocketAddr,
     };
     match Box::pin(dial_in(scope.dial_netns(), addr, opts)).await {
         Ok(mut up) => {
+            log.opened();
             log.transfer = tcp_to_tcp(&mut tcp, &mut up).await;
             log.emit(node.access_log_enabled(), None);
         }

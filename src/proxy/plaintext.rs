@@ -41,7 +41,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::InboundPlaintext, peer, dst);
+    let mut log = ConnLog::new(Direction::InboundPlaintext, peer, dst, &node.metrics);
     log.path = format!("app {dst}");
     if !node.inbound_plaintext_allowed() {
         reset_on_drop(&tcp);
@@ -67,6 +67,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     };
     log.dst_identity = Some(w.identity.to_string());
     log.dst_workload = Some(w.name.clone());
+    log.dst_wl = Some(w.clone());
     // No peer identity: principal, namespace and service-account matches never hold, so a
     // STRICT policy (DENY not_principals ["*"]) refuses this connection.
     let who = || policy::Connection {
@@ -104,6 +105,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
             return;
         }
     };
+    log.opened();
     let outcome = {
         let relay = std::pin::pin!(tcp_to_tcp(&mut tcp, &mut app));
         enforce(&node, who, changes, relay).await

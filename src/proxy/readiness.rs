@@ -1,5 +1,6 @@
 //! Readiness (:15021 `GET /healthz/ready`): 200 once the node's certificates are issued and its
-//! listeners bound, 503-style 500 with what is pending otherwise (what kubelet probes).
+//! listeners bound, 503-style 500 with what is pending otherwise (what kubelet probes). The same
+//! small server answers `/metrics` and `/stats/prometheus` on :15020.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use super::Node;
 
 type Body = http_body_util::Full<Bytes>;
 
-fn respond(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+fn respond(node: &Node, req: &Request<Incoming>, metrics: bool) -> Response<Body> {
     let (status, body) = match req.uri().path() {
+        "/metrics" | "/stats/prometheus" if metrics => (StatusCode::OK, node.metrics_text()),
         "/healthz/ready" if node.is_ready() => (StatusCode::OK, "ready\n".to_string()),
         "/healthz/ready" => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -31,10 +33,12 @@ fn respond(node: &Node, req: &Request<Incoming>) -> Response<Body> {
         .expect("static response")
 }
 
+/// Serves readiness, or (with `metrics`) the Prometheus endpoints, until shutdown.
 pub(super) async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    metrics: bool,
 ) {
     loop {
         let (tcp, _) = tokio::select! {
@@ -51,7 +55,7 @@ pub(super) async fn serve(
         let node = node.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = respond(&node, &req);
+                let resp = respond(&node, &req, metrics);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -79,6 +79,15 @@ impl Node {
             broken_policies: state.policies.errors().len(),
             needs_restart: restart_only_changes(&self.cfg, &cfg),
         };
+        // Series of workloads that left go with them (bounded cardinality).
+        let model = state.model.clone();
+        self.metrics.forget(&|name, ns| {
+            name != "unknown"
+                && !model
+                    .workloads()
+                    .iter()
+                    .any(|w| w.name == name && w.namespace == ns)
+        });
         self.state.send_replace(Arc::new(state));
         self.stats.reloads_applied.fetch_add(1, Ordering::Relaxed);
         Ok(summary)
