@@ -176,6 +176,9 @@ pub struct Ports {
     /// Prometheus metrics (`/metrics`, `/stats/prometheus`), Istio's 15020.
     #[serde(default = "p15020")]
     pub metrics: u16,
+    /// The admin server, always on a loopback address (`proxy::admin::admin_addr`).
+    #[serde(default = "p15000")]
+    pub admin: u16,
 }
 
 impl Default for Ports {
@@ -186,6 +189,7 @@ impl Default for Ports {
             inbound_plaintext: 15006,
             readiness: 15021,
             metrics: 15020,
+            admin: 15000,
         }
     }
 }
@@ -487,6 +491,9 @@ fn p15021() -> u16 {
 fn p15020() -> u16 {
     15020
 }
+fn p15000() -> u16 {
+    15000
+}
 
 /// Parses durations such as `500ms`, `30s`, `10m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -564,6 +571,7 @@ impl Config {
             ("inbound_plaintext", p.inbound_plaintext),
             ("readiness", p.readiness),
             ("metrics", p.metrics),
+            ("admin", p.admin),
         ] {
             if port == 0 {
                 return Err(invalid(

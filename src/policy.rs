@@ -735,6 +735,15 @@ impl PolicySet {
         &self.errors
     }
 
+    /// `namespace/name` of every policy held, with whether it is enforced as written (`false`:
+    /// broken, enforced as deny-all), in load order (for the admin config dump).
+    pub fn summary(&self) -> Vec<(String, bool)> {
+        self.entries
+            .iter()
+            .map(|e| (e.label.clone(), matches!(e.body, Body::Valid(_))))
+            .collect()
+    }
+
     /// Number of policies held, broken ones included.
     pub fn len(&self) -> usize {
         self.entries.len()

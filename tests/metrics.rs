@@ -139,3 +139,59 @@ async fn tcp_metrics_count_a_known_transfer_exactly_on_both_ends() {
     assert!(!after.contains("source_workload=\"client\""), "{after}");
     let _ = b;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_is_json_without_key_material_and_admin_controls_work() {
+    let net = 62;
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let a = mesh.node("node-a", 2, &w).await;
+    // A loopback-bound node keeps its admin on its own address (several nodes per machine).
+    let admin = zmesh::proxy::admin::admin_addr(ip(net, 2), 15000);
+    assert_eq!(admin, SocketAddr::new(ip(net, 2), 15000));
+    assert_eq!(
+        zmesh::proxy::admin::admin_addr("10.1.2.3".parse().unwrap(), 15000),
+        "127.0.0.1:15000".parse().unwrap(),
+        "any other bind keeps admin on localhost"
+    );
+    let text = scrape(admin, "/config_dump").await;
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(dump["node"]["name"], "node-a");
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), 2);
+    let cert = &dump["certificates"][0];
+    assert_eq!(
+        cert["identity"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    assert_eq!(
+        cert["serial"].as_str().unwrap(),
+        a.certs.cached()[0].serial,
+        "serial as the node holds it"
+    );
+    assert!(
+        !body.contains("PRIVATE KEY") && !body.contains("BEGIN"),
+        "{body}"
+    );
+
+    // Without a log control (in-process nodes) /logging says so; /quitquitquit notifies.
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /logging HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 501"), "{out}");
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(
+        b"POST /quitquitquit HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    tokio::time::timeout(std::time::Duration::from_secs(1), a.quit.notified())
+        .await
+        .expect("quit was requested");
+}

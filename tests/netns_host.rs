@@ -224,3 +224,32 @@ fn strict_mtls_policy_applied_by_sighup_resets_plaintext_and_keeps_hbone() {
         "node B log names the closing policy: {log}"
     );
 }
+
+/// The admin server answers on the node's loopback only: a client in the peer namespace cannot
+/// reach it, while the node's own namespace can read `/config_dump` and change log levels.
+#[test]
+fn admin_is_loopback_only_and_changes_log_levels() {
+    require_root();
+    let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "json").unwrap();
+    let from_a = connect_uncaptured(&mesh.a, format!("{B_IP}:15000").parse().unwrap());
+    assert!(from_a.is_err(), "admin reachable from the peer namespace");
+    let http = |req: &str| -> String {
+        let mut s = mesh.b.connect_tcp("127.0.0.1:15000").unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let dump = http("GET /config_dump HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(
+        dump.starts_with("HTTP/1.1 200") && dump.contains("\"node-b\""),
+        "{dump}"
+    );
+    assert!(!dump.contains("PRIVATE KEY"));
+    let set = http("POST /logging?level=debug HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    assert!(set.starts_with("HTTP/1.1 200"), "{set}");
+    let get = http("GET /logging HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(get.ends_with("debug\n"), "{get}");
+    let bad = http("POST /logging?level=not[a]filter HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+}

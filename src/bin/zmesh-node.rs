@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use zmesh::config::{AccessLogFormat, Config, EMBEDDED_DEFAULT};
 use zmesh::identity::FileCa;
+use zmesh::proxy::admin::LogControl;
 
 /// Exit code for an invalid config: sysexits.h EX_USAGE, as the project's conventions require.
 const EXIT_INVALID_CONFIG: u8 = 64;
@@ -165,18 +166,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: AccessLogFormat) {
-    let filter = EnvFilter::try_from_env("ZMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let initial = std::env::var("ZMESH_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The filter sits behind a reload handle so the admin server's /logging can change it.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colour only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if format == AccessLogFormat::Json {
-        builder.json().flatten_event(true).init();
+        registry.with(fmt.json().flatten_event(true)).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
+    }
+    Arc::new(ReloadableFilter {
+        handle,
+        current: std::sync::Mutex::new(initial),
+    })
+}
+
+/// `/logging` on the admin server: the current filter, replaceable at runtime.
+struct ReloadableFilter {
+    handle: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    current: std::sync::Mutex<String>,
+}
+
+impl LogControl for ReloadableFilter {
+    fn current(&self) -> String {
+        self.current.lock().expect("poisoned").clone()
+    }
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.handle.reload(parsed).map_err(|e| e.to_string())?;
+        *self.current.lock().expect("poisoned") = filter.to_string();
+        tracing::info!(filter, "log filter changed");
+        Ok(())
     }
 }
 
@@ -196,7 +226,7 @@ fn raise_nofile_limit() {
 }
 
 fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    init_logging(cfg.node.access_log);
+    let logs = init_logging(cfg.node.access_log);
     raise_nofile_limit();
     let workers = match cfg.node.worker_threads {
         0 => std::thread::available_parallelism()
@@ -214,6 +244,7 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(config = ?cfg, "effective config");
         let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
+        let _ = node.log_control.set(logs);
         let running = zmesh::proxy::start(node.clone()).await?;
         // The config file is watched and re-read on SIGHUP; the embedded default never changes.
         let hup = Arc::new(tokio::sync::Notify::new());
@@ -234,7 +265,10 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         });
         let mut signals = Signals::new();
-        signals.next().await;
+        tokio::select! {
+            _ = signals.next() => {}
+            _ = node.quit.notified() => tracing::info!("quit requested on the admin server"),
+        }
         tracing::info!(
             active = node.active_connections(),
             ?drain_timeout,

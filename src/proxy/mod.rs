@@ -11,6 +11,7 @@
 //! connection in every scope, selector policies included, without a registry of connections.
 
 mod accesslog;
+pub mod admin;
 mod inbound;
 pub mod inpod;
 pub mod outbound;
@@ -101,6 +102,10 @@ pub struct Node {
     pub pool: Arc<Pool>,
     pub stats: Stats,
     pub metrics: Arc<crate::metrics::NodeMetrics>,
+    /// Notified by the admin server's `/quitquitquit`: the binary then drains and exits.
+    pub quit: tokio::sync::Notify,
+    /// Runtime log-level control for the admin server, installed by the binary.
+    pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
@@ -178,6 +183,8 @@ impl Node {
             pool,
             stats: Stats::default(),
             metrics: Arc::default(),
+            quit: tokio::sync::Notify::new(),
+            log_control: std::sync::OnceLock::new(),
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -497,6 +504,7 @@ pub struct Bound {
     pub hbone: SocketAddr,
     pub readiness: SocketAddr,
     pub metrics: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 /// A running node: listeners plus the shutdown switch.
@@ -556,6 +564,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     let hbone = bind("HBONE", cfg.listen_addr(p.hbone), false)?;
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
     let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
+    let admin = bind("admin", admin::admin_addr(cfg.node.bind, p.admin), false)?;
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let bound = Bound {
         outbound: addr(&outbound),
@@ -563,10 +572,12 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         hbone: addr(&hbone),
         readiness: addr(&ready),
         metrics: addr(&metrics),
+        admin: addr(&admin),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
     let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
+    tasks.push(tokio::spawn(admin::serve(node.clone(), admin)));
     tasks.push(tokio::spawn(readiness::serve(
         node.clone(),
         metrics,
@@ -644,6 +655,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     let p = &cfg.node.ports;
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
     let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
+    let admin = bind("admin", admin::admin_addr(cfg.node.bind, p.admin), false)?;
     let in_pod = |port| SocketAddr::new(std::net::IpAddr::from([0, 0, 0, 0]), port);
     let bound = Bound {
         outbound: in_pod(p.outbound),
@@ -651,6 +663,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
         hbone: in_pod(p.hbone),
         readiness: ready.local_addr().expect("bound listener has an address"),
         metrics: metrics.local_addr().expect("bound listener has an address"),
+        admin: admin.local_addr().expect("bound listener has an address"),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);
@@ -664,6 +677,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
         )),
         tokio::spawn(readiness::serve(node.clone(), ready, rx.clone(), false)),
         tokio::spawn(readiness::serve(node.clone(), metrics, rx.clone(), true)),
+        tokio::spawn(admin::serve(node.clone(), admin)),
         tokio::spawn({
             let node = node.clone();
             async move {

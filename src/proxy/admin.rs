@@ -1,0 +1,214 @@
+//! The admin server, on the loopback interface only (:15000): never reachable from a pod or
+//! another machine, because it shows the node's whole configuration.
+//!
+//! - `GET /config_dump`: JSON with the effective node settings, workloads, services, policies,
+//!   certificates (identity, serial, validity: never keys), pooled connections and counters.
+//! - `GET /logging` shows the log filter; `POST /logging?level=<filter>` replaces it.
+//! - `POST /quitquitquit` asks the process to stop (the same drain as SIGTERM).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+use super::Node;
+
+type Body = http_body_util::Full<Bytes>;
+
+/// Changes the process's log filter at runtime (the binary owns the subscriber).
+pub trait LogControl: Send + Sync {
+    fn current(&self) -> String;
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
+/// Where the admin server listens: loopback only. A node bound to a loopback address (tests,
+/// several nodes on one machine) keeps its admin on that address; any other node uses
+/// 127.0.0.1.
+pub fn admin_addr(bind: IpAddr, port: u16) -> SocketAddr {
+    let ip = if bind.is_loopback() {
+        bind
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The node's state as JSON. Certificates appear by identity, serial and validity only.
+pub fn config_dump(node: &Node) -> serde_json::Value {
+    let state = node.state();
+    let n = &node.cfg.node;
+    let workloads: Vec<_> = state
+        .model
+        .workloads()
+        .iter()
+        .map(|w| {
+            json!({
+                "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                "identity": w.identity.to_string(), "addresses": w.addresses,
+                "node": w.node, "protocol": format!("{:?}", w.protocol),
+                "healthy": w.healthy, "capacity": w.capacity, "waypoint": w.waypoint,
+                "services": w.services.keys().collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let services: Vec<_> = state
+        .model
+        .services()
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
+                "vips": s.vips, "ports": s.ports, "waypoint": s.waypoint,
+                "endpoints": s.endpoints.iter().map(|w| w.uid.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let policies: Vec<_> = state
+        .policies
+        .summary()
+        .into_iter()
+        .map(|(name, valid)| json!({"name": name, "enforced_as": if valid { "written" } else { "deny-all (broken)" }}))
+        .collect();
+    let errors: Vec<_> = state
+        .policies
+        .errors()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let certificates: Vec<_> = node
+        .certs
+        .cached()
+        .iter()
+        .map(|c| {
+            json!({
+                "identity": c.identity.to_string(), "serial": c.serial,
+                "not_before": rfc3339(c.not_before), "not_after": rfc3339(c.not_after),
+            })
+        })
+        .collect();
+    let trust = node.certs.trust();
+    let pool: Vec<_> = node
+        .pool
+        .connection_serials()
+        .into_iter()
+        .map(|(peer, serial, draining)| json!({"peer": peer, "cert_serial": serial, "draining": draining}))
+        .collect();
+    json!({
+        "node": {
+            "name": n.name.0, "trust_domain": n.trust_domain.0, "cluster": n.cluster.0,
+            "bind": n.bind, "mode": format!("{:?}", n.mode),
+            "ports": {"hbone": n.ports.hbone, "outbound": n.ports.outbound,
+                      "inbound_plaintext": n.ports.inbound_plaintext,
+                      "readiness": n.ports.readiness, "metrics": n.ports.metrics, "admin": n.ports.admin},
+            "inbound_plaintext": format!("{:?}", n.inbound_plaintext),
+            "registry_only": n.registry_only, "access_log": format!("{:?}", n.access_log),
+            "worker_threads": n.worker_threads, "drain_timeout_s": n.drain_timeout.as_secs_f64(),
+            "handshake_timeout_s": n.handshake_timeout.as_secs_f64(),
+            "crl": n.crl,
+        },
+        "ready": node.is_ready(),
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+        "policy_errors": errors,
+        "certificates": certificates,
+        "trust": {"roots": trust.roots().len(), "crls": trust.crl_count(), "generation": trust.generation},
+        "pool": pool,
+        "active_connections": node.active_connections(),
+    })
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Body::new(Bytes::from(body)))
+        .expect("static response")
+}
+
+fn respond(node: &Node, logs: Option<&dyn LogControl>, req: &Request<Incoming>) -> Response<Body> {
+    let text = "text/plain";
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            let body = serde_json::to_string_pretty(&config_dump(node)).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", body)
+        }
+        (&Method::GET, "/logging") => match logs {
+            Some(l) => reply(StatusCode::OK, text, format!("{}\n", l.current())),
+            None => reply(
+                StatusCode::NOT_IMPLEMENTED,
+                text,
+                "log control unavailable\n".into(),
+            ),
+        },
+        (&Method::POST, "/logging") => {
+            let level = req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("level="))
+                    .map(str::to_string)
+            });
+            match (logs, level) {
+                (None, _) => reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    text,
+                    "log control unavailable\n".into(),
+                ),
+                (_, None) => reply(
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    "use POST /logging?level=<filter>, e.g. level=info,zmesh=debug\n".into(),
+                ),
+                (Some(l), Some(level)) => match l.set(&level) {
+                    Ok(()) => reply(StatusCode::OK, text, format!("{}\n", l.current())),
+                    Err(e) => reply(
+                        StatusCode::BAD_REQUEST,
+                        text,
+                        format!("bad filter {level:?}: {e}\n"),
+                    ),
+                },
+            }
+        }
+        (&Method::POST, "/quitquitquit") => {
+            node.quit.notify_one();
+            reply(StatusCode::OK, text, "stopping\n".into())
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "GET /config_dump, GET|POST /logging, POST /quitquitquit\n".into(),
+        ),
+    }
+}
+
+/// Serves the admin endpoints until the listener fails. Log control comes from the binary
+/// (`Node::log_control`), when it installed one.
+pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let logs = node.log_control.get().map(|l| l.as_ref());
+                let resp = respond(&node, logs, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
