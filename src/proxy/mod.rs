@@ -577,7 +577,8 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
     let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
-    tasks.push(tokio::spawn(admin::serve(node.clone(), admin)));
+    // Not among the tasks `stop` waits for: admin stays up through a drain.
+    tokio::spawn(admin::serve(node.clone(), admin));
     tasks.push(tokio::spawn(readiness::serve(
         node.clone(),
         metrics,
@@ -668,6 +669,8 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);
     let (state_tx, mut state_rx) = watch::channel(inpod::InPodState::default());
+    // Not among the tasks `stop` waits for: admin stays up through a drain.
+    tokio::spawn(admin::serve(node.clone(), admin));
     let tasks = vec![
         tokio::spawn(inpod::run(
             node.clone(),
@@ -677,7 +680,6 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
         )),
         tokio::spawn(readiness::serve(node.clone(), ready, rx.clone(), false)),
         tokio::spawn(readiness::serve(node.clone(), metrics, rx.clone(), true)),
-        tokio::spawn(admin::serve(node.clone(), admin)),
         tokio::spawn({
             let node = node.clone();
             async move {
