@@ -173,6 +173,11 @@ async fn with_the_ca_down_the_last_certificate_is_served_until_expiry() {
     // expired certificate; the tunnels already open are not cut.
     clock.advance(12 * HOUR);
     assert_refused(ip(net, 2), entry).await;
+    // Readiness turns false and says why.
+    assert_eq!(
+        a.pending(),
+        vec!["a valid certificate for spiffe://cluster.local/ns/default/sa/client".to_string()]
+    );
     round_trip(&mut first, b"open tunnel survives its certificate's expiry").await;
 
     // The CA is back: after the backoff, a new certificate and working tunnels.
@@ -180,6 +185,7 @@ async fn with_the_ca_down_the_last_certificate_is_served_until_expiry() {
     clock.advance(Duration::from_secs(300));
     let mut third = open(net, entry).await;
     round_trip(&mut third, b"renewed").await;
+    assert!(a.pending().is_empty(), "ready again: {:?}", a.pending());
     assert_ne!(client_serial(&a), s1);
 }
 

@@ -410,6 +410,10 @@ workloads:
             before.starts_with("HTTP/1.1 500"),
             "ready before any snapshot: {before}"
         );
+        assert!(
+            before.contains("waiting for: the first ZDS snapshot"),
+            "says what is pending: {before}"
+        );
         let _agent = ZdsServer::bind(&zds_path).unwrap();
         let mut after = String::new();
         for _ in 0..100 {

@@ -341,7 +341,36 @@ impl Node {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.pending().is_empty()
+    }
+
+    /// What readiness still waits for; empty when the node is ready.
+    pub fn pending(&self) -> Vec<String> {
+        let mut pending = Vec::new();
+        if !self.ready.load(Ordering::Acquire) {
+            pending.push(match self.cfg.node.mode {
+                Mode::InPod => "the first ZDS snapshot from the redirect agent".to_string(),
+                Mode::Host => "listeners".to_string(),
+            });
+        }
+        // Certificates are needed only where workloads run here (host mode); in-pod nodes fetch
+        // them as pods arrive.
+        if self.cfg.node.mode == Mode::Host {
+            let now = self.certs.now();
+            let valid: std::collections::HashSet<SpiffeId> = self
+                .certs
+                .cached()
+                .iter()
+                .filter(|c| !c.is_expired(now))
+                .map(|c| c.identity.clone())
+                .collect();
+            for w in self.model().local_workloads() {
+                if !valid.contains(&w.identity) {
+                    pending.push(format!("a valid certificate for {}", w.identity));
+                }
+            }
+        }
+        pending
     }
 
     pub fn access_log_enabled(&self) -> bool {

@@ -19,11 +19,13 @@ type Body = http_body_util::Full<Bytes>;
 fn respond(node: &Node, req: &Request<Incoming>, metrics: bool) -> Response<Body> {
     let (status, body) = match req.uri().path() {
         "/metrics" | "/stats/prometheus" if metrics => (StatusCode::OK, node.metrics_text()),
-        "/healthz/ready" if node.is_ready() => (StatusCode::OK, "ready\n".to_string()),
-        "/healthz/ready" => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "not ready: listeners are still starting\n".to_string(),
-        ),
+        "/healthz/ready" => match node.pending() {
+            p if p.is_empty() => (StatusCode::OK, "ready\n".to_string()),
+            p => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not ready; waiting for: {}\n", p.join(", ")),
+            ),
+        },
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
     Response::builder()
