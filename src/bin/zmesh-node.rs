@@ -249,7 +249,7 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         // The config file is watched and re-read on SIGHUP; the embedded default never changes.
         let hup = Arc::new(tokio::sync::Notify::new());
         if let Some(path) = path {
-            tokio::spawn(zmesh::proxy::reload::watch(
+            zmesh::proxy::control().spawn(zmesh::proxy::reload::watch(
                 node.clone(),
                 path,
                 zmesh::proxy::reload::WATCH_INTERVAL,

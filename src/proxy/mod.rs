@@ -606,14 +606,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
     let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
-    // Not among the tasks `stop` waits for: admin stays up through a drain.
-    tokio::spawn(admin::serve(node.clone(), admin));
-    tasks.push(tokio::spawn(readiness::serve(
-        node.clone(),
-        metrics,
-        rx.clone(),
-        true,
-    )));
+    spawn_control(&node, admin, metrics)?;
     tasks.push(tokio::spawn(readiness::serve(
         node.clone(),
         ready,
@@ -666,6 +659,55 @@ fn spawn_listeners(
     ]
 }
 
+/// The control runtime: one thread with a current-thread scheduler for the admin server, the
+/// metrics endpoint and the config watcher, so operating the node never takes a data-plane
+/// worker (and a busy data plane never starves a scrape). Shared by every node of the process.
+pub fn control() -> &'static tokio::runtime::Handle {
+    static CONTROL: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    CONTROL.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the control runtime starts");
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name("zmesh-control".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .expect("spawning the control thread");
+        handle
+    })
+}
+
+/// Moves the admin and metrics listeners to the control runtime. Neither stops with the
+/// listeners: both stay up through a drain, until the process exits.
+fn spawn_control(
+    node: &Arc<Node>,
+    admin: TcpListener,
+    metrics: TcpListener,
+) -> Result<(), StartError> {
+    let to_std = |l: TcpListener, role| {
+        let addr = l.local_addr().expect("bound listener has an address");
+        l.into_std()
+            .map_err(|source| StartError::Listen { role, addr, source })
+    };
+    let (admin, metrics) = (to_std(admin, "admin")?, to_std(metrics, "metrics")?);
+    let node = node.clone();
+    control().spawn(async move {
+        // A listener belongs to the runtime it is registered with: re-register here.
+        let (Ok(admin), Ok(metrics)) =
+            (TcpListener::from_std(admin), TcpListener::from_std(metrics))
+        else {
+            tracing::error!("cannot move the admin and metrics listeners to the control runtime");
+            return;
+        };
+        // Metrics outlive a drain: this sender is kept, so the server never sees a stop.
+        let (_never_stop, stop) = watch::channel(false);
+        tokio::spawn(admin::serve(node.clone(), admin));
+        readiness::serve(node, metrics, stop, true).await;
+    });
+    Ok(())
+}
+
 /// Certificate renewal at half-life, until shutdown.
 fn spawn_renewals(node: &Node, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
     let certs = node.certs.clone();
@@ -698,8 +740,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);
     let (state_tx, mut state_rx) = watch::channel(inpod::InPodState::default());
-    // Not among the tasks `stop` waits for: admin stays up through a drain.
-    tokio::spawn(admin::serve(node.clone(), admin));
+    spawn_control(&node, admin, metrics)?;
     let tasks = vec![
         tokio::spawn(inpod::run(
             node.clone(),
@@ -708,7 +749,6 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
             rx.clone(),
         )),
         tokio::spawn(readiness::serve(node.clone(), ready, rx.clone(), false)),
-        tokio::spawn(readiness::serve(node.clone(), metrics, rx.clone(), true)),
         tokio::spawn({
             let node = node.clone();
             async move {
