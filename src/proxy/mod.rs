@@ -558,15 +558,22 @@ impl Running {
     }
 }
 
-/// Waits until no connection is in flight, or until `deadline`, whichever comes first. Returns
-/// the number of connections still open at the end (they are cut when the process exits).
+/// Waits until no connection is in flight, or until `deadline`, whichever comes first; at the
+/// deadline the connections still open are closed (their scopes' kill switches flip, which
+/// drops each relay and closes both sockets). Returns how many were cut.
 pub async fn drain(node: &Node, deadline: std::time::Duration) -> usize {
     let end = tokio::time::Instant::now() + deadline;
     // Polling keeps the data path free of drain bookkeeping; 50 ms is far below any deadline.
     while node.active_connections() > 0 && tokio::time::Instant::now() < end {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    node.active_connections()
+    let left = node.active_connections();
+    if left > 0 {
+        for kill in node.draining.lock().expect("drain lock poisoned").iter() {
+            let _ = kill.send(true);
+        }
+    }
+    left
 }
 
 fn bind(
