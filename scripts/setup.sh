@@ -12,4 +12,17 @@ if [ "${CI:-}" = "true" ] || [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
 fi
+# Manifest rendering and validation (daemonset/): kubectl for `kustomize`, and the schema
+# validator from PyPI.
+if ! command -v kubectl >/dev/null; then
+  echo "setup: installing kubernetes-client (kubectl)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "setup: installing kubernetes-validate"
+  python3 -m pip install -q kubernetes-validate 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages kubernetes-validate
+  hash -r
+fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }

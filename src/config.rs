@@ -525,13 +525,23 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. `${NAME}` is replaced by the environment variable
+    /// NAME (upper-case letters, digits and `_`), so one ConfigMap serves every node
+    /// (`${NODE_NAME}`, `${POD_IP}` from the downward API); an unset variable is an error.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+            path: origin.clone(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let text =
+            expand_env(&text, |k| std::env::var(k).ok()).map_err(|var| ConfigError::Unlocated {
+                path: origin.clone(),
+                message: format!(
+                    "environment variable {var} is referenced as ${{{var}}} but not set"
+                ),
+            })?;
+        Config::parse(&text, &origin)
     }
 
     /// Parses and validates YAML text; `origin` names it in errors.
@@ -826,6 +836,36 @@ impl Config {
     }
 }
 
+/// Replaces `${NAME}` with `lookup(NAME)`; returns the first unset NAME as the error. Anything
+/// else containing `$` is left as written.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let name_len = after.find('}').filter(|&n| {
+            n > 0
+                && after[..n]
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        });
+        match name_len {
+            Some(n) => {
+                let name = &after[..n];
+                out.push_str(&lookup(name).ok_or_else(|| name.to_string())?);
+                rest = &after[n + 1..];
+            }
+            None => {
+                out.push_str("${");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
@@ -950,5 +990,23 @@ workloads:
         assert!(parse_duration("24").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("1d").is_err());
+    }
+
+    #[test]
+    fn environment_references_expand_and_unset_ones_are_named() {
+        let env = |k: &str| match k {
+            "NODE_NAME" => Some("worker-3".to_string()),
+            "POD_IP" => Some("10.1.2.3".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            expand_env("name: ${NODE_NAME}\naddr: [${POD_IP}]\n", env).unwrap(),
+            "name: worker-3\naddr: [10.1.2.3]\n"
+        );
+        assert_eq!(expand_env("a: ${MISSING}", env), Err("MISSING".to_string()));
+        // Not a reference: lower case, empty, unterminated, a lone `$`.
+        for text in ["${lower}", "${}", "${OPEN", "cost: $5"] {
+            assert_eq!(expand_env(text, env).unwrap(), text);
+        }
     }
 }

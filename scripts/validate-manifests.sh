@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Renders every kustomize overlay in daemonset/ and validates it strictly against the
+# Kubernetes schemas (unknown fields are errors).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for overlay in daemonset/overlays/*/; do
+  name=$(basename "$overlay")
+  kubectl kustomize "$overlay" > "$out/$name.yaml"
+  kubernetes-validate --strict --quiet "$out/$name.yaml"
+  echo "manifests: $name renders and validates ($(grep -c '^kind:' "$out/$name.yaml") objects)"
+done

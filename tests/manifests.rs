@@ -1,0 +1,121 @@
+//! The Kubernetes manifests in daemonset/, rendered with `kubectl kustomize` for every overlay:
+//! the security-relevant fields are what they must be (schema validity is checked by
+//! scripts/validate-manifests.sh in CI).
+
+use serde_yaml::Value;
+
+fn render(overlay: &str) -> Vec<Value> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/overlays/");
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize", &format!("{dir}{overlay}")])
+        .output()
+        .expect("kubectl is installed (scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn node_daemonset_security_fields_in_every_overlay() {
+    for overlay in ["dev", "production"] {
+        let objs = render(overlay);
+        let ds = find(&objs, "DaemonSet", "zmesh-node");
+        let spec = &ds["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        let caps = &c["securityContext"]["capabilities"];
+        assert_eq!(
+            strings(&caps["add"]),
+            ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"],
+            "{overlay}"
+        );
+        assert_eq!(strings(&caps["drop"]), ["ALL"], "{overlay}");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
+        assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
+        let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!(
+            (ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()),
+            (Some(1), Some(0))
+        );
+        assert!(
+            spec.get("hostNetwork").is_none() || spec["hostNetwork"] == false,
+            "{overlay}: no hostNetwork"
+        );
+        assert_eq!(spec["priorityClassName"], "system-node-critical");
+        assert_eq!(spec["terminationGracePeriodSeconds"], 30);
+        let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/port"], "15020");
+        let zds = spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "zds")
+            .expect("the ZDS socket volume");
+        assert_eq!(zds["hostPath"]["path"], "/var/run/ztunnel");
+        // Nothing else from the host: the socket directory is the only hostPath.
+        let host_paths = spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|v| v.get("hostPath").is_some())
+            .count();
+        assert_eq!(host_paths, 1, "{overlay}");
+        // The waypoint runs without any capability, as non-root.
+        let wp = find(&objs, "Deployment", "zmesh-waypoint");
+        let wc = &wp["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+        assert_eq!(strings(&wc["capabilities"]["drop"]), ["ALL"]);
+        assert!(wc["capabilities"].get("add").is_none());
+        assert_eq!(wc["runAsNonRoot"], true);
+        for kind in ["PodDisruptionBudget", "HorizontalPodAutoscaler", "Service"] {
+            find(&objs, kind, "zmesh-waypoint");
+        }
+    }
+}
+
+#[test]
+fn shipped_configmaps_are_valid_configs_once_the_downward_api_fills_them() {
+    let objs = render("production");
+    let env = |k: &str| match k {
+        "NODE_NAME" => Some("worker-1".to_string()),
+        "POD_IP" => Some("10.244.1.7".to_string()),
+        _ => None,
+    };
+    for (cm, key) in [
+        ("zmesh-node", "node.yaml"),
+        ("zmesh-waypoint", "waypoint.yaml"),
+    ] {
+        let text = find(&objs, "ConfigMap", cm)["data"][key]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let text = zmesh::config::expand_env(&text, env).unwrap();
+        let cfg = zmesh::config::Config::parse(&text, cm).unwrap_or_else(|e| panic!("{cm}: {e}"));
+        if cm == "zmesh-node" {
+            assert_eq!(&*cfg.node.name, "worker-1");
+        } else {
+            assert_eq!(cfg.waypoint.unwrap().workload, "waypoint");
+            assert_eq!(cfg.node.bind.to_string(), "10.244.1.7");
+        }
+    }
+}
