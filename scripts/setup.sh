@@ -19,10 +19,13 @@ if ! command -v kubectl >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
 fi
-if ! command -v kubernetes-validate >/dev/null; then
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
   echo "setup: installing kubernetes-validate"
+  command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  }
   python3 -m pip install -q kubernetes-validate 2>/dev/null \
     || python3 -m pip install -q --break-system-packages kubernetes-validate
-  hash -r
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }

@@ -8,6 +8,7 @@ trap 'rm -rf "$out"' EXIT
 for overlay in daemonset/overlays/*/; do
   name=$(basename "$overlay")
   kubectl kustomize "$overlay" > "$out/$name.yaml"
-  kubernetes-validate --strict --quiet "$out/$name.yaml"
+  # As a module: a console script may not be on PATH (pyenv shims, user installs).
+  python3 -m kubernetes_validate --strict --quiet "$out/$name.yaml"
   echo "manifests: $name renders and validates ($(grep -c '^kind:' "$out/$name.yaml") objects)"
 done

@@ -119,3 +119,50 @@ fn shipped_configmaps_are_valid_configs_once_the_downward_api_fills_them() {
         }
     }
 }
+
+#[test]
+fn the_grafana_dashboard_only_queries_metrics_zmesh_exports() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/daemonset/grafana-dashboard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // Every family the node (:15020) and the waypoint export.
+    let exported = [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_connections_failed_total",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+        "zmesh_policy_decisions_total",
+        "zmesh_policy_closed_connections_total",
+        "zmesh_certificate_expiry_seconds",
+        "zmesh_active_connections",
+        "zmesh_hbone_pool_connections",
+        "zmesh_config_reloads_total",
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_bucket",
+        "istio_request_bytes_sum",
+        "istio_response_bytes_sum",
+    ];
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("istio_") || w.starts_with("zmesh_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for n in names {
+                assert!(
+                    exported.contains(&n),
+                    "the dashboard queries {n}, which nothing exports"
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 10, "the dashboard covers the main metrics");
+}
