@@ -12,6 +12,12 @@ if [ "${CI:-}" = "true" ] || [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
 fi
+# systemd-analyze checks the unit `zmesh-node join` writes.
+if ! command -v systemd-analyze >/dev/null; then
+  echo "setup: installing systemd (systemd-analyze)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
 # Manifest rendering and validation (daemonset/): kubectl for `kustomize`, and the schema
 # validator from PyPI.
 if ! command -v kubectl >/dev/null; then

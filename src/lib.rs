@@ -16,6 +16,7 @@
 pub mod config;
 pub mod copy;
 pub mod hbone;
+pub mod host;
 pub mod identity;
 pub mod metrics;
 pub mod model;

@@ -166,3 +166,32 @@ fn the_grafana_dashboard_only_queries_metrics_zmesh_exports() {
     }
     assert!(used >= 10, "the dashboard covers the main metrics");
 }
+
+#[test]
+fn the_ecs_example_runs_the_tunnel_as_a_sidecar_with_two_capabilities() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/host/ecs-task-definition.json");
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(task["networkMode"], "awsvpc");
+    let containers = task["containerDefinitions"].as_array().unwrap();
+    let node = containers
+        .iter()
+        .find(|c| c["name"] == "zmesh-node")
+        .unwrap();
+    let caps = &node["linuxParameters"]["capabilities"];
+    assert_eq!(caps["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(node["readonlyRootFilesystem"], true);
+    let app = containers.iter().find(|c| c["name"] == "orders").unwrap();
+    let deps: Vec<_> = app["dependsOn"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["containerName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        deps,
+        ["zmesh-capture", "zmesh-node"],
+        "the app starts after capture and a ready tunnel"
+    );
+}

@@ -39,6 +39,149 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Make this host a mesh node: write its config and certificates and a hardened systemd
+    /// unit that installs the capture rules before starting (and removes them after stopping).
+    Join(JoinArgs),
+    /// Undo `join`: stop and disable the unit, remove the capture rules and every file written.
+    Leave {
+        #[arg(long, default_value = "/etc/zmesh")]
+        config_dir: PathBuf,
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: PathBuf,
+        /// Do not call systemctl (the unit is not managed by systemd here).
+        #[arg(long)]
+        no_systemctl: bool,
+        /// zmesh-redirect binary; default: beside this one.
+        #[arg(long)]
+        redirect_bin: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The host's workload identity: <namespace>/<service-account>.
+    #[arg(long)]
+    identity: String,
+    /// The built-in file CA's directory (zmesh-node ca init).
+    #[arg(long, conflicts_with_all = ["cert", "key", "roots"])]
+    ca_dir: Option<PathBuf>,
+    /// Certificates provisioned elsewhere (Vault, cert-manager): leaf chain, key, trust bundle.
+    #[arg(long, requires_all = ["key", "roots"])]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    roots: Option<PathBuf>,
+    /// The workload address; default: the first non-loopback IPv4 of this host.
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
+    /// Node name; default: the host name.
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = zmesh::config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Inbound ports whose plaintext is captured (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    inbound_ports: Vec<u16>,
+    #[arg(long, default_value = "/etc/zmesh")]
+    config_dir: PathBuf,
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+    /// Do not call systemctl (write the files only).
+    #[arg(long)]
+    no_systemctl: bool,
+    /// zmesh-redirect binary; default: beside this one.
+    #[arg(long)]
+    redirect_bin: Option<PathBuf>,
+}
+
+fn beside_me(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(format!("/usr/local/bin/{name}")))
+}
+
+/// The first non-loopback IPv4 address of this host.
+fn host_address() -> Option<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|i| {
+        let a = i.address?.as_sockaddr_in()?.ip();
+        (!a.is_loopback()).then_some(std::net::IpAddr::V4(a))
+    })
+}
+
+fn join(a: JoinArgs) -> anyhow::Result<()> {
+    use zmesh::host::{JoinCerts, JoinSpec};
+    let (namespace, service_account) = zmesh::host::parse_identity(&a.identity, &a.trust_domain)?;
+    let certs = match (a.ca_dir, a.cert, a.key, a.roots) {
+        (Some(dir), None, None, None) => JoinCerts::FileCa(dir),
+        (None, Some(cert), Some(key), Some(roots)) => JoinCerts::Static { cert, key, roots },
+        _ => anyhow::bail!("give either --ca-dir, or --cert, --key and --roots"),
+    };
+    let node_name = match a.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let address = match a.address.or_else(host_address) {
+        Some(ip) => ip,
+        None => anyhow::bail!("no non-loopback IPv4 address found; pass --address"),
+    };
+    let spec = JoinSpec {
+        namespace,
+        service_account,
+        node_name,
+        address,
+        trust_domain: a.trust_domain,
+        certs,
+        config_dir: a.config_dir,
+        node_bin: std::env::current_exe()?,
+        redirect_bin: a
+            .redirect_bin
+            .unwrap_or_else(|| beside_me("zmesh-redirect")),
+        inbound_ports: a.inbound_ports,
+    };
+    // Refuse a config that would not start.
+    Config::parse(&zmesh::host::render_config(&spec), "join")?;
+    let written = zmesh::host::write_join(&spec, &a.unit_dir)?;
+    for p in &written {
+        println!("wrote {}", p.display());
+    }
+    if !a.no_systemctl {
+        zmesh::host::run(std::process::Command::new("systemctl").arg("daemon-reload"))?;
+        zmesh::host::run(std::process::Command::new("systemctl").args([
+            "enable",
+            "--now",
+            zmesh::host::UNIT_NAME,
+        ]))?;
+        println!("started {}", zmesh::host::UNIT_NAME);
+    }
+    Ok(())
+}
+
+fn leave(
+    config_dir: PathBuf,
+    no_systemctl: bool,
+    redirect_bin: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    if !no_systemctl {
+        // Stopping runs ExecStopPost, which removes the capture rules.
+        zmesh::host::run(std::process::Command::new("systemctl").args([
+            "disable",
+            "--now",
+            zmesh::host::UNIT_NAME,
+        ]))?;
+    }
+    // Remove the rules in any case (idempotent): a crashed or never-started unit leaves none
+    // behind either.
+    let redirect = redirect_bin.unwrap_or_else(|| beside_me("zmesh-redirect"));
+    zmesh::host::run(std::process::Command::new(&redirect).args(["host", "uninstall"]))?;
+    for p in zmesh::host::remove_join(&config_dir)? {
+        println!("removed {}", p.display());
+    }
+    if !no_systemctl {
+        zmesh::host::run(std::process::Command::new("systemctl").arg("daemon-reload"))?;
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -143,6 +286,25 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Join(args) => match join(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("join: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Leave {
+            config_dir,
+            unit_dir: _,
+            no_systemctl,
+            redirect_bin,
+        } => match leave(config_dir, no_systemctl, redirect_bin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("leave: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Run { config } => {
             let cfg = match &config {
                 Some(path) => Config::load(path),

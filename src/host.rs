@@ -1,0 +1,293 @@
+//! Host packaging: `zmesh-node join` turns a VM (or ECS host) into a mesh node with one workload
+//! identity, and `zmesh-node leave` undoes it.
+//!
+//! `join` writes the node config and certificates under a config directory, and a hardened
+//! systemd unit whose ExecStartPre installs the capture rules and whose ExecStopPost removes
+//! them. Everything it writes is listed in a manifest file, so `leave` removes exactly that.
+//! Rendering is pure (tested against golden expectations); file and systemctl work is thin.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// What a host joins as.
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    /// `namespace/service-account` of the host's workload.
+    pub namespace: String,
+    pub service_account: String,
+    pub node_name: String,
+    pub address: IpAddr,
+    pub trust_domain: String,
+    pub certs: JoinCerts,
+    pub config_dir: PathBuf,
+    pub node_bin: PathBuf,
+    pub redirect_bin: PathBuf,
+    /// Inbound ports whose plaintext is captured (`zmesh-redirect host install --inbound-ports`).
+    pub inbound_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub enum JoinCerts {
+    /// The built-in file CA in this directory (copied nowhere; referenced).
+    FileCa(PathBuf),
+    /// Certificates provisioned elsewhere (Vault, cert-manager): copied into the config dir.
+    Static {
+        cert: PathBuf,
+        key: PathBuf,
+        roots: PathBuf,
+    },
+}
+
+/// The systemd unit's file name.
+pub const UNIT_NAME: &str = "zmesh-node.service";
+/// The list of files `join` wrote, read by `leave`.
+pub const MANIFEST: &str = ".joined";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("--identity must be <namespace>/<service-account>, got {0:?}")]
+    Identity(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} failed: {1}")]
+    Command(String, String),
+}
+
+/// Splits `ns/sa`, checking both parts form a valid SPIFFE identity.
+pub fn parse_identity(s: &str, trust_domain: &str) -> Result<(String, String), HostError> {
+    let (ns, sa) = s
+        .split_once('/')
+        .ok_or_else(|| HostError::Identity(s.to_string()))?;
+    crate::identity::SpiffeId::new(trust_domain, ns, sa)
+        .map_err(|_| HostError::Identity(s.to_string()))?;
+    Ok((ns.to_string(), sa.to_string()))
+}
+
+/// The node config `join` writes.
+pub fn render_config(spec: &JoinSpec) -> String {
+    let certs = match &spec.certs {
+        JoinCerts::FileCa(dir) => format!("    file_ca: {{ dir: {} }}\n", dir.display()),
+        JoinCerts::Static { .. } => format!(
+            "    static:\n      roots: {dir}/certs/root-cert.pem\n      identities:\n        - {{ cert: {dir}/certs/cert-chain.pem, key: {dir}/certs/key.pem }}\n",
+            dir = spec.config_dir.display()
+        ),
+    };
+    format!(
+        "# Written by `zmesh-node join`; `zmesh-node leave` removes it.\nnode:\n  name: {name}\n  trust_domain: {td}\n  access_log: json\n  certificates:\n{certs}workloads:\n  - uid: {name}/{ns}/{sa}\n    name: {name}\n    namespace: {ns}\n    service_account: {sa}\n    workload_type: vm\n    addresses: [{addr}]\n    node: {name}\n",
+        name = spec.node_name,
+        td = spec.trust_domain,
+        ns = spec.namespace,
+        sa = spec.service_account,
+        addr = spec.address,
+    )
+}
+
+/// The hardened systemd unit: only NET_ADMIN and NET_RAW, a read-only system, the capture
+/// rules installed before start and removed after stop.
+pub fn render_unit(spec: &JoinSpec) -> String {
+    let ports = if spec.inbound_ports.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = spec.inbound_ports.iter().map(u16::to_string).collect();
+        format!(" --inbound-ports {}", list.join(","))
+    };
+    format!(
+        "# Written by `zmesh-node join`; `zmesh-node leave` removes it.
+[Unit]
+Description=zmesh node tunnel (HBONE)
+Documentation=https://github.com/zmesh/zmesh
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStartPre={redirect} host install{ports}
+ExecStart={node} run --config {dir}/node.yaml
+ExecReload=/bin/kill -HUP $MAINPID
+ExecStopPost={redirect} host uninstall
+# SIGTERM drains (node.drain_timeout, 25 s); systemd waits a little longer before SIGKILL.
+KillSignal=SIGTERM
+TimeoutStopSec=35
+Restart=on-failure
+RestartSec=2
+LimitNOFILE=1048576
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictNamespaces=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictRealtime=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+SystemCallArchitectures=native
+# iptables takes its lock under /run; the config and certificates are read-only.
+ReadWritePaths=/run
+ReadOnlyPaths={dir}
+
+[Install]
+WantedBy=multi-user.target
+",
+        redirect = spec.redirect_bin.display(),
+        node = spec.node_bin.display(),
+        dir = spec.config_dir.display(),
+    )
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes the config, certificates and unit; returns the paths written (also recorded in the
+/// manifest for `leave`).
+pub fn write_join(spec: &JoinSpec, unit_dir: &Path) -> Result<Vec<PathBuf>, HostError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = &spec.config_dir;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut written = Vec::new();
+    let mut put = |path: PathBuf, body: &[u8], mode: u32| -> Result<(), HostError> {
+        std::fs::write(&path, body).map_err(io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(&path))?;
+        written.push(path);
+        Ok(())
+    };
+    if let JoinCerts::Static { cert, key, roots } = &spec.certs {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(io(&certs))?;
+        for (src, name, mode) in [
+            (cert, "cert-chain.pem", 0o644),
+            (key, "key.pem", 0o600),
+            (roots, "root-cert.pem", 0o644),
+        ] {
+            let body = std::fs::read(src).map_err(io(src))?;
+            put(certs.join(name), &body, mode)?;
+        }
+    }
+    put(dir.join("node.yaml"), render_config(spec).as_bytes(), 0o644)?;
+    std::fs::create_dir_all(unit_dir).map_err(io(unit_dir))?;
+    put(
+        unit_dir.join(UNIT_NAME),
+        render_unit(spec).as_bytes(),
+        0o644,
+    )?;
+    let manifest: String = written
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    let mpath = dir.join(MANIFEST);
+    std::fs::write(&mpath, manifest).map_err(io(&mpath))?;
+    written.push(mpath);
+    Ok(written)
+}
+
+/// Removes what `join` wrote (by its manifest), then the config dir if it is left empty.
+pub fn remove_join(config_dir: &Path) -> Result<Vec<PathBuf>, HostError> {
+    let mpath = config_dir.join(MANIFEST);
+    let manifest = std::fs::read_to_string(&mpath).map_err(io(&mpath))?;
+    let mut removed = Vec::new();
+    for line in manifest.lines().filter(|l| !l.is_empty()) {
+        let p = PathBuf::from(line);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&p)(e)),
+        }
+    }
+    std::fs::remove_file(&mpath).map_err(io(&mpath))?;
+    removed.push(mpath);
+    let _ = std::fs::remove_dir(config_dir.join("certs"));
+    let _ = std::fs::remove_dir(config_dir);
+    Ok(removed)
+}
+
+/// Runs a command, naming it in the error.
+pub fn run(cmd: &mut std::process::Command) -> Result<(), HostError> {
+    let out = cmd
+        .output()
+        .map_err(|e| HostError::Command(format!("{cmd:?}"), e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(HostError::Command(
+            format!("{cmd:?}"),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(certs: JoinCerts) -> JoinSpec {
+        JoinSpec {
+            namespace: "shop".into(),
+            service_account: "db".into(),
+            node_name: "vm-7".into(),
+            address: "10.0.0.7".parse().unwrap(),
+            trust_domain: "cluster.local".into(),
+            certs,
+            config_dir: "/etc/zmesh".into(),
+            node_bin: "/usr/local/bin/zmesh-node".into(),
+            redirect_bin: "/usr/local/bin/zmesh-redirect".into(),
+            inbound_ports: vec![5432],
+        }
+    }
+
+    #[test]
+    fn the_rendered_config_is_a_valid_node_config_with_one_workload() {
+        for certs in [
+            JoinCerts::FileCa("/var/lib/zmesh/ca".into()),
+            JoinCerts::Static {
+                cert: "/x/c.pem".into(),
+                key: "/x/k.pem".into(),
+                roots: "/x/r.pem".into(),
+            },
+        ] {
+            let text = render_config(&spec(certs));
+            let cfg = crate::config::Config::parse(&text, "join").unwrap();
+            assert_eq!(cfg.workloads.len(), 1);
+            let w = &cfg.workloads[0];
+            assert_eq!((&*w.namespace, &*w.service_account), ("shop", "db"));
+            assert_eq!(w.addresses, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        }
+    }
+
+    #[test]
+    fn the_unit_is_hardened_and_wraps_the_capture_rules() {
+        let unit = render_unit(&spec(JoinCerts::FileCa("/ca".into())));
+        for line in [
+            "ExecStartPre=/usr/local/bin/zmesh-redirect host install --inbound-ports 5432",
+            "ExecStopPost=/usr/local/bin/zmesh-redirect host uninstall",
+            "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+            "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "LimitNOFILE=1048576",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "missing {line:?}:\n{unit}");
+        }
+    }
+
+    #[test]
+    fn identities_are_checked() {
+        assert!(parse_identity("shop/db", "cluster.local").is_ok());
+        for bad in ["shop", "shop/", "/db", "Shop/db", "shop/db/x"] {
+            assert!(parse_identity(bad, "cluster.local").is_err(), "{bad}");
+        }
+    }
+}
