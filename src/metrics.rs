@@ -209,3 +209,39 @@ pub type Extra<'a> = (&'a str, &'a str, &'a str, Vec<(String, f64)>);
 pub fn count(n: &std::sync::atomic::AtomicU64) -> f64 {
     n.load(Ordering::Relaxed) as f64
 }
+
+/// User plus system CPU seconds of this process (`/proc/self/stat`).
+pub fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks as f64 / hz
+}
+
+/// Resident set size in bytes (`/proc/self/statm`, pages times the page size).
+pub fn process_rss_bytes() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as f64;
+    pages * page
+}
+
+/// Open file descriptors (entries of `/proc/self/fd`).
+pub fn process_open_fds() -> f64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0.0, |d| d.count() as f64)
+}

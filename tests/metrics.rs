@@ -129,6 +129,32 @@ async fn tcp_metrics_count_a_known_transfer_exactly_on_both_ends() {
     );
     assert!(text.contains("zmesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/server\""), "{text}");
     assert!(text.contains("zmesh_build_info{version="), "{text}");
+    for family in [
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "zmesh_zds_pods ",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(family))
+            .unwrap_or_else(|| panic!("{family}: {text}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 0.0, "{line}");
+    }
+    let rss: f64 = text
+        .lines()
+        .find(|l| l.starts_with("process_resident_memory_bytes "))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        rss > 1_000_000.0,
+        "a running process has more than 1 MB resident: {rss}"
+    );
 
     // The client workload leaves node A's model: its series go with it.
     let text = node_yaml(net, "node-a", 2, &mesh.ca_dir, &client_server_workloads(net, "server", &[]))

@@ -221,6 +221,21 @@ workloads:
         assert!(e.contains("pod-x") && e.contains("not a workload"), "{e}");
         let e = agent.del_pod("pod-unknown").await.unwrap_err().to_string();
         assert!(e.contains("unknown pod uid"), "{e}");
+        // The node's metrics count the two pods it proxies.
+        let metrics = node
+            .run(|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:15020")?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .unwrap();
+        assert!(metrics.contains("\nzmesh_zds_pods 2\n"), "{metrics}");
+        assert!(
+            metrics.contains("\nzmesh_zds_snapshot_received 1\n"),
+            "{metrics}"
+        );
 
         // The app in pod B; the client in pod A dials it by pod IP, knowing nothing of the mesh.
         let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();

@@ -104,6 +104,8 @@ pub struct Node {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// Notified by the admin server's `/quitquitquit`: the binary then drains and exits.
     pub quit: tokio::sync::Notify,
+    /// Pods proxied in in-pod mode (from the ZDS loop), for metrics.
+    pub zds_pods: AtomicUsize,
     /// Runtime log-level control for the admin server, installed by the binary.
     pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
     mark: Option<u32>,
@@ -185,6 +187,7 @@ impl Node {
             metrics: Arc::default(),
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
+            zds_pods: AtomicUsize::new(0),
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -262,6 +265,41 @@ impl Node {
                 "gauge",
                 "Connections being proxied",
                 vec![(String::new(), self.active_connections() as f64)],
+            ),
+            (
+                "zmesh_zds_pods",
+                "gauge",
+                "Pods this node proxies in in-pod mode (enrolled over ZDS)",
+                vec![(String::new(), self.zds_pods.load(Ordering::Relaxed) as f64)],
+            ),
+            (
+                "zmesh_zds_snapshot_received",
+                "gauge",
+                "1 once the redirect agent's first snapshot is in (in-pod mode)",
+                vec![(
+                    String::new(),
+                    f64::from(u8::from(
+                        self.cfg.node.mode == Mode::InPod && self.ready.load(Ordering::Acquire),
+                    )),
+                )],
+            ),
+            (
+                "process_cpu_seconds_total",
+                "counter",
+                "CPU time of this process, user and system",
+                vec![(String::new(), crate::metrics::process_cpu_seconds())],
+            ),
+            (
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of this process",
+                vec![(String::new(), crate::metrics::process_rss_bytes())],
+            ),
+            (
+                "process_open_fds",
+                "gauge",
+                "Open file descriptors of this process",
+                vec![(String::new(), crate::metrics::process_open_fds())],
             ),
             (
                 "zmesh_build_info",
@@ -762,6 +800,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
                 while state_rx.changed().await.is_ok() {
                     let s = *state_rx.borrow();
                     node.ready.store(s.snapshot_received, Ordering::Release);
+                    node.zds_pods.store(s.pods, Ordering::Relaxed);
                 }
             }
         }),
