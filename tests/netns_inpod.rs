@@ -236,6 +236,26 @@ workloads:
             metrics.contains("\nzmesh_zds_snapshot_received 1\n"),
             "{metrics}"
         );
+        // ...and the admin dump shows each pod proxy.
+        let dump = node
+            .run(|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:15000")?;
+                s.write_all(b"GET /config_dump HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .unwrap();
+        let body = dump.split_once("\r\n\r\n").unwrap().1;
+        let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+        let mut uids: Vec<&str> = dump["pod_proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["uid"].as_str().unwrap())
+            .collect();
+        uids.sort();
+        assert_eq!(uids, ["pod-a", "pod-b"]);
 
         // The app in pod B; the client in pod A dials it by pod IP, knowing nothing of the mesh.
         let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();

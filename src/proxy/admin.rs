@@ -104,7 +104,22 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
         .into_iter()
         .map(|(peer, serial, draining)| json!({"peer": peer, "cert_serial": serial, "draining": draining}))
         .collect();
+    let pods: Vec<_> = node
+        .pods
+        .lock()
+        .expect("pods lock poisoned")
+        .iter()
+        .map(|p| {
+            json!({
+                "uid": p.uid, "workload": p.workload.name, "namespace": p.workload.namespace,
+                "identity": p.workload.identity.to_string(),
+                "netns": format!("{}:{}", p.netns_id.0, p.netns_id.1),
+                "pool_connections": p.pool.connections(),
+            })
+        })
+        .collect();
     json!({
+        "pod_proxies": pods,
         "node": {
             "name": n.name.0, "trust_domain": n.trust_domain.0, "cluster": n.cluster.0,
             "bind": n.bind, "mode": format!("{:?}", n.mode),

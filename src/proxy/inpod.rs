@@ -25,6 +25,8 @@ use crate::socket::listen_in;
 /// A running pod proxy. Dropping it stops its listeners and ends its connections.
 struct PodProxy {
     netns_id: (u64, u64),
+    workload: Arc<crate::model::Workload>,
+    pool: Arc<Pool>,
     tasks: Vec<JoinHandle<()>>,
     _kill: watch::Sender<bool>,
     _stop: watch::Sender<bool>,
@@ -115,6 +117,15 @@ pub async fn run(
                 tracing::warn!(error = %e, "ZDS request refused");
             }
             let snapshot_done = snapshot.is_none();
+            *node.pods.lock().expect("pods lock poisoned") = pods
+                .iter()
+                .map(|(uid, p)| super::PodView {
+                    uid: uid.clone(),
+                    workload: p.workload.clone(),
+                    netns_id: p.netns_id,
+                    pool: p.pool.clone(),
+                })
+                .collect();
             state.send_modify(|s| {
                 s.pods = pods.len();
                 s.snapshot_received |= snapshot_done;
@@ -196,8 +207,9 @@ async fn add(
         .map_err(listen_err("HBONE"))?;
     let (kill_tx, kill) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
+    let pool = Pool::new(node.certs.clone(), node.mark(), Some(netns.clone()));
     let scope = Arc::new(Scope {
-        pool: Pool::new(node.certs.clone(), node.mark(), Some(netns.clone())),
+        pool: pool.clone(),
         netns: Some(netns.clone()),
         workload: Some(workload.clone()),
         kill,
@@ -209,6 +221,8 @@ async fn add(
         uid.to_string(),
         PodProxy {
             netns_id: netns.id(),
+            workload: workload.clone(),
+            pool,
             tasks,
             _kill: kill_tx,
             _stop: stop_tx,

@@ -106,6 +106,8 @@ pub struct Node {
     pub quit: tokio::sync::Notify,
     /// Pods proxied in in-pod mode (from the ZDS loop), for metrics.
     pub zds_pods: AtomicUsize,
+    /// The pod proxies as the admin dump shows them (in-pod mode).
+    pub pods: Mutex<Vec<PodView>>,
     /// Runtime log-level control for the admin server, installed by the binary.
     pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
     mark: Option<u32>,
@@ -115,6 +117,15 @@ pub struct Node {
     active: Arc<AtomicUsize>,
     /// Kill switches of scopes that stopped accepting but whose connections may finish (drain).
     draining: Mutex<Vec<watch::Sender<bool>>>,
+}
+
+/// One pod proxy, for the admin dump.
+pub struct PodView {
+    pub uid: String,
+    pub workload: Arc<Workload>,
+    /// The pod namespace's identity (device, inode).
+    pub netns_id: (u64, u64),
+    pub pool: Arc<Pool>,
 }
 
 /// A cached TLS server config, valid for one certificate serial and one trust snapshot.
@@ -188,6 +199,7 @@ impl Node {
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
             zds_pods: AtomicUsize::new(0),
+            pods: Mutex::new(Vec::new()),
             mark,
             server_configs: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
