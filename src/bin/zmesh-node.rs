@@ -25,6 +25,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Run the tunnel (the default).
     Run {
@@ -43,18 +45,22 @@ enum Cmd {
     /// unit that installs the capture rules before starting (and removes them after stopping).
     Join(JoinArgs),
     /// Undo `join`: stop and disable the unit, remove the capture rules and every file written.
-    Leave {
-        #[arg(long, default_value = "/etc/zmesh")]
-        config_dir: PathBuf,
-        #[arg(long, default_value = "/etc/systemd/system")]
-        unit_dir: PathBuf,
-        /// Do not call systemctl (the unit is not managed by systemd here).
-        #[arg(long)]
-        no_systemctl: bool,
-        /// zmesh-redirect binary; default: beside this one.
-        #[arg(long)]
-        redirect_bin: Option<PathBuf>,
-    },
+    Leave(HostArgs),
+}
+
+/// Where `join` writes and `leave` removes, and how they reach systemd and the rules.
+#[derive(clap::Args)]
+struct HostArgs {
+    #[arg(long, default_value = "/etc/zmesh")]
+    config_dir: PathBuf,
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+    /// Do not call systemctl (write or remove the files only).
+    #[arg(long)]
+    no_systemctl: bool,
+    /// zmesh-redirect binary; default: beside this one.
+    #[arg(long)]
+    redirect_bin: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -83,16 +89,8 @@ struct JoinArgs {
     /// Inbound ports whose plaintext is captured (comma-separated).
     #[arg(long, value_delimiter = ',')]
     inbound_ports: Vec<u16>,
-    #[arg(long, default_value = "/etc/zmesh")]
-    config_dir: PathBuf,
-    #[arg(long, default_value = "/etc/systemd/system")]
-    unit_dir: PathBuf,
-    /// Do not call systemctl (write the files only).
-    #[arg(long)]
-    no_systemctl: bool,
-    /// zmesh-redirect binary; default: beside this one.
-    #[arg(long)]
-    redirect_bin: Option<PathBuf>,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 fn beside_me(name: &str) -> PathBuf {
@@ -133,20 +131,21 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         address,
         trust_domain: a.trust_domain,
         certs,
-        config_dir: a.config_dir,
+        config_dir: a.host.config_dir,
         node_bin: std::env::current_exe()?,
         redirect_bin: a
+            .host
             .redirect_bin
             .unwrap_or_else(|| beside_me("zmesh-redirect")),
         inbound_ports: a.inbound_ports,
     };
     // Refuse a config that would not start.
     Config::parse(&zmesh::host::render_config(&spec), "join")?;
-    let written = zmesh::host::write_join(&spec, &a.unit_dir)?;
+    let written = zmesh::host::write_join(&spec, &a.host.unit_dir)?;
     for p in &written {
         println!("wrote {}", p.display());
     }
-    if !a.no_systemctl {
+    if !a.host.no_systemctl {
         zmesh::host::run(std::process::Command::new("systemctl").arg("daemon-reload"))?;
         zmesh::host::run(std::process::Command::new("systemctl").args([
             "enable",
@@ -158,11 +157,13 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn leave(
-    config_dir: PathBuf,
-    no_systemctl: bool,
-    redirect_bin: Option<PathBuf>,
-) -> anyhow::Result<()> {
+fn leave(a: HostArgs) -> anyhow::Result<()> {
+    let HostArgs {
+        config_dir,
+        no_systemctl,
+        redirect_bin,
+        ..
+    } = a;
     if !no_systemctl {
         // Stopping runs ExecStopPost, which removes the capture rules.
         zmesh::host::run(std::process::Command::new("systemctl").args([
@@ -293,12 +294,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Leave {
-            config_dir,
-            unit_dir: _,
-            no_systemctl,
-            redirect_bin,
-        } => match leave(config_dir, no_systemctl, redirect_bin) {
+        Cmd::Leave(args) => match leave(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("leave: {e:#}");
