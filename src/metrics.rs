@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -84,8 +84,10 @@ pub struct NodeMetrics {
     failed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
-    /// Every label set in use, so a departed workload's series can be found and removed.
-    seen: Mutex<HashSet<TcpLabels>>,
+    /// Every label set in use, interned: an open connection holds one `Arc` to its labels
+    /// rather than its own copy of sixteen strings, and a departed workload's series can be
+    /// found and removed.
+    seen: Mutex<HashSet<Arc<TcpLabels>>>,
 }
 
 impl Default for NodeMetrics {
@@ -139,16 +141,22 @@ impl std::fmt::Debug for NodeMetrics {
 }
 
 impl NodeMetrics {
-    fn remember(&self, l: &TcpLabels) {
+    /// The shared copy of `l`.
+    fn intern(&self, l: TcpLabels) -> Arc<TcpLabels> {
         let mut seen = self.seen.lock().expect("poisoned");
-        if !seen.contains(l) {
-            seen.insert(l.clone());
+        if let Some(existing) = seen.get(&l) {
+            return existing.clone();
         }
+        let l = Arc::new(l);
+        seen.insert(l.clone());
+        l
     }
 
-    pub fn opened(&self, l: &TcpLabels) {
-        self.remember(l);
-        self.opened.get_or_create(l).inc();
+    /// Counts an opened connection; returns its labels for `closed`.
+    pub fn opened(&self, l: TcpLabels) -> Arc<TcpLabels> {
+        let l = self.intern(l);
+        self.opened.get_or_create(&l).inc();
+        l
     }
 
     /// A connection that was opened has ended, having moved these bytes.
@@ -158,9 +166,9 @@ impl NodeMetrics {
         self.received.get_or_create(l).inc_by(received);
     }
 
-    pub fn failed(&self, l: &TcpLabels) {
-        self.remember(l);
-        self.failed.get_or_create(l).inc();
+    pub fn failed(&self, l: TcpLabels) {
+        let l = self.intern(l);
+        self.failed.get_or_create(&l).inc();
     }
 
     /// Removes the series of workloads (by name and namespace) that are no longer in the model.

@@ -49,7 +49,7 @@ pub struct ConnLog {
     pub mtls: bool,
     metrics: Arc<NodeMetrics>,
     /// Set once the connection reached its far side: it is then counted as opened.
-    opened_as: Option<TcpLabels>,
+    opened_as: Option<Arc<TcpLabels>>,
 }
 
 impl ConnLog {
@@ -96,9 +96,7 @@ impl ConnLog {
 
     /// The connection reached its far side (tunnel up, or app dialed): count it as opened.
     pub fn opened(&mut self) {
-        let labels = self.labels();
-        self.metrics.opened(&labels);
-        self.opened_as = Some(labels);
+        self.opened_as = Some(self.metrics.opened(self.labels()));
     }
 
     /// Emits the line (when access logging is on) and settles the metrics: an opened connection
@@ -115,7 +113,7 @@ impl ConnLog {
         };
         match &self.opened_as {
             Some(l) => self.metrics.closed(l, response, request),
-            None => self.metrics.failed(&self.labels()),
+            None => self.metrics.failed(self.labels()),
         }
         if !enabled {
             return;
