@@ -15,15 +15,14 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    accept_loop, denial_reason, enforce, log_policy_close, ConnLog, Direction, Node, Scope,
+    accept_loop, denial_reason, dial_app, enforce, inbound_connection, settle, ConnLog, Direction,
+    Node, Scope,
 };
 use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
 use crate::hbone::{keepalive, server};
 use crate::identity::{unix_time, SpiffeId, Usage};
 use crate::model::Workload;
-use crate::policy::{self, WorkloadRef};
-use crate::socket::{dial_in, DialOptions};
 
 pub(super) async fn serve(
     node: Arc<Node>,
@@ -178,10 +177,10 @@ async fn stream(
     log.dst_identity = Some(workload.identity.to_string());
     log.dst_workload = Some(workload.name.clone());
     log.dst_wl = Some(workload.clone());
-    log.src_wl = node.model().workload_by_ip(peer.ip()).cloned();
+    let model = node.model();
+    log.src_wl = model.workload_by_ip(peer.ip()).cloned();
     log.mtls = true;
     log.path = format!("app {dst}");
-    let model = node.model();
     match model.local_workload(dst.ip()) {
         None => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -208,16 +207,7 @@ async fn stream(
         Some(_) => {}
     }
     // Policy is judged at the destination with the real target port (model.md).
-    let who = || policy::Connection {
-        src_identity: Some(client.clone()),
-        src_ip: peer.ip(),
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-        dst_workload: WorkloadRef {
-            name: workload.name.clone(),
-            namespace: workload.namespace.clone(),
-        },
-    };
+    let who = || inbound_connection(Some(&client), peer, dst, &workload);
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();
     let decision = node.authorize(&who());
@@ -232,12 +222,7 @@ async fn stream(
     drop(decision);
     // The app sees the calling workload's address; bytes the client sent before our 200 wait in
     // h2's window and reach nobody until the dial succeeded (reliability #11).
-    let opts = DialOptions {
-        mark: node.mark(),
-        source: Some(peer.ip()),
-        transparent: true,
-    };
-    let mut app = match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
+    let mut app = match dial_app(&node, &scope, dst, peer).await {
         Ok(a) => a,
         Err(e) => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -260,15 +245,9 @@ async fn stream(
         let relay = std::pin::pin!(tcp_to_h2(&mut app, send, req.into_body()));
         enforce(&node, who, changes, relay).await
     };
-    match outcome {
-        Ok(transfer) => {
-            log.transfer = transfer;
-            log.emit(enabled, None);
-        }
-        Err(d) => {
-            // Dropping the relay reset the client's stream; reset the app's side too.
-            reset_on_drop(&app);
-            log_policy_close(log, enabled, &d, Some(&client));
-        }
+    if outcome.is_err() {
+        // Dropping the relay reset the client's stream; reset the app's side too.
+        reset_on_drop(&app);
     }
+    settle(log, enabled, outcome, Some(&client));
 }

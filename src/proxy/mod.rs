@@ -507,14 +507,59 @@ pub(crate) async fn enforce<F: std::future::Future>(
     }
 }
 
-/// Logs a connection that a policy change closed (its relay already dropped).
-pub(crate) fn log_policy_close(
-    log: ConnLog,
+/// An inbound connection as policy judges it: the caller's identity (none for plaintext) and
+/// address, and the destination workload with the real target port.
+pub fn inbound_connection(
+    src_identity: Option<&SpiffeId>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    workload: &Workload,
+) -> policy::Connection {
+    policy::Connection {
+        src_identity: src_identity.cloned(),
+        src_ip: src.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+        dst_workload: policy::WorkloadRef {
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+        },
+    }
+}
+
+/// Dials the local app for an inbound connection from `peer`: from the peer's own address
+/// (IP_TRANSPARENT), inside the scope's namespace, with the tunnel's mark.
+pub(crate) async fn dial_app(
+    node: &Node,
+    scope: &Scope,
+    dst: SocketAddr,
+    peer: SocketAddr,
+) -> Result<tokio::net::TcpStream, crate::socket::DialError> {
+    let opts = crate::socket::DialOptions {
+        mark: node.mark(),
+        source: Some(peer.ip()),
+        transparent: true,
+    };
+    // Boxed: the dial future is large and would otherwise stay in the connection's task.
+    Box::pin(crate::socket::dial_in(scope.dial_netns(), dst, opts)).await
+}
+
+/// Logs the end of an enforced relay: completed with its byte counts, or closed by a policy
+/// change (the caller has already reset what must be reset).
+pub(crate) fn settle(
+    mut log: ConnLog,
     enabled: bool,
-    d: &Decision,
+    outcome: Result<crate::copy::Transfer, Decision>,
     identity: Option<&SpiffeId>,
 ) {
-    let reason = denial_reason(d);
+    let d = match outcome {
+        Ok(transfer) => {
+            log.transfer = transfer;
+            return log.emit(enabled, None);
+        }
+        Err(d) => d,
+    };
+    let reason = denial_reason(&d);
     tracing::info!(
         src = %log.src,
         dst = %log.dst,

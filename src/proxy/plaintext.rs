@@ -9,11 +9,11 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    accept_loop, denial_reason, enforce, log_policy_close, ConnLog, Direction, Node, Scope,
+    accept_loop, denial_reason, dial_app, enforce, inbound_connection, settle, ConnLog, Direction,
+    Node, Scope,
 };
 use crate::copy::{reset_on_drop, tcp_to_tcp};
-use crate::policy::{self, WorkloadRef};
-use crate::socket::{dial_in, original_dst, DialOptions};
+use crate::socket::original_dst;
 
 pub(super) async fn serve(
     node: Arc<Node>,
@@ -70,16 +70,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     log.dst_wl = Some(w.clone());
     // No peer identity: principal, namespace and service-account matches never hold, so a
     // STRICT policy (DENY not_principals ["*"]) refuses this connection.
-    let who = || policy::Connection {
-        src_identity: None,
-        src_ip: peer.ip(),
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-        dst_workload: WorkloadRef {
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-        },
-    };
+    let who = || inbound_connection(None, peer, dst, &w);
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();
     let decision = node.authorize(&who());
@@ -92,12 +83,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     }
     // Not kept across the relay's awaits: an idle connection carries as little as possible.
     drop(decision);
-    let opts = DialOptions {
-        mark: node.mark(),
-        source: Some(peer.ip()),
-        transparent: true,
-    };
-    let mut app = match Box::pin(dial_in(scope.dial_netns(), dst, opts)).await {
+    let mut app = match dial_app(&node, &scope, dst, peer).await {
         Ok(app) => app,
         Err(e) => {
             reset_on_drop(&tcp);
@@ -110,15 +96,9 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         let relay = std::pin::pin!(tcp_to_tcp(&mut tcp, &mut app));
         enforce(&node, who, changes, relay).await
     };
-    match outcome {
-        Ok(transfer) => {
-            log.transfer = transfer;
-            log.emit(enabled, None);
-        }
-        Err(d) => {
-            reset_on_drop(&tcp);
-            reset_on_drop(&app);
-            log_policy_close(log, enabled, &d, None);
-        }
+    if outcome.is_err() {
+        reset_on_drop(&tcp);
+        reset_on_drop(&app);
     }
+    settle(log, enabled, outcome, None);
 }

@@ -42,7 +42,7 @@ use crate::hbone::io::H2Io;
 use crate::hbone::{keepalive, server};
 use crate::identity::{CertManager, SpiffeId};
 use crate::model::{Model, Route, Service, Workload};
-use crate::policy::{self, PolicySet, WorkloadRef};
+use crate::policy::PolicySet;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -291,16 +291,12 @@ async fn stream(
         return server::refuse(respond, StatusCode::BAD_REQUEST);
     }
     // L4 authorization on the CONNECT: the waypoint is the destination workload.
-    let decision = state.l4.evaluate(&policy::Connection {
-        src_identity: Some(client.clone()),
-        src_ip: peer.ip(),
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-        dst_workload: WorkloadRef {
-            name: me.name.clone(),
-            namespace: me.namespace.clone(),
-        },
-    });
+    let decision = state.l4.evaluate(&crate::proxy::inbound_connection(
+        Some(&client),
+        peer,
+        dst,
+        &me,
+    ));
     if !decision.allowed {
         tracing::info!(src = %peer, %dst, identity = %client, policy = ?decision.decided_by, "CONNECT denied by L4 policy (401)");
         return server::refuse(respond, StatusCode::UNAUTHORIZED);
