@@ -181,6 +181,21 @@ pub struct Ports {
     pub admin: u16,
 }
 
+impl Ports {
+    /// Every port the node listens on: a destination that names one of them on a local
+    /// address is the node itself and is never dialed (docs/reliability.md #38).
+    pub fn all(&self) -> [u16; 6] {
+        [
+            self.hbone,
+            self.outbound,
+            self.inbound_plaintext,
+            self.readiness,
+            self.metrics,
+            self.admin,
+        ]
+    }
+}
+
 impl Default for Ports {
     fn default() -> Self {
         Ports {

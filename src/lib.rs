@@ -23,6 +23,7 @@ pub mod model;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod rejections;
 pub mod socket;
 pub mod tls;
 pub mod waypoint;

@@ -150,3 +150,316 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
         "error names expected and received identity: {err}"
     );
 }
+
+/// Reliability #38: a CONNECT naming one of the node's own listener ports on a local workload
+/// is refused with 400 and never dialed; the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_the_nodes_own_listeners_is_400_and_never_dialed() {
+    let net = 25;
+    let (mesh, app) = node_b(net).await;
+    let node = mesh.nodes[0].node.clone();
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+        .await
+        .unwrap();
+    let fds = open_fds();
+    for port in [15000, 15001, 15006, 15008, 15020, 15021] {
+        let authority = format!("{}:{port}", ip(net, 3));
+        assert_eq!(
+            status(&mut send, connect_req(&authority)).await,
+            Ok(StatusCode::BAD_REQUEST),
+            "{authority}"
+        );
+    }
+    assert_eq!(node.rejections.count("hbone", "self_target"), 6);
+    assert!(node
+        .metrics_text()
+        .contains("zmesh_rejected_total{listener=\"hbone\",reason=\"self_target\"} 6"));
+    // Nothing was dialed: no descriptor was opened for any of them.
+    assert!(open_fds() <= fds + 1, "fds {fds} -> {}", open_fds());
+    // The same connection still carries a good CONNECT.
+    let good = format!("{}:8080", ip(net, 3));
+    let (resp, _stream) = send.send_request(connect_req(&good), false).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::OK);
+    let _ = app.accept().await.unwrap();
+}
+
+/// Reliability #1: an extended CONNECT (`:protocol`) is answered 400 on its stream, and the
+/// connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_is_400_on_its_stream() {
+    let net = 26;
+    let (mesh, app) = node_b(net).await;
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+        .await
+        .unwrap();
+    let mut ext = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://{}:8080/", ip(net, 3)))
+        .body(())
+        .unwrap();
+    ext.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    assert_eq!(status(&mut send, ext).await, Ok(StatusCode::BAD_REQUEST));
+    let good = format!("{}:8080", ip(net, 3));
+    assert_eq!(
+        status(&mut send, connect_req(&good)).await,
+        Ok(StatusCode::OK)
+    );
+    let _ = app.accept().await.unwrap();
+}
+
+/// What h2 itself decides before zmesh sees a request (recorded in docs/hbone.md): a header
+/// block h2's HPACK decoder rejects (an upper-case name, an unknown pseudo-header) ends the
+/// connection with GOAWAY PROTOCOL_ERROR; an `:authority` that is not an authority at all is
+/// a stream error (RST_STREAM PROTOCOL_ERROR) and the connection stays usable. Neither dials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_header_blocks_get_h2s_answer_and_nothing_is_dialed() {
+    let net = 27;
+    let (mesh, app) = node_b(net).await;
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let good = format!("{}:8080", ip(net, 3));
+
+    // An unparsable authority: RST_STREAM on stream 1, then stream 3 (a good CONNECT) works.
+    let mut c = raw_h2(&mesh, hb).await;
+    c.headers(1, &[(":method", "CONNECT"), (":authority", "[::1")])
+        .await;
+    c.headers(3, &[(":method", "CONNECT"), (":authority", &good)])
+        .await;
+    assert_eq!(c.until_stream_end(1).await, RawEnd::Reset(1)); // PROTOCOL_ERROR
+    assert_eq!(c.until_stream_end(3).await, RawEnd::Headers);
+    let _ = app.accept().await.unwrap();
+
+    // An upper-case header name, then an unknown pseudo-header: GOAWAY PROTOCOL_ERROR.
+    for bad in [("Forwarded", "x"), (":bogus", "x")] {
+        let mut c = raw_h2(&mesh, hb).await;
+        c.headers(1, &[(":method", "CONNECT"), (":authority", &good), bad])
+            .await;
+        assert_eq!(c.until_stream_end(1).await, RawEnd::GoAway(1), "{bad:?}");
+    }
+    let accepted = tokio::time::timeout(std::time::Duration::from_millis(300), app.accept()).await;
+    assert!(accepted.is_err(), "a malformed request reached the app");
+}
+
+/// Reliability #7: a HEADERS+RST_STREAM flood on one connection, ten times over. The dials it
+/// causes are bounded by zmesh (in-flight cap + early-reset budget), every run, and the
+/// connection is closed with GOAWAY (ENHANCE_YOUR_CALM); a normal client is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_floods_cost_a_bounded_number_of_dials() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use zmesh::hbone::server::{EARLY_RESET_BUDGET, EARLY_RESET_REFILL, MAX_INFLIGHT_DIALS};
+    let net = 28;
+    let (mesh, app) = node_b(net).await;
+    let node = mesh.nodes[0].node.clone();
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let target = format!("{}:8080", ip(net, 3));
+    let dials = Arc::new(AtomicUsize::new(0));
+    let counted = dials.clone();
+    tokio::spawn(async move {
+        // Every connection the node makes to the app is one dial; close it at once.
+        while let Ok((s, _)) = app.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let fds = open_fds();
+    for run in 0..10 {
+        let before = dials.load(Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+            .await
+            .unwrap();
+        let mut sent = 0;
+        let mut ended = None;
+        for _ in 0..10_000 {
+            let ready = match send.clone().ready().await {
+                Ok(r) => r,
+                Err(e) => {
+                    ended = Some(e);
+                    break;
+                }
+            };
+            send = ready;
+            match send.send_request(connect_req(&target), false) {
+                Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+                Err(e) => {
+                    ended = Some(e);
+                    break;
+                }
+            }
+            sent += 1;
+        }
+        // Dials already started land within a moment; then the count is final.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let caused = dials.load(Ordering::SeqCst) - before;
+        let refill = (start.elapsed().as_secs_f64() / EARLY_RESET_REFILL.as_secs_f64()).ceil();
+        let bound = MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill as usize;
+        assert!(
+            caused <= bound,
+            "run {run}: {sent} resets caused {caused} dials (bound {bound})"
+        );
+        eprintln!("run {run}: {sent} resets, {caused} dials, ended: {ended:?}");
+        let e = ended.unwrap_or_else(|| {
+            panic!("run {run}: 10,000 resets and the connection was never closed")
+        });
+        assert!(
+            e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || e.is_io() || e.is_go_away(),
+            "run {run}: {e}"
+        );
+    }
+    // The slow form h2's own pending-reset limit cannot see: each stream is reset only after
+    // its 200, so every one cost a dial. zmesh's budget ends it with ENHANCE_YOUR_CALM.
+    let before = dials.load(Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+        .await
+        .unwrap();
+    let mut ended = None;
+    for _ in 0..1_000 {
+        let (resp, mut stream) = match send.send_request(connect_req(&target), false) {
+            Ok(r) => r,
+            Err(e) => {
+                ended = Some(e);
+                break;
+            }
+        };
+        match resp.await {
+            Ok(r) => assert_eq!(r.status(), StatusCode::OK),
+            Err(e) => {
+                ended = Some(e);
+                break;
+            }
+        }
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let caused = dials.load(Ordering::SeqCst) - before;
+    let refill = (start.elapsed().as_secs_f64() / EARLY_RESET_REFILL.as_secs_f64()).ceil();
+    let bound = MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill as usize;
+    assert!(caused <= bound, "{caused} dials (bound {bound})");
+    let e = ended.expect("1,000 streams reset after their 200 and the connection lived on");
+    // The GOAWAY may be read, or the close may win the race to the client.
+    assert!(
+        e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || e.is_io(),
+        "{e}"
+    );
+    wait_until(
+        "the node to count the rapid reset",
+        std::time::Duration::from_secs(5),
+        || node.rejections.count("hbone", "rapid_reset") == 1,
+    )
+    .await;
+    // Nothing held on to: descriptors back where they were (a little slack for the pool).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(open_fds() <= fds + 4, "fds {fds} -> {}", open_fds());
+    // A well-behaved client is served as before.
+    let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&mut send, connect_req(&target)).await,
+        Ok(StatusCode::OK)
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// How a stream ended, as a raw HTTP/2 client saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum RawEnd {
+    /// A response HEADERS frame arrived.
+    Headers,
+    /// RST_STREAM with this error code.
+    Reset(u32),
+    /// GOAWAY with this error code.
+    GoAway(u32),
+    Closed,
+}
+
+/// A hand-made HTTP/2 client over TLS, for header blocks the h2 crate refuses to send.
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+async fn raw_h2(mesh: &Mesh, addr: SocketAddr) -> RawH2 {
+    let (cert, mgr) = cert_from(&mesh.ca_dir, &id("client"));
+    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = TlsConnector::from(Arc::new(cfg))
+        .connect(zmesh::tls::placeholder_server_name(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&frame(4, 0, 0, &[])).await.unwrap(); // empty SETTINGS
+    RawH2 { tls }
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+impl RawH2 {
+    /// One HEADERS frame (END_HEADERS, no END_STREAM) of HPACK literals without indexing
+    /// and with literal names, so any name can be sent.
+    async fn headers(&mut self, stream: u32, fields: &[(&str, &str)]) {
+        let mut block = Vec::new();
+        for (n, v) in fields {
+            assert!(n.len() < 127 && v.len() < 127);
+            block.push(0x00);
+            block.push(n.len() as u8);
+            block.extend_from_slice(n.as_bytes());
+            block.push(v.len() as u8);
+            block.extend_from_slice(v.as_bytes());
+        }
+        self.tls
+            .write_all(&frame(1, 0x4, stream, &block))
+            .await
+            .unwrap();
+    }
+
+    /// Reads frames until `stream` gets response headers or a reset, or the connection ends.
+    async fn until_stream_end(&mut self, stream: u32) -> RawEnd {
+        let read = async {
+            loop {
+                let mut head = [0u8; 9];
+                if self.tls.read_exact(&mut head).await.is_err() {
+                    return RawEnd::Closed;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let (kind, flags) = (head[3], head[4]);
+                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                if self.tls.read_exact(&mut payload).await.is_err() {
+                    return RawEnd::Closed;
+                }
+                match kind {
+                    // SETTINGS without ACK: acknowledge it.
+                    4 if flags & 1 == 0 => {
+                        let _ = self.tls.write_all(&frame(4, 1, 0, &[])).await;
+                    }
+                    1 if id == stream => return RawEnd::Headers,
+                    3 if id == stream => {
+                        return RawEnd::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()))
+                    }
+                    7 => {
+                        return RawEnd::GoAway(u32::from_be_bytes(
+                            payload[4..8].try_into().unwrap(),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("an answer within 5 s")
+    }
+}

@@ -113,6 +113,14 @@ fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
     })
 }
 
+/// SIGTERM: GOAWAY on every HBONE connection, then wait for them up to `node.drain_timeout`.
+async fn drain(wp: &Waypoint) -> anyhow::Result<()> {
+    tracing::info!(deadline = ?wp.cfg.node.drain_timeout, "draining");
+    let left = wp.drain(wp.cfg.node.drain_timeout).await;
+    tracing::info!(still_open = left, "drain finished");
+    Ok(())
+}
+
 /// Re-reads the config when it changes (checked each second) or on SIGHUP.
 async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -123,8 +131,8 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
         let forced = tokio::select! {
             _ = tokio::time::sleep(zmesh::proxy::reload::WATCH_INTERVAL) => false,
             _ = hup.recv() => true,
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return drain(&wp).await,
+            _ = tokio::signal::ctrl_c() => return drain(&wp).await,
         };
         let now = zmesh::proxy::reload::stamp(&path);
         if !forced && now == seen {

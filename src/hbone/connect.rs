@@ -31,6 +31,16 @@ impl ConnectError {
     pub fn status(&self) -> StatusCode {
         StatusCode::BAD_REQUEST
     }
+
+    /// The metric label for this refusal (`zmesh_rejected_total{reason}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConnectError::NotConnect(_) => "not_connect",
+            ConnectError::ExtendedConnect => "extended_connect",
+            ConnectError::SchemeOrPath => "connect_scheme_or_path",
+            ConnectError::NoAuthority | ConnectError::BadAuthority(_) => "bad_authority",
+        }
+    }
 }
 
 /// Source details carried in the CONNECT headers.

@@ -8,9 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use h2::server::SendResponse;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -20,8 +18,8 @@ use super::{
 };
 use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
-use crate::hbone::{keepalive, server};
-use crate::identity::{unix_time, SpiffeId, Usage};
+use crate::hbone::server;
+use crate::identity::{unix_time, SpiffeId};
 use crate::model::Workload;
 
 pub(super) async fn serve(
@@ -42,8 +40,8 @@ pub(super) async fn serve(
             let stopping = stopping.clone();
             async move {
                 let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(reason) = connection(node, scope, stopping, tcp, peer).await {
-                    tracing::warn!(src = %peer, dst, reason = %reason, "HBONE connection rejected");
+                if let Err(e) = connection(node.clone(), scope, stopping, tcp, peer).await {
+                    crate::reject!(node.rejections, "hbone", e.code(), src = %peer, dst, reason = %e, "HBONE connection rejected");
                 }
             }
         },
@@ -51,100 +49,87 @@ pub(super) async fn serve(
     .await
 }
 
+/// Why an HBONE connection ended before or instead of serving its streams.
+#[derive(Debug, thiserror::Error)]
+enum InboundError {
+    #[error("accepted socket has no local address: {0}")]
+    Socket(std::io::Error),
+    #[error("{0} is not the address of a workload on this node")]
+    NotLocal(std::net::IpAddr),
+    #[error("no certificate for {identity}: {reason}")]
+    NoCertificate { identity: SpiffeId, reason: String },
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
+    #[error(transparent)]
+    Connection(#[from] server::ConnectionError),
+}
+
+impl InboundError {
+    fn code(&self) -> &'static str {
+        match self {
+            InboundError::Socket(_) => "socket",
+            InboundError::NotLocal(_) => "not_a_local_workload",
+            InboundError::NoCertificate { .. } => "no_server_certificate",
+            InboundError::Handshake(e) => e.code(),
+            InboundError::Connection(e) => e.code(),
+        }
+    }
+}
+
 async fn connection(
     node: Arc<Node>,
     scope: Arc<Scope>,
-    mut stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<(), String> {
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+) -> Result<(), InboundError> {
+    let local = tcp.local_addr().map_err(InboundError::Socket)?;
     let model = node.model();
     // In-pod, this listener belongs to exactly one pod; in host mode, the dialed IP says which.
     let found = match &scope.workload {
         Some(w) => Some(w.clone()),
         None => model.local_workload(local.ip()).cloned(),
     };
-    let workload = found.ok_or_else(|| {
-        format!(
-            "{} is not the address of a workload on this node",
-            local.ip()
-        )
-    })?;
+    let workload = found.ok_or(InboundError::NotLocal(local.ip()))?;
+    let no_cert = |reason: String| InboundError::NoCertificate {
+        identity: workload.identity.clone(),
+        reason,
+    };
     let cert = node
         .certs
         .fetch(&workload.identity)
-        .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
-    let cfg = node.server_config(&cert).map_err(|e| e.to_string())?;
+        .map_err(|e| no_cert(e.to_string()))?;
+    let cfg = node
+        .server_config(&cert)
+        .map_err(|e| no_cert(e.to_string()))?;
     // Subscribed before the handshake, so a CRL reload during it is not missed.
-    let mut trust_changes = node.certs.subscribe_trust();
-    trust_changes.borrow_and_update();
-    let server::Accepted {
-        client,
-        chain,
-        mut h2,
-    } = server::accept(tcp, cfg, node.cfg.node.handshake_timeout).await?;
-    let verified_at = unix_time(node.certs.now());
+    let mut trust = node.certs.subscribe_trust();
+    trust.borrow_and_update();
+    let accepted = server::accept(tcp, cfg, node.cfg.node.handshake_timeout).await?;
+    let opts = server::ServeOptions {
+        stopping,
+        trust,
+        verified_at: unix_time(node.certs.now()),
+    };
+    let client = accepted.client.clone();
     tracing::debug!(src = %peer, identity = %client, "HBONE connection established");
-    let pinger = h2.ping_pong();
-    let ka = async {
-        match pinger {
-            Some(p) => keepalive(p).await,
-            None => std::future::pending().await,
-        }
-    };
-    let accept = async {
-        let mut goaway_sent = false;
-        loop {
-            let next = tokio::select! {
-                n = h2.accept() => n,
-                // Draining: GOAWAY tells the client to open new streams elsewhere; streams in
-                // flight finish, then the connection closes by itself.
-                _ = stopping.wait_for(|s| *s), if !goaway_sent => {
-                    h2.graceful_shutdown();
-                    goaway_sent = true;
-                    continue;
-                }
-            };
-            let Some(next) = next else { break };
-            match next {
-                Ok((req, respond)) => {
-                    tokio::spawn(stream(
-                        node.clone(),
-                        scope.clone(),
-                        workload.clone(),
-                        client.clone(),
-                        peer,
-                        req,
-                        respond,
-                    ));
-                }
-                Err(e) => return Err(format!("HTTP/2 error: {e}")),
-            }
-        }
-        Ok(())
-    };
-    // A CRL reload that revokes the client's chain ends the whole connection (every stream).
-    // The chain is re-checked at its handshake time: expiring since then does not cut it.
-    let revoked = async {
-        while trust_changes.changed().await.is_ok() {
-            let trust = trust_changes.borrow_and_update().clone();
-            if let Some((leaf, rest)) = chain.split_first() {
-                if let Err(e) = trust.verify_chain(leaf, rest, verified_at, Usage::Client) {
-                    return e;
-                }
-            }
-        }
-        std::future::pending().await
-    };
-    tokio::select! {
-        r = accept => r,
-        e = ka => Err(format!("peer stopped answering PINGs: {e}")),
-        e = revoked => {
-            node.stats.revoked_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(format!("closing: client {client} is no longer trusted ({e})"))
-        }
+    let served = server::serve_connection(accepted, opts, |s| {
+        stream(
+            node.clone(),
+            scope.clone(),
+            workload.clone(),
+            client.clone(),
+            peer,
+            s,
+        )
+    })
+    .await;
+    if let Err(server::ConnectionError::Revoked { .. }) = &served {
+        node.stats
+            .revoked_closed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    Ok(served?)
 }
 
 async fn stream(
@@ -153,14 +138,19 @@ async fn stream(
     workload: Arc<Workload>,
     client: SpiffeId,
     peer: SocketAddr,
-    req: Request<h2::RecvStream>,
-    respond: SendResponse<Bytes>,
+    s: server::Stream,
 ) {
+    let server::Stream {
+        req,
+        mut respond,
+        guard,
+    } = s;
     let enabled = node.access_log_enabled();
     let dst = match parse_connect(&req) {
         Ok(d) => d,
         Err(e) => {
             server::refuse(respond, e.status());
+            crate::reject!(node.rejections, "hbone", e.code(), src = %peer, identity = %client, reason = %e, "bad CONNECT (400)");
             let mut log = ConnLog::new(
                 Direction::Inbound,
                 peer,
@@ -195,6 +185,7 @@ async fn stream(
         }
         Some(w) if w.uid != workload.uid => {
             server::refuse(respond, StatusCode::BAD_REQUEST);
+            crate::reject!(node.rejections, "hbone", "authority_not_owned", src = %peer, identity = %client, %dst, "CONNECT authority belongs to another workload than this listener's (400)");
             log.emit(
                 enabled,
                 Some(&format_args!(
@@ -205,6 +196,19 @@ async fn stream(
             return;
         }
         Some(_) => {}
+    }
+    // One of the node's own listeners: dialing it would make the node connect to itself, and
+    // a CONNECT could then loop through 15006/15008 without end (reliability #38).
+    if node.is_own_listener(dst) {
+        server::refuse(respond, StatusCode::BAD_REQUEST);
+        crate::reject!(node.rejections, "hbone", "self_target", src = %peer, identity = %client, %dst, "CONNECT to one of the node's own listener ports refused (400)");
+        log.emit(
+            enabled,
+            Some(&format_args!(
+                "{dst} is one of this node's own listeners; never dialed (400)"
+            )),
+        );
+        return;
     }
     // Policy is judged at the destination with the real target port (model.md).
     let who = || inbound_connection(Some(&client), peer, dst, &workload);
@@ -221,18 +225,30 @@ async fn stream(
     // Not kept across the relay's awaits: an idle connection carries as little as possible.
     drop(decision);
     // The app sees the calling workload's address; bytes the client sent before our 200 wait in
-    // h2's window and reach nobody until the dial succeeded (reliability #11).
-    let mut app = match dial_app(&node, &scope, dst, peer).await {
-        Ok(a) => a,
-        Err(e) => {
+    // h2's window and reach nobody until the dial succeeded (reliability #11). The dial runs
+    // under the connection's cap and is dropped if the client resets first (reliability #7).
+    let dialed = guard
+        .dial(&mut respond, dial_app(&node, &scope, dst, peer))
+        .await;
+    let mut app = match dialed {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
             log.emit(enabled, Some(&format_args!("{e} (503)")));
+            return;
+        }
+        Err(server::Abandoned) => {
+            log.emit(
+                enabled,
+                Some(&"client reset the stream before the app was reached; dial abandoned"),
+            );
             return;
         }
     };
     let send = match server::respond_ok(respond) {
         Ok(s) => s,
         Err(e) => {
+            guard.tunnel_ended(0, true);
             log.emit(
                 enabled,
                 Some(&format_args!("client went away before the 200: {e}")),
@@ -245,9 +261,10 @@ async fn stream(
         let relay = std::pin::pin!(tcp_to_h2(&mut app, send, req.into_body()));
         enforce(&node, who, changes, relay).await
     };
-    if outcome.is_err() {
+    match &outcome {
+        Ok(t) => guard.tunnel_ended(t.sent + t.received, t.reset),
         // Dropping the relay reset the client's stream; reset the app's side too.
-        reset_on_drop(&app);
+        Err(_) => reset_on_drop(&app),
     }
     settle(log, enabled, outcome, Some(&client));
 }

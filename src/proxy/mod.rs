@@ -101,6 +101,8 @@ pub struct Node {
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     pub stats: Stats,
+    /// What the listeners refused, by reason, and the limiter for their warnings.
+    pub rejections: crate::rejections::Rejections,
     pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// Notified by the admin server's `/quitquitquit`: the binary then drains and exits.
     pub quit: tokio::sync::Notify,
@@ -195,6 +197,7 @@ impl Node {
             certs,
             pool,
             stats: Stats::default(),
+            rejections: Default::default(),
             metrics: Arc::default(),
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
@@ -259,6 +262,18 @@ impl Node {
                     ("{result=\"applied\"}".into(), count(&s.reloads_applied)),
                     ("{result=\"rejected\"}".into(), count(&s.reloads_rejected)),
                 ],
+            ),
+            (
+                "zmesh_rejected_total",
+                "counter",
+                "Connections and streams refused by a listener, by reason (handshakes, bad CONNECTs, self-targets, rapid resets)",
+                self.rejections.series(),
+            ),
+            (
+                "zmesh_log_lines_suppressed_total",
+                "counter",
+                "Rejection warnings not logged because of the rate limit (they are still counted)",
+                vec![(String::new(), self.rejections.log.suppressed_total() as f64)],
             ),
             (
                 "zmesh_certificate_expiry_seconds",
@@ -421,6 +436,12 @@ impl Node {
             }
         }
         pending
+    }
+
+    /// Whether `dst`, an address of a local workload, names one of the node's own listeners.
+    /// Dialing it would make the node connect to itself (docs/reliability.md #38).
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.cfg.node.ports.all().contains(&dst.port())
     }
 
     pub fn access_log_enabled(&self) -> bool {

@@ -32,12 +32,13 @@ pub(super) async fn serve(
                 Ok(dst) if Some(dst) == own || dst.port() == node.cfg.node.ports.outbound && node.model().local_workload(dst.ip()).is_some() => {
                     let log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
                     reset_on_drop(&tcp);
+                    crate::reject!(node.rejections, "outbound", "self_target", src = %peer, %dst, "connection to the outbound port itself was not captured traffic; refused");
                     log.emit(node.access_log_enabled(), Some(&"connection to the outbound port itself was not captured traffic; refused"));
                 }
                 Ok(dst) => proxy_in(node, scope, tcp, peer, dst).await,
                 Err(e) => {
                     reset_on_drop(&tcp);
-                    tracing::warn!(src = %peer, error = %e, "outbound connection has no original destination (not REDIRECTed?); refused");
+                    crate::reject!(node.rejections, "outbound", "no_original_destination", src = %peer, error = %e, "outbound connection has no original destination (not REDIRECTed?); refused");
                 }
             }
         }

@@ -37,7 +37,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         Ok(d) => d,
         Err(e) => {
             reset_on_drop(&tcp);
-            tracing::warn!(src = %peer, error = %e, "plaintext inbound connection has no original destination; refused");
+            crate::reject!(node.rejections, "plaintext", "no_original_destination", src = %peer, error = %e, "plaintext inbound connection has no original destination; refused");
             return;
         }
     };
@@ -65,6 +65,19 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         );
         return;
     };
+    // A client dialing a workload's address at one of the node's own ports (15006 itself, say)
+    // would make the node dial itself, again and again (docs/reliability.md #38).
+    if node.is_own_listener(dst) {
+        reset_on_drop(&tcp);
+        crate::reject!(node.rejections, "plaintext", "self_target", src = %peer, %dst, "plaintext connection to one of the node's own listener ports refused (reset)");
+        log.emit(
+            enabled,
+            Some(&format_args!(
+                "{dst} is one of this node's own listeners; never dialed (reset)"
+            )),
+        );
+        return;
+    }
     log.dst_identity = Some(w.identity.to_string());
     log.dst_workload = Some(w.name.clone());
     log.dst_wl = Some(w.clone());

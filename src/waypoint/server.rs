@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::hbone::client::{Pool, PoolKey};
 use crate::hbone::connect::{build_connect, parse_connect, ConnectHeaders};
 use crate::hbone::io::H2Io;
-use crate::hbone::{keepalive, server};
+use crate::hbone::server;
 use crate::identity::{CertManager, SpiffeId};
 use crate::model::{Model, Route, Service, Workload};
 use crate::policy::PolicySet;
@@ -140,6 +140,12 @@ pub struct Waypoint {
     resilience: Resilience,
     pub metrics: Metrics,
     access_log: super::accesslog::AccessLog,
+    /// What the HBONE listener refused, by reason, and the limiter for its warnings.
+    pub rejections: crate::rejections::Rejections,
+    /// Flips to true on drain: the listener stops accepting and connections get GOAWAY.
+    stopping: watch::Sender<bool>,
+    /// HBONE connections in flight: what a drain waits for.
+    active: Arc<AtomicUsize>,
 }
 
 impl Waypoint {
@@ -171,7 +177,39 @@ impl Waypoint {
             resilience: Resilience::default(),
             access_log: Default::default(),
             metrics: Metrics::default(),
+            rejections: Default::default(),
+            stopping: watch::Sender::new(false),
+            active: Arc::new(AtomicUsize::new(0)),
         }))
+    }
+
+    /// Drains: stops accepting, sends GOAWAY on every HBONE connection so clients move new
+    /// streams elsewhere, and waits until the connections in flight end or `deadline` passes.
+    /// Returns how many were still open at the deadline (they end with the process).
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.stopping.send_replace(true);
+        let start = tokio::time::Instant::now();
+        while self.active.load(Ordering::Relaxed) > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text of the waypoint: Istio's request families plus what its HBONE
+    /// listener refused.
+    pub fn metrics_text(&self) -> String {
+        let mut out = self.metrics.encode();
+        if let Some(stripped) = out.strip_suffix("# EOF\n") {
+            out.truncate(stripped.len());
+        }
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP zmesh_rejected_total HBONE connections and streams refused by the waypoint, by reason.");
+        let _ = writeln!(out, "# TYPE zmesh_rejected_total counter");
+        for (labels, v) in self.rejections.series() {
+            let _ = writeln!(out, "zmesh_rejected_total{labels} {v}");
+        }
+        out.push_str("# EOF\n");
+        out
     }
 
     pub fn state(&self) -> Arc<WpState> {
@@ -213,16 +251,25 @@ impl Waypoint {
     }
 }
 
-/// Accepts HBONE connections until the listener fails.
+/// Accepts HBONE connections until the waypoint drains. Accept errors (file-descriptor
+/// exhaustion) are logged and retried after a pause (reliability #29).
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+    let mut stopping = wp.stopping.subscribe();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 crate::socket::tune(&tcp);
                 let wp = wp.clone();
+                let active = ActiveConn::new(&wp.active);
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(wp, tcp, peer).await {
-                        tracing::warn!(src = %peer, reason, "waypoint HBONE connection ended");
+                    let _active = active;
+                    let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    if let Err(e) = connection(wp.clone(), tcp, peer).await {
+                        crate::reject!(wp.rejections, "hbone", e.code(), src = %peer, dst, reason = %e, "waypoint HBONE connection ended");
                     }
                 });
             }
@@ -234,29 +281,62 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
     }
 }
 
-async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
-    let me = wp.me(&wp.state());
-    let cfg = wp.server_config(&me)?;
-    let server::Accepted { client, mut h2, .. } =
-        server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
-    let pinger = h2.ping_pong();
-    let ka = async {
-        match pinger {
-            Some(p) => keepalive(p).await,
-            None => std::future::pending().await,
-        }
-    };
-    let accept = async {
-        while let Some(next) = h2.accept().await {
-            let (req, respond) = next.map_err(|e| format!("HTTP/2 error: {e}"))?;
-            tokio::spawn(stream(wp.clone(), client.clone(), peer, req, respond));
-        }
-        Ok(())
-    };
-    tokio::select! {
-        r = accept => r,
-        e = ka => Err(format!("peer stopped answering PINGs: {e}")),
+/// Counts a connection in `Waypoint::active` for as long as it lives (what a drain waits for).
+struct ActiveConn(Arc<AtomicUsize>);
+
+impl ActiveConn {
+    fn new(active: &Arc<AtomicUsize>) -> ActiveConn {
+        active.fetch_add(1, Ordering::Relaxed);
+        ActiveConn(active.clone())
     }
+}
+
+impl Drop for ActiveConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a waypoint HBONE connection ended before or instead of serving its streams.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("no server certificate: {0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
+    #[error(transparent)]
+    Connection(#[from] server::ConnectionError),
+}
+
+impl ConnError {
+    fn code(&self) -> &'static str {
+        match self {
+            ConnError::Certificate(_) => "no_server_certificate",
+            ConnError::Handshake(e) => e.code(),
+            ConnError::Connection(e) => e.code(),
+        }
+    }
+}
+
+/// The node's HBONE server (`hbone::server`), with the waypoint's certificate and handler: the
+/// same handshake deadline, drain, keepalive, CRL re-checks and rapid-reset guard.
+async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
+    let me = wp.me(&wp.state());
+    let cfg = wp.server_config(&me).map_err(ConnError::Certificate)?;
+    let mut trust = wp.certs.subscribe_trust();
+    trust.borrow_and_update();
+    let accepted = server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
+    let opts = server::ServeOptions {
+        stopping: wp.stopping.subscribe(),
+        trust,
+        verified_at: crate::identity::unix_time(wp.certs.now()),
+    };
+    let client = accepted.client.clone();
+    server::serve_connection(accepted, opts, |s| {
+        stream(wp.clone(), client.clone(), peer, s)
+    })
+    .await?;
+    Ok(())
 }
 
 /// Who sent a CONNECT and where to.
@@ -268,22 +348,27 @@ struct Downstream {
     dst: SocketAddr,
 }
 
-async fn stream(
-    wp: Arc<Waypoint>,
-    client: SpiffeId,
-    peer: SocketAddr,
-    req: Request<h2::RecvStream>,
-    respond: h2::server::SendResponse<Bytes>,
-) {
+async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server::Stream) {
+    let server::Stream {
+        req,
+        respond,
+        guard: _guard,
+    } = s;
     let dst = match parse_connect(&req) {
         Ok(d) => d,
         Err(e) => {
-            tracing::info!(src = %peer, error = %e, "bad CONNECT");
+            crate::reject!(wp.rejections, "hbone", e.code(), src = %peer, identity = %client, reason = %e, "bad CONNECT (400)");
             return server::refuse(respond, e.status());
         }
     };
     let state = wp.state();
     let me = wp.me(&state);
+    // The waypoint's own address: relaying to it would send the stream back into this
+    // listener, again and again (docs/reliability.md #38).
+    if me.addresses.contains(&dst.ip()) {
+        crate::reject!(wp.rejections, "hbone", "self_target", src = %peer, identity = %client, %dst, "CONNECT to the waypoint's own address refused (400)");
+        return server::refuse(respond, StatusCode::BAD_REQUEST);
+    }
     if state.model.service_by_vip(dst.ip()).is_none()
         && state.model.workload_by_ip(dst.ip()).is_none()
     {
@@ -1392,7 +1477,7 @@ pub async fn serve_admin(wp: Arc<Waypoint>, listener: TcpListener) {
                     let resp = match req.uri().path() {
                         "/healthz/ready" => local(StatusCode::OK, "ready\n"),
                         "/metrics" => {
-                            let mut r = local(StatusCode::OK, &wp.metrics.encode());
+                            let mut r = local(StatusCode::OK, &wp.metrics_text());
                             r.headers_mut().insert(
                                 "content-type",
                                 HeaderValue::from_static("text/plain; version=0.0.4"),

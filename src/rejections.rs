@@ -1,0 +1,178 @@
+//! What the listeners refused, counted by reason, and the warnings about it rate-limited
+//! (docs/reliability.md #41).
+//!
+//! A flood of bad handshakes or malformed streams is an attack, or a broken peer, and must not
+//! fill the disk with log lines: the first few rejections in each window are logged, the rest
+//! only counted, and the next logged line says how many were left out. The counters are exported
+//! on :15020 as `zmesh_rejected_total{listener,reason}`, so the flood stays visible.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Warnings logged per window before the rest are only counted. Enough to see what kind of
+/// trouble it is; a flood past it shows in the counters instead.
+pub const LOG_BURST: u32 = 10;
+/// The window over which `LOG_BURST` applies: at worst one line a second on average.
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Lets `burst` events through per `window` and counts the others.
+#[derive(Debug)]
+pub struct LogLimiter {
+    burst: u32,
+    window: Duration,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Option<Instant>,
+    used: u32,
+    /// Suppressed since the last line that was let through.
+    suppressed: u64,
+    suppressed_total: u64,
+}
+
+impl LogLimiter {
+    pub fn new(burst: u32, window: Duration) -> LogLimiter {
+        LogLimiter {
+            burst,
+            window,
+            state: Mutex::new(Window {
+                start: None,
+                used: 0,
+                suppressed: 0,
+                suppressed_total: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
+    /// last one that was; `None` when it must only be counted.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut w = self.state.lock().expect("log limiter poisoned");
+        let expired = match w.start {
+            Some(s) => now.duration_since(s) >= self.window,
+            None => true,
+        };
+        if expired {
+            w.start = Some(now);
+            w.used = 0;
+        }
+        if w.used < self.burst {
+            w.used += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            w.suppressed_total += 1;
+            None
+        }
+    }
+
+    /// Every event ever suppressed.
+    pub fn suppressed_total(&self) -> u64 {
+        self.state
+            .lock()
+            .expect("log limiter poisoned")
+            .suppressed_total
+    }
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter::new(LOG_BURST, LOG_WINDOW)
+    }
+}
+
+/// Rejection counters keyed by (listener, reason), plus the limiter for their warnings.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    pub log: LogLimiter,
+}
+
+impl Rejections {
+    /// Counts one rejection; returns whether it may be logged (and how many were suppressed
+    /// before it), as `LogLimiter::allow`.
+    pub fn record(&self, listener: &'static str, reason: &'static str) -> Option<u64> {
+        *self
+            .counts
+            .lock()
+            .expect("rejection counters poisoned")
+            .entry((listener, reason))
+            .or_default() += 1;
+        self.log.allow()
+    }
+
+    pub fn count(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.counts
+            .lock()
+            .expect("rejection counters poisoned")
+            .get(&(listener, reason))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Prometheus series: `{listener="..",reason=".."}` and the count.
+    pub fn series(&self) -> Vec<(String, f64)> {
+        self.counts
+            .lock()
+            .expect("rejection counters poisoned")
+            .iter()
+            .map(|((l, r), n)| (format!("{{listener=\"{l}\",reason=\"{r}\"}}"), *n as f64))
+            .collect()
+    }
+}
+
+/// Logs a rejection at WARN unless the limiter holds it back; the line carries how many were
+/// suppressed before it. Use through `reject!`.
+#[macro_export]
+macro_rules! reject {
+    ($rejections:expr, $listener:expr, $reason:expr, $($field:tt)+) => {{
+        if let Some(suppressed) = $rejections.record($listener, $reason) {
+            tracing::warn!(listener = $listener, reason_code = $reason, suppressed, $($field)+);
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_is_logged_a_burst_per_window_and_counted_in_full() {
+        let r = Rejections::default();
+        let logged = (0..10_000)
+            .filter(|_| r.record("hbone", "tls_handshake").is_some())
+            .count();
+        assert_eq!(logged, LOG_BURST as usize);
+        assert_eq!(r.count("hbone", "tls_handshake"), 10_000);
+        assert_eq!(r.log.suppressed_total(), 10_000 - u64::from(LOG_BURST));
+        // Within the window nothing more gets through.
+        tokio::time::advance(LOG_WINDOW - Duration::from_millis(1)).await;
+        assert_eq!(r.record("hbone", "tls_handshake"), None);
+        // The next window lets a line through, carrying what was left out.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            r.record("hbone", "bad_connect"),
+            Some(10_000 - u64::from(LOG_BURST) + 1)
+        );
+        assert_eq!(r.record("hbone", "bad_connect"), Some(0));
+        assert_eq!(
+            r.series(),
+            vec![
+                (
+                    "{listener=\"hbone\",reason=\"bad_connect\"}".to_string(),
+                    2.0
+                ),
+                (
+                    "{listener=\"hbone\",reason=\"tls_handshake\"}".to_string(),
+                    10_001.0
+                ),
+            ]
+        );
+    }
+}
