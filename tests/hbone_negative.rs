@@ -248,7 +248,6 @@ async fn malformed_header_blocks_get_h2s_answer_and_nothing_is_dialed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_floods_cost_a_bounded_number_of_dials() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use zmesh::hbone::server::{EARLY_RESET_BUDGET, EARLY_RESET_REFILL, MAX_INFLIGHT_DIALS};
     let net = 28;
     let (mesh, app) = node_b(net).await;
     let node = mesh.nodes[0].node.clone();
@@ -267,34 +266,14 @@ async fn rapid_reset_floods_cost_a_bounded_number_of_dials() {
     for run in 0..10 {
         let before = dials.load(Ordering::SeqCst);
         let start = std::time::Instant::now();
-        let mut send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
+        let send = hbone(&mesh.ca_dir, &id("client"), &id("server"), hb)
             .await
             .unwrap();
-        let mut sent = 0;
-        let mut ended = None;
-        for _ in 0..10_000 {
-            let ready = match send.clone().ready().await {
-                Ok(r) => r,
-                Err(e) => {
-                    ended = Some(e);
-                    break;
-                }
-            };
-            send = ready;
-            match send.send_request(connect_req(&target), false) {
-                Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
-                Err(e) => {
-                    ended = Some(e);
-                    break;
-                }
-            }
-            sent += 1;
-        }
+        let (sent, ended) = reset_flood(send, &target, 10_000).await;
         // Dials already started land within a moment; then the count is final.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let caused = dials.load(Ordering::SeqCst) - before;
-        let refill = (start.elapsed().as_secs_f64() / EARLY_RESET_REFILL.as_secs_f64()).ceil();
-        let bound = MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill as usize;
+        let bound = reset_dial_bound(start.elapsed());
         assert!(
             caused <= bound,
             "run {run}: {sent} resets caused {caused} dials (bound {bound})"
@@ -334,8 +313,7 @@ async fn rapid_reset_floods_cost_a_bounded_number_of_dials() {
         stream.send_reset(h2::Reason::CANCEL);
     }
     let caused = dials.load(Ordering::SeqCst) - before;
-    let refill = (start.elapsed().as_secs_f64() / EARLY_RESET_REFILL.as_secs_f64()).ceil();
-    let bound = MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill as usize;
+    let bound = reset_dial_bound(start.elapsed());
     assert!(caused <= bound, "{caused} dials (bound {bound})");
     let e = ended.expect("1,000 streams reset after their 200 and the connection lived on");
     // The GOAWAY may be read, or the close may win the race to the client.

@@ -267,11 +267,21 @@ pub async fn hbone(
     server: &SpiffeId,
     addr: SocketAddr,
 ) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    hbone_over(tcp, ca_dir, client, server).await
+}
+
+/// `hbone` over a TCP connection made by the caller (in another namespace, say).
+pub async fn hbone_over(
+    tcp: TcpStream,
+    ca_dir: &std::path::Path,
+    client: &SpiffeId,
+    server: &SpiffeId,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
     let (cert, mgr) = cert_from(ca_dir, client);
     // The client trusts the real mesh CA even when it presents a foreign certificate.
     let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![server.clone()])
         .map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(zmesh::tls::placeholder_server_name(), tcp)
         .await
@@ -281,6 +291,34 @@ pub async fn hbone(
         .map_err(|e| format!("h2: {e}"))?;
     tokio::spawn(conn);
     send.ready().await.map_err(|e| format!("h2 ready: {e}"))
+}
+
+/// A rapid-reset flood (reliability #7): up to `n` CONNECTs to `target`, each reset at once.
+/// Returns how many were sent and the error that ended the connection, if one did.
+pub async fn reset_flood(
+    mut send: h2::client::SendRequest<bytes::Bytes>,
+    target: &str,
+    n: usize,
+) -> (usize, Option<h2::Error>) {
+    for sent in 0..n {
+        send = match send.clone().ready().await {
+            Ok(r) => r,
+            Err(e) => return (sent, Some(e)),
+        };
+        match send.send_request(connect_req(target), false) {
+            Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(e) => return (sent, Some(e)),
+        }
+    }
+    (n, None)
+}
+
+/// The most dials one connection may cause while resetting streams for `elapsed`: the
+/// in-flight cap, the reset budget and what the budget refilled meanwhile.
+pub fn reset_dial_bound(elapsed: std::time::Duration) -> usize {
+    use zmesh::hbone::server::{EARLY_RESET_BUDGET, EARLY_RESET_REFILL, MAX_INFLIGHT_DIALS};
+    let refill = (elapsed.as_secs_f64() / EARLY_RESET_REFILL.as_secs_f64()).ceil() as usize;
+    MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill
 }
 
 pub async fn status(
