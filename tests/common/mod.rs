@@ -279,8 +279,19 @@ pub async fn hbone_over(
     server: &SpiffeId,
 ) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
     let (cert, mgr) = cert_from(ca_dir, client);
-    // The client trusts the real mesh CA even when it presents a foreign certificate.
-    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![server.clone()])
+    hbone_with(tcp, &cert, &mgr, server).await
+}
+
+/// `hbone_over` presenting a certificate the caller holds (to revoke it later, say); `mgr`
+/// supplies the trust. The client trusts the real mesh CA even when it presents a foreign
+/// certificate.
+pub async fn hbone_with(
+    tcp: TcpStream,
+    cert: &WorkloadCert,
+    mgr: &CertManager,
+    server: &SpiffeId,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let cfg = zmesh::tls::client_config(cert, &mgr.trust(), vec![server.clone()])
         .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(zmesh::tls::placeholder_server_name(), tcp)
