@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect_req, hbone_over, reset_dial_bound, reset_flood, status};
+use common::{connect_req, hbone_over, reset_after_200, reset_dial_bound, reset_flood, status};
 use zmesh::identity::SpiffeId;
 use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, B_IP};
 use zmesh_testbed::{is_root, Netns};
@@ -140,7 +140,7 @@ async fn self_dial_attacks_leave_the_node_flat_and_serving() {
 }
 
 /// Reliability #7 against the real binary: ten HEADERS+RST_STREAM floods of 10,000 streams, each
-/// on its own connection. Node B's dials to the app stay under zmesh's bound every time, and the
+/// on its own connection, then the slow form (reset after each 200). Node B's dials to the app stay under zmesh's bound every time, and the
 /// node serves real traffic afterwards with its descriptors back to where they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_floods_against_the_real_node_are_bounded() {
@@ -185,6 +185,21 @@ async fn rapid_reset_floods_against_the_real_node_are_bounded() {
             "run {run}: 10,000 resets and the connection was never closed"
         );
     }
+    // The slow form: each stream reset right after its 200, so each cost a dial; zmesh's
+    // budget closes the connection with ENHANCE_YOUR_CALM.
+    let before = dials.load(Ordering::SeqCst);
+    let start = Instant::now();
+    let send = hbone_from(&mesh.a, &mesh).await.unwrap();
+    let (answered, ended) = reset_after_200(send, &target, 1_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let caused = dials.load(Ordering::SeqCst) - before;
+    let bound = reset_dial_bound(start.elapsed());
+    eprintln!("slow form: {answered} answered then reset, {caused} dials (bound {bound}), ended: {ended:?}");
+    assert!(caused <= bound, "slow form: {caused} dials > {bound}");
+    assert!(
+        ended.is_some(),
+        "1,000 streams reset after their 200 and the connection lived on"
+    );
     stop.store(true, Ordering::SeqCst);
     counting.join().unwrap();
     // The clone shares the listener's file status: make it blocking again for the round trip.

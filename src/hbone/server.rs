@@ -5,7 +5,7 @@
 //! caller's: `proxy::inbound` for the node, `waypoint::server` for the waypoint.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -167,6 +167,11 @@ impl ConnectionError {
     /// The metric label for this reason.
     pub fn code(&self) -> &'static str {
         match self {
+            // h2's own limits (pending-accept resets, local error resets) answer a reset flood
+            // with ENHANCE_YOUR_CALM before zmesh's budget is reached.
+            ConnectionError::H2(e) if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) => {
+                "rapid_reset"
+            }
             ConnectionError::H2(_) => "http2_error",
             ConnectionError::Keepalive(_) => "keepalive_timeout",
             ConnectionError::Revoked { .. } => "revoked",
@@ -188,6 +193,8 @@ struct ConnGuard {
     dials: Semaphore,
     budget: Mutex<Bucket>,
     early_resets: AtomicU32,
+    /// Set once the budget ran out; the connection is then closing for ENHANCE_YOUR_CALM.
+    tripped: AtomicBool,
     calm: Notify,
 }
 
@@ -213,6 +220,7 @@ impl StreamGuard {
                 refilled: Instant::now(),
             }),
             early_resets: AtomicU32::new(0),
+            tripped: AtomicBool::new(false),
             calm: Notify::new(),
         }))
     }
@@ -254,6 +262,10 @@ impl StreamGuard {
         }
     }
 
+    fn tripped(&self) -> bool {
+        self.0.tripped.load(Ordering::Relaxed)
+    }
+
     fn early_reset(&self) {
         let g = &self.0;
         g.early_resets.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +278,7 @@ impl StreamGuard {
             b.refilled = now;
         }
         if b.tokens == 0 {
+            g.tripped.store(true, Ordering::Relaxed);
             g.calm.notify_one();
         } else {
             b.tokens -= 1;
@@ -335,14 +348,14 @@ where
                         guard: guard.clone(),
                     }));
                 }
-                Some(Err(e)) if calmed => {
+                Some(Err(e)) if calmed || guard.tripped() => {
                     tracing::debug!(error = %e, "connection closed after ENHANCE_YOUR_CALM");
                     break;
                 }
                 Some(Err(e)) => return Err(ConnectionError::H2(e)),
             }
         }
-        if calmed {
+        if calmed || guard.tripped() {
             return Err(ConnectionError::RapidReset(
                 guard.0.early_resets.load(Ordering::Relaxed),
             ));

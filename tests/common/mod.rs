@@ -324,6 +324,28 @@ pub async fn reset_flood(
     (n, None)
 }
 
+/// The slow form of rapid reset, which h2's own pending-reset limit cannot see: each CONNECT is
+/// reset only after its 200, so every one cost a dial. Returns how many got their 200 and the
+/// error that ended the connection, if one did.
+pub async fn reset_after_200(
+    mut send: h2::client::SendRequest<bytes::Bytes>,
+    target: &str,
+    n: usize,
+) -> (usize, Option<h2::Error>) {
+    for answered in 0..n {
+        let (resp, mut stream) = match send.send_request(connect_req(target), false) {
+            Ok(r) => r,
+            Err(e) => return (answered, Some(e)),
+        };
+        match resp.await {
+            Ok(r) => assert_eq!(r.status(), http::StatusCode::OK),
+            Err(e) => return (answered, Some(e)),
+        }
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    (n, None)
+}
+
 /// The most dials one connection may cause while resetting streams for `elapsed`: the
 /// in-flight cap, the reset budget and what the budget refilled meanwhile.
 pub fn reset_dial_bound(elapsed: std::time::Duration) -> usize {
