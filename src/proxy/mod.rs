@@ -912,6 +912,7 @@ async fn accept_loop<F, Fut>(
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let accept_warnings = crate::rejections::LogLimiter::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -933,7 +934,10 @@ async fn accept_loop<F, Fut>(
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(listener = role, error = %e, "accept failed; retrying");
+                    // Out of descriptors this fires every pause: log a burst, then count.
+                    if let Some(suppressed) = accept_warnings.allow() {
+                        tracing::warn!(listener = role, error = %e, suppressed, "accept failed; retrying");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
