@@ -18,6 +18,13 @@ if ! command -v systemd-analyze >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
+# dash (Debian's /bin/sh, as in the debian-slim images) runs the ECS example's health check in
+# tests/manifests.rs exactly as ECS's CMD-SHELL would.
+if ! command -v dash >/dev/null; then
+  echo "setup: installing dash"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dash >/dev/null
+fi
 # Manifest rendering and validation (daemonset/): kubectl for `kustomize`, and the schema
 # validator from PyPI.
 if ! command -v kubectl >/dev/null; then

@@ -2,8 +2,11 @@
 //! identity, and `zmesh-node leave` undoes it.
 //!
 //! `join` writes the node config and certificates under a config directory, and a hardened
-//! systemd unit whose ExecStartPre installs the capture rules and whose ExecStopPost removes
-//! them. Everything it writes is listed in a manifest file, so `leave` removes exactly that.
+//! systemd unit whose ExecStartPre installs the capture rules. The unit never removes them: they
+//! stay through stops, crashes and restarts, so while the tunnel is down captured traffic is
+//! refused rather than sent in plaintext (fail closed). Only `leave` (or `zmesh-redirect host
+//! uninstall`) removes them. Everything `join` writes is listed in a manifest file, so `leave`
+//! removes exactly that.
 //! Rendering is pure (tested against golden expectations); file and systemctl work is thin.
 
 use std::net::IpAddr;
@@ -87,7 +90,7 @@ pub fn render_config(spec: &JoinSpec) -> String {
 }
 
 /// The hardened systemd unit: only NET_ADMIN and NET_RAW, a read-only system, the capture
-/// rules installed before start and removed after stop.
+/// rules installed before every start (idempotent) and never removed by the unit.
 pub fn render_unit(spec: &JoinSpec) -> String {
     let ports = if spec.inbound_ports.is_empty() {
         String::new()
@@ -108,11 +111,17 @@ Type=simple
 ExecStartPre={redirect} host install{ports}
 ExecStart={node} run --config {dir}/node.yaml
 ExecReload=/bin/kill -HUP $MAINPID
-ExecStopPost={redirect} host uninstall
+# Fail closed: nothing here removes the capture rules, so they stay installed while the tunnel
+# is stopped, crashed or restarting. Captured connections then reach a closed port (15001
+# outbound, 15006 inbound) and are refused: applications see connection errors, never
+# plaintext on the wire. Only `zmesh-node leave` (or `zmesh-redirect host uninstall`) removes
+# the rules. SSH (port 22) is never captured, so the host stays reachable meanwhile.
 # SIGTERM drains (node.drain_timeout, 25 s); systemd waits a little longer before SIGKILL.
 KillSignal=SIGTERM
 TimeoutStopSec=35
-Restart=on-failure
+# Any exit, a clean one included (POST /quitquitquit), is followed by a restart: with the rules
+# in place, a tunnel that stays down cuts the host off. `systemctl stop` is never restarted.
+Restart=always
 RestartSec=2
 LimitNOFILE=1048576
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
@@ -268,11 +277,20 @@ mod tests {
     }
 
     #[test]
-    fn the_unit_is_hardened_and_wraps_the_capture_rules() {
+    fn the_unit_is_hardened_and_installs_the_capture_rules_without_removing_them() {
         let unit = render_unit(&spec(JoinCerts::FileCa("/ca".into())));
+        // Fail closed: no stop-time command (ExecStop, ExecStopPost) touches the rules.
+        let stop: Vec<&str> = unit.lines().filter(|l| l.starts_with("ExecStop")).collect();
+        assert!(stop.is_empty(), "the unit runs {stop:?} on stop:\n{unit}");
+        assert!(
+            !unit
+                .lines()
+                .any(|l| l.starts_with("Exec") && l.contains("uninstall")),
+            "{unit}"
+        );
         for line in [
             "ExecStartPre=/usr/local/bin/zmesh-redirect host install --inbound-ports 5432",
-            "ExecStopPost=/usr/local/bin/zmesh-redirect host uninstall",
+            "Restart=always",
             "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
             "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
             "ProtectSystem=strict",

@@ -1,6 +1,7 @@
 //! The Kubernetes manifests in daemonset/, rendered with `kubectl kustomize` for every overlay:
 //! the security-relevant fields are what they must be (schema validity is checked by
-//! scripts/validate-manifests.sh in CI).
+//! scripts/validate-manifests.sh in CI). The ECS example (host/) is checked the same way, and its
+//! health check is run under dash as ECS would run it.
 
 use serde_yaml::Value;
 
@@ -194,4 +195,105 @@ fn the_ecs_example_runs_the_tunnel_as_a_sidecar_with_two_capabilities() {
         ["zmesh-capture", "zmesh-node"],
         "the app starts after capture and a ready tunnel"
     );
+}
+
+/// The ECS example's health check, run exactly as ECS runs `CMD-SHELL` in the debian-slim image
+/// (`/bin/sh -c`, and Debian's /bin/sh is dash), in scratch namespaces whose 127.0.0.1:15021 is
+/// in turn: a ready zmesh-node (exit 0), a not-ready one (an in-pod node with no ZDS snapshot
+/// yet answers 500), a port nobody listens on, and a listener that never answers. Only the first
+/// passes, and none takes longer than ECS's 3 s health-check timeout.
+#[test]
+fn the_ecs_health_check_passes_under_dash_only_when_the_tunnel_is_ready() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    use zmesh_testbed::{require_root, Netns};
+
+    require_root();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/host/ecs-task-definition.json");
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let node_def = task["containerDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "zmesh-node")
+        .unwrap();
+    let command = node_def["healthCheck"]["command"].as_array().unwrap();
+    assert_eq!(command.len(), 2, "{command:?}");
+    assert_eq!(command[0], "CMD-SHELL");
+    let script = command[1].as_str().unwrap().to_string();
+    let ecs_timeout = Duration::from_secs(node_def["healthCheck"]["timeout"].as_u64().unwrap());
+    let check = |ns: &Netns| {
+        let start = Instant::now();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "dash", "-c", &script])
+            .output()
+            .expect("dash is installed (scripts/setup.sh)");
+        let took = start.elapsed();
+        assert!(took < ecs_timeout, "the check took {took:?}");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let get_ready = |ns: &Netns| {
+        let mut s = ns.connect_tcp("127.0.0.1:15021").unwrap();
+        s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
+    let node_bin = env!("CARGO_BIN_EXE_zmesh-node");
+    let start_node = |ns: &Netns, name: &str, node_settings: &str| {
+        let cfg = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "node:\n  name: {name}\n{node_settings}  certificates:\n    file_ca: {{ dir: {} }}\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        let child = ns
+            .spawn(node_bin, &["run", "--config", cfg.to_str().unwrap()], &[])
+            .unwrap();
+        ns.wait_for_tcp("127.0.0.1:15021", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", child.read_log()));
+        child
+    };
+
+    let ready = Netns::new("zecs").unwrap();
+    let ready_node = start_node(&ready, "ecs-ready", "");
+    ready_node
+        .wait_for_log("zmesh node ready", Duration::from_secs(30))
+        .unwrap();
+    let answer = get_ready(&ready);
+    assert!(answer.contains(" 200 "), "{answer}");
+    let (code, err) = check(&ready);
+    assert_eq!(code, Some(0), "a ready tunnel passes: {err}");
+
+    let pending = Netns::new("zecs").unwrap();
+    let zds = dir.path().join("nobody-serves-this.sock");
+    let _pending_node = start_node(
+        &pending,
+        "ecs-pending",
+        &format!("  mode: in_pod\n  zds_socket: {}\n", zds.display()),
+    );
+    let answer = get_ready(&pending);
+    assert!(answer.contains(" 500 "), "{answer}");
+    let (code, err) = check(&pending);
+    assert_ne!(code, Some(0), "a tunnel that answers 500 fails: {err}");
+
+    let closed = Netns::new("zecs").unwrap();
+    let (code, err) = check(&closed);
+    assert_ne!(code, Some(0), "nothing on :15021 fails: {err}");
+
+    // Accepts (the kernel completes the handshake) but never answers.
+    let silent = Netns::new("zecs").unwrap();
+    let _held = silent.listen_tcp("127.0.0.1:15021").unwrap();
+    let (code, err) = check(&silent);
+    assert_ne!(code, Some(0), "a tunnel that never answers fails: {err}");
 }

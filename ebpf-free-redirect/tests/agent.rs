@@ -2,11 +2,11 @@
 //! crate's own `ZdsClient`) and a real pod netns. `pod add` must install the in-pod rules inside
 //! that netns and hand the very same netns to the tunnel, replying only after the tunnel's ack;
 //! a tunnel's rejection must reach the operator verbatim; `pod del` must reach the tunnel and
-//! remove the rules. Needs root (netns, iptables); without it the tests print why and pass.
+//! remove the rules. Needs root (netns, iptables); without it the tests that need it fail saying so.
 
 mod support;
 
-use support::{run_bin, running_as_root, text, Agent, FakeTunnel, Ns, Seen};
+use support::{require_root, run_bin, text, Agent, FakeTunnel, Ns, Seen};
 
 fn pod_add(agent: &Agent, ns: &Ns, uid: &str) -> std::process::Output {
     let admin = agent.admin.to_str().unwrap().to_owned();
@@ -50,10 +50,7 @@ fn has_outbound_redirect(rules: &str) -> bool {
 
 #[test]
 fn pod_add_captures_and_hands_off_then_del_undoes_it() {
-    if !running_as_root() {
-        eprintln!("skipping: needs root for network namespaces and iptables");
-        return;
-    }
+    require_root();
     let mut agent = Agent::start("add");
     let tunnel = FakeTunnel::connect(&agent.zds, None);
     assert_eq!(
@@ -119,10 +116,7 @@ fn pod_add_captures_and_hands_off_then_del_undoes_it() {
 
 #[test]
 fn tunnel_rejection_fails_pod_add_with_its_error() {
-    if !running_as_root() {
-        eprintln!("skipping: needs root for network namespaces and iptables");
-        return;
-    }
+    require_root();
     let agent = Agent::start("reject");
     let tunnel = FakeTunnel::connect(&agent.zds, Some("cannot bind 15001 in pod"));
     assert_eq!(tunnel.next(), Seen::SnapshotSent);
@@ -144,10 +138,7 @@ fn tunnel_rejection_fails_pod_add_with_its_error() {
 
 #[test]
 fn pod_without_tunnel_is_pending_then_replayed() {
-    if !running_as_root() {
-        eprintln!("skipping: needs root for network namespaces and iptables");
-        return;
-    }
+    require_root();
     let agent = Agent::start("pending");
     let ns = Ns::create("pend");
 

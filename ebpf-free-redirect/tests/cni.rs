@@ -6,7 +6,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{run_bin, running_as_root, text, Agent, FakeTunnel, Ns, Seen, TempDir};
+use support::{require_root, run_bin, text, Agent, FakeTunnel, Ns, Seen, TempDir};
 
 fn prev_result() -> Value {
     json!({
@@ -124,10 +124,7 @@ fn del_succeeds_when_the_agent_is_down() {
 
 #[test]
 fn add_check_del_against_the_agent() {
-    if !running_as_root() {
-        eprintln!("skipping: needs root for network namespaces and iptables");
-        return;
-    }
+    require_root();
     let agent = Agent::start("cni");
     let tunnel = FakeTunnel::connect(&agent.zds, None);
     assert_eq!(tunnel.next(), Seen::SnapshotSent);

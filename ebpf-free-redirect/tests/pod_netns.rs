@@ -4,7 +4,7 @@
 //! both namespaces check each rule of capture.md's block: outbound and inbound capture, the
 //! tunnel-mark, probe-source and own-IP exceptions, the inbound-capture bypass and source-IP
 //! preservation. Per backend, another test checks that install is idempotent and uninstall restores
-//! the namespace exactly. Like `host_netns.rs` these need root; without it they print why and pass.
+//! the namespace exactly. Like `host_netns.rs` these need root; without it they fail saying so.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -25,8 +25,14 @@ const GATEWAY: &str = "10.214.0.1";
 const POD_IP: &str = "10.214.0.2";
 const PROBE_SOURCE: &str = "169.254.7.127";
 
-fn running_as_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
+/// Fails the test unless it runs as root: a namespace test that skipped would pass having
+/// checked nothing (tests/README.md: tier (c) fails without root; CI runs as root).
+#[track_caller]
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "network-namespace tests need root (CAP_NET_ADMIN + CAP_SYS_ADMIN): run as root, as CI does"
+    );
 }
 
 /// A throwaway named netns, deleted on drop even when the test panics. The pid in the name keeps
@@ -232,19 +238,13 @@ fn traffic_follows_the_spec(backend: Backend) {
 
 #[test]
 fn iptables_pod_traffic_follows_the_spec() {
-    if !running_as_root() {
-        println!("skipping iptables_pod_traffic_follows_the_spec: needs root for namespaces");
-        return;
-    }
+    require_root();
     traffic_follows_the_spec(Backend::Iptables);
 }
 
 #[test]
 fn nftables_pod_traffic_follows_the_spec() {
-    if !running_as_root() {
-        println!("skipping nftables_pod_traffic_follows_the_spec: needs root for namespaces");
-        return;
-    }
+    require_root();
     traffic_follows_the_spec(Backend::Nftables);
 }
 
@@ -358,18 +358,12 @@ fn install_is_idempotent_and_uninstall_restores(backend: Backend) {
 
 #[test]
 fn iptables_pod_install_is_idempotent_and_uninstall_restores() {
-    if !running_as_root() {
-        println!("skipping iptables_pod_install_is_idempotent_and_uninstall_restores: needs root");
-        return;
-    }
+    require_root();
     install_is_idempotent_and_uninstall_restores(Backend::Iptables);
 }
 
 #[test]
 fn nftables_pod_install_is_idempotent_and_uninstall_restores() {
-    if !running_as_root() {
-        println!("skipping nftables_pod_install_is_idempotent_and_uninstall_restores: needs root");
-        return;
-    }
+    require_root();
     install_is_idempotent_and_uninstall_restores(Backend::Nftables);
 }

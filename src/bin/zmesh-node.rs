@@ -42,7 +42,8 @@ enum Cmd {
         cmd: CaCmd,
     },
     /// Make this host a mesh node: write its config and certificates and a hardened systemd
-    /// unit that installs the capture rules before starting (and removes them after stopping).
+    /// unit that installs the capture rules before starting and keeps them through stops and
+    /// crashes (fail closed: only `leave` removes them).
     Join(JoinArgs),
     /// Undo `join`: stop and disable the unit, remove the capture rules and every file written.
     Leave(HostArgs),
@@ -165,15 +166,15 @@ fn leave(a: HostArgs) -> anyhow::Result<()> {
         ..
     } = a;
     if !no_systemctl {
-        // Stopping runs ExecStopPost, which removes the capture rules.
+        // The unit keeps the capture rules through a stop (fail closed); they go below.
         zmesh::host::run(std::process::Command::new("systemctl").args([
             "disable",
             "--now",
             zmesh::host::UNIT_NAME,
         ]))?;
     }
-    // Remove the rules in any case (idempotent): a crashed or never-started unit leaves none
-    // behind either.
+    // Leaving is the one place the rules are removed (idempotent, so a unit that never
+    // started is fine too).
     let redirect = redirect_bin.unwrap_or_else(|| beside_me("zmesh-redirect"));
     zmesh::host::run(std::process::Command::new(&redirect).args(["host", "uninstall"]))?;
     for p in zmesh::host::remove_join(&config_dir)? {

@@ -6,14 +6,12 @@
 //! - `GET /logging` shows the log filter; `POST /logging?level=<filter>` replaces it.
 //! - `POST /quitquitquit` asks the process to stop (the same drain as SIGTERM).
 
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 use super::Node;
@@ -206,24 +204,20 @@ fn respond(node: &Node, logs: Option<&dyn LogControl>, req: &Request<Incoming>) 
     }
 }
 
-/// Serves the admin endpoints until the listener fails. Log control comes from the binary
+/// Serves the admin endpoints for the life of the process, within the operator endpoints'
+/// limits (header deadline, connection cap). Log control comes from the binary
 /// (`Node::log_control`), when it installed one.
 pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let logs = node.log_control.get().map(|l| l.as_ref());
-                let resp = respond(&node, logs, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    let handler = move |req: Request<Incoming>| {
+        let logs = node.log_control.get().map(|l| l.as_ref());
+        let resp = respond(&node, logs, &req);
+        async move { resp }
+    };
+    super::operator::serve(
+        listener,
+        super::operator::Limits::default(),
+        handler,
+        std::future::pending(),
+    )
+    .await;
 }

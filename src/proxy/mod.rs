@@ -14,6 +14,7 @@ mod accesslog;
 pub mod admin;
 mod inbound;
 pub mod inpod;
+pub mod operator;
 pub mod outbound;
 mod plaintext;
 mod readiness;

@@ -1,15 +1,13 @@
 //! Readiness (:15021 `GET /healthz/ready`): 200 once the node's certificates are issued and its
 //! listeners bound, 503-style 500 with what is pending otherwise (what kubelet probes). The same
-//! small server answers `/metrics` and `/stats/prometheus` on :15020.
+//! small server answers `/metrics` and `/stats/prometheus` on :15020. Both run within the
+//! operator endpoints' limits (`operator`: header deadline, connection cap).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use super::Node;
@@ -42,27 +40,12 @@ pub(super) async fn serve(
     mut shutdown: watch::Receiver<bool>,
     metrics: bool,
 ) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "readiness accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = respond(&node, &req, metrics);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+    let handler = move |req: Request<Incoming>| {
+        let resp = respond(&node, &req, metrics);
+        async move { resp }
+    };
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    super::operator::serve(listener, super::operator::Limits::default(), handler, stop).await;
 }

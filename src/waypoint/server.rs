@@ -1463,36 +1463,81 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 }
 
-/// Serves `/healthz/ready` and `/metrics` (Prometheus text) on the readiness port.
-pub async fn serve_admin(wp: Arc<Waypoint>, listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+/// What the waypoint still waits for before it takes traffic; empty when it is ready. The
+/// config needs no check here: a `Waypoint` is only built from a valid one (its own workload
+/// included), and a rejected reload keeps the last good one. What can be missing is its HBONE
+/// listener (not yet serving, or its accept loop gone) and a valid certificate for its own
+/// identity (not yet issued, or expired while the CA is unreachable).
+pub fn pending(wp: &Waypoint, hbone_listening: bool) -> Vec<String> {
+    let mut pending = Vec::new();
+    if !hbone_listening {
+        pending.push("the HBONE listener".to_string());
+    }
+    let me = wp.me(&wp.state());
+    let now = wp.certs.now();
+    let valid = wp
+        .certs
+        .cached()
+        .iter()
+        .any(|c| c.identity == me.identity && c.not_before <= now && !c.is_expired(now));
+    if !valid {
+        pending.push(format!("a valid certificate for {}", me.identity));
+    }
+    pending
+}
+
+/// Serves `/healthz/ready` and `/metrics` (Prometheus text) on the readiness port, within the
+/// operator endpoints' limits (header deadline, connection cap). Readiness is 200 only when
+/// nothing is `pending`, else 500 naming what is (as the node's); `hbone_listening` is raised
+/// while the HBONE accept loop runs.
+pub async fn serve_admin(
+    wp: Arc<Waypoint>,
+    listener: TcpListener,
+    hbone_listening: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let handler = move |req: Request<Incoming>| {
+        let resp = match req.uri().path() {
+            "/healthz/ready" => match pending(&wp, hbone_listening.load(Ordering::Acquire)) {
+                p if p.is_empty() => local(StatusCode::OK, "ready\n"),
+                p => local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("not ready; waiting for: {}\n", p.join(", ")),
+                ),
+            },
+            "/metrics" => {
+                let mut r = local(StatusCode::OK, &wp.metrics_text());
+                r.headers_mut().insert(
+                    "content-type",
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            _ => local(StatusCode::NOT_FOUND, "not found\n"),
         };
-        let wp = wp.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let wp = wp.clone();
-                async move {
-                    let resp = match req.uri().path() {
-                        "/healthz/ready" => local(StatusCode::OK, "ready\n"),
-                        "/metrics" => {
-                            let mut r = local(StatusCode::OK, &wp.metrics_text());
-                            r.headers_mut().insert(
-                                "content-type",
-                                HeaderValue::from_static("text/plain; version=0.0.4"),
-                            );
-                            r
-                        }
-                        _ => local(StatusCode::NOT_FOUND, "not found\n"),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+        async move { resp }
+    };
+    crate::proxy::operator::serve(
+        listener,
+        crate::proxy::operator::Limits::default(),
+        handler,
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// Raised while the HBONE accept loop runs; lowered when it ends, a panic included.
+struct Listening(Arc<std::sync::atomic::AtomicBool>);
+
+impl Listening {
+    fn raise(flag: &Arc<std::sync::atomic::AtomicBool>) -> Listening {
+        flag.store(true, Ordering::Release);
+        Listening(flag.clone())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -1509,7 +1554,13 @@ pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), Waypoi
         hbone.local_addr().expect("bound listener has an address"),
         admin.local_addr().expect("bound listener has an address"),
     );
-    tokio::spawn(serve(wp.clone(), hbone));
-    tokio::spawn(serve_admin(wp, admin));
+    let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serving = Listening::raise(&listening);
+    let hbone_wp = wp.clone();
+    tokio::spawn(async move {
+        let _serving = serving;
+        serve(hbone_wp, hbone).await
+    });
+    tokio::spawn(serve_admin(wp, admin, listening));
     Ok(bound)
 }

@@ -23,8 +23,9 @@
 //! # }
 //! ```
 //!
-//! All of it needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN); tests should bail
-//! out early when [`is_root`] is false.
+//! All of it needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN); tests call
+//! [`require_root`] first, so without root they fail with a clear message
+//! instead of passing having tested nothing (tests/README.md).
 
 #![forbid(unsafe_code)]
 
@@ -45,11 +46,20 @@ pub use netns::{sweep_stale, Netns};
 pub use process::Child;
 
 /// Whether the current process runs with effective uid 0.
-///
-/// Namespace tests need root; they call this first and return early (with a
-/// message) instead of failing on unprivileged developer machines.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Fails the calling test, with a message saying why, unless it runs as root. A namespace
+/// test that returned early without root would pass having checked nothing, so the tier (c)
+/// rule is to fail instead (tests/README.md); CI runs them as root.
+#[track_caller]
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test builds network namespaces and installs capture rules, which needs root \
+         (CAP_NET_ADMIN + CAP_SYS_ADMIN): run it as root, as CI does"
+    );
 }
 
 /// Longest interface name Linux accepts (IFNAMSIZ minus the NUL byte).

@@ -1,6 +1,6 @@
 //! Tier (c) self-tests of the testbed: real namespaces, veth pairs, a
-//! bridge, spawned processes and packet capture. They need root and return
-//! early (with a note) without it.
+//! bridge, spawned processes and packet capture. They need root and fail
+//! (never skip) without it.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -8,15 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use zmesh_testbed::{
-    attach_to_bridge, is_root, link_veth, random_bytes, sha256, Netns, PacketCapture,
+    attach_to_bridge, link_veth, random_bytes, require_root, sha256, Netns, PacketCapture,
 };
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("skipping: network namespace tests need root");
-    }
-    !is_root()
-}
 
 fn netns_exists(name: &str) -> bool {
     let out = std::process::Command::new("ip")
@@ -30,9 +23,7 @@ fn netns_exists(name: &str) -> bool {
 
 #[test]
 fn veth_tcp_marker_is_captured_and_namespaces_are_removed() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     let a = Netns::new("tb-veth")?;
     let b = Netns::new("tb-veth")?;
     let names = [a.name().to_owned(), b.name().to_owned()];
@@ -93,9 +84,7 @@ fn veth_tcp_marker_is_captured_and_namespaces_are_removed() -> Result<()> {
 
 #[test]
 fn namespace_is_deleted_when_test_panics() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::panic::catch_unwind(move || {
         let ns = Netns::new("tb-panic").expect("netns");
@@ -110,9 +99,7 @@ fn namespace_is_deleted_when_test_panics() -> Result<()> {
 
 #[test]
 fn exec_sysctl_spawn_and_process_cleanup() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     let ns = Netns::new("tb-exec")?;
     assert!(ns.exec(&["ip", "link", "show", "lo"])?.contains("UP"));
     let err = ns.exec(&["ls", "/nonexistent-zmesh"]).unwrap_err();
@@ -164,9 +151,7 @@ fn exec_sysctl_spawn_and_process_cleanup() -> Result<()> {
 
 #[test]
 fn bridge_connects_pods_through_node() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     let node = Netns::new("tb-node")?;
     let p1 = Netns::new("tb-pod")?;
     let p2 = Netns::new("tb-pod")?;
@@ -206,9 +191,7 @@ fn bridge_connects_pods_through_node() -> Result<()> {
 
 #[test]
 fn capture_rejects_missing_interface_and_bad_names() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     let ns = Netns::new("tb-bad")?;
     assert!(PacketCapture::start(&ns, "nope0").is_err());
     let other = Netns::new("tb-bad")?;
@@ -228,9 +211,7 @@ fn capture_rejects_missing_interface_and_bad_names() -> Result<()> {
 
 #[test]
 fn sweep_stale_deletes_only_dead_owners() -> Result<()> {
-    if skip() {
-        return Ok(());
-    }
+    require_root();
     // Above any pid_max, so this "owner" can never be alive.
     let stale = "tb-sweep-3999999999-0";
     let status = std::process::Command::new("ip")

@@ -22,8 +22,15 @@ use zmesh_redirect::zds::{ZdsClient, ZdsEvent};
 pub const GUARD: Duration = Duration::from_secs(15);
 pub const BIN: &str = env!("CARGO_BIN_EXE_zmesh-redirect");
 
-pub fn running_as_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
+/// Fails the test unless it runs as root: a namespace test that skipped would pass having
+/// checked nothing (tests/README.md: tier (c) fails without root; CI runs as root).
+#[track_caller]
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test creates network namespaces and installs capture rules, which needs root \
+         (CAP_NET_ADMIN + CAP_SYS_ADMIN): run it as root, as CI does"
+    );
 }
 
 fn unique(prefix: &str) -> String {
