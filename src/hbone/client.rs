@@ -6,6 +6,13 @@
 //! single-flight per key, so a burst of new connections to a cold destination waits for one
 //! handshake instead of starting a hundred. Connections that got GOAWAY, failed, or were made with
 //! a certificate that has since been replaced take no new streams.
+//!
+//! A dial (TCP connect, TLS handshake, HTTP/2 handshake up to the peer's first answer) has one
+//! deadline, `node.connect_timeout`. A caller waiting on another caller's dial for the same key
+//! waits at most until its own deadline, so a peer that accepts TCP and then says nothing (a
+//! black hole, or an overloaded node) costs each of its callers at most one deadline, and
+//! callers of other destinations nothing. A failed or timed-out dial leaves no pool entry: the
+//! next caller dials afresh.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -38,6 +45,10 @@ const STREAM_RETRIES: usize = 3;
 /// Upper bound on waiting for the CONNECT response; the server's own upstream dial is bounded by
 /// the 10 s dial timeout, so this only catches a peer that never answers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default deadline for a whole HBONE dial (TCP + TLS + HTTP/2), `node.connect_timeout`. 10 s,
+/// like the TCP connect budget it includes: long enough for a loaded peer across zones, short
+/// enough that a black-holed peer fails its callers before most clients give up themselves.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -65,6 +76,8 @@ pub enum HboneError {
         #[source]
         source: h2::Error,
     },
+    #[error("HTTP/2 with {dst} failed before the peer answered: {detail}")]
+    NoAnswer { dst: SocketAddr, detail: String },
     #[error("{dst} answered CONNECT {authority} with {status}")]
     Status {
         dst: SocketAddr,
@@ -75,6 +88,8 @@ pub enum HboneError {
     ResponseTimeout { dst: SocketAddr },
     #[error("no certificate for source identity {identity}: {detail}")]
     Cert { identity: String, detail: String },
+    #[error("HBONE dial to {dst} not done within {timeout:?}: is a NetworkPolicy blocking port {} or is the peer overloaded?", dst.port())]
+    DialTimeout { dst: SocketAddr, timeout: Duration },
 }
 
 /// One pooled HTTP/2 connection.
@@ -161,19 +176,33 @@ pub struct Pool {
     mark: Option<u32>,
     /// In-pod mode: dial from inside this pod's namespace, so HBONE leaves with the pod's IP.
     netns: Option<Arc<PodNetns>>,
+    /// Deadline of one dial, and of waiting for another caller's dial of the same key.
+    connect_timeout: Duration,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
 }
 
 impl Pool {
+    /// A pool whose dials have the default deadline, `CONNECT_TIMEOUT`.
     pub fn new(
         certs: Arc<CertManager>,
         mark: Option<u32>,
         netns: Option<Arc<PodNetns>>,
     ) -> Arc<Pool> {
+        Pool::with_connect_timeout(certs, mark, netns, CONNECT_TIMEOUT)
+    }
+
+    /// A pool whose dials (and waits for a dial) end after `connect_timeout`.
+    pub fn with_connect_timeout(
+        certs: Arc<CertManager>,
+        mark: Option<u32>,
+        netns: Option<Arc<PodNetns>>,
+        connect_timeout: Duration,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             certs,
             mark,
             netns,
+            connect_timeout,
             entries: Mutex::new(HashMap::new()),
         });
         tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
@@ -202,7 +231,8 @@ impl Pool {
         };
         let cert = self
             .certs
-            .fetch(&key.source)
+            .fetch_async(&key.source)
+            .await
             .map_err(|e| HboneError::Cert {
                 identity: key.source.to_string(),
                 detail: e.to_string(),
@@ -213,23 +243,13 @@ impl Pool {
             let now = self.certs.now();
             let conn = match entry.checkout(&cert.serial, now) {
                 Some(c) => c,
-                None => {
-                    // Single flight: one dial per key at a time; waiters re-check afterwards.
-                    let _dial = entry.dialing.lock().await;
-                    match entry.checkout(&cert.serial, now) {
-                        Some(c) => c,
-                        None => {
-                            let conn = self.dial(key, &cert).await?;
-                            conn.active.fetch_add(1, Ordering::AcqRel);
-                            entry
-                                .conns
-                                .lock()
-                                .expect("pool lock poisoned")
-                                .push(conn.clone());
-                            conn
-                        }
+                None => match self.dial_once(key, &entry, &cert, now).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.forget_if_unused(key, entry);
+                        return Err(e);
                     }
-                }
+                },
             };
             let guard = StreamGuard(conn.clone());
             match open_stream(&conn, clone_request(&req)).await {
@@ -268,6 +288,59 @@ impl Pool {
                     tracing::debug!(dst = %key.dst, error = %e, "pooled connection going away; retrying on a new one");
                 }
             }
+        }
+    }
+
+    /// A connection for `key` with a stream slot claimed: the one another caller was dialing
+    /// meanwhile, or a new one. Single flight: one dial per key at a time, and waiting for the
+    /// slot counts against this caller's own deadline.
+    async fn dial_once(
+        &self,
+        key: &PoolKey,
+        entry: &KeyEntry,
+        cert: &crate::identity::WorkloadCert,
+        now: SystemTime,
+    ) -> Result<Arc<Conn>, HboneError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let timed_out = || HboneError::DialTimeout {
+            dst: key.dst,
+            timeout: self.connect_timeout,
+        };
+        let _dial = tokio::time::timeout_at(deadline, entry.dialing.lock())
+            .await
+            .map_err(|_| timed_out())?;
+        if let Some(c) = entry.checkout(&cert.serial, now) {
+            return Ok(c);
+        }
+        // The slot may come free exactly at the deadline: do not start a dial with no time left.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        // Dropping the dial at the deadline closes its socket; the lock guard goes with this
+        // frame, so the next caller dials afresh.
+        let conn = tokio::time::timeout_at(deadline, self.dial(key, cert))
+            .await
+            .map_err(|_| timed_out())??;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        entry
+            .conns
+            .lock()
+            .expect("pool lock poisoned")
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Removes `key` from the pool after a failed dial, unless it holds connections or other
+    /// callers still use the entry (the last of them removes it).
+    fn forget_if_unused(&self, key: &PoolKey, entry: Arc<KeyEntry>) {
+        let mut entries = self.entries.lock().expect("pool lock poisoned");
+        let unused = entries.get(key).is_some_and(|e| {
+            Arc::ptr_eq(e, &entry)
+                && Arc::strong_count(&entry) == 2
+                && e.conns.lock().expect("pool lock poisoned").is_empty()
+        });
+        if unused {
+            entries.remove(key);
         }
     }
 
@@ -320,11 +393,28 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let pinger = conn.ping_pong();
         let closed_task = closed.clone();
+        // h2's client handshake only writes our preface. The dial is done when the peer has
+        // answered a PING: its SETTINGS precede the PONG (RFC 9113 section 3.4), so a peer
+        // that completed TLS but never speaks HTTP/2 is caught by the dial deadline rather
+        // than by each CONNECT's response timeout.
+        let (answered_tx, answered) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let driver = tokio::spawn(async move {
             let ka = async {
                 match pinger {
-                    Some(p) => keepalive(p).await,
-                    None => std::future::pending().await,
+                    Some(mut p) => match p.ping(h2::Ping::opaque()).await {
+                        Ok(_) => {
+                            let _ = answered_tx.send(Ok(()));
+                            keepalive(p).await
+                        }
+                        Err(e) => {
+                            let _ = answered_tx.send(Err(e.to_string()));
+                            e
+                        }
+                    },
+                    None => {
+                        let _ = answered_tx.send(Ok(()));
+                        std::future::pending().await
+                    }
                 }
             };
             tokio::select! {
@@ -336,8 +426,21 @@ impl Pool {
                 e = ka => tracing::warn!(%dst, error = %e, "HBONE peer stopped answering PINGs; dropping the connection"),
             }
             closed_task.store(true, Ordering::Release);
-        })
-        .abort_handle();
+        });
+        // Ends the connection (and closes its socket) if this dial is abandoned at the
+        // deadline or fails before the peer answered.
+        let driver = AbortOnDrop(Some(driver.abort_handle()));
+        match answered.await {
+            Ok(Ok(())) => {}
+            Ok(Err(detail)) => return Err(HboneError::NoAnswer { dst, detail }),
+            Err(_) => {
+                return Err(HboneError::NoAnswer {
+                    dst,
+                    detail: "the connection closed".into(),
+                })
+            }
+        }
+        let driver = driver.disarm();
         tracing::debug!(%dst, source = %key.source, "new HBONE connection");
         Ok(Arc::new(Conn {
             send,
@@ -351,6 +454,23 @@ impl Pool {
             verified_at,
             driver,
         }))
+    }
+}
+
+/// Aborts a spawned task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) -> tokio::task::AbortHandle {
+        self.0.take().expect("armed until disarmed")
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
     }
 }
 

@@ -73,7 +73,8 @@ async fn connection(
     })?;
     let cert = node
         .certs
-        .fetch(&workload.identity)
+        .fetch_async(&workload.identity)
+        .await
         .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
     let cfg = node.server_config(&cert).map_err(|e| e.to_string())?;
     // Subscribed before the handshake, so a CRL reload during it is not missed.

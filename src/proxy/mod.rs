@@ -188,7 +188,7 @@ impl Node {
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
-        let pool = Pool::new(certs.clone(), mark, None);
+        let pool = Pool::with_connect_timeout(certs.clone(), mark, None, cfg.node.connect_timeout);
         Ok(Arc::new(Node {
             cfg,
             state: watch::Sender::new(Arc::new(state)),

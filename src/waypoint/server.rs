@@ -159,7 +159,7 @@ impl Waypoint {
         certs
             .fetch(&me.identity)
             .map_err(|e| WaypointError::Certs(e.to_string()))?;
-        let pool = Pool::new(certs.clone(), None, None);
+        let pool = Pool::with_connect_timeout(certs.clone(), None, None, cfg.node.connect_timeout);
         Ok(Arc::new(Waypoint {
             cfg,
             uid,
@@ -197,8 +197,8 @@ impl Waypoint {
             .clone()
     }
 
-    fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
-        let cert = self.certs.fetch(&me.identity).map_err(|e| e.to_string())?;
+    async fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
+        let cert = (self.certs.fetch_async(&me.identity).await).map_err(|e| e.to_string())?;
         let mut cached = self.server_config.lock().expect("poisoned");
         if let Some((serial, cfg)) = &*cached {
             if *serial == cert.serial {
@@ -236,7 +236,7 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
 
 async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), String> {
     let me = wp.me(&wp.state());
-    let cfg = wp.server_config(&me)?;
+    let cfg = wp.server_config(&me).await?;
     let server::Accepted { client, mut h2, .. } =
         server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
     let pinger = h2.ping_pong();
