@@ -25,6 +25,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -179,7 +180,14 @@ pub struct Pool {
     /// Deadline of one dial, and of waiting for another caller's dial of the same key.
     connect_timeout: Duration,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    /// Unit tests reach peers over in-memory pipes instead of TCP, so paused time is not
+    /// advanced while real sockets are in flight.
+    #[cfg(test)]
+    test_transport: Option<TestTransport>,
 }
+
+#[cfg(test)]
+type TestTransport = Box<dyn Fn(SocketAddr) -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Pool {
     /// A pool whose dials have the default deadline, `CONNECT_TIMEOUT`.
@@ -204,6 +212,8 @@ impl Pool {
             netns,
             connect_timeout,
             entries: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            test_transport: None,
         });
         tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
         pool
@@ -349,10 +359,13 @@ impl Pool {
         key: &PoolKey,
         cert: &crate::identity::WorkloadCert,
     ) -> Result<Arc<Conn>, HboneError> {
-        let dst = key.dst;
+        #[cfg(test)]
+        if let Some(pipe) = &self.test_transport {
+            return self.handshake(key, cert, pipe(key.dst)).await;
+        }
         let tcp = dial_in(
             self.netns.as_deref(),
-            dst,
+            key.dst,
             DialOptions {
                 mark: self.mark,
                 source: key.source_ip,
@@ -360,6 +373,20 @@ impl Pool {
             },
         )
         .await?;
+        self.handshake(key, cert, tcp).await
+    }
+
+    /// TLS and HTTP/2 over a connected transport, until the peer has answered.
+    async fn handshake<T>(
+        &self,
+        key: &PoolKey,
+        cert: &crate::identity::WorkloadCert,
+        io: T,
+    ) -> Result<Arc<Conn>, HboneError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let dst = key.dst;
         let trust = self.certs.trust();
         let cfg = tls::client_config(cert, &trust, key.expected.clone()).map_err(|e| {
             HboneError::Tls {
@@ -368,7 +395,7 @@ impl Pool {
             }
         })?;
         let tls = TlsConnector::from(Arc::new(cfg))
-            .connect(tls::placeholder_server_name(), tcp)
+            .connect(tls::placeholder_server_name(), io)
             .await
             .map_err(|source| HboneError::Tls { dst, source })?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
@@ -567,5 +594,228 @@ async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
             });
             !conns.is_empty() || Arc::strong_count(e) > 1
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{CertSource, FileCa};
+    use http::Method;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::time::Instant as TokioInstant;
+
+    const BLACK_HOLE: &str = "10.0.0.3:15008";
+    const MUTE_H2: &str = "10.0.0.5:15008";
+    const GOOD: &str = "10.0.0.4:15008";
+
+    /// What the in-memory peers saw: dials per destination, and the far ends of the pipes the
+    /// silent peers hold (to see that the pool closed them).
+    #[derive(Default)]
+    struct Peers {
+        dials: Mutex<HashMap<SocketAddr, usize>>,
+        held: Mutex<Vec<DuplexStream>>,
+    }
+
+    impl Peers {
+        fn dials(&self, dst: &str) -> usize {
+            let dst: SocketAddr = dst.parse().unwrap();
+            *self.dials.lock().unwrap().get(&dst).unwrap_or(&0)
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "ns", sa).unwrap()
+    }
+
+    /// A pool whose peers live in memory: `GOOD` answers every CONNECT with 200, `BLACK_HOLE`
+    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2.
+    fn pool(dir: &std::path::Path, timeout: Duration) -> (Arc<Pool>, Arc<Peers>) {
+        FileCa::init(dir, "cluster.local").unwrap();
+        let ca = FileCa::load(dir).unwrap();
+        let roots = ca.roots().to_vec();
+        let certs = Arc::new(
+            CertManager::new(
+                CertSource::file_ca(ca, Duration::from_secs(3600)),
+                &roots,
+                crate::tls::provider(),
+            )
+            .unwrap(),
+        );
+        // Issued up front: these tests are about the dial, not the CA.
+        certs.fetch(&id("client")).unwrap();
+        let scfg = Arc::new(
+            crate::tls::server_config(&certs.fetch(&id("server")).unwrap(), &certs.trust())
+                .unwrap(),
+        );
+        let peers = Arc::new(Peers::default());
+        let seen = peers.clone();
+        let transport = move |dst: SocketAddr| {
+            *seen.dials.lock().unwrap().entry(dst).or_default() += 1;
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let scfg = scfg.clone();
+            match dst.to_string().as_str() {
+                GOOD => {
+                    tokio::spawn(async move {
+                        let Ok(mut accepted) =
+                            super::super::server::accept(theirs, scfg, Duration::from_secs(60))
+                                .await
+                        else {
+                            return;
+                        };
+                        let mut open = Vec::new();
+                        while let Some(Ok((_, respond))) = accepted.h2.accept().await {
+                            open.extend(super::super::server::respond_ok(respond).ok());
+                        }
+                    });
+                }
+                MUTE_H2 => {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let tls = tokio_rustls::TlsAcceptor::from(scfg)
+                            .accept(theirs)
+                            .await
+                            .unwrap();
+                        let (io, _) = tls.into_inner();
+                        seen.held.lock().unwrap().push(io);
+                    });
+                }
+                _ => seen.held.lock().unwrap().push(theirs),
+            }
+            ours
+        };
+        let pool = Arc::new(Pool {
+            certs,
+            mark: None,
+            netns: None,
+            connect_timeout: timeout,
+            entries: Mutex::new(HashMap::new()),
+            test_transport: Some(Box::new(transport)),
+        });
+        (pool, peers)
+    }
+
+    fn key(dst: &str) -> PoolKey {
+        PoolKey {
+            source: id("client"),
+            expected: vec![id("server")],
+            dst: dst.parse().unwrap(),
+            source_ip: None,
+        }
+    }
+
+    fn connect_req() -> Request<()> {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.1.0.9:8080")
+            .body(())
+            .unwrap()
+    }
+
+    /// Opens a tunnel to `dst`; returns the outcome and when it came, from `start`.
+    async fn timed(
+        pool: &Pool,
+        dst: &str,
+        start: TokioInstant,
+    ) -> (Result<Tunnel, HboneError>, Duration) {
+        let r = pool.connect(&key(dst), connect_req()).await;
+        (r, start.elapsed())
+    }
+
+    fn keys(pool: &Pool) -> Vec<SocketAddr> {
+        let entries = pool.entries.lock().unwrap();
+        entries.keys().map(|k| k.dst).collect()
+    }
+
+    /// Issue #11 finding 8: five callers for a peer that accepts TCP and never answers TLS all
+    /// fail together at the one deadline (not one deadline each in turn), with an error naming
+    /// the peer; a caller for another destination meanwhile is served at once; the abandoned
+    /// dial's socket is closed and the pool keeps no entry for the black hole, so the next
+    /// caller dials again.
+    #[tokio::test(start_paused = true)]
+    async fn a_black_hole_costs_its_callers_one_deadline_and_other_destinations_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let start = TokioInstant::now();
+        let stuck: Vec<_> = (0..5)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { timed(&pool, BLACK_HOLE, start).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+
+        let (good, took) = timed(&pool, GOOD, start).await;
+        let good = good.expect("the good peer is served");
+        assert_eq!(took, Duration::ZERO, "a black hole elsewhere delays nobody");
+
+        for t in stuck {
+            let (r, at) = t.await.unwrap();
+            let Err(e) = r else {
+                panic!("a black hole answered")
+            };
+            assert!(matches!(e, HboneError::DialTimeout { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                "HBONE dial to 10.0.0.3:15008 not done within 10s: is a NetworkPolicy blocking port 15008 or is the peer overloaded?"
+            );
+            assert_eq!(
+                at,
+                Duration::from_secs(10),
+                "every waiter fails at the deadline"
+            );
+        }
+        assert_eq!(peers.dials(BLACK_HOLE), 1, "one dial for five callers");
+        assert_eq!(keys(&pool), vec![GOOD.parse().unwrap()], "no entry left");
+        // The abandoned dial closed its end: the peer reads the ClientHello, then EOF.
+        let mut held = std::mem::take(&mut *peers.held.lock().unwrap());
+        let mut seen = Vec::new();
+        held[0].read_to_end(&mut seen).await.unwrap();
+        assert!(!seen.is_empty(), "the peer got a ClientHello");
+
+        // The slot was released: the next caller dials afresh, and again costs one deadline.
+        let (r, at) = timed(&pool, BLACK_HOLE, start).await;
+        assert!(matches!(r, Err(HboneError::DialTimeout { .. })));
+        assert_eq!(at, Duration::from_secs(20));
+        assert_eq!(peers.dials(BLACK_HOLE), 2);
+        assert_eq!(pool.connections(), 1, "only the good connection is pooled");
+        drop(good);
+    }
+
+    /// A peer that completes TLS but never sends its HTTP/2 SETTINGS (or answers anything) hits
+    /// the same dial deadline, here a configured 3 s, instead of the 15 s CONNECT response
+    /// timeout; its connection is not pooled.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_speaks_http2_hits_the_configured_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(3));
+        let start = TokioInstant::now();
+        let (r, at) = timed(&pool, MUTE_H2, start).await;
+        let Err(e) = r else {
+            panic!("a mute peer gave a tunnel")
+        };
+        assert!(matches!(e, HboneError::DialTimeout { .. }), "{e}");
+        assert!(e.to_string().contains("not done within 3s"), "{e}");
+        assert_eq!(at, Duration::from_secs(3));
+        assert_eq!(pool.connections(), 0);
+        assert!(keys(&pool).is_empty(), "no entry left");
+        // The abandoned connection is closed: the peer's end reaches EOF.
+        let mut held = std::mem::take(&mut *peers.held.lock().unwrap());
+        let mut rest = Vec::new();
+        held[0].read_to_end(&mut rest).await.unwrap();
+        assert_eq!(peers.dials(MUTE_H2), 1);
+    }
+
+    /// A served dial pools its connection: a second tunnel to the same peer reuses it.
+    #[tokio::test(start_paused = true)]
+    async fn a_good_peer_is_dialed_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let start = TokioInstant::now();
+        let (a, _) = timed(&pool, GOOD, start).await;
+        let (b, _) = timed(&pool, GOOD, start).await;
+        let (_a, _b) = (a.unwrap(), b.unwrap());
+        assert_eq!(peers.dials(GOOD), 1);
+        assert_eq!(pool.connections(), 1);
     }
 }
