@@ -335,7 +335,7 @@ fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(zmesh::accesslog::NodeLogWriter::stderr());
     let registry = tracing_subscriber::registry().with(filter);
     if format == AccessLogFormat::Json {
         registry.with(fmt.json().flatten_event(true)).init();

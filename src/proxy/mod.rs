@@ -261,6 +261,12 @@ impl Node {
                 ],
             ),
             (
+                "zmesh_access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the log output did not keep up",
+                vec![(String::new(), crate::accesslog::node_dropped() as f64)],
+            ),
+            (
                 "zmesh_certificate_expiry_seconds",
                 "gauge",
                 "Seconds until each workload certificate expires",
