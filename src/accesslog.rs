@@ -12,23 +12,29 @@
 //! rare diagnostic lines directly, so they are never lost at exit.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Lines that may wait for the writer: at ~500 bytes a line, about 8 MB at worst.
 pub const QUEUE: usize = 16 * 1024;
 /// The writer stops gathering queued lines into one write at this size, so a burst does not
 /// grow one buffer without bound.
 const BATCH: usize = 64 * 1024;
+/// How long the node waits at exit for its queued access lines to be written.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
 /// The tracing target of the node's per-connection lines (`proxy::ConnLog::emit`).
 pub const ACCESS_TARGET: &str = "access";
 
 /// A bounded queue of lines in front of a writer thread.
 pub struct LineWriter {
-    tx: Mutex<Option<SyncSender<Vec<u8>>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Not behind a lock: every worker queues lines concurrently.
+    tx: SyncSender<Vec<u8>>,
+    /// Set by `close`: later lines are dropped (and counted).
+    closed: AtomicBool,
+    /// Disconnects when the writer thread has written everything and exited.
+    finished: Mutex<Option<Receiver<()>>>,
     dropped: AtomicU64,
 }
 
@@ -37,17 +43,22 @@ impl LineWriter {
     /// `capacity` lines wait, further ones are dropped and counted.
     pub fn spawn(name: &str, capacity: usize, mut sink: impl Write + Send + 'static) -> LineWriter {
         let (tx, rx) = sync_channel::<Vec<u8>>(capacity);
-        let thread = std::thread::Builder::new()
+        let (finishing, finished) = sync_channel::<()>(0);
+        std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                let _finishing = finishing;
                 let mut batch = Vec::with_capacity(BATCH);
-                while let Ok(first) = rx.recv() {
+                let mut open = true;
+                while open {
+                    let Ok(first) = rx.recv() else { break };
+                    // An empty line is `close`'s end-of-stream mark.
+                    open = !first.is_empty();
                     batch.extend_from_slice(&first);
-                    while let Ok(more) = rx.try_recv() {
+                    while open && batch.len() < BATCH {
+                        let Ok(more) = rx.try_recv() else { break };
+                        open = !more.is_empty();
                         batch.extend_from_slice(&more);
-                        if batch.len() >= BATCH {
-                            break;
-                        }
                     }
                     // A failing sink (closed stderr) loses these lines; nothing on the data
                     // path can do better, and the next batch tries again.
@@ -57,8 +68,9 @@ impl LineWriter {
             })
             .expect("spawning the access-log thread");
         LineWriter {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            tx,
+            closed: AtomicBool::new(false),
+            finished: Mutex::new(Some(finished)),
             dropped: AtomicU64::new(0),
         }
     }
@@ -66,13 +78,9 @@ impl LineWriter {
     /// Queues one line (with its newline). Returns false when it was dropped: the queue was
     /// full, or the writer is closed.
     pub fn write_line(&self, line: Vec<u8>) -> bool {
-        let sent = match &*self.tx.lock().expect("access-log sender poisoned") {
-            Some(tx) => match tx.try_send(line) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-            },
-            None => false,
-        };
+        let sent = !line.is_empty()
+            && !self.closed.load(Ordering::Relaxed)
+            && self.tx.try_send(line).is_ok();
         if !sent {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -84,18 +92,27 @@ impl LineWriter {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Stops taking lines and waits until the queued ones are written (process exit, tests).
-    /// Blocks: call it off the async workers.
-    pub fn close(&self) {
-        self.tx.lock().expect("access-log sender poisoned").take();
-        if let Some(t) = self
-            .thread
-            .lock()
-            .expect("access-log thread poisoned")
-            .take()
-        {
-            let _ = t.join();
+    /// Stops taking lines and waits up to `wait` for the queued ones to be written (process
+    /// exit, tests); a sink that stays stalled does not hold the caller longer. Returns whether
+    /// everything was written. Blocks: call it off the async workers.
+    pub fn close(&self, wait: Duration) -> bool {
+        self.closed.store(true, Ordering::Relaxed);
+        let Some(finished) = self.finished.lock().expect("access-log poisoned").take() else {
+            return true;
+        };
+        let deadline = Instant::now() + wait;
+        // The end mark queues behind the lines already waiting; a full queue means the sink
+        // is slow, so retry until the deadline rather than block on it.
+        loop {
+            match self.tx.try_send(Vec::new()) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return true,
+                Err(TrySendError::Full(_)) if Instant::now() >= deadline => return false,
+                Err(TrySendError::Full(_)) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        finished.recv_timeout(left) == Err(RecvTimeoutError::Disconnected)
     }
 }
 
@@ -110,6 +127,14 @@ pub fn node_stderr() -> &'static LineWriter {
 /// Access lines the node dropped because stderr did not keep up (0 while it was never used).
 pub fn node_dropped() -> u64 {
     NODE.get().map_or(0, LineWriter::dropped)
+}
+
+/// Writes the node's queued access lines (for at most `EXIT_FLUSH`) and stops its writer
+/// (process exit).
+pub fn close_node() {
+    if let Some(w) = NODE.get() {
+        w.close(EXIT_FLUSH);
+    }
 }
 
 /// The node's `tracing_subscriber` writer: access lines are queued, others written directly.
@@ -192,9 +217,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NodeLogWriter {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use std::sync::{mpsc, Arc};
-    use std::time::Duration;
 
     /// A sink that takes nothing until `release` is called: a pipe nobody reads.
     #[derive(Clone, Default)]
@@ -282,10 +305,26 @@ pub(crate) mod tests {
         let dropped = writer.dropped();
         assert_eq!(dropped, 1000 - 8);
         sink.release();
-        writer.close();
+        assert!(writer.close(Duration::from_secs(10)));
         assert_eq!(sink.lines() as u64 + dropped, 1001, "written + dropped");
         assert!(!writer.write_line(b"late\n".to_vec()), "closed");
         assert_eq!(writer.dropped(), dropped + 1);
+    }
+
+    /// At exit, a sink that stays stalled holds `close` only for its wait, not for ever.
+    #[test]
+    fn close_gives_up_on_a_stalled_sink_at_its_deadline() {
+        let sink = StalledSink::default();
+        let writer = LineWriter::spawn("test-accesslog", 1, sink.clone());
+        assert!(writer.write_line(b"in the stuck write\n".to_vec()));
+        sink.wait_stuck();
+        assert!(writer.write_line(b"queued\n".to_vec()));
+        assert!(
+            !writer.close(Duration::from_millis(50)),
+            "not everything written"
+        );
+        assert!(!writer.write_line(b"after close\n".to_vec()));
+        sink.release();
     }
 
     /// Only access lines are queued: a diagnostic event goes to stderr directly.
@@ -307,7 +346,7 @@ pub(crate) mod tests {
             tracing::info!(target: "zmesh::other", "not an access line");
         });
         sink.release();
-        writer.close();
+        assert!(writer.close(Duration::from_secs(10)));
         let written = String::from_utf8(sink.written.lock().unwrap().clone()).unwrap();
         assert!(written.contains("connection complete") && written.contains("conn=1"));
         assert!(!written.contains("not an access line"), "{written}");

@@ -398,7 +398,7 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         tracing::info!(config = ?cfg, "effective config");
         let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
@@ -441,7 +441,10 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             _ = signals.next() => tracing::info!("second signal: exiting now"),
         }
         Ok(())
-    })
+    });
+    // The access lines of the last connections are still queued: write them before exiting.
+    zmesh::accesslog::close_node();
+    result
 }
 
 /// SIGTERM and SIGINT, as one stream.

@@ -185,7 +185,7 @@ mod tests {
         });
         assert_eq!(lines.dropped(), 499 - 16);
         sink.release();
-        lines.close();
+        assert!(lines.close(std::time::Duration::from_secs(10)));
         assert_eq!(sink.lines(), 17);
         let written = String::from_utf8(sink.written.lock().unwrap().clone()).unwrap();
         assert!(
