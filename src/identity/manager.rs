@@ -141,14 +141,15 @@ enum Cached {
     Issue,
 }
 
-/// Ends an identity's flight when its issuance returns (or panics), so the next caller that
-/// finds the certificate missing or due starts a new one instead of awaiting a finished one.
-struct FlightDone<'a>(&'a CertManager, &'a SpiffeId);
+/// Ends an identity's flight when its issuance returns, panics, or never runs (a runtime that
+/// is shutting down drops the job), so the next caller that finds the certificate missing or
+/// due starts a new one instead of awaiting a finished one.
+struct FlightDone(Arc<CertManager>, SpiffeId);
 
-impl Drop for FlightDone<'_> {
+impl Drop for FlightDone {
     fn drop(&mut self) {
         if let Ok(mut inflight) = self.0.inflight.lock() {
-            inflight.remove(self.1);
+            inflight.remove(&self.1);
         }
     }
 }
@@ -383,14 +384,14 @@ impl CertManager {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     inflight.insert(id.clone(), rx.clone());
-                    let mgr = self.clone();
-                    let id = id.clone();
+                    let done = FlightDone(self.clone(), id.clone());
                     // Detached: the issuance completes and is cached even if every caller
                     // that waited for it has gone away meanwhile.
                     tokio::task::spawn_blocking(move || {
-                        let _done = FlightDone(&mgr, &id);
-                        let r = mgr.fetch_at(&id, mgr.now()).map_err(Arc::new);
+                        let FlightDone(mgr, id) = &done;
+                        let r = mgr.fetch_at(id, mgr.now()).map_err(Arc::new);
                         tx.send_replace(Some(r));
+                        drop(done);
                     });
                     rx
                 }
