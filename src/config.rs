@@ -134,6 +134,10 @@ pub struct NodeConfig {
         deserialize_with = "de_duration"
     )]
     pub handshake_timeout: Duration,
+    /// Deadline of a whole outgoing HBONE dial (TCP connect, TLS and HTTP/2 handshakes), and of
+    /// waiting for another connection's dial to the same peer. Default 10s.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
     /// Certificate revocation lists (PEM `X509 CRL` blocks or one DER CRL) checked at every
     /// handshake; when the file changes, live tunnels whose peer chain became revoked are cut.
     #[serde(default)]
@@ -142,6 +146,10 @@ pub struct NodeConfig {
 
 fn default_handshake_timeout() -> Duration {
     crate::hbone::HANDSHAKE_TIMEOUT
+}
+
+fn default_connect_timeout() -> Duration {
+    crate::hbone::client::CONNECT_TIMEOUT
 }
 
 fn default_drain() -> Duration {

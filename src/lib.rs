@@ -1,6 +1,7 @@
 //! zmesh: an ambient service-mesh node tunnel that speaks Istio's HBONE.
 //!
 //! Where things live:
+//! - `accesslog`: the bounded, never-blocking access-log writer of the node and the waypoint;
 //! - `config`: the local YAML file, parsed once into typed structs;
 //! - `model`: workloads and services, and outbound destination selection;
 //! - `identity`: SPIFFE IDs, the built-in file CA and the certificate manager;
@@ -13,6 +14,7 @@
 //! - `policy`: L4 authorization (Istio semantics, fail closed); not yet enforced on the data path.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod config;
 pub mod copy;
 pub mod hbone;

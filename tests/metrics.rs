@@ -134,6 +134,7 @@ async fn tcp_metrics_count_a_known_transfer_exactly_on_both_ends() {
         "process_resident_memory_bytes ",
         "process_open_fds ",
         "zmesh_zds_pods ",
+        "zmesh_access_log_dropped_total ",
     ] {
         let line = text
             .lines()

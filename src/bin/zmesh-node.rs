@@ -336,7 +336,7 @@ fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(zmesh::accesslog::NodeLogWriter::stderr());
     let registry = tracing_subscriber::registry().with(filter);
     if format == AccessLogFormat::Json {
         registry.with(fmt.json().flatten_event(true)).init();
@@ -399,7 +399,7 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         tracing::info!(config = ?cfg, "effective config");
         let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
@@ -442,7 +442,10 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             _ = signals.next() => tracing::info!("second signal: exiting now"),
         }
         Ok(())
-    })
+    });
+    // The access lines of the last connections are still queued: write them before exiting.
+    zmesh::accesslog::close_node();
+    result
 }
 
 /// SIGTERM and SIGINT, as one stream.

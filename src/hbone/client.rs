@@ -6,6 +6,13 @@
 //! single-flight per key, so a burst of new connections to a cold destination waits for one
 //! handshake instead of starting a hundred. Connections that got GOAWAY, failed, or were made with
 //! a certificate that has since been replaced take no new streams.
+//!
+//! A dial (TCP connect, TLS handshake, HTTP/2 handshake up to the peer's first answer) has one
+//! deadline, `node.connect_timeout`. A caller waiting on another caller's dial for the same key
+//! waits at most until its own deadline, so a peer that accepts TCP and then says nothing (a
+//! black hole, or an overloaded node) costs each of its callers at most one deadline, and
+//! callers of other destinations nothing. A failed or timed-out dial leaves no pool entry: the
+//! next caller dials afresh.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +25,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -38,6 +46,10 @@ const STREAM_RETRIES: usize = 3;
 /// Upper bound on waiting for the CONNECT response; the server's own upstream dial is bounded by
 /// the 10 s dial timeout, so this only catches a peer that never answers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default deadline for a whole HBONE dial (TCP + TLS + HTTP/2), `node.connect_timeout`. 10 s,
+/// like the TCP connect budget it includes: long enough for a loaded peer across zones, short
+/// enough that a black-holed peer fails its callers before most clients give up themselves.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -65,6 +77,8 @@ pub enum HboneError {
         #[source]
         source: h2::Error,
     },
+    #[error("HTTP/2 with {dst} failed before the peer answered: {detail}")]
+    NoAnswer { dst: SocketAddr, detail: String },
     #[error("{dst} answered CONNECT {authority} with {status}")]
     Status {
         dst: SocketAddr,
@@ -75,6 +89,8 @@ pub enum HboneError {
     ResponseTimeout { dst: SocketAddr },
     #[error("no certificate for source identity {identity}: {detail}")]
     Cert { identity: String, detail: String },
+    #[error("HBONE dial to {dst} not done within {timeout:?}: is a NetworkPolicy blocking port {} or is the peer overloaded?", dst.port())]
+    DialTimeout { dst: SocketAddr, timeout: Duration },
 }
 
 /// One pooled HTTP/2 connection.
@@ -161,20 +177,43 @@ pub struct Pool {
     mark: Option<u32>,
     /// In-pod mode: dial from inside this pod's namespace, so HBONE leaves with the pod's IP.
     netns: Option<Arc<PodNetns>>,
+    /// Deadline of one dial, and of waiting for another caller's dial of the same key.
+    connect_timeout: Duration,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    /// Unit tests reach peers over in-memory pipes instead of TCP, so paused time is not
+    /// advanced while real sockets are in flight.
+    #[cfg(test)]
+    test_transport: Option<TestTransport>,
 }
 
+#[cfg(test)]
+type TestTransport = Box<dyn Fn(SocketAddr) -> tokio::io::DuplexStream + Send + Sync>;
+
 impl Pool {
+    /// A pool whose dials have the default deadline, `CONNECT_TIMEOUT`.
     pub fn new(
         certs: Arc<CertManager>,
         mark: Option<u32>,
         netns: Option<Arc<PodNetns>>,
     ) -> Arc<Pool> {
+        Pool::with_connect_timeout(certs, mark, netns, CONNECT_TIMEOUT)
+    }
+
+    /// A pool whose dials (and waits for a dial) end after `connect_timeout`.
+    pub fn with_connect_timeout(
+        certs: Arc<CertManager>,
+        mark: Option<u32>,
+        netns: Option<Arc<PodNetns>>,
+        connect_timeout: Duration,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             certs,
             mark,
             netns,
+            connect_timeout,
             entries: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            test_transport: None,
         });
         tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
         pool
@@ -202,7 +241,8 @@ impl Pool {
         };
         let cert = self
             .certs
-            .fetch(&key.source)
+            .fetch_async(&key.source)
+            .await
             .map_err(|e| HboneError::Cert {
                 identity: key.source.to_string(),
                 detail: e.to_string(),
@@ -213,23 +253,13 @@ impl Pool {
             let now = self.certs.now();
             let conn = match entry.checkout(&cert.serial, now) {
                 Some(c) => c,
-                None => {
-                    // Single flight: one dial per key at a time; waiters re-check afterwards.
-                    let _dial = entry.dialing.lock().await;
-                    match entry.checkout(&cert.serial, now) {
-                        Some(c) => c,
-                        None => {
-                            let conn = self.dial(key, &cert).await?;
-                            conn.active.fetch_add(1, Ordering::AcqRel);
-                            entry
-                                .conns
-                                .lock()
-                                .expect("pool lock poisoned")
-                                .push(conn.clone());
-                            conn
-                        }
+                None => match self.dial_once(key, &entry, &cert, now).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.forget_if_unused(key, entry);
+                        return Err(e);
                     }
-                }
+                },
             };
             let guard = StreamGuard(conn.clone());
             match open_stream(&conn, clone_request(&req)).await {
@@ -271,15 +301,71 @@ impl Pool {
         }
     }
 
+    /// A connection for `key` with a stream slot claimed: the one another caller was dialing
+    /// meanwhile, or a new one. Single flight: one dial per key at a time, and waiting for the
+    /// slot counts against this caller's own deadline.
+    async fn dial_once(
+        &self,
+        key: &PoolKey,
+        entry: &KeyEntry,
+        cert: &crate::identity::WorkloadCert,
+        now: SystemTime,
+    ) -> Result<Arc<Conn>, HboneError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let timed_out = || HboneError::DialTimeout {
+            dst: key.dst,
+            timeout: self.connect_timeout,
+        };
+        let _dial = tokio::time::timeout_at(deadline, entry.dialing.lock())
+            .await
+            .map_err(|_| timed_out())?;
+        if let Some(c) = entry.checkout(&cert.serial, now) {
+            return Ok(c);
+        }
+        // The slot may come free exactly at the deadline: do not start a dial with no time left.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        // Dropping the dial at the deadline closes its socket; the lock guard goes with this
+        // frame, so the next caller dials afresh.
+        let conn = tokio::time::timeout_at(deadline, self.dial(key, cert))
+            .await
+            .map_err(|_| timed_out())??;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        entry
+            .conns
+            .lock()
+            .expect("pool lock poisoned")
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Removes `key` from the pool after a failed dial, unless it holds connections or other
+    /// callers still use the entry (the last of them removes it).
+    fn forget_if_unused(&self, key: &PoolKey, entry: Arc<KeyEntry>) {
+        let mut entries = self.entries.lock().expect("pool lock poisoned");
+        let unused = entries.get(key).is_some_and(|e| {
+            Arc::ptr_eq(e, &entry)
+                && Arc::strong_count(&entry) == 2
+                && e.conns.lock().expect("pool lock poisoned").is_empty()
+        });
+        if unused {
+            entries.remove(key);
+        }
+    }
+
     async fn dial(
         &self,
         key: &PoolKey,
         cert: &crate::identity::WorkloadCert,
     ) -> Result<Arc<Conn>, HboneError> {
-        let dst = key.dst;
+        #[cfg(test)]
+        if let Some(pipe) = &self.test_transport {
+            return self.handshake(key, cert, pipe(key.dst)).await;
+        }
         let tcp = dial_in(
             self.netns.as_deref(),
-            dst,
+            key.dst,
             DialOptions {
                 mark: self.mark,
                 source: key.source_ip,
@@ -287,6 +373,20 @@ impl Pool {
             },
         )
         .await?;
+        self.handshake(key, cert, tcp).await
+    }
+
+    /// TLS and HTTP/2 over a connected transport, until the peer has answered.
+    async fn handshake<T>(
+        &self,
+        key: &PoolKey,
+        cert: &crate::identity::WorkloadCert,
+        io: T,
+    ) -> Result<Arc<Conn>, HboneError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let dst = key.dst;
         let trust = self.certs.trust();
         let cfg = tls::client_config(cert, &trust, key.expected.clone()).map_err(|e| {
             HboneError::Tls {
@@ -295,7 +395,7 @@ impl Pool {
             }
         })?;
         let tls = TlsConnector::from(Arc::new(cfg))
-            .connect(tls::placeholder_server_name(), tcp)
+            .connect(tls::placeholder_server_name(), io)
             .await
             .map_err(|source| HboneError::Tls { dst, source })?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
@@ -320,11 +420,28 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let pinger = conn.ping_pong();
         let closed_task = closed.clone();
+        // h2's client handshake only writes our preface. The dial is done when the peer has
+        // answered a PING: its SETTINGS precede the PONG (RFC 9113 section 3.4), so a peer
+        // that completed TLS but never speaks HTTP/2 is caught by the dial deadline rather
+        // than by each CONNECT's response timeout.
+        let (answered_tx, answered) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let driver = tokio::spawn(async move {
             let ka = async {
                 match pinger {
-                    Some(p) => keepalive(p).await,
-                    None => std::future::pending().await,
+                    Some(mut p) => match p.ping(h2::Ping::opaque()).await {
+                        Ok(_) => {
+                            let _ = answered_tx.send(Ok(()));
+                            keepalive(p).await
+                        }
+                        Err(e) => {
+                            let _ = answered_tx.send(Err(e.to_string()));
+                            e
+                        }
+                    },
+                    None => {
+                        let _ = answered_tx.send(Ok(()));
+                        std::future::pending().await
+                    }
                 }
             };
             tokio::select! {
@@ -336,8 +453,21 @@ impl Pool {
                 e = ka => tracing::warn!(%dst, error = %e, "HBONE peer stopped answering PINGs; dropping the connection"),
             }
             closed_task.store(true, Ordering::Release);
-        })
-        .abort_handle();
+        });
+        // Ends the connection (and closes its socket) if this dial is abandoned at the
+        // deadline or fails before the peer answered.
+        let driver = AbortOnDrop(Some(driver.abort_handle()));
+        match answered.await {
+            Ok(Ok(())) => {}
+            Ok(Err(detail)) => return Err(HboneError::NoAnswer { dst, detail }),
+            Err(_) => {
+                return Err(HboneError::NoAnswer {
+                    dst,
+                    detail: "the connection closed".into(),
+                })
+            }
+        }
+        let driver = driver.disarm();
         tracing::debug!(%dst, source = %key.source, "new HBONE connection");
         Ok(Arc::new(Conn {
             send,
@@ -351,6 +481,23 @@ impl Pool {
             verified_at,
             driver,
         }))
+    }
+}
+
+/// Aborts a spawned task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) -> tokio::task::AbortHandle {
+        self.0.take().expect("armed until disarmed")
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
     }
 }
 
@@ -447,5 +594,228 @@ async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
             });
             !conns.is_empty() || Arc::strong_count(e) > 1
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{CertSource, FileCa};
+    use http::Method;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::time::Instant as TokioInstant;
+
+    const BLACK_HOLE: &str = "10.0.0.3:15008";
+    const MUTE_H2: &str = "10.0.0.5:15008";
+    const GOOD: &str = "10.0.0.4:15008";
+
+    /// What the in-memory peers saw: dials per destination, and the far ends of the pipes the
+    /// silent peers hold (to see that the pool closed them).
+    #[derive(Default)]
+    struct Peers {
+        dials: Mutex<HashMap<SocketAddr, usize>>,
+        held: Mutex<Vec<DuplexStream>>,
+    }
+
+    impl Peers {
+        fn dials(&self, dst: &str) -> usize {
+            let dst: SocketAddr = dst.parse().unwrap();
+            *self.dials.lock().unwrap().get(&dst).unwrap_or(&0)
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "ns", sa).unwrap()
+    }
+
+    /// A pool whose peers live in memory: `GOOD` answers every CONNECT with 200, `BLACK_HOLE`
+    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2.
+    fn pool(dir: &std::path::Path, timeout: Duration) -> (Arc<Pool>, Arc<Peers>) {
+        FileCa::init(dir, "cluster.local").unwrap();
+        let ca = FileCa::load(dir).unwrap();
+        let roots = ca.roots().to_vec();
+        let certs = Arc::new(
+            CertManager::new(
+                CertSource::file_ca(ca, Duration::from_secs(3600)),
+                &roots,
+                crate::tls::provider(),
+            )
+            .unwrap(),
+        );
+        // Issued up front: these tests are about the dial, not the CA.
+        certs.fetch(&id("client")).unwrap();
+        let scfg = Arc::new(
+            crate::tls::server_config(&certs.fetch(&id("server")).unwrap(), &certs.trust())
+                .unwrap(),
+        );
+        let peers = Arc::new(Peers::default());
+        let seen = peers.clone();
+        let transport = move |dst: SocketAddr| {
+            *seen.dials.lock().unwrap().entry(dst).or_default() += 1;
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let scfg = scfg.clone();
+            match dst.to_string().as_str() {
+                GOOD => {
+                    tokio::spawn(async move {
+                        let Ok(mut accepted) =
+                            super::super::server::accept(theirs, scfg, Duration::from_secs(60))
+                                .await
+                        else {
+                            return;
+                        };
+                        let mut open = Vec::new();
+                        while let Some(Ok((_, respond))) = accepted.h2.accept().await {
+                            open.extend(super::super::server::respond_ok(respond).ok());
+                        }
+                    });
+                }
+                MUTE_H2 => {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let tls = tokio_rustls::TlsAcceptor::from(scfg)
+                            .accept(theirs)
+                            .await
+                            .unwrap();
+                        let (io, _) = tls.into_inner();
+                        seen.held.lock().unwrap().push(io);
+                    });
+                }
+                _ => seen.held.lock().unwrap().push(theirs),
+            }
+            ours
+        };
+        let pool = Arc::new(Pool {
+            certs,
+            mark: None,
+            netns: None,
+            connect_timeout: timeout,
+            entries: Mutex::new(HashMap::new()),
+            test_transport: Some(Box::new(transport)),
+        });
+        (pool, peers)
+    }
+
+    fn key(dst: &str) -> PoolKey {
+        PoolKey {
+            source: id("client"),
+            expected: vec![id("server")],
+            dst: dst.parse().unwrap(),
+            source_ip: None,
+        }
+    }
+
+    fn connect_req() -> Request<()> {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.1.0.9:8080")
+            .body(())
+            .unwrap()
+    }
+
+    /// Opens a tunnel to `dst`; returns the outcome and when it came, from `start`.
+    async fn timed(
+        pool: &Pool,
+        dst: &str,
+        start: TokioInstant,
+    ) -> (Result<Tunnel, HboneError>, Duration) {
+        let r = pool.connect(&key(dst), connect_req()).await;
+        (r, start.elapsed())
+    }
+
+    fn keys(pool: &Pool) -> Vec<SocketAddr> {
+        let entries = pool.entries.lock().unwrap();
+        entries.keys().map(|k| k.dst).collect()
+    }
+
+    /// Issue #11 finding 8: five callers for a peer that accepts TCP and never answers TLS all
+    /// fail together at the one deadline (not one deadline each in turn), with an error naming
+    /// the peer; a caller for another destination meanwhile is served at once; the abandoned
+    /// dial's socket is closed and the pool keeps no entry for the black hole, so the next
+    /// caller dials again.
+    #[tokio::test(start_paused = true)]
+    async fn a_black_hole_costs_its_callers_one_deadline_and_other_destinations_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let start = TokioInstant::now();
+        let stuck: Vec<_> = (0..5)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { timed(&pool, BLACK_HOLE, start).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+
+        let (good, took) = timed(&pool, GOOD, start).await;
+        let good = good.expect("the good peer is served");
+        assert_eq!(took, Duration::ZERO, "a black hole elsewhere delays nobody");
+
+        for t in stuck {
+            let (r, at) = t.await.unwrap();
+            let Err(e) = r else {
+                panic!("a black hole answered")
+            };
+            assert!(matches!(e, HboneError::DialTimeout { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                "HBONE dial to 10.0.0.3:15008 not done within 10s: is a NetworkPolicy blocking port 15008 or is the peer overloaded?"
+            );
+            assert_eq!(
+                at,
+                Duration::from_secs(10),
+                "every waiter fails at the deadline"
+            );
+        }
+        assert_eq!(peers.dials(BLACK_HOLE), 1, "one dial for five callers");
+        assert_eq!(keys(&pool), vec![GOOD.parse().unwrap()], "no entry left");
+        // The abandoned dial closed its end: the peer reads the ClientHello, then EOF.
+        let mut held = std::mem::take(&mut *peers.held.lock().unwrap());
+        let mut seen = Vec::new();
+        held[0].read_to_end(&mut seen).await.unwrap();
+        assert!(!seen.is_empty(), "the peer got a ClientHello");
+
+        // The slot was released: the next caller dials afresh, and again costs one deadline.
+        let (r, at) = timed(&pool, BLACK_HOLE, start).await;
+        assert!(matches!(r, Err(HboneError::DialTimeout { .. })));
+        assert_eq!(at, Duration::from_secs(20));
+        assert_eq!(peers.dials(BLACK_HOLE), 2);
+        assert_eq!(pool.connections(), 1, "only the good connection is pooled");
+        drop(good);
+    }
+
+    /// A peer that completes TLS but never sends its HTTP/2 SETTINGS (or answers anything) hits
+    /// the same dial deadline, here a configured 3 s, instead of the 15 s CONNECT response
+    /// timeout; its connection is not pooled.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_speaks_http2_hits_the_configured_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(3));
+        let start = TokioInstant::now();
+        let (r, at) = timed(&pool, MUTE_H2, start).await;
+        let Err(e) = r else {
+            panic!("a mute peer gave a tunnel")
+        };
+        assert!(matches!(e, HboneError::DialTimeout { .. }), "{e}");
+        assert!(e.to_string().contains("not done within 3s"), "{e}");
+        assert_eq!(at, Duration::from_secs(3));
+        assert_eq!(pool.connections(), 0);
+        assert!(keys(&pool).is_empty(), "no entry left");
+        // The abandoned connection is closed: the peer's end reaches EOF.
+        let mut held = std::mem::take(&mut *peers.held.lock().unwrap());
+        let mut rest = Vec::new();
+        held[0].read_to_end(&mut rest).await.unwrap();
+        assert_eq!(peers.dials(MUTE_H2), 1);
+    }
+
+    /// A served dial pools its connection: a second tunnel to the same peer reuses it.
+    #[tokio::test(start_paused = true)]
+    async fn a_good_peer_is_dialed_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let start = TokioInstant::now();
+        let (a, _) = timed(&pool, GOOD, start).await;
+        let (b, _) = timed(&pool, GOOD, start).await;
+        let (_a, _b) = (a.unwrap(), b.unwrap());
+        assert_eq!(peers.dials(GOOD), 1);
+        assert_eq!(pool.connections(), 1);
     }
 }

@@ -6,6 +6,12 @@
 //! failed renewal is retried with exponential backoff and jitter (500 ms to 150 s) while the
 //! current certificate keeps being served until it expires. The trust snapshot (roots, CRLs,
 //! clock) lives here too and is swapped on reload; subscribers re-check their live connections.
+//!
+//! Issuing a leaf (key generation, CA signing) is CPU work that may also wait on a remote CA, so
+//! the async paths (`fetch_async`, the renewal loop) never run it on an async worker: it runs on
+//! the blocking pool, once per identity at a time (single flight), and every caller that needs
+//! the same identity meanwhile awaits that one issuance. A cached, fresh certificate is returned
+//! without leaving the caller's task.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -116,6 +122,36 @@ pub enum CertManagerError {
     Trust(#[from] TrustError),
     #[error("certificate for {identity} expired and could not be renewed: {detail}")]
     Expired { identity: String, detail: String },
+    /// The outcome of an issuance another caller started and this one awaited.
+    #[error(transparent)]
+    Shared(Arc<CertManagerError>),
+    #[error("certificate issuance for {identity} ended without a result (the issuing task panicked or the runtime is shutting down)")]
+    IssuanceLost { identity: String },
+}
+
+/// One issuance in progress: its result, published to every caller that awaits it.
+type Flight = watch::Receiver<Option<Result<Arc<WorkloadCert>, Arc<CertManagerError>>>>;
+
+/// What the cache alone can answer for an identity.
+enum Cached {
+    /// A usable certificate (fresh, or backing off from a failed renewal and not yet expired),
+    /// or a definite answer that needs no CA (a static source).
+    Ready(Result<Arc<WorkloadCert>, CertManagerError>),
+    /// Missing, or due for (re)issuance: the CA must be asked.
+    Issue,
+}
+
+/// Ends an identity's flight when its issuance returns, panics, or never runs (a runtime that
+/// is shutting down drops the job), so the next caller that finds the certificate missing or
+/// due starts a new one instead of awaiting a finished one.
+struct FlightDone(Arc<CertManager>, SpiffeId);
+
+impl Drop for FlightDone {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.0.inflight.lock() {
+            inflight.remove(&self.1);
+        }
+    }
 }
 
 struct Entry {
@@ -130,6 +166,8 @@ pub struct CertManager {
     source: RwLock<Arc<CertSource>>,
     trust: watch::Sender<Arc<Trust>>,
     cache: Mutex<HashMap<SpiffeId, Entry>>,
+    /// Issuances running on the blocking pool, one per identity (single flight).
+    inflight: Mutex<HashMap<SpiffeId, Flight>>,
     /// Wakes the renewal loop when the schedule may have moved earlier.
     changed: Notify,
 }
@@ -150,6 +188,7 @@ impl CertManager {
             source: RwLock::new(Arc::new(source)),
             trust: watch::Sender::new(Arc::new(trust)),
             cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         };
         mgr.load_static_certs()?;
@@ -291,9 +330,86 @@ impl CertManager {
         })
     }
 
-    /// The current certificate for `id`, issuing or renewing it when needed.
+    /// The current certificate for `id`, issuing or renewing it when needed, on the calling
+    /// thread. For start-up and tools; async code on the data path uses `fetch_async`.
     pub fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CertManagerError> {
         self.fetch_at(id, self.now())
+    }
+
+    /// What the cache can answer for `id` at `now` without asking the CA.
+    fn lookup(&self, id: &SpiffeId, now: SystemTime) -> Cached {
+        let is_static = matches!(*self.source(), CertSource::Static(_));
+        let cache = self.cache.lock().expect("cert cache poisoned");
+        let entry = cache.get(id);
+        if is_static {
+            // Nothing to renew from: keep serving what the operator provisioned.
+            return Cached::Ready(
+                entry
+                    .map(|e| e.cert.clone())
+                    .ok_or_else(|| CertManagerError::NoStaticCert(id.to_string())),
+            );
+        }
+        match entry {
+            Some(e) if now < e.cert.refresh_at() => Cached::Ready(Ok(e.cert.clone())),
+            Some(e) if e.retry_at.is_some_and(|r| now < r) && !e.cert.is_expired(now) => {
+                Cached::Ready(Ok(e.cert.clone()))
+            }
+            _ => Cached::Issue,
+        }
+    }
+
+    /// `fetch` for async callers (accept paths, the HBONE pool). A cached certificate is
+    /// returned at once; otherwise the issuance runs on the blocking pool, at most one per
+    /// identity at a time, and this call awaits it: a burst of connections for a cold identity
+    /// causes one signing, and a slow CA never holds up an async worker (or other identities).
+    pub async fn fetch_async(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+    ) -> Result<Arc<WorkloadCert>, CertManagerError> {
+        match self.lookup(id, self.now()) {
+            Cached::Ready(r) => r,
+            Cached::Issue => self.issue_once(id).await,
+        }
+    }
+
+    /// Joins the issuance in flight for `id`, or starts one on the blocking pool.
+    async fn issue_once(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+    ) -> Result<Arc<WorkloadCert>, CertManagerError> {
+        let mut flight = {
+            let mut inflight = self.inflight.lock().expect("inflight lock poisoned");
+            match inflight.get(id) {
+                Some(f) => f.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(id.clone(), rx.clone());
+                    let done = FlightDone(self.clone(), id.clone());
+                    // Detached: the issuance completes and is cached even if every caller
+                    // that waited for it has gone away meanwhile.
+                    tokio::task::spawn_blocking(move || {
+                        let FlightDone(mgr, id) = &done;
+                        let r = mgr.fetch_at(id, mgr.now()).map_err(Arc::new);
+                        tx.send_replace(Some(r));
+                        drop(done);
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = flight
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.clone())
+            .ok()
+            .flatten();
+        match outcome {
+            Some(Ok(cert)) => Ok(cert),
+            Some(Err(e)) => Err(CertManagerError::Shared(e)),
+            None => Err(CertManagerError::IssuanceLost {
+                identity: id.to_string(),
+            }),
+        }
     }
 
     /// `fetch` as of `now`. Past half-life a renewal is attempted (unless a failed one is still
@@ -303,29 +419,24 @@ impl CertManager {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<Arc<WorkloadCert>, CertManagerError> {
+        if let Cached::Ready(r) = self.lookup(id, now) {
+            return r;
+        }
         let source = self.source();
-        let (ca, ttl) = match &*source {
-            CertSource::Ca { ca, ttl } => (ca, *ttl),
-            // Nothing to renew from: keep serving what the operator provisioned.
-            CertSource::Static(_) => {
-                let cache = self.cache.lock().expect("cert cache poisoned");
-                return cache
-                    .get(id)
-                    .map(|e| e.cert.clone())
-                    .ok_or_else(|| CertManagerError::NoStaticCert(id.to_string()));
-            }
+        let CertSource::Ca { ca, ttl } = &*source else {
+            // The source was swapped to static since the lookup: answer from its cache.
+            return match self.lookup(id, now) {
+                Cached::Ready(r) => r,
+                Cached::Issue => Err(CertManagerError::NoStaticCert(id.to_string())),
+            };
         };
-        let current = {
-            let cache = self.cache.lock().expect("cert cache poisoned");
-            match cache.get(id) {
-                Some(e) if now < e.cert.refresh_at() => return Ok(e.cert.clone()),
-                Some(e) if e.retry_at.is_some_and(|r| now < r) && !e.cert.is_expired(now) => {
-                    return Ok(e.cert.clone())
-                }
-                Some(e) => Some((e.cert.clone(), e.failures)),
-                None => None,
-            }
-        };
+        let ttl = *ttl;
+        let current = self
+            .cache
+            .lock()
+            .expect("cert cache poisoned")
+            .get(id)
+            .map(|e| (e.cert.clone(), e.failures));
         match ca.issue(id, ttl, now) {
             Ok(issued) => {
                 let wc = Arc::new(WorkloadCert {
@@ -428,7 +539,9 @@ impl CertManager {
             let now = self.now();
             for (id, due) in &schedule {
                 if *due <= now {
-                    if let Err(e) = self.fetch_at(id, now) {
+                    // Through the single flight: the signing runs on the blocking pool, and a
+                    // connection asking for the same identity meanwhile waits for this one.
+                    if let Err(e) = self.fetch_async(id).await {
                         tracing::error!(identity = %id, error = %e, "no valid certificate");
                     }
                 }
@@ -719,5 +832,160 @@ mod tests {
             "renewed once the CA is back"
         );
         task.abort();
+    }
+
+    /// A CA that holds every signing until the test opens its gate, counting signings.
+    struct GatedCa {
+        inner: FileCa,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+        signed: std::sync::atomic::AtomicUsize,
+        entered: tokio::sync::Notify,
+    }
+
+    impl GatedCa {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    impl Authority for GatedCa {
+        fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Issued, CaError> {
+            self.signed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.entered.notify_one();
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            drop(open);
+            self.inner.issue_at(id, ttl, now)
+        }
+    }
+
+    fn gated(dir: &std::path::Path) -> (Arc<GatedCa>, Arc<CertManager>) {
+        FileCa::init(dir, "cluster.local").unwrap();
+        let inner = FileCa::load(dir).unwrap();
+        let roots = inner.roots().to_vec();
+        let ca = Arc::new(GatedCa {
+            inner,
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            signed: 0.into(),
+            entered: tokio::sync::Notify::new(),
+        });
+        let m = CertManager::new(
+            CertSource::Ca {
+                ca: ca.clone(),
+                ttl: Duration::from_secs(24 * 3600),
+            },
+            &roots,
+            crate::tls::provider(),
+        )
+        .unwrap();
+        (ca, Arc::new(m))
+    }
+
+    /// Opens the gate after `after` of wall time unless the test did: a guard against a
+    /// signing that blocks the runtime the test itself runs on. Reports whether it fired.
+    fn failsafe(ca: &Arc<GatedCa>, after: Duration) -> Arc<std::sync::atomic::AtomicBool> {
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ca, f) = (ca.clone(), fired.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            if !*ca.open.lock().unwrap() {
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+                ca.open();
+            }
+        });
+        fired
+    }
+
+    /// Finding 10 (issue #11): 50 connections arriving together for a cold identity cause
+    /// exactly one signing, and all of them get that certificate. Four workers, so signings
+    /// done inline on the accept path would overlap and be counted here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_fetches_for_a_cold_identity_sign_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, m) = gated(dir.path());
+        let fired = failsafe(&ca, Duration::from_secs(10));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let m = m.clone();
+                tokio::spawn(async move { m.fetch_async(&id("cold")).await })
+            })
+            .collect();
+        ca.entered.notified().await;
+        // Give every caller the chance to reach the CA while the first signing is held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ca.open();
+        let mut serials = HashSet::new();
+        for t in tasks {
+            serials.insert(t.await.unwrap().unwrap().serial.clone());
+        }
+        assert_eq!(ca.signed.load(SeqCst), 1, "one signing for 50 callers");
+        assert_eq!(serials.len(), 1, "every caller got the one certificate");
+        assert!(!fired.load(SeqCst));
+        assert!(
+            m.inflight.lock().unwrap().is_empty(),
+            "the flight ended with its issuance"
+        );
+        // Later callers are served from the cache, without another signing.
+        m.fetch_async(&id("cold")).await.unwrap();
+        assert_eq!(ca.signed.load(SeqCst), 1);
+    }
+
+    /// Finding 10 (issue #11): on a single-worker runtime, a signing held by a stuck CA does not
+    /// stop the worker from serving an identity whose certificate is cached. Were the signing
+    /// run on the worker, this test could not reach `fetch_async(cached)` before the failsafe.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stuck_ca_does_not_block_an_unrelated_cached_identity() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, m) = gated(dir.path());
+        ca.open();
+        let cached = m.fetch_async(&id("warm")).await.unwrap();
+        // Consumes the permit that signing left, so the wait below is for the cold one.
+        ca.entered.notified().await;
+        *ca.open.lock().unwrap() = false;
+        let fired = failsafe(&ca, Duration::from_secs(10));
+
+        let cold = {
+            let m = m.clone();
+            tokio::spawn(async move { m.fetch_async(&id("cold")).await })
+        };
+        ca.entered.notified().await;
+        let again = m.fetch_async(&id("warm")).await.unwrap();
+        assert!(Arc::ptr_eq(&again, &cached));
+        assert!(
+            !cold.is_finished(),
+            "the cold identity is still being signed"
+        );
+        ca.open();
+        let cold = cold.await.unwrap().unwrap();
+        assert_eq!(cold.identity, id("cold"));
+        assert!(!fired.load(SeqCst), "the worker was blocked by the signing");
+    }
+
+    /// A failed issuance reaches every waiter as an error and ends the flight, so the next
+    /// caller tries the CA again.
+    #[tokio::test]
+    async fn a_failed_issuance_is_shared_then_retried() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = crate::identity::ManualClock::new();
+        let (ca, m) = flaky(dir.path(), clock);
+        let m = Arc::new(m);
+        ca.down.store(true, SeqCst);
+        let Err(err) = m.fetch_async(&id("a")).await else {
+            panic!("issued while the CA is down");
+        };
+        assert!(err.to_string().contains("CA unreachable"), "{err}");
+        assert!(m.inflight.lock().unwrap().is_empty());
+        ca.down.store(false, SeqCst);
+        m.fetch_async(&id("a")).await.unwrap();
+        assert_eq!(ca.attempts.load(SeqCst), 2);
     }
 }

@@ -1,6 +1,8 @@
 //! One structured access-log line per connection: who talked to whom, under which identities,
 //! how many bytes each way, how long, and how it ended. The subscriber set up in `main` renders
-//! it as text or JSON.
+//! it as text or JSON and hands it to `crate::accesslog::NodeLogWriter`, which queues it for the
+//! writer thread: `emit` never waits for stderr, and a line that does not fit the queue is
+//! dropped and counted (`zmesh_access_log_dropped_total`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,7 +127,7 @@ impl ConnLog {
         };
         let na = "-";
         tracing::info!(
-            target: "access",
+            target: crate::accesslog::ACCESS_TARGET,
             direction = self.direction.as_str(),
             src.addr = %self.src,
             dst.addr = %self.dst,
@@ -140,6 +142,55 @@ impl ConnLog {
             result,
             error = error.map(|e| e.to_string()).as_deref().unwrap_or(na),
             "connection complete"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accesslog::tests::{returns_promptly, StalledSink};
+    use crate::accesslog::{LineWriter, NodeLogWriter};
+
+    /// Issue #11 finding 10: the node's connection log with its output stalled (stderr a pipe
+    /// nobody reads). `emit` still returns at once for every connection: the first line sits
+    /// in the stuck write, 16 wait in the queue, the other 483 are dropped and counted.
+    #[test]
+    fn emit_never_waits_for_a_stalled_log_output() {
+        let sink = StalledSink::default();
+        let lines: &'static LineWriter = Box::leak(Box::new(LineWriter::spawn(
+            "test-node-log",
+            16,
+            sink.clone(),
+        )));
+        let subscriber = Arc::new(
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(NodeLogWriter::to(lines))
+                .finish(),
+        );
+        let metrics = Arc::new(NodeMetrics::default());
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let first = ConnLog::new(Direction::Outbound, src, dst, &metrics);
+        tracing::subscriber::with_default(subscriber.clone(), || first.emit(true, None));
+        sink.wait_stuck();
+        returns_promptly(move || {
+            tracing::subscriber::with_default(subscriber, || {
+                for _ in 0..499 {
+                    ConnLog::new(Direction::Outbound, src, dst, &metrics).emit(true, None);
+                }
+            });
+        });
+        assert_eq!(lines.dropped(), 499 - 16);
+        sink.release();
+        assert!(lines.close(std::time::Duration::from_secs(10)));
+        assert_eq!(sink.lines(), 17);
+        let written = String::from_utf8(sink.written.lock().unwrap().clone()).unwrap();
+        assert!(
+            written.contains("\"dst.addr\":\"10.0.0.2:8080\""),
+            "{written}"
         );
     }
 }

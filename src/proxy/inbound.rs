@@ -97,7 +97,8 @@ async fn connection(
     };
     let cert = node
         .certs
-        .fetch(&workload.identity)
+        .fetch_async(&workload.identity)
+        .await
         .map_err(|e| no_cert(e.to_string()))?;
     let cfg = node
         .server_config(&cert)

@@ -178,7 +178,8 @@ async fn add(
             )
         })?;
     node.certs
-        .fetch(&workload.identity)
+        .fetch_async(&workload.identity)
+        .await
         .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
     let netns = Arc::new(netns);
     // Restart hand-over: when the old process closes its SO_REUSEPORT listeners, connections
@@ -207,7 +208,12 @@ async fn add(
         .map_err(listen_err("HBONE"))?;
     let (kill_tx, kill) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
-    let pool = Pool::new(node.certs.clone(), node.mark(), Some(netns.clone()));
+    let pool = Pool::with_connect_timeout(
+        node.certs.clone(),
+        node.mark(),
+        Some(netns.clone()),
+        node.cfg.node.connect_timeout,
+    );
     let scope = Arc::new(Scope {
         pool: pool.clone(),
         netns: Some(netns.clone()),

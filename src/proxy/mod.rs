@@ -191,7 +191,7 @@ impl Node {
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
-        let pool = Pool::new(certs.clone(), mark, None);
+        let pool = Pool::with_connect_timeout(certs.clone(), mark, None, cfg.node.connect_timeout);
         Ok(Arc::new(Node {
             cfg,
             state: watch::Sender::new(Arc::new(state)),
@@ -275,6 +275,12 @@ impl Node {
                 "counter",
                 "Rejection warnings not logged because of the rate limit (they are still counted)",
                 vec![(String::new(), self.rejections.log.suppressed_total() as f64)],
+            ),
+            (
+                "zmesh_access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the log output did not keep up",
+                vec![(String::new(), crate::accesslog::node_dropped() as f64)],
             ),
             (
                 "zmesh_certificate_expiry_seconds",

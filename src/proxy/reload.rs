@@ -123,6 +123,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "handshake_timeout",
         o.handshake_timeout != n.handshake_timeout,
     );
+    check("connect_timeout", o.connect_timeout != n.connect_timeout);
     changed
 }
 
@@ -238,6 +239,11 @@ mod tests {
             restart_only_changes(&old, &new),
             vec!["ports", "access_log"]
         );
+        // The HBONE dial deadline: 10 s unless set; pools keep the value they started with.
+        assert_eq!(old.node.connect_timeout, Duration::from_secs(10));
+        let dial = cfg("  connect_timeout: 3s\n");
+        assert_eq!(dial.node.connect_timeout, Duration::from_secs(3));
+        assert_eq!(restart_only_changes(&old, &dial), vec!["connect_timeout"]);
         // Certificates and the CRL are applied by the reload, so they are not listed.
         let crl = cfg("  crl: /crl.pem\n");
         assert!(restart_only_changes(&old, &crl).is_empty());

@@ -1,19 +1,13 @@
 //! The waypoint's access log: one JSON line per request on stdout (where container runtimes
 //! collect it).
 //!
-//! The request path only serializes a line and queues it; a dedicated thread writes whatever
-//! has queued up in one `write`, so under load many lines share a syscall and a slow stdout never
-//! blocks a request. The queue is bounded: when it is full the line is dropped and counted,
-//! never the request.
-
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+//! The request path only serializes a line and queues it on the shared bounded writer
+//! (`crate::accesslog`): a slow stdout never blocks a request; when the queue is full the line
+//! is dropped and counted, never the request.
 
 use serde::Serialize;
 
-/// Lines that may wait for the writer; about 10 MB at worst.
-const QUEUE: usize = 16 * 1024;
+use crate::accesslog::LineWriter;
 
 /// One request, as logged.
 #[derive(Serialize)]
@@ -40,37 +34,16 @@ pub struct Line<'a> {
     pub span_id: String,
 }
 
-pub struct AccessLog {
-    tx: SyncSender<Vec<u8>>,
-    pub dropped: AtomicU64,
-}
+/// The waypoint's access log: JSON lines on stdout through the shared bounded writer.
+pub struct AccessLog(LineWriter);
 
 impl Default for AccessLog {
     fn default() -> Self {
-        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
-        std::thread::Builder::new()
-            .name("zmesh-accesslog".into())
-            .spawn(move || {
-                let stdout = std::io::stdout();
-                let mut batch = Vec::with_capacity(64 * 1024);
-                while let Ok(first) = rx.recv() {
-                    batch.extend_from_slice(&first);
-                    while let Ok(more) = rx.try_recv() {
-                        batch.extend_from_slice(&more);
-                        if batch.len() >= 64 * 1024 {
-                            break;
-                        }
-                    }
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(&batch).and_then(|()| out.flush());
-                    batch.clear();
-                }
-            })
-            .expect("spawning the access-log thread");
-        AccessLog {
-            tx,
-            dropped: AtomicU64::new(0),
-        }
+        AccessLog(LineWriter::spawn(
+            "zmesh-accesslog",
+            crate::accesslog::QUEUE,
+            std::io::stdout(),
+        ))
     }
 }
 
@@ -80,11 +53,11 @@ impl AccessLog {
             return;
         };
         bytes.push(b'\n');
-        match self.tx.try_send(bytes) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.0.write_line(bytes);
+    }
+
+    /// Lines dropped because stdout did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped()
     }
 }

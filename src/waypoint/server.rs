@@ -165,7 +165,7 @@ impl Waypoint {
         certs
             .fetch(&me.identity)
             .map_err(|e| WaypointError::Certs(e.to_string()))?;
-        let pool = Pool::new(certs.clone(), None, None);
+        let pool = Pool::with_connect_timeout(certs.clone(), None, None, cfg.node.connect_timeout);
         Ok(Arc::new(Waypoint {
             cfg,
             uid,
@@ -235,8 +235,8 @@ impl Waypoint {
             .clone()
     }
 
-    fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
-        let cert = self.certs.fetch(&me.identity).map_err(|e| e.to_string())?;
+    async fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
+        let cert = (self.certs.fetch_async(&me.identity).await).map_err(|e| e.to_string())?;
         let mut cached = self.server_config.lock().expect("poisoned");
         if let Some((serial, cfg)) = &*cached {
             if *serial == cert.serial {
@@ -322,7 +322,7 @@ impl ConnError {
 /// same handshake deadline, drain, keepalive, CRL re-checks and rapid-reset guard.
 async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
     let me = wp.me(&wp.state());
-    let cfg = wp.server_config(&me).map_err(ConnError::Certificate)?;
+    let cfg = wp.server_config(&me).await.map_err(ConnError::Certificate)?;
     let mut trust = wp.certs.subscribe_trust();
     trust.borrow_and_update();
     let accepted = server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
