@@ -10,7 +10,7 @@
 //! fractional, negative or huge. Another type (a string, a bool, an object) refuses the token
 //! rather than being ignored, since an `exp` that is skipped means a token that never expires.
 //! Comparisons are done in `f64` seconds, which cannot overflow (`exp + leeway` stays finite for
-//! every number JSON can carry). `exp` and `nbf` are enforced with [`LEEWAY_SECS`]; `iat` is only
+//! every number JSON can carry). `exp` and `nbf` are enforced with `LEEWAY_SECS`; `iat` is only
 //! type-checked, as Envoy's jwt_authn does. A `crit` header (RFC 7515 §4.1.11) names extensions
 //! the verifier must understand: this one understands none, so any `crit` is refused, and so is
 //! a `crit` that is not a non-empty array of strings.

@@ -3,11 +3,16 @@
 //! HBONE in on :15008, exactly like a node's inbound (the same TLS, deadline and HTTP/2
 //! settings) but with the waypoint's own certificate. Each CONNECT is judged by L4 policy, then
 //! its bytes are sniffed: HTTP/1.1 or HTTP/2 go to hyper (keep-alive, so one client connection
-//! carries many requests), anything else is relayed as TCP to an endpoint. Every HTTP request is
+//! carries many requests), anything else is relayed as TCP to an endpoint once the TCP reading of
+//! the target's HTTP policies admits it (l7's module docs). Every HTTP request is path-normalized,
 //! routed, authenticated (JWT), authorized (L7 policy), faulted, rewritten, and sent to an
 //! endpoint chosen per request over a pooled HBONE tunnel that carries the WAYPOINT's identity,
 //! with `:authority = endpointIP:targetPort`. Upstream HTTP connections are kept alive and
 //! reused per endpoint.
+//!
+//! Which policies judge a request is fixed by the CONNECT's `:authority` (the original
+//! destination), never by the Host header or HTTP/2 `:authority` inside the stream: see
+//! `Target` and `check_host`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
