@@ -525,7 +525,7 @@ async fn handle(wp: Arc<Waypoint>, down: Downstream, req: Request<Incoming>) -> 
 
 /// The host a request names, lower-cased, without port or trailing dot: Host, else the URI
 /// authority (HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target), else "".
-fn request_host(req: &Request<Incoming>) -> String {
+fn request_host<B>(req: &Request<B>) -> String {
     let raw = req
         .headers()
         .get(HOST)
@@ -1617,4 +1617,149 @@ pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), Waypoi
     tokio::spawn(serve(wp.clone(), hbone));
     tokio::spawn(serve_admin(wp, admin));
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `a` (backed by v1 and v2) and `b` (v1) in `shop`, `c` in `other`, `lone` backs nothing;
+    /// one DENY per service plus a namespace-wide one in `shop`.
+    fn state() -> WpState {
+        let deny = |name: &str, ns: &str, svc: &str| {
+            let svc = if svc.is_empty() {
+                String::new()
+            } else {
+                format!("service: {ns}/{svc}.{ns}.svc.cluster.local, ")
+            };
+            format!("  - {{ name: {name}, namespace: {ns}, {svc}action: deny, rules: [{{ to: [{{ paths: [/x] }}] }}] }}\n")
+        };
+        let mut text = String::from(
+            r#"node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
+workloads:
+  - { uid: client, name: client, namespace: shop, addresses: [10.0.0.1], node: n }
+  - { uid: v1, name: v1, namespace: shop, addresses: [10.0.1.1], node: n, services: { shop/a.shop.svc.cluster.local: {}, shop/b.shop.svc.cluster.local: {} } }
+  - { uid: v2, name: v2, namespace: shop, addresses: [10.0.1.2], node: n, services: { shop/a.shop.svc.cluster.local: {} } }
+  - { uid: o, name: o, namespace: other, addresses: [10.0.2.1], node: n, services: { other/c.other.svc.cluster.local: {} } }
+  - { uid: lone, name: lone, namespace: shop, addresses: [10.0.3.1], node: n }
+services:
+  - { name: a, namespace: shop, hostname: a.shop.svc.cluster.local, vips: [10.96.0.1], ports: { 80: 8080 } }
+  - { name: b, namespace: shop, hostname: b.shop.svc.cluster.local, vips: [10.96.0.2], ports: { 80: 8080 } }
+  - { name: c, namespace: other, hostname: c.other.svc.cluster.local, vips: [10.96.0.3], ports: { 80: 8080 } }
+http_policies:
+"#,
+        );
+        text += &deny("pa", "shop", "a");
+        text += &deny("pb", "shop", "b");
+        text += &deny("ns", "shop", "");
+        text += &deny("pc", "other", "c");
+        WpState::from_config(&Config::parse(&text, "t").unwrap()).unwrap()
+    }
+
+    fn names(t: &Target) -> Vec<&str> {
+        t.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_connect_target_fixes_the_services_and_policies() {
+        let st = state();
+        // (CONNECT target, its services, the policies that judge it)
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("10.96.0.1:80", &["a"], &["pa", "ns"]),
+            ("10.96.0.2:80", &["b"], &["pb", "ns"]),
+            ("10.0.1.1:8080", &["a", "b"], &["pa", "pb", "ns"]),
+            ("10.0.1.2:8080", &["a"], &["pa", "ns"]),
+            ("10.0.3.1:8080", &[], &["ns"]),
+            ("10.0.2.1:8080", &["c"], &["pc"]),
+        ];
+        for (dst, services, policies) in cases {
+            let t = st.target(dst.parse().unwrap());
+            assert_eq!(names(&t), *services, "{dst}");
+            let got: Vec<&str> = st.policies(&t).iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(got, *policies, "{dst}");
+        }
+    }
+
+    #[test]
+    fn a_host_may_name_the_target_or_nothing_known_never_another_destination() {
+        let st = state();
+        let m = &st.model;
+        let vip_a = st.target("10.96.0.1:80".parse().unwrap());
+        let pod_v1 = st.target("10.0.1.1:8080".parse().unwrap());
+        // (target, host, Ok(service named) or Err = misdirected)
+        let cases: Vec<(&Target, &str, Result<Option<&str>, ()>)> = vec![
+            (&vip_a, "", Ok(None)),
+            (&vip_a, "a.shop.svc.cluster.local", Ok(Some("a"))),
+            (&vip_a, "a.shop.svc", Ok(Some("a"))),
+            (&vip_a, "a.shop", Ok(Some("a"))),
+            (&vip_a, "a", Ok(Some("a"))),
+            (&vip_a, "10.96.0.1", Ok(Some("a"))),
+            (&vip_a, "10.0.1.1", Ok(None)),
+            (&vip_a, "10.0.1.2", Ok(None)),
+            (&vip_a, "evil.example", Ok(None)),
+            (&vip_a, "10.9.9.9", Ok(None)),
+            (&vip_a, "c", Ok(None)),
+            (&vip_a, "10.0.0.1", Err(())),
+            (&vip_a, "10.0.3.1", Err(())),
+            (&vip_a, "10.0.2.1", Err(())),
+            (&vip_a, "b", Err(())),
+            (&vip_a, "b.shop", Err(())),
+            (&vip_a, "10.96.0.2", Err(())),
+            (&vip_a, "c.other", Err(())),
+            (&pod_v1, "10.0.1.1", Ok(None)),
+            (&pod_v1, "a", Ok(Some("a"))),
+            (&pod_v1, "b.shop", Ok(Some("b"))),
+            (&pod_v1, "10.96.0.2", Ok(Some("b"))),
+            (&pod_v1, "", Ok(None)),
+            (&pod_v1, "garbage", Ok(None)),
+            (&pod_v1, "10.0.0.1", Err(())),
+            (&pod_v1, "c.other", Err(())),
+            (&pod_v1, "10.96.0.3", Err(())),
+        ];
+        for (t, host, want) in cases {
+            let got = check_host(m, host, t);
+            let got = got
+                .as_ref()
+                .map(|s| s.as_ref().map(|s| s.name.as_str()))
+                .map_err(|_| ());
+            assert_eq!(got, want, "{host:?} to {:?}", names(t));
+        }
+    }
+
+    #[test]
+    fn request_host_is_lowercased_without_port_or_trailing_dot() {
+        let with_host = |h: &str| {
+            let req = Request::get("/").header(HOST, h).body(()).unwrap();
+            request_host(&req)
+        };
+        for (raw, want) in [
+            ("A.Shop:80", "a.shop"),
+            ("a.shop.", "a.shop"),
+            ("10.0.0.1:8080", "10.0.0.1"),
+            ("[::1]:8080", "::1"),
+            ("[::1]", "::1"),
+            ("::1", "::1"),
+            ("", ""),
+            ("host:notaport", "host:notaport"),
+        ] {
+            assert_eq!(with_host(raw), want, "{raw:?}");
+        }
+        // HTTP/2: no Host header, the `:authority` in the URI.
+        let req = Request::get("http://B.Shop:80/x").body(()).unwrap();
+        assert_eq!(request_host(&req), "b.shop");
+        assert_eq!(request_host(&Request::get("/").body(()).unwrap()), "");
+    }
+
+    #[test]
+    fn the_forwarded_uri_carries_the_normalized_path_and_the_same_query() {
+        for (uri, want) in [
+            ("/a/../b?x=%2F&y=..", "/b?x=%2F&y=.."),
+            ("http://s//%61dmin?q", "http://s/admin?q"),
+            ("/", "/"),
+        ] {
+            let (u, _) = normalized_uri(&uri.parse().unwrap()).unwrap();
+            assert_eq!(u.to_string(), want, "{uri}");
+        }
+        assert!(normalized_uri(&"/a%2fb".parse().unwrap()).is_err());
+    }
 }
