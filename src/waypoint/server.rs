@@ -1687,7 +1687,8 @@ http_policies:
         let vip_a = st.target("10.96.0.1:80".parse().unwrap());
         let pod_v1 = st.target("10.0.1.1:8080".parse().unwrap());
         // (target, host, Ok(service named) or Err = misdirected)
-        let cases: Vec<(&Target, &str, Result<Option<&str>, ()>)> = vec![
+        type Case<'a> = (&'a Target, &'a str, Result<Option<&'a str>, ()>);
+        let cases: Vec<Case<'_>> = vec![
             (&vip_a, "", Ok(None)),
             (&vip_a, "a.shop.svc.cluster.local", Ok(Some("a"))),
             (&vip_a, "a.shop.svc", Ok(Some("a"))),
