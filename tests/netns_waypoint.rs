@@ -3,6 +3,11 @@
 //! zmesh-waypoint, node 3 runs zmesh-node with v1 and v2 of service S (inbound capture on the
 //! app port). Pod A's app dials S's VIP like any address; the capture rules, node 1's tunnel, the
 //! waypoint and node 3's tunnel do the rest.
+//!
+//! The attack test (issue #11 findings 5 and 6) sends, from pod A, requests meant to slip past
+//! the waypoint's L7 policy: a Host or HTTP/2 `:authority` naming a pod IP, pod A's own IP or
+//! another service; every spelling of `/admin` a backend might decode; a client that speaks
+//! only after the sniff timeout, and one that is not HTTP. It counts what the backends receive.
 
 mod common;
 
@@ -10,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::http_app::{app, get, ChannelBody};
+use common::http_app::{app_logged, get, ChannelBody, RequestLog};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Frame;
@@ -24,6 +29,8 @@ const WAYPOINT: &str = env!("CARGO_BIN_EXE_zmesh-waypoint");
 const S_VIP: &str = "10.96.18.1";
 const SECURE_VIP: &str = "10.96.18.4";
 const DEAD_VIP: &str = "10.96.18.5";
+/// Declares HTTP on port 80 (no sniffing); v1 backs it; it denies `/admin*`.
+const WEB_VIP: &str = "10.96.18.6";
 
 struct Topology {
     nodes: ThreeNodes,
@@ -40,7 +47,7 @@ fn config(node: &str, bind: &str, jwks: &str, extra: &str) -> String {
 {extra}workloads:
   - {{ uid: a, name: pod-a, namespace: shop, service_account: client, addresses: [{A}], node: n1 }}
   - {{ uid: wp, name: waypoint, namespace: shop, service_account: waypoint, addresses: [{WP}], node: n2 }}
-  - {{ uid: v1, name: s-v1, namespace: shop, service_account: s, addresses: [{V1}], node: n3, services: {{ shop/s: {{}}, shop/s-v1: {{}}, shop/secure: {{}} }} }}
+  - {{ uid: v1, name: s-v1, namespace: shop, service_account: s, addresses: [{V1}], node: n3, services: {{ shop/s: {{}}, shop/s-v1: {{}}, shop/secure: {{}}, shop/web: {{}} }} }}
   - {{ uid: v2, name: s-v2, namespace: shop, service_account: s, addresses: [{V2}], node: n3, services: {{ shop/s: {{}}, shop/s-v2: {{}} }} }}
   - {{ uid: sick, name: sick, namespace: shop, service_account: s, addresses: [10.218.0.99], node: n3, status: unhealthy, services: {{ shop/dead: {{}} }} }}
 services:
@@ -49,6 +56,7 @@ services:
   - {{ name: s-v2, namespace: shop, hostname: s-v2, vips: [10.96.18.3], ports: {{ 80: 8080 }}, waypoint: wp }}
   - {{ name: secure, namespace: shop, hostname: secure, vips: [{SECURE_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
   - {{ name: dead, namespace: shop, hostname: dead, vips: [{DEAD_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: web, namespace: shop, hostname: web, vips: [{WEB_VIP}], ports: {{ 80: 8080 }}, app_protocols: {{ 80: http }}, waypoint: wp }}
 policies:
   - name: only-waypoint
     namespace: shop
@@ -78,6 +86,11 @@ http_policies:
   - name: deny-admin
     namespace: shop
     service: shop/s
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+  - name: deny-admin-web
+    namespace: shop
+    service: shop/web
     action: deny
     rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
 request_authentication:
@@ -110,13 +123,20 @@ fn start() -> Topology {
     Topology { nodes, jwt_key }
 }
 
-/// Starts the v1 and v2 apps in node 3 (listeners made inside its namespace).
-fn start_apps(n3: &Netns) {
+/// Starts the v1 and v2 apps in node 3 (listeners made inside its namespace); returns the log
+/// of every request they receive.
+fn start_apps(n3: &Netns) -> RequestLog {
+    let log = RequestLog::default();
     for (v, ip) in [("v1", V1), ("v2", V2)] {
         let l = n3.listen_tcp(format!("{ip}:8080")).unwrap();
         l.set_nonblocking(true).unwrap();
-        tokio::spawn(app(v, tokio::net::TcpListener::from_std(l).unwrap()));
+        tokio::spawn(app_logged(
+            v,
+            tokio::net::TcpListener::from_std(l).unwrap(),
+            log.clone(),
+        ));
     }
+    log
 }
 
 /// A keep-alive HTTP/1.1 connection from pod A's app to `vip:80` (captured on node 1).
@@ -232,15 +252,21 @@ async fn waypoint_between_three_nodes() {
         "{refused:?}"
     );
 
-    // No healthy endpoint: 503. Unknown host: 404.
+    // No healthy endpoint: 503.
     let mut dead = h1(&t, DEAD_VIP).await;
     assert_eq!(
         get(&mut dead, "dead", "/", &[]).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
+    // A host the mesh does not know is judged as the CONNECT target; one naming another
+    // service is misdirected.
     assert_eq!(
-        get(&mut c, "unknown.example", "/", &[]).await.0,
-        StatusCode::NOT_FOUND
+        get(&mut c, "unknown.example", "/admin", &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get(&mut c, "s-v2", "/", &[]).await.0,
+        StatusCode::MISDIRECTED_REQUEST
     );
 
     // Malformed request: 400 and close. Oversize headers: 431. Others unaffected.
@@ -320,4 +346,170 @@ async fn waypoint_between_three_nodes() {
         log.contains("\"response_code\":403") && log.contains("\"response_flags\":\"RBAC\""),
         "{log}"
     );
+}
+
+/// A prior-knowledge HTTP/2 connection from pod A's app to `vip:80`.
+async fn h2c(t: &Topology, vip: &str) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let s = t.nodes.n1.connect_tcp(format!("{vip}:80")).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap()))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One HTTP/2 GET with `authority` as `:authority`.
+async fn get2(
+    c: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: &str,
+    path: &str,
+) -> StatusCode {
+    c.ready().await.unwrap();
+    let req = Request::get(format!("http://{authority}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// From pod A to `vip:80`: waits `after`, sends `data`, and expects a reset with no byte back.
+/// The reset may surface at connect, on the write or on the read.
+fn assert_reset(t: &Topology, vip: &str, after: Duration, data: &[u8]) {
+    use std::io::{Read, Write};
+    let is_reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+    let mut s = match t.nodes.n1.connect_tcp(format!("{vip}:80")) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = e.downcast::<std::io::Error>().expect("an I/O error");
+            return assert!(is_reset(&e), "{vip}: {e}");
+        }
+    };
+    std::thread::sleep(after);
+    if let Err(e) = s.write_all(data) {
+        return assert!(is_reset(&e), "{vip}: {e}");
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Err(e) => assert!(is_reset(&e), "{vip}: {e}"),
+        Ok(n) => panic!(
+            "{vip}: ended with {n} bytes instead of a reset: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+    }
+}
+
+/// Issue #11 findings 5 and 6 against real processes: Host / `:authority` bypasses, path
+/// spellings and the slow-client sniff bypass are all refused, and the backends see none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_on_the_waypoint_are_refused_and_never_reach_the_backend() {
+    let t = start();
+    let log = start_apps(&t.nodes.n3);
+    let (deny, wrong) = (StatusCode::FORBIDDEN, StatusCode::MISDIRECTED_REQUEST);
+
+    // Host bypass: a backend's pod IP (with and without port), pod A's own IP, another service,
+    // garbage; over HTTP/1.1 and HTTP/2 (`:authority`), to a sniffed and a declared-HTTP port.
+    for (vip, name, backend_ips, others) in [
+        (S_VIP, "s", vec![V1, V2], vec![A, WP, "s-v2", "10.96.18.3"]),
+        (WEB_VIP, "web", vec![V1], vec![A, WP, V2, "s", S_VIP]),
+    ] {
+        let mut c1 = h1(&t, vip).await;
+        let mut c2 = h2c(&t, vip).await;
+        // The backends' pod IPs first: the bypass that was confirmed live.
+        let mut judged: Vec<String> = Vec::new();
+        for ip in backend_ips {
+            judged.push(ip.into());
+            judged.push(format!("{ip}:8080"));
+        }
+        judged.extend([name.into(), vip.into(), "garbage.invalid".into()]);
+        for host in &judged {
+            assert_eq!(
+                get(&mut c1, host, "/admin", &[]).await.0,
+                deny,
+                "{vip} Host {host}"
+            );
+            assert_eq!(
+                get2(&mut c2, host, "/admin").await,
+                deny,
+                "{vip} :authority {host}"
+            );
+        }
+        for host in others {
+            assert_eq!(
+                get(&mut c1, host, "/admin", &[]).await.0,
+                wrong,
+                "{vip} Host {host}"
+            );
+            assert_eq!(
+                get2(&mut c2, host, "/admin").await,
+                wrong,
+                "{vip} :authority {host}"
+            );
+        }
+        // Path spellings of /admin.
+        for p in [
+            "//admin",
+            "///admin",
+            "/./admin",
+            "/x/../admin",
+            "/%61dmin",
+            "/%2e/admin",
+            "/%2E%2E/admin",
+            "/admin/",
+        ] {
+            assert_eq!(
+                get(&mut c1, name, p, &[]).await.0,
+                deny,
+                "{vip} HTTP/1.1 {p}"
+            );
+            assert_eq!(get2(&mut c2, name, p).await, deny, "{vip} HTTP/2 {p}");
+        }
+        for p in ["/ok/..%2Fadmin", "/ok/..%2fadmin", "/%5Cadmin"] {
+            let bad = StatusCode::BAD_REQUEST;
+            assert_eq!(
+                get(&mut c1, name, p, &[]).await.0,
+                bad,
+                "{vip} HTTP/1.1 {p}"
+            );
+            assert_eq!(get2(&mut c2, name, p).await, bad, "{vip} HTTP/2 {p}");
+        }
+    }
+
+    // The sniffer bypass: a client that waits past the sniff timeout before `GET /admin`, and
+    // one that is not HTTP, to the sniffed port of a service with an HTTP DENY.
+    let slow = b"GET /admin HTTP/1.1\r\nhost: s\r\n\r\n";
+    assert_reset(&t, S_VIP, Duration::from_millis(500), slow);
+    assert_reset(&t, S_VIP, Duration::ZERO, b"\x16\x03\x01\x00\x05hello");
+
+    let leaked: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.to_ascii_lowercase().contains("admin"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        leaked,
+        Vec::<String>::new(),
+        "requests that reached a backend"
+    );
+    // The log does record what gets through: an allowed request, with its normalized path.
+    let mut c = h1(&t, S_VIP).await;
+    let (st, _, body) = get(&mut c, "s", "/x/..//ok/%7Eu", &[]).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(log.lock().unwrap().contains(&"GET /ok/~u".to_string()));
+
+    // Each refusal is in the waypoint's access log, the reset TCP flows included.
+    let wp_log = t.nodes.waypoint.read_log();
+    for needle in [
+        "\"response_code\":421",
+        "\"response_code\":400",
+        "\"protocol\":\"tcp\",\"response_code\":0,\"grpc_status\":\"-\",\"response_flags\":\"RBAC\"",
+    ] {
+        assert!(wp_log.contains(needle), "{needle} not in {wp_log}");
+    }
 }

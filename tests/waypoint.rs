@@ -5,11 +5,12 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::http_app::{app, get, ChannelBody};
+use common::http_app::{app_logged, get, ChannelBody, RequestLog};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -34,6 +35,17 @@ struct Setup {
     raw: SocketAddr,
     banner: SocketAddr,
     v1_direct: SocketAddr,
+    /// `web` declares HTTP on port 80 and denies `/admin*`; `bguard` (server-first, 9001) and
+    /// `rawg` (declared TCP, echo on 9000) carry the same HTTP-only DENY.
+    web: SocketAddr,
+    bguard: SocketAddr,
+    rawg: SocketAddr,
+    /// The waypoint's HBONE listener, for CONNECTs sent to it directly.
+    wp_hbone: SocketAddr,
+    /// Every request the v1 and v2 apps received.
+    log: RequestLog,
+    /// Connections the server-first app accepted.
+    banner_accepts: Arc<AtomicUsize>,
     jwt_key: Vec<u8>,
 }
 
@@ -56,7 +68,7 @@ async fn setup(net: u8) -> Setup {
         "s",
         3,
         "node-b",
-        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {}, shop/flappy: {}, shop/tight: {}, shop/raw: {}, shop/banner: {} }",
+        ", services: { shop/s: {}, shop/s-v1: {}, shop/secure: {}, shop/flappy: {}, shop/tight: {}, shop/raw: {}, shop/banner: {}, shop/web: {}, shop/bguard: {}, shop/rawg: {} }",
     );
     model += &wl(
         "v2",
@@ -85,6 +97,9 @@ async fn setup(net: u8) -> Setup {
         ("tight", 7, tight),
         ("raw", 8, ""),
         ("banner", 9, ""),
+        ("web", 10, ", app_protocols: { 80: http }"),
+        ("bguard", 11, ""),
+        ("rawg", 12, ", app_protocols: { 80: tcp }"),
     ] {
         model += &format!(
             "  - {{ name: {name}, namespace: shop, hostname: {name}, vips: [{}], ports: {{ 80: 8080 }}, waypoint: wp{extra} }}\n",
@@ -105,6 +120,14 @@ async fn setup(net: u8) -> Setup {
         .replace(
             &format!("vips: [{}], ports: {{ 80: 8080 }}", vip(9)),
             &format!("vips: [{}], ports: {{ 80: 9001 }}", vip(9)),
+        )
+        .replace(
+            &format!("vips: [{}], ports: {{ 80: 8080 }}", vip(11)),
+            &format!("vips: [{}], ports: {{ 80: 9001 }}", vip(11)),
+        )
+        .replace(
+            &format!("vips: [{}], ports: {{ 80: 8080 }}", vip(12)),
+            &format!("vips: [{}], ports: {{ 80: 9000 }}", vip(12)),
         );
     // Only the waypoint may call the v1/v2 apps: proof that the destination sees ITS identity.
     let dst_policy = "policies:\n  - name: only-waypoint\n    namespace: shop\n    scope: { workload_selector: { workloads: [v1, v2] } }\n    action: allow\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/shop/sa/waypoint\"]\n";
@@ -144,6 +167,21 @@ http_policies:
     service: shop/s
     action: deny
     rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+  - name: deny-admin-web
+    namespace: shop
+    service: shop/web
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+  - name: deny-admin-bguard
+    namespace: shop
+    service: shop/bguard
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
+  - name: deny-admin-rawg
+    namespace: shop
+    service: shop/rawg
+    action: deny
+    rules: [{{ to: [{{ paths: ["/admin*"] }}] }}]
 request_authentication:
   - name: secure-jwt
     service: shop/secure
@@ -172,7 +210,7 @@ request_authentication:
         zmesh::proxy::load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock)).unwrap();
     let certs = Arc::new(CertManager::with_trust(source, trust).unwrap());
     let wp = Waypoint::new(cfg, certs).unwrap();
-    wpserver::start(wp.clone()).await.unwrap();
+    let (wp_hbone, _) = wpserver::start(wp.clone()).await.unwrap();
     spawn_echo(
         TcpListener::bind(SocketAddr::new(ip(net, 3), 9000))
             .await
@@ -181,9 +219,12 @@ request_authentication:
     let banner = TcpListener::bind(SocketAddr::new(ip(net, 3), 9001))
         .await
         .unwrap();
+    let banner_accepts = Arc::new(AtomicUsize::new(0));
+    let accepts = banner_accepts.clone();
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut s, _)) = banner.accept().await {
+            accepts.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 s.write_all(b"220 server speaks first\r\n").await.unwrap();
                 let (mut r, mut w) = s.split();
@@ -191,11 +232,12 @@ request_authentication:
             });
         }
     });
+    let log = RequestLog::default();
     for (v, host) in [("v1", 3), ("v2", 4)] {
         let l = TcpListener::bind(SocketAddr::new(ip(net, host), 8080))
             .await
             .unwrap();
-        tokio::spawn(app(v, l));
+        tokio::spawn(app_logged(v, l, log.clone()));
     }
     let entry = |addr: String| capture_to(a.clone(), ip(net, 2), addr.parse().unwrap());
     Setup {
@@ -207,6 +249,12 @@ request_authentication:
         raw: entry(format!("{}:80", vip(8))).await,
         banner: entry(format!("{}:80", vip(9))).await,
         v1_direct: entry(format!("{}:8080", ip(net, 3))).await,
+        web: entry(format!("{}:80", vip(10))).await,
+        bguard: entry(format!("{}:80", vip(11))).await,
+        rawg: entry(format!("{}:80", vip(12))).await,
+        wp_hbone,
+        log,
+        banner_accepts,
         _mesh: mesh,
         wp,
         jwt_key,
@@ -266,10 +314,19 @@ async fn routing_weights_paths_and_policy_through_the_waypoint() {
     let (st, h, _) = get(&mut c, "s", "/moved", &[]).await;
     assert_eq!(st, StatusCode::MOVED_PERMANENTLY);
     assert_eq!(h["location"], "http://s/elsewhere");
-    // A request to an unknown host is 404; the connection goes on.
+    // A host the mesh does not know is a request to the CONNECT target, judged by its policies;
+    // a host naming another service is misdirected (421). The connection goes on.
     assert_eq!(
         get(&mut c, "nope.example", "/", &[]).await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&mut c, "nope.example", "/admin", &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get(&mut c, "s-v2", "/", &[]).await.0,
+        StatusCode::MISDIRECTED_REQUEST
     );
     // Trace context: the caller's trace id is kept, with a new span id for the hop.
     let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -565,4 +622,421 @@ async fn opaque_tcp_by_declaration_and_by_sniffing() {
     let mut echo = [0u8; 6];
     c.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"EHLO\r\n");
+}
+
+/// An HTTP/2 (prior knowledge) connection from the client app to `entry`.
+async fn h2c(net: u8, entry: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = connect_from(ip(net, 2), entry).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One HTTP/2 GET with `authority` as `:authority` (and no Host header).
+async fn get2(
+    c: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> StatusCode {
+    c.ready().await.unwrap();
+    let mut req = Request::get(format!("http://{authority}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = c
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    status
+}
+
+/// A CONNECT sent straight to the waypoint by the client's identity (what a node sends when
+/// a pod IP is the destination), as a byte stream.
+async fn connect_direct(s: &Setup, target: SocketAddr) -> zmesh::hbone::io::H2Io {
+    let client = zmesh::identity::SpiffeId::new("cluster.local", "shop", "client").unwrap();
+    let wp = zmesh::identity::SpiffeId::new("cluster.local", "shop", "waypoint").unwrap();
+    let mut send = hbone(&s._mesh.ca_dir, &client, &wp, s.wp_hbone)
+        .await
+        .unwrap();
+    let (resp, stream) = send
+        .send_request(connect_req(&target.to_string()), false)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "CONNECT {target}");
+    zmesh::hbone::io::H2Io::new(stream, resp.into_body())
+}
+
+/// Requests that ended at the backend with a path the `/admin*` DENY was meant to stop.
+fn admin_leaks(log: &RequestLog) -> Vec<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            let path = l.split_once(' ').map_or("", |(_, p)| p);
+            let path = path.split('?').next().unwrap_or("");
+            zmesh::waypoint::l7::normalize_path(path).map_or(true, |p| p.starts_with("/admin"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Finding 5 (Host bypass): every form of Host / `:authority`, over HTTP/1.1 and HTTP/2, to a
+/// sniffed port, a declared-HTTP port and a pod IP. `GET /admin` without a JWT gets the CONNECT
+/// target's answer (403 by its DENY, or 401 where a JWT is required) or 421 for a host that
+/// names another service or workload, never 200; the backends see none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_forms_never_escape_the_targets_policies() {
+    let net = 57;
+    let s = setup(net).await;
+    let vip = |n: u8| format!("127.{net}.1.{n}");
+    let pod = |h: u8| ip(net, h).to_string();
+    let (deny, jwt, wrong) = (
+        StatusCode::FORBIDDEN,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::MISDIRECTED_REQUEST,
+    );
+    // Hosts that name nothing of the mesh, or the target, or one of its endpoints.
+    let neutral = |target: &str, vip: &str| -> Vec<String> {
+        vec![
+            pod(3), // a backend's pod IP: the live bypass of finding 5
+            vip.to_string(),
+            format!("{vip}:80"),
+            target.to_string(),
+            format!("{target}:80"),
+            format!("{target}.shop"),
+            format!("{target}.shop.svc"),
+            format!("{}.SHOP.", target.to_uppercase()),
+            format!("{}:8080", pod(3)),
+            "evil.example".into(),
+            "10.99.99.99".into(),
+        ]
+    };
+    let others = |also: &[String]| -> Vec<String> {
+        let mut v = vec![
+            pod(2), // the caller's own address
+            format!("{}:1234", pod(2)),
+            pod(5), // the waypoint
+            pod(6), // an unrelated workload
+            "s-v2".into(),
+            "s-v2.shop".into(),
+            vip(3), // s-v2's VIP
+        ];
+        v.extend_from_slice(also);
+        v
+    };
+    // (label, neutral hosts and their answer, misdirected hosts)
+    let s_neutral = neutral("s", &vip(1));
+    let web_neutral = neutral("web", &vip(10));
+    let web_others = others(&["s".into(), vip(1), pod(4)]);
+    let s_others = others(&["secure".into(), vip(4)]);
+
+    // HTTP/1.1 and HTTP/2 through node A's capture, to the sniffed `s` and the declared `web`.
+    for (entry, ok_hosts, bad_hosts) in [
+        (s.s, &s_neutral, &s_others),
+        (s.web, &web_neutral, &web_others),
+    ] {
+        let mut c1 = h1(net, entry).await;
+        let mut c2 = h2c(net, entry).await;
+        for host in ok_hosts.iter().chain([&"!!garbage!!".to_string()]) {
+            assert_eq!(
+                get(&mut c1, host, "/admin", &[]).await.0,
+                deny,
+                "HTTP/1.1 {host}"
+            );
+        }
+        for host in ok_hosts {
+            assert_eq!(
+                get2(&mut c2, host, "/admin", &[]).await,
+                deny,
+                "HTTP/2 {host}"
+            );
+        }
+        for host in bad_hosts {
+            assert_eq!(
+                get(&mut c1, host, "/admin", &[]).await.0,
+                wrong,
+                "HTTP/1.1 {host}"
+            );
+            assert_eq!(
+                get2(&mut c2, host, "/admin", &[]).await,
+                wrong,
+                "HTTP/2 {host}"
+            );
+        }
+        // No Host at all (HTTP/1.0 style) is the target too.
+        c1.ready().await.unwrap();
+        let resp = c1
+            .send_request(
+                Request::get("/admin")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), deny, "no Host");
+        resp.into_body().collect().await.unwrap();
+        // The target still serves what its policies allow.
+        assert_eq!(
+            get(&mut c1, "evil.example", "/", &[]).await.0,
+            StatusCode::OK
+        );
+    }
+
+    // A CONNECT to v1's pod IP is judged by every service v1 backs: `secure` requires a JWT.
+    let pod_neutral: Vec<String> = [
+        pod(3),
+        format!("{}:8080", pod(3)),
+        "s".into(),
+        "secure".into(),
+        vip(1),
+        pod(4), // v2 backs `s` with v1
+        "evil.example".into(),
+    ]
+    .into();
+    let pod_others = others(&[]);
+    let target: SocketAddr = format!("{}:8080", pod(3)).parse().unwrap();
+    let (mut c1, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(
+        connect_direct(&s, target).await,
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (mut c2, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(connect_direct(&s, target).await))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for host in &pod_neutral {
+        assert_eq!(
+            get(&mut c1, host, "/admin", &[]).await.0,
+            jwt,
+            "HTTP/1.1 {host}"
+        );
+        assert_eq!(
+            get2(&mut c2, host, "/admin", &[]).await,
+            jwt,
+            "HTTP/2 {host}"
+        );
+    }
+    for host in &pod_others {
+        assert_eq!(
+            get(&mut c1, host, "/admin", &[]).await.0,
+            wrong,
+            "HTTP/1.1 {host}"
+        );
+        assert_eq!(
+            get2(&mut c2, host, "/admin", &[]).await,
+            wrong,
+            "HTTP/2 {host}"
+        );
+    }
+    // With a valid token: `s`'s DENY still holds, and an allowed request reaches the pod that
+    // was addressed (v1), whatever service the Host names.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jwt::sign_es256(
+        &s.jwt_key,
+        "k1",
+        &serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": "shop", "exp": now + 600}),
+    );
+    let auth = format!("Bearer {token}");
+    let bearer = [("authorization", auth.as_str())];
+    assert_eq!(get(&mut c1, "s", "/admin", &bearer).await.0, deny);
+    assert_eq!(get2(&mut c2, &pod(3), "/admin", &bearer).await, deny);
+    for _ in 0..20 {
+        let (st, h, body) = get(&mut c1, "s", "/", &bearer).await;
+        assert!(h.contains_key("x-version"), "{st} {body}");
+        assert_eq!(
+            (st, &h["x-version"]),
+            (StatusCode::OK, &"v1".parse::<http::HeaderValue>().unwrap())
+        );
+    }
+
+    assert_eq!(
+        admin_leaks(&s.log),
+        Vec::<String>::new(),
+        "reached a backend"
+    );
+}
+
+/// Finding 6: `DENY /admin*` holds for every spelling of the path over HTTP/1.1 and HTTP/2, on
+/// sniffed and declared-HTTP ports; escaped slashes are refused (400); the backend receives the
+/// normalized path with the query unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalized_before_policy_and_forwarding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = 58;
+    let s = setup(net).await;
+    let denied = [
+        "/admin",
+        "//admin",
+        "///admin",
+        "/./admin",
+        "/x/../admin",
+        "/x/..//admin",
+        "/%61dmin",
+        "/%61%64%6D%69%6e",
+        "/%2e/admin",
+        "/%2E%2e/admin",
+        "/ok/%2e%2e/admin",
+        "/ok/../../admin",
+        "/admin/",
+        "/admin/./x",
+        "/.//admin//x",
+    ];
+    let refused = [
+        "/ok/..%2Fadmin",
+        "/ok/..%2fadmin",
+        "/%2Fadmin",
+        "/ok%5C..%5Cadmin",
+        "/ok/%zz",
+    ];
+    for (entry, host) in [(s.s, "s"), (s.web, "web")] {
+        let mut c1 = h1(net, entry).await;
+        let mut c2 = h2c(net, entry).await;
+        for p in denied {
+            assert_eq!(
+                get(&mut c1, host, p, &[]).await.0,
+                StatusCode::FORBIDDEN,
+                "HTTP/1.1 {p}"
+            );
+            assert_eq!(
+                get2(&mut c2, host, p, &[]).await,
+                StatusCode::FORBIDDEN,
+                "HTTP/2 {p}"
+            );
+        }
+        for p in refused {
+            assert_eq!(
+                get(&mut c1, host, p, &[]).await.0,
+                StatusCode::BAD_REQUEST,
+                "HTTP/1.1 {p}"
+            );
+            assert_eq!(
+                get2(&mut c2, host, p, &[]).await,
+                StatusCode::BAD_REQUEST,
+                "HTTP/2 {p}"
+            );
+        }
+    }
+    // The absolute form and the asterisk form, as raw HTTP/1.1.
+    for (raw, want) in [
+        (
+            "GET http://s/%61dmin HTTP/1.1\r\nhost: s\r\n\r\n",
+            "HTTP/1.1 403",
+        ),
+        (
+            "GET http://s//admin?x=1 HTTP/1.1\r\nhost: s\r\n\r\n",
+            "HTTP/1.1 403",
+        ),
+        ("OPTIONS * HTTP/1.1\r\nhost: s\r\n\r\n", "HTTP/1.1 400"),
+    ] {
+        let mut c = connect_from(ip(net, 2), s.s).await.unwrap();
+        c.write_all(raw.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), want, "{raw:?}");
+    }
+    // What was judged is what the backend gets: normalized path, query untouched.
+    s.log.lock().unwrap().clear();
+    let mut c1 = h1(net, s.s).await;
+    let (st, _, body) = get(&mut c1, "s", "/x/../ok//%7Eu/./v%3f?a=%2F&b=..%2f", &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body.ends_with(" /ok/~u/v%3F\n"), "{body}");
+    let mut c2 = h2c(net, s.s).await;
+    assert_eq!(
+        get2(&mut c2, "s", "/%2e/ok//x/..?q=/../admin", &[]).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        *s.log.lock().unwrap(),
+        vec![
+            "GET /ok/~u/v%3F?a=%2F&b=..%2f".to_string(),
+            "GET /ok/?q=/../admin".to_string()
+        ]
+    );
+    assert_eq!(
+        admin_leaks(&s.log),
+        Vec::<String>::new(),
+        "reached a backend"
+    );
+}
+
+/// Connects from the client app to `entry`, waits `after`, writes `data` (when given), and
+/// expects the connection to be reset with nothing received. The reset may surface at connect
+/// (it can beat the connect's completion check), on the write or on the read.
+async fn assert_reset(net: u8, entry: SocketAddr, after: Duration, data: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let reset = std::io::ErrorKind::ConnectionReset;
+    let mut c = match connect_from(ip(net, 2), entry).await {
+        Ok(c) => c,
+        Err(e) => return assert_eq!(e.kind(), reset, "{e}"),
+    };
+    tokio::time::sleep(after).await;
+    if !data.is_empty() {
+        if let Err(e) = c.write_all(data).await {
+            return assert_eq!(e.kind(), reset, "{e}");
+        }
+    }
+    assert_cut(&mut c).await;
+}
+
+/// Finding 5 (sniffer bypass): traffic to a service with HTTP-only policies or a required JWT
+/// that is relayed as TCP gets the TCP reading of those policies and is reset, never relayed:
+/// a client that speaks after the sniff timeout, a non-HTTP client, a server-first protocol, a
+/// declared-TCP port. A service without HTTP-only rules still relays TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_to_a_service_with_http_policies_is_never_relayed_unjudged() {
+    use tokio::io::AsyncReadExt;
+    let net = 59;
+    let s = setup(net).await;
+    let slow = b"GET /admin HTTP/1.1\r\nhost: s\r\n\r\n";
+    // Slow clients: past the sniff timeout, then HTTP. `s` has a DENY on a path, `secure` a
+    // required JWT.
+    for entry in [s.s, s.secure] {
+        assert_reset(net, entry, Duration::from_millis(500), slow).await;
+    }
+    // A client that is not HTTP at all (a TLS record header).
+    assert_reset(net, s.s, Duration::ZERO, b"\x16\x03\x01\x00\x05hello").await;
+    // Server-first, with a DENY on a path: no banner, and the server never sees a connection.
+    assert_reset(net, s.bguard, Duration::ZERO, b"").await;
+    // Declared TCP, with a DENY on a path: no echo.
+    assert_reset(net, s.rawg, Duration::ZERO, b"GET /admin HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        s.banner_accepts.load(Ordering::SeqCst),
+        0,
+        "nothing dialed for a denied flow"
+    );
+    assert_eq!(
+        admin_leaks(&s.log),
+        Vec::<String>::new(),
+        "reached a backend"
+    );
+
+    // Without HTTP-only rules TCP is still relayed: the unguarded server-first app and echo.
+    let mut c = connect_from(ip(net, 2), s.banner).await.unwrap();
+    let mut banner = [0u8; 25];
+    c.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"220 server speaks first\r\n");
+    assert_eq!(s.banner_accepts.load(Ordering::SeqCst), 1);
+    let mut c = connect_from(ip(net, 2), s.raw).await.unwrap();
+    assert_eq!(exchange(&mut c, b"plain bytes").await, b"plain bytes");
+    // And a prompt HTTP client of the guarded service is judged per request as before.
+    let mut c = h1(net, s.s).await;
+    assert_eq!(get(&mut c, "s", "/", &[]).await.0, StatusCode::OK);
+    assert_eq!(
+        get(&mut c, "s", "/admin", &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
 }

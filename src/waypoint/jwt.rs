@@ -5,6 +5,21 @@
 //! `alg: none`, HMAC algorithms and an RSA key offered for an ES256 token (the classic
 //! algorithm-confusion attacks) are all refused. Signatures are checked with ring, the crypto
 //! rustls already uses.
+//!
+//! Time claims (`exp`, `nbf`, `iat`) are RFC 7519 NumericDates: any JSON number, integer or
+//! fractional, negative or huge. Another type (a string, a bool, an object) refuses the token
+//! rather than being ignored, since an `exp` that is skipped means a token that never expires.
+//! Comparisons are done in `f64` seconds, which cannot overflow (`exp + leeway` stays finite for
+//! every number JSON can carry). `exp` and `nbf` are enforced with `LEEWAY_SECS`; `iat` is only
+//! type-checked, as Envoy's jwt_authn does. A `crit` header (RFC 7515 §4.1.11) names extensions
+//! the verifier must understand: this one understands none, so any `crit` is refused, and so is
+//! a `crit` that is not a non-empty array of strings.
+//!
+//! Why not the `jsonwebtoken` crate (evaluated at 9.3.1, the version in the lock file): it has
+//! no `crit` support (the header parameter is silently ignored), reads `exp`/`nbf` only as
+//! integers (a fractional or string `exp` is skipped unless the claim is made mandatory, and then
+//! refused as "missing", never enforced as a date), and its releases from 10 on no longer use
+//! ring. The checks below are small and covered by the RFC 7515 vectors.
 
 use std::time::SystemTime;
 
@@ -35,6 +50,65 @@ pub enum JwtError {
     Expired,
     #[error("token not valid yet")]
     NotYetValid,
+    #[error("claim {claim:?} must be a number of seconds (RFC 7519 NumericDate), not {found}")]
+    BadDate {
+        claim: &'static str,
+        found: &'static str,
+    },
+    #[error("critical header parameters {0:?} are not understood")]
+    Critical(Vec<String>),
+}
+
+/// The JSON type of a value, for error messages.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A NumericDate claim as seconds since the epoch: absent is `None`, a number is its value,
+/// anything else refuses the token.
+fn numeric_date(claims: &Map<String, Value>, claim: &'static str) -> Result<Option<f64>, JwtError> {
+    match claims.get(claim) {
+        None => Ok(None),
+        // serde_json refuses numbers it cannot hold, so every Number has a finite f64.
+        Some(Value::Number(n)) => {
+            n.as_f64()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or(JwtError::BadDate {
+                    claim,
+                    found: "a number out of range",
+                })
+        }
+        Some(other) => Err(JwtError::BadDate {
+            claim,
+            found: json_type(other),
+        }),
+    }
+}
+
+/// RFC 7515 §4.1.11: `crit` lists extensions the verifier must understand; none are, so any
+/// valid `crit` is refused by name, and a malformed one as malformed.
+fn check_crit(header: &Map<String, Value>) -> Result<(), JwtError> {
+    let Some(crit) = header.get("crit") else {
+        return Ok(());
+    };
+    let names: Option<Vec<String>> = crit
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect());
+    match names {
+        Some(names) => Err(JwtError::Critical(names)),
+        None => Err(JwtError::Malformed(
+            "crit must be a non-empty array of strings".into(),
+        )),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +220,7 @@ impl Validator {
         if alg != "ES256" && alg != "RS256" {
             return Err(JwtError::Algorithm(alg.to_string()));
         }
+        check_crit(&header)?;
         let kid = header.get("kid").and_then(Value::as_str);
         let sig = decode(s)?;
         let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
@@ -190,19 +265,19 @@ impl Validator {
                 return Err(JwtError::Audience(self.audiences.clone()));
             }
         }
+        let exp = numeric_date(&claims, "exp")?;
+        let nbf = numeric_date(&claims, "nbf")?;
+        numeric_date(&claims, "iat")?;
         let now = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_secs();
-        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
-            if now > exp + LEEWAY_SECS {
-                return Err(JwtError::Expired);
-            }
+            .as_secs_f64();
+        let leeway = LEEWAY_SECS as f64;
+        if exp.is_some_and(|exp| now > exp + leeway) {
+            return Err(JwtError::Expired);
         }
-        if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64) {
-            if now + LEEWAY_SECS < nbf {
-                return Err(JwtError::NotYetValid);
-            }
+        if nbf.is_some_and(|nbf| now + leeway < nbf) {
+            return Err(JwtError::NotYetValid);
         }
         Ok(claims)
     }
@@ -345,6 +420,120 @@ mod tests {
             v.validate(&t, now + Duration::from_secs(60)).unwrap_err(),
             JwtError::Expired
         );
+    }
+
+    /// Signs raw header and payload JSON text with an ES256 key (text, so that values
+    /// `json!` cannot build, such as `1e400`, can be tried).
+    fn sign_raw(pkcs8: &[u8], header: &str, payload: &str) -> String {
+        let rng = ring::rand::SystemRandom::new();
+        let key = signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &rng,
+        )
+        .unwrap();
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let sig = key.sign(&rng, input.as_bytes()).unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    #[test]
+    fn time_claims_are_numeric_dates_enforced_without_overflow() {
+        let (key, v) = setup();
+        const T: u64 = 1_700_000_000;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(T);
+        let header = r#"{"alg":"ES256","kid":"k1"}"#;
+        let date =
+            |claim: &'static str, found: &'static str| Err(JwtError::BadDate { claim, found });
+        // (the time claims as JSON text, the verdict at T)
+        let cases: Vec<(String, Result<(), JwtError>)> = vec![
+            (format!(r#""exp":{}"#, T + 600), Ok(())),
+            (format!(r#""exp":{}.5"#, T + 600), Ok(())),
+            (format!(r#""exp":{}.5"#, T - 60), Ok(())),
+            (format!(r#""exp":{}.5"#, T - 61), Err(JwtError::Expired)),
+            (format!(r#""exp":{}"#, T - 61), Err(JwtError::Expired)),
+            (format!(r#""exp":{}"#, u64::MAX), Ok(())),
+            (r#""exp":1e300"#.into(), Ok(())),
+            (r#""exp":-1e300"#.into(), Err(JwtError::Expired)),
+            (format!(r#""exp":{}"#, i64::MIN), Err(JwtError::Expired)),
+            (r#""exp":-1"#.into(), Err(JwtError::Expired)),
+            (r#""exp":0"#.into(), Err(JwtError::Expired)),
+            (r#""exp":"9999999999""#.into(), date("exp", "a string")),
+            (r#""exp":true"#.into(), date("exp", "a boolean")),
+            (r#""exp":null"#.into(), date("exp", "null")),
+            (r#""exp":{"t":1}"#.into(), date("exp", "an object")),
+            (r#""exp":[9999999999]"#.into(), date("exp", "an array")),
+            (format!(r#""nbf":{}"#, T + 61), Err(JwtError::NotYetValid)),
+            (format!(r#""nbf":{}.9"#, T + 59), Ok(())),
+            (format!(r#""nbf":{}.5"#, T + 60), Err(JwtError::NotYetValid)),
+            (format!(r#""nbf":{}"#, u64::MAX), Err(JwtError::NotYetValid)),
+            (r#""nbf":-5"#.into(), Ok(())),
+            (r#""nbf":"0""#.into(), date("nbf", "a string")),
+            (format!(r#""iat":{}.25"#, T), Ok(())),
+            (format!(r#""iat":{}"#, u64::MAX), Ok(())),
+            (r#""iat":"now""#.into(), date("iat", "a string")),
+            (r#""iat":false"#.into(), date("iat", "a boolean")),
+            (
+                format!(r#""exp":{},"nbf":"x""#, T + 600),
+                date("nbf", "a string"),
+            ),
+            (
+                r#""exp":1e400"#.into(),
+                Err(JwtError::Malformed("payload is not a JSON object".into())),
+            ),
+        ];
+        for (times, want) in cases {
+            let payload = format!(r#"{{"iss":"https://issuer.test","aud":"shop",{times}}}"#);
+            let token = sign_raw(&key, header, &payload);
+            assert_eq!(v.validate(&token, at).map(|_| ()), want, "{times}");
+        }
+        // A token without any time claim has no lifetime to enforce.
+        let token = sign_raw(
+            &key,
+            header,
+            r#"{"iss":"https://issuer.test","aud":"shop"}"#,
+        );
+        assert!(v.validate(&token, at).is_ok());
+    }
+
+    #[test]
+    fn crit_headers_are_refused() {
+        let (key, v) = setup();
+        let payload = r#"{"iss":"https://issuer.test","aud":"shop"}"#;
+        let malformed = || {
+            Err(JwtError::Malformed(
+                "crit must be a non-empty array of strings".into(),
+            ))
+        };
+        let cases: Vec<(&str, Result<(), JwtError>)> = vec![
+            (r#"{"alg":"ES256"}"#, Ok(())),
+            (
+                r#"{"alg":"ES256","crit":["exp"],"exp":1}"#,
+                Err(JwtError::Critical(vec!["exp".into()])),
+            ),
+            (
+                r#"{"alg":"ES256","crit":["b64","x"],"b64":false}"#,
+                Err(JwtError::Critical(vec!["b64".into(), "x".into()])),
+            ),
+            (r#"{"alg":"ES256","crit":[]}"#, malformed()),
+            (r#"{"alg":"ES256","crit":"b64"}"#, malformed()),
+            (r#"{"alg":"ES256","crit":[1]}"#, malformed()),
+            (r#"{"alg":"ES256","crit":["b64",null]}"#, malformed()),
+            (r#"{"alg":"ES256","crit":null}"#, malformed()),
+            (r#"{"alg":"ES256","crit":{"b64":true}}"#, malformed()),
+        ];
+        for (header, want) in cases {
+            let token = sign_raw(&key, header, payload);
+            assert_eq!(
+                v.validate(&token, SystemTime::now()).map(|_| ()),
+                want,
+                "{header}"
+            );
+        }
     }
 
     #[test]

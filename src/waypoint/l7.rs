@@ -1,5 +1,35 @@
-//! Pure L7 decisions: which route rule a request takes (Gateway API precedence) and whether
-//! the HTTP authorization policies admit it (Istio's decision order). No I/O.
+//! Pure L7 decisions: which route rule a request takes (Gateway API precedence), whether the
+//! HTTP authorization policies admit it (Istio's decision order), the request path as routing
+//! and authorization see it, and how the same policies read a flow relayed as plain TCP. No I/O.
+//!
+//! **Path normalization.** Routing and authorization match the path only after it has been
+//! normalized as Istio does by default (`NORMALIZE_AND_MERGE_SLASHES`), and the backend receives
+//! that same normalized path, so what was judged is what is served:
+//! 1. percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded (`%61` → `a`,
+//!    `%2e` → `.`); every other escape is kept, with its hex digits upper-cased;
+//! 2. dot segments are removed (RFC 3986 §5.2.4), including those spelled `%2e`; `..` never
+//!    climbs above the root;
+//! 3. runs of slashes are merged into one.
+//!
+//! The query string is not touched. A path is refused (400, fail closed) when it holds an escaped
+//! slash or backslash (`%2F`, `%5C`, any case: Istio's default would keep them, but a backend
+//! that decodes them would see a different path than the one judged), a raw backslash, a
+//! malformed escape (`%`, `%4`, `%zz`), a byte outside RFC 3986's path characters (controls,
+//! space, non-ASCII), or does not start with `/` (the asterisk form `*` included). The empty
+//! path is `/`.
+//!
+//! **Policies on TCP.** A flow the waypoint relays as opaque TCP (its port is declared `tcp`, or
+//! the sniffer saw no HTTP: a server-first protocol, a client that waited past the sniff
+//! timeout, other bytes) has no method, path, host, header or token, so the HTTP policies of its
+//! service are read as Istio reads them on a TCP filter chain:
+//! - an ALLOW rule that uses any HTTP-only field (`to.methods`, `to.paths`, `to.hosts`,
+//!   `from.request_principals`, any `when` condition) cannot match;
+//! - a DENY rule is matched on its other fields alone (its HTTP-only fields are ignored), so a
+//!   DENY on a path denies every TCP flow its other fields match;
+//! - a required JWT (RequestAuthentication with `required: true`) denies every TCP flow.
+//!
+//! A denied TCP flow is reset before anything is dialed upstream. A service that carries HTTP
+//! policies therefore fails closed for traffic that does not speak HTTP promptly.
 
 use std::net::IpAddr;
 
@@ -146,7 +176,13 @@ fn any_glob(patterns: &[String], v: Option<&str>) -> bool {
 
 impl HttpFrom {
     fn matches(&self, r: &RequestView<'_>) -> bool {
-        let principal = r.source.map(|id| {
+        self.matches_l4(r.source, r.source_ip)
+            && any_glob(&self.request_principals, r.request_principal)
+    }
+
+    /// The fields a TCP flow has too: principals, namespaces, ip blocks.
+    fn matches_l4(&self, source: Option<&SpiffeId>, source_ip: IpAddr) -> bool {
+        let principal = source.map(|id| {
             format!(
                 "{}/ns/{}/sa/{}",
                 id.trust_domain, id.namespace, id.service_account
@@ -158,13 +194,12 @@ impl HttpFrom {
             .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
             .collect();
         any_glob(&principals, principal.as_deref())
-            && any_glob(&self.namespaces, r.source.map(|id| id.namespace.as_str()))
+            && any_glob(&self.namespaces, source.map(|id| id.namespace.as_str()))
             && (self.ip_blocks.is_empty()
                 || self
                     .ip_blocks
                     .iter()
-                    .any(|n| n.contains(&r.source_ip.to_canonical())))
-            && any_glob(&self.request_principals, r.request_principal)
+                    .any(|n| n.contains(&source_ip.to_canonical())))
     }
 }
 
@@ -215,6 +250,12 @@ impl HttpCondition {
     }
 }
 
+impl HttpTo {
+    fn has_http_fields(&self) -> bool {
+        !(self.methods.is_empty() && self.paths.is_empty() && self.hosts.is_empty())
+    }
+}
+
 /// Keys a `when` condition may use.
 pub fn validate_condition(key: &str) -> Result<(), String> {
     let ok = ["request.headers[", "request.auth.claims["]
@@ -234,6 +275,76 @@ impl HttpRule {
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(r)))
             && (self.to.is_empty() || self.to.iter().any(|t| t.matches(r)))
             && self.when.iter().all(|c| c.matches(r))
+    }
+}
+
+impl HttpRule {
+    /// Whether the rule names anything only an HTTP request has.
+    fn has_http_fields(&self) -> bool {
+        !self.when.is_empty()
+            || self.from.iter().any(|f| !f.request_principals.is_empty())
+            || self.to.iter().any(HttpTo::has_http_fields)
+    }
+
+    /// The rule's L4 fields alone against a TCP flow.
+    fn matches_l4(&self, t: &TcpView<'_>) -> bool {
+        (self.from.is_empty()
+            || self
+                .from
+                .iter()
+                .any(|f| f.matches_l4(t.source, t.source_ip)))
+            && (self.to.is_empty()
+                || self
+                    .to
+                    .iter()
+                    .any(|to| to.ports.is_empty() || to.ports.contains(&t.port)))
+    }
+}
+
+/// What a flow relayed as TCP shows authorization: no HTTP, only who sent it and to which port.
+pub struct TcpView<'a> {
+    pub source: Option<&'a SpiffeId>,
+    pub source_ip: IpAddr,
+    pub port: u16,
+}
+
+/// The HTTP policies that apply to a service, read for a TCP flow (module docs: "Policies on
+/// TCP"): a DENY rule matches on its L4 fields alone; an ALLOW rule with an HTTP-only field
+/// never matches. Otherwise Istio's order, as in [`authorize`].
+pub fn authorize_tcp(policies: &[&HttpPolicyConfig], t: &TcpView<'_>) -> HttpDecision {
+    let label = |p: &HttpPolicyConfig| format!("{}/{}", p.namespace, p.name);
+    for p in policies.iter().filter(|p| p.action == HttpAction::Deny) {
+        if p.rules.iter().any(|rule| rule.matches_l4(t)) {
+            return HttpDecision {
+                allowed: false,
+                policy: Some(label(p)),
+            };
+        }
+    }
+    let mut allows = policies
+        .iter()
+        .filter(|p| p.action == HttpAction::Allow)
+        .peekable();
+    if allows.peek().is_none() {
+        return HttpDecision {
+            allowed: true,
+            policy: None,
+        };
+    }
+    for p in allows {
+        if p.rules
+            .iter()
+            .any(|rule| !rule.has_http_fields() && rule.matches_l4(t))
+        {
+            return HttpDecision {
+                allowed: true,
+                policy: Some(label(p)),
+            };
+        }
+    }
+    HttpDecision {
+        allowed: false,
+        policy: None,
     }
 }
 
@@ -280,9 +391,179 @@ pub fn authorize(policies: &[&HttpPolicyConfig], r: &RequestView<'_>) -> HttpDec
     }
 }
 
+/// Why a request path cannot be judged (answered with 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+    #[error("an escaped slash or backslash (%2F, %5C) in the path is refused")]
+    EscapedSlash,
+    #[error("a backslash in the path is refused")]
+    Backslash,
+    #[error("malformed percent-escape at byte {0}")]
+    BadEscape(usize),
+    #[error("byte 0x{0:02x} is not allowed in a path")]
+    BadByte(u8),
+}
+
+/// RFC 3986 unreserved characters: their escapes mean the same as the character.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Characters RFC 3986 allows in a path besides unreserved ones and `%`: sub-delims, `:`, `@`
+/// and `/`.
+fn path_char(b: u8) -> bool {
+    unreserved(b) || b"!$&'()*+,;=:@/".contains(&b)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// The path routing, authorization and the backend see (module docs: "Path normalization").
+/// `path` is the request's path without the query string.
+pub fn normalize_path(path: &str) -> Result<String, PathError> {
+    if path.is_empty() {
+        return Ok("/".into());
+    }
+    let raw = path.as_bytes();
+    if raw[0] != b'/' {
+        return Err(PathError::NotAbsolute);
+    }
+    // 1. Escapes: unreserved ones decoded, slashes refused, the rest kept in upper case.
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    raw.get(i + 1).copied().and_then(hex),
+                    raw.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadEscape(i));
+                };
+                let c = h << 4 | l;
+                if c == b'/' || c == b'\\' {
+                    return Err(PathError::EscapedSlash);
+                }
+                if unreserved(c) {
+                    decoded.push(c as char);
+                } else {
+                    decoded.push_str(&format!("%{c:02X}"));
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            _ if path_char(b) => {
+                decoded.push(b as char);
+                i += 1;
+            }
+            _ => return Err(PathError::BadByte(b)),
+        }
+    }
+    // 2. Dot segments (RFC 3986 §5.2.4, on a path that starts with '/'): each segment is
+    // pushed, `.` dropped, `..` pops; a final `.` or `..` leaves a trailing slash.
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (n, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                if n == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    // 3. Merge slashes: empty segments vanish, except a trailing one (the trailing slash).
+    let mut merged = String::with_capacity(decoded.len());
+    let last = out.len().saturating_sub(1);
+    for (n, seg) in out.iter().enumerate() {
+        if seg.is_empty() && n != last {
+            continue;
+        }
+        merged.push('/');
+        merged.push_str(seg);
+    }
+    if merged.is_empty() {
+        merged.push('/');
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalized_like_istio_or_refused() {
+        use PathError::*;
+        let cases: &[(&str, Result<&str, PathError>)] = &[
+            ("/", Ok("/")),
+            ("", Ok("/")),
+            ("/admin", Ok("/admin")),
+            ("//admin", Ok("/admin")),
+            ("///admin", Ok("/admin")),
+            ("/./admin", Ok("/admin")),
+            ("/x/../admin", Ok("/admin")),
+            ("/%61dmin", Ok("/admin")),
+            ("/%2e/admin", Ok("/admin")),
+            ("/%2E%2E/admin", Ok("/admin")),
+            ("/ok/%2e%2e/admin", Ok("/admin")),
+            ("/ok/..%2Fadmin", Err(EscapedSlash)),
+            ("/ok/..%2fadmin", Err(EscapedSlash)),
+            ("/ok%5Cadmin", Err(EscapedSlash)),
+            ("/ok%5cadmin", Err(EscapedSlash)),
+            ("/ok\\admin", Err(Backslash)),
+            ("/..", Ok("/")),
+            ("/../admin", Ok("/admin")),
+            ("/a/b/../../..", Ok("/")),
+            ("/a/b/../../../admin", Ok("/admin")),
+            ("/a/b/..", Ok("/a/")),
+            ("/a/.", Ok("/a/")),
+            ("/admin/", Ok("/admin/")),
+            ("/admin//", Ok("/admin/")),
+            ("/a//b///c", Ok("/a/b/c")),
+            ("/a//../admin", Ok("/a/admin")),
+            ("/admin/..", Ok("/")),
+            ("/.admin", Ok("/.admin")),
+            ("/...", Ok("/...")),
+            ("/%7Euser", Ok("/~user")),
+            ("/a%20b", Ok("/a%20b")),
+            ("/a%3fb", Ok("/a%3Fb")),
+            ("/caf%c3%a9", Ok("/caf%C3%A9")),
+            ("/%", Err(BadEscape(1))),
+            ("/%4", Err(BadEscape(1))),
+            ("/%zz", Err(BadEscape(1))),
+            ("/a%g1", Err(BadEscape(2))),
+            ("/caf\u{e9}", Err(BadByte(0xc3))),
+            ("/a b", Err(BadByte(b' '))),
+            ("/a\tb", Err(BadByte(b'\t'))),
+            ("*", Err(NotAbsolute)),
+            ("admin", Err(NotAbsolute)),
+            ("/v1;x=1/items", Ok("/v1;x=1/items")),
+        ];
+        for (input, want) in cases {
+            let got = normalize_path(input);
+            assert_eq!(
+                got.as_deref().map_err(Clone::clone),
+                want.clone(),
+                "{input:?}"
+            );
+        }
+        // Normalizing twice changes nothing.
+        for (input, want) in cases {
+            if let Ok(p) = want {
+                assert_eq!(normalize_path(p).as_deref(), Ok(*p), "{input:?}");
+            }
+        }
+    }
 
     fn routes(yaml: &str) -> Vec<RouteConfig> {
         serde_yaml::from_str(yaml).unwrap()
@@ -438,6 +719,91 @@ mod tests {
         );
         assert!(
             authorize(&[], &view("GET", "/", None, &h)).allowed,
+            "no policy: allowed"
+        );
+    }
+
+    #[test]
+    fn tcp_flows_read_http_policies_as_istio_does() {
+        let policy = |yaml: &str| -> HttpPolicyConfig { serde_yaml::from_str(yaml).unwrap() };
+        let fe = SpiffeId::new("cluster.local", "shop", "frontend").unwrap();
+        let other = SpiffeId::new("cluster.local", "shop", "other").unwrap();
+        fn flow(src: &SpiffeId, port: u16) -> TcpView<'_> {
+            TcpView {
+                source: Some(src),
+                source_ip: [10, 0, 0, 1].into(),
+                port,
+            }
+        }
+        let (fe, other) = (&fe, &other);
+        // (policy, flow, allowed?, why)
+        let cases: Vec<(HttpPolicyConfig, TcpView<'_>, bool, &str)> = vec![
+            (
+                policy("{name: p, namespace: shop, action: deny, rules: [{to: [{paths: [\"/admin*\"]}]}]}"),
+                flow(fe, 80),
+                false,
+                "a DENY on a path denies every TCP flow",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: deny, rules: [{to: [{paths: [\"/admin*\"], ports: [81]}]}]}"),
+                flow(fe, 80),
+                true,
+                "a DENY's L4 fields still narrow it",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: deny, rules: [{from: [{request_principals: [\"*\"]}]}]}"),
+                flow(fe, 80),
+                false,
+                "a DENY on request principals denies TCP",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: deny, rules: [{when: [{key: \"request.headers[x]\", values: [a]}]}]}"),
+                flow(fe, 80),
+                false,
+                "a DENY on a header denies TCP",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: deny, rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/other\"]}], to: [{methods: [GET]}]}]}"),
+                flow(fe, 80),
+                true,
+                "a DENY for another source does not touch this one",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: allow, rules: [{to: [{methods: [GET]}]}]}"),
+                flow(fe, 80),
+                false,
+                "an ALLOW on a method cannot match TCP",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: allow, rules: [{to: [{hosts: [s]}]}]}"),
+                flow(fe, 80),
+                false,
+                "an ALLOW on a host cannot match TCP",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: allow, rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/frontend\"]}]}]}"),
+                flow(fe, 80),
+                true,
+                "an ALLOW on L4 fields only matches TCP",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: allow, rules: [{from: [{principals: [\"cluster.local/ns/shop/sa/frontend\"]}]}]}"),
+                flow(other, 80),
+                false,
+                "an L4 ALLOW for someone else",
+            ),
+            (
+                policy("{name: p, namespace: shop, action: allow, rules: [{to: [{ports: [80]}]}, {to: [{paths: [/x]}]}]}"),
+                flow(other, 80),
+                true,
+                "one L4-only rule of an ALLOW is enough",
+            ),
+        ];
+        for (p, t, allowed, why) in &cases {
+            assert_eq!(authorize_tcp(&[p], t).allowed, *allowed, "{why}");
+        }
+        assert!(
+            authorize_tcp(&[], &flow(fe, 80)).allowed,
             "no policy: allowed"
         );
     }

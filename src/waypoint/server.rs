@@ -3,11 +3,16 @@
 //! HBONE in on :15008, exactly like a node's inbound (the same TLS, deadline and HTTP/2
 //! settings) but with the waypoint's own certificate. Each CONNECT is judged by L4 policy, then
 //! its bytes are sniffed: HTTP/1.1 or HTTP/2 go to hyper (keep-alive, so one client connection
-//! carries many requests), anything else is relayed as TCP to an endpoint. Every HTTP request is
+//! carries many requests), anything else is relayed as TCP to an endpoint once the TCP reading of
+//! the target's HTTP policies admits it (l7's module docs). Every HTTP request is path-normalized,
 //! routed, authenticated (JWT), authorized (L7 policy), faulted, rewritten, and sent to an
 //! endpoint chosen per request over a pooled HBONE tunnel that carries the WAYPOINT's identity,
 //! with `:authority = endpointIP:targetPort`. Upstream HTTP connections are kept alive and
 //! reused per endpoint.
+//!
+//! Which policies judge a request is fixed by the CONNECT's `:authority` (the original
+//! destination), never by the Host header or HTTP/2 `:authority` inside the stream: see
+//! `Target` and `check_host`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,7 +37,7 @@ use tokio::sync::watch;
 
 use super::config::{Backend, HeaderOps, PathMatch, RetryOn, RouteConfig, RouteRule};
 use super::jwt::{Jwks, Validator};
-use super::l7::{authorize, select_rule, RequestView};
+use super::l7::{authorize, authorize_tcp, normalize_path, select_rule, RequestView, TcpView};
 use super::metrics::{Metrics, RequestLabels};
 use super::resilience::Resilience;
 use crate::config::Config;
@@ -441,9 +446,19 @@ async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
     }
 }
 
-/// Opaque TCP through the waypoint: L4 only, one endpoint for the whole connection.
+/// Opaque TCP through the waypoint: one endpoint for the whole connection, after the TCP
+/// reading of the target's HTTP policies (l7's module docs). A denied flow is reset (dropping
+/// the stream without END_STREAM sends RST_STREAM, which the client's node turns into a TCP
+/// reset) before anything is dialed, and access-logged.
 async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
     let state = wp.state();
+    let target = state.target(down.dst);
+    if let Err(detail) = state.judge_tcp(&target, &down) {
+        tracing::info!(src = %down.peer, dst = %down.dst, identity = %down.client, detail, "TCP flow denied by the service's L7 policies; stream reset");
+        log_tcp_denial(&wp, &down, target.services.first(), &detail);
+        drop(io);
+        return;
+    }
     let me = wp.me(&state);
     let route = match state.model.select(&me, down.dst, &mut rand::thread_rng()) {
         Ok(r) => r,
@@ -471,6 +486,35 @@ async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
         }
         Err(e) => tracing::info!(dst = %down.dst, error = %e, "upstream tunnel failed"),
     }
+}
+
+/// The access-log line of a TCP flow refused by policy: protocol `tcp`, no status (the stream
+/// was reset), flag `RBAC`.
+fn log_tcp_denial(wp: &Waypoint, down: &Downstream, svc: Option<&Arc<Service>>, detail: &str) {
+    let (trace, span) = crate::hbone::connect::new_trace_ids();
+    let service = svc.map_or_else(|| "unknown".to_string(), |s| s.hostname.clone());
+    wp.access_log.write(&super::accesslog::Line {
+        time: humantime_now(),
+        method: "-",
+        path: "-",
+        protocol: "tcp",
+        response_code: 0,
+        grpc_status: "-",
+        response_flags: "RBAC",
+        detail,
+        duration_ms: 0.0,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries: 0,
+        source_principal: &down.client.to_string(),
+        source_address: down.peer.to_string(),
+        original_destination: down.dst.to_string(),
+        destination_service: &service,
+        upstream_workload: "-",
+        upstream_principal: "-",
+        trace_id: format!("{trace:032x}"),
+        span_id: format!("{span:016x}"),
+    });
 }
 
 /// Everything known about one request while it is handled, for the access log and metrics.
@@ -531,6 +575,7 @@ async fn handle(wp: Arc<Waypoint>, down: Downstream, req: Request<Incoming>) -> 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     let method = req.method().to_string();
+    // As the client sent it: the access log shows what arrived, routing sees it normalized.
     let path = req.uri().path().to_string();
     let req_bytes = Arc::new(AtomicU64::new(0));
     let resp = route_request(&wp, &state, &down, req, &traceparent, &mut out, &req_bytes).await;
@@ -563,8 +608,9 @@ async fn handle(wp: Arc<Waypoint>, down: Downstream, req: Request<Incoming>) -> 
     })
 }
 
-/// The host a request names, without port: Host, else the URI authority (HTTP/2), else "".
-fn request_host(req: &Request<Incoming>) -> String {
+/// The host a request names, lower-cased, without port or trailing dot: Host, else the URI
+/// authority (HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target), else "".
+fn request_host<B>(req: &Request<B>) -> String {
     let raw = req
         .headers()
         .get(HOST)
@@ -572,44 +618,178 @@ fn request_host(req: &Request<Incoming>) -> String {
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    match raw.parse::<SocketAddr>() {
+    let host = match raw.parse::<SocketAddr>() {
         Ok(a) => a.ip().to_string(),
         Err(_) => raw
             .rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map_or(raw.clone(), |(h, _)| h.to_string())
+            .filter(|(h, p)| p.chars().all(|c| c.is_ascii_digit()) && !h.contains(':'))
+            .map_or(raw.as_str(), |(h, _)| h)
             .trim_matches(|c| c == '[' || c == ']')
             .to_string(),
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// What a CONNECT's `:authority` (the original destination) addresses, and so which policies
+/// judge everything sent through that stream. It is fixed by the CONNECT, never by anything the
+/// client says inside the stream (a Host header, HTTP/2 `:authority`): those come from the
+/// client, the CONNECT target is what the client's node captured and what the stream will be
+/// forwarded to (Istio ambient waypoints select by original destination the same way).
+struct Target {
+    /// A service VIP: that service. A pod IP: every service the pod backs.
+    services: Vec<Arc<Service>>,
+    /// A pod IP: the pod.
+    workload: Option<Arc<Workload>>,
+    /// Namespaces whose service-less (namespace-wide) policies apply: the services' and, for a
+    /// pod IP, the pod's.
+    namespaces: Vec<String>,
+}
+
+impl WpState {
+    fn target(&self, dst: SocketAddr) -> Target {
+        let (services, workload) = match self.model.service_by_vip(dst.ip()) {
+            Some(s) => (vec![s.clone()], None),
+            None => match self.model.workload_by_ip(dst.ip()) {
+                Some(w) => (
+                    self.model
+                        .services()
+                        .iter()
+                        .filter(|s| w.services.contains_key(&s.key()))
+                        .cloned()
+                        .collect(),
+                    Some(w.clone()),
+                ),
+                // `stream` refuses a CONNECT to anything else (400); nothing to judge by here.
+                None => (Vec::new(), None),
+            },
+        };
+        let mut namespaces: Vec<String> = services.iter().map(|s| s.namespace.clone()).collect();
+        namespaces.extend(workload.iter().map(|w| w.namespace.clone()));
+        namespaces.sort();
+        namespaces.dedup();
+        Target {
+            services,
+            workload,
+            namespaces,
+        }
+    }
+
+    /// Every HTTP policy that applies to the target: those of its services and the
+    /// namespace-wide ones of its namespaces.
+    fn policies(&self, t: &Target) -> Vec<&super::config::HttpPolicyConfig> {
+        self.http_policies
+            .iter()
+            .filter(|p| match &p.service {
+                Some(key) => t.services.iter().any(|s| s.key() == *key),
+                None => t.namespaces.contains(&p.namespace),
+            })
+            .collect()
+    }
+
+    /// Every JWT validator of the target's services.
+    fn validators(&self, t: &Target) -> Vec<&JwtRule> {
+        t.services
+            .iter()
+            .filter_map(|s| self.auth.get(&s.key()))
+            .flatten()
+            .collect()
+    }
+
+    /// The TCP reading of the target's policies (l7's module docs): `Err` is why the flow is
+    /// denied.
+    fn judge_tcp(&self, t: &Target, down: &Downstream) -> Result<(), String> {
+        if self.validators(t).iter().any(|(required, _, _)| *required) {
+            return Err("a required JWT cannot be presented over TCP".into());
+        }
+        let view = TcpView {
+            source: Some(&down.client),
+            source_ip: down.peer.ip(),
+            port: down.dst.port(),
+        };
+        let d = authorize_tcp(&self.policies(t), &view);
+        if d.allowed {
+            return Ok(());
+        }
+        Err(format!(
+            "denied as TCP by {}",
+            d.policy
+                .as_deref()
+                .unwrap_or("no matching L4-only ALLOW rule")
+        ))
     }
 }
 
-/// Which service a request is for: the Host when it names one (full hostname, `name.namespace`,
-/// or a VIP), else the CONNECT's destination service.
-fn resolve_service(model: &Model, host: &str, dst: SocketAddr) -> Result<Option<Arc<Service>>, ()> {
-    let by_dst = model.service_by_vip(dst.ip()).cloned();
+/// Checks a request's host (Host, or HTTP/2 `:authority`) against the CONNECT target.
+///
+/// - Empty, or naming nothing the mesh knows (a public name, garbage): judged by the target's
+///   policies like any other request to it.
+/// - Naming the target (a service's hostname, `name.namespace[.svc]`, its short name in its
+///   namespace, a VIP, the pod's IP, or an IP of one of the service's endpoints): `Ok`, with the
+///   service it names, if any.
+/// - Naming another service or another workload of the mesh: `Err`, answered **421
+///   Misdirected Request**. Such a request can be neither judged by the named service's
+///   policies (the stream goes to the CONNECT target, and a Host must not choose weaker
+///   policies) nor served as if it were for the target without silently misrouting it.
+fn check_host(model: &Model, host: &str, t: &Target) -> Result<Option<Arc<Service>>, String> {
     if host.is_empty() {
-        return Ok(by_dst);
+        return Ok(None);
     }
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return match model.service_by_vip(ip) {
-            Some(s) => Ok(Some(s.clone())),
-            // A pod IP: the workload itself, no service.
-            None if model.workload_by_ip(ip).is_some() => Ok(None),
-            None => Err(()),
-        };
+        if let Some(s) = t.services.iter().find(|s| s.vips.contains(&ip)) {
+            return Ok(Some(s.clone()));
+        }
+        let is_target_pod = t.workload.iter().any(|w| w.addresses.contains(&ip))
+            || t.services
+                .iter()
+                .any(|s| s.endpoints.iter().any(|w| w.addresses.contains(&ip)));
+        if is_target_pod {
+            return Ok(None);
+        }
+        if model.service_by_vip(ip).is_some() || model.workload_by_ip(ip).is_some() {
+            return Err(format!(
+                "host {ip} is another service or workload than the CONNECT target"
+            ));
+        }
+        return Ok(None);
     }
-    if let Some(s) = model.service_by_host(host) {
-        return Ok(Some(s.clone()));
+    // A bare name is a service of the target's namespace, as cluster DNS resolves it.
+    let named = model.service_by_host(host).or_else(|| {
+        (!host.contains('.')).then_some(()).and_then(|()| {
+            t.namespaces
+                .iter()
+                .find_map(|ns| model.service_by_host(&format!("{host}.{ns}")))
+        })
+    });
+    match named {
+        Some(s) if t.services.iter().any(|own| Arc::ptr_eq(own, s)) => Ok(Some(s.clone())),
+        Some(s) => Err(format!(
+            "host {host:?} names service {}, not the CONNECT target",
+            s.key()
+        )),
+        None => Ok(None),
     }
-    // A bare name means a service of the destination's namespace, as cluster DNS resolves it.
-    match &by_dst {
-        Some(d) if !host.contains('.') => model
-            .service_by_host(&format!("{host}.{}", d.namespace))
-            .cloned()
-            .map(Some)
-            .ok_or(()),
-        _ => Err(()),
-    }
+}
+
+/// The service whose routes, metrics and limits a request uses: the VIP's service; for a pod
+/// IP, the one of the pod's services the host names, else its only service, else none.
+fn primary_service(t: &Target, named: Option<Arc<Service>>) -> Option<Arc<Service>> {
+    named.or_else(|| match t.services.as_slice() {
+        [only] => Some(only.clone()),
+        _ => None,
+    })
+}
+
+/// The request's path normalized (l7's module docs), with the query string unchanged.
+fn normalized_uri(uri: &Uri) -> Result<(Uri, String), String> {
+    let path = normalize_path(uri.path()).map_err(|e| e.to_string())?;
+    let mut parts = uri.clone().into_parts();
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    parts.path_and_query = Some(pq.parse().map_err(|e| format!("{pq:?}: {e}"))?);
+    let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    Ok((uri, path))
 }
 
 type Handled = Result<Response<Body>, Response<Body>>;
@@ -623,20 +803,36 @@ async fn route_request(
     out: &mut Outcome,
     req_bytes: &Arc<AtomicU64>,
 ) -> Handled {
+    // The path every decision below sees, and the backend gets.
+    let path = match normalized_uri(req.uri()) {
+        Ok((uri, path)) => {
+            *req.uri_mut() = uri;
+            path
+        }
+        Err(e) => {
+            out.flags = "DPE";
+            out.detail = format!("path refused: {e}");
+            return Err(local(StatusCode::BAD_REQUEST, "bad request path\n"));
+        }
+    };
+    let target = state.target(down.dst);
     let host = request_host(&req);
-    let service = resolve_service(&state.model, &host, down.dst).map_err(|()| {
+    let named = check_host(&state.model, &host, &target).map_err(|e| {
         out.flags = "NR";
+        out.detail = e;
         local(
-            StatusCode::NOT_FOUND,
-            &format!("no service for host {host:?}\n"),
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!("host {host:?} is not the destination this connection was opened to\n"),
         )
     })?;
+    let service = primary_service(&target, named);
     out.service = service.clone();
     let key = service.as_ref().map(|s| s.key());
     // JWT: a bad token is always refused; a missing one only where a validator requires it.
     let mut claims: Option<Map<String, Value>> = None;
     let mut claim_headers = Vec::new();
-    if let Some(validators) = key.as_ref().and_then(|k| state.auth.get(k)) {
+    let validators = state.validators(&target);
+    if !validators.is_empty() {
         let token = req
             .headers()
             .get(AUTHORIZATION)
@@ -647,7 +843,7 @@ async fn route_request(
             Some(t) => {
                 let now = wp.certs.now();
                 let mut last = String::new();
-                for (_, v, to_headers) in validators {
+                for (_, v, to_headers) in &validators {
                     match v.validate(&t, now) {
                         Ok(c) => {
                             for (claim, header) in to_headers {
@@ -682,7 +878,6 @@ async fn route_request(
             c.get("sub").and_then(Value::as_str).unwrap_or("")
         )
     });
-    let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let method = req.method().to_string();
     let view = RequestView {
@@ -697,17 +892,8 @@ async fn route_request(
         claims: claims.as_ref(),
         request_principal: request_principal.as_deref(),
     };
-    // L7 authorization: the policies of the service, or of its namespace.
-    let ns = service.as_ref().map(|s| s.namespace.clone());
-    let applicable: Vec<_> = state
-        .http_policies
-        .iter()
-        .filter(|p| match (&p.service, &key) {
-            (Some(s), Some(k)) => s == k,
-            (None, _) => ns.as_deref() == Some(p.namespace.as_str()),
-            (Some(_), None) => false,
-        })
-        .collect();
+    // L7 authorization: every policy of the CONNECT target's services and namespaces.
+    let applicable = state.policies(&target);
     let d = authorize(&applicable, &view);
     if !d.allowed {
         out.flags = "RBAC";
@@ -717,8 +903,11 @@ async fn route_request(
         );
         return Err(local(StatusCode::FORBIDDEN, "RBAC: access denied\n"));
     }
+    // Routes are a service's: a pod IP target goes to that pod (its port is the pod's, not a
+    // service port a route's backends could be addressed by).
     let routes: Vec<&RouteConfig> = key
         .as_ref()
+        .filter(|_| target.workload.is_none())
         .and_then(|k| state.routes.get(k))
         .map(|v| v.iter().collect())
         .unwrap_or_default();
@@ -746,7 +935,13 @@ async fn route_request(
         let location = format!(
             "{}://{}{}",
             r.scheme.as_deref().unwrap_or("http"),
-            r.host.as_deref().unwrap_or(&host),
+            r.host
+                .as_deref()
+                .or(service
+                    .as_ref()
+                    .map(|s| s.hostname.as_str())
+                    .filter(|_| host.is_empty()))
+                .unwrap_or(&host),
             r.path.as_deref().unwrap_or(&path)
         );
         let mut resp = local(
@@ -1025,12 +1220,7 @@ async fn attempt_once(
                 Some(svc),
             )
         }
-        (None, Some(s)) if !s.vips.contains(&down.dst.ip()) => {
-            let vip = *s.vips.first().ok_or_else(|| {
-                AttemptError::NoEndpoint(format!("service {} has no VIP", s.key()))
-            })?;
-            (SocketAddr::new(vip, down.dst.port()), Some(s.clone()))
-        }
+        // No route backend: the CONNECT's original destination, whatever the Host said.
         (None, s) => (down.dst, s.cloned()),
     };
     let _admission = wp
@@ -1563,4 +1753,150 @@ pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), Waypoi
     });
     tokio::spawn(serve_admin(wp, admin, listening));
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `a` (backed by v1 and v2) and `b` (v1) in `shop`, `c` in `other`, `lone` backs nothing;
+    /// one DENY per service plus a namespace-wide one in `shop`.
+    fn state() -> WpState {
+        let deny = |name: &str, ns: &str, svc: &str| {
+            let svc = if svc.is_empty() {
+                String::new()
+            } else {
+                format!("service: {ns}/{svc}.{ns}.svc.cluster.local, ")
+            };
+            format!("  - {{ name: {name}, namespace: {ns}, {svc}action: deny, rules: [{{ to: [{{ paths: [/x] }}] }}] }}\n")
+        };
+        let mut text = String::from(
+            r#"node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
+workloads:
+  - { uid: client, name: client, namespace: shop, addresses: [10.0.0.1], node: n }
+  - { uid: v1, name: v1, namespace: shop, addresses: [10.0.1.1], node: n, services: { shop/a.shop.svc.cluster.local: {}, shop/b.shop.svc.cluster.local: {} } }
+  - { uid: v2, name: v2, namespace: shop, addresses: [10.0.1.2], node: n, services: { shop/a.shop.svc.cluster.local: {} } }
+  - { uid: o, name: o, namespace: other, addresses: [10.0.2.1], node: n, services: { other/c.other.svc.cluster.local: {} } }
+  - { uid: lone, name: lone, namespace: shop, addresses: [10.0.3.1], node: n }
+services:
+  - { name: a, namespace: shop, hostname: a.shop.svc.cluster.local, vips: [10.96.0.1], ports: { 80: 8080 } }
+  - { name: b, namespace: shop, hostname: b.shop.svc.cluster.local, vips: [10.96.0.2], ports: { 80: 8080 } }
+  - { name: c, namespace: other, hostname: c.other.svc.cluster.local, vips: [10.96.0.3], ports: { 80: 8080 } }
+http_policies:
+"#,
+        );
+        text += &deny("pa", "shop", "a");
+        text += &deny("pb", "shop", "b");
+        text += &deny("ns", "shop", "");
+        text += &deny("pc", "other", "c");
+        WpState::from_config(&Config::parse(&text, "t").unwrap()).unwrap()
+    }
+
+    fn names(t: &Target) -> Vec<&str> {
+        t.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_connect_target_fixes_the_services_and_policies() {
+        let st = state();
+        // (CONNECT target, its services, the policies that judge it)
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("10.96.0.1:80", &["a"], &["pa", "ns"]),
+            ("10.96.0.2:80", &["b"], &["pb", "ns"]),
+            ("10.0.1.1:8080", &["a", "b"], &["pa", "pb", "ns"]),
+            ("10.0.1.2:8080", &["a"], &["pa", "ns"]),
+            ("10.0.3.1:8080", &[], &["ns"]),
+            ("10.0.2.1:8080", &["c"], &["pc"]),
+        ];
+        for (dst, services, policies) in cases {
+            let t = st.target(dst.parse().unwrap());
+            assert_eq!(names(&t), *services, "{dst}");
+            let got: Vec<&str> = st.policies(&t).iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(got, *policies, "{dst}");
+        }
+    }
+
+    #[test]
+    fn a_host_may_name_the_target_or_nothing_known_never_another_destination() {
+        let st = state();
+        let m = &st.model;
+        let vip_a = st.target("10.96.0.1:80".parse().unwrap());
+        let pod_v1 = st.target("10.0.1.1:8080".parse().unwrap());
+        // (target, host, Ok(service named) or Err = misdirected)
+        type Case<'a> = (&'a Target, &'a str, Result<Option<&'a str>, ()>);
+        let cases: Vec<Case<'_>> = vec![
+            (&vip_a, "", Ok(None)),
+            (&vip_a, "a.shop.svc.cluster.local", Ok(Some("a"))),
+            (&vip_a, "a.shop.svc", Ok(Some("a"))),
+            (&vip_a, "a.shop", Ok(Some("a"))),
+            (&vip_a, "a", Ok(Some("a"))),
+            (&vip_a, "10.96.0.1", Ok(Some("a"))),
+            (&vip_a, "10.0.1.1", Ok(None)),
+            (&vip_a, "10.0.1.2", Ok(None)),
+            (&vip_a, "evil.example", Ok(None)),
+            (&vip_a, "10.9.9.9", Ok(None)),
+            (&vip_a, "c", Ok(None)),
+            (&vip_a, "10.0.0.1", Err(())),
+            (&vip_a, "10.0.3.1", Err(())),
+            (&vip_a, "10.0.2.1", Err(())),
+            (&vip_a, "b", Err(())),
+            (&vip_a, "b.shop", Err(())),
+            (&vip_a, "10.96.0.2", Err(())),
+            (&vip_a, "c.other", Err(())),
+            (&pod_v1, "10.0.1.1", Ok(None)),
+            (&pod_v1, "a", Ok(Some("a"))),
+            (&pod_v1, "b.shop", Ok(Some("b"))),
+            (&pod_v1, "10.96.0.2", Ok(Some("b"))),
+            (&pod_v1, "", Ok(None)),
+            (&pod_v1, "garbage", Ok(None)),
+            (&pod_v1, "10.0.0.1", Err(())),
+            (&pod_v1, "c.other", Err(())),
+            (&pod_v1, "10.96.0.3", Err(())),
+        ];
+        for (t, host, want) in cases {
+            let got = check_host(m, host, t);
+            let got = got
+                .as_ref()
+                .map(|s| s.as_ref().map(|s| s.name.as_str()))
+                .map_err(|_| ());
+            assert_eq!(got, want, "{host:?} to {:?}", names(t));
+        }
+    }
+
+    #[test]
+    fn request_host_is_lowercased_without_port_or_trailing_dot() {
+        let with_host = |h: &str| {
+            let req = Request::get("/").header(HOST, h).body(()).unwrap();
+            request_host(&req)
+        };
+        for (raw, want) in [
+            ("A.Shop:80", "a.shop"),
+            ("a.shop.", "a.shop"),
+            ("10.0.0.1:8080", "10.0.0.1"),
+            ("[::1]:8080", "::1"),
+            ("[::1]", "::1"),
+            ("::1", "::1"),
+            ("", ""),
+            ("host:notaport", "host:notaport"),
+        ] {
+            assert_eq!(with_host(raw), want, "{raw:?}");
+        }
+        // HTTP/2: no Host header, the `:authority` in the URI.
+        let req = Request::get("http://B.Shop:80/x").body(()).unwrap();
+        assert_eq!(request_host(&req), "b.shop");
+        assert_eq!(request_host(&Request::get("/").body(()).unwrap()), "");
+    }
+
+    #[test]
+    fn the_forwarded_uri_carries_the_normalized_path_and_the_same_query() {
+        for (uri, want) in [
+            ("/a/../b?x=%2F&y=..", "/b?x=%2F&y=.."),
+            ("http://s//%61dmin?q", "http://s/admin?q"),
+            ("/", "/"),
+        ] {
+            let (u, _) = normalized_uri(&uri.parse().unwrap()).unwrap();
+            assert_eq!(u.to_string(), want, "{uri}");
+        }
+        assert!(normalized_uri(&"/a%2fb".parse().unwrap()).is_err());
+    }
 }

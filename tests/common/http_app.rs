@@ -41,15 +41,28 @@ fn text(status: StatusCode, body: String) -> Response<AppBody> {
 /// context; `/fail-once/<id>` fails the first time; `/slow` takes 2 s; `/flap` always fails on v2; gRPC requests are echoed
 /// frame by frame and end with `grpc-status: 0` in trailers.
 pub async fn app(version: &'static str, listener: TcpListener) {
+    app_logged(version, listener, Arc::default()).await
+}
+
+/// Every request an app received, as `METHOD path?query` (what the proxy forwarded, exactly).
+pub type RequestLog = Arc<Mutex<Vec<String>>>;
+
+/// `app`, recording each request it receives in `log` (attack tests count what got through).
+pub async fn app_logged(version: &'static str, listener: TcpListener, log: RequestLog) {
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             return;
         };
-        let seen = seen.clone();
+        let (seen, log) = (seen.clone(), log.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let seen = seen.clone();
+                log.lock().unwrap().push(format!(
+                    "{} {}",
+                    req.method(),
+                    req.uri().path_and_query().map_or("", |p| p.as_str())
+                ));
                 async move {
                     let path = req.uri().path().to_string();
                     if req
