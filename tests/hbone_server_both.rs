@@ -74,7 +74,7 @@ async fn both(net: u8) -> Both {
   - {{ uid: server, name: server, namespace: default, service_account: server, addresses: [{s}], node: node-b, services: {{ default/s: {{}} }} }}
   - {{ uid: wp, name: wp, namespace: default, service_account: waypoint, addresses: [{w}], node: node-w }}
 services:
-  - {{ name: s, namespace: default, hostname: s, vips: [{v}], ports: {{ 80: 8080 }}, app_protocols: {{ 80: tcp }}, waypoint: wp }}
+  - {{ name: s, namespace: default, hostname: s, vips: [{v}], ports: {{ 80: 8080, 81: 9002 }}, app_protocols: {{ 80: tcp, 81: tcp }}, waypoint: wp }}
 ",
         c = ip(net, 2),
         s = ip(net, 3),
@@ -296,4 +296,47 @@ async fn the_waypoint_cuts_a_connection_whose_client_is_revoked() {
         b.wp.rejections.count("hbone", "revoked") == 1
     })
     .await;
+}
+
+/// A reset is relayed as a reset through the waypoint's TCP path, as through the node: the app
+/// behind the waypoint aborts its connection, and the client's stream ends with RST_STREAM, not
+/// with a clean END_STREAM that would pass for a complete reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_behind_the_waypoint_reaches_the_client_as_a_reset() {
+    use tokio::io::AsyncReadExt;
+    let net = 39;
+    let b = both(net).await;
+    let t = &targets(net)[1];
+    let aborting = TcpListener::bind(SocketAddr::new(ip(net, 3), 9002))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = aborting.accept().await {
+            let mut buf = [0u8; 4];
+            let _ = s.read_exact(&mut buf).await;
+            // Linger 0: the close is an RST.
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let mut send = connect(&b, t).await;
+    let (resp, mut up) = send
+        .send_request(connect_req(&format!("{}:81", vip(net))), false)
+        .unwrap();
+    let mut down = resp.await.unwrap().into_body();
+    up.send_data(bytes::Bytes::from_static(b"ping"), false)
+        .unwrap();
+    let end = tokio::time::timeout(CUT_WITHIN, async {
+        loop {
+            match down.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let e = end.expect("the stream ended cleanly: the app's reset was lost");
+    assert!(e.is_reset(), "{e}");
 }

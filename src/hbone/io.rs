@@ -22,6 +22,8 @@ pub struct H2Io {
     pending: Bytes,
     read_closed: bool,
     write_closed: bool,
+    /// Bytes read from and written to the stream so far.
+    moved: u64,
 }
 
 impl H2Io {
@@ -32,7 +34,19 @@ impl H2Io {
             pending: Bytes::new(),
             read_closed: false,
             write_closed: false,
+            moved: 0,
         }
+    }
+
+    /// Bytes that crossed the stream so far, both directions.
+    pub fn moved(&self) -> u64 {
+        self.moved
+    }
+
+    /// Resets the stream (RST_STREAM CANCEL): the peer learns the bytes may not all have
+    /// arrived, where dropping after a clean shutdown would read as a complete exchange.
+    pub fn reset(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
     }
 }
 
@@ -55,6 +69,7 @@ impl AsyncRead for H2Io {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
+                this.moved += n as u64;
                 return Poll::Ready(Ok(()));
             }
             if this.read_closed {
@@ -94,6 +109,7 @@ impl AsyncWrite for H2Io {
                 this.send
                     .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                     .map_err(to_io)?;
+                this.moved += n as u64;
                 Poll::Ready(Ok(n))
             }
             Some(Err(e)) => Poll::Ready(Err(to_io(e))),

@@ -327,7 +327,10 @@ impl ConnError {
 /// same handshake deadline, drain, keepalive, CRL re-checks and rapid-reset guard.
 async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
     let me = wp.me(&wp.state());
-    let cfg = wp.server_config(&me).await.map_err(ConnError::Certificate)?;
+    let cfg = wp
+        .server_config(&me)
+        .await
+        .map_err(ConnError::Certificate)?;
     let mut trust = wp.certs.subscribe_trust();
     trust.borrow_and_update();
     let accepted = server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
@@ -357,7 +360,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     let server::Stream {
         req,
         respond,
-        guard: _guard,
+        guard,
     } = s;
     let dst = match parse_connect(&req) {
         Ok(d) => d,
@@ -402,7 +405,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     let down = Downstream { client, peer, dst };
     match declared {
         Some(crate::config::AppProtocol::Tcp) => {
-            return relay_tcp(wp, down, Rewind::new(Vec::new(), io)).await
+            return relay_tcp(wp, down, Rewind::new(Vec::new(), io), guard).await
         }
         Some(crate::config::AppProtocol::Http) => {
             return serve_http(wp, down, Rewind::new(Vec::new(), io)).await
@@ -421,7 +424,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     if n > 0 && looks_like_http(&first) {
         serve_http(wp, down, io).await;
     } else {
-        relay_tcp(wp, down, io).await;
+        relay_tcp(wp, down, io, guard).await;
     }
 }
 
@@ -450,7 +453,12 @@ async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
 /// reading of the target's HTTP policies (l7's module docs). A denied flow is reset (dropping
 /// the stream without END_STREAM sends RST_STREAM, which the client's node turns into a TCP
 /// reset) before anything is dialed, and access-logged.
-async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
+async fn relay_tcp(
+    wp: Arc<Waypoint>,
+    down: Downstream,
+    mut io: Rewind<H2Io>,
+    guard: server::StreamGuard,
+) {
     let state = wp.state();
     let target = state.target(down.dst);
     if let Err(detail) = state.judge_tcp(&target, &down) {
@@ -477,12 +485,24 @@ async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
         tracing::info!(dst = %down.dst, "TCP through the waypoint to a non-HBONE destination is not supported");
         return;
     };
-    match wp
-        .open_tunnel(&me, hbone_addr, authority, expected, down.peer, None)
-        .await
-    {
-        Ok((mut up, _guard)) => {
-            let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+    // Under the connection's in-flight cap, like the node's app dial (rapid reset).
+    let opened = guard
+        .limit(wp.open_tunnel(&me, hbone_addr, authority, expected, down.peer, None))
+        .await;
+    match opened {
+        Ok((mut up, _stream)) => {
+            let copied = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            let moved = io.inner.moved() + up.moved();
+            if let Err(e) = copied {
+                // A reset on either side is passed on as a reset, never as a clean end that
+                // would read as a complete exchange (docs/reliability.md, preamble).
+                tracing::debug!(dst = %down.dst, error = %e, "TCP relay through the waypoint ended with a reset");
+                io.inner.reset();
+                up.reset();
+                guard.tunnel_ended(moved, true);
+            } else {
+                guard.tunnel_ended(moved, false);
+            }
         }
         Err(e) => tracing::info!(dst = %down.dst, error = %e, "upstream tunnel failed"),
     }
