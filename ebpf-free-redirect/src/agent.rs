@@ -43,8 +43,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::JoinSet;
 
 use crate::apply::{install_pod, uninstall_pod, ApplyError};
+use crate::nsfd::{open_netns, OpenNetnsError};
 use crate::rules::{Backend, PodOptions};
-use crate::zds::{WorkloadInfo, ZdsError, ZdsServer};
+use crate::zds::{Delivery, WorkloadInfo, ZdsError, ZdsServer};
 
 /// Where the agent listens for enrollment requests unless told otherwise; the CNI plugin and
 /// `pod add` default to the same path.
@@ -99,9 +100,10 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TunnelStatus {
-    /// The newest tunnel acked the pod.
+    /// The newest ready tunnel acked the pod.
     Acked,
-    /// No tunnel was connected: the pod is captured and cached, and replayed to the next tunnel.
+    /// No tunnel had completed its snapshot: the pod is captured and cached, and replayed to the
+    /// next tunnel (or sent to one still in its snapshot once that is acked).
     Pending,
 }
 
@@ -146,6 +148,12 @@ pub enum AgentError {
         uid: String,
         path: PathBuf,
         source: io::Error,
+    },
+    #[error("pod {uid}: netns {path} refused: {source}")]
+    BadNetns {
+        uid: String,
+        path: PathBuf,
+        source: OpenNetnsError,
     },
     #[error("pod {uid}: cannot start a thread to enter netns {path}: {source}")]
     Thread {
@@ -257,7 +265,8 @@ impl Agent {
         }
         let uid = req.uid.clone();
         let path = req.netns.clone();
-        let netns = File::open(&path).map_err(|source| AgentError::OpenNetns {
+        // Never a plain open: a FIFO at this path would block this worker until a writer comes.
+        let netns = open_netns(&path).map_err(|source| AgentError::BadNetns {
             uid: uid.clone(),
             path: path.clone(),
             source,
@@ -298,21 +307,18 @@ impl Agent {
             namespace: req.namespace,
             service_account: req.service_account,
         };
-        // Sampled before the hand-off: with no tunnel `add_pod` only caches. A tunnel connecting
-        // in between gets the pod in its snapshot, so "pending" is still accurate enough.
-        let status = if self.zds.connected_tunnels() == 0 {
-            TunnelStatus::Pending
-        } else {
-            TunnelStatus::Acked
-        };
-        self.zds
+        let status = match self
+            .zds
             .add_pod(uid.clone(), info, OwnedFd::from(netns))
             .await
             .map_err(|source| AgentError::Handoff {
                 uid: uid.clone(),
                 path: path.clone(),
                 source,
-            })?;
+            })? {
+            Delivery::Acked => TunnelStatus::Acked,
+            Delivery::Cached => TunnelStatus::Pending,
+        };
         match status {
             TunnelStatus::Acked => tracing::info!(%uid, "pod handed to the node tunnel"),
             TunnelStatus::Pending => {
@@ -353,10 +359,12 @@ impl Agent {
     }
 
     async fn uninstall(&self, uid: &str, pod: Enrolled) -> Result<(), AgentError> {
-        let netns = match File::open(&pod.netns) {
+        let netns = match open_netns(&pod.netns) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
+            Err(OpenNetnsError::Open(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Something else now lives at that path: not ours to touch.
+            Err(OpenNetnsError::NotANetns(_)) => return Ok(()),
+            Err(OpenNetnsError::Open(source)) => {
                 return Err(AgentError::OpenNetns {
                     uid: uid.to_owned(),
                     path: pod.netns,
@@ -514,7 +522,10 @@ fn bind_admin(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
     tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(sock)).map_err(err)
 }
 
-/// One admin connection: a reply line per request line, until the client closes.
+/// One admin connection: a reply line per request line, until the client closes. Requests carry no
+/// fds: the socket is only ever read with read(2), which has no control buffer, so the kernel
+/// discards any SCM_RIGHTS a client attaches and they never enter the agent's fd table
+/// (reliability case 39).
 async fn serve_admin(stream: tokio::net::UnixStream, agent: Arc<Agent>) {
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
