@@ -139,6 +139,7 @@ impl PodNetns {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     /// A FIFO, a socket and a regular file are refused at once: none reaches setns, and nothing
     /// waits on the FIFO (no writer will ever come).
@@ -153,11 +154,10 @@ mod tests {
             nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
         )
         .unwrap();
-        // O_RDWR opens a FIFO without waiting for a peer (Linux), standing in for one passed by
-        // a hostile agent.
+        // Read-only and non-blocking: a FIFO without a writer, as a hostile agent would pass it.
         let fifo_fd: OwnedFd = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
             .open(&fifo)
             .unwrap()
             .into();

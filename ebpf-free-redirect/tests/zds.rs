@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -535,14 +535,15 @@ fn client_rejects_bad_input_and_closes_extra_fds() {
             )
             .unwrap();
             // Files that are not network namespaces, passed where the netns goes. The FIFO is
-            // opened O_RDWR, which does not wait for a peer; the receiver must never open it.
+            // opened read-only and non-blocking, so it has no writer: a receiver that reopened it
+            // (as /proc/self/fd/N) would wait forever.
             let fifo_path =
                 std::env::temp_dir().join(format!("zmesh-zds-fifo-{}", std::process::id()));
             let _ = std::fs::remove_file(&fifo_path);
             nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::S_IRWXU).unwrap();
             let fifo = std::fs::OpenOptions::new()
                 .read(true)
-                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
                 .open(&fifo_path)
                 .unwrap();
             std::fs::remove_file(&fifo_path).unwrap();
