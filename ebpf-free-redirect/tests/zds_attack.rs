@@ -207,7 +207,8 @@ fn connection_cap_refuses_the_excess_while_tunnel_and_pod_add_keep_working() {
     let refused = flood - (MAX_TUNNEL_CONNECTIONS - 1);
     let mut closed = vec![false; flood];
     let deadline = Instant::now() + GUARD;
-    while closed.iter().filter(|c| **c).count() < refused {
+    let mut closed_count = 0;
+    while closed_count < refused {
         assert!(
             Instant::now() < deadline,
             "the excess connections were not refused"
@@ -219,8 +220,15 @@ fn connection_cap_refuses_the_excess_while_tunnel_and_pod_add_keep_working() {
                 *closed = true;
             }
         }
+        closed_count = closed.iter().filter(|c| **c).count();
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Exactly the excess: those within the cap stay open until their hello deadline. (Without a
+    // cap nothing closes before that deadline, and then everything does.)
+    assert_eq!(
+        closed_count, refused,
+        "the excess must be refused on accept, not time out together with the rest"
+    );
     // The agent holds at most the capped connections (plus its own sockets) during the flood.
     assert!(
         agent.fd_count() <= baseline + MAX_TUNNEL_CONNECTIONS,
