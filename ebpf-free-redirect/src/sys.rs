@@ -77,6 +77,8 @@ pub(crate) fn recv_with_fds(
             // SAFETY: as above, `cmsg` is a valid header; CMSG_DATA/CMSG_LEN are pointer and
             // length arithmetic.
             let (data, header) = unsafe { (libc::CMSG_DATA(cmsg), libc::CMSG_LEN(0) as usize) };
+            // cmsg_len is size_t with glibc but socklen_t with musl, hence the cast.
+            #[allow(clippy::unnecessary_cast)]
             let claimed = (len as usize).saturating_sub(header) / size_of::<c_int>();
             // Never trust a length beyond our own buffer, whatever the header says.
             let room = control_end.saturating_sub(data as usize) / size_of::<c_int>();
