@@ -2,10 +2,12 @@
 //! tunnels connect to, and an admin socket through which pods are enrolled (by the CNI plugin in
 //! [`crate::cni`], or by `zmesh-redirect pod add` for operators and tests). Enrolling a pod means,
 //! in this order: install the in-pod rules inside its netns, then hand the netns to the newest
-//! tunnel and wait for its ack. The admin reply is sent only after both, so a CNI ADD (and with it
-//! the pod's start) blocks until the pod is captured AND served.
+//! ready tunnel (one that acked its snapshot; see [`crate::zds::server`]) and wait for its ack.
+//! The admin reply is sent only after both, so a CNI ADD (and with it the pod's start) blocks
+//! until the pod is captured AND served. The netns path is opened without blocking and checked
+//! to be a network namespace first ([`crate::nsfd`]): a FIFO there fails the request at once.
 //!
-//! When no tunnel is connected the pod is still captured and cached; it is replayed to the next
+//! When no tunnel is ready the pod is still captured and cached; it is replayed to the next
 //! tunnel that connects, and the reply says `"tunnel":"pending"`. Meanwhile its connections fail:
 //! a pod is never left uncaptured because its proxy is missing.
 //!
@@ -71,7 +73,8 @@ pub enum Request {
     Add(AddRequest),
     /// The pod is gone: tell the tunnels, and remove the rules if its netns still exists.
     Del { uid: String },
-    /// The enrolled (cached) pod uids and the number of connected tunnels.
+    /// The enrolled (cached) pod uids and the number of connected tunnels that acked their
+    /// snapshot (the ones that get new pods).
     List,
 }
 
