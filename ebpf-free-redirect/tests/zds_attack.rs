@@ -236,7 +236,10 @@ fn connection_cap_refuses_the_excess_while_tunnel_and_pod_add_keep_working() {
         agent.fd_count()
     );
     let log = std::fs::read_to_string(agent.log_path()).unwrap();
-    assert!(log.contains("refused ZDS connection"), "no log line: {log}");
+    assert!(
+        log.contains("refused a ZDS connection"),
+        "no log line: {log}"
+    );
 
     // Meanwhile: the established tunnel gets a pod.
     let ns = Ns::create("cap");

@@ -58,9 +58,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`HELLO_TIMEOUT`] or [`ACK_TIMEOUT`].
 pub const MAX_TUNNEL_CONNECTIONS: usize = 8;
 
-/// Refused connections are logged at most this often (with the count since the last line), so a
-/// connection flood cannot flood the log too.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Refused and failed connections are each logged at most this often (with the count since the
+/// last line), so a flood of hostile connections cannot flood the log too.
+const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Pending connections the kernel queues; tunnels connect one or two at a time (restart hand-over).
 const LISTEN_BACKLOG: i32 = 16;
@@ -349,22 +349,32 @@ fn cached_add(
 async fn accept_loop(listener: tokio::net::UnixListener, state: Arc<Mutex<State>>) {
     let mut connections = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_TUNNEL_CONNECTIONS));
-    let mut refusals = RefusalLog::default();
+    let mut refusals = WarnBudget::default();
+    let failures = Arc::new(Mutex::new(WarnBudget::default()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        let state = state.clone();
+                        let (state, failures) = (state.clone(), failures.clone());
                         connections.spawn(async move {
                             if let Err(e) = serve(stream, state, slot).await {
-                                tracing::warn!(error = %e, "ZDS connection to a node tunnel ended");
+                                let mut failures = failures.lock().unwrap_or_else(|p| p.into_inner());
+                                if let Some(suppressed) = failures.take() {
+                                    tracing::warn!(error = %e, suppressed, "ZDS connection to a node tunnel ended");
+                                }
                             }
                         });
                     }
                     Err(_) => {
                         drop(stream);
-                        refusals.record();
+                        if let Some(suppressed) = refusals.take() {
+                            tracing::warn!(
+                                suppressed,
+                                max = MAX_TUNNEL_CONNECTIONS,
+                                "refused a ZDS connection: too many open; only node tunnels should connect to this socket"
+                            );
+                        }
                     }
                 },
                 Err(e) => {
@@ -378,30 +388,27 @@ async fn accept_loop(listener: tokio::net::UnixListener, state: Arc<Mutex<State>
     }
 }
 
-/// Counts connections refused at the cap and logs them at most once per [`REFUSAL_LOG_INTERVAL`].
+/// At most one warning per [`WARN_INTERVAL`] for one kind of event; the ones in between are
+/// counted and reported with the next line that is logged.
 #[derive(Default)]
-struct RefusalLog {
+struct WarnBudget {
     last: Option<Instant>,
-    unlogged: u64,
+    suppressed: u64,
 }
 
-impl RefusalLog {
-    fn record(&mut self) {
-        self.unlogged += 1;
+impl WarnBudget {
+    /// `Some(events suppressed since the last line)` if this event may be logged now.
+    fn take(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self
             .last
-            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+            .is_some_and(|last| now.duration_since(last) < WARN_INTERVAL)
         {
-            return;
+            self.suppressed += 1;
+            return None;
         }
-        tracing::warn!(
-            refused = self.unlogged,
-            max = MAX_TUNNEL_CONNECTIONS,
-            "refused ZDS connection(s): too many open; only node tunnels should connect to this socket"
-        );
         self.last = Some(now);
-        self.unlogged = 0;
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
@@ -615,4 +622,21 @@ fn is_disconnect(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn warnings_are_limited_per_interval_and_count_the_rest() {
+        let mut budget = WarnBudget::default();
+        assert_eq!(budget.take(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(budget.take(), None);
+        }
+        tokio::time::advance(WARN_INTERVAL).await;
+        assert_eq!(budget.take(), Some(5));
+        assert_eq!(budget.take(), None);
+    }
 }
