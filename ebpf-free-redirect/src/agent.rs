@@ -2,10 +2,12 @@
 //! tunnels connect to, and an admin socket through which pods are enrolled (by the CNI plugin in
 //! [`crate::cni`], or by `zmesh-redirect pod add` for operators and tests). Enrolling a pod means,
 //! in this order: install the in-pod rules inside its netns, then hand the netns to the newest
-//! tunnel and wait for its ack. The admin reply is sent only after both, so a CNI ADD (and with it
-//! the pod's start) blocks until the pod is captured AND served.
+//! ready tunnel (one that acked its snapshot; see [`crate::zds::server`]) and wait for its ack.
+//! The admin reply is sent only after both, so a CNI ADD (and with it the pod's start) blocks
+//! until the pod is captured AND served. The netns path is opened without blocking and checked
+//! to be a network namespace first ([`crate::nsfd`]): a FIFO there fails the request at once.
 //!
-//! When no tunnel is connected the pod is still captured and cached; it is replayed to the next
+//! When no tunnel is ready the pod is still captured and cached; it is replayed to the next
 //! tunnel that connects, and the reply says `"tunnel":"pending"`. Meanwhile its connections fail:
 //! a pod is never left uncaptured because its proxy is missing.
 //!
@@ -43,8 +45,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::JoinSet;
 
 use crate::apply::{install_pod, uninstall_pod, ApplyError};
+use crate::nsfd::{open_netns, OpenNetnsError};
 use crate::rules::{Backend, PodOptions};
-use crate::zds::{WorkloadInfo, ZdsError, ZdsServer};
+use crate::zds::{Delivery, WorkloadInfo, ZdsError, ZdsServer};
 
 /// Where the agent listens for enrollment requests unless told otherwise; the CNI plugin and
 /// `pod add` default to the same path.
@@ -70,7 +73,8 @@ pub enum Request {
     Add(AddRequest),
     /// The pod is gone: tell the tunnels, and remove the rules if its netns still exists.
     Del { uid: String },
-    /// The enrolled (cached) pod uids and the number of connected tunnels.
+    /// The enrolled (cached) pod uids and the number of connected tunnels that acked their
+    /// snapshot (the ones that get new pods).
     List,
 }
 
@@ -99,9 +103,10 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TunnelStatus {
-    /// The newest tunnel acked the pod.
+    /// The newest ready tunnel acked the pod.
     Acked,
-    /// No tunnel was connected: the pod is captured and cached, and replayed to the next tunnel.
+    /// No tunnel had completed its snapshot: the pod is captured and cached, and replayed to the
+    /// next tunnel (or sent to one still in its snapshot once that is acked).
     Pending,
 }
 
@@ -146,6 +151,12 @@ pub enum AgentError {
         uid: String,
         path: PathBuf,
         source: io::Error,
+    },
+    #[error("pod {uid}: netns {path} refused: {source}")]
+    BadNetns {
+        uid: String,
+        path: PathBuf,
+        source: OpenNetnsError,
     },
     #[error("pod {uid}: cannot start a thread to enter netns {path}: {source}")]
     Thread {
@@ -257,7 +268,8 @@ impl Agent {
         }
         let uid = req.uid.clone();
         let path = req.netns.clone();
-        let netns = File::open(&path).map_err(|source| AgentError::OpenNetns {
+        // Never a plain open: a FIFO at this path would block this worker until a writer comes.
+        let netns = open_netns(&path).map_err(|source| AgentError::BadNetns {
             uid: uid.clone(),
             path: path.clone(),
             source,
@@ -298,21 +310,18 @@ impl Agent {
             namespace: req.namespace,
             service_account: req.service_account,
         };
-        // Sampled before the hand-off: with no tunnel `add_pod` only caches. A tunnel connecting
-        // in between gets the pod in its snapshot, so "pending" is still accurate enough.
-        let status = if self.zds.connected_tunnels() == 0 {
-            TunnelStatus::Pending
-        } else {
-            TunnelStatus::Acked
-        };
-        self.zds
+        let status = match self
+            .zds
             .add_pod(uid.clone(), info, OwnedFd::from(netns))
             .await
             .map_err(|source| AgentError::Handoff {
                 uid: uid.clone(),
                 path: path.clone(),
                 source,
-            })?;
+            })? {
+            Delivery::Acked => TunnelStatus::Acked,
+            Delivery::Cached => TunnelStatus::Pending,
+        };
         match status {
             TunnelStatus::Acked => tracing::info!(%uid, "pod handed to the node tunnel"),
             TunnelStatus::Pending => {
@@ -353,10 +362,12 @@ impl Agent {
     }
 
     async fn uninstall(&self, uid: &str, pod: Enrolled) -> Result<(), AgentError> {
-        let netns = match File::open(&pod.netns) {
+        let netns = match open_netns(&pod.netns) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
+            Err(OpenNetnsError::Open(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Something else now lives at that path: not ours to touch.
+            Err(OpenNetnsError::NotANetns(_)) => return Ok(()),
+            Err(OpenNetnsError::Open(source)) => {
                 return Err(AgentError::OpenNetns {
                     uid: uid.to_owned(),
                     path: pod.netns,
@@ -514,7 +525,10 @@ fn bind_admin(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
     tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(sock)).map_err(err)
 }
 
-/// One admin connection: a reply line per request line, until the client closes.
+/// One admin connection: a reply line per request line, until the client closes. Requests carry no
+/// fds: the socket is only ever read with read(2), which has no control buffer, so the kernel
+/// discards any SCM_RIGHTS a client attaches and they never enter the agent's fd table
+/// (reliability case 39).
 async fn serve_admin(stream: tokio::net::UnixStream, agent: Arc<Agent>) {
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);

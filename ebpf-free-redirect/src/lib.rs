@@ -2,7 +2,9 @@
 //! into the node tunnel (see `shared/spec/capture.md`). Host mode, for VMs and developer machines,
 //! captures in the host's own network namespace; in-pod mode will reuse the same rule model inside
 //! each enrolled pod's namespace. [`rules`] is pure and golden-tested; [`apply`] only runs the tools.
-#![forbid(unsafe_code)]
+// `unsafe` is denied crate-wide (workspace lints) and allowed only in [`sys`], the one module for
+// socket and namespace syscalls (conventions, item 9).
+#![deny(unsafe_code)]
 
 pub mod apply;
 pub mod rules;
@@ -14,3 +16,5 @@ pub use apply::{install_pod, uninstall_pod};
 pub use rules::{Capture, Family, PodOptions, PodRules};
 pub mod agent;
 pub mod cni;
+pub mod nsfd;
+mod sys;

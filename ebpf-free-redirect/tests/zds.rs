@@ -8,8 +8,8 @@
 
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,7 +18,9 @@ use nix::sys::socket::{
     bind, connect, listen, recvmsg, sendmsg, socket, socketpair, AddressFamily, Backlog,
     ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
-use zmesh_redirect::zds::{WorkloadInfo, ZdsClient, ZdsError, ZdsEvent, ZdsServer};
+use zmesh_redirect::zds::server::{ACK_TIMEOUT, HELLO_TIMEOUT, MAX_TUNNEL_CONNECTIONS};
+use zmesh_redirect::zds::wire::{self, Datagram, SeqpacketSocket};
+use zmesh_redirect::zds::{Delivery, WorkloadInfo, ZdsClient, ZdsError, ZdsEvent, ZdsServer};
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -26,11 +28,22 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// sockets or fds exist while it counts `/proc/self/fd` (with `#[tokio::test]` the runtimes would
 /// be built, and torn down, outside the lock).
 fn run(test: impl std::future::Future<Output = ()>) {
+    run_on(test, false);
+}
+
+/// [`run`] with tokio's clock paused: deadlines (hello, ack) pass as soon as the runtime is idle.
+/// Only for tests whose peers all live on the runtime (no blocking threads).
+fn run_paused(test: impl std::future::Future<Output = ()>) {
+    run_on(test, true);
+}
+
+fn run_on(test: impl std::future::Future<Output = ()>, paused: bool) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .start_paused(paused)
         .build()
         .unwrap();
     rt.block_on(test);
@@ -294,6 +307,23 @@ async fn next(client: &mut ZdsClient) -> ZdsEvent {
         .expect("agent closed the connection")
 }
 
+/// Waits until `n` tunnels have acked their snapshot: only those get new pods. The ack is on its
+/// way when the client returns from `ack`, so this is a few polls at most.
+async fn wait_ready(server: &ZdsServer, n: usize) {
+    tokio::time::timeout(GUARD, async {
+        while server.connected_tunnels() != n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{n} ready tunnel(s) expected, have {}",
+            server.connected_tunnels()
+        )
+    });
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::time::timeout(GUARD, tokio::task::spawn_blocking(f))
         .await
@@ -363,6 +393,7 @@ fn interop_hand_encoded_tunnel_against_server() {
             (sock, adds)
         })
         .await;
+        wait_ready(&server, 1).await;
         let names: Vec<_> = adds.iter().map(|a| (a.0.as_str(), a.1.as_str())).collect();
         assert_eq!(names, [("uid-a", "pod-a"), ("uid-b", "pod-b")]);
         assert_eq!(adds[0].2, "default");
@@ -503,6 +534,21 @@ fn client_rejects_bad_input_and_closes_extra_fds() {
                 SockFlag::SOCK_CLOEXEC,
             )
             .unwrap();
+            // Files that are not network namespaces, passed where the netns goes. The FIFO is
+            // opened read-only and non-blocking, so it has no writer: a receiver that reopened it
+            // (as /proc/self/fd/N) would wait forever.
+            let fifo_path =
+                std::env::temp_dir().join(format!("zmesh-zds-fifo-{}", std::process::id()));
+            let _ = std::fs::remove_file(&fifo_path);
+            nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+            let fifo = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&fifo_path)
+                .unwrap();
+            std::fs::remove_file(&fifo_path).unwrap();
+            let regular = File::open("/proc/self/stat").unwrap();
+            let uts = File::open("/proc/self/ns/uts").unwrap();
             let info = pb::workload_info("p", "ns", "sa");
             let (a, b) = (ns_a.as_raw_fd(), ns_b.as_raw_fd());
             let mut oversized = pb::add("uid-big", &info);
@@ -528,14 +574,43 @@ fn client_rejects_bad_input_and_closes_extra_fds() {
                     "socket as netns",
                     pb::add("us", &info),
                     vec![not_a_netns.as_raw_fd()],
-                    "cannot be used as a network namespace",
+                    "it is a socket, not a network namespace",
+                ),
+                (
+                    "FIFO as netns",
+                    pb::add("uf", &info),
+                    vec![fifo.as_raw_fd()],
+                    "it is a FIFO, not a network namespace",
+                ),
+                (
+                    "regular file as netns",
+                    pb::add("ur", &info),
+                    vec![regular.as_raw_fd()],
+                    "regular file outside nsfs",
+                ),
+                (
+                    "UTS namespace as netns",
+                    pb::add("uu", &info),
+                    vec![uts.as_raw_fd()],
+                    "UTS namespace, not a network namespace",
+                ),
+                // More fds than the receiver has room for: MSG_CTRUNC, every installed fd closed.
+                (
+                    "add, 250 fds",
+                    pb::add("u250", &info),
+                    vec![a; 250],
+                    "fds truncated: true",
                 ),
             ];
             for (name, bytes, fds, expected) in cases {
+                // This thread holds the same fds before the send and after the ack, so any
+                // difference is an fd the client kept.
+                let before = fd_count();
                 raw_send(&sock, &bytes, &fds);
                 let (ack, _) = raw_recv(&sock);
                 let error = pb::ack_error(&ack);
                 assert!(error.contains(expected), "{name}: ack error {error:?}");
+                assert_eq!(fd_count(), before, "{name}: the client kept received fds");
             }
             // A valid request still works on the same connection.
             raw_send(&sock, &pb::del("uid-x"), &[]);
@@ -601,9 +676,10 @@ fn restart_hand_over_routes_adds_to_newest_and_dels_to_all() {
 
         let mut old = ZdsClient::connect(&path).await.unwrap();
         assert_eq!(snapshot(&mut old).await, ["uid-1"]);
+        wait_ready(&server, 1).await;
         let mut new = ZdsClient::connect(&path).await.unwrap();
         assert_eq!(snapshot(&mut new).await, ["uid-1"]);
-        assert_eq!(server.connected_tunnels(), 2);
+        wait_ready(&server, 2).await;
 
         // add → newest only.
         let (added, event) = tokio::join!(
@@ -636,6 +712,7 @@ fn restart_hand_over_routes_adds_to_newest_and_dels_to_all() {
         drop(new);
         let mut newer = ZdsClient::connect(&path).await.unwrap();
         assert_eq!(snapshot(&mut newer).await, ["uid-2", "uid-3"]);
+        wait_ready(&server, 2).await;
         let (added, event) = tokio::join!(
             server.add_pod("uid-4", info("pod-4"), netns()),
             expect(&mut newer, Ok(()))
@@ -651,6 +728,233 @@ fn restart_hand_over_routes_adds_to_newest_and_dels_to_all() {
         assert!(matches!(on_old, ZdsEvent::Del { uid } if uid == "uid-4"));
         assert!(matches!(on_newer, ZdsEvent::Del { uid } if uid == "uid-4"));
         assert_eq!(server.cached_pods(), ["uid-2", "uid-3"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+// --- hostile tunnels against the agent side (issue 11, finding 3; reliability case 39) ---
+
+/// A raw tunnel-side socket on the runtime. Non-blocking connect: when the agent's backlog is full
+/// a blocking one would wait for an accept that this same runtime has to run.
+async fn async_connect(path: &Path) -> SeqpacketSocket {
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()) {
+            Ok(()) => return SeqpacketSocket::from_fd(fd).unwrap(),
+            Err(nix::errno::Errno::EAGAIN) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Err(e) => panic!("connect to the agent: {e}"),
+        }
+    }
+}
+
+/// Next datagram as (bytes, number of fds), the fds closed; `None` at EOF.
+async fn async_recv(sock: &SeqpacketSocket) -> Option<(Vec<u8>, usize)> {
+    match tokio::time::timeout(GUARD, wire::recv(sock))
+        .await
+        .expect("nothing from the agent in time")
+        .expect("receive from the agent")
+    {
+        Datagram::Message { bytes, fds } => Some((bytes, fds.len())),
+        Datagram::Eof => None,
+    }
+}
+
+/// A well-behaved tunnel on the runtime: acks everything, reports each add's uid.
+fn good_tunnel(path: &Path) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let mut client = ZdsClient::connect(&path).await.unwrap();
+        while let Ok(Some(event)) = client.next_event().await {
+            if let ZdsEvent::Add { uid, .. } = event {
+                let _ = tx.send(uid);
+            }
+            client.ack(Ok(())).await.unwrap();
+        }
+    });
+    rx
+}
+
+#[test]
+fn server_closes_fds_it_never_asked_for_and_drops_the_sender() {
+    run(async {
+        let dir = test_dir("unasked");
+        let path = dir.join("ztunnel.sock");
+        let server = ZdsServer::bind(&path).unwrap();
+        let ns = netns();
+        let baseline = fd_count();
+
+        // Fds on the hello: a few, and more than the agent's room (MSG_CTRUNC).
+        for count in [3, 250] {
+            let sock = async_connect(&path).await;
+            let fds = vec![ns.as_fd(); count];
+            wire::send(&sock, &pb::hello_v1(), &fds).await.unwrap();
+            assert_eq!(
+                async_recv(&sock).await,
+                None,
+                "a hello with {count} fds must get the connection closed, not a snapshot"
+            );
+            drop(sock);
+            assert_eq!(fd_count(), baseline, "hello with {count} fds: fds kept");
+        }
+
+        // Fds on an ack, then fds sent unsolicited by an established tunnel.
+        for unsolicited in [false, true] {
+            let sock = async_connect(&path).await;
+            wire::send(&sock, &pb::hello_v1(), &[]).await.unwrap();
+            let (bytes, fds) = async_recv(&sock).await.expect("snapshot_sent");
+            assert_eq!((bytes, fds), (pb::snapshot_sent(), 0));
+            let with_fds = vec![ns.as_fd(); 2];
+            if unsolicited {
+                wire::send(&sock, &pb::ack(""), &[]).await.unwrap();
+                wait_ready(&server, 1).await;
+                wire::send(&sock, &pb::ack(""), &with_fds).await.unwrap();
+            } else {
+                wire::send(&sock, &pb::ack(""), &with_fds).await.unwrap();
+            }
+            assert_eq!(async_recv(&sock).await, None, "unsolicited={unsolicited}");
+            drop(sock);
+            wait_ready(&server, 0).await;
+            assert_eq!(fd_count(), baseline, "unsolicited={unsolicited}: fds kept");
+        }
+
+        // The agent is still whole: a good tunnel gets a pod.
+        let mut adds = good_tunnel(&path);
+        wait_ready(&server, 1).await;
+        assert_eq!(
+            server.add_pod("uid-ok", info("ok"), netns()).await.unwrap(),
+            Delivery::Acked
+        );
+        assert_eq!(adds.recv().await.unwrap(), "uid-ok");
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+#[test]
+fn never_acking_tunnel_gets_no_netns_and_cannot_hold_pod_adds() {
+    run_paused(async {
+        let dir = test_dir("silent");
+        let path = dir.join("ztunnel.sock");
+        let server = ZdsServer::bind(&path).unwrap();
+        let mut adds = good_tunnel(&path);
+        wait_ready(&server, 1).await;
+
+        // 1. Silent from the first request on: it gets snapshot_sent (no fd) and nothing else,
+        //    while a pod added meanwhile goes to the good tunnel at once.
+        let silent = async_connect(&path).await;
+        wire::send(&silent, &pb::hello_v1(), &[]).await.unwrap();
+        assert_eq!(async_recv(&silent).await, Some((pb::snapshot_sent(), 0)));
+        let start = tokio::time::Instant::now();
+        let delivery = server.add_pod("uid-1", info("pod-1"), netns()).await;
+        assert_eq!(delivery.unwrap(), Delivery::Acked);
+        assert!(
+            start.elapsed() < ACK_TIMEOUT,
+            "the silent tunnel held the add"
+        );
+        assert_eq!(adds.recv().await.unwrap(), "uid-1");
+        assert_eq!(
+            async_recv(&silent).await,
+            None,
+            "dropped, having received no fd"
+        );
+        assert!(
+            start.elapsed() <= ACK_TIMEOUT,
+            "dropped by its ack deadline"
+        );
+
+        // 2. Silent after the hello with a pod cached: the protocol gives it that one snapshot
+        //    add (one fd) and nothing more; later pods go to the good tunnel.
+        let silent = async_connect(&path).await;
+        wire::send(&silent, &pb::hello_v1(), &[]).await.unwrap();
+        let (bytes, fds) = async_recv(&silent).await.unwrap();
+        assert_eq!((expect_add(&bytes).0, fds), ("uid-1".to_owned(), 1));
+        let start = tokio::time::Instant::now();
+        let delivery = server.add_pod("uid-2", info("pod-2"), netns()).await;
+        assert_eq!(delivery.unwrap(), Delivery::Acked);
+        assert!(start.elapsed() < ACK_TIMEOUT);
+        assert_eq!(adds.recv().await.unwrap(), "uid-2");
+        assert_eq!(
+            async_recv(&silent).await,
+            None,
+            "nothing beyond the first add"
+        );
+
+        // 3. Acks its snapshot, then goes silent: as the newest ready tunnel it is tried first,
+        //    dropped at the ack deadline, and the pod goes to the good tunnel.
+        let stalled = async_connect(&path).await;
+        wire::send(&stalled, &pb::hello_v1(), &[]).await.unwrap();
+        for _ in 0..3 {
+            async_recv(&stalled).await.expect("snapshot request");
+            wire::send(&stalled, &pb::ack(""), &[]).await.unwrap();
+        }
+        wait_ready(&server, 2).await;
+        let start = tokio::time::Instant::now();
+        let delivery = server.add_pod("uid-3", info("pod-3"), netns()).await;
+        assert_eq!(delivery.unwrap(), Delivery::Acked);
+        assert!(start.elapsed() >= ACK_TIMEOUT && start.elapsed() < 2 * ACK_TIMEOUT);
+        assert_eq!(adds.recv().await.unwrap(), "uid-3");
+        assert_eq!(server.connected_tunnels(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_the_good_tunnel_keeps_working() {
+    run_paused(async {
+        let dir = test_dir("cap");
+        let path = dir.join("ztunnel.sock");
+        let server = ZdsServer::bind(&path).unwrap();
+        let mut adds = good_tunnel(&path);
+        wait_ready(&server, 1).await;
+        let baseline = fd_count();
+
+        // Connections that never say hello: the good tunnel holds one slot, these get the rest
+        // and every further one is closed on accept.
+        let flood = 4 * MAX_TUNNEL_CONNECTIONS;
+        let mut socks = Vec::new();
+        for _ in 0..flood {
+            socks.push(async_connect(&path).await);
+        }
+        let mut closed = 0;
+        for sock in &socks {
+            if let Ok(datagram) =
+                tokio::time::timeout(Duration::from_millis(100), wire::recv(sock)).await
+            {
+                assert!(matches!(datagram, Ok(Datagram::Eof)), "{datagram:?}");
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, flood - (MAX_TUNNEL_CONNECTIONS - 1));
+
+        // Meanwhile the established tunnel still gets pods.
+        let delivery = server.add_pod("uid-1", info("pod-1"), netns()).await;
+        assert_eq!(delivery.unwrap(), Delivery::Acked);
+        assert_eq!(adds.recv().await.unwrap(), "uid-1");
+
+        // The silent ones lose their slots at the hello deadline; a new tunnel then gets in.
+        tokio::time::sleep(HELLO_TIMEOUT).await;
+        for sock in &socks {
+            assert!(matches!(wire::recv(sock).await, Ok(Datagram::Eof)));
+        }
+        drop(socks);
+        assert_eq!(
+            fd_count(),
+            baseline + 1,
+            "the flood left fds behind (the one more is uid-1's cached netns)"
+        );
+        let mut second = good_tunnel(&path);
+        assert_eq!(
+            second.recv().await.unwrap(),
+            "uid-1",
+            "snapshot of the new tunnel"
+        );
+        wait_ready(&server, 2).await;
         std::fs::remove_dir_all(dir).unwrap();
     });
 }

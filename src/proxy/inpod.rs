@@ -157,7 +157,8 @@ async fn add(
     name: &str,
     fd: OwnedFd,
 ) -> Result<(), String> {
-    let netns = PodNetns::new(fd, name)
+    let netns = PodNetns::open(fd, name)
+        .await
         .map_err(|e| format!("cannot enter the network namespace of pod {uid:?}: {e}"))?;
     if let Some(existing) = pods.get(uid) {
         if existing.netns_id == netns.id() {

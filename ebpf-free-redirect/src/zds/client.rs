@@ -1,10 +1,12 @@
 //! The node-tunnel side of ZDS, as a library: connect, say hello, then receive one [`ZdsEvent`] at
 //! a time and [`ack`](ZdsClient::ack) each. Requests that cannot be valid are answered here with an
-//! ack carrying the reason and never reach the caller: an `add` without exactly one fd, a
-//! truncated datagram, undecodable bytes, an unknown or empty request. What the requests MEAN
+//! ack carrying the reason and never reach the caller: an `add` without exactly one fd or whose fd
+//! is not a network namespace (checked with fstat and NS_GET_NSTYPE, never by opening it), a
+//! truncated datagram, undecodable bytes, an unknown or empty request. Fds of a refused request
+//! are closed before the ack is sent. What the requests MEAN
 //! (which proxies to start or stop, whether a `del` names a known pod) is the caller's business.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -155,8 +157,8 @@ impl ZdsClient {
                     }
                     Err(reason) => reason,
                 },
-                // Truncated or unusable fds: the datagram is gone (fds closed), the link is fine.
-                Err(e @ (ZdsError::Truncated { .. } | ZdsError::Protocol(_))) => e.to_string(),
+                // Truncated: the datagram is gone (its fds closed), the link is fine.
+                Err(e @ ZdsError::Truncated { .. }) => e.to_string(),
                 Err(e) => return Err(e),
             };
             tracing::warn!(reason = %rejection, "rejecting an invalid ZDS request");
@@ -201,6 +203,9 @@ fn validate(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<ZdsEvent, String> {
                 ));
             }
             let netns = fds.remove(0);
+            // Refused here, without blocking, so a FIFO or socket never reaches setns.
+            crate::nsfd::check_netns(netns.as_fd())
+                .map_err(|e| format!("add for pod {}: refusing the passed fd: {e}", add.uid))?;
             Ok(ZdsEvent::Add {
                 uid: add.uid,
                 info: add.workload_info.unwrap_or_default(),

@@ -10,8 +10,9 @@
 //! - [`server`]: the agent side (listens, caches pods, replays the snapshot on every connection).
 //! - [`client`]: the tunnel side (connects, says hello, yields events and acks them).
 //!
-//! The crate keeps `#![forbid(unsafe_code)]`: fds the kernel hands us are adopted by reopening
-//! `/proc/self/fd/N` (see [`wire`]) rather than with `OwnedFd::from_raw_fd`.
+//! Received fds are taken over by `crate::sys` (the crate's only `unsafe`), which owns every fd
+//! the kernel installed, even for a truncated datagram; neither side ever opens a received fd, so
+//! a FIFO passed as a netns cannot block it (`crate::nsfd` checks the type without blocking).
 
 pub mod client;
 pub mod proto;
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 pub use client::{Backoff, ZdsClient, ZdsEvent};
 pub use proto::WorkloadInfo;
-pub use server::ZdsServer;
+pub use server::{Delivery, ZdsServer};
 
 /// Default socket path shared by istio-cni and ztunnel; both sides must agree on it.
 pub const DEFAULT_SOCKET_PATH: &str = "/var/run/ztunnel/ztunnel.sock";

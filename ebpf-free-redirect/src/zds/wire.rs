@@ -6,33 +6,37 @@
 //! and [`send`] are cancel-safe because the syscall and all bookkeeping run synchronously once the
 //! socket is ready.
 //!
-//! Received fds are adopted without `unsafe` by reopening `/proc/self/fd/N` (same open file
-//! identity for namespace files: same dev and inode) and closing the raw fd at once. That covers
-//! every fd ZDS carries (netns files); an fd that cannot be reopened (a socket) is refused.
+//! Received fds are owned (`OwnedFd`) the moment `recvmsg` returns, including those of a datagram
+//! the kernel flagged MSG_CTRUNC (see `crate::sys`), so a rejected message can never leave one
+//! open. Nothing here opens or inspects them: whether an fd is a netns is the receiver's check
+//! (`crate::nsfd`), made without blocking. (An earlier version reopened `/proc/self/fd/N`, which
+//! waits forever on a FIFO.)
 
-use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::Interest;
 
 use super::ZdsError;
+use crate::sys;
 
 /// Largest datagram either side reads. Every ZDS message is a uid (a 36-byte UUID) plus a pod name,
 /// namespace and service account, each bounded by Kubernetes to 253 bytes, so real messages stay
 /// under 1 KiB; 4 KiB leaves room for growth while still catching a peer that is not speaking ZDS.
 pub const MAX_DATAGRAM: usize = 4096;
 
-/// Room reserved for received fds: the kernel's SCM_MAX_FD, the most one datagram can carry. With
-/// this much control space the kernel never truncates the fd list (MSG_CTRUNC), so every fd that
-/// arrives can be seen and closed when the message is rejected.
-pub const MAX_FDS_PER_DATAGRAM: usize = 253;
+/// Room for received fds in one datagram. A ZDS message carries at most one (the pod netns of an
+/// `add`); a little more room lets a peer that sends two or three be told how many it sent. A
+/// datagram with more is MSG_CTRUNC: the kernel installs only this many in our table (and closes
+/// the rest itself), so one datagram can never cost more than this many descriptors, which
+/// [`recv`] then closes. The old room of 253 (SCM_MAX_FD) let each datagram take 253.
+pub const MAX_FDS_PER_DATAGRAM: usize = 4;
 
 /// A connected, non-blocking SOCK_SEQPACKET socket registered with the Tokio reactor.
 ///
 /// Tokio has no SEQPACKET type, and in the Tokio version used here `AsyncFd::new` is deprecated as
-/// unsound while `AsyncFd::register` is `unsafe`, which this crate forbids. So the fd is owned by a
+/// unsound while `AsyncFd::register` is `unsafe`, which this crate keeps to `crate::sys`. So the fd is owned by a
 /// `tokio::net::UnixStream`, used ONLY as a safe registered owner: readiness, `try_io`, and the raw
 /// fd for `sendmsg`/`recvmsg`. Its byte-stream read/write methods are never called (they would
 /// silently split datagrams), which is why the field is private.
@@ -110,8 +114,9 @@ pub async fn send(
     }
 }
 
-/// Receives one datagram. A truncated datagram is an `Err(ZdsError::Truncated)` after every fd that
-/// came with it has been closed; the connection itself stays usable.
+/// Receives one datagram. A truncated datagram (data or fds) is an `Err(ZdsError::Truncated)` after
+/// every fd that came with it has been closed; the connection itself stays usable. Fds of a good
+/// datagram are returned owned: whoever drops the [`Datagram`] closes them.
 pub async fn recv(sock: &SeqpacketSocket) -> Result<Datagram, ZdsError> {
     loop {
         sock.io
@@ -120,7 +125,7 @@ pub async fn recv(sock: &SeqpacketSocket) -> Result<Datagram, ZdsError> {
             .map_err(ZdsError::io("wait for the ZDS socket to be readable"))?;
         match sock
             .io
-            .try_io(Interest::READABLE, || recv_now(sock.io.as_raw_fd()))
+            .try_io(Interest::READABLE, || recv_now(sock.io.as_fd()))
         {
             Ok(result) => return result,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -129,82 +134,43 @@ pub async fn recv(sock: &SeqpacketSocket) -> Result<Datagram, ZdsError> {
     }
 }
 
-/// One `recvmsg`; the outer error is the syscall's (WouldBlock included, for `try_io`).
-fn recv_now(fd: RawFd) -> io::Result<Result<Datagram, ZdsError>> {
+/// One `recvmsg`; the outer error is the syscall's (WouldBlock included, for `try_io`). Every fd
+/// that arrived is owned from here on, so an early return closes it.
+fn recv_now(fd: BorrowedFd<'_>) -> io::Result<Result<Datagram, ZdsError>> {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_DATAGRAM]);
-    let (bytes, flags, raw_fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        // MSG_CMSG_CLOEXEC: received fds must not leak into anything the process spawns.
-        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(io::Error::from)?;
-        let mut raw_fds = Vec::new();
-        // `cmsgs()` refuses to iterate a truncated control buffer; see MAX_FDS_PER_DATAGRAM for
-        // why that cannot happen with SCM_RIGHTS alone.
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    raw_fds.extend(fds);
-                }
-            }
-        }
-        (msg.bytes, msg.flags, raw_fds)
-    };
-
-    let data = flags.contains(MsgFlags::MSG_TRUNC);
-    let control = flags.contains(MsgFlags::MSG_CTRUNC);
+    let received = sys::recv_with_fds(fd, &mut buf, MAX_FDS_PER_DATAGRAM)?;
+    let (bytes, data, control) = (
+        received.bytes,
+        received.data_truncated,
+        received.control_truncated,
+    );
     if data || control {
-        close_raw(&raw_fds);
+        let closed = received.fds.len();
+        drop(received.fds);
+        tracing::debug!(bytes, closed, "closed the fds of a truncated ZDS datagram");
         return Ok(Err(ZdsError::Truncated {
             bytes,
             data,
             control,
         }));
     }
-    if bytes == 0 && raw_fds.is_empty() {
+    if bytes == 0 && received.fds.is_empty() {
         // SEQPACKET reports EOF as a zero-length read; istio never sends empty messages (every
         // request has a oneof payload), so an empty datagram is treated as EOF too.
         return Ok(Ok(Datagram::Eof));
     }
     buf.truncate(bytes);
-    Ok(adopt_all(&raw_fds).map(|fds| Datagram::Message { bytes: buf, fds }))
-}
-
-/// Takes ownership of every received fd, or closes them all and fails.
-fn adopt_all(raw_fds: &[RawFd]) -> Result<Vec<OwnedFd>, ZdsError> {
-    let mut owned = Vec::with_capacity(raw_fds.len());
-    for (i, &raw) in raw_fds.iter().enumerate() {
-        let reopened = File::open(format!("/proc/self/fd/{raw}"));
-        close_raw(&[raw]);
-        match reopened {
-            Ok(file) => owned.push(OwnedFd::from(file)),
-            Err(e) => {
-                close_raw(&raw_fds[i + 1..]);
-                return Err(ZdsError::Protocol(format!(
-                    "received fd {} of {} cannot be used as a network namespace ({e}); only netns fds are accepted",
-                    i + 1,
-                    raw_fds.len()
-                )));
-            }
-        }
-    }
-    Ok(owned)
-}
-
-fn close_raw(fds: &[RawFd]) {
-    for &fd in fds {
-        // The fd came from the kernel in this very datagram and nothing else refers to it.
-        if let Err(e) = nix::unistd::close(fd) {
-            tracing::warn!(fd, error = %e, "failed to close a rejected ZDS fd");
-        }
-    }
+    Ok(Ok(Datagram::Message {
+        bytes: buf,
+        fds: received.fds,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    use std::os::fd::AsFd;
+    use std::fs::File;
 
     fn pair() -> (SeqpacketSocket, SeqpacketSocket) {
         let (a, b) = socketpair(
@@ -251,5 +217,48 @@ mod tests {
             recv(&b).await,
             Err(ZdsError::Truncated { data: true, .. })
         ));
+    }
+
+    /// More fds than the room: the kernel installs only MAX_FDS_PER_DATAGRAM and flags
+    /// MSG_CTRUNC; every installed one must come back owned (nix would hand back none of them).
+    #[test]
+    fn control_truncation_still_hands_over_every_installed_fd() {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let ns = File::open("/proc/self/ns/net").unwrap();
+        let raw = [ns.as_raw_fd(); 250];
+        let iov = [IoSlice::new(b"flood")];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let mut buf = [0u8; 64];
+        let got = sys::recv_with_fds(b.as_fd(), &mut buf, MAX_FDS_PER_DATAGRAM).unwrap();
+        assert!(got.control_truncated && !got.data_truncated);
+        assert_eq!(got.bytes, 5);
+        assert_eq!(got.fds.len(), MAX_FDS_PER_DATAGRAM);
+
+        // Within the room: all of them, no truncation.
+        let raw = [ns.as_raw_fd(); MAX_FDS_PER_DATAGRAM];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let got = sys::recv_with_fds(b.as_fd(), &mut buf, MAX_FDS_PER_DATAGRAM).unwrap();
+        assert!(!got.control_truncated);
+        assert_eq!(got.fds.len(), MAX_FDS_PER_DATAGRAM);
     }
 }

@@ -114,10 +114,25 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(name: &str) -> Agent {
+        Agent::spawn(name, Command::new(BIN))
+    }
+
+    /// The agent with its open-file limit set to `nofile` (through `prlimit`, which execs it, so
+    /// the child is still the agent itself): exhaustion comes quickly and shows.
+    pub fn start_with_nofile(name: &str, nofile: u64) -> Agent {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(BIN);
+        Agent::spawn(name, command)
+    }
+
+    fn spawn(name: &str, mut command: Command) -> Agent {
         let dir = TempDir::new(name);
         let (zds, admin) = (dir.join("ztunnel.sock"), dir.join("redirect.sock"));
         let log = File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = command
             .arg("agent")
             .arg("--zds-socket")
             .arg(&zds)
@@ -136,6 +151,52 @@ impl Agent {
         };
         wait_until("the agent's admin socket", || agent.admin.exists());
         agent
+    }
+
+    /// The agent's log file (stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent stopped").id()
+    }
+
+    /// Open fds of the agent process, counted in /proc.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("the agent is running")
+            .count()
+    }
+
+    /// The agent's fd count once it has stopped changing (two equal samples 50 ms apart).
+    pub fn settled_fd_count(&self) -> usize {
+        let mut last = self.fd_count();
+        loop {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.fd_count();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Waits until the agent's fd count is back to `baseline`, or fails naming both counts.
+    pub fn wait_for_fd_count(&self, baseline: usize, what: &str) {
+        let deadline = Instant::now() + GUARD;
+        loop {
+            let now = self.fd_count();
+            if now == baseline {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the agent holds {now} fds, baseline {baseline}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Polls `list` until `n` tunnels are connected (and so have received their snapshot).
@@ -278,6 +339,32 @@ pub fn run_bin(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
         .unwrap();
     // A plugin that exits before reading (VERSION) closes the pipe; that is fine.
     let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+/// [`run_bin`], failing the test if the binary has not exited within `limit` (it is killed).
+pub fn run_bin_within(limit: Duration, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} still running after {limit:?}; stderr: {}",
+                text(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
     child.wait_with_output().unwrap()
 }
 
