@@ -274,7 +274,7 @@ async fn the_waypoint_cuts_a_connection_whose_client_is_revoked() {
     std::fs::write(
         &b.crl,
         ca.crl_pem(
-            &[cert.serial.clone()],
+            std::slice::from_ref(&cert.serial),
             SystemTime::now(),
             Duration::from_secs(3600),
         )
