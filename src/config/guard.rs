@@ -104,12 +104,23 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn peek(&self) -> Option<char> {
-        self.text[self.pos..].chars().next()
+    /// The character starting at byte `i` (ASCII, nearly all of a config, without decoding).
+    fn char_at(&self, i: usize) -> Option<char> {
+        let b = *self.text.as_bytes().get(i)?;
+        if b.is_ascii() {
+            Some(char::from(b))
+        } else {
+            self.text[i..].chars().next()
+        }
     }
 
-    fn peek_at(&self, n: usize) -> Option<char> {
-        self.text[self.pos..].chars().nth(n)
+    fn peek(&self) -> Option<char> {
+        self.char_at(self.pos)
+    }
+
+    /// The character after the next one.
+    fn peek_second(&self) -> Option<char> {
+        self.char_at(self.pos + self.peek()?.len_utf8())
     }
 
     /// Line breaks as YAML 1.1 (libyaml) knows them: LF, CR, CRLF, NEL, LS, PS. Treating one of
@@ -123,6 +134,17 @@ impl<'a> Scanner<'a> {
             None => true,
             Some(c) => c == ' ' || c == '\t' || Self::is_break(c),
         }
+    }
+
+    /// Consumes the ASCII bytes for which `keep` holds, at once: the fast path over the text of
+    /// scalars and comments. `keep` must refuse line breaks (and sees no non-ASCII byte).
+    fn skip_ascii(&mut self, keep: impl Fn(u8) -> bool) {
+        let run = self.text.as_bytes()[self.pos..]
+            .iter()
+            .take_while(|&&b| b.is_ascii() && b != b'\n' && b != b'\r' && keep(b))
+            .count();
+        self.pos += run;
+        self.column += run;
     }
 
     /// Consumes one character, keeping line and column.
@@ -236,6 +258,7 @@ impl<'a> Scanner<'a> {
             };
         }
         // Skip the whole line: its text is the scalar's, whatever it looks like.
+        self.skip_ascii(|_| true);
         while let Some(c) = self.bump() {
             if Self::is_break(c) {
                 break;
@@ -292,6 +315,8 @@ impl<'a> Scanner<'a> {
             match self.mode {
                 // A quoted scalar may span lines: the indentation of its lines means nothing.
                 Mode::SingleQuoted => {
+                    self.skip_ascii(|b| b != b'\'');
+                    let Some(c) = self.peek() else { break };
                     self.bump();
                     if c == '\'' {
                         if self.peek() == Some('\'') {
@@ -303,6 +328,8 @@ impl<'a> Scanner<'a> {
                     continue;
                 }
                 Mode::DoubleQuoted => {
+                    self.skip_ascii(|b| b != b'"' && b != b'\\');
+                    let Some(c) = self.peek() else { break };
                     self.bump();
                     if c == '\\' {
                         // Escaped character (an escaped line break included).
@@ -326,6 +353,7 @@ impl<'a> Scanner<'a> {
             }
             if c == '#' && self.after_space {
                 // A comment runs to the end of the line.
+                self.skip_ascii(|_| true);
                 while let Some(c) = self.peek() {
                     if Self::is_break(c) {
                         break;
@@ -335,7 +363,7 @@ impl<'a> Scanner<'a> {
                 continue;
             }
             let (line, column) = (self.line, self.column);
-            let next = self.peek_at(1);
+            let next = self.peek_second();
             match c {
                 '[' | '{' if self.node_start || self.flow > 0 => {
                     self.bump();
@@ -416,6 +444,10 @@ impl<'a> Scanner<'a> {
                 _ => {
                     self.bump();
                     self.node_start = false;
+                    // The rest of a plain word: nothing in it can be an indicator.
+                    self.skip_ascii(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'_' | b'-')
+                    });
                 }
             }
             self.after_space = false;
