@@ -83,8 +83,12 @@ struct Scanner<'a> {
     node_start: bool,
     /// Column where the current block-context entry (a key or a `- ` item) started on this line.
     entry_column: usize,
-    /// The previous character was white space or a line start (`#` then starts a comment).
-    after_space: bool,
+    /// The previous character was part of a plain scalar's text: a `#` right after it is text
+    /// too. Anywhere else `#` starts a comment (libyaml reads `#` at a token's start as one).
+    in_word: bool,
+    /// Inside a plain (unquoted) scalar in block context: a more-indented next line continues
+    /// its text, where brackets, quotes and dashes are only characters.
+    plain: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -100,7 +104,8 @@ impl<'a> Scanner<'a> {
             mode: Mode::Normal,
             node_start: true,
             entry_column: 0,
-            after_space: true,
+            in_word: false,
+            plain: false,
         }
     }
 
@@ -175,7 +180,7 @@ impl<'a> Scanner<'a> {
     /// is read as an indicator: counting too much is safe, too little is not.
     fn end_quote(&mut self) {
         self.mode = Mode::Normal;
-        self.after_space = false;
+        self.in_word = false;
         self.node_start = true;
     }
 
@@ -272,7 +277,11 @@ impl<'a> Scanner<'a> {
     fn line_content(&mut self) -> Result<(), Refusal> {
         let at_line_start = self.column == 0;
         if at_line_start && matches!(self.mode, Mode::Normal) {
-            self.after_space = true;
+            self.in_word = false;
+            // libyaml skips a byte-order mark at the start of any line, not only the first.
+            if self.text[self.pos..].starts_with('\u{feff}') {
+                self.bump();
+            }
             let rest = &self.text[self.pos..];
             let spaces = rest.bytes().take_while(|&b| b == b' ').count();
             for _ in 0..spaces {
@@ -283,11 +292,12 @@ impl<'a> Scanner<'a> {
                 // A blank or comment-only line says nothing about structure.
                 return self.rest_of_line();
             }
-            if spaces == 0
+            if self.column == 0
                 && (rest.starts_with("---") || rest.starts_with("..."))
                 && Self::is_blank_or_end(rest[3..].chars().next())
             {
                 // A document marker: everything before it is closed.
+                self.plain = false;
                 self.blocks.clear();
                 self.flow = 0;
                 for _ in 0..3 {
@@ -296,6 +306,15 @@ impl<'a> Scanner<'a> {
                 self.node_start = true;
                 self.entry_column = self.column + 1;
                 return self.rest_of_line();
+            }
+            if self.flow == 0 && self.plain {
+                // libyaml continues a plain scalar on any line indented past the collection
+                // the scalar belongs to.
+                let min = self.blocks.last().map_or(0, |b| b.column + 1);
+                if self.column >= min {
+                    return self.rest_of_line();
+                }
+                self.plain = false;
             }
             if self.flow == 0 {
                 // Leaving less-indented lines closes the deeper block collections.
@@ -348,11 +367,12 @@ impl<'a> Scanner<'a> {
             }
             if c == ' ' || c == '\t' {
                 self.bump();
-                self.after_space = true;
+                self.in_word = false;
                 continue;
             }
-            if c == '#' && self.after_space {
-                // A comment runs to the end of the line.
+            if c == '#' && !self.in_word {
+                // A comment runs to the end of the line, and ends a plain scalar.
+                self.plain = false;
                 self.skip_ascii(|_| true);
                 while let Some(c) = self.peek() {
                     if Self::is_break(c) {
@@ -364,6 +384,11 @@ impl<'a> Scanner<'a> {
             }
             let (line, column) = (self.line, self.column);
             let next = self.peek_second();
+            let mut word = false;
+            if !matches!(c, ' ' | '\t') {
+                // Whatever comes next, unless it is more text (below), ends a plain scalar.
+                self.plain = false;
+            }
             match c {
                 '[' | '{' if self.node_start || self.flow > 0 => {
                     self.bump();
@@ -444,13 +469,15 @@ impl<'a> Scanner<'a> {
                 _ => {
                     self.bump();
                     self.node_start = false;
+                    self.plain = self.flow == 0;
+                    word = true;
                     // The rest of a plain word: nothing in it can be an indicator.
                     self.skip_ascii(|b| {
                         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'_' | b'-')
                     });
                 }
             }
-            self.after_space = false;
+            self.in_word = word;
         }
         Ok(())
     }

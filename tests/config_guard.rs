@@ -1,0 +1,166 @@
+//! Reliability #24 and #40: the config pre-scan (`zmesh::config::guard`) compared with libyaml
+//! itself on generated text. Here rather than in the library because reading libyaml's event
+//! stream takes `unsafe`, which the library forbids.
+
+use zmesh::config::guard::{check, MAX_DEPTH};
+
+/// The deepest nesting libyaml reaches in `text` before it finishes or fails: what its
+/// scanner and parser actually worked through, errors after that point included.
+#[allow(unsafe_code)]
+fn libyaml_depth(text: &str) -> usize {
+    use std::mem::MaybeUninit;
+    use unsafe_libyaml as y;
+    // SAFETY: libyaml initializes the parser and each event before they are read, each is
+    // deleted exactly once, and `text` outlives the parser that reads it.
+    unsafe {
+        let mut parser = MaybeUninit::<y::yaml_parser_t>::uninit();
+        assert!(y::yaml_parser_initialize(parser.as_mut_ptr()).ok);
+        let parser = parser.as_mut_ptr();
+        y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
+        let (mut depth, mut deepest) = (0usize, 0usize);
+        loop {
+            let mut event = MaybeUninit::<y::yaml_event_t>::uninit();
+            if !y::yaml_parser_parse(parser, event.as_mut_ptr()).ok {
+                break;
+            }
+            let event = event.as_mut_ptr();
+            let kind = (*event).type_;
+            if kind == y::YAML_SEQUENCE_START_EVENT || kind == y::YAML_MAPPING_START_EVENT {
+                depth += 1;
+                deepest = deepest.max(depth);
+            } else if kind == y::YAML_SEQUENCE_END_EVENT || kind == y::YAML_MAPPING_END_EVENT {
+                depth = depth.saturating_sub(1);
+            }
+            y::yaml_event_delete(event);
+            if kind == y::YAML_STREAM_END_EVENT {
+                break;
+            }
+        }
+        y::yaml_parser_delete(parser);
+        deepest
+    }
+}
+
+#[test]
+fn the_oracle_counts_what_libyaml_nests() {
+    assert_eq!(libyaml_depth("a: [1, {b: [2]}]\n"), 4);
+    assert_eq!(libyaml_depth("- - - x\n"), 3);
+    // Depth reached before a syntax error still counts.
+    assert_eq!(libyaml_depth("a: [[[[ x\n]]]] ]"), 5);
+}
+
+/// Reliability #24 (fuzzed): random YAML-ish text around a deep core. Whenever the scan lets
+/// text through, libyaml must reach no more than [`MAX_DEPTH`] levels in it, even on the way
+/// to a syntax error: the scan may be stricter than YAML, never laxer.
+#[test]
+fn the_scan_is_never_laxer_than_libyaml() {
+    use rand::{Rng, SeedableRng};
+    const PIECES: &[&str] = &[
+        "a: ",
+        "- ",
+        "? ",
+        ": ",
+        "'",
+        "\"",
+        "#",
+        " #",
+        "|",
+        ">",
+        "|2",
+        "|-",
+        ">+1",
+        "\n",
+        "  ",
+        "\n  ",
+        "\n    ",
+        "k: |\n",
+        "k: >\n  ",
+        "\u{2028}",
+        "\u{85}",
+        "\r",
+        "\r\n",
+        "!t ",
+        "!!str ",
+        "x",
+        "y z",
+        ", ",
+        "[",
+        "]",
+        "{",
+        "}",
+        "\\",
+        "'x'",
+        "\"y\"",
+        "---\n",
+        "--- ",
+        "...\n",
+        "\t",
+        "- - ",
+        "-\n",
+        "?\n",
+        "k:\n",
+        "k:\n- ",
+        "\u{feff}",
+        "é",
+        "&",
+        "*",
+        "%",
+        "a: x\n  ",
+        "\n ",
+        "[#",
+        "'#'",
+        "\t#",
+        "%YAML 1.1\n",
+        "!<t> ",
+        "? |\n",
+        "'a\n b'",
+        "\"a\\\n b\"",
+        "|\n",
+        "- |\n  ",
+        "k: >-\n   ",
+        ",#",
+        "]#",
+        ":#",
+        "x:y",
+        "- ? ",
+        "&a ",
+        "*a ",
+    ];
+    for seed in 40..44u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut passed = 0;
+        for case in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..rng.gen_range(0..20) {
+                text.push_str(PIECES[rng.gen_range(0..PIECES.len())]);
+            }
+            let n = 70 + rng.gen_range(0..80);
+            match rng.gen_range(0..4) {
+                0 => text.push_str(&"[".repeat(n)),
+                1 => text.push_str(&"{a: ".repeat(n)),
+                2 => text.push_str(&"- ".repeat(n)),
+                _ => {
+                    for i in 0..n {
+                        text.push('\n');
+                        text.push_str(&" ".repeat(i));
+                        text.push_str("k:");
+                    }
+                }
+            }
+            for _ in 0..rng.gen_range(0..6) {
+                text.push_str(PIECES[rng.gen_range(0..PIECES.len())]);
+            }
+            if check(&text).is_err() {
+                continue;
+            }
+            passed += 1;
+            let depth = libyaml_depth(&text);
+            assert!(
+                depth <= MAX_DEPTH,
+                "seed {seed} case {case}: libyaml reached depth {depth} in text the scan passed: {text:?}"
+            );
+        }
+        // The generator must also produce text the scan lets through, or this tests nothing.
+        assert!(passed > 1000, "{passed}");
+    }
+}
