@@ -4,10 +4,10 @@
 
 use zmesh::config::guard::{check, MAX_DEPTH};
 
-/// The deepest nesting libyaml reaches in `text` before it finishes or fails: what its
-/// scanner and parser actually worked through, errors after that point included.
+/// What libyaml works through in `text` before it finishes or fails: the deepest nesting it
+/// reaches and the aliases it resolves (errors after that point do not undo either).
 #[allow(unsafe_code)]
-fn libyaml_depth(text: &str) -> usize {
+fn libyaml_reads(text: &str) -> (usize, usize) {
     use std::mem::MaybeUninit;
     use unsafe_libyaml as y;
     // SAFETY: libyaml initializes the parser and each event before they are read, each is
@@ -17,7 +17,7 @@ fn libyaml_depth(text: &str) -> usize {
         assert!(y::yaml_parser_initialize(parser.as_mut_ptr()).ok);
         let parser = parser.as_mut_ptr();
         y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
-        let (mut depth, mut deepest) = (0usize, 0usize);
+        let (mut depth, mut deepest, mut aliases) = (0usize, 0usize, 0usize);
         loop {
             let mut event = MaybeUninit::<y::yaml_event_t>::uninit();
             if !y::yaml_parser_parse(parser, event.as_mut_ptr()).ok {
@@ -30,6 +30,8 @@ fn libyaml_depth(text: &str) -> usize {
                 deepest = deepest.max(depth);
             } else if kind == y::YAML_SEQUENCE_END_EVENT || kind == y::YAML_MAPPING_END_EVENT {
                 depth = depth.saturating_sub(1);
+            } else if kind == y::YAML_ALIAS_EVENT {
+                aliases += 1;
             }
             y::yaml_event_delete(event);
             if kind == y::YAML_STREAM_END_EVENT {
@@ -37,16 +39,17 @@ fn libyaml_depth(text: &str) -> usize {
             }
         }
         y::yaml_parser_delete(parser);
-        deepest
+        (deepest, aliases)
     }
 }
 
 #[test]
 fn the_oracle_counts_what_libyaml_nests() {
-    assert_eq!(libyaml_depth("a: [1, {b: [2]}]\n"), 4);
-    assert_eq!(libyaml_depth("- - - x\n"), 3);
+    assert_eq!(libyaml_reads("a: [1, {b: [2]}]\n").0, 4);
+    assert_eq!(libyaml_reads("- - - x\n").0, 3);
+    assert_eq!(libyaml_reads("a: &x 1\nb: *x\n").1, 1);
     // Depth reached before a syntax error still counts.
-    assert_eq!(libyaml_depth("a: [[[[ x\n]]]] ]"), 5);
+    assert_eq!(libyaml_reads("a: [[[[ x\n]]]] ]").0, 5);
 }
 
 /// Reliability #24 (fuzzed): random YAML-ish text around a deep core. Whenever the scan lets
@@ -154,10 +157,14 @@ fn the_scan_is_never_laxer_than_libyaml() {
                 continue;
             }
             passed += 1;
-            let depth = libyaml_depth(&text);
+            let (depth, aliases) = libyaml_reads(&text);
             assert!(
                 depth <= MAX_DEPTH,
                 "seed {seed} case {case}: libyaml reached depth {depth} in text the scan passed: {text:?}"
+            );
+            assert_eq!(
+                aliases, 0,
+                "seed {seed} case {case}: libyaml resolved an alias in text the scan passed: {text:?}"
             );
         }
         // The generator must also produce text the scan lets through, or this tests nothing.

@@ -401,7 +401,9 @@ impl<'a> Scanner<'a> {
                 ']' | '}' if self.flow > 0 => {
                     self.bump();
                     self.flow -= 1;
-                    self.node_start = false;
+                    // libyaml's scanner starts a token after it, whatever the parser then
+                    // makes of that token.
+                    self.node_start = true;
                 }
                 ',' if self.flow > 0 => {
                     self.bump();
@@ -430,13 +432,33 @@ impl<'a> Scanner<'a> {
                     self.node_start = false;
                 }
                 '!' if self.node_start => {
-                    // A tag: a property of the node that follows. It stops at a bracket even where
-                    // libyaml would read the bracket as part of the tag (counting high is safe).
-                    while !Self::is_blank_or_end(self.peek())
-                        && !matches!(self.peek(), Some('[' | ']' | '{' | '}' | ','))
-                    {
-                        self.bump();
+                    // A tag, a property of the node that follows: `!<verbatim>`, or a handle and
+                    // suffix of URI characters (libyaml's set; anything else ends the tag).
+                    self.bump();
+                    if self.peek() == Some('<') {
+                        while let Some(c) = self.peek() {
+                            if Self::is_blank_or_end(Some(c)) {
+                                break;
+                            }
+                            self.bump();
+                            if c == '>' {
+                                break;
+                            }
+                        }
+                    } else {
+                        self.skip_ascii(|b| {
+                            b.is_ascii_alphanumeric() || b"-_;/?:@&=+$.%!~*'()".contains(&b)
+                        });
                     }
+                }
+                // In flow context `- ` and `?` are tokens too (the parser refuses the first).
+                '-' | '?'
+                    if self.node_start
+                        && self.flow > 0
+                        && (c == '?' || Self::is_blank_or_end(next)) =>
+                {
+                    self.bump();
+                    self.node_start = true;
                 }
                 '-' | '?' if self.node_start && self.flow == 0 && Self::is_blank_or_end(next) => {
                     // `- item` or `? key`: a block collection entry at this column, and the
@@ -451,7 +473,9 @@ impl<'a> Scanner<'a> {
                     self.node_start = true;
                 }
                 ':' if Self::is_blank_or_end(next)
-                    || (self.flow > 0 && matches!(next, Some(',' | ']' | '}' | '[' | '{'))) =>
+                    || (self.flow > 0
+                        && (self.node_start
+                            || matches!(next, Some(',' | '?' | ']' | '}' | '[' | '{')))) =>
                 {
                     // The value indicator: in block context, what came before on this line
                     // was a key of a mapping that starts at the entry's column.
