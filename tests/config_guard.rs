@@ -9,36 +9,40 @@ use zmesh::config::guard::{check, MAX_DEPTH};
 #[allow(unsafe_code)]
 fn libyaml_reads(text: &str) -> (usize, usize) {
     use std::mem::MaybeUninit;
-    use unsafe_libyaml as y;
+    use unsafe_libyaml as unsafe_y;
     // SAFETY: libyaml initializes the parser and each event before they are read, each is
     // deleted exactly once, and `text` outlives the parser that reads it.
     unsafe {
-        let mut parser = MaybeUninit::<y::yaml_parser_t>::uninit();
-        assert!(y::yaml_parser_initialize(parser.as_mut_ptr()).ok);
+        let mut parser = MaybeUninit::<unsafe_y::yaml_parser_t>::uninit();
+        assert!(unsafe_y::yaml_parser_initialize(parser.as_mut_ptr()).ok);
         let parser = parser.as_mut_ptr();
-        y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
+        unsafe_y::yaml_parser_set_input_string(parser, text.as_ptr(), text.len() as _);
         let (mut depth, mut deepest, mut aliases) = (0usize, 0usize, 0usize);
         loop {
-            let mut event = MaybeUninit::<y::yaml_event_t>::uninit();
-            if !y::yaml_parser_parse(parser, event.as_mut_ptr()).ok {
+            let mut event = MaybeUninit::<unsafe_y::yaml_event_t>::uninit();
+            if !unsafe_y::yaml_parser_parse(parser, event.as_mut_ptr()).ok {
                 break;
             }
             let event = event.as_mut_ptr();
             let kind = (*event).type_;
-            if kind == y::YAML_SEQUENCE_START_EVENT || kind == y::YAML_MAPPING_START_EVENT {
+            if kind == unsafe_y::YAML_SEQUENCE_START_EVENT
+                || kind == unsafe_y::YAML_MAPPING_START_EVENT
+            {
                 depth += 1;
                 deepest = deepest.max(depth);
-            } else if kind == y::YAML_SEQUENCE_END_EVENT || kind == y::YAML_MAPPING_END_EVENT {
+            } else if kind == unsafe_y::YAML_SEQUENCE_END_EVENT
+                || kind == unsafe_y::YAML_MAPPING_END_EVENT
+            {
                 depth = depth.saturating_sub(1);
-            } else if kind == y::YAML_ALIAS_EVENT {
+            } else if kind == unsafe_y::YAML_ALIAS_EVENT {
                 aliases += 1;
             }
-            y::yaml_event_delete(event);
-            if kind == y::YAML_STREAM_END_EVENT {
+            unsafe_y::yaml_event_delete(event);
+            if kind == unsafe_y::YAML_STREAM_END_EVENT {
                 break;
             }
         }
-        y::yaml_parser_delete(parser);
+        unsafe_y::yaml_parser_delete(parser);
         (deepest, aliases)
     }
 }
