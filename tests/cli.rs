@@ -326,14 +326,10 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// Reliability #21 and #40, tier (c): a running zmesh-node has hostile files written over its
-/// config. Each reload is rejected with file:line:column in its log within a second of the watch
-/// noticing it, the node keeps serving on the last good config, and its CPU is not pinned.
-#[test]
-fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
-    use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
+/// A file CA in `dir` and a minimal config for a process bound to `bind` (a loopback address of
+/// the test's own, so its listeners collide with no other test's); `extra` is appended.
+fn live_config(dir: &std::path::Path, bind: &str, extra: &str) -> String {
+    let ca = dir.join("ca");
     assert!(Command::new(BIN)
         .args(["ca", "init", "--dir"])
         .arg(&ca)
@@ -341,15 +337,43 @@ fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
         .unwrap()
         .status
         .success());
-    // A loopback address of its own, so its listeners collide with no other test's.
-    let bind = "127.78.0.1";
-    let good = format!(
-        "node:\n  name: n\n  bind: {bind}\n  certificates:\n    file_ca: {{ dir: {} }}\n",
+    format!(
+        "node:\n  name: n\n  bind: {bind}\n  certificates:\n    file_ca: {{ dir: {} }}\n{extra}",
         ca.display()
+    )
+}
+
+/// Reliability #21 and #40, tier (c): a running zmesh-node has hostile files written over its
+/// config. Each reload is rejected with file:line:column in its log within a second of the watch
+/// noticing it, the node keeps serving on the last good config, and its CPU is not pinned.
+#[test]
+fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let bind = "127.78.0.1";
+    let good = live_config(dir.path(), bind, "");
+    rejects_hostile_reloads(BIN, dir.path(), bind, &good);
+}
+
+/// The same for a running zmesh-waypoint.
+#[test]
+fn a_running_waypoint_rejects_hostile_config_files_without_pinning_a_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let bind = "127.79.0.1";
+    let good = live_config(
+        dir.path(),
+        bind,
+        &format!("waypoint: {{ workload: wp }}\nworkloads:\n  - {{ uid: wp, name: wp, namespace: shop, service_account: waypoint, addresses: [{bind}], node: n }}\n"),
     );
-    let path = dir.path().join("node.yaml");
-    std::fs::write(&path, &good).unwrap();
-    let mut child = Command::new(BIN)
+    rejects_hostile_reloads(WAYPOINT, dir.path(), bind, &good);
+}
+
+/// Runs `bin` on `good`, writes each hostile file over its config, and checks the log, the CPU
+/// used and that readiness (:15021 on `bind`) still answers; finally the good file applies again.
+fn rejects_hostile_reloads(bin: &str, dir: &std::path::Path, bind: &str, good: &str) {
+    use std::io::{BufRead, BufReader};
+    let path = dir.join("live.yaml");
+    std::fs::write(&path, good).unwrap();
+    let mut child = Command::new(bin)
         .args(["run", "--config"])
         .arg(&path)
         .env("ZMESH_LOG", "info")
@@ -371,16 +395,13 @@ fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
     let serving = || std::net::TcpStream::connect((bind, 15021)).is_ok();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !serving() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the node never listened"
-        );
+        assert!(std::time::Instant::now() < deadline, "{bin} never listened");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    for (hostile, at, what) in hostile_files(dir.path()) {
+    for (hostile, at, what) in hostile_files(dir) {
         let before = cpu_ticks(pid);
         let written = std::time::Instant::now();
-        let tmp = dir.path().join("next.tmp");
+        let tmp = dir.join("next.tmp");
         std::fs::copy(&hostile, &tmp).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         // The watch looks once a second (WATCH_INTERVAL); the rejection follows at once. On
@@ -404,11 +425,11 @@ fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
         // and reading the file included.
         let used = cpu_ticks(pid) - before;
         assert!(used <= 50, "{used} ticks of CPU for {}", hostile.display());
-        assert!(serving(), "the node still answers");
+        assert!(serving(), "{bin} still answers");
     }
     // Still running, and still on the last good config: restoring it applies cleanly.
-    let tmp = dir.path().join("next.tmp");
-    std::fs::write(&tmp, &good).unwrap();
+    let tmp = dir.join("next.tmp");
+    std::fs::write(&tmp, good).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     let limit = std::time::Duration::from_secs(5);
     let written = std::time::Instant::now();
@@ -423,6 +444,6 @@ fn a_running_node_rejects_hostile_config_files_without_pinning_a_core() {
     let mut node = node;
     assert!(
         node.0.try_wait().unwrap().is_none(),
-        "the node is still running"
+        "{bin} is still running"
     );
 }

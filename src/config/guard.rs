@@ -21,9 +21,10 @@ use std::fmt;
 /// parser's work and the deserializer's recursion small (serde_yaml's own recursion limit is 128).
 pub const MAX_DEPTH: usize = 64;
 
-/// Largest config file read or parsed. A Kubernetes ConfigMap holds at most 1 MiB and the largest
-/// model file we generate (10,000 workloads) is about 3 MiB; 16 MiB bounds the memory and the
-/// (linear) parse time an oversized or endless file (a FIFO, `/dev/zero`) can cost.
+/// Largest config file read or parsed. A Kubernetes ConfigMap holds at most 1 MiB, and a model of
+/// 10,000 workloads written out in block style is about 2.5 MiB; 16 MiB leaves room for that and
+/// bounds the memory and the (linear) parse time an oversized or endless file (a FIFO,
+/// `/dev/zero`) can cost.
 pub const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why text was refused, with the 1-based position of the token that broke the limit.
