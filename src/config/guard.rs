@@ -22,7 +22,7 @@ use std::fmt;
 pub const MAX_DEPTH: usize = 64;
 
 /// Largest config file read or parsed. A Kubernetes ConfigMap holds at most 1 MiB, and a model of
-/// 10,000 workloads written out in block style is about 2.5 MiB; 16 MiB leaves room for that and
+/// 10,000 workloads written out in block style is about 2 MiB; 16 MiB leaves room for that and
 /// bounds the memory and the (linear) parse time an oversized or endless file (a FIFO,
 /// `/dev/zero`) can cost.
 pub const MAX_BYTES: usize = 16 * 1024 * 1024;
