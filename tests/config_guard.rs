@@ -175,3 +175,25 @@ fn the_scan_is_never_laxer_than_libyaml() {
         assert!(passed > 1000, "{passed}");
     }
 }
+
+/// Every YAML file the project ships (configs, and the Kubernetes manifests that carry them) passes
+/// the scan: the limits refuse attacks, not the files operators write.
+#[test]
+fn every_shipped_yaml_file_passes_the_scan() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    let mut dirs = vec![root.join("examples"), root.join("daemonset")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert_eq!(check(&text), Ok(()), "{}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 10, "{seen}");
+}
