@@ -7,11 +7,13 @@
 //! than [`MAX_DEPTH`], and refuses the text at the line and column of the first offending token,
 //! so no parser is handed input it could choke on, whichever parser that is.
 //!
-//! It is not a YAML parser. It follows just enough of YAML's lexical structure (quoted scalars,
-//! comments, block scalars, flow brackets, block indentation, `- ` and `key:` indicators) to count
-//! nesting. Where it cannot be exact it counts high (a more-indented continuation line of a plain
-//! scalar counts as one level): it may refuse a file whose real depth is a level or two under the
-//! limit, never accept one above it.
+//! It is not a YAML parser. It follows just enough of libyaml's lexical rules (where a token
+//! starts, quoted and plain scalars and their continuation lines, comments, block scalars, flow
+//! brackets, block indentation, `- `, `?` and `key:` indicators, tags, line breaks including NEL
+//! and LS) to count nesting and see anchors. Where it cannot be exact it counts high (a bracket
+//! that libyaml would refuse anyway, a tag cut short): it may refuse a file near the limit that
+//! libyaml would take, never pass one that goes deeper. `tests/config_guard.rs` holds it to that
+//! against libyaml's own event stream on generated text.
 
 use std::fmt;
 
