@@ -4,6 +4,16 @@
 //! file, line and column serde_yaml reports; cross-field checks (duplicate uids, bad references)
 //! name the path of the offending entry and its value. Every field has a documented default, and
 //! the README shows a complete example (examples/*.yaml are tested to load).
+//!
+//! Before the YAML parser sees the text, [`guard`] bounds it (reliability #40): at most
+//! [`guard::MAX_BYTES`], nesting at most [`guard::MAX_DEPTH`] levels, no anchors or aliases. The
+//! parser stays serde_yaml 0.9 (deprecated upstream): its maintained successors either keep the
+//! same libyaml core, which is what is quadratic in flow nesting (serde_yaml_ng), or have no
+//! `Value` type for the per-entry parsing of `policies` and need a newer Rust than this crate's
+//! minimum (serde-saphyr 2.2: Rust 1.89). The guard does not depend on the parser, so it stays
+//! when the parser is replaced.
+
+pub mod guard;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +52,12 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Unlocated { path: String, message: String },
+    #[error("{path}: config of {size} bytes is over the {limit}-byte limit (MAX_BYTES)")]
+    TooLarge {
+        path: String,
+        size: u64,
+        limit: usize,
+    },
     #[error("{path}: {field} = {value:?}: {reason}")]
     Invalid {
         path: String,
@@ -552,11 +568,31 @@ impl Config {
     /// NAME (upper-case letters, digits and `_`), so one ConfigMap serves every node
     /// (`${NODE_NAME}`, `${POD_IP}` from the downward API); an unset variable is an error.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: origin.clone(),
             source,
-        })?;
+        };
+        let too_large = |size| ConfigError::TooLarge {
+            path: origin.clone(),
+            size,
+            limit: guard::MAX_BYTES,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let size = file.metadata().map_err(read_error)?.len();
+        if size > guard::MAX_BYTES as u64 {
+            return Err(too_large(size));
+        }
+        // Read at most one byte past the limit: a file that grows while read, or one with no
+        // size (a FIFO, a device), cannot make the node read without end.
+        let mut text = String::new();
+        file.take(guard::MAX_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if text.len() > guard::MAX_BYTES {
+            return Err(too_large(text.len() as u64));
+        }
         let text =
             expand_env(&text, |k| std::env::var(k).ok()).map_err(|var| ConfigError::Unlocated {
                 path: origin.clone(),
@@ -569,6 +605,19 @@ impl Config {
 
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        if text.len() > guard::MAX_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: origin.to_string(),
+                size: text.len() as u64,
+                limit: guard::MAX_BYTES,
+            });
+        }
+        guard::check(text).map_err(|r| ConfigError::Syntax {
+            path: origin.to_string(),
+            line: r.line,
+            column: r.column,
+            message: r.message,
+        })?;
         let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
             Some(loc) => ConfigError::Syntax {
                 path: origin.to_string(),
@@ -1004,6 +1053,99 @@ workloads:
         // Deep nesting must be an error, not a stack overflow (reliability #24).
         let deep = format!("node: {}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(Config::parse(&deep, "t.yaml").is_err());
+    }
+
+    /// Parses `text`, asserting it is refused well under a second, and returns the error.
+    fn refused_quickly(text: &str) -> ConfigError {
+        let started = std::time::Instant::now();
+        let e = err(text);
+        let took = started.elapsed();
+        // Generous for an unoptimized test build on a loaded CI machine; main took 4 s to 23 s
+        // on these inputs.
+        assert!(took < Duration::from_millis(500), "{took:?}: {e}");
+        e
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_in_linear_time_at_its_position() {
+        // Reliability #40, in the places an attacker can nest: node settings (typed), the raw
+        // `policies` list, and the waypoint's sections; in flow and block style.
+        let policies = |nest: &str| format!("{GOOD}policies:\n  - name: p\n    x: {nest}\n");
+        for n in [10_000, 100_000] {
+            let flow = format!("{}{}", "[".repeat(n), "]".repeat(n));
+            let maps = format!("{}1{}", "{a: ".repeat(n), "}".repeat(n));
+            let block = format!("\n      {}x", "- ".repeat(n));
+            for (text, line) in [
+                (format!("node: {flow}\n"), 1),
+                (format!("node: {maps}\n"), 1),
+                (policies(&flow), 14),
+                (policies(&maps), 14),
+                (policies(&block), 15),
+                (
+                    GOOD.replace(
+                        "    node: node-a",
+                        &format!("    node: node-a\n    l: {flow}"),
+                    ),
+                    12,
+                ),
+                (
+                    format!("{GOOD}routes: [{{name: r, service: s, rules: {flow}}}]\n"),
+                    12,
+                ),
+            ] {
+                let e = refused_quickly(&text);
+                let msg = e.to_string();
+                assert!(msg.contains("nesting deeper than 64 levels"), "{msg}");
+                assert_eq!(e.location().map(|l| l.0), Some(line), "{msg}");
+                assert!(msg.starts_with(&format!("t.yaml:{line}:")), "{msg}");
+            }
+        }
+        // At the limit the file is still read (and judged by the schema as before).
+        let ok = format!(
+            "{GOOD}policies:\n  - name: p\n    x: {}1{}\n",
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        assert!(Config::parse(&ok, "t.yaml").is_ok());
+    }
+
+    #[test]
+    fn aliases_cannot_expand() {
+        // The billion laughs: nine levels of nine aliases each (387 million nodes expanded).
+        let mut bomb = format!("{GOOD}policies:\n  - name: p\n    l0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            bomb.push_str(&format!("    l{i}: &a{i} [{refs}]\n"));
+        }
+        let e = refused_quickly(&bomb);
+        assert_eq!(e.location(), Some((14, 9)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("anchors and aliases are not accepted"),
+            "{e}"
+        );
+        // A lone alias, in a typed section.
+        let e = refused_quickly(&GOOD.replace("name: node-a", "name: *n"));
+        assert_eq!(e.location(), Some((3, 9)), "{e}");
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_parsing() {
+        let big = format!("{GOOD}# {}\n", "x".repeat(guard::MAX_BYTES));
+        let e = refused_quickly(&big);
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
+        assert!(
+            e.to_string().contains("over the 16777216-byte limit"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        std::fs::write(&path, &big).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
+        // A file with no end is read no further than the limit.
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
     }
 
     #[test]

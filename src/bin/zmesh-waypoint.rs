@@ -139,7 +139,16 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
             continue;
         }
         seen = now;
-        match load(&path).and_then(|cfg| wp.reload(&cfg).map_err(Into::into)) {
+        // Parsing and validating (JWKS, regexes, the model) run on a thread of their own, never
+        // on this runtime (reliability #40).
+        let (w, p) = (wp.clone(), path.clone());
+        let outcome = zmesh::proxy::reload::on_config_thread(move || {
+            load(&p).and_then(|cfg| w.reload(&cfg).map_err(Into::into))
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        match outcome {
             Ok(()) => tracing::info!("config reloaded from {}", path.display()),
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; the last good config keeps running")

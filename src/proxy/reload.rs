@@ -11,6 +11,11 @@
 //! Node settings (ports, mode, bind address...) belong to sockets that already exist; a change
 //! to them is reported as needing a restart and otherwise ignored.
 //!
+//! Reading, parsing, validating and applying a file run on a thread of their own
+//! ([`on_config_thread`]), never on the task that noticed the change: whatever runtime the watcher
+//! is on (the control runtime in `zmesh-node`, the main thread in `zmesh-waypoint`), a slow or
+//! hostile file cannot stall it or a data-plane worker (reliability #40).
+//!
 //! Watching polls file metadata (size, mtime, inode) rather than using inotify: it sees a
 //! Kubernetes ConfigMap's symlink swap, editors' rename-over-write and network filesystems alike,
 //! at the cost of one `stat` per file per interval.
@@ -25,6 +30,30 @@ use tokio::sync::Notify;
 use super::{load_certificates, Node, State};
 use crate::config::{CertificatesConfig, Config, ConfigError};
 use crate::identity::{CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE};
+
+/// The name of the thread a reload parses and validates on (tests and stack dumps look for it).
+pub const CONFIG_THREAD: &str = "zmesh-config";
+
+/// Runs `work` (reading and validating a config file, applying it) on a new thread named
+/// [`CONFIG_THREAD`] and waits for it without blocking the caller's runtime. A thread per reload
+/// costs a few tens of microseconds, and reloads come at most once per watch interval or
+/// SIGHUP; in exchange no runtime's thread is ever held by a parse. The thread enters the
+/// caller's runtime, so the work may spawn tasks or use timers. Fails when no thread can be
+/// started, or when the work panicked (the last good config then keeps running).
+pub async fn on_config_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    std::thread::Builder::new()
+        .name(CONFIG_THREAD.into())
+        .spawn(move || {
+            let _entered = runtime.as_ref().map(|h| h.enter());
+            let _ = tx.send(work());
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the config thread panicked"))
+}
 
 /// How often the watched files are checked. A policy edit takes effect within this, plus the
 /// time connections need to re-judge themselves (microseconds each).
@@ -208,7 +237,15 @@ pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: 
             continue;
         }
         seen = now;
-        if let Some(cfg) = reload_from(&node, &path) {
+        let (n, p) = (node.clone(), path.clone());
+        let outcome = on_config_thread(move || reload_from(&n, &p))
+            .await
+            .unwrap_or_else(|e| {
+                node.stats.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "config reload rejected; the last good config keeps running");
+                None
+            });
+        if let Some(cfg) = outcome {
             // The new config may name other certificate files.
             files = watched_files(&path, &cfg);
             seen = stamps(&files);
@@ -258,6 +295,30 @@ mod tests {
             names,
             ["/etc/zmesh.yaml", "/r.pem", "/c.pem", "/k.pem", "/crl.pem"]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn reload_work_runs_on_the_config_thread_not_a_runtime_worker() {
+        let here = std::thread::current().name().map(str::to_string);
+        let (name, in_runtime) = on_config_thread(|| {
+            (
+                std::thread::current().name().map(str::to_string),
+                tokio::runtime::Handle::try_current().is_ok(),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(name.as_deref(), Some(CONFIG_THREAD));
+        assert_ne!(here, name);
+        assert!(
+            in_runtime,
+            "the work can spawn tasks on the caller's runtime"
+        );
+        // A panicking parse is an error for the caller, not a dead watcher.
+        let e = on_config_thread(|| -> u8 { panic!("boom") })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("panicked"), "{e}");
     }
 
     #[test]
