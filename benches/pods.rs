@@ -1,7 +1,7 @@
 //! In-pod scale: node RSS per added pod and the time from a ZDS `add` to its ack (the pod proxy
 //! is up: listeners bound inside the pod's netns), for N pods (default 50).
 //!
-//! `sudo cargo bench --bench pods [-- N]`. The pods here are bare network namespaces: the figure
+//! `cargo bench --bench pods [-- N]`. The pods here are bare network namespaces: the figure
 //! is the tunnel's own cost per pod (listeners, pool, netns thread), not the pod's traffic.
 
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! - baseline 1: direct TCP over the same veth (a marked socket the capture rules skip);
 //! - baseline 2: raw rustls TLS 1.3 mTLS over the same veth, same crypto provider and configs.
 //!
-//! `sudo cargo bench --bench system` (add `-- --quick` for a short smoke run). Prints one
+//! `cargo bench --bench system` (add `-- --quick` for a short smoke run). Prints one
 //! markdown table and writes it to benches/RESULTS.md with the date, CPU model and commit.
 //! Needs root; runs on this machine's two cores with the app, both tunnels and nothing else.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use zmesh::identity::{CertManager, CertSource, FileCa, SpiffeId};
-use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, B_IP};
+use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, A_IP, B_IP};
 
 const DIRECT_PORT: u16 = 9000;
 const TLS_PORT: u16 = 9443;
@@ -582,6 +582,8 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let full_a = pid_stat(a_pid)?.1;
     let full_b = pid_stat(b_pid)?.1;
+    // How many HBONE connections node A's pool holds for them (streams per connection).
+    let pooled_a = pool_connections(&b.mesh.a, A_IP).unwrap_or(f64::NAN);
     drop(idle);
 
     // Table.
@@ -656,6 +658,9 @@ fn main() -> Result<()> {
         (full_a as f64 - base_a as f64) / sizes.idle_conns as f64,
         (full_b as f64 - base_b as f64) / sizes.idle_conns as f64
     ));
+    rows.push(format!(
+        "| pooled HBONE connections on node A for them | {pooled_a} | | | | |"
+    ));
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -682,7 +687,7 @@ fn main() -> Result<()> {
         .output()?;
     out += "# zmesh system benchmark\n\n";
     out += &format!(
-        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- node binary: {}\n- mode: {}\n- command: `sudo cargo bench --bench system{}`\n\n",
+        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- node binary: {}\n- mode: {}\n- command: `cargo bench --bench system{}`\n\n",
         String::from_utf8_lossy(&date.stdout).trim(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         if dirty { " (with uncommitted changes)" } else { "" },
@@ -705,4 +710,17 @@ process). All processes share this machine's cores.\n\n";
         eprintln!("wrote benches/RESULTS.md");
     }
     Ok(())
+}
+
+/// `zmesh_hbone_pool_connections` from a node's metrics port (:15020 on its address).
+fn pool_connections(ns: &zmesh_testbed::Netns, ip: &str) -> Result<f64> {
+    // Marked, so node A's own capture rules leave it alone.
+    let mut c = connect_uncaptured(ns, format!("{ip}:15020").parse()?)?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("zmesh_hbone_pool_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no zmesh_hbone_pool_connections in node A's metrics")
 }

@@ -6,7 +6,7 @@
 //! 2. mesh without waypoint: client → node 1 tunnel → HBONE → node 3 tunnel → app;
 //! 3. mesh with waypoint: client → node 1 → HBONE → waypoint (L7) → HBONE → node 3 → app.
 //!
-//! `sudo cargo bench --bench waypoint` (add `-- --quick` for a smoke run). Needs root (network
+//! `cargo bench --bench waypoint` (add `-- --quick` for a smoke run). Needs root (network
 //! namespaces). Every process shares this machine's cores, so compare the columns of one run.
 
 use std::convert::Infallible;
