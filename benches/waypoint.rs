@@ -1,6 +1,6 @@
 //! Waypoint benchmark: HTTP/1.1 keep-alive requests per second, p50/p99 latency, and the
 //! waypoint's CPU per 10k requests, side by side in one run for three paths between the same
-//! two namespaces (spec/waypoint.md; the three-node topology of `tests/netns_waypoint.rs`):
+//! two namespaces (docs/waypoint.md; the three-node topology of `tests/netns_waypoint.rs`):
 //!
 //! 1. direct: the client in node 1 to the app in node 3, plain TCP, no zmesh on the path;
 //! 2. mesh without waypoint: client → node 1 tunnel → HBONE → node 3 tunnel → app;

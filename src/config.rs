@@ -95,7 +95,7 @@ pub struct Config {
     /// The waypoint binary's own workload (`zmesh-waypoint` reads it; the node ignores it).
     #[serde(default)]
     pub waypoint: Option<crate::waypoint::config::WaypointSettings>,
-    /// HTTP routes applied by waypoints (spec/waypoint.md).
+    /// HTTP routes applied by waypoints (docs/waypoint.md).
     #[serde(default)]
     pub routes: Vec<crate::waypoint::config::RouteConfig>,
     /// L7 authorization policies applied by waypoints.

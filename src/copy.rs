@@ -1,7 +1,7 @@
 //! Moving bytes: a byte stream ↔ HTTP/2 stream (HBONE both ends) and stream ↔ stream (plain
 //! paths). Generic over tokio's `AsyncRead + AsyncWrite` so benchmarks can drive it in memory.
 //!
-//! Invariants (reliability.md): every byte read from one side is written to the other or the
+//! Invariants (docs/reliability.md): every byte read from one side is written to the other or the
 //! application sees a reset; EOF maps to END_STREAM (and END_STREAM to a TCP FIN), so half-close
 //! works both ways; a reset on either side becomes a reset on the other. A peer's EOF or reset is
 //! a normal way for a connection to end, reported in the result, not logged as an error.

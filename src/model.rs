@@ -1,5 +1,5 @@
 //! The mesh model the data path reads: workloads and services indexed by address, built from the
-//! config once per (re)load, plus outbound destination selection (model.md "Outbound destination
+//! config once per (re)load, plus outbound destination selection (docs/model.md "Outbound destination
 //! selection"). Everything here is pure: no I/O, deterministic given the random source.
 
 use std::collections::HashMap;
@@ -301,7 +301,7 @@ impl Model {
         Ok(Route::Passthrough { addr: dst })
     }
 
-    /// model.md steps 2 and 3: a Service VIP or workload IP that names a waypoint is sent to
+    /// docs/model.md steps 2 and 3: a Service VIP or workload IP that names a waypoint is sent to
     /// that waypoint, with the ORIGINAL destination as `:authority` so the waypoint can apply the
     /// destination's L7 rules. Traffic from the waypoint itself goes on to the destination.
     fn via_waypoint(&self, source: &Workload, dst: SocketAddr) -> Option<Route> {

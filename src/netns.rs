@@ -1,4 +1,4 @@
-//! Network-namespace plumbing for in-pod mode (spec/capture.md "Mode 1"): the node tunnel gets a
+//! Network-namespace plumbing for in-pod mode (docs/capture.md "Mode 1"): the node tunnel gets a
 //! pod's netns as a file descriptor and must create that pod's listeners and upstream sockets
 //! INSIDE it, so traffic leaves with the pod's own IP.
 //!

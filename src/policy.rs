@@ -3,7 +3,7 @@
 //! The shape follows istio's `authorization.proto` as ztunnel consumes it: a policy's rules are
 //! OR-ed, the clauses of one rule are AND-ed, the matches of one clause are OR-ed, and inside one
 //! match every non-empty field must hold (a list field holds when ANY element matches, its `not_`
-//! form when NO element matches). The decision order is Istio's (model.md "Decision order"):
+//! form when NO element matches). The decision order is Istio's (docs/model.md "Decision order"):
 //! dry-run policies are evaluated and reported but never change the verdict; any applicable DENY
 //! that matches rejects; with no applicable ALLOW the connection is allowed; otherwise some ALLOW
 //! must match.
@@ -779,7 +779,7 @@ impl PolicySet {
         }
     }
 
-    /// Judges one inbound connection (model.md "Decision order").
+    /// Judges one inbound connection (docs/model.md "Decision order").
     pub fn evaluate(&self, conn: &Connection) -> Decision {
         let peer = Peer {
             id: conn.src_identity.as_ref(),

@@ -1,5 +1,5 @@
 //! rustls configuration for HBONE: TLS 1.3 only, the two AES-GCM suites, ALPN h2, no SNI, no
-//! resumption, and SPIFFE-aware verification on both sides (spec/hbone.md "TLS").
+//! resumption, and SPIFFE-aware verification on both sides (docs/hbone.md "TLS").
 //!
 //! The client checks the chain AND that the server's single URI SAN is one of the identities it
 //! expected. The server checks the chain AND that the client is in its trust domain; which

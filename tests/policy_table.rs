@@ -417,7 +417,7 @@ fn many_policies_only_touch_applicable_buckets() {
 
 #[test]
 fn strict_mtls_denies_plaintext_and_allows_any_identity() {
-    // model.md: STRICT mTLS is a DENY with `not_principals: ["*"]`. A plaintext peer has no
+    // docs/model.md: STRICT mTLS is a DENY with `not_principals: ["*"]`. A plaintext peer has no
     // principal for `*` to match, so the negation holds and the DENY fires; any identity matches
     // `*`, so the negation fails and the DENY stays out of the way.
     let set = PolicySet::from_yaml_str(

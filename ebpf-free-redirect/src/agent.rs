@@ -78,7 +78,7 @@ pub enum Request {
     List,
 }
 
-/// The pod to enroll and its per-pod capture opt-outs (capture.md, "Per-pod opt-outs").
+/// The pod to enroll and its per-pod capture opt-outs (docs/capture.md, "Per-pod opt-outs").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddRequest {
     /// Path of the pod's network namespace (a bind mount such as `/var/run/netns/cni-…`).

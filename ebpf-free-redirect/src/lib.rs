@@ -1,5 +1,5 @@
 //! Traffic capture without eBPF: generates and installs the iptables/nftables rules that steer TCP
-//! into the node tunnel (see `shared/spec/capture.md`). Host mode, for VMs and developer machines,
+//! into the node tunnel (see `docs/capture.md`). Host mode, for VMs and developer machines,
 //! captures in the host's own network namespace; in-pod mode will reuse the same rule model inside
 //! each enrolled pod's namespace. [`rules`] is pure and golden-tested; [`apply`] only runs the tools.
 // `unsafe` is denied crate-wide (workspace lints) and allowed only in [`sys`], the one module for

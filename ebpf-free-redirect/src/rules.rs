@@ -1,4 +1,4 @@
-//! Pure generation of the capture rules (capture.md: "Mode 2: host" here, "Mode 1: in-pod" in
+//! Pure generation of the capture rules (docs/capture.md: "Mode 2: host" here, "Mode 1: in-pod" in
 //! `pod`). Options are validated once into [`HostRules`] or [`PodRules`], each of which wraps a
 //! [`Capture`]: the chains per IP family in the backend-neutral form of `model`, plus the policy
 //! routing. The iptables and nftables renderings both derive from those chains, so they cannot drift
@@ -19,28 +19,28 @@ pub use model::{Family, IptablesRules, Jump};
 use model::{Table, Verdict};
 pub use pod::{PodOptions, PodRules};
 
-/// SO_MARK carried by every socket the tunnel creates (capture.md: 1337). Matching it is how the
+/// SO_MARK carried by every socket the tunnel creates (docs/capture.md: 1337). Matching it is how the
 /// rules tell the tunnel's own traffic apart, so the tunnel never captures itself.
 pub const TUNNEL_MARK: u32 = 0x539;
 /// Connmark stamped on connections the tunnel dials from a spoofed (transparent) source, so that the
-/// app's replies can be steered back to the tunnel (capture.md: 0x111).
+/// app's replies can be steered back to the tunnel (docs/capture.md: 0x111).
 pub const CONNMARK: u32 = 0x111;
-/// We own only the low 12 bits of the packet mark and connmark (capture.md: mask 0xfff); the high bits
+/// We own only the low 12 bits of the packet mark and connmark (docs/capture.md: mask 0xfff); the high bits
 /// stay free for kube-proxy (0x4000/0x8000), Calico, Cilium and other users of the mark.
 pub const MARK_MASK: u32 = 0xfff;
-/// Routing table whose `local 0.0.0.0/0` route delivers replies to spoofed sockets (capture.md: 100).
+/// Routing table whose `local 0.0.0.0/0` route delivers replies to spoofed sockets (docs/capture.md: 100).
 pub const ROUTE_TABLE: u32 = 100;
-/// Preference of the fwmark rule (capture.md: 32764): after `local` (0), before `main` (32766), so it
+/// Preference of the fwmark rule (docs/capture.md: 32764): after `local` (0), before `main` (32766), so it
 /// only decides for marked packets that are not already addressed to this host.
 pub const RULE_PREF: u32 = 32764;
-/// The tunnel's listeners (capture.md, Mode 1): captured outbound, captured inbound plaintext, HBONE,
+/// The tunnel's listeners (docs/capture.md, Mode 1): captured outbound, captured inbound plaintext, HBONE,
 /// and the DNS proxy (in-pod DNS capture only).
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAIN_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 pub const DNS_CAPTURE_PORT: u16 = 15053;
 /// SSH is never captured in either direction, whatever the user configures, so that a crashed or
-/// misconfigured tunnel still leaves a host one can log into (capture.md, Mode 2).
+/// misconfigured tunnel still leaves a host one can log into (docs/capture.md, Mode 2).
 pub const SSH_PORT: u16 = 22;
 
 /// Which tool installs the rules. Both produce the same effect (see the module docs).
@@ -529,7 +529,7 @@ fn host_chains(o: &HostOptions) -> Vec<Chain> {
             .map(|&c| rule([Match::Daddr(c)], Verdict::Return)),
     );
     nat_output.extend(excluded());
-    // Replies on tunnel-spoofed connections (capture.md: "tcp mark 0x111/0xfff -> ACCEPT").
+    // Replies on tunnel-spoofed connections (docs/capture.md: "tcp mark 0x111/0xfff -> ACCEPT").
     nat_output.push(rule(
         [
             Match::Tcp,

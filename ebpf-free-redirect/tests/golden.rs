@@ -38,7 +38,7 @@ fn host_cases() -> Vec<(&'static str, HostOptions)> {
 
 fn pod_cases() -> Vec<(&'static str, PodOptions)> {
     vec![
-        // What an enrolled pod gets with no opt-outs: capture.md's block, IPv4 only.
+        // What an enrolled pod gets with no opt-outs: docs/capture.md's block, IPv4 only.
         ("pod-default", PodOptions::default()),
         // Both per-pod opt-outs flipped: inbound plaintext bypasses the tunnel, DNS is captured.
         (

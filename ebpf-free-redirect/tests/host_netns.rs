@@ -152,7 +152,7 @@ impl Netns {
                 s.set_mark(mark)?;
             }
             if let Some(ip) = bind {
-                // As the tunnel does to preserve the client's source IP (capture.md).
+                // As the tunnel does to preserve the client's source IP (docs/capture.md).
                 s.set_ip_transparent(true)?;
                 s.set_freebind(true)?;
                 let addr: SocketAddr = format!("{ip}:0").parse().unwrap();

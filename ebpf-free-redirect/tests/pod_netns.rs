@@ -1,7 +1,7 @@
 //! Tier (c) tests for in-pod capture: a "node" namespace with a bridge, and a "pod" namespace
 //! attached to it by a veth pair, as a CNI would wire them. The library installs the rules from a
 //! thread that entered the pod namespace, exactly as the redirect agent does, and real sockets in
-//! both namespaces check each rule of capture.md's block: outbound and inbound capture, the
+//! both namespaces check each rule of docs/capture.md's block: outbound and inbound capture, the
 //! tunnel-mark, probe-source and own-IP exceptions, the inbound-capture bypass and source-IP
 //! preservation. Per backend, another test checks that install is idempotent and uninstall restores
 //! the namespace exactly. Like `host_netns.rs` these need root; without it they fail saying so.

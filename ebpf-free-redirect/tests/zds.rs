@@ -1,4 +1,4 @@
-//! Tier (b) tests of the ZDS netns hand-off (`shared/spec/capture.md`), no root needed: any fd
+//! Tier (b) tests of the ZDS netns hand-off (`docs/capture.md`), no root needed: any fd
 //! stands in for a pod netns (`/proc/self/ns/net` of the test process).
 //!
 //! The interop tests talk to the crate through a protobuf codec written here by hand from the

@@ -1,5 +1,5 @@
 //! zmesh-waypoint: the L7 proxy. It takes HBONE in, applies HTTP routing and policy, and sends
-//! each request on over HBONE under its own identity (spec/waypoint.md).
+//! each request on over HBONE under its own identity (docs/waypoint.md).
 //!
 //! `zmesh-waypoint run --config FILE` serves; `check-config FILE` validates (exit 64 when
 //! invalid). The config is the mesh model file plus a `waypoint: {workload: <uid>}` section;

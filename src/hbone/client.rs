@@ -1,5 +1,5 @@
 //! The HBONE client: dials `ip:15008` with the SOURCE workload's certificate and pools the
-//! resulting HTTP/2 connections (spec/hbone.md "Connection pooling").
+//! resulting HTTP/2 connections (docs/hbone.md "Connection pooling").
 //!
 //! Pool key = (source identity, expected destination identities, destination address, source
 //! IP). A connection takes streams while it has free slots (min(100, peer's limit)); creation is

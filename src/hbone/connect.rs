@@ -1,4 +1,4 @@
-//! Building and validating the HBONE CONNECT request (spec/hbone.md, reliability.md #1-#4).
+//! Building and validating the HBONE CONNECT request (docs/hbone.md, docs/reliability.md #1-#4).
 //!
 //! Pure functions over `http` values, so every rule is a vector in the tests below.
 
@@ -54,7 +54,7 @@ pub struct ConnectHeaders<'a> {
     pub span_id: u64,
 }
 
-/// The `baggage` header: empty fields are omitted (spec/hbone.md).
+/// The `baggage` header: empty fields are omitted (docs/hbone.md).
 pub fn baggage(w: &Workload) -> String {
     let mut out = String::new();
     let mut push = |k: &str, v: &str| {

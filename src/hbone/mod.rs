@@ -1,4 +1,4 @@
-//! HBONE: HTTP/2 CONNECT over mutual TLS, wire-compatible with Istio's ztunnel (spec/hbone.md).
+//! HBONE: HTTP/2 CONNECT over mutual TLS, wire-compatible with Istio's ztunnel (docs/hbone.md).
 //!
 //! `connect` holds the pure request building and validation, tested with vectors; `client` is the
 //! pooled dialer and `server` the :15008 acceptor. h2 does the framing and rustls the TLS; this

@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn san_edge_cases_are_rejected() {
-        // reliability.md #17.
+        // docs/reliability.md #17.
         let two = cert_with_sans(vec![
             uri("spiffe://cluster.local/ns/a/sa/b"),
             uri("spiffe://cluster.local/ns/a/sa/c"),

@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn rejects_every_ambiguous_form() {
-        // reliability.md #17: each of these must be refused, never normalized.
+        // docs/reliability.md #17: each of these must be refused, never normalized.
         let cases: &[(&str, &str)] = &[
             ("SPIFFE://cluster.local/ns/a/sa/b", "upper-case scheme"),
             ("Spiffe://cluster.local/ns/a/sa/b", "mixed-case scheme"),

@@ -211,7 +211,7 @@ async fn stream(
         );
         return;
     }
-    // Policy is judged at the destination with the real target port (model.md).
+    // Policy is judged at the destination with the real target port (docs/model.md).
     let who = || inbound_connection(Some(&client), peer, dst, &workload);
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();

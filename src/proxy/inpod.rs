@@ -1,4 +1,4 @@
-//! In-pod mode (spec/capture.md "Mode 1"): the redirect agent (or istio-cni) hands us each pod's
+//! In-pod mode (docs/capture.md "Mode 1"): the redirect agent (or istio-cni) hands us each pod's
 //! network namespace over ZDS, and we run one proxy per pod whose listeners (15001, 15006, 15008)
 //! and upstream sockets live INSIDE that pod's namespace.
 //!

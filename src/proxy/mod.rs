@@ -612,7 +612,7 @@ pub(crate) fn denial_reason(d: &Decision) -> String {
 }
 
 /// Where a set of listeners works: the node's own namespace (host mode) or one pod's (in-pod
-/// mode, spec/capture.md), with the HBONE pool and source identity that go with it.
+/// mode, docs/capture.md), with the HBONE pool and source identity that go with it.
 pub struct Scope {
     /// The pod's namespace: upstream sockets are made there. None in host mode.
     pub netns: Option<Arc<PodNetns>>,

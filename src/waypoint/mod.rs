@@ -1,5 +1,5 @@
 //! The waypoint: an L7 proxy that receives HBONE, applies HTTP routing and policy, and sends
-//! each request onward over HBONE under its own identity (spec/waypoint.md).
+//! each request onward over HBONE under its own identity (docs/waypoint.md).
 //!
 //! `config` is its part of the config file, `l7` the pure routing and authorization decisions,
 //! `jwt` request authentication, `server` the data path.

@@ -1,4 +1,4 @@
-//! The waypoint's data path (spec/waypoint.md "Data path").
+//! The waypoint's data path (docs/waypoint.md "Data path").
 //!
 //! HBONE in on :15008, exactly like a node's inbound (the same TLS, deadline and HTTP/2
 //! settings) but with the waypoint's own certificate. Each CONNECT is judged by L4 policy, then

@@ -17,7 +17,7 @@ pub enum Scope {
     /// Host mode: `ZMESH_*` chains and `table ip zmesh`, in a host netns that other software shares.
     Host,
     /// In-pod mode: `ISTIO_PRERT`/`ISTIO_OUTPUT`, the names istio-cni uses inside the pod netns
-    /// (capture.md, Mode 1), so tooling that inspects a pod finds them where it expects, and zmesh and
+    /// (docs/capture.md, Mode 1), so tooling that inspects a pod finds them where it expects, and zmesh and
     /// istio-cni replace rather than stack on each other. The nft table is `istio-zmesh`: istio-cni's
     /// own nft tables are named differently, so the name says "istio-compatible, installed by zmesh".
     Pod,

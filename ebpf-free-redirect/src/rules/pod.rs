@@ -1,4 +1,4 @@
-//! In-pod capture (capture.md, "Mode 1: in-pod"): the rules the redirect agent installs inside each
+//! In-pod capture (docs/capture.md, "Mode 1: in-pod"): the rules the redirect agent installs inside each
 //! enrolled pod's network namespace. They are istio-cni's in-pod rules, rule for rule and with the
 //! same chain names, because the node tunnel must behave like ztunnel in a pod set up either way.
 //! Unlike host mode nothing is scoped by port: the pod netns belongs to one workload, so all its TCP
@@ -13,7 +13,7 @@ use super::{check_tunnel, Capture, OptionsError, CONNMARK, MARK_MASK, ROUTE_TABL
 use super::{DNS_CAPTURE_PORT, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK};
 
 /// Source address kubelet probes arrive from once the node SNATs them (istio-cni's
-/// `HOST_PROBE_SNAT_IP` default; capture.md). Probes must reach the app directly, not via policy.
+/// `HOST_PROBE_SNAT_IP` default; docs/capture.md). Probes must reach the app directly, not via policy.
 pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// The IPv6 counterpart (istio-cni's `HOST_PROBE_V6_SNAT_IP` default).
 pub const PROBE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(
@@ -38,7 +38,7 @@ const POD_HOOKS: [(Table, Hook); 6] = [
     (Table::Raw, Hook::Output),
 ];
 
-/// In-pod capture options, before validation. The defaults are capture.md's constants and match
+/// In-pod capture options, before validation. The defaults are docs/capture.md's constants and match
 /// the tunnel's defaults; change marks, table or ports only together with the tunnel's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodOptions {
@@ -168,7 +168,7 @@ impl PodRules {
     }
 }
 
-/// capture.md's rule block for one family. The order inside each chain is the spec's and matters:
+/// docs/capture.md's rule block for one family. The order inside each chain is the spec's and matters:
 /// the ACCEPTs must precede the catch-all REDIRECTs they carve exceptions out of.
 fn pod_chains(o: &PodOptions, family: Family) -> Vec<Chain> {
     let localhost = family.localhost();

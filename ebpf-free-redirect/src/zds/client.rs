@@ -19,7 +19,7 @@ use super::proto::{Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, Zds
 use super::wire::{self, Datagram, SeqpacketSocket};
 use super::ZdsError;
 
-/// First reconnect delay after the agent's socket goes away (capture.md: backoff 10 ms → 15 s).
+/// First reconnect delay after the agent's socket goes away (docs/capture.md: backoff 10 ms → 15 s).
 /// Short, because an agent restart is quick and pods wait on the snapshot to become ready.
 pub const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
 /// Cap on the reconnect delay, so a tunnel notices a returning agent within 15 s at worst.

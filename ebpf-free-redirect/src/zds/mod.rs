@@ -1,5 +1,5 @@
 //! ZDS, the netns hand-off protocol between the redirect agent and the node tunnel, wire-compatible
-//! with istio-cni and ztunnel (`shared/spec/capture.md`, "The netns hand-off protocol"). The agent
+//! with istio-cni and ztunnel (`docs/capture.md`, "The netns hand-off protocol"). The agent
 //! owns the capture rules inside each pod netns and hands the netns itself (as an fd over
 //! SCM_RIGHTS) to whichever tunnel is connected, so the tunnel can bind its in-pod listeners there.
 //! Keeping the exact istio schema and sequencing lets either side be swapped for the istio one: our

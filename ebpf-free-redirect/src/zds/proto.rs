@@ -1,5 +1,5 @@
 //! The ZDS messages, hand-written as prost derives from the "ZDS message layout" table in
-//! `shared/spec/capture.md` (proto3, package `istio.workload.zds`). The field numbers are the wire
+//! `docs/capture.md` (proto3, package `istio.workload.zds`). The field numbers are the wire
 //! contract with istio-cni and ztunnel; note the two surprises inherited from istio's `zds.proto`:
 //! `DelWorkload.uid` is field **2**, and `keep` is oneof field **5** (4 was used by a removed message).
 //! No `protoc`/prost-build step: seven small messages do not justify a build script.
