@@ -312,40 +312,11 @@ pub struct TcpView<'a> {
 /// TCP"): a DENY rule matches on its L4 fields alone; an ALLOW rule with an HTTP-only field
 /// never matches. Otherwise Istio's order, as in [`authorize`].
 pub fn authorize_tcp(policies: &[&HttpPolicyConfig], t: &TcpView<'_>) -> HttpDecision {
-    let label = |p: &HttpPolicyConfig| format!("{}/{}", p.namespace, p.name);
-    for p in policies.iter().filter(|p| p.action == HttpAction::Deny) {
-        if p.rules.iter().any(|rule| rule.matches_l4(t)) {
-            return HttpDecision {
-                allowed: false,
-                policy: Some(label(p)),
-            };
-        }
-    }
-    let mut allows = policies
-        .iter()
-        .filter(|p| p.action == HttpAction::Allow)
-        .peekable();
-    if allows.peek().is_none() {
-        return HttpDecision {
-            allowed: true,
-            policy: None,
-        };
-    }
-    for p in allows {
-        if p.rules
-            .iter()
-            .any(|rule| !rule.has_http_fields() && rule.matches_l4(t))
-        {
-            return HttpDecision {
-                allowed: true,
-                policy: Some(label(p)),
-            };
-        }
-    }
-    HttpDecision {
-        allowed: false,
-        policy: None,
-    }
+    decide(
+        policies,
+        |rule| rule.matches_l4(t),
+        |rule| !rule.has_http_fields() && rule.matches_l4(t),
+    )
 }
 
 /// The verdict on one request, with the policy that decided.
@@ -358,9 +329,19 @@ pub struct HttpDecision {
 /// Istio's order over the policies that apply: any matching DENY rejects; with no ALLOW the
 /// request passes; otherwise an ALLOW must match. A policy without rules matches nothing.
 pub fn authorize(policies: &[&HttpPolicyConfig], r: &RequestView<'_>) -> HttpDecision {
+    decide(policies, |rule| rule.matches(r), |rule| rule.matches(r))
+}
+
+/// Istio's decision order, with how a DENY rule and an ALLOW rule match given by the caller
+/// (a request, or a TCP flow's reading of the same rules).
+fn decide(
+    policies: &[&HttpPolicyConfig],
+    deny_matches: impl Fn(&HttpRule) -> bool,
+    allow_matches: impl Fn(&HttpRule) -> bool,
+) -> HttpDecision {
     let label = |p: &HttpPolicyConfig| format!("{}/{}", p.namespace, p.name);
     for p in policies.iter().filter(|p| p.action == HttpAction::Deny) {
-        if p.rules.iter().any(|rule| rule.matches(r)) {
+        if p.rules.iter().any(&deny_matches) {
             return HttpDecision {
                 allowed: false,
                 policy: Some(label(p)),
@@ -378,7 +359,7 @@ pub fn authorize(policies: &[&HttpPolicyConfig], r: &RequestView<'_>) -> HttpDec
         };
     }
     for p in allows {
-        if p.rules.iter().any(|rule| rule.matches(r)) {
+        if p.rules.iter().any(&allow_matches) {
             return HttpDecision {
                 allowed: true,
                 policy: Some(label(p)),
