@@ -2,8 +2,8 @@
 //! (docs/reliability.md #41).
 //!
 //! A flood of bad handshakes or malformed streams is an attack, or a broken peer, and must not
-//! fill the disk with log lines: the first few rejections in each window are logged, the rest
-//! only counted, and the next logged line says how many were left out. The counters are exported
+//! fill the disk with log lines: the first few rejections of each kind in each window are
+//! logged, the rest only counted, and the next logged line says how many were left out. The counters are exported
 //! on :15020 as `zmesh_rejected_total{listener,reason}`, so the flood stays visible.
 
 use std::collections::BTreeMap;
@@ -88,23 +88,34 @@ impl Default for LogLimiter {
 }
 
 /// Rejection counters keyed by (listener, reason), plus the limiter for their warnings.
+/// Each (listener, reason) has its own limiter, so a cheap flood of one kind (TLS garbage) cannot
+/// silence the warnings of another (a revoked peer, a self-target).
 #[derive(Debug, Default)]
 pub struct Rejections {
-    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    pub log: LogLimiter,
+    counts: Mutex<BTreeMap<Key, (u64, LogLimiter)>>,
 }
+
+/// (listener, reason), both fixed strings: the metric labels.
+type Key = (&'static str, &'static str);
 
 impl Rejections {
     /// Counts one rejection; returns whether it may be logged (and how many were suppressed
     /// before it), as `LogLimiter::allow`.
     pub fn record(&self, listener: &'static str, reason: &'static str) -> Option<u64> {
-        *self
-            .counts
+        let mut counts = self.counts.lock().expect("rejection counters poisoned");
+        let (n, limiter) = counts.entry((listener, reason)).or_default();
+        *n += 1;
+        limiter.allow()
+    }
+
+    /// Warnings left out by the limiters, all reasons together.
+    pub fn suppressed_total(&self) -> u64 {
+        self.counts
             .lock()
             .expect("rejection counters poisoned")
-            .entry((listener, reason))
-            .or_default() += 1;
-        self.log.allow()
+            .values()
+            .map(|(_, l)| l.suppressed_total())
+            .sum()
     }
 
     pub fn count(&self, listener: &'static str, reason: &'static str) -> u64 {
@@ -112,8 +123,7 @@ impl Rejections {
             .lock()
             .expect("rejection counters poisoned")
             .get(&(listener, reason))
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |(n, _)| *n)
     }
 
     /// Prometheus series: `{listener="..",reason=".."}` and the count.
@@ -122,15 +132,23 @@ impl Rejections {
             .lock()
             .expect("rejection counters poisoned")
             .iter()
-            .map(|((l, r), n)| (format!("{{listener=\"{l}\",reason=\"{r}\"}}"), *n as f64))
+            .map(|((l, r), (n, _))| (format!("{{listener=\"{l}\",reason=\"{r}\"}}"), *n as f64))
             .collect()
     }
 }
 
 /// Logs a rejection at WARN unless the limiter holds it back; the line carries how many were
 /// suppressed before it. Use through `reject!`.
+///
+/// `reject!(info: ...)` logs at INFO instead: for refusals that are policy working as meant
+/// (a denied CONNECT), which a flood must not turn into unbounded synchronous log writes either.
 #[macro_export]
 macro_rules! reject {
+    (info: $rejections:expr, $listener:expr, $reason:expr, $($field:tt)+) => {{
+        if let Some(suppressed) = $rejections.record($listener, $reason) {
+            tracing::info!(listener = $listener, reason_code = $reason, suppressed, $($field)+);
+        }
+    }};
     ($rejections:expr, $listener:expr, $reason:expr, $($field:tt)+) => {{
         if let Some(suppressed) = $rejections.record($listener, $reason) {
             tracing::warn!(listener = $listener, reason_code = $reason, suppressed, $($field)+);
@@ -150,14 +168,16 @@ mod tests {
             .count();
         assert_eq!(logged, LOG_BURST as usize);
         assert_eq!(r.count("hbone", "tls_handshake"), 10_000);
-        assert_eq!(r.log.suppressed_total(), 10_000 - u64::from(LOG_BURST));
-        // Within the window nothing more gets through.
+        assert_eq!(r.suppressed_total(), 10_000 - u64::from(LOG_BURST));
+        // The flood of one kind does not silence another.
+        assert_eq!(r.record("hbone", "bad_connect"), Some(0));
+        // Within the window nothing more of the flooding kind gets through.
         tokio::time::advance(LOG_WINDOW - Duration::from_millis(1)).await;
         assert_eq!(r.record("hbone", "tls_handshake"), None);
         // The next window lets a line through, carrying what was left out.
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(
-            r.record("hbone", "bad_connect"),
+            r.record("hbone", "tls_handshake"),
             Some(10_000 - u64::from(LOG_BURST) + 1)
         );
         assert_eq!(r.record("hbone", "bad_connect"), Some(0));
@@ -170,7 +190,7 @@ mod tests {
                 ),
                 (
                     "{listener=\"hbone\",reason=\"tls_handshake\"}".to_string(),
-                    10_001.0
+                    10_002.0
                 ),
             ]
         );

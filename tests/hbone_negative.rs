@@ -46,17 +46,17 @@ async fn status_codes_for_bad_requests_keep_the_connection_usable() {
         .body(())
         .unwrap();
     assert_eq!(status(&mut send, get).await, Ok(StatusCode::BAD_REQUEST));
-    // Unknown local workload → 503.
+    // An address that is no workload at all → 400, never dialed (reliability #3).
     let unknown = format!("{}:8080", ip(net, 99));
     assert_eq!(
         status(&mut send, connect_req(&unknown)).await,
-        Ok(StatusCode::SERVICE_UNAVAILABLE)
+        Ok(StatusCode::BAD_REQUEST)
     );
-    // A workload of another node is not ours either → 503.
+    // A workload of another node is not ours either → 400.
     let elsewhere = format!("{}:8080", ip(net, 4));
     assert_eq!(
         status(&mut send, connect_req(&elsewhere)).await,
-        Ok(StatusCode::SERVICE_UNAVAILABLE)
+        Ok(StatusCode::BAD_REQUEST)
     );
     // Port with nothing listening → 503 (reliability #26).
     let closed = format!("{}:9", ip(net, 3));

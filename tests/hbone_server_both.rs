@@ -74,7 +74,7 @@ async fn both(net: u8) -> Both {
   - {{ uid: server, name: server, namespace: default, service_account: server, addresses: [{s}], node: node-b, services: {{ default/s: {{}} }} }}
   - {{ uid: wp, name: wp, namespace: default, service_account: waypoint, addresses: [{w}], node: node-w }}
 services:
-  - {{ name: s, namespace: default, hostname: s, vips: [{v}], ports: {{ 80: 8080, 81: 9002 }}, app_protocols: {{ 80: tcp, 81: tcp }}, waypoint: wp }}
+  - {{ name: s, namespace: default, hostname: s, vips: [{v}], ports: {{ 80: 8080, 81: 9002, 82: 8080 }}, app_protocols: {{ 80: tcp, 81: tcp, 82: http }}, waypoint: wp }}
 ",
         c = ip(net, 2),
         s = ip(net, 3),
@@ -207,6 +207,32 @@ async fn both_listeners_bound_rapid_reset_floods() {
                 t.name
             );
         }
+        // Streams that send a byte (or, at the waypoint, a whole HTTP request) and reset after
+        // their 200: each costs a dial, and zmesh's budget still closes the connection.
+        let (target, first): (String, &'static [u8]) = match t.name {
+            "node" => (t.good.clone(), b"x"),
+            _ => (
+                format!("{}:82", vip(net)),
+                b"GET / HTTP/1.1\r\nhost: s\r\n\r\n",
+            ),
+        };
+        let before = b.dials.load(Ordering::SeqCst);
+        let start = Instant::now();
+        let (answered, ended) =
+            reset_after_sending(connect(&b, &t).await, &target, 2_000, first).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let caused = b.dials.load(Ordering::SeqCst) - before;
+        let bound = reset_dial_bound(start.elapsed());
+        assert!(
+            caused <= bound,
+            "{}: {answered} streams sent {first:?} then reset, {caused} dials (bound {bound})",
+            t.name
+        );
+        assert!(
+            ended.is_some(),
+            "{}: 2,000 streams sent bytes then reset and the connection lived on ({caused} dials)",
+            t.name
+        );
         let mut send = connect(&b, &t).await;
         assert_eq!(
             status(&mut send, connect_req(&t.good)).await,
@@ -256,8 +282,8 @@ async fn the_waypoint_drains_with_goaway_like_the_node() {
     assert_eq!(left, 0, "connections still open after the drain");
 }
 
-/// CRL re-checks on the waypoint, as on the node (tests/cert_lifecycle.rs): revoking the
-/// client's certificate cuts its live connection.
+/// CRL re-checks on the waypoint, as on the node (tests/cert_lifecycle.rs): a reload with a CRL
+/// that revokes the client's certificate cuts its live connection and refuses new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waypoint_cuts_a_connection_whose_client_is_revoked() {
     let net = 38;
@@ -281,11 +307,9 @@ async fn the_waypoint_cuts_a_connection_whose_client_is_revoked() {
         .unwrap(),
     )
     .unwrap();
-    // What the waypoint does when its certificate files change: reload trust with the CRL.
+    // What the waypoint binary does when its config or certificate files change.
     let cfg = Config::parse(&b.wp_cfg, "waypoint").unwrap();
-    let (source, trust) =
-        zmesh::proxy::load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock)).unwrap();
-    b.wp.certs.replace(source, trust).unwrap();
+    b.wp.reload(&cfg).unwrap();
     wait_until("the revoked client's connection is cut", CUT_WITHIN, || {
         send.clone()
             .send_request(connect_req(&t.good), false)
@@ -296,6 +320,17 @@ async fn the_waypoint_cuts_a_connection_whose_client_is_revoked() {
         b.wp.rejections.count("hbone", "revoked") == 1
     })
     .await;
+    // New handshakes see the new CRL too (the TLS config is not served from a stale cache).
+    let tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let again = match hbone_with(tcp, &cert, &mgr, &t.server).await {
+        // TLS 1.3: the server's verdict on the client arrives after the client's handshake.
+        Ok(mut send) => status(&mut send, connect_req(&t.good)).await,
+        Err(e) => Err(e),
+    };
+    assert!(
+        again.is_err(),
+        "a revoked client got a new connection: {again:?}"
+    );
 }
 
 /// A reset is relayed as a reset through the waypoint's TCP path, as through the node: the app

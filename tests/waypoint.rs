@@ -445,6 +445,27 @@ async fn jwt_identity_and_bad_input() {
         h["x-got-sub"], "alice",
         "claims reach the backend as headers"
     );
+    // A client's own copy of a claim header never reaches the backend: with a valid token
+    // that has no `sub`, the header the client sent is removed, not passed on.
+    let no_sub = jwt::sign_es256(
+        &s.jwt_key,
+        "k1",
+        &serde_json::json!({"iss": "https://issuer.test", "aud": "shop", "exp": now + 600}),
+    );
+    let no_sub = format!("Bearer {no_sub}");
+    let (st, h, _) = get(
+        &mut c,
+        "secure",
+        "/",
+        &[("authorization", &no_sub), ("x-jwt-sub", "admin")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        h.get("x-got-sub"),
+        None,
+        "a forged claim header got through"
+    );
 
     // The destination nodes allow only the waypoint's identity: going straight to v1's pod IP
     // (no waypoint on the workload) is refused, so the waypoint path is the only one.

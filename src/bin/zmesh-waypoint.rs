@@ -126,7 +126,11 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut seen = zmesh::proxy::reload::stamp(&path);
+    use zmesh::proxy::reload::{stamps, watched_files};
+    // The config and the certificate files it names (CA, roots, CRL): a CRL update reaches the
+    // waypoint's live connections as it does a node's.
+    let mut files = watched_files(&path, &wp.cfg);
+    let mut seen = stamps(&files);
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(zmesh::proxy::reload::WATCH_INTERVAL) => false,
@@ -134,7 +138,7 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
             _ = term.recv() => return drain(&wp).await,
             _ = tokio::signal::ctrl_c() => return drain(&wp).await,
         };
-        let now = zmesh::proxy::reload::stamp(&path);
+        let now = stamps(&files);
         if !forced && now == seen {
             continue;
         }
@@ -143,13 +147,17 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
         // on this runtime (reliability #40).
         let (w, p) = (wp.clone(), path.clone());
         let outcome = zmesh::proxy::reload::on_config_thread(move || {
-            load(&p).and_then(|cfg| w.reload(&cfg).map_err(Into::into))
+            load(&p).and_then(|cfg| w.reload(&cfg).map(|()| cfg).map_err(Into::into))
         })
         .await
         .map_err(anyhow::Error::from)
         .and_then(|r| r);
         match outcome {
-            Ok(()) => tracing::info!("config reloaded from {}", path.display()),
+            Ok(cfg) => {
+                tracing::info!("config reloaded from {}", path.display());
+                files = watched_files(&path, &cfg);
+                seen = stamps(&files);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "config reload rejected; the last good config keeps running")
             }

@@ -22,8 +22,8 @@ pub struct H2Io {
     pending: Bytes,
     read_closed: bool,
     write_closed: bool,
-    /// Bytes read from and written to the stream so far.
-    moved: u64,
+    /// Bytes written to the stream so far (toward its peer).
+    written: u64,
 }
 
 impl H2Io {
@@ -34,13 +34,13 @@ impl H2Io {
             pending: Bytes::new(),
             read_closed: false,
             write_closed: false,
-            moved: 0,
+            written: 0,
         }
     }
 
-    /// Bytes that crossed the stream so far, both directions.
-    pub fn moved(&self) -> u64 {
-        self.moved
+    /// Bytes written to the stream so far, toward its peer.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Resets the stream (RST_STREAM CANCEL): the peer learns the bytes may not all have
@@ -69,7 +69,6 @@ impl AsyncRead for H2Io {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
-                this.moved += n as u64;
                 return Poll::Ready(Ok(()));
             }
             if this.read_closed {
@@ -109,7 +108,7 @@ impl AsyncWrite for H2Io {
                 this.send
                     .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                     .map_err(to_io)?;
-                this.moved += n as u64;
+                this.written += n as u64;
                 Poll::Ready(Ok(n))
             }
             Some(Err(e)) => Poll::Ready(Err(to_io(e))),

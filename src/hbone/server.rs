@@ -130,8 +130,9 @@ pub async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
 /// millisecond, so a burst of legitimate streams only queues briefly; a rapid-reset flood can
 /// never have more than this many dials going.
 pub const MAX_INFLIGHT_DIALS: usize = 32;
-/// Streams a client may reset before their tunnel carried a byte (while dialing, or right after
-/// the 200) before the connection is closed with GOAWAY ENHANCE_YOUR_CALM. Each such stream may
+/// Streams a client may reset before their tunnel carried a byte back to it (while dialing,
+/// right after the 200, or after sending a few bytes itself) before the connection is closed
+/// with GOAWAY ENHANCE_YOUR_CALM. Each such stream may
 /// have cost a dial, so this bounds what one connection can make the node dial for nothing.
 pub const EARLY_RESET_BUDGET: u32 = 100;
 /// The budget refills one stream per second: a long-lived pooled connection whose apps now and
@@ -254,10 +255,11 @@ impl StreamGuard {
         work.await
     }
 
-    /// Tells the guard how a tunnel ended: a reset before any byte moved counts against the
-    /// connection's budget, like a reset during the dial.
-    pub fn tunnel_ended(&self, bytes: u64, reset: bool) {
-        if reset && bytes == 0 {
+    /// Tells the guard how a tunnel ended: a reset before the far side sent a single byte back
+    /// to the client counts against the connection's budget, like a reset during the dial.
+    /// Only bytes toward the client count: a client can always send a byte before resetting.
+    pub fn tunnel_ended(&self, bytes_to_client: u64, reset: bool) {
+        if reset && bytes_to_client == 0 {
             self.early_reset();
         }
     }
@@ -352,6 +354,9 @@ where
                     tracing::debug!(error = %e, "connection closed after ENHANCE_YOUR_CALM");
                     break;
                 }
+                // The peer's reset or EOF is a normal close (conventions: errors), not a
+                // rejection to count and warn about.
+                Some(Err(e)) if peer_went_away(&e) => break,
                 Some(Err(e)) => return Err(ConnectionError::H2(e)),
             }
         }
@@ -378,6 +383,17 @@ where
         e = ka => Err(ConnectionError::Keepalive(e)),
         e = revoked => Err(ConnectionError::Revoked { client: client.clone(), reason: e.to_string() }),
     }
+}
+
+/// Whether an HTTP/2 error only says the peer closed or reset its TCP connection.
+fn peer_went_away(e: &h2::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    e.get_io().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+        )
+    })
 }
 
 /// Answers a CONNECT with an error status; the response ends the stream (END_STREAM).

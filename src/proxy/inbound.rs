@@ -173,12 +173,15 @@ async fn stream(
     log.mtls = true;
     log.path = format!("app {dst}");
     match model.local_workload(dst.ip()) {
+        // Not an address this node serves: refused without a dial (docs/hbone.md, 400;
+        // reliability #3). 503 is kept for a local workload whose port refused.
         None => {
-            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            server::refuse(respond, StatusCode::BAD_REQUEST);
+            crate::reject!(node.rejections, "hbone", "authority_not_local", src = %peer, identity = %client, %dst, "CONNECT authority is not a workload on this node (400)");
             log.emit(
                 enabled,
                 Some(&format_args!(
-                    "{} is not a workload on this node (503)",
+                    "{} is not a workload on this node (400)",
                     dst.ip()
                 )),
             );
@@ -219,7 +222,7 @@ async fn stream(
     if !decision.allowed {
         server::refuse(respond, StatusCode::UNAUTHORIZED);
         let reason = denial_reason(&decision);
-        tracing::info!(src = %peer, %dst, identity = %client, reason, "connection denied by authorization policy");
+        crate::reject!(info: node.rejections, "hbone", "denied_by_policy", src = %peer, %dst, identity = %client, reason, "connection denied by authorization policy");
         log.emit(enabled, Some(&format_args!("{reason} (401)")));
         return;
     }
@@ -263,7 +266,8 @@ async fn stream(
         enforce(&node, who, changes, relay).await
     };
     match &outcome {
-        Ok(t) => guard.tunnel_ended(t.sent + t.received, t.reset),
+        // `sent` is what the app sent back: the client controls what it sends, not that.
+        Ok(t) => guard.tunnel_ended(t.sent, t.reset),
         // Dropping the relay reset the client's stream; reset the app's side too.
         Err(_) => reset_on_drop(&app),
     }

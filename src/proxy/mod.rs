@@ -274,7 +274,7 @@ impl Node {
                 "zmesh_log_lines_suppressed_total",
                 "counter",
                 "Rejection warnings not logged because of the rate limit (they are still counted)",
-                vec![(String::new(), self.rejections.log.suppressed_total() as f64)],
+                vec![(String::new(), self.rejections.suppressed_total() as f64)],
             ),
             (
                 "zmesh_access_log_dropped_total",

@@ -90,7 +90,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     if !decision.allowed {
         reset_on_drop(&tcp);
         let reason = denial_reason(&decision);
-        tracing::info!(src = %peer, %dst, reason, "plaintext connection denied by authorization policy");
+        crate::reject!(info: node.rejections, "plaintext", "denied_by_policy", src = %peer, %dst, reason, "plaintext connection denied by authorization policy");
         log.emit(enabled, Some(&format_args!("{reason} (reset)")));
         return;
     }

@@ -189,7 +189,7 @@ pub fn stamp(path: &Path) -> Stamp {
     Some((m.len(), m.modified().ok()?, m.ino()))
 }
 
-fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+pub fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
     files.iter().map(|f| stamp(f)).collect()
 }
 

@@ -140,7 +140,7 @@ pub struct Waypoint {
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     state: watch::Sender<Arc<WpState>>,
-    server_config: Mutex<Option<(String, Arc<ServerConfig>)>>,
+    server_config: Mutex<Option<(String, u64, Arc<ServerConfig>)>>,
     upstreams: Upstreams,
     resilience: Resilience,
     pub metrics: Metrics,
@@ -227,6 +227,14 @@ impl Waypoint {
         if state.model.workload_by_uid(&self.uid).is_none() {
             return Err(WaypointError::UnknownWorkload(self.uid.clone()));
         }
+        // Certificate material as the node reloads it: roots and CRLs apply to new handshakes
+        // and re-check live connections (a revoked client is cut).
+        let clock = self.certs.trust().clock().clone();
+        let (source, trust) = crate::proxy::load_certificates(cfg, clock)
+            .map_err(|e| WaypointError::Certs(e.to_string()))?;
+        self.certs
+            .replace(source, trust)
+            .map_err(|e| WaypointError::Certs(e.to_string()))?;
         self.state.send_replace(Arc::new(state));
         Ok(())
     }
@@ -242,16 +250,16 @@ impl Waypoint {
 
     async fn server_config(&self, me: &Workload) -> Result<Arc<ServerConfig>, String> {
         let cert = (self.certs.fetch_async(&me.identity).await).map_err(|e| e.to_string())?;
+        let trust = self.certs.trust();
         let mut cached = self.server_config.lock().expect("poisoned");
-        if let Some((serial, cfg)) = &*cached {
-            if *serial == cert.serial {
+        // Keyed by serial AND trust generation: a new CRL or root must reach new handshakes.
+        if let Some((serial, generation, cfg)) = &*cached {
+            if *serial == cert.serial && *generation == trust.generation {
                 return Ok(cfg.clone());
             }
         }
-        let cfg = Arc::new(
-            crate::tls::server_config(&cert, &self.certs.trust()).map_err(|e| e.to_string())?,
-        );
-        *cached = Some((cert.serial.clone(), cfg.clone()));
+        let cfg = Arc::new(crate::tls::server_config(&cert, &trust).map_err(|e| e.to_string())?);
+        *cached = Some((cert.serial.clone(), trust.generation, cfg.clone()));
         Ok(cfg)
     }
 }
@@ -260,6 +268,7 @@ impl Waypoint {
 /// exhaustion) are logged and retried after a pause (reliability #29).
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
     let mut stopping = wp.stopping.subscribe();
+    let accept_warnings = crate::rejections::LogLimiter::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -279,7 +288,10 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying");
+                // Out of descriptors this fires every pause: log a burst, then count.
+                if let Some(suppressed) = accept_warnings.allow() {
+                    tracing::warn!(error = %e, suppressed, "accept failed; retrying");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -352,6 +364,11 @@ async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Resu
 struct Downstream {
     client: SpiffeId,
     peer: SocketAddr,
+    /// The HBONE connection's limits: upstream opens run under its dial cap.
+    guard: server::StreamGuard,
+    /// Set once a response was produced for this stream (a stream reset before any answer
+    /// counts against the connection's reset budget).
+    answered: Arc<std::sync::atomic::AtomicBool>,
     /// The original destination (`:authority`): a service VIP:port or a workload IP:port.
     dst: SocketAddr,
 }
@@ -380,7 +397,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     if state.model.service_by_vip(dst.ip()).is_none()
         && state.model.workload_by_ip(dst.ip()).is_none()
     {
-        tracing::info!(src = %peer, %dst, "CONNECT to an address that is no known service or workload (400)");
+        crate::reject!(wp.rejections, "hbone", "authority_unknown", src = %peer, identity = %client, %dst, "CONNECT to an address that is no known service or workload (400)");
         return server::refuse(respond, StatusCode::BAD_REQUEST);
     }
     // L4 authorization on the CONNECT: the waypoint is the destination workload.
@@ -391,7 +408,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
         &me,
     ));
     if !decision.allowed {
-        tracing::info!(src = %peer, %dst, identity = %client, policy = ?decision.decided_by, "CONNECT denied by L4 policy (401)");
+        crate::reject!(info: wp.rejections, "hbone", "denied_by_policy", src = %peer, %dst, identity = %client, policy = ?decision.decided_by, "CONNECT denied by L4 policy (401)");
         return server::refuse(respond, StatusCode::UNAUTHORIZED);
     }
     let Ok(send) = server::respond_ok(respond) else {
@@ -402,7 +419,13 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
         .model
         .service_by_vip(dst.ip())
         .and_then(|s| s.app_protocols.get(&dst.port()).copied());
-    let down = Downstream { client, peer, dst };
+    let down = Downstream {
+        client,
+        peer,
+        dst,
+        guard: guard.clone(),
+        answered: Arc::default(),
+    };
     match declared {
         Some(crate::config::AppProtocol::Tcp) => {
             return relay_tcp(wp, down, Rewind::new(Vec::new(), io), guard).await
@@ -416,7 +439,11 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     let mut first = vec![0u8; 16];
     let n = match tokio::time::timeout(SNIFF_TIMEOUT, io.read(&mut first)).await {
         Ok(Ok(n)) => n,
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => {
+            // Reset before it sent anything: nothing was dialed, but it counts (rapid reset).
+            guard.tunnel_ended(0, true);
+            return;
+        }
         Err(_) => 0,
     };
     first.truncate(n);
@@ -435,9 +462,15 @@ fn looks_like_http(b: &[u8]) -> bool {
 }
 
 async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
+    let (down_guard, answered) = (down.guard.clone(), down.answered.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (wp, down) = (wp.clone(), down.clone());
-        async move { Ok::<_, Infallible>(handle(wp, down, req).await) }
+        async move {
+            let answered = down.answered.clone();
+            let resp = handle(wp, down, req).await;
+            answered.store(true, Ordering::Relaxed);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -446,6 +479,11 @@ async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
         .keep_alive(true);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
         tracing::debug!(error = %e, "downstream HTTP connection ended");
+        // Reset before any answer: each such stream may have cost an upstream open
+        // (rapid reset through the waypoint), so it counts against the connection's budget.
+        if !answered.load(Ordering::Relaxed) {
+            down_guard.tunnel_ended(0, true);
+        }
     }
 }
 
@@ -492,16 +530,17 @@ async fn relay_tcp(
     match opened {
         Ok((mut up, _stream)) => {
             let copied = tokio::io::copy_bidirectional(&mut io, &mut up).await;
-            let moved = io.inner.moved() + up.moved();
+            // What went back to the client: the client controls what it sends, not that.
+            let to_client = io.inner.written();
             if let Err(e) = copied {
                 // A reset on either side is passed on as a reset, never as a clean end that
                 // would read as a complete exchange (docs/reliability.md, preamble).
                 tracing::debug!(dst = %down.dst, error = %e, "TCP relay through the waypoint ended with a reset");
                 io.inner.reset();
                 up.reset();
-                guard.tunnel_ended(moved, true);
+                guard.tunnel_ended(to_client, true);
             } else {
-                guard.tunnel_ended(moved, false);
+                guard.tunnel_ended(to_client, false);
             }
         }
         Err(e) => tracing::info!(dst = %down.dst, error = %e, "upstream tunnel failed"),
@@ -1005,6 +1044,16 @@ async fn route_request(
     if let Some(r) = rule {
         apply_header_ops(req.headers_mut(), &r.request_headers);
     }
+    // Claim headers carry what a validated token said: the client's own copies of them go
+    // first, so a request without a token (or whose claim is missing or not a string) cannot
+    // make the backend believe it was authenticated.
+    for (_, _, to_headers) in &validators {
+        for header in to_headers.values() {
+            if let Ok(n) = HeaderName::try_from(header.as_str()) {
+                req.headers_mut().remove(n);
+            }
+        }
+    }
     for (h, v) in claim_headers {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.as_str()), HeaderValue::from_str(&v)) {
             req.headers_mut().insert(n, v);
@@ -1276,7 +1325,7 @@ async fn attempt_once(
         .send_upstream(
             me,
             (hbone_addr, authority, expected),
-            down.peer,
+            down,
             host.as_deref(),
             req,
             h2,
@@ -1345,7 +1394,7 @@ impl Waypoint {
         &self,
         me: &Workload,
         (hbone_addr, authority, expected): HboneTarget,
-        client_addr: SocketAddr,
+        down: &Downstream,
         service_host: Option<&str>,
         handshake: impl FnOnce(TokioIo<H2Io>) -> F,
     ) -> Result<S, AttemptError>
@@ -1354,15 +1403,10 @@ impl Waypoint {
         C: std::future::Future + Send + 'static,
         E: std::fmt::Display,
     {
-        let (io, guard) = self
-            .open_tunnel(
-                me,
-                hbone_addr,
-                authority,
-                expected,
-                client_addr,
-                service_host,
-            )
+        // Under the downstream connection's dial cap, like every upstream open (rapid reset).
+        let (io, guard) = down
+            .guard
+            .limit(self.open_tunnel(me, hbone_addr, authority, expected, down.peer, service_host))
             .await
             .map_err(AttemptError::Connect)?;
         let (sender, conn) = handshake(TokioIo::new(io))
@@ -1379,7 +1423,7 @@ impl Waypoint {
         &self,
         me: &Workload,
         target: HboneTarget,
-        client_addr: SocketAddr,
+        down: &Downstream,
         service_host: Option<&str>,
         req: Request<Body>,
         h2: bool,
@@ -1395,7 +1439,7 @@ impl Waypoint {
                 Some(s) => s,
                 None => {
                     let s = self
-                        .dial_http(me, target, client_addr, service_host, |io| {
+                        .dial_http(me, target, down, service_host, |io| {
                             hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                                 .handshake(io)
                         })
@@ -1422,7 +1466,7 @@ impl Waypoint {
         let mut sender = match idle {
             Some(s) => s,
             None => {
-                self.dial_http(me, target, client_addr, service_host, |io| {
+                self.dial_http(me, target, down, service_host, |io| {
                     hyper::client::conn::http1::handshake(io)
                 })
                 .await?

@@ -328,9 +328,20 @@ pub async fn reset_flood(
 /// reset only after its 200, so every one cost a dial. Returns how many got their 200 and the
 /// error that ended the connection, if one did.
 pub async fn reset_after_200(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    target: &str,
+    n: usize,
+) -> (usize, Option<h2::Error>) {
+    reset_after_sending(send, target, n, b"").await
+}
+
+/// `reset_after_200`, sending `first` on each stream before resetting it: a byte, to look like
+/// a tunnel that carried data, or an HTTP request, to make a waypoint open an upstream.
+pub async fn reset_after_sending(
     mut send: h2::client::SendRequest<bytes::Bytes>,
     target: &str,
     n: usize,
+    first: &'static [u8],
 ) -> (usize, Option<h2::Error>) {
     for answered in 0..n {
         let (resp, mut stream) = match send.send_request(connect_req(target), false) {
@@ -340,6 +351,13 @@ pub async fn reset_after_200(
         match resp.await {
             Ok(r) => assert_eq!(r.status(), http::StatusCode::OK),
             Err(e) => return (answered, Some(e)),
+        }
+        if !first.is_empty() {
+            if let Err(e) = stream.send_data(bytes::Bytes::from_static(first), false) {
+                return (answered, Some(e));
+            }
+            // Let the bytes reach the far side before the reset does.
+            tokio::task::yield_now().await;
         }
         stream.send_reset(h2::Reason::CANCEL);
     }
