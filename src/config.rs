@@ -670,6 +670,13 @@ impl Config {
                 "a zero deadline would refuse every HBONE client",
             ));
         }
+        if n.connect_timeout.is_zero() {
+            return Err(invalid(
+                "node.connect_timeout".into(),
+                &"0s",
+                "a zero deadline would fail every HBONE dial",
+            ));
+        }
         if let CertificatesConfig::FileCa { ttl, .. } = &n.certificates {
             if *ttl < Duration::from_secs(60) {
                 return Err(invalid(
@@ -1043,6 +1050,18 @@ workloads:
 
         let e = err(&GOOD.replace("[10.0.0.1]", "[]")).to_string();
         assert!(e.contains("workloads[0].addresses"), "{e}");
+    }
+
+    #[test]
+    fn zero_deadlines_are_refused_by_name() {
+        for key in ["handshake_timeout", "connect_timeout"] {
+            let text = GOOD.replace(
+                "  name: node-a\n",
+                &format!("  name: node-a\n  {key}: 0s\n"),
+            );
+            let e = err(&text).to_string();
+            assert!(e.contains(&format!("node.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -175,10 +175,13 @@ async fn both_listeners_refuse_self_targets_and_extended_connect_with_400() {
     }
     assert_eq!(b.node.rejections.count("hbone", "self_target"), 6);
     assert_eq!(b.wp.rejections.count("hbone", "self_target"), 2);
-    assert!(b
-        .wp
-        .metrics_text()
-        .contains("zmesh_rejected_total{listener=\"hbone\",reason=\"extended_connect\"} 1"));
+    let text = b.wp.metrics_text();
+    assert!(
+        text.contains("zmesh_rejected_total{listener=\"hbone\",reason=\"extended_connect\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("zmesh_access_log_dropped_total 0"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
 /// Reliability #7 on both listeners: ten rapid-reset floods each, the dials they cause (the

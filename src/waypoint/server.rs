@@ -213,6 +213,13 @@ impl Waypoint {
         for (labels, v) in self.rejections.series() {
             let _ = writeln!(out, "zmesh_rejected_total{labels} {v}");
         }
+        let _ = writeln!(out, "# HELP zmesh_access_log_dropped_total Access-log lines dropped because the log output did not keep up.");
+        let _ = writeln!(out, "# TYPE zmesh_access_log_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "zmesh_access_log_dropped_total {}",
+            self.access_log.dropped()
+        );
         out.push_str("# EOF\n");
         out
     }
