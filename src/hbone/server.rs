@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::identity::{peer_identity, SpiffeId, Trust, Usage};
+use crate::identity::{peer_identity, unix_time, CertManager, SpiffeId, Trust, Usage};
 
 use super::{
     keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
@@ -141,14 +141,14 @@ pub const EARLY_RESET_REFILL: Duration = Duration::from_secs(1);
 
 /// How a served connection is kept in line: the drain signal and the trust to re-check the
 /// client's chain against (CRL changes).
-pub struct ServeOptions {
+struct ServeOptions {
     /// Flips to true when the server drains: GOAWAY, streams in flight finish.
-    pub stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
     /// Subscribed before the handshake, so a CRL change during it is not missed.
-    pub trust: watch::Receiver<Arc<Trust>>,
+    trust: watch::Receiver<Arc<Trust>>,
     /// When the chain was verified: re-checks use this time, so expiry since then does not cut
     /// a connection but revocation does.
-    pub verified_at: UnixTime,
+    verified_at: UnixTime,
 }
 
 /// Why a served connection ended other than by a clean close.
@@ -296,7 +296,7 @@ impl StreamGuard {
 /// - CRL changes: a chain that is now revoked ends the connection and every stream;
 /// - rapid reset: at most `MAX_INFLIGHT_DIALS` dials at once, and past `EARLY_RESET_BUDGET`
 ///   streams reset before carrying a byte, GOAWAY ENHANCE_YOUR_CALM.
-pub async fn serve_connection<IO, H, Fut>(
+async fn serve_connection<IO, H, Fut>(
     accepted: Accepted<IO>,
     mut opts: ServeOptions,
     handler: H,
@@ -383,6 +383,56 @@ where
         e = ka => Err(ConnectionError::Keepalive(e)),
         e = revoked => Err(ConnectionError::Revoked { client: client.clone(), reason: e.to_string() }),
     }
+}
+
+/// Why an accepted HBONE connection ended other than cleanly: in its handshake, or while
+/// serving its streams.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+}
+
+impl ServeError {
+    /// The metric label for this reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServeError::Handshake(e) => e.code(),
+            ServeError::Connection(e) => e.code(),
+        }
+    }
+}
+
+/// The whole life of one accepted HBONE connection: the handshake within `deadline`, then
+/// `serve_connection` with each stream handed to `handler` with the client's identity. Trust is
+/// subscribed before the handshake, so a CRL change during it still reaches the connection.
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    cfg: Arc<ServerConfig>,
+    deadline: Duration,
+    certs: &CertManager,
+    stopping: watch::Receiver<bool>,
+    handler: H,
+) -> Result<(), ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(SpiffeId, Stream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut trust = certs.subscribe_trust();
+    trust.borrow_and_update();
+    let accepted = accept(io, cfg, deadline).await?;
+    let opts = ServeOptions {
+        stopping,
+        trust,
+        verified_at: unix_time(certs.now()),
+    };
+    let client = accepted.client.clone();
+    tracing::debug!(identity = %client, "HBONE connection established");
+    serve_connection(accepted, opts, |s| handler(client.clone(), s)).await?;
+    Ok(())
 }
 
 /// Whether an HTTP/2 error only says the peer closed or reset its TCP connection.

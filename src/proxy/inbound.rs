@@ -19,7 +19,7 @@ use super::{
 use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
 use crate::hbone::server;
-use crate::identity::{unix_time, SpiffeId};
+use crate::identity::SpiffeId;
 use crate::model::Workload;
 
 pub(super) async fn serve(
@@ -59,9 +59,7 @@ enum InboundError {
     #[error("no certificate for {identity}: {reason}")]
     NoCertificate { identity: SpiffeId, reason: String },
     #[error(transparent)]
-    Handshake(#[from] server::HandshakeError),
-    #[error(transparent)]
-    Connection(#[from] server::ConnectionError),
+    Serve(#[from] server::ServeError),
 }
 
 impl InboundError {
@@ -70,8 +68,7 @@ impl InboundError {
             InboundError::Socket(_) => "socket",
             InboundError::NotLocal(_) => "not_a_local_workload",
             InboundError::NoCertificate { .. } => "no_server_certificate",
-            InboundError::Handshake(e) => e.code(),
-            InboundError::Connection(e) => e.code(),
+            InboundError::Serve(e) => e.code(),
         }
     }
 }
@@ -103,29 +100,25 @@ async fn connection(
     let cfg = node
         .server_config(&cert)
         .map_err(|e| no_cert(e.to_string()))?;
-    // Subscribed before the handshake, so a CRL reload during it is not missed.
-    let mut trust = node.certs.subscribe_trust();
-    trust.borrow_and_update();
-    let accepted = server::accept(tcp, cfg, node.cfg.node.handshake_timeout).await?;
-    let opts = server::ServeOptions {
+    let served = server::serve(
+        tcp,
+        cfg,
+        node.cfg.node.handshake_timeout,
+        &node.certs,
         stopping,
-        trust,
-        verified_at: unix_time(node.certs.now()),
-    };
-    let client = accepted.client.clone();
-    tracing::debug!(src = %peer, identity = %client, "HBONE connection established");
-    let served = server::serve_connection(accepted, opts, |s| {
-        stream(
-            node.clone(),
-            scope.clone(),
-            workload.clone(),
-            client.clone(),
-            peer,
-            s,
-        )
-    })
+        |client, s| {
+            stream(
+                node.clone(),
+                scope.clone(),
+                workload.clone(),
+                client,
+                peer,
+                s,
+            )
+        },
+    )
     .await;
-    if let Err(server::ConnectionError::Revoked { .. }) = &served {
+    if let Err(server::ServeError::Connection(server::ConnectionError::Revoked { .. })) = &served {
         node.stats
             .revoked_closed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

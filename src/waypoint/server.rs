@@ -327,17 +327,14 @@ enum ConnError {
     #[error("no server certificate: {0}")]
     Certificate(String),
     #[error(transparent)]
-    Handshake(#[from] server::HandshakeError),
-    #[error(transparent)]
-    Connection(#[from] server::ConnectionError),
+    Serve(#[from] server::ServeError),
 }
 
 impl ConnError {
     fn code(&self) -> &'static str {
         match self {
             ConnError::Certificate(_) => "no_server_certificate",
-            ConnError::Handshake(e) => e.code(),
-            ConnError::Connection(e) => e.code(),
+            ConnError::Serve(e) => e.code(),
         }
     }
 }
@@ -350,18 +347,14 @@ async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Resu
         .server_config(&me)
         .await
         .map_err(ConnError::Certificate)?;
-    let mut trust = wp.certs.subscribe_trust();
-    trust.borrow_and_update();
-    let accepted = server::accept(tcp, cfg, wp.cfg.node.handshake_timeout).await?;
-    let opts = server::ServeOptions {
-        stopping: wp.stopping.subscribe(),
-        trust,
-        verified_at: crate::identity::unix_time(wp.certs.now()),
-    };
-    let client = accepted.client.clone();
-    server::serve_connection(accepted, opts, |s| {
-        stream(wp.clone(), client.clone(), peer, s)
-    })
+    server::serve(
+        tcp,
+        cfg,
+        wp.cfg.node.handshake_timeout,
+        &wp.certs,
+        wp.stopping.subscribe(),
+        |client, s| stream(wp.clone(), client, peer, s),
+    )
     .await?;
     Ok(())
 }

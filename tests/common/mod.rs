@@ -372,6 +372,32 @@ pub fn reset_dial_bound(elapsed: std::time::Duration) -> usize {
     MAX_INFLIGHT_DIALS + EARLY_RESET_BUDGET as usize + refill
 }
 
+/// Runs `flood` (connecting included) and checks what reliability #7 asks: the dials it caused,
+/// as the app counted them in `dials`, stay under `reset_dial_bound`, and the connection was
+/// closed. Returns the error that closed it.
+pub async fn assert_flood_bounded(
+    what: &str,
+    dials: &std::sync::atomic::AtomicUsize,
+    flood: impl std::future::Future<Output = (usize, Option<h2::Error>)>,
+) -> h2::Error {
+    use std::sync::atomic::Ordering::SeqCst;
+    let before = dials.load(SeqCst);
+    let start = std::time::Instant::now();
+    let (streams, ended) = flood.await;
+    // Dials already started land within a moment; then the count is final.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let caused = dials.load(SeqCst) - before;
+    let bound = reset_dial_bound(start.elapsed());
+    eprintln!("{what}: {streams} streams, {caused} dials (bound {bound}), ended: {ended:?}");
+    assert!(
+        caused <= bound,
+        "{what}: {streams} streams caused {caused} dials (bound {bound})"
+    );
+    ended.unwrap_or_else(|| {
+        panic!("{what}: {streams} streams and the connection was never closed ({caused} dials)")
+    })
+}
+
 pub async fn status(
     send: &mut h2::client::SendRequest<bytes::Bytes>,
     req: http::Request<()>,
