@@ -194,19 +194,25 @@ impl NodeMetrics {
 
     /// The text exposition: the registry, then `extra` (gauges and counters kept elsewhere).
     pub fn encode(&self, extra: &[Extra<'_>]) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        for (name, kind, help, samples) in extra {
-            let _ = writeln!(out, "# HELP {name} {help}.");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        }
-        out.push_str("# EOF\n");
-        out
+        encode_text(&self.registry, extra)
     }
+}
+
+/// The text exposition of `registry` followed by `extra`: what the node's :15020 and the
+/// waypoint's metrics endpoint serve.
+pub fn encode_text(registry: &Registry, extra: &[Extra<'_>]) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode_registry(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    for (name, kind, help, samples) in extra {
+        let _ = writeln!(out, "# HELP {name} {help}.");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 /// A metric kept outside the registry: name, type (`counter`/`gauge`), help, and samples as

@@ -26,7 +26,8 @@ pub struct LogLimiter {
     state: Mutex<Window>,
 }
 
-#[derive(Debug)]
+/// One limiter's state: the current window and what it held back.
+#[derive(Debug, Default)]
 struct Window {
     start: Option<Instant>,
     used: u32,
@@ -35,41 +36,44 @@ struct Window {
     suppressed_total: u64,
 }
 
+impl Window {
+    fn allow(&mut self, burst: u32, window: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let expired = match self.start {
+            Some(s) => now.duration_since(s) >= window,
+            None => true,
+        };
+        if expired {
+            self.start = Some(now);
+            self.used = 0;
+        }
+        if self.used < burst {
+            self.used += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            self.suppressed_total += 1;
+            None
+        }
+    }
+}
+
 impl LogLimiter {
     pub fn new(burst: u32, window: Duration) -> LogLimiter {
         LogLimiter {
             burst,
             window,
-            state: Mutex::new(Window {
-                start: None,
-                used: 0,
-                suppressed: 0,
-                suppressed_total: 0,
-            }),
+            state: Mutex::default(),
         }
     }
 
     /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the
     /// last one that was; `None` when it must only be counted.
     pub fn allow(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut w = self.state.lock().expect("log limiter poisoned");
-        let expired = match w.start {
-            Some(s) => now.duration_since(s) >= self.window,
-            None => true,
-        };
-        if expired {
-            w.start = Some(now);
-            w.used = 0;
-        }
-        if w.used < self.burst {
-            w.used += 1;
-            Some(std::mem::take(&mut w.suppressed))
-        } else {
-            w.suppressed += 1;
-            w.suppressed_total += 1;
-            None
-        }
+        self.state
+            .lock()
+            .expect("log limiter poisoned")
+            .allow(self.burst, self.window)
     }
 
     /// Every event ever suppressed.
@@ -87,12 +91,26 @@ impl Default for LogLimiter {
     }
 }
 
+/// The pause after a failed accept (out of descriptors, reliability #29): long enough not to
+/// spin, far below any client's connect timeout.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// What every accept loop does when `accept` fails: warn (a burst per window, then only count:
+/// out of descriptors this fires every pause) and back off before the next try.
+pub async fn accept_failed(warnings: &LogLimiter, listener: &str, e: &std::io::Error) {
+    if let Some(suppressed) = warnings.allow() {
+        tracing::warn!(listener, error = %e, suppressed, "accept failed; retrying");
+    }
+    tokio::time::sleep(ACCEPT_RETRY).await;
+}
+
 /// Rejection counters keyed by (listener, reason), plus the limiter for their warnings.
 /// Each (listener, reason) has its own limiter, so a cheap flood of one kind (TLS garbage) cannot
 /// silence the warnings of another (a revoked peer, a self-target).
 #[derive(Debug, Default)]
 pub struct Rejections {
-    counts: Mutex<BTreeMap<Key, (u64, LogLimiter)>>,
+    /// The count and the log window of each kind, under one lock.
+    counts: Mutex<BTreeMap<Key, (u64, Window)>>,
 }
 
 /// (listener, reason), both fixed strings: the metric labels.
@@ -103,9 +121,9 @@ impl Rejections {
     /// before it), as `LogLimiter::allow`.
     pub fn record(&self, listener: &'static str, reason: &'static str) -> Option<u64> {
         let mut counts = self.counts.lock().expect("rejection counters poisoned");
-        let (n, limiter) = counts.entry((listener, reason)).or_default();
+        let (n, window) = counts.entry((listener, reason)).or_default();
         *n += 1;
-        limiter.allow()
+        window.allow(LOG_BURST, LOG_WINDOW)
     }
 
     /// Warnings left out by the limiters, all reasons together.
@@ -114,7 +132,7 @@ impl Rejections {
             .lock()
             .expect("rejection counters poisoned")
             .values()
-            .map(|(_, l)| l.suppressed_total())
+            .map(|(_, w)| w.suppressed_total)
             .sum()
     }
 

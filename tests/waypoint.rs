@@ -339,7 +339,7 @@ async fn routing_weights_paths_and_policy_through_the_waypoint() {
     assert!(!got.contains("b7ad6b7169203331"), "a new span id: {got}");
 
     // Metrics counted every request with Istio's labels.
-    let m = s.wp.metrics.encode();
+    let m = s.wp.metrics_text();
     assert!(
         m.contains("istio_requests_total{reporter=\"waypoint\""),
         "{m}"
@@ -570,7 +570,7 @@ async fn grpc_unary_and_streaming_keep_trailers() {
     }
     // Recorded with the status from the trailers, as gRPC, with the bytes actually streamed.
     // The two calls may have gone to different versions (80/20), so sum over label sets.
-    let m = s.wp.metrics.encode();
+    let m = s.wp.metrics_text();
     let total = |prefix: &str| -> f64 {
         m.lines()
             .filter(|l| l.starts_with(prefix) && l.contains("request_protocol=\"grpc\""))

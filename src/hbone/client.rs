@@ -190,17 +190,9 @@ pub struct Pool {
 type TestTransport = Box<dyn Fn(SocketAddr) -> tokio::io::DuplexStream + Send + Sync>;
 
 impl Pool {
-    /// A pool whose dials have the default deadline, `CONNECT_TIMEOUT`.
+    /// A pool whose dials (and waits for a dial) end after `connect_timeout`
+    /// (`node.connect_timeout`, default `CONNECT_TIMEOUT`).
     pub fn new(
-        certs: Arc<CertManager>,
-        mark: Option<u32>,
-        netns: Option<Arc<PodNetns>>,
-    ) -> Arc<Pool> {
-        Pool::with_connect_timeout(certs, mark, netns, CONNECT_TIMEOUT)
-    }
-
-    /// A pool whose dials (and waits for a dial) end after `connect_timeout`.
-    pub fn with_connect_timeout(
         certs: Arc<CertManager>,
         mark: Option<u32>,
         netns: Option<Arc<PodNetns>>,

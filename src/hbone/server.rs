@@ -5,7 +5,7 @@
 //! caller's: `proxy::inbound` for the node, `waypoint::server` for the waypoint.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -193,7 +193,6 @@ pub struct Stream {
 struct ConnGuard {
     dials: Semaphore,
     budget: Mutex<Bucket>,
-    early_resets: AtomicU32,
     /// Set once the budget ran out; the connection is then closing for ENHANCE_YOUR_CALM.
     tripped: AtomicBool,
     calm: Notify,
@@ -202,6 +201,8 @@ struct ConnGuard {
 struct Bucket {
     tokens: u32,
     refilled: Instant,
+    /// Every early reset so far, for the log line when the connection is closed.
+    early_resets: u32,
 }
 
 /// A stream's handle on its connection's limits.
@@ -219,8 +220,8 @@ impl StreamGuard {
             budget: Mutex::new(Bucket {
                 tokens: EARLY_RESET_BUDGET,
                 refilled: Instant::now(),
+                early_resets: 0,
             }),
-            early_resets: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
             calm: Notify::new(),
         }))
@@ -234,10 +235,7 @@ impl StreamGuard {
         dial: F,
     ) -> Result<F::Output, Abandoned> {
         let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
-        let capped = async {
-            let _permit = self.0.dials.acquire().await.expect("never closed");
-            dial.await
-        };
+        let capped = self.limit(dial);
         tokio::select! {
             biased;
             _ = reset => {
@@ -264,14 +262,22 @@ impl StreamGuard {
         }
     }
 
+    fn early_resets(&self) -> u32 {
+        self.0
+            .budget
+            .lock()
+            .expect("reset budget poisoned")
+            .early_resets
+    }
+
     fn tripped(&self) -> bool {
         self.0.tripped.load(Ordering::Relaxed)
     }
 
     fn early_reset(&self) {
         let g = &self.0;
-        g.early_resets.fetch_add(1, Ordering::Relaxed);
         let mut b = g.budget.lock().expect("reset budget poisoned");
+        b.early_resets = b.early_resets.saturating_add(1);
         let now = Instant::now();
         let earned = now.duration_since(b.refilled).as_nanos() / EARLY_RESET_REFILL.as_nanos();
         if earned > 0 {
@@ -361,9 +367,7 @@ where
             }
         }
         if calmed || guard.tripped() {
-            return Err(ConnectionError::RapidReset(
-                guard.0.early_resets.load(Ordering::Relaxed),
-            ));
+            return Err(ConnectionError::RapidReset(guard.early_resets()));
         }
         Ok(())
     };
@@ -525,10 +529,7 @@ mod tests {
         assert!(!calm(&guard));
         guard.tunnel_ended(0, true);
         assert!(calm(&guard));
-        assert_eq!(
-            guard.0.early_resets.load(Ordering::Relaxed),
-            EARLY_RESET_BUDGET + 5
-        );
+        assert_eq!(guard.early_resets(), EARLY_RESET_BUDGET + 5);
     }
 
     /// The in-flight cap: with MAX_INFLIGHT_DIALS dials pending, the next waits for a slot.

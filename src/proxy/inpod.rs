@@ -209,7 +209,7 @@ async fn add(
         .map_err(listen_err("HBONE"))?;
     let (kill_tx, kill) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
-    let pool = Pool::with_connect_timeout(
+    let pool = Pool::new(
         node.certs.clone(),
         node.mark(),
         Some(netns.clone()),

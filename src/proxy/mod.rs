@@ -191,7 +191,7 @@ impl Node {
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
-        let pool = Pool::with_connect_timeout(certs.clone(), mark, None, cfg.node.connect_timeout);
+        let pool = Pool::new(certs.clone(), mark, None, cfg.node.connect_timeout);
         Ok(Arc::new(Node {
             cfg,
             state: watch::Sender::new(Arc::new(state)),
@@ -627,10 +627,12 @@ pub struct Scope {
 }
 
 /// Counts one proxied connection for as long as it lives.
-struct ActiveGuard(Arc<AtomicUsize>);
+/// Counts a connection in a listener's in-flight count for as long as it lives (what a drain
+/// waits for). Shared by the node's listeners and the waypoint's.
+pub(crate) struct ActiveGuard(Arc<AtomicUsize>);
 
 impl ActiveGuard {
-    fn new(active: Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(active: Arc<AtomicUsize>) -> Self {
         active.fetch_add(1, Ordering::AcqRel);
         ActiveGuard(active)
     }
@@ -685,18 +687,23 @@ impl Running {
 /// deadline the connections still open are closed (their scopes' kill switches flip, which
 /// drops each relay and closes both sockets). Returns how many were cut.
 pub async fn drain(node: &Node, deadline: std::time::Duration) -> usize {
-    let end = tokio::time::Instant::now() + deadline;
-    // Polling keeps the data path free of drain bookkeeping; 50 ms is far below any deadline.
-    while node.active_connections() > 0 && tokio::time::Instant::now() < end {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let left = node.active_connections();
+    let left = wait_idle(&node.active, deadline).await;
     if left > 0 {
         for kill in node.draining.lock().expect("drain lock poisoned").iter() {
             let _ = kill.send(true);
         }
     }
     left
+}
+
+/// Waits until `active` reaches zero or `deadline` passes; returns what is still open.
+/// Polling keeps the data path free of drain bookkeeping; 50 ms is far below any deadline.
+pub(crate) async fn wait_idle(active: &AtomicUsize, deadline: std::time::Duration) -> usize {
+    let end = tokio::time::Instant::now() + deadline;
+    while active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    active.load(Ordering::Acquire)
 }
 
 fn bind(
@@ -940,13 +947,7 @@ async fn accept_loop<F, Fut>(
                         }
                     });
                 }
-                Err(e) => {
-                    // Out of descriptors this fires every pause: log a burst, then count.
-                    if let Some(suppressed) = accept_warnings.allow() {
-                        tracing::warn!(listener = role, error = %e, suppressed, "accept failed; retrying");
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                Err(e) => crate::rejections::accept_failed(&accept_warnings, role, &e).await,
             },
             _ = shutdown.changed() => return,
         }

@@ -65,15 +65,14 @@ pub async fn serve<H, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let accept_warnings = crate::rejections::LogLimiter::default();
     tokio::pin!(stop);
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
-                    // Out of descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "operator endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::rejections::accept_failed(&accept_warnings, "operator endpoint", &e).await;
                     continue;
                 }
             },

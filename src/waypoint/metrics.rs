@@ -90,11 +90,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+    /// The Prometheus text exposition of every metric, then `extra` (counters kept elsewhere).
+    pub fn encode(&self, extra: &[crate::metrics::Extra<'_>]) -> String {
+        crate::metrics::encode_text(&self.registry, extra)
     }
 }

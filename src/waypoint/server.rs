@@ -170,7 +170,7 @@ impl Waypoint {
         certs
             .fetch(&me.identity)
             .map_err(|e| WaypointError::Certs(e.to_string()))?;
-        let pool = Pool::with_connect_timeout(certs.clone(), None, None, cfg.node.connect_timeout);
+        let pool = Pool::new(certs.clone(), None, None, cfg.node.connect_timeout);
         Ok(Arc::new(Waypoint {
             cfg,
             uid,
@@ -193,35 +193,26 @@ impl Waypoint {
     /// Returns how many were still open at the deadline (they end with the process).
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.stopping.send_replace(true);
-        let start = tokio::time::Instant::now();
-        while self.active.load(Ordering::Relaxed) > 0 && start.elapsed() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.active.load(Ordering::Relaxed)
+        crate::proxy::wait_idle(&self.active, deadline).await
     }
 
     /// The Prometheus text of the waypoint: Istio's request families plus what its HBONE
     /// listener refused.
     pub fn metrics_text(&self) -> String {
-        let mut out = self.metrics.encode();
-        if let Some(stripped) = out.strip_suffix("# EOF\n") {
-            out.truncate(stripped.len());
-        }
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP zmesh_rejected_total HBONE connections and streams refused by the waypoint, by reason.");
-        let _ = writeln!(out, "# TYPE zmesh_rejected_total counter");
-        for (labels, v) in self.rejections.series() {
-            let _ = writeln!(out, "zmesh_rejected_total{labels} {v}");
-        }
-        let _ = writeln!(out, "# HELP zmesh_access_log_dropped_total Access-log lines dropped because the log output did not keep up.");
-        let _ = writeln!(out, "# TYPE zmesh_access_log_dropped_total counter");
-        let _ = writeln!(
-            out,
-            "zmesh_access_log_dropped_total {}",
-            self.access_log.dropped()
-        );
-        out.push_str("# EOF\n");
-        out
+        self.metrics.encode(&[
+            (
+                "zmesh_rejected_total",
+                "counter",
+                "HBONE connections and streams refused by the waypoint, by reason",
+                self.rejections.series(),
+            ),
+            (
+                "zmesh_access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the log output did not keep up",
+                vec![(String::new(), self.access_log.dropped() as f64)],
+            ),
+        ])
     }
 
     pub fn state(&self) -> Arc<WpState> {
@@ -285,7 +276,7 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
             Ok((tcp, peer)) => {
                 crate::socket::tune(&tcp);
                 let wp = wp.clone();
-                let active = ActiveConn::new(&wp.active);
+                let active = crate::proxy::ActiveGuard::new(wp.active.clone());
                 tokio::spawn(async move {
                     let _active = active;
                     let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -295,29 +286,9 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
                 });
             }
             Err(e) => {
-                // Out of descriptors this fires every pause: log a burst, then count.
-                if let Some(suppressed) = accept_warnings.allow() {
-                    tracing::warn!(error = %e, suppressed, "accept failed; retrying");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::rejections::accept_failed(&accept_warnings, "waypoint HBONE", &e).await
             }
         }
-    }
-}
-
-/// Counts a connection in `Waypoint::active` for as long as it lives (what a drain waits for).
-struct ActiveConn(Arc<AtomicUsize>);
-
-impl ActiveConn {
-    fn new(active: &Arc<AtomicUsize>) -> ActiveConn {
-        active.fetch_add(1, Ordering::Relaxed);
-        ActiveConn(active.clone())
-    }
-}
-
-impl Drop for ActiveConn {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -366,9 +337,6 @@ struct Downstream {
     peer: SocketAddr,
     /// The HBONE connection's limits: upstream opens run under its dial cap.
     guard: server::StreamGuard,
-    /// Set once a response was produced for this stream (a stream reset before any answer
-    /// counts against the connection's reset budget).
-    answered: Arc<std::sync::atomic::AtomicBool>,
     /// The original destination (`:authority`): a service VIP:port or a workload IP:port.
     dst: SocketAddr,
 }
@@ -424,11 +392,10 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
         peer,
         dst,
         guard: guard.clone(),
-        answered: Arc::default(),
     };
     match declared {
         Some(crate::config::AppProtocol::Tcp) => {
-            return relay_tcp(wp, down, Rewind::new(Vec::new(), io), guard).await
+            return relay_tcp(wp, down, Rewind::new(Vec::new(), io)).await
         }
         Some(crate::config::AppProtocol::Http) => {
             return serve_http(wp, down, Rewind::new(Vec::new(), io)).await
@@ -451,7 +418,7 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     if n > 0 && looks_like_http(&first) {
         serve_http(wp, down, io).await;
     } else {
-        relay_tcp(wp, down, io, guard).await;
+        relay_tcp(wp, down, io).await;
     }
 }
 
@@ -462,11 +429,13 @@ fn looks_like_http(b: &[u8]) -> bool {
 }
 
 async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
-    let (down_guard, answered) = (down.guard.clone(), down.answered.clone());
+    // Set once a response was produced: a stream reset before any answer counts against the
+    // connection's reset budget.
+    let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (down_guard, answered_in) = (down.guard.clone(), answered.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (wp, down) = (wp.clone(), down.clone());
+        let (wp, down, answered) = (wp.clone(), down.clone(), answered_in.clone());
         async move {
-            let answered = down.answered.clone();
             let resp = handle(wp, down, req).await;
             answered.store(true, Ordering::Relaxed);
             Ok::<_, Infallible>(resp)
@@ -491,12 +460,8 @@ async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
 /// reading of the target's HTTP policies (l7's module docs). A denied flow is reset (dropping
 /// the stream without END_STREAM sends RST_STREAM, which the client's node turns into a TCP
 /// reset) before anything is dialed, and access-logged.
-async fn relay_tcp(
-    wp: Arc<Waypoint>,
-    down: Downstream,
-    mut io: Rewind<H2Io>,
-    guard: server::StreamGuard,
-) {
+async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
+    let guard = down.guard.clone();
     let state = wp.state();
     let target = state.target(down.dst);
     if let Err(detail) = state.judge_tcp(&target, &down) {
@@ -841,6 +806,10 @@ fn primary_service(t: &Target, named: Option<Arc<Service>>) -> Option<Arc<Servic
 /// The request's path normalized (l7's module docs), with the query string unchanged.
 fn normalized_uri(uri: &Uri) -> Result<(Uri, String), String> {
     let path = normalize_path(uri.path()).map_err(|e| e.to_string())?;
+    // Most paths are already normal: keep the URI as it came, no rebuild per request.
+    if path == uri.path() {
+        return Ok((uri.clone(), path));
+    }
     let mut parts = uri.clone().into_parts();
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
