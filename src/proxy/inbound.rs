@@ -126,6 +126,38 @@ async fn connection(
     Ok(served?)
 }
 
+/// Why a well-formed CONNECT to `dst` on the listener of `workload` is refused with 400 and
+/// never dialed (docs/hbone.md): the metric reason and what the log says. 503 stays for a
+/// local workload whose port refused.
+fn refused_target(
+    node: &Node,
+    model: &crate::model::Model,
+    workload: &Workload,
+    dst: SocketAddr,
+) -> Option<(&'static str, String)> {
+    match model.local_workload(dst.ip()) {
+        // Not an address this node serves (reliability #3).
+        None => Some((
+            "authority_not_local",
+            format!("{} is not a workload on this node", dst.ip()),
+        )),
+        Some(w) if w.uid != workload.uid => Some((
+            "authority_not_owned",
+            format!(
+                "authority {dst} belongs to {}, not to {} which owns this listener",
+                w.name, workload.name
+            ),
+        )),
+        // One of the node's own listeners: dialing it would make the node connect to itself,
+        // and a CONNECT could then loop through 15006/15008 without end (reliability #38).
+        Some(_) if node.is_own_listener(dst) => Some((
+            "self_target",
+            format!("{dst} is one of this node's own listeners; never dialed"),
+        )),
+        Some(_) => None,
+    }
+}
+
 async fn stream(
     node: Arc<Node>,
     scope: Arc<Scope>,
@@ -165,46 +197,10 @@ async fn stream(
     log.src_wl = model.workload_by_ip(peer.ip()).cloned();
     log.mtls = true;
     log.path = format!("app {dst}");
-    match model.local_workload(dst.ip()) {
-        // Not an address this node serves: refused without a dial (docs/hbone.md, 400;
-        // reliability #3). 503 is kept for a local workload whose port refused.
-        None => {
-            server::refuse(respond, StatusCode::BAD_REQUEST);
-            crate::reject!(node.rejections, "hbone", "authority_not_local", src = %peer, identity = %client, %dst, "CONNECT authority is not a workload on this node (400)");
-            log.emit(
-                enabled,
-                Some(&format_args!(
-                    "{} is not a workload on this node (400)",
-                    dst.ip()
-                )),
-            );
-            return;
-        }
-        Some(w) if w.uid != workload.uid => {
-            server::refuse(respond, StatusCode::BAD_REQUEST);
-            crate::reject!(node.rejections, "hbone", "authority_not_owned", src = %peer, identity = %client, %dst, "CONNECT authority belongs to another workload than this listener's (400)");
-            log.emit(
-                enabled,
-                Some(&format_args!(
-                    "authority {dst} belongs to {}, not to {} which owns this listener (400)",
-                    w.name, workload.name
-                )),
-            );
-            return;
-        }
-        Some(_) => {}
-    }
-    // One of the node's own listeners: dialing it would make the node connect to itself, and
-    // a CONNECT could then loop through 15006/15008 without end (reliability #38).
-    if node.is_own_listener(dst) {
+    if let Some((code, why)) = refused_target(&node, &model, &workload, dst) {
         server::refuse(respond, StatusCode::BAD_REQUEST);
-        crate::reject!(node.rejections, "hbone", "self_target", src = %peer, identity = %client, %dst, "CONNECT to one of the node's own listener ports refused (400)");
-        log.emit(
-            enabled,
-            Some(&format_args!(
-                "{dst} is one of this node's own listeners; never dialed (400)"
-            )),
-        );
+        crate::reject!(node.rejections, "hbone", code, src = %peer, identity = %client, %dst, reason = %why, "CONNECT refused (400)");
+        log.emit(enabled, Some(&format_args!("{why} (400)")));
         return;
     }
     // Policy is judged at the destination with the real target port (docs/model.md).

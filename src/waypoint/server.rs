@@ -64,13 +64,17 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 /// One RequestAuthentication: required?, the validator, claim → header copies.
-type JwtRule = (bool, Validator, std::collections::BTreeMap<String, String>);
+/// The claim → header copies are parsed into header names once, at load.
+type JwtRule = (bool, Validator, Vec<(String, HeaderName)>);
 
 /// The live model and the L7 configuration derived from it.
 pub struct WpState {
     pub model: Arc<Model>,
     pub l4: Arc<PolicySet>,
     routes: HashMap<String, Vec<RouteConfig>>,
+    /// `namespace/hostname` of each of the model's services, in the model's order: built once,
+    /// not per request.
+    service_keys: Vec<String>,
     http_policies: Vec<super::config::HttpPolicyConfig>,
     auth: HashMap<String, Vec<JwtRule>>,
 }
@@ -120,13 +124,21 @@ impl WpState {
                     audiences: a.audiences.clone(),
                     jwks,
                 },
-                a.claims_to_headers.clone(),
+                // A name that is no valid header cannot be set; it is left out here as it
+                // was left out per request before.
+                a.claims_to_headers
+                    .iter()
+                    .filter_map(|(c, h)| Some((c.clone(), HeaderName::try_from(h.as_str()).ok()?)))
+                    .collect(),
             ));
         }
+        let model = Arc::new(Model::from_config(cfg));
+        let service_keys = model.services().iter().map(|s| s.key()).collect();
         Ok(WpState {
-            model: Arc::new(Model::from_config(cfg)),
+            model,
             l4: Arc::new(cfg.policy_set()),
             routes,
+            service_keys,
             http_policies: cfg.http_policies.clone(),
             auth,
         })
@@ -662,6 +674,8 @@ fn request_host<B>(req: &Request<B>) -> String {
 struct Target {
     /// A service VIP: that service. A pod IP: every service the pod backs.
     services: Vec<Arc<Service>>,
+    /// The services' `namespace/hostname` keys, in the same order.
+    keys: Vec<String>,
     /// A pod IP: the pod.
     workload: Option<Arc<Workload>>,
     /// Namespaces whose service-less (namespace-wide) policies apply: the services' and, for a
@@ -671,28 +685,33 @@ struct Target {
 
 impl WpState {
     fn target(&self, dst: SocketAddr) -> Target {
-        let (services, workload) = match self.model.service_by_vip(dst.ip()) {
-            Some(s) => (vec![s.clone()], None),
-            None => match self.model.workload_by_ip(dst.ip()) {
-                Some(w) => (
-                    self.model
-                        .services()
-                        .iter()
-                        .filter(|s| w.services.contains_key(&s.key()))
-                        .cloned()
-                        .collect(),
-                    Some(w.clone()),
-                ),
-                // `stream` refuses a CONNECT to anything else (400); nothing to judge by here.
-                None => (Vec::new(), None),
-            },
-        };
+        let (services, keys, workload): (Vec<_>, Vec<_>, _) =
+            match self.model.service_by_vip(dst.ip()) {
+                Some(s) => (vec![s.clone()], vec![s.key()], None),
+                None => match self.model.workload_by_ip(dst.ip()) {
+                    Some(w) => {
+                        // The pod's services in the model's order, by their prebuilt keys.
+                        let (services, keys) = self
+                            .model
+                            .services()
+                            .iter()
+                            .zip(&self.service_keys)
+                            .filter(|(_, k)| w.services.contains_key(*k))
+                            .map(|(s, k)| (s.clone(), k.clone()))
+                            .unzip();
+                        (services, keys, Some(w.clone()))
+                    }
+                    // `stream` refuses a CONNECT to anything else (400); nothing to judge by.
+                    None => (Vec::new(), Vec::new(), None),
+                },
+            };
         let mut namespaces: Vec<String> = services.iter().map(|s| s.namespace.clone()).collect();
         namespaces.extend(workload.iter().map(|w| w.namespace.clone()));
         namespaces.sort();
         namespaces.dedup();
         Target {
             services,
+            keys,
             workload,
             namespaces,
         }
@@ -704,7 +723,7 @@ impl WpState {
         self.http_policies
             .iter()
             .filter(|p| match &p.service {
-                Some(key) => t.services.iter().any(|s| s.key() == *key),
+                Some(key) => t.keys.contains(key),
                 None => t.namespaces.contains(&p.namespace),
             })
             .collect()
@@ -712,9 +731,9 @@ impl WpState {
 
     /// Every JWT validator of the target's services.
     fn validators(&self, t: &Target) -> Vec<&JwtRule> {
-        t.services
+        t.keys
             .iter()
-            .filter_map(|s| self.auth.get(&s.key()))
+            .filter_map(|k| self.auth.get(k))
             .flatten()
             .collect()
     }
@@ -1017,15 +1036,13 @@ async fn route_request(
     // first, so a request without a token (or whose claim is missing or not a string) cannot
     // make the backend believe it was authenticated.
     for (_, _, to_headers) in &validators {
-        for header in to_headers.values() {
-            if let Ok(n) = HeaderName::try_from(header.as_str()) {
-                req.headers_mut().remove(n);
-            }
+        for (_, header) in to_headers {
+            req.headers_mut().remove(header);
         }
     }
     for (h, v) in claim_headers {
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(h.as_str()), HeaderValue::from_str(&v)) {
-            req.headers_mut().insert(n, v);
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            req.headers_mut().insert(h, v);
         }
     }
     if let Ok(v) = HeaderValue::from_str(traceparent) {
