@@ -121,46 +121,45 @@ async fn drain(wp: &Waypoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the config when it changes (checked each second) or on SIGHUP.
+/// Re-reads the config (and the certificate files it names: a CRL update reaches the
+/// waypoint's live connections as it does a node's) when it changes, checked each second, or
+/// on SIGHUP, with the node's watcher; drains on SIGTERM or ^C.
 async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    use zmesh::proxy::reload::{stamps, watched_files};
-    // The config and the certificate files it names (CA, roots, CRL): a CRL update reaches the
-    // waypoint's live connections as it does a node's.
-    let mut files = watched_files(&path, &wp.cfg);
-    let mut seen = stamps(&files);
+    let trigger = Arc::new(tokio::sync::Notify::new());
+    let w = wp.clone();
+    // Parsing and validating (JWKS, regexes, the model) run on the config thread, never on
+    // this runtime (reliability #40).
+    let reload = move |p: &std::path::Path| match load(p)
+        .and_then(|cfg| w.reload(&cfg).map(|()| cfg).map_err(Into::into))
+    {
+        Ok(cfg) => {
+            tracing::info!("config reloaded from {}", p.display());
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload rejected; the last good config keeps running");
+            None
+        }
+    };
+    let watcher = zmesh::proxy::reload::watch_files(
+        path,
+        &wp.cfg,
+        zmesh::proxy::reload::WATCH_INTERVAL,
+        trigger.clone(),
+        reload,
+        || {},
+    );
+    tokio::pin!(watcher);
     loop {
-        let forced = tokio::select! {
-            _ = tokio::time::sleep(zmesh::proxy::reload::WATCH_INTERVAL) => false,
-            _ = hup.recv() => true,
+        tokio::select! {
+            // The watcher runs until dropped; were it to end, so would the waypoint.
+            () = &mut watcher => return Ok(()),
+            _ = hup.recv() => trigger.notify_one(),
             _ = term.recv() => return drain(&wp).await,
             _ = tokio::signal::ctrl_c() => return drain(&wp).await,
-        };
-        let now = stamps(&files);
-        if !forced && now == seen {
-            continue;
-        }
-        seen = now;
-        // Parsing and validating (JWKS, regexes, the model) run on a thread of their own, never
-        // on this runtime (reliability #40).
-        let (w, p) = (wp.clone(), path.clone());
-        let outcome = zmesh::proxy::reload::on_config_thread(move || {
-            load(&p).and_then(|cfg| w.reload(&cfg).map(|()| cfg).map_err(Into::into))
-        })
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
-        match outcome {
-            Ok(cfg) => {
-                tracing::info!("config reloaded from {}", path.display());
-                files = watched_files(&path, &cfg);
-                seen = stamps(&files);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "config reload rejected; the last good config keeps running")
-            }
         }
     }
 }

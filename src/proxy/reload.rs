@@ -225,7 +225,37 @@ pub fn reload_from(node: &Node, path: &Path) -> Option<Config> {
 /// Watches `path` (and the files it names) every `interval`, and reloads at once when
 /// `trigger` is notified (SIGHUP). Runs until dropped.
 pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: Arc<Notify>) {
-    let mut files = watched_files(&path, &node.cfg);
+    let cfg = node.cfg.clone();
+    let n = node.clone();
+    watch_files(
+        path,
+        &cfg,
+        interval,
+        trigger,
+        move |p| reload_from(&n, p),
+        move || {
+            node.stats.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+        },
+    )
+    .await
+}
+
+/// The watcher both binaries use: checks `path` and the certificate files `cfg` names every
+/// `interval` (at once when `trigger` is notified), and for each change runs `reload` on the
+/// config thread. `reload` logs its own outcome and returns the config it applied, whose files
+/// are watched from then on, or `None` when it refused the file. `rejected` counts a reload
+/// that could not run at all (no thread, or a panic). Runs until dropped.
+pub async fn watch_files<R>(
+    path: PathBuf,
+    cfg: &Config,
+    interval: Duration,
+    trigger: Arc<Notify>,
+    reload: R,
+    rejected: impl Fn(),
+) where
+    R: Fn(&Path) -> Option<Config> + Clone + Send + 'static,
+{
+    let mut files = watched_files(&path, cfg);
     let mut seen = stamps(&files);
     loop {
         let forced = tokio::select! {
@@ -237,14 +267,12 @@ pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: 
             continue;
         }
         seen = now;
-        let (n, p) = (node.clone(), path.clone());
-        let outcome = on_config_thread(move || reload_from(&n, &p))
-            .await
-            .unwrap_or_else(|e| {
-                node.stats.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "config reload rejected; the last good config keeps running");
-                None
-            });
+        let (r, p) = (reload.clone(), path.clone());
+        let outcome = on_config_thread(move || r(&p)).await.unwrap_or_else(|e| {
+            rejected();
+            tracing::error!(error = %e, "config reload rejected; the last good config keeps running");
+            None
+        });
         if let Some(cfg) = outcome {
             // The new config may name other certificate files.
             files = watched_files(&path, &cfg);
