@@ -138,15 +138,15 @@ pub async fn recv(sock: &SeqpacketSocket) -> Result<Datagram, ZdsError> {
 /// that arrived is owned from here on, so an early return closes it.
 fn recv_now(fd: BorrowedFd<'_>) -> io::Result<Result<Datagram, ZdsError>> {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let received = sys::recv_with_fds(fd, &mut buf, MAX_FDS_PER_DATAGRAM)?;
-    let (bytes, data, control) = (
-        received.bytes,
-        received.data_truncated,
-        received.control_truncated,
-    );
+    let sys::Received {
+        bytes,
+        data_truncated: data,
+        control_truncated: control,
+        fds,
+    } = sys::recv_with_fds(fd, &mut buf, MAX_FDS_PER_DATAGRAM)?;
     if data || control {
-        let closed = received.fds.len();
-        drop(received.fds);
+        let closed = fds.len();
+        drop(fds);
         tracing::debug!(bytes, closed, "closed the fds of a truncated ZDS datagram");
         return Ok(Err(ZdsError::Truncated {
             bytes,
@@ -154,16 +154,13 @@ fn recv_now(fd: BorrowedFd<'_>) -> io::Result<Result<Datagram, ZdsError>> {
             control,
         }));
     }
-    if bytes == 0 && received.fds.is_empty() {
+    if bytes == 0 && fds.is_empty() {
         // SEQPACKET reports EOF as a zero-length read; istio never sends empty messages (every
         // request has a oneof payload), so an empty datagram is treated as EOF too.
         return Ok(Ok(Datagram::Eof));
     }
     buf.truncate(bytes);
-    Ok(Ok(Datagram::Message {
-        bytes: buf,
-        fds: received.fds,
-    }))
+    Ok(Ok(Datagram::Message { bytes: buf, fds }))
 }
 
 #[cfg(test)]
@@ -231,16 +228,19 @@ mod tests {
         )
         .unwrap();
         let ns = File::open("/proc/self/ns/net").unwrap();
-        let raw = [ns.as_raw_fd(); 250];
-        let iov = [IoSlice::new(b"flood")];
-        sendmsg::<()>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        // One datagram carrying `n` copies of a descriptor.
+        let send = |n: usize| {
+            let raw = vec![ns.as_raw_fd(); n];
+            sendmsg::<()>(
+                a.as_raw_fd(),
+                &[IoSlice::new(b"flood")],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        };
+        send(250);
         let mut buf = [0u8; 64];
         let got = sys::recv_with_fds(b.as_fd(), &mut buf, MAX_FDS_PER_DATAGRAM).unwrap();
         assert!(got.control_truncated && !got.data_truncated);
@@ -248,15 +248,7 @@ mod tests {
         assert_eq!(got.fds.len(), MAX_FDS_PER_DATAGRAM);
 
         // Within the room: all of them, no truncation.
-        let raw = [ns.as_raw_fd(); MAX_FDS_PER_DATAGRAM];
-        sendmsg::<()>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        send(MAX_FDS_PER_DATAGRAM);
         let got = sys::recv_with_fds(b.as_fd(), &mut buf, MAX_FDS_PER_DATAGRAM).unwrap();
         assert!(!got.control_truncated);
         assert_eq!(got.fds.len(), MAX_FDS_PER_DATAGRAM);
