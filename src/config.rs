@@ -13,6 +13,7 @@
 //! minimum (serde-saphyr 2.2: Rust 1.89). The guard does not depend on the parser, so it stays
 //! when the parser is replaced.
 
+pub mod control_plane;
 pub mod guard;
 
 use std::collections::BTreeMap;
@@ -158,6 +159,17 @@ pub struct NodeConfig {
     /// handshake; when the file changes, live tunnels whose peer chain became revoked are cut.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// Workloads, services and policies from a control plane over xDS (istiod, or
+    /// `zmesh-node ca serve --xds`) instead of this file (docs/model.md "Control plane").
+    #[serde(default, deserialize_with = "de_control_plane")]
+    pub control_plane: Option<control_plane::ControlPlaneConfig>,
+}
+
+fn de_control_plane<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<control_plane::ControlPlaneConfig>, D::Error> {
+    let raw = Option::<control_plane::ControlPlaneRaw>::deserialize(d)?;
+    Ok(raw.map(|r| r.build(DEFAULT_CLUSTER)))
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -261,6 +273,14 @@ pub enum CertificatesConfig {
         roots: PathBuf,
         identities: Vec<StaticIdentity>,
     },
+    /// A remote CA (istiod, or `zmesh-node ca serve`): keys made here, CSRs sent there.
+    CaClient {
+        target: control_plane::GrpcTarget,
+        ttl: Duration,
+    },
+    /// `ca_client` as read, before `Config::parse` fills it from `node.control_plane`.
+    #[doc(hidden)]
+    CaClientUnresolved(control_plane::CaClientRaw),
 }
 
 /// The YAML shape of `node.certificates`: one of two keys.
@@ -270,6 +290,7 @@ struct CertificatesRaw {
     file_ca: Option<FileCaRaw>,
     #[serde(rename = "static")]
     static_: Option<StaticRaw>,
+    ca_client: Option<control_plane::CaClientRaw>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,16 +311,20 @@ struct StaticRaw {
 impl TryFrom<CertificatesRaw> for CertificatesConfig {
     type Error = String;
     fn try_from(raw: CertificatesRaw) -> Result<Self, String> {
-        match (raw.file_ca, raw.static_) {
-            (Some(f), None) => Ok(CertificatesConfig::FileCa {
+        match (raw.file_ca, raw.static_, raw.ca_client) {
+            (Some(f), None, None) => Ok(CertificatesConfig::FileCa {
                 dir: f.dir,
                 ttl: f.ttl,
             }),
-            (None, Some(s)) => Ok(CertificatesConfig::Static {
+            (None, Some(s), None) => Ok(CertificatesConfig::Static {
                 roots: s.roots,
                 identities: s.identities,
             }),
-            _ => Err("node.certificates needs exactly one of `file_ca` or `static`".into()),
+            (None, None, Some(c)) => Ok(CertificatesConfig::CaClientUnresolved(c)),
+            _ => Err(
+                "node.certificates needs exactly one of `file_ca` (dev only: the CA key on the node), `static` or `ca_client`"
+                    .into(),
+            ),
         }
     }
 }
@@ -497,8 +522,11 @@ impl<'de> Deserialize<'de> for SpiffeIdString {
 fn default_trust_domain() -> BoundedString {
     DEFAULT_TRUST_DOMAIN.into()
 }
+/// ztunnel's CLUSTER_ID default.
+const DEFAULT_CLUSTER: &str = "Kubernetes";
+
 fn default_cluster() -> BoundedString {
-    "Kubernetes".into()
+    DEFAULT_CLUSTER.into()
 }
 fn default_bind() -> IpAddr {
     IpAddr::from([0, 0, 0, 0])
@@ -618,7 +646,7 @@ impl Config {
             column: r.column,
             message: r.message,
         })?;
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
+        let mut cfg: Config = serde_yaml::from_str(text).map_err(|e| match e.location() {
             Some(loc) => ConfigError::Syntax {
                 path: origin.to_string(),
                 line: loc.line(),
@@ -631,6 +659,16 @@ impl Config {
                 message: e.to_string(),
             },
         })?;
+        if let CertificatesConfig::CaClientUnresolved(raw) = &cfg.node.certificates {
+            let (target, ttl) = raw
+                .clone()
+                .build(cfg.node.control_plane.as_ref(), &cfg.node.cluster)
+                .map_err(|message| ConfigError::Unlocated {
+                    path: origin.to_string(),
+                    message,
+                })?;
+            cfg.node.certificates = CertificatesConfig::CaClient { target, ttl };
+        }
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -685,6 +723,15 @@ impl Config {
                     "certificates shorter than 1m would be renewed continuously",
                 ));
             }
+        }
+        if n.control_plane.is_some()
+            && !(self.workloads.is_empty() && self.services.is_empty() && self.policies.is_empty())
+        {
+            return Err(invalid(
+                "node.control_plane".into(),
+                &"set",
+                "workloads, services and policies come from the control plane; remove them from the file",
+            ));
         }
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |f: &str| format!("workloads[{i}].{f}");

@@ -17,6 +17,7 @@
 pub mod accesslog;
 pub mod config;
 pub mod copy;
+pub mod grpc;
 pub mod hbone;
 pub mod host;
 pub mod identity;

@@ -2,6 +2,7 @@
 //! come from (the built-in file CA, or static files provisioned by Vault/cert-manager on VMs).
 
 mod ca;
+pub mod caclient;
 mod cert;
 mod manager;
 mod spiffe;

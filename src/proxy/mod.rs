@@ -161,6 +161,15 @@ pub fn load_certificates(
             }
             (CertSource::Static(certs), roots)
         }
+        CertificatesConfig::CaClient { target, ttl } => {
+            let roots = load_certs_pem(&target.root_cert).map_err(|e| certs_err(&e))?;
+            (CertSource::ca_client(target.clone(), *ttl), roots)
+        }
+        CertificatesConfig::CaClientUnresolved(_) => {
+            return Err(StartError::Certs(
+                "node.certificates.ca_client was not resolved (Config::parse does it)".into(),
+            ))
+        }
     };
     let crls = match &cfg.node.crl {
         Some(path) => load_crls(path).map_err(|e| certs_err(&e))?,

@@ -173,6 +173,9 @@ pub fn watched_files(config: &Path, cfg: &Config) -> Vec<PathBuf> {
                 files.push(i.key.clone());
             }
         }
+        // The CA's root: a rotated mesh root is picked up like a rotated file CA.
+        CertificatesConfig::CaClient { target, .. } => files.push(target.root_cert.clone()),
+        CertificatesConfig::CaClientUnresolved(_) => {}
     }
     files.extend(cfg.node.crl.clone());
     files

@@ -1,0 +1,418 @@
+//! `node.control_plane` and `node.certificates.ca_client`: where a node gets its workloads,
+//! services and policies (xDS) and its certificates (a CSR to a CA) instead of the file.
+//!
+//! ztunnel's environment variables override the file so one DaemonSet spec drives both
+//! (`apply_env`): XDS_ADDRESS, CA_ADDRESS, XDS_ROOT_CA, CA_ROOT_CA, AUTH_TOKEN, CLUSTER_ID,
+//! NODE_NAME, POD_NAME, POD_NAMESPACE, INSTANCE_IP and every ISTIO_META_* variable.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{de_duration, BoundedString, CertificatesConfig, Config};
+
+/// istiod's discovery and CA port inside the cluster.
+pub const DEFAULT_ISTIOD: &str = "https://istiod.istio-system.svc:15012";
+/// Where istio-ca-root-cert is mounted in ztunnel's pod.
+pub const DEFAULT_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+/// The projected service-account token with audience istio-ca.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+
+/// How a node authenticates to the control plane: `authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Read on every (re)connect, so a rotated projected token is picked up.
+    File(PathBuf),
+    /// The token itself (AUTH_TOKEN set to something that is not a file).
+    Inline(String),
+    /// Send no token (a control plane that authenticates otherwise).
+    None,
+}
+
+impl TokenSource {
+    /// The current token with surrounding whitespace (the file's trailing newline) removed.
+    /// A file that cannot be read, or holds nothing, is an error naming it.
+    pub fn read(&self) -> Result<Option<String>, String> {
+        let t = match self {
+            TokenSource::None => return Ok(None),
+            TokenSource::Inline(t) => t.clone(),
+            TokenSource::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("token file {}: {e}", p.display()))?,
+        };
+        let t = t.trim();
+        if t.is_empty() {
+            return Err(match self {
+                TokenSource::File(p) => format!("token file {} is empty", p.display()),
+                _ => "the token is empty".into(),
+            });
+        }
+        if t.len() > 64 * 1024 || t.chars().any(|c| c.is_control()) {
+            return Err("the token holds control characters or is over 64 KiB".into());
+        }
+        Ok(Some(t.to_string()))
+    }
+}
+
+/// One gRPC server the node calls: address, the root it trusts, the token it sends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcTarget {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots that must sign the server's certificate.
+    pub root_cert: PathBuf,
+    /// TLS name checked against the server's certificate; default: the address's host.
+    pub server_name: Option<String>,
+    pub token: TokenSource,
+    /// Sent as the `clusterid` header.
+    pub cluster_id: String,
+}
+
+/// `node.control_plane` as written in YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ControlPlaneRaw {
+    #[serde(default = "default_address")]
+    address: BoundedString,
+    #[serde(default = "default_root")]
+    root_cert: PathBuf,
+    #[serde(default)]
+    server_name: Option<BoundedString>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    cluster_id: Option<BoundedString>,
+    #[serde(default)]
+    pod_name: Option<BoundedString>,
+    #[serde(default)]
+    pod_namespace: Option<BoundedString>,
+    #[serde(default)]
+    instance_ip: Option<IpAddr>,
+    /// How long a pod that arrived over ZDS waits for its workload to arrive over xDS.
+    #[serde(default = "default_workload_wait", deserialize_with = "de_duration")]
+    workload_wait: Duration,
+}
+
+/// Where workloads, services and policies come from when not from the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlPlaneConfig {
+    pub target: GrpcTarget,
+    /// This tunnel's own pod, for the node id `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub instance_ip: Option<IpAddr>,
+    /// ISTIO_META_* entries, sent in the node metadata.
+    pub metadata: BTreeMap<String, String>,
+    pub workload_wait: Duration,
+}
+
+fn default_address() -> BoundedString {
+    DEFAULT_ISTIOD.into()
+}
+fn default_root() -> PathBuf {
+    PathBuf::from(DEFAULT_ROOT_CERT)
+}
+fn default_workload_wait() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl ControlPlaneRaw {
+    pub(super) fn build(self, cluster: &str) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            target: GrpcTarget {
+                address: self.address.0,
+                root_cert: self.root_cert,
+                server_name: self.server_name.map(|s| s.0),
+                token: TokenSource::File(
+                    self.token_file
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE)),
+                ),
+                cluster_id: self
+                    .cluster_id
+                    .map(|c| c.0)
+                    .unwrap_or_else(|| cluster.into()),
+            },
+            pod_name: self.pod_name.map(|s| s.0).unwrap_or_else(|| "zmesh".into()),
+            pod_namespace: self
+                .pod_namespace
+                .map(|s| s.0)
+                .unwrap_or_else(|| "istio-system".into()),
+            instance_ip: self.instance_ip,
+            metadata: BTreeMap::new(),
+            workload_wait: self.workload_wait,
+        }
+    }
+}
+
+/// `node.certificates.ca_client` as written in YAML: every field but `ttl` defaults to the
+/// control plane's (istiod serves both on 15012).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaClientRaw {
+    #[serde(default)]
+    pub(super) address: Option<BoundedString>,
+    #[serde(default)]
+    pub(super) root_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) server_name: Option<BoundedString>,
+    #[serde(default)]
+    pub(super) token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) cluster_id: Option<BoundedString>,
+    #[serde(default = "super::default_ttl", deserialize_with = "de_duration")]
+    pub(super) ttl: Duration,
+}
+
+impl CaClientRaw {
+    /// Fills what is unset from the control plane; without one, `address` and `root_cert` are
+    /// required.
+    pub(super) fn build(
+        self,
+        cp: Option<&ControlPlaneConfig>,
+        cluster: &str,
+    ) -> Result<(GrpcTarget, Duration), String> {
+        let inherit = cp.map(|c| &c.target);
+        let address =
+            match (self.address, inherit) {
+                (Some(a), _) => a.0,
+                (None, Some(t)) => t.address.clone(),
+                (None, None) => return Err(
+                    "node.certificates.ca_client.address is required without node.control_plane"
+                        .into(),
+                ),
+            };
+        let root_cert =
+            match (self.root_cert, inherit) {
+                (Some(r), _) => r,
+                (None, Some(t)) => t.root_cert.clone(),
+                (None, None) => return Err(
+                    "node.certificates.ca_client.root_cert is required without node.control_plane"
+                        .into(),
+                ),
+            };
+        let token = match (self.token_file, inherit) {
+            (Some(f), _) => TokenSource::File(f),
+            (None, Some(t)) => t.token.clone(),
+            (None, None) => TokenSource::None,
+        };
+        Ok((
+            GrpcTarget {
+                address,
+                root_cert,
+                server_name: self
+                    .server_name
+                    .map(|s| s.0)
+                    .or_else(|| inherit.and_then(|t| t.server_name.clone())),
+                token,
+                cluster_id: self
+                    .cluster_id
+                    .map(|c| c.0)
+                    .or_else(|| inherit.map(|t| t.cluster_id.clone()))
+                    .unwrap_or_else(|| cluster.into()),
+            },
+            self.ttl,
+        ))
+    }
+}
+
+impl Config {
+    /// Applies ztunnel's environment variables over the file (a drop-in DaemonSet sets them).
+    /// XDS_ADDRESS alone turns the control plane on with its defaults. Values are checked like
+    /// the file's: a bad INSTANCE_IP is an error naming the variable.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        let var = |k: &str| lookup(k).filter(|v| !v.is_empty());
+        if let Some(name) = var("NODE_NAME") {
+            self.node.name = BoundedString(name);
+        }
+        if let Some(addr) = var("XDS_ADDRESS") {
+            let cp = self.node.control_plane.get_or_insert_with(|| {
+                ControlPlaneRaw::default_for_env().build(&self.node.cluster)
+            });
+            cp.target.address = addr;
+        }
+        let cluster = var("CLUSTER_ID");
+        if let Some(cp) = self.node.control_plane.as_mut() {
+            if let Some(root) = var("XDS_ROOT_CA") {
+                cp.target.root_cert = PathBuf::from(root);
+            }
+            if let Some(t) = var("AUTH_TOKEN") {
+                cp.target.token = token_from_env(t);
+            }
+            if let Some(c) = &cluster {
+                cp.target.cluster_id = c.clone();
+            }
+            if let Some(p) = var("POD_NAME") {
+                cp.pod_name = p;
+            }
+            if let Some(p) = var("POD_NAMESPACE") {
+                cp.pod_namespace = p;
+            }
+            if let Some(ip) = var("INSTANCE_IP") {
+                cp.instance_ip = Some(
+                    ip.parse()
+                        .map_err(|_| format!("INSTANCE_IP = {ip:?} is not an IP address"))?,
+                );
+            }
+        }
+        if let CertificatesConfig::CaClient { target, .. } = &mut self.node.certificates {
+            if let Some(a) = var("CA_ADDRESS") {
+                target.address = a;
+            }
+            if let Some(r) = var("CA_ROOT_CA") {
+                target.root_cert = PathBuf::from(r);
+            }
+            if let Some(t) = var("AUTH_TOKEN") {
+                target.token = token_from_env(t);
+            }
+            if let Some(c) = &cluster {
+                target.cluster_id = c.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// `apply_env` with the process environment, ISTIO_META_* included.
+    pub fn apply_process_env(&mut self) -> Result<(), String> {
+        self.apply_env(|k| std::env::var(k).ok())?;
+        if let Some(cp) = self.node.control_plane.as_mut() {
+            for (k, v) in std::env::vars() {
+                if let Some(name) = k.strip_prefix("ISTIO_META_") {
+                    cp.metadata.insert(name.to_string(), v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ControlPlaneRaw {
+    fn default_for_env() -> ControlPlaneRaw {
+        ControlPlaneRaw {
+            address: default_address(),
+            root_cert: default_root(),
+            server_name: None,
+            token_file: None,
+            cluster_id: None,
+            pod_name: None,
+            pod_namespace: None,
+            instance_ip: None,
+            workload_wait: default_workload_wait(),
+        }
+    }
+}
+
+/// AUTH_TOKEN: a path to a file that exists, else the token itself.
+fn token_from_env(v: String) -> TokenSource {
+    let p = PathBuf::from(&v);
+    if p.is_file() {
+        TokenSource::File(p)
+    } else {
+        TokenSource::Inline(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!("node:\n  name: n1\n{extra}  certificates:\n    ca_client: {{}}\n");
+        Config::parse(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn the_ca_client_inherits_the_control_plane() {
+        let c = cfg("  control_plane:\n    address: https://cp:15012\n    root_cert: /r.pem\n    token_file: /t\n    cluster_id: c1\n");
+        let cp = c.node.control_plane.as_ref().unwrap();
+        assert_eq!(cp.target.address, "https://cp:15012");
+        let CertificatesConfig::CaClient { target, ttl } = &c.node.certificates else {
+            panic!("ca_client expected")
+        };
+        assert_eq!(target, &cp.target);
+        assert_eq!(*ttl, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn a_ca_client_without_control_plane_needs_an_address() {
+        let text = "node:\n  name: n1\n  certificates:\n    ca_client: {}\n";
+        let e = Config::parse(text, "test").unwrap_err().to_string();
+        assert!(e.contains("ca_client.address is required"), "{e}");
+    }
+
+    #[test]
+    fn ztunnel_env_names_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tok");
+        std::fs::write(&tok, "abc\n").unwrap();
+        let mut c = cfg("  control_plane: {}\n");
+        let env: BTreeMap<&str, String> = [
+            ("XDS_ADDRESS", "https://istiod.x:15012".to_string()),
+            ("CA_ADDRESS", "https://ca.x:15012".to_string()),
+            ("XDS_ROOT_CA", "/x.pem".to_string()),
+            ("CA_ROOT_CA", "/c.pem".to_string()),
+            ("AUTH_TOKEN", tok.display().to_string()),
+            ("CLUSTER_ID", "east".to_string()),
+            ("NODE_NAME", "worker-1".to_string()),
+            ("POD_NAME", "ztunnel-abc".to_string()),
+            ("POD_NAMESPACE", "istio-system".to_string()),
+            ("INSTANCE_IP", "10.0.0.5".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).cloned()).unwrap();
+        let cp = c.node.control_plane.as_ref().unwrap();
+        assert_eq!(cp.target.address, "https://istiod.x:15012");
+        assert_eq!(cp.target.root_cert, PathBuf::from("/x.pem"));
+        assert_eq!(cp.target.token.read().unwrap().as_deref(), Some("abc"));
+        assert_eq!(cp.target.cluster_id, "east");
+        assert_eq!(c.node.name.0, "worker-1");
+        assert_eq!(cp.pod_name, "ztunnel-abc");
+        assert_eq!(cp.instance_ip, Some("10.0.0.5".parse().unwrap()));
+        let CertificatesConfig::CaClient { target, .. } = &c.node.certificates else {
+            panic!()
+        };
+        assert_eq!(target.address, "https://ca.x:15012");
+        assert_eq!(target.root_cert, PathBuf::from("/c.pem"));
+        assert_eq!(target.cluster_id, "east");
+        // Not a file: the token itself.
+        c.apply_env(|k| (k == "AUTH_TOKEN").then(|| "literal".to_string()))
+            .unwrap();
+        let cp = c.node.control_plane.as_ref().unwrap();
+        assert_eq!(cp.target.token, TokenSource::Inline("literal".into()));
+        let e = c
+            .apply_env(|k| (k == "INSTANCE_IP").then(|| "nope".to_string()))
+            .unwrap_err();
+        assert!(e.contains("INSTANCE_IP"), "{e}");
+    }
+
+    #[test]
+    fn tokens_are_trimmed_and_empty_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, "  tok\r\n").unwrap();
+        assert_eq!(
+            TokenSource::File(p.clone()).read().unwrap().as_deref(),
+            Some("tok")
+        );
+        std::fs::write(&p, "\n").unwrap();
+        assert!(TokenSource::File(p.clone())
+            .read()
+            .unwrap_err()
+            .contains("empty"));
+        std::fs::write(&p, "a\nb").unwrap();
+        assert!(TokenSource::File(p).read().is_err());
+        assert!(TokenSource::File("/nonexistent/t".into())
+            .read()
+            .unwrap_err()
+            .contains("/nonexistent/t"));
+    }
+
+    #[test]
+    fn a_control_plane_excludes_file_workloads() {
+        let text = "node:\n  name: n1\n  control_plane: {}\n  certificates:\n    ca_client: {}\nworkloads:\n  - {uid: a, name: a, namespace: ns, addresses: [10.0.0.1], node: n1}\n";
+        let e = Config::parse(text, "test").unwrap_err().to_string();
+        assert!(e.contains("node.control_plane"), "{e}");
+    }
+}
