@@ -103,8 +103,8 @@ pub struct ControlPlaneConfig {
     pub pod_name: String,
     pub pod_namespace: String,
     pub instance_ip: Option<IpAddr>,
-    /// ISTIO_META_* entries, sent in the node metadata.
-    pub metadata: BTreeMap<String, String>,
+    /// ISTIO_META_* (strings) and ISTIO_METAJSON_* (JSON) entries, sent in the node metadata.
+    pub metadata: BTreeMap<String, serde_json::Value>,
     pub workload_wait: Duration,
 }
 
@@ -278,8 +278,13 @@ impl Config {
         self.apply_env(|k| std::env::var(k).ok())?;
         if let Some(cp) = self.node.control_plane.as_mut() {
             for (k, v) in std::env::vars() {
-                if let Some(name) = k.strip_prefix("ISTIO_META_") {
-                    cp.metadata.insert(name.to_string(), v);
+                if let Some(name) = k.strip_prefix("ISTIO_METAJSON_") {
+                    let json =
+                        serde_json::from_str(&v).map_err(|e| format!("{k} is not JSON: {e}"))?;
+                    cp.metadata.insert(name.to_string(), json);
+                } else if let Some(name) = k.strip_prefix("ISTIO_META_") {
+                    cp.metadata
+                        .insert(name.to_string(), serde_json::Value::String(v));
                 }
             }
         }
