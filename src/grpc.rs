@@ -279,7 +279,12 @@ pub fn incoming(
     tokio::spawn(async move {
         let acceptor = TlsAcceptor::from(tls);
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // The server is gone (its incoming stream dropped): close the listener too.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "control-plane accept failed");
