@@ -163,9 +163,16 @@ pub fn load_certificates(
             }
             (CertSource::Static(certs), roots)
         }
-        CertificatesConfig::CaClient { target, ttl } => {
+        CertificatesConfig::CaClient {
+            target,
+            ttl,
+            impersonate,
+        } => {
             let roots = load_certs_pem(&target.root_cert).map_err(|e| certs_err(&e))?;
-            (CertSource::ca_client(target.clone(), *ttl), roots)
+            (
+                CertSource::ca_client(target.clone(), *ttl, *impersonate),
+                roots,
+            )
         }
         CertificatesConfig::CaClientUnresolved(_) => {
             return Err(StartError::Certs(
