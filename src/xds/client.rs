@@ -318,9 +318,14 @@ impl XdsClient {
                 return errors;
             }
         }
-        let (model, policies) = store.build(&self.node.cfg.node);
+        // A policy push leaves the model as it is: only the policy set is rebuilt.
+        let model = if resp.type_url == ADDRESS {
+            Arc::new(store.model(&self.node.cfg.node))
+        } else {
+            self.node.model()
+        };
+        let policies = store.policy_set();
         drop(store);
-        let model = Arc::new(model);
         self.node.publish(crate::proxy::State {
             model: model.clone(),
             policies: Arc::new(policies),

@@ -39,11 +39,16 @@ impl Store {
         }
     }
 
-    /// The model and policies these resources describe, for the node `node`. Waypoints are
-    /// resolved to the uid of the workload at their address (or the first endpoint of their
-    /// service); one that resolves to nothing stays as a uid no workload has, so traffic to
-    /// what it fronts fails instead of skipping the waypoint (fail closed).
+    /// The model and policies these resources describe, for the node `node`.
     pub fn build(&self, node: &NodeConfig) -> (Model, PolicySet) {
+        (self.model(node), self.policy_set())
+    }
+
+    /// The model of the held workloads and services. Waypoints are resolved to the uid of the
+    /// workload at their address (or the first endpoint of their service); one that resolves to
+    /// nothing stays as a uid no workload has, so traffic to what it fronts fails instead of
+    /// skipping the waypoint (fail closed).
+    pub fn model(&self, node: &NodeConfig) -> Model {
         let mut by_ip = HashMap::new();
         let mut by_service: HashMap<&str, &str> = HashMap::new();
         for e in self.addresses.values() {
@@ -74,18 +79,11 @@ impl Store {
         };
         let mut workloads = Vec::new();
         let mut services = Vec::new();
-        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
         for e in self.addresses.values() {
             match &e.value {
                 AddressEntry::Workload(w) => {
                     let mut c = w.config.clone();
                     c.waypoint = resolve(&w.waypoint);
-                    for p in &w.policies {
-                        selected
-                            .entry(p.as_str())
-                            .or_default()
-                            .push(w.config.name.0.clone());
-                    }
                     workloads.push(c);
                 }
                 AddressEntry::Service(s) => {
@@ -95,28 +93,45 @@ impl Store {
                 }
             }
         }
-        let model = Model::build(node, &workloads, &services);
+        Model::build(node, &workloads, &services)
+    }
+
+    /// The policy set of the held policies; a WORKLOAD_SELECTOR policy applies to the workloads
+    /// whose `authorization_policies` name it.
+    pub fn policy_set(&self) -> PolicySet {
+        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
+        for e in self.addresses.values() {
+            if let AddressEntry::Workload(w) = &e.value {
+                for p in &w.policies {
+                    selected
+                        .entry(p.as_str())
+                        .or_default()
+                        .push(w.config.name.0.clone());
+                }
+            }
+        }
+        let select = |name: &str, scope: Option<&mut Scope>| {
+            if let Some(Scope::WorkloadSelector { workloads }) = scope {
+                *workloads = selected.get(name).cloned().unwrap_or_default();
+            }
+        };
         let entries = self
             .policies
             .iter()
             .map(|(name, held)| match &held.value {
                 PolicyItem::Valid(p) => {
                     let mut p = p.clone();
-                    if let Scope::WorkloadSelector { workloads } = &mut p.scope {
-                        *workloads = selected.get(name.as_str()).cloned().unwrap_or_default();
-                    }
+                    select(name, Some(&mut p.scope));
                     PolicyEntry::Valid(p)
                 }
                 PolicyItem::Broken(b) => {
                     let mut b = b.clone();
-                    if let Some(Scope::WorkloadSelector { workloads }) = &mut b.scope {
-                        *workloads = selected.get(name.as_str()).cloned().unwrap_or_default();
-                    }
+                    select(name, b.scope.as_mut());
                     PolicyEntry::Broken(b)
                 }
             })
             .collect();
-        (model, PolicySet::new(entries))
+        PolicySet::new(entries)
     }
 }
 
