@@ -84,6 +84,12 @@ fn pem_file(dir: &std::path::Path, name: &str, pem: &str) -> PathBuf {
 impl FakeIstiod {
     /// Starts on 127.0.0.1 (a free port) with a fresh root and a token file.
     pub async fn start() -> FakeIstiod {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeIstiod::start_on(l).await
+    }
+
+    /// Starts on `listener` (bound in whichever network namespace the node will reach it from).
+    pub async fn start_on(listener: std::net::TcpListener) -> FakeIstiod {
         let dir = tempfile::tempdir().unwrap();
         let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -114,7 +120,8 @@ impl FakeIstiod {
             issuer_key,
             refuse_ca: AtomicBool::new(false),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut f = FakeIstiod {
             addr,
