@@ -468,3 +468,57 @@ async fn a_pushed_deny_closes_an_open_connection() {
     let mut c = connect_from(ip(net, 2), entry).await.unwrap();
     round_trip(&mut c, b"allowed again").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_fails_tls_verification_is_never_used() {
+    let net = 76;
+    let cp = FakeIstiod::start().await;
+    let other = FakeIstiod::start().await;
+    let mut mesh = Mesh::new(net);
+    // The node trusts another root than the one that signed the server: every connect fails
+    // verification; nothing is sent to the server, nothing is applied, the node is not ready.
+    let settings = cp.node_settings().replace(
+        &cp.root.display().to_string(),
+        &other.root.display().to_string(),
+    );
+    let text = format!(
+        "node:\n  name: node-a\n  bind: {}\n  access_log: text\n{settings}",
+        ip(net, 1)
+    );
+    let a = Node::new(Config::parse(&text, "a").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(a.clone()).await.unwrap());
+    wait_until("two refused connects", WAIT, || {
+        a.metrics_text()
+            .contains("istio_xds_connection_terminations_total{reason=\"ConnectionError\"} 2")
+    })
+    .await;
+    assert!(
+        cp.requests().is_empty(),
+        "a request reached an unverified server"
+    );
+    assert!(!a.is_ready());
+    assert!(a.pending().iter().any(|p| p.contains("first xDS response")));
+
+    // A wrong TLS name is refused the same way.
+    let settings = cp
+        .node_settings()
+        .replace("server_name: istiod.test", "server_name: evil.test");
+    let text = format!(
+        "node:\n  name: node-b\n  bind: {}\n  access_log: text\n{settings}",
+        ip(net, 2)
+    );
+    let b = Node::new(Config::parse(&text, "b").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(b.clone()).await.unwrap());
+    wait_until("a refused connect", WAIT, || {
+        b.metrics_text()
+            .contains("istio_xds_connection_terminations_total{reason=\"ConnectionError\"} 1")
+    })
+    .await;
+    assert!(cp.requests().is_empty());
+
+    // Plaintext is never a fallback: an http:// address is an error naming it.
+    let e = zmesh::grpc::parse_address("http://istiod:15010")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("https://"), "{e}");
+}
