@@ -221,7 +221,7 @@ async fn main() {
     let wire: usize = addresses
         .iter()
         .chain(&policies)
-        .map(|r| zmesh_proto::prost::Message::encoded_len(r))
+        .map(zmesh_proto::prost::Message::encoded_len)
         .sum();
     let sync = synced(&cp, 1, addresses, policies).await;
     assert_eq!(node.model().workloads().len(), WORKLOADS);

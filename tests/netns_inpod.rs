@@ -9,7 +9,6 @@ use zmesh::netns::PodNetns;
 use zmesh::socket::{dial_in, listen_in, DialOptions};
 use zmesh_testbed::{is_root, Netns};
 
-#[allow(dead_code)]
 mod common;
 
 fn open_ns(ns: &Netns) -> OwnedFd {
