@@ -72,6 +72,15 @@ impl HostMesh {
 
     /// `start` with an explicit data-plane worker count for both nodes.
     pub fn start_with(zmesh_node: &Path, access_log: &str, workers: usize) -> Result<HostMesh> {
+        Self::start_configured(zmesh_node, |name, ca| config(name, ca, access_log, workers))
+    }
+
+    /// The topology and rules of `start`, each node running the config `make(node name, CA
+    /// dir)` returns (the CA dir holds a dev CA made with `ca init`).
+    pub fn start_configured(
+        zmesh_node: &Path,
+        make: impl Fn(&str, &Path) -> String,
+    ) -> Result<HostMesh> {
         let a = Netns::new("zmA")?;
         let b = Netns::new("zmB")?;
         link_veth(
@@ -99,7 +108,7 @@ impl HostMesh {
         let mut paths: Vec<PathBuf> = Vec::new();
         for name in ["node-a", "node-b"] {
             let p = dir.path().join(format!("{name}.yaml"));
-            std::fs::write(&p, config(name, &ca, access_log, workers))?;
+            std::fs::write(&p, make(name, &ca))?;
             paths.push(p);
         }
         // Node A captures its outbound traffic; node B also captures plaintext inbound to the
@@ -122,6 +131,11 @@ impl HostMesh {
             b,
             dir,
         })
+    }
+
+    /// The dev CA `ca init` made for this mesh.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
     }
 
     pub fn config_path(&self, node: &str) -> PathBuf {
