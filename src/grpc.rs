@@ -96,7 +96,7 @@ pub async fn connect(target: &GrpcTarget, mark: Option<u32>) -> Result<Channel, 
     let connector = tower::service_fn(move |_: Uri| {
         let (host, tls, server_name) = (host.clone(), tls.clone(), server_name.clone());
         async move {
-            let io = |e: String| std::io::Error::new(std::io::ErrorKind::Other, e);
+            let io = |e: String| std::io::Error::other(e);
             let addr = resolve(&host, port).await?;
             let tcp = dial(
                 addr,
