@@ -145,7 +145,11 @@ fn call(target: &GrpcTarget, req: IstioCertificateRequest) -> Result<Vec<String>
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut req = tonic::Request::new(req);
         zmesh::grpc::authorize(&mut req, target).unwrap();
-        Ok(client.create_certificate(req).await?.into_inner().cert_chain)
+        Ok(client
+            .create_certificate(req)
+            .await?
+            .into_inner()
+            .cert_chain)
     })
     .map_err(Box::new)
 }
@@ -710,4 +714,59 @@ fn join_refuses_a_broken_ca_server_setup() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert!(!etc.exists(), "nothing written");
+}
+
+/// `ca token` and `ca serve` refuse what cannot work, naming it, before serving anything.
+#[test]
+fn ca_token_and_ca_serve_refuse_broken_input() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    run(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    let mesh = tmp.path().join("mesh.yaml");
+    std::fs::write(&mesh, mesh_yaml(&ca)).unwrap();
+    let fails = |args: &[&str], want: &str| {
+        let out = std::process::Command::new(NODE)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
+    };
+    let ca_s = ca.to_str().unwrap();
+    let mesh_s = mesh.to_str().unwrap();
+    fails(
+        &["ca", "token", "--dir", ca_s, "--node", "a b"],
+        "node name",
+    );
+    let listen = ["--listen", "127.0.0.1:0"];
+    let serve = |extra: &[&str]| {
+        let mut v = vec!["ca", "serve"];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&listen);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let missing = tmp.path().join("none.yaml");
+    let args = serve(&["--dir", ca_s, "--mesh", missing.to_str().unwrap()]);
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "none.yaml",
+    );
+    let not_ca = tmp.path().join("empty");
+    std::fs::create_dir(&not_ca).unwrap();
+    let args = serve(&["--dir", not_ca.to_str().unwrap(), "--mesh", mesh_s]);
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "ca-cert.pem",
+    );
+    run(&["ca", "token", "--dir", ca_s, "--node", "vm-1"]);
+    let store = ca.join(tokens::TOKENS_FILE);
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = serve(&["--dir", ca_s, "--mesh", mesh_s]);
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "chmod 600",
+    );
 }

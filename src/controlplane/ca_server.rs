@@ -280,6 +280,24 @@ mod tests {
     }
 
     #[test]
+    fn impersonated_identity_must_be_a_string() {
+        use zmesh_proto::prost_types::{Struct, Value};
+        let mut req = IstioCertificateRequest::default();
+        assert_eq!(impersonated(&req).unwrap(), None);
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            IMPERSONATED_IDENTITY.to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(1.0)),
+            },
+        );
+        req.metadata = Some(Struct { fields });
+        let e = impersonated(&req).unwrap_err();
+        assert_eq!(e.code, tonic::Code::InvalidArgument);
+        assert!(e.message.contains("must be a string"), "{e:?}");
+    }
+
+    #[test]
     fn the_lifetime_is_capped_at_a_day() {
         assert_eq!(ttl_for(0), MAX_TTL);
         assert_eq!(ttl_for(-5), MAX_TTL);

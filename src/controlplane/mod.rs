@@ -127,7 +127,12 @@ impl ControlPlane {
     pub async fn bind(opts: ServeOptions) -> Result<ControlPlane, ServeError> {
         let ca = Arc::new(FileCa::load(&opts.ca_dir)?);
         let tokens = Arc::new(NodeTokens::new(&opts.ca_dir));
-        tokens.check()?;
+        if tokens.check()? == 0 {
+            tracing::warn!(
+                dir = %opts.ca_dir.display(),
+                "no node tokens yet: every call is refused until `zmesh-node ca token` makes one"
+            );
+        }
         let cfg = Config::load(&opts.mesh)?;
         let (tx, mesh) = watch::channel(Arc::new(cfg.clone()));
         let watcher = Aborting(tokio::spawn(watch_mesh(
@@ -194,7 +199,9 @@ impl ControlPlane {
         .into_service()
     }
 
-    /// A gRPC server with this process's limits and the CA service; add more services to it.
+    /// A gRPC server with this process's limits and the CA service. This is the one place
+    /// services are added (the binary and [`serve`] both come through it): a second service,
+    /// such as xDS built from [`ControlPlane::mesh`], is chained here with `.add_service(..)`.
     pub fn router(&self) -> Router {
         Server::builder()
             .timeout(CALL_TIMEOUT)
@@ -235,7 +242,6 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let cp = ControlPlane::bind(opts).await?;
     let router = cp.router();
-    // Further services (xDS from `cp.mesh()`) are added to `router` here.
     cp.serve(router, shutdown).await
 }
 
@@ -305,25 +311,32 @@ fn issue_serving(
     ))
 }
 
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl ServingCert {
+    /// The certificate to present now, re-issued first when past half its life.
+    fn current(&self) -> Arc<CertifiedKey> {
         let now = self.clock.now();
         let (refresh_at, cert) = self.current.read().expect("poisoned").clone();
         if now < refresh_at {
-            return Some(cert);
+            return cert;
         }
         match issue_serving(&self.ca, &self.names, now) {
             Ok(fresh) => {
                 let cert = fresh.1.clone();
                 *self.current.write().expect("poisoned") = fresh;
                 tracing::info!("control-plane serving certificate renewed");
-                Some(cert)
+                cert
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot renew the control-plane serving certificate; keeping the current one");
-                Some(cert)
+                cert
             }
         }
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
     }
 }
 
@@ -335,4 +348,41 @@ fn server_tls(cert: ServingCert) -> Result<rustls::ServerConfig, ServeError> {
         .with_cert_resolver(Arc::new(cert));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ManualClock;
+
+    #[test]
+    fn the_serving_certificate_names_the_server_and_is_replaced_at_half_life() {
+        let dir = tempfile::tempdir().unwrap();
+        FileCa::init(dir.path(), "cluster.local").unwrap();
+        let ca = Arc::new(FileCa::load(dir.path()).unwrap());
+        let clock = ManualClock::new();
+        let names = vec![DEFAULT_SERVER_NAME.to_string(), "ca.example".to_string()];
+        let serving = ServingCert::new(ca, names, clock.clone()).unwrap();
+        let first = serving.current();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&first.cert[0]).unwrap();
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(sans, ["DNSName(zmesh-ca)", "DNSName(ca.example)"]);
+        clock.advance(SERVER_CERT_TTL / 4);
+        assert!(
+            Arc::ptr_eq(&first, &serving.current()),
+            "kept before half-life"
+        );
+        clock.advance(SERVER_CERT_TTL / 4 + Duration::from_secs(1));
+        let second = serving.current();
+        assert!(!Arc::ptr_eq(&first, &second), "re-issued past half-life");
+        assert_ne!(first.cert[0], second.cert[0]);
+    }
 }
