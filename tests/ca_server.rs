@@ -451,10 +451,24 @@ fn moving_a_workload_in_the_mesh_file_moves_who_may_have_its_identity() {
         call(&vm1, req()).unwrap_err().code(),
         Code::PermissionDenied
     );
-    // A broken file is refused and the last good model stays.
+    // A broken file is refused and the last good model stays (several watch intervals).
     std::fs::write(&mesh, "node: [").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(call(&vm2, req()).is_ok());
+    // The watcher survived it: the next good file is applied.
+    std::fs::write(&mesh, mesh_yaml(&server.ca_dir())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&vm1, req()).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the reload after a broken file was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        call(&vm2, req()).unwrap_err().code(),
+        Code::PermissionDenied
+    );
 }
 
 #[test]
