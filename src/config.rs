@@ -266,7 +266,8 @@ pub enum AccessLogFormat {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(try_from = "CertificatesRaw")]
 pub enum CertificatesConfig {
-    /// The built-in CA: leaves issued on the node (`zmesh-node ca init` makes one).
+    /// Dev only: the built-in CA, leaves issued on the node, so the CA key is on every node
+    /// (`zmesh-node ca init` makes one). Meshes use `ca_client` against `zmesh-node ca serve`.
     FileCa { dir: PathBuf, ttl: Duration },
     /// Certificates provisioned elsewhere, one per identity.
     Static {

@@ -31,8 +31,19 @@ pub struct JoinSpec {
 
 #[derive(Debug, Clone)]
 pub enum JoinCerts {
-    /// The built-in file CA in this directory (copied nowhere; referenced).
+    /// Dev only: the built-in file CA in this directory (copied nowhere; referenced), so the
+    /// CA key is readable on this host.
     FileCa(PathBuf),
+    /// The CA server (`zmesh-node ca serve`): keys are generated on the host and only CSRs
+    /// leave it. Its root and the node's bootstrap token are copied into the config dir.
+    CaServer {
+        /// `https://host:port`.
+        address: String,
+        root: PathBuf,
+        /// The TLS name on the server's certificate.
+        server_name: String,
+        token: Secret,
+    },
     /// Certificates provisioned elsewhere (Vault, cert-manager): copied into the config dir.
     Static {
         cert: PathBuf,
@@ -40,6 +51,61 @@ pub enum JoinCerts {
         roots: PathBuf,
     },
 }
+
+/// A bootstrap token: kept out of `Debug` output and logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl JoinCerts {
+    /// The CA-server variant, checked: an `https://` address, a root file holding PEM
+    /// certificates, a TLS server name and a token fit for a header.
+    pub fn ca_server(
+        address: String,
+        root: PathBuf,
+        server_name: String,
+        token: String,
+    ) -> Result<JoinCerts, HostError> {
+        crate::grpc::parse_address(&address).map_err(|e| HostError::Ca(e.to_string()))?;
+        let roots = crate::identity::load_certs_pem(&root)
+            .map_err(|e| HostError::Ca(format!("--ca-root: {e}")))?;
+        if roots.is_empty() {
+            return Err(HostError::Ca(format!(
+                "--ca-root {} holds no certificate",
+                root.display()
+            )));
+        }
+        rustls::pki_types::ServerName::try_from(server_name.as_str())
+            .map_err(|_| HostError::Ca(format!("{server_name:?} is not a TLS server name")))?;
+        let token = token.trim().to_string();
+        if token.is_empty() || token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(HostError::Ca(
+                "the join token must be 1-4096 printable characters".into(),
+            ));
+        }
+        Ok(JoinCerts::CaServer {
+            address,
+            root,
+            server_name,
+            token: Secret(token),
+        })
+    }
+}
+
+/// Where the CA server's root and the node token go under the config dir.
+pub const CA_ROOT_FILE: &str = "certs/root-cert.pem";
+pub const TOKEN_FILE: &str = "certs/node-token";
 
 /// The systemd unit's file name.
 pub const UNIT_NAME: &str = "zmesh-node.service";
@@ -58,6 +124,8 @@ pub enum HostError {
     },
     #[error("{0} failed: {1}")]
     Command(String, String),
+    #[error("CA server: {0}")]
+    Ca(String),
 }
 
 /// Splits `ns/sa`, checking both parts form a valid SPIFFE identity.
@@ -74,6 +142,17 @@ pub fn parse_identity(s: &str, trust_domain: &str) -> Result<(String, String), H
 pub fn render_config(spec: &JoinSpec) -> String {
     let certs = match &spec.certs {
         JoinCerts::FileCa(dir) => format!("    file_ca: {{ dir: {} }}\n", dir.display()),
+        // JSON strings are YAML strings: whatever the address holds, it stays one scalar.
+        JoinCerts::CaServer {
+            address,
+            server_name,
+            ..
+        } => format!(
+            "    ca_client:\n      address: {address}\n      root_cert: {dir}/{CA_ROOT_FILE}\n      server_name: {name}\n      token_file: {dir}/{TOKEN_FILE}\n",
+            address = serde_json::Value::from(address.as_str()),
+            name = serde_json::Value::from(server_name.as_str()),
+            dir = spec.config_dir.display()
+        ),
         JoinCerts::Static { .. } => format!(
             "    static:\n      roots: {dir}/certs/root-cert.pem\n      identities:\n        - {{ cert: {dir}/certs/cert-chain.pem, key: {dir}/certs/key.pem }}\n",
             dir = spec.config_dir.display()
@@ -168,9 +247,19 @@ pub fn write_join(spec: &JoinSpec, unit_dir: &Path) -> Result<Vec<PathBuf>, Host
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut written = Vec::new();
     let mut put = |path: PathBuf, body: &[u8], mode: u32| -> Result<(), HostError> {
-        std::fs::write(&path, body).map_err(io(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        use std::os::unix::fs::OpenOptionsExt;
+        // The mode is set before any byte is written: a key or token is never readable by
+        // others, not even for a moment (a file left by an earlier join included).
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
             .map_err(io(&path))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io(&path))?;
+        std::io::Write::write_all(&mut f, body).map_err(io(&path))?;
         written.push(path);
         Ok(())
     };
@@ -185,6 +274,17 @@ pub fn write_join(spec: &JoinSpec, unit_dir: &Path) -> Result<Vec<PathBuf>, Host
             let body = std::fs::read(src).map_err(io(src))?;
             put(certs.join(name), &body, mode)?;
         }
+    }
+    if let JoinCerts::CaServer { root, token, .. } = &spec.certs {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(io(&certs))?;
+        let body = std::fs::read(root).map_err(io(root))?;
+        put(dir.join(CA_ROOT_FILE), &body, 0o644)?;
+        put(
+            dir.join(TOKEN_FILE),
+            format!("{}\n", token.expose()).as_bytes(),
+            0o600,
+        )?;
     }
     put(dir.join("node.yaml"), render_config(spec).as_bytes(), 0o644)?;
     std::fs::create_dir_all(unit_dir).map_err(io(unit_dir))?;
@@ -266,6 +366,7 @@ mod tests {
                 key: "/x/k.pem".into(),
                 roots: "/x/r.pem".into(),
             },
+            ca_server(),
         ] {
             let text = render_config(&spec(certs));
             let cfg = crate::config::Config::parse(&text, "join").unwrap();
@@ -273,6 +374,123 @@ mod tests {
             let w = &cfg.workloads[0];
             assert_eq!((&*w.namespace, &*w.service_account), ("shop", "db"));
             assert_eq!(w.addresses, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        }
+    }
+
+    fn ca_server() -> JoinCerts {
+        JoinCerts::CaServer {
+            address: "https://10.0.0.1:15012".into(),
+            root: "/x/root.pem".into(),
+            server_name: "zmesh-ca".into(),
+            token: Secret("s3cret-token".into()),
+        }
+    }
+
+    #[test]
+    fn a_ca_server_join_points_the_ca_client_at_copies_under_the_config_dir() {
+        use crate::config::control_plane::TokenSource;
+        use crate::config::CertificatesConfig;
+        let text = render_config(&spec(ca_server()));
+        let cfg = crate::config::Config::parse(&text, "join").unwrap();
+        let CertificatesConfig::CaClient { target, .. } = &cfg.node.certificates else {
+            panic!("ca_client expected:\n{text}")
+        };
+        assert_eq!(target.address, "https://10.0.0.1:15012");
+        assert_eq!(
+            target.root_cert,
+            PathBuf::from("/etc/zmesh/certs/root-cert.pem")
+        );
+        assert_eq!(target.server_name.as_deref(), Some("zmesh-ca"));
+        assert_eq!(
+            target.token,
+            TokenSource::File("/etc/zmesh/certs/node-token".into())
+        );
+        // The token is in a file, never in the config or a debug dump.
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(!format!("{:?}", spec(ca_server())).contains("s3cret"));
+    }
+
+    #[test]
+    fn a_ca_server_join_writes_the_token_private_and_no_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = tmp.path().join("ca");
+        crate::identity::FileCa::init(&ca, "cluster.local").unwrap();
+        let certs = JoinCerts::ca_server(
+            "https://10.0.0.1:15012".into(),
+            ca.join(crate::identity::ROOT_CERT_FILE),
+            "zmesh-ca".into(),
+            "tok-123\n".into(),
+        )
+        .unwrap();
+        let mut s = spec(certs);
+        s.config_dir = tmp.path().join("etc");
+        let written = write_join(&s, &tmp.path().join("units")).unwrap();
+        let token = s.config_dir.join(TOKEN_FILE);
+        assert_eq!(std::fs::read_to_string(&token).unwrap(), "tok-123\n");
+        assert_eq!(
+            std::fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for p in &written {
+            let body = std::fs::read_to_string(p).unwrap();
+            assert!(!body.contains("PRIVATE KEY"), "{}", p.display());
+        }
+        assert_eq!(remove_join(&s.config_dir).unwrap().len(), written.len());
+        assert!(!s.config_dir.exists());
+    }
+
+    #[test]
+    fn bad_ca_server_arguments_are_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root.pem");
+        std::fs::write(&root, "not a certificate").unwrap();
+        let ok_root = tmp.path().join("ca");
+        crate::identity::FileCa::init(&ok_root, "cluster.local").unwrap();
+        let ok_root = ok_root.join(crate::identity::ROOT_CERT_FILE);
+        let cases: Vec<(&str, PathBuf, &str, &str, &str)> = vec![
+            (
+                "http://ca:15012",
+                ok_root.clone(),
+                "zmesh-ca",
+                "t",
+                "https://",
+            ),
+            (
+                "https://ca:15012",
+                root,
+                "zmesh-ca",
+                "t",
+                "holds no PEM certificate",
+            ),
+            (
+                "https://ca:15012",
+                tmp.path().join("none"),
+                "zmesh-ca",
+                "t",
+                "--ca-root",
+            ),
+            (
+                "https://ca:15012",
+                ok_root.clone(),
+                "bad name!",
+                "t",
+                "TLS server name",
+            ),
+            (
+                "https://ca:15012",
+                ok_root.clone(),
+                "zmesh-ca",
+                " \n",
+                "join token",
+            ),
+            ("https://ca:15012", ok_root, "zmesh-ca", "a b", "join token"),
+        ];
+        for (addr, root, name, token, want) in cases {
+            let e = JoinCerts::ca_server(addr.into(), root, name.into(), token.into())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{addr} {name} {token:?}: {e}");
         }
     }
 

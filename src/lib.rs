@@ -5,6 +5,7 @@
 //! - `config`: the local YAML file, parsed once into typed structs;
 //! - `model`: workloads and services, and outbound destination selection;
 //! - `identity`: SPIFFE IDs, the built-in file CA and the certificate manager;
+//! - `controlplane`: `zmesh-node ca serve`, the CA server of a standalone mesh;
 //! - `tls`: rustls configuration and SPIFFE-aware verification;
 //! - `hbone`: the CONNECT protocol, the pooled client and the server settings;
 //! - `proxy`: the node's listeners (15001, 15006, 15008, 15021);
@@ -16,6 +17,7 @@
 
 pub mod accesslog;
 pub mod config;
+pub mod controlplane;
 pub mod copy;
 pub mod grpc;
 pub mod hbone;

@@ -1,7 +1,8 @@
 //! zmesh-node: the per-node L4 tunnel.
 //!
 //! `zmesh-node run [--config FILE]` serves; `check-config FILE` validates (exit 64 when invalid);
-//! `ca init` creates a dev CA for the built-in file CA mode.
+//! `ca init` creates a CA; `ca token` makes a node bootstrap token and `ca serve` runs the CA
+//! server of a standalone mesh (no node holds the CA key); `join`/`leave` make a host a node.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,9 +70,27 @@ struct JoinArgs {
     /// The host's workload identity: <namespace>/<service-account>.
     #[arg(long)]
     identity: String,
-    /// The built-in file CA's directory (zmesh-node ca init).
-    #[arg(long, conflicts_with_all = ["cert", "key", "roots"])]
+    /// Dev only: the CA directory itself (zmesh-node ca init); the CA key then sits on this
+    /// host. Prefer --ca-address.
+    #[arg(long, conflicts_with_all = ["cert", "key", "roots", "ca_address"])]
     ca_dir: Option<PathBuf>,
+    /// The CA server (`zmesh-node ca serve`): https://HOST:PORT. Keys are made on this host
+    /// and only CSRs leave it; needs --ca-root and a join token.
+    #[arg(long, conflicts_with_all = ["cert", "key", "roots"], requires = "ca_root")]
+    ca_address: Option<String>,
+    /// The CA server's root certificate (the CA dir's root-cert.pem); copied under the config
+    /// dir and trusted as the mesh root.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// The TLS name checked on the CA server's certificate.
+    #[arg(long, default_value = zmesh::controlplane::DEFAULT_SERVER_NAME)]
+    ca_server_name: String,
+    /// File holding this node's bootstrap token (`zmesh-node ca token`); copied (mode 0600).
+    #[arg(long, conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
+    /// The bootstrap token itself (visible in the process list: prefer --join-token-file).
+    #[arg(long)]
+    join_token: Option<String>,
     /// Certificates provisioned elsewhere (Vault, cert-manager): leaf chain, key, trust bundle.
     #[arg(long, requires_all = ["key", "roots"])]
     cert: Option<PathBuf>,
@@ -112,10 +131,25 @@ fn host_address() -> Option<std::net::IpAddr> {
 fn join(a: JoinArgs) -> anyhow::Result<()> {
     use zmesh::host::{JoinCerts, JoinSpec};
     let (namespace, service_account) = zmesh::host::parse_identity(&a.identity, &a.trust_domain)?;
-    let certs = match (a.ca_dir, a.cert, a.key, a.roots) {
-        (Some(dir), None, None, None) => JoinCerts::FileCa(dir),
-        (None, Some(cert), Some(key), Some(roots)) => JoinCerts::Static { cert, key, roots },
-        _ => anyhow::bail!("give either --ca-dir, or --cert, --key and --roots"),
+    let certs = match (a.ca_address, a.ca_dir, a.cert, a.key, a.roots) {
+        (Some(address), None, None, None, None) => {
+            let token = match (a.join_token_file, a.join_token) {
+                (Some(f), None) => zmesh::config::control_plane::TokenSource::File(f),
+                (None, Some(t)) => zmesh::config::control_plane::TokenSource::Inline(t),
+                _ => anyhow::bail!("--ca-address needs --join-token-file (or --join-token)"),
+            };
+            let token = token
+                .read()
+                .map_err(anyhow::Error::msg)?
+                .ok_or_else(|| anyhow::anyhow!("the join token is empty"))?;
+            let root = a.ca_root.expect("clap requires --ca-root");
+            JoinCerts::ca_server(address, root, a.ca_server_name, token)?
+        }
+        (None, Some(dir), None, None, None) => JoinCerts::FileCa(dir),
+        (None, None, Some(cert), Some(key), Some(roots)) => JoinCerts::Static { cert, key, roots },
+        _ => anyhow::bail!(
+            "give one of --ca-address (with --ca-root and a join token), --ca-dir (dev only), or --cert, --key and --roots"
+        ),
     };
     let node_name = match a.name {
         Some(n) => n,
@@ -188,7 +222,7 @@ fn leave(a: HostArgs) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 enum CaCmd {
-    /// Create a self-signed dev CA for the built-in file CA.
+    /// Create a self-signed CA: for `ca serve`, or (dev only) for nodes' `file_ca`.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -208,6 +242,32 @@ enum CaCmd {
         /// How long the CRL is valid (next update).
         #[arg(long, default_value = "168h", value_parser = zmesh::config::parse_duration)]
         validity: std::time::Duration,
+    },
+    /// Make a bootstrap token for a node (printed once; the CA dir keeps only its hash), or
+    /// with --revoke remove every token of that node. A running `ca serve` picks it up.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name, as workloads' `node` in the mesh file names it.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        revoke: bool,
+    },
+    /// Serve the CA to the mesh's nodes: signs a node's CSR for an identity only when the mesh
+    /// file puts a workload with that identity on that node (authenticated by its token).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The mesh model (a zmesh config file: its workloads and their nodes); re-read when it
+        /// changes or on SIGHUP.
+        #[arg(long)]
+        mesh: PathBuf,
+        #[arg(long, default_value = zmesh::controlplane::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// Extra DNS names for the server's certificate (it always has `zmesh-ca`).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
     },
 }
 
@@ -288,6 +348,51 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Ca {
+            cmd: CaCmd::Token { dir, node, revoke },
+        } => {
+            use zmesh::controlplane::tokens;
+            if revoke {
+                match tokens::revoke(&dir, &node) {
+                    Ok(n) => {
+                        eprintln!("revoked {n} token(s) of node {node}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("ca token: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            } else {
+                match tokens::create(&dir, &node) {
+                    Ok(token) => {
+                        // The only copy: stdout alone, so it can be piped into a file.
+                        println!("{token}");
+                        eprintln!("token for node {node} created; it is shown only once");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("ca token: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+        Cmd::Ca {
+            cmd:
+                CaCmd::Serve {
+                    dir,
+                    mesh,
+                    listen,
+                    server_names,
+                },
+        } => match ca_serve(dir, mesh, listen, server_names) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ca serve: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Join(args) => match join(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -328,6 +433,42 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn ca_serve(
+    dir: PathBuf,
+    mesh: PathBuf,
+    listen: std::net::SocketAddr,
+    server_names: Vec<String>,
+) -> anyhow::Result<()> {
+    init_logging(AccessLogFormat::Text);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("zmesh-cp")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let mut opts = zmesh::controlplane::ServeOptions::new(dir, mesh, listen);
+        opts.server_names = server_names;
+        let hup = opts.reload_now.clone();
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                hup.notify_one();
+            }
+        });
+        let cp = zmesh::controlplane::ControlPlane::bind(opts).await?;
+        // Tests and scripts read the bound address (a port of 0 picks a free one).
+        println!("listening on {}", cp.local_addr());
+        let router = cp.router();
+        let mut signals = Signals::new();
+        cp.serve(router, async move { signals.next().await })
+            .await?;
+        tracing::info!("control plane stopped");
+        Ok(())
+    })
 }
 
 fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {

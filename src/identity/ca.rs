@@ -3,17 +3,22 @@
 //! A directory holds the CA certificate and key plus the trust bundle. The node issues short-lived
 //! ECDSA P-256 leaf certificates, one per SPIFFE identity of its local workloads, exactly in the
 //! shape istiod issues them: one URI SAN, client+server auth EKUs, no CN that anyone checks.
+//!
+//! Either each node holds the directory and issues its own leaves (`file_ca`: dev only, the CA
+//! key is on every node), or one `zmesh-node ca serve` holds it and signs the nodes' checked
+//! CSRs ([`FileCa::sign_csr`], `controlplane::ca_server`), so no node holds the key.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::cert::{load_certs_pem, CertError};
+use super::csr::CheckedCsr;
 use super::SpiffeId;
 
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -57,14 +62,62 @@ pub struct Issued {
     pub serial: String,
 }
 
+/// A leaf signed for a key held elsewhere (a CSR's).
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf, then the intermediates (the root is not included).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
+impl SignedLeaf {
+    fn with_key(self, key: &KeyPair) -> Issued {
+        Issued {
+            chain: self.chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: self.not_before,
+            not_after: self.not_after,
+            serial: self.serial,
+        }
+    }
+}
+
+/// What a leaf certifies.
+enum Leaf<'a> {
+    /// A workload identity (URI SAN), for mTLS both ways.
+    Workload(&'a SpiffeId),
+    /// DNS names, for a TLS server.
+    Server(&'a [String]),
+}
+
+fn new_key(label: &str) -> Result<KeyPair, CaError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Issue {
+        identity: label.to_string(),
+        detail: e.to_string(),
+    })
+}
+
 /// A CA loaded from a directory.
 pub struct FileCa {
     dir: PathBuf,
     issuer: rcgen::Certificate,
     issuer_key: KeyPair,
+    /// The CA's own certificate (the first of ca-cert.pem).
+    ca_cert: CertificateDer<'static>,
     /// Sent after the leaf when the CA is an intermediate (empty when the CA is a root itself).
     intermediates: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for FileCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("FileCa")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CaError + 'a {
@@ -150,6 +203,10 @@ impl FileCa {
             detail: e.to_string(),
         })?;
         let roots = load_certs_pem(&dir.join(ROOT_CERT_FILE))?;
+        let ca_cert = ca_chain.first().cloned().ok_or_else(|| CaError::Cert {
+            path: cert_path.display().to_string(),
+            detail: "no certificate in the file".into(),
+        })?;
         let intermediates = ca_chain
             .into_iter()
             .filter(|c| !roots.iter().any(|r| r == c))
@@ -158,6 +215,7 @@ impl FileCa {
             dir: dir.to_path_buf(),
             issuer,
             issuer_key,
+            ca_cert,
             intermediates,
             roots,
         })
@@ -219,29 +277,109 @@ impl FileCa {
         self.issue_at(id, ttl, SystemTime::now())
     }
 
-    /// Issues a leaf for `id`, valid for `ttl` from `now` (the node's clock).
+    /// Issues a leaf for `id`, valid for `ttl` from `now` (the node's clock). The key is
+    /// generated here, for a node that holds the CA itself (the dev-only file CA).
     pub fn issue_at(
         &self,
         id: &SpiffeId,
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Issued, CaError> {
+        let key = new_key(&id.to_string())?;
+        let leaf = self.sign_leaf(&id.to_string(), Leaf::Workload(id), &key, ttl, now)?;
+        Ok(leaf.with_key(&key))
+    }
+
+    /// Signs a checked CSR (`check_csr`): the certificate has the same shape as `issue_at`'s,
+    /// for the CSR's identity and key, valid for `ttl` from `now`. The CSR only contributes
+    /// its key and identity; whether the caller may have that identity is the caller's check.
+    pub fn sign_csr(
+        &self,
+        csr: &CheckedCsr,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<SignedLeaf, CaError> {
+        let label = csr.identity.to_string();
+        self.sign_leaf(
+            &label,
+            Leaf::Workload(&csr.identity),
+            &csr.public_key,
+            ttl,
+            now,
+        )
+    }
+
+    /// A TLS server certificate for `dns_names` with a key generated here (the CA server's
+    /// own serving certificate: it never leaves the process).
+    pub fn issue_server_at(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
+        let label = dns_names.join(",");
+        let key = new_key(&label)?;
+        let leaf = self.sign_leaf(&label, Leaf::Server(dns_names), &key, ttl, now)?;
+        Ok(leaf.with_key(&key))
+    }
+
+    /// The root that anchors this CA's chain: the CA certificate itself when it is a root,
+    /// else the bundle root whose subject issued the top of the chain (during a root
+    /// rotation the bundle holds several).
+    pub fn anchor(&self) -> Option<&CertificateDer<'static>> {
+        if let Some(r) = self.roots.iter().find(|r| *r == &self.ca_cert) {
+            return Some(r);
+        }
+        let top = self.intermediates.last().unwrap_or(&self.ca_cert);
+        let issuer = x509_parser::parse_x509_certificate(top)
+            .ok()
+            .map(|(_, c)| c.issuer().as_raw().to_vec())?;
+        self.roots.iter().find(|r| {
+            x509_parser::parse_x509_certificate(r)
+                .map(|(_, c)| c.subject().as_raw() == issuer.as_slice())
+                .unwrap_or(false)
+        })
+    }
+
+    /// The one place a leaf's shape is decided: no subject, one SAN, a random positive
+    /// 128-bit serial, backdated by [`BACKDATE`], signed by the CA; the chain is the leaf then
+    /// the intermediates.
+    fn sign_leaf(
+        &self,
+        label: &str,
+        leaf: Leaf<'_>,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<SignedLeaf, CaError> {
         let fail = |e: rcgen::Error| CaError::Issue {
-            identity: id.to_string(),
+            identity: label.to_string(),
             detail: e.to_string(),
         };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(fail)?)];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        match leaf {
+            Leaf::Workload(id) => {
+                params.subject_alt_names =
+                    vec![SanType::URI(id.to_string().try_into().map_err(fail)?)];
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+            }
+            Leaf::Server(names) => {
+                for n in names {
+                    params
+                        .subject_alt_names
+                        .push(SanType::DnsName(n.clone().try_into().map_err(fail)?));
+                }
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+        }
         let serial: [u8; 16] = rand::random();
         // A positive serial: clear the top bit so DER does not need a sign byte.
         let mut serial = serial.to_vec();
@@ -252,13 +390,12 @@ impl FileCa {
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let cert = params
-            .signed_by(&key, &self.issuer, &self.issuer_key)
+            .signed_by(public_key, &self.issuer, &self.issuer_key)
             .map_err(fail)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
-        Ok(Issued {
+        Ok(SignedLeaf {
             chain,
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_before,
             not_after,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
