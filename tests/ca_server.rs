@@ -166,7 +166,7 @@ fn a_node_gets_its_own_workloads_identity_leaf_first_root_last() {
     let target = server.target(Some(&server.token("vm-1")));
     let key = p256();
     let pem = csr_pem(&id(DB), &key).unwrap();
-    let chain = call(&target, request(pem, &id(DB), HOUR)).unwrap();
+    let chain = call(&target, request(pem, &id(DB), HOUR, true)).unwrap();
     let chain = ders(&chain);
     assert_eq!(chain.len(), 2, "leaf then root");
     let root = std::fs::read(server.ca_dir().join(ROOT_CERT_FILE)).unwrap();
@@ -194,7 +194,7 @@ fn a_node_gets_its_own_workloads_identity_leaf_first_root_last() {
 
     // More than a day is capped to a day; nothing asked means a day.
     for asked in [30 * 24 * 3600, 0] {
-        let mut req = request(csr_pem(&id(DB), &key).unwrap(), &id(DB), HOUR);
+        let mut req = request(csr_pem(&id(DB), &key).unwrap(), &id(DB), HOUR, true);
         req.validity_duration = asked;
         let chain = ders(&call(&target, req).unwrap());
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
@@ -203,7 +203,7 @@ fn a_node_gets_its_own_workloads_identity_leaf_first_root_last() {
     }
 
     // The CA client does the same, and keeps the chain it presents (no root).
-    let issued = CaClient::new(target, None)
+    let issued = CaClient::new(target, None, true)
         .issue(&id(DB), HOUR, SystemTime::now())
         .unwrap();
     assert_eq!(issued.chain.len(), 1);
@@ -323,7 +323,7 @@ async fn the_ca_client_sends_impersonated_identity_its_token_and_a_one_san_csr()
         cluster_id: "Kubernetes".into(),
     };
     let issued = tokio::task::spawn_blocking(move || {
-        CaClient::new(target, None).issue(&id(DB), HOUR, SystemTime::now())
+        CaClient::new(target, None, true).issue(&id(DB), HOUR, SystemTime::now())
     })
     .await
     .unwrap()
@@ -480,7 +480,7 @@ fn a_cert_manager_renews_from_the_ca_server_past_half_life() {
     let clock = ManualClock::new();
     let roots = zmesh::identity::load_certs_pem(&target.root_cert).unwrap();
     let trust = Trust::new(&roots, Vec::new(), zmesh::tls::provider(), clock.clone()).unwrap();
-    let manager = CertManager::with_trust(CertSource::ca_client(target, DAY), trust).unwrap();
+    let manager = CertManager::with_trust(CertSource::ca_client(target, DAY, true), trust).unwrap();
     let first = manager.fetch(&id(DB)).unwrap();
     clock.advance(HOUR);
     assert_eq!(
