@@ -114,7 +114,10 @@ fn control_plane(mesh: &HostMesh, mesh_path: &Path) -> Child {
 
 /// One request/response from A's app to B's app, through the capture rules and both tunnels.
 fn exchange(mesh: &HostMesh, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
+    let mut c = mesh
+        .a
+        .connect_tcp(format!("{B_IP}:{APP_PORT}"))
+        .map_err(std::io::Error::other)?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     c.write_all(msg)?;
     c.shutdown(Shutdown::Write)?;
