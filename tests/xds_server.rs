@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use zmesh::config::Config;
 use zmesh::controlplane::xds_server;
 use zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use zmesh_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
 };
@@ -39,6 +40,10 @@ fn mesh(text: &str) -> Arc<Config> {
 
 /// The server on an ephemeral port; it runs until the test's runtime ends.
 async fn start(rx: watch::Receiver<Arc<Config>>) -> SocketAddr {
+    serve(xds_server::service(rx)).await
+}
+
+async fn serve(svc: AggregatedDiscoveryServiceServer<xds_server::XdsServer>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let incoming = futures_util::stream::unfold(listener, |l| async move {
@@ -46,7 +51,7 @@ async fn start(rx: watch::Receiver<Arc<Config>>) -> SocketAddr {
     });
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(xds_server::service(rx))
+            .add_service(svc)
             .serve_with_incoming(incoming),
     );
     addr
@@ -60,6 +65,11 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
+        Client::try_connect(addr).await.unwrap()
+    }
+
+    /// A new stream; `Err` is the status the server refused it with.
+    async fn try_connect(addr: SocketAddr) -> Result<Client, tonic::Status> {
         let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -69,12 +79,8 @@ impl Client {
                 rx,
                 |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
             );
-        let rx = c
-            .delta_aggregated_resources(requests)
-            .await
-            .unwrap()
-            .into_inner();
-        Client { tx, rx }
+        let rx = c.delta_aggregated_resources(requests).await?.into_inner();
+        Ok(Client { tx, rx })
     }
 
     async fn send(&self, req: DeltaDiscoveryRequest) {
@@ -272,4 +278,52 @@ async fn a_stream_outlives_the_config_source() {
     })
     .await;
     assert_eq!(c.recv().await.unwrap().removed_resources, ["probe"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_cap_are_refused_until_one_closes() {
+    let (_mesh_tx, mesh_rx) = watch::channel(mesh(MESH));
+    let addr = serve(
+        xds_server::XdsServer::new(mesh_rx)
+            .with_max_streams(1)
+            .into_service(),
+    )
+    .await;
+    let mut first = Client::connect(addr).await;
+    first.subscribe(ADDRESS, &[]).await;
+    first.recv().await.unwrap();
+    let e = Client::try_connect(addr)
+        .await
+        .err()
+        .expect("a second stream");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("1 xDS streams are open"), "{e:?}");
+    // The slot comes back when the first stream ends (polled: the server sees the reset soon).
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut c = loop {
+        match Client::try_connect(addr).await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the slot never came back: {e:?}"),
+        }
+    };
+    c.subscribe(ADDRESS, &[]).await;
+    assert_eq!(names(&c.recv().await.unwrap()), ["d/s", "w1", "w2"]);
+}
+
+/// Paused time: the runtime jumps to the server's deadline as soon as everything is idle.
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_never_asks_is_closed_after_the_first_request_deadline() {
+    let (_mesh_tx, mesh_rx) = watch::channel(mesh(MESH));
+    let addr = start(mesh_rx).await;
+    let mut c = Client::connect(addr).await;
+    let opened = tokio::time::Instant::now();
+    let e = c.rx.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("no DeltaDiscoveryRequest"), "{e:?}");
+    assert!(opened.elapsed() >= xds_server::FIRST_REQUEST_TIMEOUT);
 }

@@ -14,19 +14,22 @@
 //!   the gRPC stream and the config watch.
 //!
 //! Bounds, since the peer is only authenticated by the transport (if at all): a request is at
-//! most [`MAX_REQUEST_BYTES`]; per type the stream remembers one version per resource of the
-//! current snapshot (never what the client claims to hold beyond its first request); responses
-//! wait in a queue of [`OUTBOX`] so a client that does not read stops being read. A type URL this
-//! server does not serve ends the stream with `InvalidArgument`.
+//! most [`MAX_REQUEST_BYTES`]; a stream keeps the shared snapshot and a few flags, never what
+//! the client claims to hold (that is only read to answer its first request); responses wait in
+//! a queue of [`OUTBOX`], so a client that does not read stops being read; at most
+//! [`MAX_STREAMS`] streams are open at once, however many connections carry them, and one that
+//! sends nothing is closed after [`FIRST_REQUEST_TIMEOUT`]. A type URL
+//! this server does not serve ends the stream with `InvalidArgument`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -62,6 +65,13 @@ const VERSION_HEX: usize = 16;
 /// The HBONE port a waypoint is reached on. Istio's waypoints listen on 15008 whatever the
 /// node's own settings, and istiod always sends this value.
 pub const WAYPOINT_HBONE_PORT: u32 = 15008;
+/// Streams open at once on one server (a node tunnel keeps one). Beyond it a new stream is
+/// refused with `ResourceExhausted`, so HTTP/2's many streams per connection cannot multiply
+/// the server's work without bound.
+pub const MAX_STREAMS: usize = 4096;
+/// How long a new stream may stay silent before its first request. A node sends it at once; a
+/// stream that sends nothing only holds one of the [`MAX_STREAMS`] slots.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A NACK's message is the client's text: at most this much of it is logged.
 const MAX_LOGGED_ERROR: usize = 512;
 
@@ -454,11 +464,10 @@ pub enum ProtocolError {
 /// What the stream knows about one resource type.
 #[derive(Debug, Default)]
 struct TypeState {
-    /// The first request of this type arrived (and was answered).
+    /// The first request of this type arrived (and was answered). From then on the client
+    /// holds every resource of the type at the version of [`StreamState::snapshot`]: each
+    /// response brings it there, so the stream keeps no per-resource state of its own.
     subscribed: bool,
-    /// name → version the client holds, as far as this server told it. Only names of the
-    /// current snapshot, so its size follows the mesh, not the client.
-    held: BTreeMap<String, String>,
     /// Nonce of the last response of this type; an ACK naming another one is stale.
     last_nonce: String,
 }
@@ -563,47 +572,38 @@ impl StreamState {
                 .filter(|name| !current.contains_key(*name))
                 .cloned()
                 .collect();
-            state.held = versions(current);
             return Ok(Some(self.response(i, resources, removed)));
         }
-        // A later subscription names resources explicitly (on-demand lookups): send those the
-        // client lacks, and name those that do not exist as removed, as the protocol asks.
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        for name in &req.resource_names_subscribe {
-            if name == "*" {
-                continue;
-            }
-            match current.get(name) {
-                Some(v) if state.held.get(name) != Some(&v.version) => {
-                    resources.push(resource(name, v));
-                    state.held.insert(name.clone(), v.version.clone());
-                }
-                Some(_) => {}
-                None if !removed.contains(name) => removed.push(name.clone()),
-                None => {}
-            }
-        }
-        if resources.is_empty() && removed.is_empty() {
+        // A later subscription names resources explicitly (an on-demand lookup). The client
+        // already holds every existing one at its current version; a name that does not exist
+        // is answered as removed, as the protocol asks, so the client stops waiting for it.
+        let mut removed: Vec<String> = req
+            .resource_names_subscribe
+            .iter()
+            .filter(|name| *name != "*" && !current.contains_key(*name))
+            .cloned()
+            .collect();
+        removed.sort_unstable();
+        removed.dedup();
+        if removed.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.response(i, resources, removed)))
+        Ok(Some(self.response(i, Vec::new(), removed)))
     }
 
     /// A new mesh snapshot: per subscribed type, the resources that changed or appeared and the
     /// names that went away. Types with no change get no response.
     pub fn on_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
-        self.snapshot = snapshot.clone();
+        let previous = std::mem::replace(&mut self.snapshot, snapshot.clone());
         let mut out = Vec::new();
         for i in 0..TYPES.len() {
             if !self.types[i].subscribed {
                 continue;
             }
-            let current = snapshot.of(i);
-            let held = &self.types[i].held;
+            let (held, current) = (previous.of(i), snapshot.of(i));
             let resources: Vec<Resource> = current
                 .iter()
-                .filter(|(name, v)| held.get(*name) != Some(&v.version))
+                .filter(|(name, v)| held.get(*name).map(|h| &h.version) != Some(&v.version))
                 .map(|(name, v)| resource(name, v))
                 .collect();
             let removed: Vec<String> = held
@@ -614,7 +614,6 @@ impl StreamState {
             if resources.is_empty() && removed.is_empty() {
                 continue;
             }
-            self.types[i].held = versions(current);
             out.push(self.response(i, resources, removed));
         }
         out
@@ -629,12 +628,6 @@ fn resource(name: &str, v: &Versioned) -> Resource {
         aliases: Vec::new(),
         ttl: None,
     }
-}
-
-fn versions(map: &BTreeMap<String, Versioned>) -> BTreeMap<String, String> {
-    map.iter()
-        .map(|(k, v)| (k.clone(), v.version.clone()))
-        .collect()
 }
 
 /// Client-supplied text for a log line, cut at [`MAX_LOGGED_ERROR`] bytes (on a char boundary).
@@ -676,6 +669,8 @@ impl SnapshotCache {
 pub struct XdsServer {
     mesh: watch::Receiver<Arc<Config>>,
     cache: Arc<SnapshotCache>,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
 }
 
 impl XdsServer {
@@ -683,15 +678,28 @@ impl XdsServer {
         XdsServer {
             mesh,
             cache: Arc::default(),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            max_streams: MAX_STREAMS,
         }
+    }
+
+    /// Another bound on the streams open at once than [`MAX_STREAMS`].
+    pub fn with_max_streams(mut self, max: usize) -> XdsServer {
+        self.streams = Arc::new(Semaphore::new(max));
+        self.max_streams = max;
+        self
+    }
+
+    /// This server as a tonic service, with the request size bounded to [`MAX_REQUEST_BYTES`].
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<XdsServer> {
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
 
 /// The tonic service, ready to be added to a `Server` (next to the CA service, for instance),
 /// with the request size bounded to [`MAX_REQUEST_BYTES`].
 pub fn service(mesh: watch::Receiver<Arc<Config>>) -> AggregatedDiscoveryServiceServer<XdsServer> {
-    AggregatedDiscoveryServiceServer::new(XdsServer::new(mesh))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
+    XdsServer::new(mesh).into_service()
 }
 
 type ResponseStream =
@@ -708,15 +716,20 @@ impl AggregatedDiscoveryService for XdsServer {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!(%peer, max = self.max_streams, "xDS stream refused: at the stream cap");
+            Status::resource_exhausted(format!(
+                "{} xDS streams are open on this server, its limit; retry later",
+                self.max_streams
+            ))
+        })?;
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOX);
-        tokio::spawn(serve_stream(
-            requests,
-            self.mesh.clone(),
-            self.cache.clone(),
-            tx,
-            peer,
-        ));
+        let (mesh, cache) = (self.mesh.clone(), self.cache.clone());
+        tokio::spawn(async move {
+            serve_stream(requests, mesh, cache, tx, peer).await;
+            drop(permit);
+        });
         Ok(Response::new(Box::pin(futures_util::stream::unfold(
             rx,
             |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
@@ -737,7 +750,9 @@ async fn serve_stream(
     // waiting on a conversion.
     let first = mesh.borrow_and_update().clone();
     let mut state = StreamState::new(cache.get(&first));
-    let mut node_logged = false;
+    let mut greeted = false;
+    let first_request = tokio::time::sleep(FIRST_REQUEST_TIMEOUT);
+    tokio::pin!(first_request);
     // Once the config's sender is gone nothing can change: stop polling it (it would report the
     // same error at once, forever).
     let mut watching = true;
@@ -745,8 +760,8 @@ async fn serve_stream(
         let out = tokio::select! {
             msg = requests.message() => match msg {
                 Ok(Some(req)) => {
-                    if !node_logged {
-                        node_logged = true;
+                    if !greeted {
+                        greeted = true;
                         let node = req.node.as_ref().map_or("", |n| n.id.as_str());
                         tracing::info!(%peer, node = %truncate(node), "xDS stream opened");
                     }
@@ -776,6 +791,13 @@ async fn serve_stream(
                 }
                 let cfg = mesh.borrow_and_update().clone();
                 state.on_snapshot(cache.get(&cfg))
+            }
+            () = &mut first_request, if !greeted => {
+                tracing::debug!(%peer, "xDS stream sent no request in time");
+                let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                    "no DeltaDiscoveryRequest within {FIRST_REQUEST_TIMEOUT:?} of opening the stream"
+                )))).await;
+                return;
             }
             () = tx.closed() => return,
         };
@@ -1217,7 +1239,6 @@ services:
         };
         let r = st.on_request(&req).unwrap().unwrap();
         assert_eq!(r.removed_resources.len(), 10_000);
-        assert!(st.types[0].held.is_empty());
     }
 
     /// Every example file converts entry for entry, and each resource decodes and re-encodes to
