@@ -124,9 +124,32 @@ impl Snapshot {
 
 /// Converts the mesh file into the resources a node tunnel receives from istiod.
 ///
-/// Entries the node would ignore are not served, and each is logged: a workload whose uid was
-/// already used (the first wins, as in `Model::from_config`), a service whose name collides with
-/// a workload uid, and a broken policy (`PolicyEntry::Broken`; `check-config` names its error).
+/// The mapping, file → Istio (what the node's xDS client must invert):
+/// - workload: `uid`, `name`, `namespace`, `service_account`, `node` as such; `addresses` as 4 or
+///   16 bytes; `protocol` HBONE → `HBONE`, TCP → `NONE`; `trust_domain` always set (the node's
+///   when the entry has none); `canonical_name`/`canonical_revision` always set (defaults: the
+///   name, `latest`); `workload_type` deployment/pod/job/cronjob → the enum, any other kind →
+///   `DEPLOYMENT` (what the node's baggage does with it); `workload_name` = `name`; `status`;
+///   `capacity` always set (0 included); `locality` only when some part is set; `services`
+///   `namespace/hostname` → `PortList` (an empty map is an empty list); `waypoint` (a uid) →
+///   `GatewayAddress{address: first IP of that workload, hbone_mtls_port: 15008}`;
+///   `authorization_policies` = `namespace/name` of the workload-selector policies of its
+///   namespace that list its `name`; `cluster_id` = this file's `node.cluster`.
+/// - service: `name`, `namespace`, `hostname`; `vips` → `addresses` (no network); `ports`;
+///   `subject_alt_names` as full SPIFFE URIs; `waypoint` as for workloads; `load_balancing` only
+///   when not the default (standard → `UNSPECIFIED_MODE`, strict, failover; routing preference
+///   in order); `ip_families` from the VIPs; `canonical`. Not representable, so not served:
+///   `traffic_policy`, `app_protocols`.
+/// - policy: `name`, `namespace`, `scope` (global, namespace, workload selector: the names go
+///   on the workloads), `action`, `dry_run`; principals without `spiffe://`; `*` → `presence`,
+///   `x*` → `prefix`, `*x` → `suffix`, else `exact`; CIDRs as address bytes and prefix length;
+///   `service_accounts` as namespace and name; ports.
+///
+/// Not served, each logged: a workload whose uid was already used (the first wins, as in
+/// `Model::from_config`), a service whose `namespace/hostname` equals a workload uid, a second
+/// policy of one `namespace/name`, and a broken policy (`PolicyEntry::Broken`: a node fed by
+/// this server does not see it, where a node reading the file denies its scope; `check-config`
+/// names the error).
 pub fn resources(cfg: &Config) -> Snapshot {
     let policies: Vec<AuthorizationPolicy> = PolicyEntry::from_yaml_values(cfg.policies.clone())
         .into_iter()
@@ -364,6 +387,9 @@ fn to_service(s: &ServiceConfig) -> wl::Service {
             .collect(),
         load_balancing,
         ip_families: ip_families as i32,
+        // The file's services are definitions, as Kubernetes Services are for istiod (not
+        // ServiceEntries that may share a hostname).
+        canonical: true,
         ..Default::default()
     }
 }
@@ -470,6 +496,8 @@ struct TypeState {
     subscribed: bool,
     /// Nonce of the last response of this type; an ACK naming another one is stale.
     last_nonce: String,
+    /// A NACK of `last_nonce` was logged: repeats are not, so a client cannot flood the log.
+    nack_logged: bool,
 }
 
 /// The delta xDS protocol of one stream, without I/O: feed it requests and snapshots, send
@@ -506,6 +534,7 @@ impl StreamState {
         self.sent += 1;
         let nonce = format!("{:08x}-{}", self.stream_tag, self.sent);
         self.types[i].last_nonce.clone_from(&nonce);
+        self.types[i].nack_logged = false;
         DeltaDiscoveryResponse {
             system_version_info: String::new(),
             resources,
@@ -536,15 +565,18 @@ impl StreamState {
             match &req.error_detail {
                 // A NACK: the client kept what it had. Resending the same resources would be
                 // refused again, so the next change of each resource is what repairs it.
-                Some(e) if current => tracing::warn!(
-                    type_url = TYPES[i],
-                    nonce = %req.response_nonce,
-                    code = e.code,
-                    error = %truncate(&e.message),
-                    "xDS client rejected a response (NACK)"
-                ),
+                Some(e) if current && !state.nack_logged => {
+                    state.nack_logged = true;
+                    tracing::warn!(
+                        type_url = TYPES[i],
+                        nonce = %req.response_nonce,
+                        code = e.code,
+                        error = %truncate(&e.message),
+                        "xDS client rejected a response (NACK)"
+                    )
+                }
                 Some(_) => {
-                    tracing::debug!(type_url = TYPES[i], nonce = %truncate(&req.response_nonce), "NACK of an earlier response")
+                    tracing::debug!(type_url = TYPES[i], nonce = %truncate(&req.response_nonce), "NACK of an earlier response, or one already logged")
                 }
                 None if current => {
                     tracing::debug!(type_url = TYPES[i], nonce = %req.response_nonce, "ACK")
@@ -567,11 +599,13 @@ impl StreamState {
                 .filter(|(name, v)| initial.get(*name) != Some(&v.version))
                 .map(|(name, v)| resource(name, v))
                 .collect();
-            let removed = initial
+            let mut removed: Vec<String> = initial
                 .keys()
                 .filter(|name| !current.contains_key(*name))
                 .cloned()
                 .collect();
+            // The client's map has no order; the answer does.
+            removed.sort_unstable();
             return Ok(Some(self.response(i, resources, removed)));
         }
         // A later subscription names resources explicitly (an on-demand lookup). The client
@@ -980,6 +1014,7 @@ policies:
             vec!["spiffe://cluster.local/ns/shop/sa/web-canary".to_string()]
         );
         assert!(svc.waypoint.is_some());
+        assert!(svc.canonical);
         let lb = svc.load_balancing.unwrap();
         assert_eq!(lb.mode, wl::load_balancing::Mode::Strict as i32);
         assert_eq!(
@@ -989,6 +1024,30 @@ policies:
                 wl::load_balancing::Scope::Node as i32
             ]
         );
+    }
+
+    #[test]
+    fn service_defaults_stay_unset_as_istiod_leaves_them() {
+        let text = r#"
+node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
+services:
+  - { name: a, namespace: d, hostname: a, vips: [10.96.0.1], ports: { 80: 80 } }
+  - { name: b, namespace: d, hostname: b, vips: ["fd00::1"], ports: { 80: 80 }, load_balancing: { mode: failover } }
+"#;
+        let s = resources(&cfg(text));
+        let svc = |k: &str| match address(&s.addresses[k]) {
+            wl::address::Type::Service(s) => s,
+            t => panic!("{t:?}"),
+        };
+        let a = svc("d/a");
+        assert!(a.load_balancing.is_none() && a.waypoint.is_none());
+        assert!(a.subject_alt_names.is_empty());
+        assert_eq!(a.ip_families, wl::IpFamilies::Ipv4Only as i32);
+        let b = svc("d/b");
+        assert_eq!(b.ip_families, wl::IpFamilies::Ipv6Only as i32);
+        let lb = b.load_balancing.unwrap();
+        assert_eq!(lb.mode, wl::load_balancing::Mode::Failover as i32);
+        assert!(lb.routing_preference.is_empty());
     }
 
     #[test]
@@ -1172,6 +1231,12 @@ services:
             ..ack
         };
         assert!(st.on_request(&nack).unwrap().is_none());
+        assert!(st.types[0].nack_logged);
+        // Repeats are answered with nothing and logged once; a new response re-arms the log.
+        assert!(st.on_request(&nack).unwrap().is_none());
+        let text = MESH.replace("canonical_revision: v2", "canonical_revision: v9");
+        assert_eq!(st.on_snapshot(Arc::new(resources(&cfg(&text)))).len(), 1);
+        assert!(!st.types[0].nack_logged);
     }
 
     #[test]
