@@ -277,6 +277,8 @@ pub enum CertificatesConfig {
     CaClient {
         target: control_plane::GrpcTarget,
         ttl: Duration,
+        /// Ask on behalf of pods (`ImpersonatedIdentity`); false for a proxy's own identity.
+        impersonate: bool,
     },
     /// `ca_client` as read, before `Config::parse` fills it from `node.control_plane`.
     #[doc(hidden)]
@@ -660,14 +662,18 @@ impl Config {
             },
         })?;
         if let CertificatesConfig::CaClientUnresolved(raw) = &cfg.node.certificates {
-            let (target, ttl) = raw
+            let (target, ttl, impersonate) = raw
                 .clone()
                 .build(cfg.node.control_plane.as_ref(), &cfg.node.cluster)
                 .map_err(|message| ConfigError::Unlocated {
                     path: origin.to_string(),
                     message,
                 })?;
-            cfg.node.certificates = CertificatesConfig::CaClient { target, ttl };
+            cfg.node.certificates = CertificatesConfig::CaClient {
+                target,
+                ttl,
+                impersonate,
+            };
         }
         cfg.validate(origin)?;
         Ok(cfg)

@@ -96,7 +96,7 @@ pub async fn connect(target: &GrpcTarget, mark: Option<u32>) -> Result<Channel, 
     let connector = tower::service_fn(move |_: Uri| {
         let (host, tls, server_name) = (host.clone(), tls.clone(), server_name.clone());
         async move {
-            let io = |e: String| std::io::Error::new(std::io::ErrorKind::Other, e);
+            let io = std::io::Error::other;
             let addr = resolve(&host, port).await?;
             let tcp = dial(
                 addr,
@@ -279,7 +279,12 @@ pub fn incoming(
     tokio::spawn(async move {
         let acceptor = TlsAcceptor::from(tls);
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // The server is gone (its incoming stream dropped): close the listener too.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "control-plane accept failed");

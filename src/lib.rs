@@ -32,3 +32,4 @@ pub mod rejections;
 pub mod socket;
 pub mod tls;
 pub mod waypoint;
+pub mod xds;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::config::{
-    Config, HealthStatus, LoadBalancingMode, Locality, RoutingScope, TunnelProtocol,
+    Config, HealthStatus, LoadBalancingMode, Locality, NodeConfig, RoutingScope, ServiceConfig,
+    TunnelProtocol, WorkloadConfig,
 };
 use crate::identity::SpiffeId;
 
@@ -110,17 +111,30 @@ pub struct Model {
 
 impl Model {
     pub fn from_config(cfg: &Config) -> Model {
+        Model::build(&cfg.node, &cfg.workloads, &cfg.services)
+    }
+
+    /// The model of these workloads and services, as seen from the node `node`: the file and
+    /// the xDS client both build it here (docs/model.md "Control plane").
+    pub fn build<'a>(
+        node: &NodeConfig,
+        workload_configs: impl IntoIterator<Item = &'a WorkloadConfig>,
+        service_configs: impl IntoIterator<Item = &'a ServiceConfig>,
+    ) -> Model {
         let mut workloads = Vec::new();
         let mut workloads_by_ip = HashMap::new();
         let mut uids = std::collections::HashSet::new();
-        for w in &cfg.workloads {
+        for w in workload_configs {
             if !uids.insert(w.uid.0.as_str()) {
                 tracing::warn!(uid = %w.uid, "duplicate workload uid; keeping the first entry");
                 continue;
             }
-            let td = w.trust_domain.as_ref().unwrap_or(&cfg.node.trust_domain);
-            let identity = SpiffeId::new(td, &w.namespace, &w.service_account)
-                .expect("validated at config load");
+            let td = w.trust_domain.as_ref().unwrap_or(&node.trust_domain);
+            let Ok(identity) = SpiffeId::new(td, &w.namespace, &w.service_account) else {
+                // Validated at config load and xDS conversion; never reached.
+                tracing::error!(uid = %w.uid, "workload without a valid identity skipped");
+                continue;
+            };
             let wl = Arc::new(Workload {
                 uid: w.uid.0.clone(),
                 name: w.name.0.clone(),
@@ -129,7 +143,7 @@ impl Model {
                 identity,
                 addresses: w.addresses.clone(),
                 node: w.node.0.clone(),
-                cluster: cfg.node.cluster.0.clone(),
+                cluster: node.cluster.0.clone(),
                 protocol: w.protocol,
                 workload_type: w.workload_type.0.clone(),
                 canonical_name: w.canonical_name.as_deref().unwrap_or(&w.name).to_string(),
@@ -149,7 +163,7 @@ impl Model {
                 waypoint: w.waypoint.as_ref().map(|u| u.0.clone()),
             });
             for ip in &wl.addresses {
-                // Two workloads with one IP: the first in file order wins, deterministically
+                // Two workloads with one IP: the first in order wins, deterministically
                 // (reliability #22); the loser is reported.
                 if let Some(prev) = workloads_by_ip.get(ip) {
                     let prev: &Arc<Workload> = prev;
@@ -160,15 +174,25 @@ impl Model {
             }
             workloads.push(wl);
         }
+        // Endpoints by service key in one pass (a push of 10,000 workloads and 1,000 services
+        // must not cost their product).
+        let mut endpoints_by_key: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
+        for w in &workloads {
+            for key in w.services.keys() {
+                endpoints_by_key
+                    .entry(key.as_str())
+                    .or_default()
+                    .push(w.clone());
+            }
+        }
         let mut services = Vec::new();
         let mut services_by_vip = HashMap::new();
-        for s in &cfg.services {
+        for s in service_configs {
             let key = format!("{}/{}", s.namespace, s.hostname);
-            let endpoints = workloads
-                .iter()
-                .filter(|w| w.services.contains_key(&key))
+            let endpoints = endpoints_by_key
+                .get(key.as_str())
                 .cloned()
-                .collect();
+                .unwrap_or_default();
             let svc = Arc::new(Service {
                 name: s.name.0.clone(),
                 namespace: s.namespace.0.clone(),
@@ -193,7 +217,7 @@ impl Model {
             services.push(svc);
         }
         Model {
-            node: cfg.node.name.0.clone(),
+            node: node.name.0.clone(),
             workloads_by_ip,
             workloads_by_uid: workloads
                 .iter()
@@ -203,8 +227,8 @@ impl Model {
             services_by_vip,
             workloads,
             services,
-            hbone_port: cfg.node.ports.hbone,
-            registry_only: cfg.node.registry_only,
+            hbone_port: node.ports.hbone,
+            registry_only: node.registry_only,
         }
     }
 

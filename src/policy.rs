@@ -559,6 +559,10 @@ fn valid_name(s: &str) -> bool {
         })
 }
 
+pub(crate) fn yaml_message(e: &serde_yaml::Error) -> String {
+    yaml_error(e)
+}
+
 fn yaml_error(e: &serde_yaml::Error) -> String {
     // serde_yaml appends " at line L column C"; callers report the location themselves.
     let msg = e.to_string();

@@ -94,6 +94,69 @@ fn node_daemonset_security_fields_in_every_overlay() {
     }
 }
 
+/// The install is a drop-in for ztunnel under istiod: ztunnel's environment names, the projected
+/// istio-ca token and the mesh root mounted where the config reads them, and no CA key in any
+/// pod (no Secret volume at all).
+#[test]
+fn node_and_waypoint_join_istiod_and_hold_no_ca_key() {
+    for overlay in ["dev", "production"] {
+        let objs = render(overlay);
+        for (kind, name) in [
+            ("DaemonSet", "zmesh-node"),
+            ("Deployment", "zmesh-waypoint"),
+        ] {
+            let spec = &find(&objs, kind, name)["spec"]["template"]["spec"];
+            let volumes = spec["volumes"].as_sequence().unwrap();
+            assert!(
+                volumes.iter().all(|v| v.get("secret").is_none()),
+                "{overlay} {name}: a Secret volume (a CA key?) is mounted"
+            );
+            let token = volumes
+                .iter()
+                .find(|v| v["name"] == "istio-token")
+                .expect("the istio-token volume");
+            let src = &token["projected"]["sources"][0]["serviceAccountToken"];
+            assert_eq!(src["audience"], "istio-ca", "{overlay} {name}");
+            assert_eq!(src["path"], "istio-token");
+            let root = volumes
+                .iter()
+                .find(|v| v["name"] == "istiod-ca-cert")
+                .expect("the mesh root volume");
+            assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+            let mounts = spec["containers"][0]["volumeMounts"].as_sequence().unwrap();
+            let mounted_at = |v: &str| {
+                mounts
+                    .iter()
+                    .find(|m| m["name"] == v)
+                    .and_then(|m| m["mountPath"].as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            assert_eq!(mounted_at("istio-token"), "/var/run/secrets/tokens");
+            assert_eq!(mounted_at("istiod-ca-cert"), "/var/run/secrets/istio");
+        }
+        let node =
+            &find(&objs, "DaemonSet", "zmesh-node")["spec"]["template"]["spec"]["containers"][0];
+        let env: Vec<&str> = node["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for name in [
+            "NODE_NAME",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "INSTANCE_IP",
+            "XDS_ADDRESS",
+            "CA_ADDRESS",
+            "CLUSTER_ID",
+        ] {
+            assert!(env.contains(&name), "{overlay}: env {name} missing");
+        }
+    }
+}
+
 #[test]
 fn shipped_configmaps_are_valid_configs_once_the_downward_api_fills_them() {
     let objs = render("production");
@@ -114,7 +177,24 @@ fn shipped_configmaps_are_valid_configs_once_the_downward_api_fills_them() {
         let cfg = zmesh::config::Config::parse(&text, cm).unwrap_or_else(|e| panic!("{cm}: {e}"));
         if cm == "zmesh-node" {
             assert_eq!(&*cfg.node.name, "worker-1");
+            let cp = cfg.node.control_plane.as_ref().expect("fed by istiod");
+            assert_eq!(cp.target.address, "https://istiod.istio-system.svc:15012");
+            assert!(cfg.workloads.is_empty());
+            assert!(matches!(
+                cfg.node.certificates,
+                zmesh::config::CertificatesConfig::CaClient {
+                    impersonate: true,
+                    ..
+                }
+            ));
         } else {
+            assert!(matches!(
+                cfg.node.certificates,
+                zmesh::config::CertificatesConfig::CaClient {
+                    impersonate: false,
+                    ..
+                }
+            ));
             assert_eq!(cfg.waypoint.unwrap().workload, "waypoint");
             assert_eq!(cfg.node.bind.to_string(), "10.244.1.7");
         }

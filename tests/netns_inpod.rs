@@ -9,6 +9,8 @@ use zmesh::netns::PodNetns;
 use zmesh::socket::{dial_in, listen_in, DialOptions};
 use zmesh_testbed::{is_root, Netns};
 
+mod common;
+
 fn open_ns(ns: &Netns) -> OwnedFd {
     std::fs::File::open(ns.path()).unwrap().into()
 }
@@ -452,6 +454,134 @@ workloads:
         assert!(
             after.starts_with("HTTP/1.1 200"),
             "not ready after the snapshot: {after}"
+        );
+    }
+
+    /// In-pod under a control plane: nothing about the pods is in the file. A pod handed over
+    /// before its workload arrives over xDS waits for it (bounded) and is then proxied, matched
+    /// by name and namespace (istiod's uid is not the pod's); a pod that never arrives is refused
+    /// after the wait, naming it. Certificates come over CSR on the pods' behalf.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_that_arrives_before_its_workload_waits_for_it_over_xds() {
+        use zmesh_proto::type_url::{ADDRESS, AUTHORIZATION};
+        let Topology {
+            node,
+            pod_a,
+            pod_b,
+            dir: _dir,
+            cfg,
+            agent,
+        } = Topology::new();
+        // The control plane listens inside the node's namespace, where the tunnel runs.
+        let cp =
+            crate::common::istiod::FakeIstiod::start_on(node.listen_tcp("127.0.0.1:0").unwrap())
+                .await;
+        let zds = cfg.with_file_name("zds.sock");
+        std::fs::write(
+            &cfg,
+            format!(
+                "node:\n  name: node-1\n  mode: in_pod\n  zds_socket: {}\n  access_log: json\n{}",
+                zds.display(),
+                cp.node_settings().replace(
+                    "pod_name: ztunnel-x",
+                    "pod_name: ztunnel-x\n    workload_wait: 2s"
+                )
+            ),
+        )
+        .unwrap();
+        let zn = node
+            .spawn(
+                env!("CARGO_BIN_EXE_zmesh-node"),
+                &["run", "--config", cfg.to_str().unwrap()],
+                &[("ZMESH_LOG", "info")],
+            )
+            .unwrap();
+        cp.subscribed(1, ADDRESS).await;
+        cp.subscribed(1, AUTHORIZATION).await;
+        let n = cp.push(AUTHORIZATION, vec![], vec![]);
+        cp.answer(&n).await;
+        for _ in 0..200 {
+            if agent.connected_tunnels() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(agent.connected_tunnels(), 1, "{}", zn.read_log());
+
+        // Pod A is handed over first; its workload follows over xDS a moment later.
+        let agent = std::sync::Arc::new(agent);
+        let a = {
+            let (agent, fd) = (agent.clone(), netns_fd(&pod_a));
+            tokio::spawn(
+                async move { agent.add_pod("pod-a", info("client", "frontend"), fd).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let wl = |uid: &str, name: &str, sa: &str, ip: &str| {
+            let mut w = crate::common::istiod::workload(uid, sa, ip.parse().unwrap(), "node-1");
+            w.name = name.into();
+            w.namespace = "shop".into();
+            crate::common::istiod::address_resource(&w, "1")
+        };
+        let n = cp.push(
+            ADDRESS,
+            vec![
+                wl("Kubernetes//Pod/shop/client", "client", "frontend", POD_A),
+                wl("Kubernetes//Pod/shop/server", "server", "backend", POD_B),
+            ],
+            vec![],
+        );
+        assert!(cp.answer(&n).await.error_detail.is_none());
+        a.await
+            .unwrap()
+            .expect("pod A proxied once its workload arrived");
+        enroll(&agent, "pod-b", &pod_b).await;
+        let log = zn.read_log();
+        assert!(log.contains("pod arrived before its workload"), "{log}");
+        // Each pod's identity was asked for on its behalf.
+        let mut asked: Vec<String> = cp
+            .csrs()
+            .into_iter()
+            .filter_map(|c| c.impersonated)
+            .collect();
+        asked.sort();
+        asked.dedup();
+        assert_eq!(
+            asked,
+            [
+                "spiffe://cluster.local/ns/shop/sa/backend",
+                "spiffe://cluster.local/ns/shop/sa/frontend"
+            ]
+        );
+
+        // A pod whose workload never comes is refused after the wait, with a clear error.
+        let started = std::time::Instant::now();
+        let e = agent
+            .add_pod("pod-x", info("ghost", "x"), netns_fd(&pod_b))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pod-x") && e.contains("waited 2s"), "{e}");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+
+        // Traffic between the two xDS-described pods flows through their proxies.
+        let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, peer) = app.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            s.write_all(b"ok").unwrap();
+            peer
+        });
+        let mut c = pod_a.connect_tcp(format!("{POD_B}:8080")).unwrap();
+        c.write_all(b"hello").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"ok");
+        assert_eq!(
+            server.join().unwrap().ip(),
+            POD_A.parse::<IpAddr>().unwrap()
         );
     }
 }

@@ -307,13 +307,18 @@ fn main() -> ExitCode {
                 Some(path) => Config::load(path),
                 None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>"),
             };
-            let cfg = match cfg {
+            let mut cfg = match cfg {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
+            // ztunnel's environment (XDS_ADDRESS, CA_ADDRESS, ...) overrides the file.
+            if let Err(e) = cfg.apply_process_env() {
+                eprintln!("environment: {e}");
+                return ExitCode::from(EXIT_INVALID_CONFIG);
+            }
             match run(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -103,8 +103,8 @@ pub struct ControlPlaneConfig {
     pub pod_name: String,
     pub pod_namespace: String,
     pub instance_ip: Option<IpAddr>,
-    /// ISTIO_META_* entries, sent in the node metadata.
-    pub metadata: BTreeMap<String, String>,
+    /// ISTIO_META_* (strings) and ISTIO_METAJSON_* (JSON) entries, sent in the node metadata.
+    pub metadata: BTreeMap<String, serde_json::Value>,
     pub workload_wait: Duration,
 }
 
@@ -163,6 +163,15 @@ pub struct CaClientRaw {
     pub(super) cluster_id: Option<BoundedString>,
     #[serde(default = "super::default_ttl", deserialize_with = "de_duration")]
     pub(super) ttl: Duration,
+    /// Send `ImpersonatedIdentity` (a node tunnel asking for its pods' identities, as ztunnel
+    /// does). A proxy asking for its own identity (the waypoint) sets it to false: istiod only
+    /// lets node tunnels impersonate.
+    #[serde(default = "yes")]
+    pub(super) impersonate: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl CaClientRaw {
@@ -172,7 +181,7 @@ impl CaClientRaw {
         self,
         cp: Option<&ControlPlaneConfig>,
         cluster: &str,
-    ) -> Result<(GrpcTarget, Duration), String> {
+    ) -> Result<(GrpcTarget, Duration, bool), String> {
         let inherit = cp.map(|c| &c.target);
         let address =
             match (self.address, inherit) {
@@ -213,6 +222,7 @@ impl CaClientRaw {
                     .unwrap_or_else(|| cluster.into()),
             },
             self.ttl,
+            self.impersonate,
         ))
     }
 }
@@ -278,8 +288,13 @@ impl Config {
         self.apply_env(|k| std::env::var(k).ok())?;
         if let Some(cp) = self.node.control_plane.as_mut() {
             for (k, v) in std::env::vars() {
-                if let Some(name) = k.strip_prefix("ISTIO_META_") {
-                    cp.metadata.insert(name.to_string(), v);
+                if let Some(name) = k.strip_prefix("ISTIO_METAJSON_") {
+                    let json =
+                        serde_json::from_str(&v).map_err(|e| format!("{k} is not JSON: {e}"))?;
+                    cp.metadata.insert(name.to_string(), json);
+                } else if let Some(name) = k.strip_prefix("ISTIO_META_") {
+                    cp.metadata
+                        .insert(name.to_string(), serde_json::Value::String(v));
                 }
             }
         }
@@ -327,9 +342,15 @@ mod tests {
         let c = cfg("  control_plane:\n    address: https://cp:15012\n    root_cert: /r.pem\n    token_file: /t\n    cluster_id: c1\n");
         let cp = c.node.control_plane.as_ref().unwrap();
         assert_eq!(cp.target.address, "https://cp:15012");
-        let CertificatesConfig::CaClient { target, ttl } = &c.node.certificates else {
+        let CertificatesConfig::CaClient {
+            target,
+            ttl,
+            impersonate,
+        } = &c.node.certificates
+        else {
             panic!("ca_client expected")
         };
+        assert!(*impersonate);
         assert_eq!(target, &cp.target);
         assert_eq!(*ttl, Duration::from_secs(24 * 3600));
     }

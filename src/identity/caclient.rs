@@ -33,19 +33,29 @@ const MAX_CHAIN: usize = 8;
 pub struct CaClient {
     target: GrpcTarget,
     mark: Option<u32>,
+    impersonate: bool,
 }
 
 impl CaClient {
-    pub fn new(target: GrpcTarget, mark: Option<u32>) -> CaClient {
-        CaClient { target, mark }
+    /// `impersonate`: send `ImpersonatedIdentity` (a node tunnel asking for its pods).
+    pub fn new(target: GrpcTarget, mark: Option<u32>, impersonate: bool) -> CaClient {
+        CaClient {
+            target,
+            mark,
+            impersonate,
+        }
     }
 }
 
 impl CertSource {
     /// Leaves from a remote CA, renewed at half-life. Sockets carry the tunnel's mark.
-    pub fn ca_client(target: GrpcTarget, ttl: Duration) -> CertSource {
+    pub fn ca_client(target: GrpcTarget, ttl: Duration, impersonate: bool) -> CertSource {
         CertSource::Ca {
-            ca: std::sync::Arc::new(CaClient::new(target, Some(crate::socket::TUNNEL_MARK))),
+            ca: std::sync::Arc::new(CaClient::new(
+                target,
+                Some(crate::socket::TUNNEL_MARK),
+                impersonate,
+            )),
             ttl,
         }
     }
@@ -59,19 +69,28 @@ pub fn csr_pem(id: &SpiffeId, key: &KeyPair) -> Result<String, rcgen::Error> {
     params.serialize_request(key)?.pem()
 }
 
-/// The request a node sends for `id`.
-pub fn request(csr: String, id: &SpiffeId, ttl: Duration) -> IstioCertificateRequest {
-    let mut fields = std::collections::BTreeMap::new();
-    fields.insert(
-        IMPERSONATED_IDENTITY.to_string(),
-        Value {
-            kind: Some(Kind::StringValue(id.to_string())),
-        },
-    );
+/// The request sent for `id`; with `impersonate`, the metadata names `id` as the identity asked
+/// for on a pod's behalf.
+pub fn request(
+    csr: String,
+    id: &SpiffeId,
+    ttl: Duration,
+    impersonate: bool,
+) -> IstioCertificateRequest {
+    let metadata = impersonate.then(|| {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            IMPERSONATED_IDENTITY.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(id.to_string())),
+            },
+        );
+        Struct { fields }
+    });
     IstioCertificateRequest {
         csr,
         validity_duration: ttl.as_secs() as i64,
-        metadata: Some(Struct { fields }),
+        metadata,
     }
 }
 
@@ -84,7 +103,7 @@ impl Authority for CaClient {
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
         let csr = csr_pem(id, &key).map_err(|e| fail(e.to_string()))?;
-        let req = request(csr, id, ttl);
+        let req = request(csr, id, ttl, self.impersonate);
         // Issuance runs on a blocking thread (or at start-up); the call gets a runtime of its
         // own so it never depends on which runtime, if any, the caller is in.
         let (target, mark) = (self.target.clone(), self.mark);

@@ -138,6 +138,7 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
         "certificates": certificates,
         "trust": {"roots": trust.roots().len(), "crls": trust.crl_count(), "generation": trust.generation},
         "pool": pool,
+        "xds": node.xds.get().map(|x| x.dump()),
         "active_connections": node.active_connections(),
     })
 }

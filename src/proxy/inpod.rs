@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use zmesh_redirect::zds::{Backoff, ZdsClient, ZdsEvent};
+use zmesh_redirect::zds::{Backoff, WorkloadInfo, ZdsClient, ZdsEvent};
 
 use super::{spawn_listeners, Node, Scope};
 use crate::hbone::client::Pool;
+use crate::model::Workload;
 use crate::netns::PodNetns;
 use crate::socket::listen_in;
 
@@ -76,7 +77,7 @@ pub async fn run(
                     if let Some(s) = snapshot.as_mut() {
                         s.insert(uid.clone());
                     }
-                    add(&node, &mut pods, &uid, &info.name, netns).await
+                    add(&node, &mut pods, &uid, &info, netns).await
                 }
                 Ok(Some(ZdsEvent::Keep { uid })) => {
                     if let Some(s) = snapshot.as_mut() {
@@ -150,14 +151,69 @@ fn stop_accepting(node: &Node, pods: HashMap<String, PodProxy>) {
     }
 }
 
+/// The workload of a pod that arrived over ZDS: by uid, else by name and namespace among this
+/// node's workloads (istiod names workloads by its own uid, the agent by the pod's). With a
+/// control plane, a pod may arrive before its workload does: the proxy then waits for it, up to
+/// `control_plane.workload_wait`, rather than refusing a pod it is about to learn of.
+async fn pod_workload(
+    node: &Arc<Node>,
+    uid: &str,
+    info: &WorkloadInfo,
+) -> Result<Arc<Workload>, String> {
+    let find = |model: &crate::model::Model| {
+        model
+            .workload_by_uid(uid)
+            .filter(|w| w.node == model.node)
+            .or_else(|| {
+                model.local_workloads().find(|w| {
+                    !info.name.is_empty() && w.name == info.name && w.namespace == info.namespace
+                })
+            })
+            .cloned()
+    };
+    let mut states = node.subscribe_state();
+    let found = find(&states.borrow_and_update().model);
+    if let Some(w) = found {
+        return Ok(w);
+    }
+    let unknown = |model: &crate::model::Model| {
+        format!(
+            "pod uid {uid:?} ({}/{}) is not a workload of node {:?}; refusing to proxy an unknown pod",
+            info.namespace, info.name, model.node
+        )
+    };
+    let Some(cp) = &node.cfg.node.control_plane else {
+        return Err(unknown(&node.model()));
+    };
+    tracing::info!(uid, pod = %info.name, namespace = %info.namespace, wait = ?cp.workload_wait, "pod arrived before its workload; waiting for it over xDS");
+    let wait = async {
+        loop {
+            if states.changed().await.is_err() {
+                return None;
+            }
+            if let Some(w) = find(&states.borrow_and_update().model) {
+                return Some(w);
+            }
+        }
+    };
+    match tokio::time::timeout(cp.workload_wait, wait).await {
+        Ok(Some(w)) => Ok(w),
+        _ => Err(format!(
+            "{} (waited {:?} for it over xDS)",
+            unknown(&node.model()),
+            cp.workload_wait
+        )),
+    }
+}
+
 async fn add(
     node: &Arc<Node>,
     pods: &mut HashMap<String, PodProxy>,
     uid: &str,
-    name: &str,
+    info: &WorkloadInfo,
     fd: OwnedFd,
 ) -> Result<(), String> {
-    let netns = PodNetns::open(fd, name)
+    let netns = PodNetns::open(fd, &info.name)
         .await
         .map_err(|e| format!("cannot enter the network namespace of pod {uid:?}: {e}"))?;
     if let Some(existing) = pods.get(uid) {
@@ -167,17 +223,7 @@ async fn add(
         tracing::info!(uid, "pod network namespace changed: replacing its proxy");
         pods.remove(uid);
     }
-    let model = node.model();
-    let workload = model
-        .workload_by_uid(uid)
-        .filter(|w| w.node == model.node)
-        .cloned()
-        .ok_or_else(|| {
-            format!(
-                "pod uid {uid:?} is not a workload of node {:?} in the config; refusing to proxy an unknown pod",
-                model.node
-            )
-        })?;
+    let workload = pod_workload(node, uid, info).await?;
     node.certs
         .fetch_async(&workload.identity)
         .await

@@ -113,6 +113,8 @@ pub struct Node {
     pub pods: Mutex<Vec<PodView>>,
     /// Runtime log-level control for the admin server, installed by the binary.
     pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
+    /// The xDS client, when workloads come from a control plane (`node.control_plane`).
+    pub xds: std::sync::OnceLock<Arc<crate::xds::XdsClient>>,
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
@@ -161,9 +163,16 @@ pub fn load_certificates(
             }
             (CertSource::Static(certs), roots)
         }
-        CertificatesConfig::CaClient { target, ttl } => {
+        CertificatesConfig::CaClient {
+            target,
+            ttl,
+            impersonate,
+        } => {
             let roots = load_certs_pem(&target.root_cert).map_err(|e| certs_err(&e))?;
-            (CertSource::ca_client(target.clone(), *ttl), roots)
+            (
+                CertSource::ca_client(target.clone(), *ttl, *impersonate),
+                roots,
+            )
         }
         CertificatesConfig::CaClientUnresolved(_) => {
             return Err(StartError::Certs(
@@ -211,6 +220,7 @@ impl Node {
             metrics: Arc::default(),
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
+            xds: std::sync::OnceLock::new(),
             zds_pods: AtomicUsize::new(0),
             pods: Mutex::new(Vec::new()),
             mark,
@@ -242,7 +252,7 @@ impl Node {
                 )
             })
             .collect();
-        self.metrics.encode(&[
+        let mut extra = vec![
             (
                 "zmesh_policy_decisions_total",
                 "counter",
@@ -353,7 +363,11 @@ impl Node {
                     1.0,
                 )],
             ),
-        ])
+        ];
+        if let Some(x) = self.xds.get() {
+            extra.extend(x.metrics());
+        }
+        self.metrics.encode(&extra)
     }
 
     /// The current model and policies.
@@ -433,6 +447,14 @@ impl Node {
                 Mode::InPod => "the first ZDS snapshot from the redirect agent".to_string(),
                 Mode::Host => "listeners".to_string(),
             });
+        }
+        if let Some(cp) = &self.cfg.node.control_plane {
+            if !self.xds.get().is_some_and(|x| x.synced()) {
+                pending.push(format!(
+                    "the first xDS response of each type (Address, Authorization) from {}",
+                    cp.target.address
+                ));
+            }
         }
         // Certificates are needed only where workloads run here (host mode); in-pod nodes fetch
         // them as pods arrive.
@@ -725,6 +747,7 @@ fn bind(
 
 /// Binds every listener and starts serving.
 pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
+    crate::xds::spawn(&node);
     if node.cfg.node.mode == Mode::InPod {
         return start_in_pod(node).await;
     }

@@ -87,6 +87,15 @@ impl Node {
         self.certs
             .replace(source, trust)
             .map_err(|e| ReloadError::Certs(e.to_string()))?;
+        if self.cfg.node.control_plane.is_some() {
+            // Workloads, services and policies come from the control plane; the file only
+            // names where certificates and trust come from.
+            self.stats.reloads_applied.fetch_add(1, Ordering::Relaxed);
+            return Ok(ReloadSummary {
+                needs_restart: restart_only_changes(&self.cfg, &cfg),
+                ..Default::default()
+            });
+        }
         let state = State::from_config(&cfg);
         let local: std::collections::HashSet<_> = state
             .model
@@ -108,7 +117,18 @@ impl Node {
             broken_policies: state.policies.errors().len(),
             needs_restart: restart_only_changes(&self.cfg, &cfg),
         };
-        // Series of workloads that left go with them (bounded cardinality).
+        self.publish(state);
+        self.stats.reloads_applied.fetch_add(1, Ordering::Relaxed);
+        Ok(summary)
+    }
+}
+
+impl Node {
+    /// Replaces the model and policies in one step (a file reload or an xDS push): open
+    /// connections re-judge themselves, metric series of departed workloads go, and
+    /// certificates of departed local identities are forgotten while new ones are fetched in
+    /// the background.
+    pub fn publish(&self, state: State) {
         let model = state.model.clone();
         self.metrics.forget(&|name, ns| {
             name != "unknown"
@@ -118,8 +138,6 @@ impl Node {
                     .any(|w| w.name == name && w.namespace == ns)
         });
         self.state.send_replace(Arc::new(state));
-        self.stats.reloads_applied.fetch_add(1, Ordering::Relaxed);
-        Ok(summary)
     }
 }
 

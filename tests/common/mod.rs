@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod http_app;
+pub mod istiod;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
