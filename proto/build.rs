@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(&files, [&root])?;
     tonic_build::configure()
+        // Ordered, so a workload encodes to the same bytes every time: the xDS server versions
+        // each resource by a hash of its encoding (a HashMap's order differs per instance).
+        .btree_map([".istio.workload.Workload.services"])
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -3,6 +3,7 @@
 //! Where things live:
 //! - `accesslog`: the bounded, never-blocking access-log writer of the node and the waypoint;
 //! - `config`: the local YAML file, parsed once into typed structs;
+//! - `controlplane`: what zmesh serves to other nodes in place of istiod (the xDS server);
 //! - `model`: workloads and services, and outbound destination selection;
 //! - `identity`: SPIFFE IDs, the built-in file CA and the certificate manager;
 //! - `controlplane`: `zmesh-node ca serve`, the CA server of a standalone mesh;

@@ -262,6 +262,18 @@ pub enum PolicyEntry {
     Broken(BrokenPolicy),
 }
 
+impl PolicyEntry {
+    /// Each YAML value as a policy, in order: valid, or broken with its error (for callers that
+    /// need the policies themselves, such as the xDS server, rather than a [`PolicySet`]).
+    pub fn from_yaml_values(values: Vec<serde_yaml::Value>) -> Vec<PolicyEntry> {
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| parse_value(index, v))
+            .collect()
+    }
+}
+
 /// A policy that failed to load, with what could be salvaged of where it applies. It is enforced
 /// as deny-all over that scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -708,12 +720,7 @@ impl PolicySet {
     /// Builds the set from YAML values (e.g. the config file's `policies:` list kept as
     /// `serde_yaml::Value` so one bad entry cannot hide the others).
     pub fn from_yaml_values(values: Vec<serde_yaml::Value>) -> PolicySet {
-        let results = values
-            .into_iter()
-            .enumerate()
-            .map(|(index, v)| parse_value(index, v))
-            .collect();
-        PolicySet::new(results)
+        PolicySet::new(PolicyEntry::from_yaml_values(values))
     }
 
     /// Builds the set from a YAML sequence of policies. If the text is not a sequence at all the

@@ -268,6 +268,10 @@ enum CaCmd {
         /// Extra DNS names for the server's certificate (it always has `zmesh-ca`).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// Also serve the mesh file's workloads, services and policies over xDS (delta ADS, as
+        /// istiod does), to nodes authenticated by their token: their files then need none.
+        #[arg(long)]
+        xds: bool,
     },
 }
 
@@ -385,8 +389,9 @@ fn main() -> ExitCode {
                     mesh,
                     listen,
                     server_names,
+                    xds,
                 },
-        } => match ca_serve(dir, mesh, listen, server_names) {
+        } => match ca_serve(dir, mesh, listen, server_names, xds) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ca serve: {e:#}");
@@ -440,6 +445,7 @@ fn ca_serve(
     mesh: PathBuf,
     listen: std::net::SocketAddr,
     server_names: Vec<String>,
+    xds: bool,
 ) -> anyhow::Result<()> {
     init_logging(AccessLogFormat::Text);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -451,6 +457,7 @@ fn ca_serve(
     rt.block_on(async move {
         let mut opts = zmesh::controlplane::ServeOptions::new(dir, mesh, listen);
         opts.server_names = server_names;
+        opts.xds = xds;
         let hup = opts.reload_now.clone();
         let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot install the SIGHUP handler")?;

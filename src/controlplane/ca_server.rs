@@ -97,27 +97,7 @@ impl CaServer {
 
     /// Step 1: the caller's node.
     fn authenticate<T>(&self, req: &Request<T>) -> Result<String, Refused> {
-        use tonic::Code::{Unauthenticated, Unavailable};
-        let token = crate::grpc::bearer(req).ok_or_else(|| {
-            Refused::new(
-                Unauthenticated,
-                "no `authorization: Bearer <node token>` header",
-            )
-        })?;
-        match self.tokens.node_of(token.trim()) {
-            Ok(Some(node)) => Ok(node),
-            Ok(None) => Err(Refused::new(
-                Unauthenticated,
-                "the bearer token is not a node token of this CA (zmesh-node ca token)",
-            )),
-            Err(e) => {
-                tracing::error!(error = %e, "the node token store cannot be read; refusing every call");
-                Err(Refused::new(
-                    Unavailable,
-                    "the CA cannot read its node token store",
-                ))
-            }
-        }
+        super::tokens::caller_node(&self.tokens, req).map_err(|(code, why)| Refused::new(code, why))
     }
 
     /// Steps 2 and 3 for an authenticated `node`: the checked CSR and the lifetime to sign.

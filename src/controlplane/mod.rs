@@ -14,6 +14,7 @@
 
 pub mod ca_server;
 pub mod tokens;
+pub mod xds_server;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,6 +83,8 @@ pub struct ServeOptions {
     pub reload_now: Arc<Notify>,
     /// Signing and certificate-rotation time.
     pub clock: Arc<dyn Clock>,
+    /// Also serve the mesh over xDS (delta ADS), to nodes authenticated by their token.
+    pub xds: bool,
 }
 
 impl ServeOptions {
@@ -95,6 +98,7 @@ impl ServeOptions {
             reload_interval: crate::proxy::reload::WATCH_INTERVAL,
             reload_now: Arc::new(Notify::new()),
             clock: Arc::new(SystemClock),
+            xds: false,
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct ControlPlane {
     ca: Arc<FileCa>,
     tokens: Arc<NodeTokens>,
     clock: Arc<dyn Clock>,
+    xds: bool,
     watcher: Aborting,
 }
 
@@ -172,6 +177,7 @@ impl ControlPlane {
             ca,
             tokens,
             clock: opts.clock,
+            xds: opts.xds,
             watcher,
         })
     }
@@ -203,12 +209,46 @@ impl ControlPlane {
     /// services are added (the binary and [`serve`] both come through it): a second service,
     /// such as xDS built from [`ControlPlane::mesh`], is chained here with `.add_service(..)`.
     pub fn router(&self) -> Router {
-        Server::builder()
+        // The call deadline covers a call until its response starts: a whole CSR call, and an
+        // xDS stream only until it is open (its responses then flow for as long as it lives).
+        let router = Server::builder()
             .timeout(CALL_TIMEOUT)
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(self.ca_service())
+            .add_service(self.ca_service());
+        if self.xds {
+            router.add_service(self.xds_service())
+        } else {
+            router
+        }
+    }
+
+    /// The xDS service over this process's mesh model; a stream is opened only for a request
+    /// that carries a node token (the mesh's topology is not for anyone who can connect).
+    pub fn xds_service(
+        &self,
+    ) -> zmesh_proto::tonic::service::interceptor::InterceptedService<
+        zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<xds_server::XdsServer>,
+        impl zmesh_proto::tonic::service::Interceptor + Clone,
+    >{
+        let tokens = self.tokens.clone();
+        let check = move |req: zmesh_proto::tonic::Request<()>| {
+            match tokens::caller_node(&tokens, &req) {
+                Ok(node) => {
+                    tracing::debug!(%node, "xDS stream authenticated");
+                    Ok(req)
+                }
+                Err((code, why)) => {
+                    tracing::warn!(reason = why, "xDS stream refused");
+                    Err(zmesh_proto::tonic::Status::new(code, why))
+                }
+            }
+        };
+        zmesh_proto::tonic::service::interceptor::InterceptedService::new(
+            xds_server::service(self.mesh()),
+            check,
+        )
     }
 
     /// Serves `router` on the bound listener until `shutdown` completes.

@@ -240,6 +240,28 @@ impl NodeTokens {
     }
 }
 
+/// The node whose bootstrap token a request carries (`authorization: Bearer <token>`), or the
+/// gRPC code and reason it is refused with. Every service of the control plane asks this first.
+pub fn caller_node<T>(
+    tokens: &NodeTokens,
+    req: &zmesh_proto::tonic::Request<T>,
+) -> Result<String, (zmesh_proto::tonic::Code, &'static str)> {
+    use zmesh_proto::tonic::Code::{Unauthenticated, Unavailable};
+    let token = crate::grpc::bearer(req)
+        .ok_or((Unauthenticated, "no `authorization: Bearer <node token>` header"))?;
+    match tokens.node_of(token.trim()) {
+        Ok(Some(node)) => Ok(node),
+        Ok(None) => Err((
+            Unauthenticated,
+            "the bearer token is not a node token of this CA (zmesh-node ca token)",
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "the node token store cannot be read; refusing every call");
+            Err((Unavailable, "the control plane cannot read its node token store"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

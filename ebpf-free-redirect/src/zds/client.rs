@@ -15,7 +15,7 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 use prost::Message;
 
 use super::proto::workload_request::Payload;
-use super::proto::{Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello};
+use super::proto::{AckExt, Version, WorkloadInfo, WorkloadRequest, WorkloadResponse, ZdsHello};
 use super::wire::{self, Datagram, SeqpacketSocket};
 use super::ZdsError;
 
