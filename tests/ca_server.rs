@@ -68,6 +68,10 @@ impl Server {
     }
 
     fn start_with(limits: ServerLimits) -> Server {
+        Server::start_full(limits, false)
+    }
+
+    fn start_full(limits: ServerLimits, xds: bool) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         FileCa::init(&ca, "cluster.local").unwrap();
@@ -80,6 +84,7 @@ impl Server {
             .unwrap();
         let mut opts = ServeOptions::new(ca, mesh, "127.0.0.1:0".parse().unwrap());
         opts.limits = limits;
+        opts.xds = xds;
         opts.reload_interval = Duration::from_millis(50);
         let cp = rt.block_on(ControlPlane::bind(opts)).unwrap();
         let addr = cp.local_addr();
@@ -783,4 +788,74 @@ fn ca_token_and_ca_serve_refuse_broken_input() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "chmod 600",
     );
+}
+
+/// Opens a delta ADS stream with `target`'s headers and returns the type URLs of the first two
+/// responses, or the status the server refused the stream with.
+fn xds_types(target: &GrpcTarget) -> Result<Vec<String>, Box<Status>> {
+    use zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use zmesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = zmesh::grpc::connect(target, None)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let reqs: Vec<DeltaDiscoveryRequest> = [
+            zmesh_proto::type_url::ADDRESS,
+            zmesh_proto::type_url::AUTHORIZATION,
+        ]
+        .into_iter()
+        .map(|t| DeltaDiscoveryRequest {
+            type_url: t.into(),
+            ..Default::default()
+        })
+        .collect();
+        // Keep the request stream open while the answers come.
+        let outbound = futures_util::StreamExt::chain(
+            futures_util::stream::iter(reqs),
+            futures_util::stream::pending(),
+        );
+        let mut req = tonic::Request::new(outbound);
+        zmesh::grpc::authorize(&mut req, target).unwrap();
+        let mut inbound = client.delta_aggregated_resources(req).await?.into_inner();
+        let mut types = Vec::new();
+        while types.len() < 2 {
+            let r = inbound.message().await?.expect("a response");
+            types.push(r.type_url);
+        }
+        Ok(types)
+    })
+    .map_err(Box::new)
+}
+
+#[test]
+fn xds_streams_open_only_for_node_tokens() {
+    let server = Server::start_full(ServerLimits::default(), true);
+    for (token, why) in [
+        (None, "no `authorization"),
+        (Some("not-a-token"), "not a node token"),
+    ] {
+        let e = xds_types(&server.target(token)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains(why), "{e:?}");
+    }
+    let t = server.token("vm-1");
+    let mut types = xds_types(&server.target(Some(&t))).unwrap();
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            zmesh_proto::type_url::AUTHORIZATION,
+            zmesh_proto::type_url::ADDRESS
+        ]
+    );
+    // Without --xds the service is not there at all.
+    let plain = Server::start();
+    let t = plain.token("vm-1");
+    let e = xds_types(&plain.target(Some(&t))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
 }

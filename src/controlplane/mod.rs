@@ -233,8 +233,8 @@ impl ControlPlane {
         impl zmesh_proto::tonic::service::Interceptor + Clone,
     >{
         let tokens = self.tokens.clone();
-        let check = move |req: zmesh_proto::tonic::Request<()>| {
-            match tokens::caller_node(&tokens, &req) {
+        let check =
+            move |req: zmesh_proto::tonic::Request<()>| match tokens::caller_node(&tokens, &req) {
                 Ok(node) => {
                     tracing::debug!(%node, "xDS stream authenticated");
                     Ok(req)
@@ -243,8 +243,7 @@ impl ControlPlane {
                     tracing::warn!(reason = why, "xDS stream refused");
                     Err(zmesh_proto::tonic::Status::new(code, why))
                 }
-            }
-        };
+            };
         zmesh_proto::tonic::service::interceptor::InterceptedService::new(
             xds_server::service(self.mesh()),
             check,

@@ -247,8 +247,10 @@ pub fn caller_node<T>(
     req: &zmesh_proto::tonic::Request<T>,
 ) -> Result<String, (zmesh_proto::tonic::Code, &'static str)> {
     use zmesh_proto::tonic::Code::{Unauthenticated, Unavailable};
-    let token = crate::grpc::bearer(req)
-        .ok_or((Unauthenticated, "no `authorization: Bearer <node token>` header"))?;
+    let token = crate::grpc::bearer(req).ok_or((
+        Unauthenticated,
+        "no `authorization: Bearer <node token>` header",
+    ))?;
     match tokens.node_of(token.trim()) {
         Ok(Some(node)) => Ok(node),
         Ok(None) => Err((
@@ -257,7 +259,10 @@ pub fn caller_node<T>(
         )),
         Err(e) => {
             tracing::error!(error = %e, "the node token store cannot be read; refusing every call");
-            Err((Unavailable, "the control plane cannot read its node token store"))
+            Err((
+                Unavailable,
+                "the control plane cannot read its node token store",
+            ))
         }
     }
 }

@@ -145,19 +145,41 @@ impl Snapshot {
 ///   `x*` → `prefix`, `*x` → `suffix`, else `exact`; CIDRs as address bytes and prefix length;
 ///   `service_accounts` as namespace and name; ports.
 ///
+/// The deny-all a broken policy is enforced as. Unknown parts: the name `broken-<index>`; the
+/// namespace istio's root namespace with a global scope.
+fn deny_all(index: usize, b: policy::BrokenPolicy) -> AuthorizationPolicy {
+    let scope = match (&b.namespace, b.scope) {
+        (None, _) => policy::Scope::Global,
+        (Some(_), Some(s)) => s,
+        (Some(_), None) => policy::Scope::Namespace,
+    };
+    AuthorizationPolicy {
+        name: b.name.unwrap_or_else(|| format!("broken-{index}")),
+        namespace: b.namespace.unwrap_or_else(|| "istio-system".into()),
+        scope,
+        action: policy::Action::Deny,
+        dry_run: false,
+        rules: vec![policy::Rule { clauses: vec![] }],
+    }
+}
+
+/// A broken policy (`PolicyEntry::Broken`) is served as what a node reading the file enforces:
+/// a DENY of everything (one rule without clauses) over what could be read of its scope (the
+/// whole mesh when its namespace is unknown), logged; `check-config` names the error. A typo in
+/// a DENY never opens what it meant to close.
+///
 /// Not served, each logged: a workload whose uid was already used (the first wins, as in
-/// `Model::from_config`), a service whose `namespace/hostname` equals a workload uid, a second
-/// policy of one `namespace/name`, and a broken policy (`PolicyEntry::Broken`: a node fed by
-/// this server does not see it, where a node reading the file denies its scope; `check-config`
-/// names the error).
+/// `Model::from_config`), a service whose `namespace/hostname` equals a workload uid, and a
+/// second policy of one `namespace/name`.
 pub fn resources(cfg: &Config) -> Snapshot {
     let policies: Vec<AuthorizationPolicy> = PolicyEntry::from_yaml_values(cfg.policies.clone())
         .into_iter()
-        .filter_map(|p| match p {
-            PolicyEntry::Valid(p) => Some(p),
+        .enumerate()
+        .map(|(i, p)| match p {
+            PolicyEntry::Valid(p) => p,
             PolicyEntry::Broken(b) => {
-                tracing::warn!(error = %b.error, "xDS server: broken policy not served");
-                None
+                tracing::warn!(error = %b.error, "xDS server: broken policy served as deny-all over its scope");
+                deny_all(i, b)
             }
         })
         .collect();
@@ -1055,8 +1077,21 @@ services:
         let s = resources(&cfg(MESH));
         assert_eq!(
             s.authorizations.keys().collect::<Vec<_>>(),
-            ["istio-system/everywhere", "shop/strict", "shop/to-web"],
-            "the broken policy is not served"
+            [
+                "istio-system/everywhere",
+                "shop/broken",
+                "shop/strict",
+                "shop/to-web"
+            ],
+        );
+        // The broken policy is served as what the file enforces: deny-all over its namespace.
+        let broken = authz(&s, "shop/broken");
+        assert_eq!(broken.action, sec::Action::Deny as i32);
+        assert_eq!(broken.scope, sec::Scope::Namespace as i32);
+        assert_eq!(broken.rules.len(), 1);
+        assert!(
+            broken.rules[0].clauses.is_empty(),
+            "a rule without clauses matches everything"
         );
         let strict = authz(&s, "shop/strict");
         assert_eq!(strict.scope, sec::Scope::Namespace as i32);
