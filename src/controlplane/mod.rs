@@ -226,6 +226,8 @@ impl ControlPlane {
 
     /// The xDS service over this process's mesh model; a stream is opened only for a request
     /// that carries a node token (the mesh's topology is not for anyone who can connect).
+    // tonic's interceptors return its (large) `Status` by value.
+    #[allow(clippy::result_large_err)]
     pub fn xds_service(
         &self,
     ) -> zmesh_proto::tonic::service::interceptor::InterceptedService<
