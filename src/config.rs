@@ -406,6 +406,18 @@ pub struct WorkloadConfig {
     pub waypoint: Option<BoundedString>,
 }
 
+impl WorkloadConfig {
+    /// The canonical service name telemetry uses: `canonical_name`, else the name.
+    pub fn canonical_name(&self) -> &str {
+        self.canonical_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The canonical revision: `canonical_revision`, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.canonical_revision.as_deref().unwrap_or("latest")
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancingMode {

@@ -146,12 +146,8 @@ impl Model {
                 cluster: node.cluster.0.clone(),
                 protocol: w.protocol,
                 workload_type: w.workload_type.0.clone(),
-                canonical_name: w.canonical_name.as_deref().unwrap_or(&w.name).to_string(),
-                canonical_revision: w
-                    .canonical_revision
-                    .as_deref()
-                    .unwrap_or("latest")
-                    .to_string(),
+                canonical_name: w.canonical_name().to_string(),
+                canonical_revision: w.canonical_revision().to_string(),
                 healthy: w.status == HealthStatus::Healthy,
                 capacity: w.capacity,
                 locality: w.locality.clone(),

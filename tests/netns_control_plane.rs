@@ -62,24 +62,10 @@ const DENY_FRONTEND: &str = "policies:
               - principals: [\"cluster.local/ns/shop/sa/frontend\"]
 ";
 
-fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
-    ns.run(|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .unwrap_or_else(|e| format!("error: {e}"))
-}
-
 fn wait_ready(ns: &Netns, node: &Child) {
     let end = Instant::now() + WAIT;
     loop {
-        let r = http_get(ns, "127.0.0.1:15021", "/healthz/ready");
+        let r = ns.http_get("127.0.0.1:15021", "/healthz/ready");
         if r.starts_with("HTTP/1.1 200") {
             return;
         }
@@ -213,7 +199,10 @@ fn nodes_with_empty_files_get_everything_from_the_control_plane_and_survive_its_
         let msg = format!("without a control plane {i}");
         assert_eq!(exchange(&mesh, msg.as_bytes()).unwrap(), msg.as_bytes());
     }
-    assert!(http_get(&mesh.a, "127.0.0.1:15021", "/healthz/ready").starts_with("HTTP/1.1 200"));
+    assert!(mesh
+        .a
+        .http_get("127.0.0.1:15021", "/healthz/ready")
+        .starts_with("HTTP/1.1 200"));
 
     // It comes back with a DENY for A's identity: B enforces it once it has resynced.
     std::fs::write(&mesh_path, mesh_file(&ca, DENY_FRONTEND)).unwrap();
@@ -237,6 +226,6 @@ fn nodes_with_empty_files_get_everything_from_the_control_plane_and_survive_its_
             Err(_) => break,
         }
     }
-    let dump = http_get(&mesh.b, "127.0.0.1:15000", "/config_dump");
+    let dump = mesh.b.http_get("127.0.0.1:15000", "/config_dump");
     assert!(dump.contains("shop/deny-frontend"), "{dump}");
 }

@@ -224,14 +224,14 @@ workloads:
         let e = agent.del_pod("pod-unknown").await.unwrap_err().to_string();
         assert!(e.contains("unknown pod uid"), "{e}");
         // The node's metrics count the two pods it proxies.
-        let metrics = http_get(&node, "127.0.0.1:15020", "/metrics");
+        let metrics = node.http_get("127.0.0.1:15020", "/metrics");
         assert!(metrics.contains("\nzmesh_zds_pods 2\n"), "{metrics}");
         assert!(
             metrics.contains("\nzmesh_zds_snapshot_received 1\n"),
             "{metrics}"
         );
         // ...and the admin dump shows each pod proxy.
-        let dump = http_get(&node, "127.0.0.1:15000", "/config_dump");
+        let dump = node.http_get("127.0.0.1:15000", "/config_dump");
         let body = dump.split_once("\r\n\r\n").unwrap().1;
         let dump: serde_json::Value = serde_json::from_str(body).unwrap();
         let mut uids: Vec<&str> = dump["pod_proxies"]
@@ -396,21 +396,8 @@ workloads:
     }
 
     /// One HTTP/1.1 GET from inside `ns`; the whole response, or the error as text.
-    fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
-        ns.run(|| -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect(addr)?;
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .unwrap_or_else(|e| format!("error: {e}"))
-    }
-
     fn readiness(ns: &Netns) -> String {
-        http_get(ns, "127.0.0.1:15021", "/healthz/ready")
+        ns.http_get("127.0.0.1:15021", "/healthz/ready")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

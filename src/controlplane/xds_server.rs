@@ -325,12 +325,8 @@ fn to_workload(cfg: &Config, w: &WorkloadConfig) -> wl::Workload {
             .clone(),
         service_account: w.service_account.0.clone(),
         node: w.node.0.clone(),
-        canonical_name: w.canonical_name.as_deref().unwrap_or(&w.name).to_string(),
-        canonical_revision: w
-            .canonical_revision
-            .as_deref()
-            .unwrap_or("latest")
-            .to_string(),
+        canonical_name: w.canonical_name().to_string(),
+        canonical_revision: w.canonical_revision().to_string(),
         workload_type: workload_type as i32,
         // The controller's name: zmesh workloads carry one name, used for both.
         workload_name: w.name.0.clone(),

@@ -122,6 +122,23 @@ impl Netns {
             .with_context(|| format!("listen_tcp in netns {}", self.name))
     }
 
+    /// `GET path` over HTTP/1.1 to `addr` from inside this namespace: the whole response
+    /// (status line, headers, body), or `error: ...` when it cannot be had (a readiness probe).
+    pub fn http_get(&self, addr: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        self.run(|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap_or_else(|e| format!("error: {e}"))
+    }
+
     /// Connects a TCP stream from inside the namespace, giving up after a few
     /// seconds so a dropped SYN fails the test instead of hanging it.
     pub fn connect_tcp(&self, addr: impl ToSocketAddrs + Send) -> Result<TcpStream> {
