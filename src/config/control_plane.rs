@@ -286,16 +286,25 @@ impl Config {
     /// `apply_env` with the process environment, ISTIO_META_* included.
     pub fn apply_process_env(&mut self) -> Result<(), String> {
         self.apply_env(|k| std::env::var(k).ok())?;
-        if let Some(cp) = self.node.control_plane.as_mut() {
-            for (k, v) in std::env::vars() {
-                if let Some(name) = k.strip_prefix("ISTIO_METAJSON_") {
-                    let json =
-                        serde_json::from_str(&v).map_err(|e| format!("{k} is not JSON: {e}"))?;
-                    cp.metadata.insert(name.to_string(), json);
-                } else if let Some(name) = k.strip_prefix("ISTIO_META_") {
-                    cp.metadata
-                        .insert(name.to_string(), serde_json::Value::String(v));
-                }
+        self.apply_metadata_env(std::env::vars())
+    }
+
+    /// ISTIO_META_<K> (a string) and ISTIO_METAJSON_<K> (JSON, refused when it does not parse)
+    /// become node metadata entry <K>, as ztunnel sends them to istiod.
+    pub fn apply_metadata_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), String> {
+        let Some(cp) = self.node.control_plane.as_mut() else {
+            return Ok(());
+        };
+        for (k, v) in vars {
+            if let Some(name) = k.strip_prefix("ISTIO_METAJSON_") {
+                let json = serde_json::from_str(&v).map_err(|e| format!("{k} is not JSON: {e}"))?;
+                cp.metadata.insert(name.to_string(), json);
+            } else if let Some(name) = k.strip_prefix("ISTIO_META_") {
+                cp.metadata
+                    .insert(name.to_string(), serde_json::Value::String(v));
             }
         }
         Ok(())
@@ -406,6 +415,26 @@ mod tests {
             .apply_env(|k| (k == "INSTANCE_IP").then(|| "nope".to_string()))
             .unwrap_err();
         assert!(e.contains("INSTANCE_IP"), "{e}");
+    }
+
+    #[test]
+    fn istio_meta_variables_become_node_metadata() {
+        let mut c = cfg("  control_plane: {}\n");
+        let vars = [
+            ("ISTIO_META_CLUSTER_ID", "east"),
+            ("ISTIO_METAJSON_LABELS", r#"{"app": "ztunnel"}"#),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        c.apply_metadata_env(vars).unwrap();
+        let md = &c.node.control_plane.as_ref().unwrap().metadata;
+        assert_eq!(md.len(), 2);
+        assert_eq!(md["CLUSTER_ID"], "east");
+        assert_eq!(md["LABELS"]["app"], "ztunnel");
+        let e = c
+            .apply_metadata_env([("ISTIO_METAJSON_X".to_string(), "{nope".to_string())])
+            .unwrap_err();
+        assert!(e.contains("ISTIO_METAJSON_X is not JSON"), "{e}");
     }
 
     #[test]
