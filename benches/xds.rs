@@ -3,22 +3,23 @@
 //! in one run with the same mesh given as a config file (the baseline):
 //! - initial sync: push of everything → both ACKs;
 //! - push → enforcement: one changed policy → the node's new state is published (open
-//!   connections re-judge on that signal) vs the file reload of the same change;
+//!   connections re-judge on that signal) vs the file reload of the same change; and a DENY →
+//!   an open HBONE connection cut at the destination node, vs the same DENY by file reload;
 //! - resident memory of a real `zmesh-node` process holding the mesh, fed over xDS vs from file.
 //!
 //! `cargo bench --bench xds` (needs root: the node marks its sockets). Prints a markdown table and
 //! writes it to benches/RESULTS-control-plane.md.
 
 #[allow(dead_code)]
-#[path = "../tests/common/istiod.rs"]
-mod istiod;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use istiod::*;
+use common::istiod::*;
 use zmesh::config::Config;
 use zmesh::proxy::{self, Node};
 use zmesh_proto::envoy::service::discovery::v3::Resource;
@@ -268,6 +269,10 @@ async fn main() {
     .unwrap();
     writeln!(out, "| one policy changed → new state published (median of {PUSHES}) | {:.2} ms | {:.2} ms | {:.3} |", xds.as_secs_f64() * 1e3, file.as_secs_f64() * 1e3, xds.as_secs_f64() / file.as_secs_f64()).unwrap();
 
+    // Enforcement: a DENY closes an open connection client → node A → HBONE → node B → app.
+    let (cut_xds, cut_file) = enforcement().await;
+    writeln!(out, "| DENY → open connection cut at the destination (median of {CUTS}) | {:.2} ms | {:.2} ms | {:.3} |", cut_xds.as_secs_f64() * 1e3, cut_file.as_secs_f64() * 1e3, cut_xds.as_secs_f64() / cut_file.as_secs_f64()).unwrap();
+
     // Memory: real processes holding the mesh.
     let bin = env!("CARGO_BIN_EXE_zmesh-node");
     let dir = tempfile::tempdir().unwrap();
@@ -323,4 +328,156 @@ async fn main() {
     .unwrap();
     drop((empty, x, f));
     let _ = Arc::clone(&node);
+}
+
+const CUTS: usize = 10;
+
+/// The client and server workloads of the enforcement runs, at 127.<net>.0.2 and .3.
+fn pair(net: u8) -> Vec<Resource> {
+    let w = |uid: &str, host: u8, node: &str| workload(uid, uid, common::ip(net, host), node);
+    vec![
+        address_resource(&w("client", 2, "node-a"), "1"),
+        address_resource(&w("server", 3, "node-b"), "1"),
+    ]
+}
+
+async fn open_conn(net: u8, a: Arc<Node>) -> tokio::net::TcpStream {
+    let app = tokio::net::TcpListener::bind(std::net::SocketAddr::new(common::ip(net, 3), 0))
+        .await
+        .unwrap();
+    let dst = app.local_addr().unwrap();
+    common::spawn_echo(app);
+    let entry = common::capture_to(a, common::ip(net, 2), dst).await;
+    let mut c = common::connect_from(common::ip(net, 2), entry)
+        .await
+        .unwrap();
+    common::round_trip(&mut c, b"open").await;
+    c
+}
+
+/// Times from `change` to the open connection's reset.
+async fn time_cut(c: &mut tokio::net::TcpStream, change: impl FnOnce()) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let t = Instant::now();
+    change();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Err(_)) | Ok(Ok(0))), "not cut: {r:?}");
+    t.elapsed()
+}
+
+/// xDS: node B is fed by a fake istiod along with the 10,000-workload mesh; file: node B reloads
+/// a file holding the same mesh plus the two workloads.
+async fn enforcement() -> (Duration, Duration) {
+    let deny = |g: usize| {
+        let mut p = principal_policy(
+            "deny-client",
+            sec::Action::Deny,
+            "cluster.local/ns/default/sa/client",
+        );
+        p.name = format!("deny-client-{g}");
+        p
+    };
+    // xDS.
+    let net = 91;
+    let cp = FakeIstiod::start().await;
+    let mut mesh = common::Mesh::new(net);
+    let node = |name: &str, host: u8| {
+        format!(
+            "node:\n  name: {name}\n  bind: {}\n  access_log: off\n{}",
+            common::ip(net, host),
+            cp.node_settings()
+        )
+    };
+    let a = Node::new(Config::parse(&node("node-a", 1), "a").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(a.clone()).await.unwrap());
+    let b = Node::new(Config::parse(&node("node-b", 3), "b").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(b.clone()).await.unwrap());
+    for stream in [1, 2] {
+        let (mut addresses, policies) = resources();
+        addresses.extend(pair(net));
+        synced(&cp, stream, addresses, policies).await;
+    }
+    common::wait_until("ready", Duration::from_secs(20), || {
+        a.is_ready() && b.is_ready()
+    })
+    .await;
+    let mut xds = Vec::new();
+    for g in 0..CUTS {
+        let mut c = open_conn(net, a.clone()).await;
+        let name = format!("default/deny-client-{g}");
+        xds.push(
+            time_cut(&mut c, || {
+                for stream in [1, 2] {
+                    cp.push_to(
+                        stream,
+                        AUTHORIZATION,
+                        vec![policy_resource(&deny(g), "1")],
+                        vec![],
+                    );
+                }
+            })
+            .await,
+        );
+        for stream in [1, 2] {
+            let n = cp.push_to(stream, AUTHORIZATION, vec![], vec![name.clone()]);
+            cp.answer(&n).await;
+        }
+    }
+    drop(mesh);
+
+    // File: the same mesh and the two workloads in node B's file; node A as before, by file.
+    let net = 92;
+    let mut mesh = common::Mesh::new(net);
+    let pair_yaml = common::workloads_yaml(
+        net,
+        &[
+            common::W {
+                uid: "client",
+                sa: "client",
+                host: 2,
+                node: "node-a",
+            },
+            common::W {
+                uid: "server",
+                sa: "server",
+                host: 3,
+                node: "node-b",
+            },
+        ],
+    );
+    let pair_yaml = pair_yaml.trim_start_matches("workloads:\n").to_string();
+    let ca = mesh.ca_dir.clone();
+    let file = |name: &str, host: u8, policy: Option<usize>| {
+        let settings = format!(
+            "  name: {name}\n  bind: {}\n  access_log: off\n  certificates:\n    file_ca: {{ dir: {} }}\n",
+            common::ip(net, host),
+            ca.display()
+        );
+        let mut y =
+            mesh_yaml(&settings, 0).replace("workloads:\n", &format!("workloads:\n{pair_yaml}"));
+        if let Some(g) = policy {
+            y.push_str(&format!("  - {{name: deny-client-{g}, namespace: default, action: deny, rules: [{{clauses: [{{matches: [{{principals: [\"cluster.local/ns/default/sa/client\"]}}]}}]}}]}}\n"));
+        }
+        y
+    };
+    let a = Node::new(Config::parse(&file("node-a", 1, None), "a").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(a.clone()).await.unwrap());
+    let b = Node::new(Config::parse(&file("node-b", 3, None), "b").unwrap()).unwrap();
+    mesh.nodes.push(proxy::start(b.clone()).await.unwrap());
+    let mut by_file = Vec::new();
+    for g in 0..CUTS {
+        let mut c = open_conn(net, a.clone()).await;
+        let text = file("node-b", 3, Some(g));
+        by_file.push(
+            time_cut(&mut c, || {
+                // What the watcher does once it has seen the change: read, parse, apply.
+                b.reload(Config::parse(&text, "b").unwrap()).unwrap();
+            })
+            .await,
+        );
+        b.reload(Config::parse(&file("node-b", 3, None), "b").unwrap())
+            .unwrap();
+    }
+    (median(xds), median(by_file))
 }
