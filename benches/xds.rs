@@ -10,7 +10,6 @@
 //! `cargo bench --bench xds` (needs root: the node marks its sockets). Prints a markdown table and
 //! writes it to benches/RESULTS-control-plane.md.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 
