@@ -47,6 +47,11 @@ pub enum Scope {
     /// The workloads of the policy's namespace whose `name` is listed. zmesh workloads carry no
     /// labels, so the selector is a list of workload names rather than Istio's `matchLabels`.
     WorkloadSelector { workloads: Vec<String> },
+    /// These workloads, each as (namespace, name), in whatever namespace the policy is: what an
+    /// Istio WORKLOAD_SELECTOR policy received over xDS means (each workload lists the policies
+    /// that select it, and istiod's mesh-wide STRICT policy lives in the root namespace).
+    /// Never read from YAML.
+    Workloads(Vec<(String, String)>),
 }
 
 #[derive(Deserialize)]
@@ -781,6 +786,15 @@ impl PolicySet {
                 .entry(ns.to_string())
                 .or_default()
                 .push(idx),
+            (Some(Scope::Workloads(pairs)), Some(_)) => {
+                for (ns, name) in pairs {
+                    let bucket = self.by_workload.entry(ns.clone()).or_default();
+                    let slot = bucket.entry(name.clone()).or_default();
+                    if !slot.contains(&idx) {
+                        slot.push(idx);
+                    }
+                }
+            }
             (Some(Scope::WorkloadSelector { workloads }), Some(ns)) => {
                 let bucket = self.by_workload.entry(ns.to_string()).or_default();
                 for w in dedup(workloads) {

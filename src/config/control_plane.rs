@@ -22,7 +22,7 @@ pub const DEFAULT_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
 
 /// How a node authenticates to the control plane: `authorization: Bearer <token>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum TokenSource {
     /// Read on every (re)connect, so a rotated projected token is picked up.
     File(PathBuf),
@@ -30,6 +30,17 @@ pub enum TokenSource {
     Inline(String),
     /// Send no token (a control plane that authenticates otherwise).
     None,
+}
+
+/// Never prints the token itself: configs are logged at start.
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            TokenSource::Inline(t) => write!(f, "Inline(<redacted, {} bytes>)", t.len()),
+            TokenSource::None => f.write_str("None"),
+        }
+    }
 }
 
 impl TokenSource {
@@ -435,6 +446,14 @@ mod tests {
             .apply_metadata_env([("ISTIO_METAJSON_X".to_string(), "{nope".to_string())])
             .unwrap_err();
         assert!(e.contains("ISTIO_METAJSON_X is not JSON"), "{e}");
+    }
+
+    #[test]
+    fn an_inline_token_never_appears_in_debug_output() {
+        let t = TokenSource::Inline("s3cr3t-token".into());
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("redacted"));
     }
 
     #[test]

@@ -454,7 +454,9 @@ fn to_authorization(p: &AuthorizationPolicy) -> sec::Authorization {
         scope: (match p.scope {
             policy::Scope::Global => sec::Scope::Global,
             policy::Scope::Namespace => sec::Scope::Namespace,
-            policy::Scope::WorkloadSelector { .. } => sec::Scope::WorkloadSelector,
+            policy::Scope::WorkloadSelector { .. } | policy::Scope::Workloads(_) => {
+                sec::Scope::WorkloadSelector
+            }
         }) as i32,
         action: (match p.action {
             policy::Action::Allow => sec::Action::Allow,

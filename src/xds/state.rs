@@ -97,22 +97,23 @@ impl Store {
     }
 
     /// The policy set of the held policies; a WORKLOAD_SELECTOR policy applies to the workloads
-    /// whose `authorization_policies` name it.
+    /// whose `authorization_policies` name it, in whatever namespace each is (istiod's mesh-wide
+    /// STRICT policy lives in the root namespace and is named by workloads everywhere).
     pub fn policy_set(&self) -> PolicySet {
-        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut selected: HashMap<&str, Vec<(String, String)>> = HashMap::new();
         for e in self.addresses.values() {
             if let AddressEntry::Workload(w) = &e.value {
                 for p in &w.policies {
                     selected
                         .entry(p.as_str())
                         .or_default()
-                        .push(w.config.name.0.clone());
+                        .push((w.config.namespace.0.clone(), w.config.name.0.clone()));
                 }
             }
         }
         let select = |name: &str, scope: Option<&mut Scope>| {
-            if let Some(Scope::WorkloadSelector { workloads }) = scope {
-                *workloads = selected.get(name).cloned().unwrap_or_default();
+            if let Some(s @ Scope::WorkloadSelector { .. }) = scope {
+                *s = Scope::Workloads(selected.get(name).cloned().unwrap_or_default());
             }
         };
         let entries = self
@@ -287,6 +288,75 @@ mod tests {
         assert!(
             set.evaluate(&conn("a", "cluster.local/ns/bad/sa/x", 80))
                 .allowed
+        );
+    }
+
+    /// istiod's mesh-wide STRICT mTLS: one WORKLOAD_SELECTOR DENY in the root namespace that
+    /// workloads of every namespace name in their `authorization_policies`.
+    #[test]
+    fn a_root_namespace_selector_policy_reaches_workloads_in_other_namespaces() {
+        use sec::string_match::MatchType::Presence;
+        let strict = sec::Authorization {
+            name: "istio_converted_static_strict".into(),
+            namespace: "istio-system".into(),
+            scope: sec::Scope::WorkloadSelector as i32,
+            action: sec::Action::Deny as i32,
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause {
+                    matches: vec![sec::Match {
+                        not_principals: vec![sm(Presence(()))],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            dry_run: false,
+        };
+        let key = "istio-system/istio_converted_static_strict";
+        let (item, e) = convert::authorization(key, &strict);
+        assert!(e.is_none(), "{e:?}");
+        let mut store = Store::default();
+        // `a` in namespace ns names the policy; a workload also called `a`, in istio-system,
+        // does not.
+        store
+            .addresses
+            .insert("a".into(), wl("a", [10, 0, 0, 1], &[key]));
+        let mut same_name = wl::Workload {
+            uid: "a-root".into(),
+            name: "a".into(),
+            namespace: "istio-system".into(),
+            addresses: vec![vec![10, 0, 0, 2]],
+            node: "n1".into(),
+            ..Default::default()
+        };
+        same_name.service_account = "x".into();
+        store.addresses.insert(
+            "a-root".into(),
+            Held {
+                version: "1".into(),
+                value: AddressEntry::Workload(convert::workload("a-root", &same_name).unwrap()),
+            },
+        );
+        store.policies.insert(
+            key.into(),
+            Held {
+                version: "1".into(),
+                value: item,
+            },
+        );
+        let set = store.policy_set();
+        let mut plaintext = conn("a", "cluster.local/ns/x/sa/y", 80);
+        plaintext.src_identity = None;
+        let d = set.evaluate(&plaintext);
+        assert!(!d.allowed, "STRICT must refuse plaintext to ns/a");
+        assert_eq!(d.decided_by.as_deref(), Some(key));
+        assert!(
+            set.evaluate(&conn("a", "cluster.local/ns/x/sa/y", 80))
+                .allowed
+        );
+        plaintext.dst_workload.namespace = "istio-system".into();
+        assert!(
+            set.evaluate(&plaintext).allowed,
+            "istio-system/a does not name the policy"
         );
     }
 
