@@ -168,8 +168,10 @@ pub struct NodeConfig {
 fn de_control_plane<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<control_plane::ControlPlaneConfig>, D::Error> {
+    // The cluster id defaults to `node.cluster`, which serde cannot see from here: left empty
+    // and filled in by `Config::parse`.
     let raw = Option::<control_plane::ControlPlaneRaw>::deserialize(d)?;
-    Ok(raw.map(|r| r.build(DEFAULT_CLUSTER)))
+    Ok(raw.map(|r| r.build("")))
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -646,6 +648,18 @@ impl Config {
         Config::parse(&text, &origin)
     }
 
+    /// `load`, then ztunnel's environment variables over it (`apply_process_env`): what the
+    /// node runs at start and on every reload, so a reload never drops an override.
+    pub fn load_effective(path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg = Config::load(path)?;
+        cfg.apply_process_env()
+            .map_err(|message| ConfigError::Unlocated {
+                path: path.display().to_string(),
+                message: format!("environment: {message}"),
+            })?;
+        Ok(cfg)
+    }
+
     /// Parses and validates YAML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         if text.len() > guard::MAX_BYTES {
@@ -674,6 +688,12 @@ impl Config {
                 message: e.to_string(),
             },
         })?;
+        let cluster = cfg.node.cluster.0.clone();
+        if let Some(cp) = cfg.node.control_plane.as_mut() {
+            if cp.target.cluster_id.is_empty() {
+                cp.target.cluster_id = cluster;
+            }
+        }
         if let CertificatesConfig::CaClientUnresolved(raw) = &cfg.node.certificates {
             let (target, ttl, impersonate) = raw
                 .clone()

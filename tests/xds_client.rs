@@ -522,3 +522,27 @@ async fn a_control_plane_that_fails_tls_verification_is_never_used() {
         .to_string();
     assert!(e.contains("https://"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_the_model_comes_from_cannot_change_by_reload() {
+    let net = 77;
+    let cp = FakeIstiod::start().await;
+    let mut mesh = Mesh::new(net);
+    let a = xds_node(&mut mesh, &cp, "node-a", 1).await;
+    let w = workload("w", "s", ip(net, 2), "node-b");
+    sync(&cp, 1, vec![address_resource(&w, "1")], vec![]).await;
+    // A file without the control plane would publish its (empty) model over the pushed one.
+    let file = node_yaml(net, "node-a", 1, &mesh.ca_dir, "");
+    let e = a.reload(Config::parse(&file, "a").unwrap()).unwrap_err();
+    assert!(e.to_string().contains("restart"), "{e}");
+    assert_eq!(a.model().workloads().len(), 1, "the pushed model stays");
+    // Nor can a file-fed node switch to a control plane by reload.
+    let b = mesh.node("node-b", 3, &workloads_yaml(net, &[])).await;
+    let text = format!(
+        "node:\n  name: node-b\n  bind: {}\n{}",
+        ip(net, 3),
+        cp.node_settings()
+    );
+    let e = b.reload(Config::parse(&text, "b").unwrap()).unwrap_err();
+    assert!(e.to_string().contains("node.control_plane"), "{e}");
+}

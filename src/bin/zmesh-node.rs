@@ -413,22 +413,25 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
+            // ztunnel's environment (XDS_ADDRESS, CA_ADDRESS, ...) overrides the file.
             let cfg = match &config {
-                Some(path) => Config::load(path),
-                None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>"),
+                Some(path) => Config::load_effective(path),
+                None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>").and_then(|mut c| {
+                    c.apply_process_env()
+                        .map_err(|message| zmesh::config::ConfigError::Unlocated {
+                            path: "<environment>".into(),
+                            message,
+                        })
+                        .map(|()| c)
+                }),
             };
-            let mut cfg = match cfg {
+            let cfg = match cfg {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            // ztunnel's environment (XDS_ADDRESS, CA_ADDRESS, ...) overrides the file.
-            if let Err(e) = cfg.apply_process_env() {
-                eprintln!("environment: {e}");
-                return ExitCode::from(EXIT_INVALID_CONFIG);
-            }
             match run(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -247,6 +247,7 @@ impl Config {
         if let Some(name) = var("NODE_NAME") {
             self.node.name = BoundedString(name);
         }
+        let before = self.node.control_plane.as_ref().map(|c| c.target.clone());
         if let Some(addr) = var("XDS_ADDRESS") {
             let cp = self.node.control_plane.get_or_insert_with(|| {
                 ControlPlaneRaw::default_for_env().build(&self.node.cluster)
@@ -277,7 +278,17 @@ impl Config {
                 );
             }
         }
+        let after = self.node.control_plane.as_ref().map(|c| c.target.clone());
         if let CertificatesConfig::CaClient { target, .. } = &mut self.node.certificates {
+            // What the CA client took from the control plane follows the control plane's
+            // overrides (XDS_ADDRESS also moves a CA that is istiod's); CA_* then win.
+            if let (Some(old), Some(new)) = (&before, &after) {
+                follow(&mut target.address, &old.address, &new.address);
+                follow(&mut target.root_cert, &old.root_cert, &new.root_cert);
+                follow(&mut target.server_name, &old.server_name, &new.server_name);
+                follow(&mut target.token, &old.token, &new.token);
+                follow(&mut target.cluster_id, &old.cluster_id, &new.cluster_id);
+            }
             if let Some(a) = var("CA_ADDRESS") {
                 target.address = a;
             }
@@ -290,6 +301,11 @@ impl Config {
             if let Some(c) = &cluster {
                 target.cluster_id = c.clone();
             }
+        }
+        if self.node.control_plane.is_some()
+            && !(self.workloads.is_empty() && self.services.is_empty() && self.policies.is_empty())
+        {
+            return Err("XDS_ADDRESS turns the control plane on, but the file lists workloads, services or policies: they come from the control plane; remove them from the file".into());
         }
         Ok(())
     }
@@ -335,6 +351,13 @@ impl ControlPlaneRaw {
             instance_ip: None,
             workload_wait: default_workload_wait(),
         }
+    }
+}
+
+/// Sets `field` to `new` when it held what the control plane held before (`old`).
+fn follow<T: PartialEq + Clone>(field: &mut T, old: &T, new: &T) {
+    if field == old {
+        *field = new.clone();
     }
 }
 
@@ -476,6 +499,56 @@ mod tests {
             .read()
             .unwrap_err()
             .contains("/nonexistent/t"));
+    }
+
+    #[test]
+    fn the_ca_client_follows_the_control_plane_overrides_it_inherited() {
+        let mut c = cfg("  control_plane: {}\n");
+        let env: BTreeMap<&str, String> = [
+            ("XDS_ADDRESS", "https://istiod.x:15012".to_string()),
+            ("XDS_ROOT_CA", "/x.pem".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        c.apply_env(|k| env.get(k).cloned()).unwrap();
+        let CertificatesConfig::CaClient { target, .. } = &c.node.certificates else {
+            panic!()
+        };
+        assert_eq!(target.address, "https://istiod.x:15012");
+        assert_eq!(target.root_cert, PathBuf::from("/x.pem"));
+    }
+
+    #[test]
+    fn the_cluster_id_defaults_to_the_nodes_cluster() {
+        let c = cfg("  cluster: east\n  control_plane: {}\n");
+        assert_eq!(
+            c.node.control_plane.as_ref().unwrap().target.cluster_id,
+            "east"
+        );
+        let CertificatesConfig::CaClient { target, .. } = &c.node.certificates else {
+            panic!()
+        };
+        assert_eq!(target.cluster_id, "east");
+        let c = cfg("  control_plane: { cluster_id: west }\n");
+        assert_eq!(
+            c.node.control_plane.as_ref().unwrap().target.cluster_id,
+            "west"
+        );
+        let c = cfg("  control_plane: {}\n");
+        assert_eq!(
+            c.node.control_plane.as_ref().unwrap().target.cluster_id,
+            "Kubernetes"
+        );
+    }
+
+    #[test]
+    fn xds_address_with_file_workloads_is_refused() {
+        let text = "node:\n  name: n1\n  certificates:\n    file_ca: { dir: /ca }\nworkloads:\n  - {uid: a, name: a, namespace: ns, addresses: [10.0.0.1], node: n1}\n";
+        let mut c = Config::parse(text, "t").unwrap();
+        let e = c
+            .apply_env(|k| (k == "XDS_ADDRESS").then(|| "https://cp:15012".to_string()))
+            .unwrap_err();
+        assert!(e.contains("remove them from the file"), "{e}");
     }
 
     #[test]

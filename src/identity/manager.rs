@@ -390,8 +390,10 @@ impl CertManager {
                     tokio::task::spawn_blocking(move || {
                         let FlightDone(mgr, id) = &done;
                         let r = mgr.fetch_at(id, mgr.now()).map_err(Arc::new);
-                        tx.send_replace(Some(r));
+                        // The flight is over before anyone hears its result: a caller that
+                        // wakes on it finds no stale entry (and a new fetch starts afresh).
                         drop(done);
+                        tx.send_replace(Some(r));
                     });
                     rx
                 }

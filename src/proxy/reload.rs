@@ -65,6 +65,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("certificates: {0}")]
     Certs(String),
+    #[error("{0} (restart the node to change it)")]
+    NeedsRestart(&'static str),
 }
 
 /// What a reload changed, for the log line.
@@ -81,6 +83,14 @@ pub struct ReloadSummary {
 impl Node {
     /// Applies a validated config to the running node (see the module docs for what changes).
     pub fn reload(&self, cfg: Config) -> Result<ReloadSummary, ReloadError> {
+        // Where the model comes from is fixed for the life of the process: a file reload must
+        // never publish an empty model over an xDS-fed one, or start serving a file's model
+        // while a stream still pushes.
+        if self.cfg.node.control_plane.is_some() != cfg.node.control_plane.is_some() {
+            return Err(ReloadError::NeedsRestart(
+                "node.control_plane was added or removed",
+            ));
+        }
         let clock = self.certs.trust().clock().clone();
         let (source, trust) =
             load_certificates(&cfg, clock).map_err(|e| ReloadError::Certs(e.to_string()))?;
@@ -171,6 +181,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.handshake_timeout != n.handshake_timeout,
     );
     check("connect_timeout", o.connect_timeout != n.connect_timeout);
+    check("control_plane", o.control_plane != n.control_plane);
     changed
 }
 
@@ -217,7 +228,7 @@ pub fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
 /// Loads `path` and applies it, logging the outcome. Returns the config that is now running
 /// (the new one, or None when it was rejected).
 pub fn reload_from(node: &Node, path: &Path) -> Option<Config> {
-    let outcome = Config::load(path)
+    let outcome = Config::load_effective(path)
         .map_err(ReloadError::from)
         .and_then(|cfg| node.reload(cfg.clone()).map(|s| (cfg, s)));
     match outcome {
