@@ -202,6 +202,8 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Connections open at once; beyond it, new ones are closed at accept.
     pub max_connections: usize,
+    /// Connections open at once from one source address, so one host cannot take them all.
+    pub max_per_source: usize,
 }
 
 impl Default for ServerLimits {
@@ -209,6 +211,7 @@ impl Default for ServerLimits {
         ServerLimits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_per_source: 64,
         }
     }
 }
@@ -219,11 +222,23 @@ pub struct Counted {
     _slot: Slot,
 }
 
-struct Slot(Arc<AtomicUsize>);
+/// One open connection's place under both caps, given back on drop.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    by_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    source: std::net::IpAddr,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        let mut m = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -276,6 +291,11 @@ pub fn incoming(
 ) -> impl futures_util::Stream<Item = std::io::Result<Counted>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Counted>>(64);
     let open = Arc::new(AtomicUsize::new(0));
+    let by_source = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let refusals = crate::rejections::LogLimiter::new(
+        crate::rejections::LOG_BURST,
+        crate::rejections::LOG_WINDOW,
+    );
     tokio::spawn(async move {
         let acceptor = TlsAcceptor::from(tls);
         loop {
@@ -294,10 +314,30 @@ pub fn incoming(
             };
             if open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
                 open.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(%peer, cap = limits.max_connections, "control-plane connection refused: at the connection cap");
+                if let Some(suppressed) = refusals.allow() {
+                    tracing::warn!(%peer, cap = limits.max_connections, suppressed, "control-plane connection refused: at the connection cap");
+                }
                 continue;
             }
-            let slot = Slot(open.clone());
+            let source = peer.ip().to_canonical();
+            {
+                let mut m = by_source.lock().unwrap_or_else(|e| e.into_inner());
+                let n = m.entry(source).or_insert(0);
+                if *n >= limits.max_per_source {
+                    drop(m);
+                    open.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(suppressed) = refusals.allow() {
+                        tracing::warn!(%peer, cap = limits.max_per_source, suppressed, "control-plane connection refused: at the per-source cap");
+                    }
+                    continue;
+                }
+                *n += 1;
+            }
+            let slot = Slot {
+                open: open.clone(),
+                by_source: by_source.clone(),
+                source,
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {

@@ -522,6 +522,7 @@ fn idle_and_slow_tls_peers_are_cut_at_the_handshake_deadline() {
     let server = Server::start_with(ServerLimits {
         handshake_timeout: DEADLINE,
         max_connections: 6,
+        max_per_source: 64,
     });
     let good = server.target(Some(&server.token("vm-1")));
     let req = || request_for(csr(vec![uri(DB)]), Some(DB));
@@ -548,6 +549,37 @@ fn idle_and_slow_tls_peers_are_cut_at_the_handshake_deadline() {
         time_to_close(s, Duration::from_secs(10));
     }
     assert!(call(&good, req()).is_ok());
+}
+
+#[test]
+fn one_source_cannot_take_every_connection() {
+    let server = Server::start_with(ServerLimits {
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 100,
+        max_per_source: 3,
+    });
+    let from = |src: [u8; 4]| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from((src, 0)).into())
+            .unwrap();
+        s.connect(&server.addr.into()).unwrap();
+        std::net::TcpStream::from(s)
+    };
+    let _squat: Vec<_> = (0..3).map(|_| from([127, 0, 0, 1])).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // The fourth from the same host is closed at accept...
+    let refused = time_to_close(from([127, 0, 0, 1]), Duration::from_secs(5));
+    assert!(refused < Duration::from_secs(1), "took {refused:?}");
+    // ...while another host still gets a connection (held open, waiting for its handshake).
+    let mut other = from([127, 0, 0, 2]);
+    other
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let r = other.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "another source was not served: {r:?}"
+    );
 }
 
 /// A child process killed when dropped.

@@ -46,6 +46,10 @@ const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Calls in flight on one connection: a node asks for a handful of identities at start.
 const CALLS_PER_CONNECTION: usize = 32;
+/// Request headers: a token and a few short ones.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/2 flow-control window per stream: what a peer may have buffered here unread.
+const STREAM_WINDOW: u32 = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -211,45 +215,53 @@ impl ControlPlane {
     pub fn router(&self) -> Router {
         // The call deadline covers a call until its response starts: a whole CSR call, and an
         // xDS stream only until it is open (its responses then flow for as long as it lives).
+        // Streams per connection, header size and flow-control windows are bounded, so a peer
+        // that has not authenticated cannot hold much of the server per connection.
         let router = Server::builder()
             .timeout(CALL_TIMEOUT)
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+            .max_concurrent_streams(CALLS_PER_CONNECTION as u32)
+            .http2_max_header_list_size(MAX_HEADER_LIST)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(STREAM_WINDOW * 4)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(self.ca_service());
+            .add_service(self.authenticated(self.ca_service()));
         if self.xds {
-            router.add_service(self.xds_service())
+            router.add_service(self.authenticated(xds_server::service(self.mesh())))
         } else {
             router
         }
     }
 
-    /// The xDS service over this process's mesh model; a stream is opened only for a request
-    /// that carries a node token (the mesh's topology is not for anyone who can connect).
+    /// `svc` behind the node-token check, made on the request's headers before its body is
+    /// read: a stranger's call costs no decoding. Refusals are counted in the log through a
+    /// rate limit, so a flood of them cannot flood it.
     // tonic's interceptors return its (large) `Status` by value.
     #[allow(clippy::result_large_err)]
-    pub fn xds_service(
+    pub fn authenticated<S>(
         &self,
+        svc: S,
     ) -> zmesh_proto::tonic::service::interceptor::InterceptedService<
-        zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<xds_server::XdsServer>,
+        S,
         impl zmesh_proto::tonic::service::Interceptor + Clone,
-    >{
+    > {
         let tokens = self.tokens.clone();
+        let limiter = Arc::new(crate::rejections::LogLimiter::new(
+            crate::rejections::LOG_BURST,
+            crate::rejections::LOG_WINDOW,
+        ));
         let check =
             move |req: zmesh_proto::tonic::Request<()>| match tokens::caller_node(&tokens, &req) {
-                Ok(node) => {
-                    tracing::debug!(%node, "xDS stream authenticated");
-                    Ok(req)
-                }
+                Ok(_) => Ok(req),
                 Err((code, why)) => {
-                    tracing::warn!(reason = why, "xDS stream refused");
+                    if let Some(suppressed) = limiter.allow() {
+                        tracing::warn!(reason = why, suppressed, "control-plane call refused");
+                    }
                     Err(zmesh_proto::tonic::Status::new(code, why))
                 }
             };
-        zmesh_proto::tonic::service::interceptor::InterceptedService::new(
-            xds_server::service(self.mesh()),
-            check,
-        )
+        zmesh_proto::tonic::service::interceptor::InterceptedService::new(svc, check)
     }
 
     /// Serves `router` on the bound listener until `shutdown` completes.
