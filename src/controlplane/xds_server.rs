@@ -168,9 +168,10 @@ fn deny_all(index: usize, b: policy::BrokenPolicy) -> AuthorizationPolicy {
 /// whole mesh when its namespace is unknown), logged; `check-config` names the error. A typo in
 /// a DENY never opens what it meant to close.
 ///
-/// Not served, each logged: a workload whose uid was already used (the first wins, as in
-/// `Model::from_config`), a service whose `namespace/hostname` equals a workload uid, and a
-/// second policy of one `namespace/name`.
+/// A second policy of one `namespace/name` is served as `namespace/name#2` (both enforced, as
+/// in file mode). Not served, each logged: a workload whose uid was already used (the first
+/// wins, as in `Model::from_config`) and a service whose `namespace/hostname` equals a workload
+/// uid.
 pub fn resources(cfg: &Config) -> Snapshot {
     let policies: Vec<AuthorizationPolicy> = PolicyEntry::from_yaml_values(cfg.policies.clone())
         .into_iter()
@@ -185,10 +186,16 @@ pub fn resources(cfg: &Config) -> Snapshot {
         .collect();
     let mut out = Snapshot::default();
     for p in &policies {
-        let key = format!("{}/{}", p.namespace, p.name);
-        if out.authorizations.contains_key(&key) {
-            tracing::warn!(policy = %key, "xDS server: duplicate policy name; serving the first");
-            continue;
+        let mut key = format!("{}/{}", p.namespace, p.name);
+        // A file node enforces both of two policies with one name: so do the nodes fed here,
+        // the second under a resource name of its own (a DENY is never dropped).
+        let mut n = 1;
+        while out.authorizations.contains_key(&key) {
+            n += 1;
+            key = format!("{}/{}#{n}", p.namespace, p.name);
+        }
+        if n > 1 {
+            tracing::warn!(policy = %key, "xDS server: duplicate policy name; served under a numbered resource name");
         }
         let v = Versioned::new(type_url::AUTHORIZATION, &to_authorization(p));
         out.authorizations.insert(key, v);
@@ -1068,6 +1075,17 @@ services:
         let lb = b.load_balancing.unwrap();
         assert_eq!(lb.mode, wl::load_balancing::Mode::Failover as i32);
         assert!(lb.routing_preference.is_empty());
+    }
+
+    #[test]
+    fn two_policies_with_one_name_are_both_served() {
+        let text = "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }\npolicies:\n  - { name: p, namespace: ns, action: allow, rules: [] }\n  - { name: p, namespace: ns, action: deny, rules: [{ clauses: [{ matches: [{ principals: [\"*\"] }] }] }] }\n";
+        let s = resources(&cfg(text));
+        assert_eq!(
+            s.authorizations.keys().collect::<Vec<_>>(),
+            ["ns/p", "ns/p#2"]
+        );
+        assert_eq!(authz(&s, "ns/p#2").action, sec::Action::Deny as i32);
     }
 
     #[test]

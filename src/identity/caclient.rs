@@ -95,7 +95,7 @@ pub fn request(
 }
 
 impl Authority for CaClient {
-    fn issue(&self, id: &SpiffeId, ttl: Duration, _now: SystemTime) -> Result<Issued, CaError> {
+    fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<Issued, CaError> {
         let fail = |detail: String| CaError::Issue {
             identity: id.to_string(),
             detail,
@@ -125,7 +125,7 @@ impl Authority for CaClient {
             .unwrap_or_else(|_| Err("the CA call panicked".into()))
         })
         .map_err(fail)?;
-        accept(id, &key, &chain).map_err(fail)
+        accept(id, &key, &chain, now).map_err(fail)
     }
 }
 
@@ -151,9 +151,19 @@ async fn call(
     Ok(resp.into_inner().cert_chain)
 }
 
-/// Checks a CA's answer for `id` and our `key`: PEM chain, leaf first (root last, not sent on
-/// the wire), the leaf names exactly `id` and certifies `key`.
-pub fn accept(id: &SpiffeId, key: &KeyPair, pems: &[String]) -> Result<Issued, String> {
+/// How far the CA's clock may run ahead of ours.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Checks a CA's answer for `id` and our `key` at `now`: a PEM chain, leaf first; the leaf
+/// names exactly `id`, certifies `key` and is valid now (allowing the CA's clock to be a few
+/// minutes ahead). A self-issued last certificate is the root the peers already hold, and is
+/// not presented.
+pub fn accept(
+    id: &SpiffeId,
+    key: &KeyPair,
+    pems: &[String],
+    now: SystemTime,
+) -> Result<Issued, String> {
     if pems.is_empty() {
         return Err("the CA answered with an empty chain".into());
     }
@@ -185,19 +195,111 @@ pub fn accept(id: &SpiffeId, key: &KeyPair, pems: &[String]) -> Result<Issued, S
     }
     let validity = leaf.validity();
     let secs = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    let (not_before, not_after) = (
+        secs(validity.not_before.timestamp()),
+        secs(validity.not_after.timestamp()),
+    );
+    if not_before > now + CLOCK_SKEW || now >= not_after {
+        return Err(format!(
+            "the CA's leaf is not valid now (valid {} to {})",
+            validity.not_before, validity.not_after
+        ));
+    }
     let serial = leaf
         .raw_serial()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    // The last certificate is the root when the chain has more than one: the peer already
-    // holds it, so it is not presented.
-    let presented = ders[..ders.len().saturating_sub(1).max(1)].to_vec();
+    let self_issued = |der: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| c.issuer().as_raw() == c.subject().as_raw())
+            .unwrap_or(false)
+    };
+    let last = ders.len() - 1;
+    let presented = if last > 0 && self_issued(&ders[last]) {
+        ders[..last].to_vec()
+    } else {
+        ders.clone()
+    };
     Ok(Issued {
         chain: presented,
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        not_before: secs(validity.not_before.timestamp()),
-        not_after: secs(validity.not_after.timestamp()),
+        not_before,
+        not_after,
         serial,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, IsCa};
+
+    fn ca(
+        name: &str,
+        issuer: Option<(&rcgen::Certificate, &KeyPair)>,
+    ) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = match issuer {
+            None => p.self_signed(&key).unwrap(),
+            Some((c, k)) => p.signed_by(&key, c, k).unwrap(),
+        };
+        (cert, key)
+    }
+
+    fn leaf(
+        id: &SpiffeId,
+        key: &KeyPair,
+        by: (&rcgen::Certificate, &KeyPair),
+        life: (i64, i64),
+    ) -> String {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::seconds(life.0);
+        p.not_after = now + time::Duration::seconds(life.1);
+        p.signed_by(key, by.0, by.1).unwrap().pem()
+    }
+
+    /// The error of a refused answer (an accepted one holds a key: it is never printed).
+    fn refused(r: Result<Issued, String>) -> String {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn the_answer_is_checked_and_only_a_self_issued_root_is_dropped() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let other = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/c").unwrap();
+        let (root, root_key) = ca("root", None);
+        let (mid, mid_key) = ca("intermediate", Some((&root, &root_key)));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let now = SystemTime::now();
+        let good = leaf(&id, &key, (&mid, &mid_key), (-60, 3600));
+        // leaf, intermediate, root: the root is not presented.
+        let i = accept(&id, &key, &[good.clone(), mid.pem(), root.pem()], now).unwrap();
+        assert_eq!(i.chain.len(), 2);
+        // leaf, intermediate (no root sent): the intermediate stays.
+        let i = accept(&id, &key, &[good.clone(), mid.pem()], now).unwrap();
+        assert_eq!(i.chain.len(), 2);
+        // Refused: another identity, another key, expired, not yet valid, empty.
+        let e = refused(accept(&other, &key, &[good.clone()], now));
+        assert!(
+            e.contains("not the spiffe://cluster.local/ns/a/sa/c"),
+            "{e}"
+        );
+        let stranger = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let e = refused(accept(&id, &stranger, &[good], now));
+        assert!(e.contains("does not certify the key"), "{e}");
+        let expired = leaf(&id, &key, (&mid, &mid_key), (-7200, -3600));
+        assert!(refused(accept(&id, &key, &[expired], now)).contains("not valid now"));
+        let future = leaf(&id, &key, (&mid, &mid_key), (3600, 7200));
+        assert!(refused(accept(&id, &key, &[future], now)).contains("not valid now"));
+        refused(accept(&id, &key, &[], now));
+    }
 }

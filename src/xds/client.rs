@@ -94,6 +94,13 @@ impl XdsClient {
         })
     }
 
+    /// The store; a panic while it was held (a bug) leaves it as it was, not unusable.
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether the first response of every type has been applied.
     pub fn synced(&self) -> bool {
         self.stats.synced.iter().all(|s| s.load(Ordering::Acquire))
@@ -167,7 +174,7 @@ impl XdsClient {
         let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(8);
         // The first request of each type on this stream: the node, and what is already held.
         for t in TYPES {
-            let initial = self.store.lock().expect("xds store poisoned").versions(t);
+            let initial = self.store().versions(t);
             let req = DeltaDiscoveryRequest {
                 node: Some(self.xds_node()),
                 type_url: t.into(),
@@ -221,18 +228,20 @@ impl XdsClient {
         // Decoding, converting and building the model are CPU work proportional to the mesh:
         // off the control runtime's only thread.
         let me = self.clone();
-        let errors = tokio::task::spawn_blocking(move || me.apply(&resp))
-            .await
-            .unwrap_or_else(|e| vec![format!("applying the response failed: {e}")]);
+        let (errors, applied) = match tokio::task::spawn_blocking(move || me.apply(&resp)).await {
+            Ok(errors) => (errors, true),
+            Err(e) => (vec![format!("applying the response failed: {e}")], false),
+        };
         let error_detail = (!errors.is_empty()).then(|| {
             let mut message = errors.join("; ");
             if message.len() > MAX_ERROR_DETAIL {
-                let mut cut = MAX_ERROR_DETAIL;
+                let suffix = format!("... ({} refused in all)", errors.len());
+                let mut cut = MAX_ERROR_DETAIL - suffix.len();
                 while !message.is_char_boundary(cut) {
                     cut -= 1;
                 }
                 message.truncate(cut);
-                message.push_str(&format!("... ({} refused in all)", errors.len()));
+                message.push_str(&suffix);
             }
             Status {
                 code: INVALID_ARGUMENT,
@@ -247,13 +256,16 @@ impl XdsClient {
                 &self.stats.acks[i]
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            if !self.stats.synced[i].swap(true, Ordering::AcqRel) {
+            if applied && !self.stats.synced[i].swap(true, Ordering::AcqRel) {
                 tracing::info!(type_url = %type_url, "first xDS response of this type applied");
             }
         }
         if let Some(s) = &error_detail {
             tracing::warn!(type_url = %type_url, error = %s.message, "xDS resources refused (NACK); the valid ones are applied");
-            *self.last_nack.lock().expect("nack lock poisoned") = Some(s.message.clone());
+            *self
+                .last_nack
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(s.message.clone());
         }
         DeltaDiscoveryRequest {
             type_url,
@@ -266,7 +278,7 @@ impl XdsClient {
     /// Applies a response to the store and publishes the result; returns what was refused.
     fn apply(&self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
-        let mut store = self.store.lock().expect("xds store poisoned");
+        let mut store = self.store();
         match resp.type_url.as_str() {
             ADDRESS => {
                 for r in &resp.resources {
@@ -356,7 +368,7 @@ impl XdsClient {
 
     /// The held resources and the stream's state, for the admin config dump.
     pub fn dump(&self) -> serde_json::Value {
-        let store = self.store.lock().expect("xds store poisoned");
+        let store = self.store();
         let s = &self.stats;
         let per_type = |i: usize| {
             serde_json::json!({
@@ -375,7 +387,7 @@ impl XdsClient {
             "node_id": node_id(&self.cp),
             "connected": s.connected.load(Ordering::Acquire),
             "types": [per_type(0), per_type(1)],
-            "last_nack": *self.last_nack.lock().expect("nack lock poisoned"),
+            "last_nack": *self.last_nack.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             "resources": {
                 ADDRESS: versions(store.versions(ADDRESS)),
                 AUTHORIZATION: versions(store.versions(AUTHORIZATION)),
