@@ -288,7 +288,7 @@ mod tests {
         let i = accept(&id, &key, &[good.clone(), mid.pem()], now).unwrap();
         assert_eq!(i.chain.len(), 2);
         // Refused: another identity, another key, expired, not yet valid, empty.
-        let e = refused(accept(&other, &key, &[good.clone()], now));
+        let e = refused(accept(&other, &key, std::slice::from_ref(&good), now));
         assert!(
             e.contains("not the spiffe://cluster.local/ns/a/sa/c"),
             "{e}"
