@@ -485,6 +485,24 @@ workloads:
             .unwrap();
         cp.subscribed(1, ADDRESS).await;
         cp.subscribed(1, AUTHORIZATION).await;
+        let wl = |uid: &str, name: &str, sa: &str, ip: &str| {
+            let mut w = crate::common::istiod::workload(uid, sa, ip.parse().unwrap(), "node-1");
+            w.name = name.into();
+            w.namespace = "shop".into();
+            crate::common::istiod::address_resource(&w, "1")
+        };
+        // The control plane has answered (pod B's workload is known; pod A's is not yet).
+        let n = cp.push(
+            ADDRESS,
+            vec![wl(
+                "Kubernetes//Pod/shop/server",
+                "server",
+                "backend",
+                POD_B,
+            )],
+            vec![],
+        );
+        cp.answer(&n).await;
         let n = cp.push(AUTHORIZATION, vec![], vec![]);
         cp.answer(&n).await;
         for _ in 0..200 {
@@ -504,18 +522,14 @@ workloads:
             )
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let wl = |uid: &str, name: &str, sa: &str, ip: &str| {
-            let mut w = crate::common::istiod::workload(uid, sa, ip.parse().unwrap(), "node-1");
-            w.name = name.into();
-            w.namespace = "shop".into();
-            crate::common::istiod::address_resource(&w, "1")
-        };
         let n = cp.push(
             ADDRESS,
-            vec![
-                wl("Kubernetes//Pod/shop/client", "client", "frontend", POD_A),
-                wl("Kubernetes//Pod/shop/server", "server", "backend", POD_B),
-            ],
+            vec![wl(
+                "Kubernetes//Pod/shop/client",
+                "client",
+                "frontend",
+                POD_A,
+            )],
             vec![],
         );
         assert!(cp.answer(&n).await.error_detail.is_none());

@@ -185,7 +185,17 @@ async fn pod_workload(
     let Some(cp) = &node.cfg.node.control_plane else {
         return Err(unknown(&node.model()));
     };
-    tracing::info!(uid, pod = %info.name, namespace = %info.namespace, wait = ?cp.workload_wait, "pod arrived before its workload; waiting for it over xDS");
+    // Once the control plane has answered, a pod whose workload is not known yet is one it is
+    // about to send: wait up to `workload_wait` for it. Before the first answer (a control
+    // plane down at start), the wait is one `workload_wait` from the node's start shared by
+    // every pod, so a replayed snapshot of many pods cannot hold the ZDS loop for long.
+    let synced = node.xds.get().is_some_and(|x| x.synced());
+    let limit = if synced {
+        cp.workload_wait
+    } else {
+        cp.workload_wait.saturating_sub(node.started.elapsed())
+    };
+    tracing::info!(uid, pod = %info.name, namespace = %info.namespace, wait = ?limit, synced, "pod arrived before its workload; waiting for it over xDS");
     let wait = async {
         loop {
             if states.changed().await.is_err() {
@@ -196,12 +206,15 @@ async fn pod_workload(
             }
         }
     };
-    match tokio::time::timeout(cp.workload_wait, wait).await {
+    match tokio::time::timeout(limit, wait).await {
         Ok(Some(w)) => Ok(w),
+        _ if synced => Err(format!(
+            "{} (waited {limit:?} for it over xDS)",
+            unknown(&node.model())
+        )),
         _ => Err(format!(
-            "{} (waited {:?} for it over xDS)",
-            unknown(&node.model()),
-            cp.workload_wait
+            "{} (the control plane has not answered since the node started)",
+            unknown(&node.model())
         )),
     }
 }

@@ -115,6 +115,8 @@ pub struct Node {
     pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
     /// The xDS client, when workloads come from a control plane (`node.control_plane`).
     pub xds: std::sync::OnceLock<Arc<crate::xds::XdsClient>>,
+    /// When this node was built (bounds how long pods wait for a control plane never reached).
+    pub started: std::time::Instant,
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
@@ -221,6 +223,7 @@ impl Node {
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
             xds: std::sync::OnceLock::new(),
+            started: std::time::Instant::now(),
             zds_pods: AtomicUsize::new(0),
             pods: Mutex::new(Vec::new()),
             mark,
