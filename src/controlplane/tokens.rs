@@ -16,8 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 
-use crate::proxy::reload::{stamp, Stamp};
-
 /// The token store inside the CA directory.
 pub const TOKENS_FILE: &str = "node-tokens";
 /// Token entropy: 256 bits, as a bearer secret that never expires must not be guessable.
@@ -193,6 +191,16 @@ pub fn revoke(dir: &Path, node: &str) -> Result<usize, TokenError> {
     Ok(entries.len() - kept.len())
 }
 
+/// What identifies one version of the store: content (size, mtime, inode) and also its mode and
+/// ctime, so a `chmod` that exposes it is seen at the next call, not only at the next edit.
+type Stamp = Option<(u64, i64, i64, u64, u32)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.mtime(), m.ctime(), m.ino(), m.mode()))
+}
+
 /// The server's view of the store, re-read when the file changes.
 pub struct NodeTokens {
     path: PathBuf,
@@ -214,7 +222,10 @@ impl NodeTokens {
 
     fn entries(&self) -> Result<Arc<Vec<Entry>>, TokenError> {
         let now = stamp(&self.path);
-        let mut cache = self.cache.lock().expect("token cache poisoned");
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((seen, entries)) = cache.as_ref() {
             if *seen == now {
                 return Ok(entries.clone());
@@ -329,6 +340,8 @@ mod tests {
             std::fs::write(&path, "").unwrap();
             create(dir.path(), "vm-1").unwrap()
         };
+        // Cached while private; a chmod alone (no edit) is seen at the next call.
+        assert_eq!(tokens.node_of(&t).unwrap().as_deref(), Some("vm-1"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = tokens.node_of(&t).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
