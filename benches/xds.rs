@@ -203,8 +203,19 @@ fn settings(bind: &str, extra: &str) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut out =
-        String::from("## Control plane: 10,000 workloads, 1,000 services, 1,000 policies\n\n");
+    let run = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "## Control plane: 10,000 workloads, 1,000 services, 1,000 policies\n\n`cargo bench --bench xds` at {}, {}, {} CPUs. The file baseline is the same change made by editing the node's file: read, parse and validate the whole file, then apply.\n\n",
+        run("git", &["rev-parse", "--short", "HEAD"]),
+        run("date", &["-u", "+%Y-%m-%d"]),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let ca = tempfile::tempdir().unwrap();
     zmesh::identity::FileCa::init(ca.path(), "cluster.local").unwrap();
     let file_certs = format!(
