@@ -157,6 +157,35 @@ workloads:
         }
     }
 
+    /// Starts zmesh-node in the node's namespace with `cfg` and waits until it has connected
+    /// to the agent's ZDS socket.
+    async fn start_node(
+        node: &Netns,
+        cfg: &std::path::Path,
+        agent: &ZdsServer,
+    ) -> zmesh_testbed::Child {
+        let zn = node
+            .spawn(
+                env!("CARGO_BIN_EXE_zmesh-node"),
+                &["run", "--config", cfg.to_str().unwrap()],
+                &[("ZMESH_LOG", "info")],
+            )
+            .unwrap();
+        for _ in 0..200 {
+            if agent.connected_tunnels() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            agent.connected_tunnels(),
+            1,
+            "zmesh-node did not connect: {}",
+            zn.read_log()
+        );
+        zn
+    }
+
     fn netns_fd(ns: &Netns) -> std::os::fd::OwnedFd {
         std::fs::File::open(ns.path()).unwrap().into()
     }
@@ -191,25 +220,7 @@ workloads:
             cfg,
             agent,
         } = Topology::new();
-        let zn = node
-            .spawn(
-                env!("CARGO_BIN_EXE_zmesh-node"),
-                &["run", "--config", cfg.to_str().unwrap()],
-                &[("ZMESH_LOG", "info")],
-            )
-            .unwrap();
-        for _ in 0..200 {
-            if agent.connected_tunnels() > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert_eq!(
-            agent.connected_tunnels(),
-            1,
-            "zmesh-node did not connect: {}",
-            zn.read_log()
-        );
+        let zn = start_node(&node, &cfg, &agent).await;
         enroll(&agent, "pod-a", &pod_a).await;
         enroll(&agent, "pod-b", &pod_b).await;
         // A repeated add of the same namespace is a no-op (acked, proxy kept).
@@ -476,13 +487,7 @@ workloads:
             ),
         )
         .unwrap();
-        let zn = node
-            .spawn(
-                env!("CARGO_BIN_EXE_zmesh-node"),
-                &["run", "--config", cfg.to_str().unwrap()],
-                &[("ZMESH_LOG", "info")],
-            )
-            .unwrap();
+        let zn = start_node(&node, &cfg, &agent).await;
         cp.subscribed(1, ADDRESS).await;
         cp.subscribed(1, AUTHORIZATION).await;
         let wl = |uid: &str, name: &str, sa: &str, ip: &str| {
@@ -505,13 +510,6 @@ workloads:
         cp.answer(&n).await;
         let n = cp.push(AUTHORIZATION, vec![], vec![]);
         cp.answer(&n).await;
-        for _ in 0..200 {
-            if agent.connected_tunnels() > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert_eq!(agent.connected_tunnels(), 1, "{}", zn.read_log());
 
         // Pod A is handed over first; its workload follows over xDS a moment later.
         let agent = std::sync::Arc::new(agent);
