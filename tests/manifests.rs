@@ -157,6 +157,38 @@ fn node_and_waypoint_join_istiod_and_hold_no_ca_key() {
     }
 }
 
+/// The CNI plugin is chained into the node's primary conflist (never a config of its own that
+/// would become the node's default network), and kept there by a watcher.
+#[test]
+fn the_cni_plugin_is_chained_not_installed_as_its_own_network() {
+    for overlay in ["dev", "production"] {
+        let objs = render(overlay);
+        let spec = &find(&objs, "DaemonSet", "zmesh-redirect")["spec"]["template"]["spec"];
+        fn args(c: &Value) -> Vec<&str> {
+            strings(&c["args"])
+        }
+        let init = &spec["initContainers"][0];
+        assert_eq!(args(init)[..2], ["cni", "install"], "{overlay}");
+        let watch = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "cni-watch")
+            .expect("a cni-watch container");
+        assert!(args(watch).contains(&"--watch"), "{overlay}");
+        let text = serde_yaml::to_string(spec).unwrap();
+        assert!(
+            !text.contains("05-zmesh"),
+            "{overlay}: a one-plugin conflist of its own"
+        );
+        let entry = find(&objs, "ConfigMap", "zmesh-cni")["data"]["plugin.json"]
+            .as_str()
+            .unwrap();
+        let entry: serde_json::Value = serde_json::from_str(entry).unwrap();
+        assert_eq!(entry["type"], "zmesh-redirect");
+    }
+}
+
 #[test]
 fn shipped_configmaps_are_valid_configs_once_the_downward_api_fills_them() {
     let objs = render("production");

@@ -16,5 +16,6 @@ pub use apply::{install_pod, uninstall_pod};
 pub use rules::{Capture, Family, PodOptions, PodRules};
 pub mod agent;
 pub mod cni;
+pub mod cni_install;
 pub mod nsfd;
 mod sys;

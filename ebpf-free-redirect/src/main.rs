@@ -41,6 +41,44 @@ enum Mode {
         #[command(subcommand)]
         action: PodAction,
     },
+    /// Chain the CNI plugin into the node's primary network config (as istio-cni does), or
+    /// take it out again.
+    Cni {
+        #[command(subcommand)]
+        action: CniAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniAction {
+    /// Install the plugin binary (atomically) and append the plugin as the LAST entry of the
+    /// primary conflist; with --watch, keep it there when the primary CNI rewrites the file.
+    Install {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The primary config's file name; default: the first config file by name.
+        #[arg(long)]
+        conflist: Option<String>,
+        /// A JSON file holding the plugin entry (`{"type": "zmesh-redirect", ...}`); default:
+        /// the entry with the agent's default admin socket.
+        #[arg(long)]
+        plugin_config: Option<PathBuf>,
+        /// Do not copy the binary (it is installed by other means).
+        #[arg(long)]
+        no_binary: bool,
+        /// Keep checking, every second, and put the entry back when it is gone.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Remove the plugin entry from every conflist (and the binary), leaving the rest as it was.
+    Uninstall {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -179,6 +217,80 @@ fn main() -> ExitCode {
         Mode::Host { action } => host(action),
         Mode::Agent(args) => run_agent(args),
         Mode::Pod { action } => pod(action),
+        Mode::Cni { action } => cni_install(action),
+    }
+}
+
+fn cni_install(action: CniAction) -> ExitCode {
+    use zmesh_redirect::cni_install as ci;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match action {
+        CniAction::Install {
+            conf_dir,
+            bin_dir,
+            conflist,
+            plugin_config,
+            no_binary,
+            watch,
+        } => (|| -> Result<(), String> {
+            let plugin = match plugin_config {
+                None => {
+                    serde_json::json!({"type": ci::PLUGIN_TYPE, "admin_socket": agent::DEFAULT_ADMIN_SOCKET})
+                }
+                Some(p) => {
+                    let text =
+                        std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|e| format!("{}: not JSON: {e}", p.display()))?;
+                    if v.get("type").and_then(|t| t.as_str()) != Some(ci::PLUGIN_TYPE) {
+                        return Err(format!(
+                            "{}: the entry's type must be {:?}",
+                            p.display(),
+                            ci::PLUGIN_TYPE
+                        ));
+                    }
+                    v
+                }
+            };
+            if !no_binary {
+                let me = std::env::current_exe().map_err(|e| e.to_string())?;
+                let dst = ci::install_binary(&me, &bin_dir).map_err(|e| e.to_string())?;
+                eprintln!("installed {}", dst.display());
+            }
+            if watch {
+                ci::watch(
+                    &conf_dir,
+                    conflist.as_deref(),
+                    &plugin,
+                    std::time::Duration::from_secs(1),
+                );
+            }
+            let done = ci::install_config(&conf_dir, conflist.as_deref(), &plugin)
+                .map_err(|e| e.to_string())?;
+            eprintln!("chained into {}", done.conflist.display());
+            Ok(())
+        })(),
+        CniAction::Uninstall { conf_dir, bin_dir } => (|| -> Result<(), String> {
+            for p in ci::uninstall_config(&conf_dir).map_err(|e| e.to_string())? {
+                eprintln!("removed the plugin entry from {}", p.display());
+            }
+            let bin = bin_dir.join(ci::PLUGIN_TYPE);
+            match std::fs::remove_file(&bin) {
+                Ok(()) => eprintln!("removed {}", bin.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", bin.display())),
+            }
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zmesh-redirect cni: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
