@@ -51,7 +51,19 @@ fn node_daemonset_security_fields_in_every_overlay() {
         );
         assert_eq!(strings(&caps["drop"]), ["ALL"], "{overlay}");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        // Kubernetes refuses allowPrivilegeEscalation: false beside CAP_SYS_ADMIN.
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], true);
+        // No memory limit on the node tunnel: an OOM kill drops the node's traffic.
+        assert!(c["resources"].get("limits").is_none(), "{overlay}");
+        // The config is a directory mount (Kubernetes updates it; a subPath is never updated).
+        let cfg_mount = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "config")
+            .unwrap();
+        assert!(cfg_mount.get("subPath").is_none(), "{overlay}");
+        assert_eq!(c["args"][2], "/etc/zmesh/node.yaml");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
         assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
         let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
@@ -91,6 +103,29 @@ fn node_daemonset_security_fields_in_every_overlay() {
         for kind in ["PodDisruptionBudget", "HorizontalPodAutoscaler", "Service"] {
             find(&objs, kind, "zmesh-waypoint");
         }
+        for (kind, name) in [
+            ("DaemonSet", "zmesh-node"),
+            ("DaemonSet", "zmesh-redirect"),
+            ("Deployment", "zmesh-waypoint"),
+        ] {
+            let spec = &find(&objs, kind, name)["spec"]["template"]["spec"];
+            assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux", "{name}");
+            for c in spec["containers"].as_sequence().unwrap() {
+                let sc = &c["securityContext"];
+                let sys_admin = strings(&sc["capabilities"]["add"]).contains(&"SYS_ADMIN");
+                assert_eq!(
+                    sc["allowPrivilegeEscalation"],
+                    sys_admin,
+                    "{name}/{}",
+                    c["name"].as_str().unwrap()
+                );
+            }
+        }
+        // The system-node-critical pods are admitted outside kube-system.
+        let quota = find(&objs, "ResourceQuota", "zmesh-node-critical");
+        let expr = &quota["spec"]["scopeSelector"]["matchExpressions"][0];
+        assert_eq!(expr["scopeName"], "PriorityClass");
+        assert_eq!(strings(&expr["values"]), ["system-node-critical"]);
     }
 }
 

@@ -343,3 +343,59 @@ async fn a_slow_reload_never_holds_the_data_plane() {
     );
     round_trip(&mut c, b"after the reload").await;
 }
+
+/// A ConfigMap mounted as a directory is updated by Kubernetes with an atomic symlink swap
+/// (`node.yaml -> ..data/node.yaml`, `..data -> ..<timestamp>`): the watcher sees it and reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let net = 64;
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let base = node_yaml(net, "node-b", 3, &mesh.ca_dir, &w);
+    let cm = mesh.dir.path().join("configmap");
+    let version = |name: &str, text: &str| {
+        let d = cm.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("node.yaml"), text).unwrap();
+    };
+    version("..v1", &base);
+    symlink("..v1", cm.join("..data")).unwrap();
+    symlink("..data/node.yaml", cm.join("node.yaml")).unwrap();
+    let path = cm.join("node.yaml");
+    let node = Node::new(zmesh::config::Config::load(&path).unwrap()).unwrap();
+    mesh.nodes
+        .push(zmesh::proxy::start(node.clone()).await.unwrap());
+    tokio::spawn(zmesh::proxy::reload::watch(
+        node.clone(),
+        path,
+        TEST_WATCH_INTERVAL,
+        Arc::new(tokio::sync::Notify::new()),
+    ));
+    assert_eq!(node.state().policies.len(), 0);
+    // Kubernetes writes the new version beside, points a new link at it, renames it over ..data.
+    // (Swapped again while no reload is seen: the watcher may not have taken its first look yet.)
+    let deny = policy("deny-client", "namespace", "deny", &[CLIENT_PRINCIPAL]);
+    let end = tokio::time::Instant::now() + CLOSE_WITHIN;
+    let mut n = 1;
+    while node.stats.reloads_applied.load(Ordering::Acquire) == 0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no reload; rejected {}",
+            node.stats.reloads_rejected.load(Ordering::Acquire)
+        );
+        n += 1;
+        let v = format!("..v{n}");
+        version(&v, &format!("{base}policies:\n{deny}"));
+        symlink(&v, cm.join("..data_tmp")).unwrap();
+        std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+        // Several watch intervals for the watcher to look.
+        for _ in 0..15 {
+            if node.stats.reloads_applied.load(Ordering::Acquire) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(node.state().policies.len(), 1);
+}
