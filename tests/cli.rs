@@ -447,3 +447,29 @@ fn rejects_hostile_reloads(bin: &str, dir: &std::path::Path, bind: &str, good: &
         "{bin} is still running"
     );
 }
+
+#[test]
+fn a_missing_file_ca_says_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.yaml");
+    let ca = dir.path().join("no-ca-here");
+    std::fs::write(
+        &path,
+        format!(
+            "node:\n  name: n\n  bind: 127.0.0.1\n  ports: {{hbone: 1, outbound: 2, inbound_plaintext: 3, readiness: 4, metrics: 5, admin: 6}}\n  certificates:\n    file_ca: {{ dir: {} }}\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("zmesh-node ca init --dir") && err.contains("no-ca-here"),
+        "{err}"
+    );
+}

@@ -150,7 +150,20 @@ pub fn load_certificates(
     let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
     let (source, roots) = match &cfg.node.certificates {
         CertificatesConfig::FileCa { dir, ttl } => {
-            let ca = FileCa::load(dir).map_err(|e| certs_err(&e))?;
+            let ca = FileCa::load(dir).map_err(|e| {
+                // A fresh machine has no CA yet: say how to make one (dev only), or what to
+                // use instead.
+                let hint = if dir.join(crate::identity::CA_CERT_FILE).exists() {
+                    String::new()
+                } else {
+                    format!(
+                        " (no CA in {}: create a dev CA with `zmesh-node ca init --dir {}`, or use certificates.ca_client)",
+                        dir.display(),
+                        dir.display()
+                    )
+                };
+                StartError::Certs(format!("{e}{hint}"))
+            })?;
             let roots = ca.roots().to_vec();
             (CertSource::file_ca(ca, *ttl), roots)
         }
