@@ -2,7 +2,7 @@
 # Installs the system packages zmesh's demo and tests need (Debian/Ubuntu, as root).
 # The Rust toolchain itself comes from rustup and is expected to be on PATH.
 set -euo pipefail
-PACKAGES=(iptables nftables iproute2)
+PACKAGES=(iptables nftables iproute2 containernetworking-plugins)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
