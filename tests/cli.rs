@@ -473,3 +473,29 @@ fn a_missing_file_ca_says_how_to_make_one() {
         "{err}"
     );
 }
+
+#[test]
+fn check_config_warns_when_the_certificate_material_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "node:\n  name: n\n  certificates:\n    file_ca: {{ dir: {} }}\n",
+            dir.path().join("no-ca").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    // The file itself is valid: ok, with a warning naming what the node will miss.
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("ca init") && err.contains("will not start"),
+        "{err}"
+    );
+}

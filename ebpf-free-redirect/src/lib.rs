@@ -19,3 +19,12 @@ pub mod cni;
 pub mod cni_install;
 pub mod nsfd;
 mod sys;
+
+/// The log filter every zmesh binary starts with: `ZMESH_LOG`, else `RUST_LOG` (what ztunnel and
+/// most Rust tools read), else `info`. tracing's `EnvFilter` syntax.
+pub fn log_filter() -> String {
+    ["ZMESH_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+        .unwrap_or_else(|| "info".to_string())
+}

@@ -292,6 +292,16 @@ fn main() -> ExitCode {
                 for w in cfg.warnings() {
                     eprintln!("{}: warning: {w}", file.display());
                 }
+                // The file is valid; whether the certificate material it names is there is a
+                // property of the machine it runs on, so a warning, not a failure.
+                if let Err(e) =
+                    zmesh::proxy::load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock))
+                {
+                    eprintln!(
+                        "{}: warning: {e}: the node will not start until it is there",
+                        file.display()
+                    );
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -484,7 +494,7 @@ fn ca_serve(
 fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let initial = std::env::var("ZMESH_LOG").unwrap_or_else(|_| "info".into());
+    let initial = zmesh_redirect::log_filter();
     let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     // The filter sits behind a reload handle so the admin server's /logging can change it.
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);

@@ -86,7 +86,8 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("ZMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(zmesh_redirect::log_filter()).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
