@@ -566,7 +566,7 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .build()
         .context("cannot start the data-plane runtime")?;
     let result = rt.block_on(async move {
-        tracing::info!(config = ?cfg, "effective config");
+        log_effective(&cfg);
         let drain_timeout = cfg.node.drain_timeout;
         let node = zmesh::proxy::Node::new(cfg)?;
         let _ = node.log_control.set(logs);
@@ -612,6 +612,43 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // The access lines of the last connections are still queued: write them before exiting.
     zmesh::accesslog::close_node();
     result
+}
+
+/// The settings the node runs with, one readable line (never key material or tokens).
+fn log_effective(cfg: &Config) {
+    use zmesh::config::CertificatesConfig;
+    let n = &cfg.node;
+    let certificates = match &n.certificates {
+        CertificatesConfig::FileCa { dir, ttl } => {
+            format!("file_ca {} (dev only), ttl {ttl:?}", dir.display())
+        }
+        CertificatesConfig::Static { identities, .. } => {
+            format!("static, {} identities", identities.len())
+        }
+        CertificatesConfig::CaClient { target, ttl, .. } => {
+            format!("ca_client {}, ttl {ttl:?}", target.address)
+        }
+        CertificatesConfig::CaClientUnresolved(_) => "ca_client (unresolved)".into(),
+    };
+    let source = match &n.control_plane {
+        Some(cp) => format!("xDS from {}", cp.target.address),
+        None => format!(
+            "file: {} workloads, {} services, {} policies",
+            cfg.workloads.len(),
+            cfg.services.len(),
+            cfg.policies.len()
+        ),
+    };
+    tracing::info!(
+        node = %n.name,
+        mode = ?n.mode,
+        trust_domain = %n.trust_domain,
+        bind = %n.bind,
+        model = %source,
+        certificates = %certificates,
+        access_log = ?n.access_log,
+        "effective config"
+    );
 }
 
 /// SIGTERM and SIGINT, as one stream.

@@ -806,6 +806,8 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         inbound_plaintext = %bound.inbound_plaintext,
         hbone = %bound.hbone,
         readiness = %bound.readiness,
+        metrics = %bound.metrics,
+        admin = %bound.admin,
         local_workloads = node.model().local_workloads().count(),
         "zmesh node ready"
     );
