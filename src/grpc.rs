@@ -93,6 +93,12 @@ pub async fn connect(target: &GrpcTarget, mark: Option<u32>) -> Result<Channel, 
         reason: format!("{name:?} is not a valid TLS server name"),
     })?;
     let address = target.address.clone();
+    // The URI only names the authority for HTTP/2; the connector decides where to go.
+    let authority = if host.contains(':') {
+        format!("http://[{host}]:{port}")
+    } else {
+        format!("http://{host}:{port}")
+    };
     let connector = tower::service_fn(move |_: Uri| {
         let (host, tls, server_name) = (host.clone(), tls.clone(), server_name.clone());
         async move {
@@ -116,36 +122,20 @@ pub async fn connect(target: &GrpcTarget, mark: Option<u32>) -> Result<Channel, 
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    // The URI only names the authority for HTTP/2; the connector decides where to go.
-    Endpoint::from_shared(format!(
-        "http://{}:{port}",
-        bracket(&target_host(&target.address))
-    ))
-    .map_err(|e| GrpcError::Address {
-        address: address.clone(),
-        reason: e.to_string(),
-    })?
-    .connect_timeout(CONNECT_TIMEOUT)
-    .http2_keep_alive_interval(Duration::from_secs(30))
-    .keep_alive_timeout(Duration::from_secs(10))
-    .connect_with_connector(connector)
-    .await
-    .map_err(|e| GrpcError::Connect {
-        address,
-        reason: error_chain(&e),
-    })
-}
-
-fn target_host(address: &str) -> String {
-    parse_address(address).map(|(h, _)| h).unwrap_or_default()
-}
-
-fn bracket(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
+    Endpoint::from_shared(authority)
+        .map_err(|e| GrpcError::Address {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| GrpcError::Connect {
+            address,
+            reason: error_chain(&e),
+        })
 }
 
 async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {

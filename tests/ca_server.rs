@@ -139,14 +139,7 @@ fn uri(s: &str) -> SanType {
 
 /// One raw CreateCertificate call (metadata as the CA client sets it, from `target`).
 fn call(target: &GrpcTarget, req: IstioCertificateRequest) -> Result<Vec<String>, Box<Status>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let channel = zmesh::grpc::connect(target, None)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+    on_channel(target, |channel| async move {
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut req = tonic::Request::new(req);
         zmesh::grpc::authorize(&mut req, target).unwrap();
@@ -155,6 +148,26 @@ fn call(target: &GrpcTarget, req: IstioCertificateRequest) -> Result<Vec<String>
             .await?
             .into_inner()
             .cert_chain)
+    })
+}
+
+/// Runs `f` on a channel to `target` (connected as a node connects), on a runtime of its own.
+fn on_channel<T, F>(
+    target: &GrpcTarget,
+    f: impl FnOnce(tonic::transport::Channel) -> F,
+) -> Result<T, Box<Status>>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = zmesh::grpc::connect(target, None)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        f(channel).await
     })
     .map_err(Box::new)
 }
@@ -827,14 +840,7 @@ fn ca_token_and_ca_serve_refuse_broken_input() {
 fn xds_types(target: &GrpcTarget) -> Result<Vec<String>, Box<Status>> {
     use zmesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use zmesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let channel = zmesh::grpc::connect(target, None)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+    on_channel(target, |channel| async move {
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let reqs: Vec<DeltaDiscoveryRequest> = [
             zmesh_proto::type_url::ADDRESS,
@@ -861,7 +867,6 @@ fn xds_types(target: &GrpcTarget) -> Result<Vec<String>, Box<Status>> {
         }
         Ok(types)
     })
-    .map_err(Box::new)
 }
 
 #[test]

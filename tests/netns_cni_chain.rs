@@ -5,23 +5,12 @@
 //! unchanged; CHECK passes; DEL releases both; `cni uninstall` leaves the conflist as it was.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use zmesh_testbed::{is_root, Netns};
 
-/// zmesh-redirect, built beside zmesh-node by the workspace build.
-fn bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_zmesh-node")).with_file_name("zmesh-redirect");
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace first (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
 /// Where Debian installs the reference plugins.
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
@@ -96,6 +85,16 @@ fn run_chain(
     Ok(results)
 }
 
+/// Runs a command that must succeed, showing its stderr when it does not.
+fn ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn rules(pod: &Netns) -> String {
     pod.exec(&["iptables-save"]).unwrap_or_default()
 }
@@ -127,47 +126,22 @@ fn the_reference_plugins_then_zmesh_give_the_pod_its_address_and_capture_it() {
     // The agent the plugin talks to (no tunnel yet: pods are captured and cached).
     let admin = dir.path().join("admin.sock");
     let zds = dir.path().join("zds.sock");
-    let bin = bin();
-    let _agent = node
-        .spawn(
-            bin.to_str().unwrap(),
-            &[
-                "agent",
-                "--zds-socket",
-                zds.to_str().unwrap(),
-                "--admin-socket",
-                admin.to_str().unwrap(),
-            ],
-            &[],
-        )
-        .unwrap();
-    for _ in 0..200 {
-        if admin.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(admin.exists(), "the agent did not start");
+    let node_bin = Path::new(env!("CARGO_BIN_EXE_zmesh-node"));
+    let bin = zmesh_testbed::mesh::redirect_bin(node_bin);
+    let _agent = zmesh_testbed::mesh::start_agent(&node, node_bin, &zds, &admin).unwrap();
     let entry = dir.path().join("plugin.json");
     std::fs::write(
         &entry,
         json!({"type": "zmesh-redirect", "admin_socket": admin.display().to_string()}).to_string(),
     )
     .unwrap();
-    let out = Command::new(&bin)
+    ok(Command::new(&bin)
         .args(["cni", "install", "--conf-dir"])
         .arg(&conf_dir)
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--plugin-config")
-        .arg(&entry)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&entry));
     let chained: Value =
         serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
     assert_eq!(chained["plugins"][1]["type"], "zmesh-redirect");
@@ -210,18 +184,11 @@ fn the_reference_plugins_then_zmesh_give_the_pod_its_address_and_capture_it() {
     );
 
     // Uninstall leaves the node's config as it was.
-    let out = Command::new(&bin)
+    ok(Command::new(&bin)
         .args(["cni", "uninstall", "--conf-dir"])
         .arg(&conf_dir)
         .arg("--bin-dir")
-        .arg(&bin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&bin_dir));
     let after: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
     assert_eq!(after, primary);
 }

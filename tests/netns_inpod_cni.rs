@@ -32,13 +32,7 @@ struct NodeEnv {
 }
 
 fn redirect_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_zmesh-node")).with_file_name("zmesh-redirect");
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace first (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    zmesh_testbed::mesh::redirect_bin(Path::new(env!("CARGO_BIN_EXE_zmesh-node")))
 }
 
 fn workloads() -> &'static str {
@@ -53,26 +47,13 @@ fn workloads() -> &'static str {
 fn start_node(ns: Netns, name: &str, dir: &Path, ca: &Path) -> NodeEnv {
     let zds = dir.join(format!("{name}-zds.sock"));
     let admin = dir.join(format!("{name}-admin.sock"));
-    let redirect = redirect_bin();
-    let agent = ns
-        .spawn(
-            redirect.to_str().unwrap(),
-            &[
-                "agent",
-                "--zds-socket",
-                zds.to_str().unwrap(),
-                "--admin-socket",
-                admin.to_str().unwrap(),
-            ],
-            &[],
-        )
-        .unwrap();
-    for _ in 0..200 {
-        if admin.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let agent = zmesh_testbed::mesh::start_agent(
+        &ns,
+        Path::new(env!("CARGO_BIN_EXE_zmesh-node")),
+        &zds,
+        &admin,
+    )
+    .unwrap();
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &cfg,

@@ -176,3 +176,43 @@ pub fn connect_uncaptured(ns: &Netns, addr: SocketAddr) -> Result<TcpStream> {
     })
     .with_context(|| format!("uncaptured connect from {} to {addr}", ns.name()))
 }
+
+/// `zmesh-redirect`, which the workspace build puts beside `zmesh-node` (the path tests get from
+/// `CARGO_BIN_EXE_zmesh-node`).
+pub fn redirect_bin(zmesh_node: &Path) -> PathBuf {
+    let p = zmesh_node.with_file_name("zmesh-redirect");
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Starts the redirect agent in `ns` with its ZDS and admin sockets, and waits (up to 5 s) until
+/// its admin socket exists, i.e. until it takes enrollment requests.
+pub fn start_agent(ns: &Netns, zmesh_node: &Path, zds: &Path, admin: &Path) -> Result<Child> {
+    let bin = redirect_bin(zmesh_node);
+    let agent = ns.spawn(
+        bin.to_str().context("binary path is not UTF-8")?,
+        &[
+            "agent",
+            "--zds-socket",
+            zds.to_str().context("socket path is not UTF-8")?,
+            "--admin-socket",
+            admin.to_str().context("socket path is not UTF-8")?,
+        ],
+        &[],
+    )?;
+    for _ in 0..200 {
+        if admin.exists() {
+            return Ok(agent);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    anyhow::bail!(
+        "the agent did not open {}: {}",
+        admin.display(),
+        agent.read_log()
+    )
+}

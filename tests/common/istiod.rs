@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,7 +61,6 @@ struct Inner {
     nonce: AtomicU64,
     issuer: rcgen::Certificate,
     issuer_key: KeyPair,
-    refuse_ca: AtomicBool,
 }
 
 pub struct FakeIstiod {
@@ -118,7 +117,6 @@ impl FakeIstiod {
             nonce: AtomicU64::new(0),
             issuer,
             issuer_key,
-            refuse_ca: AtomicBool::new(false),
         });
         listener.set_nonblocking(true).unwrap();
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -235,11 +233,6 @@ impl FakeIstiod {
         self.inner.csrs.lock().unwrap().clone()
     }
 
-    /// Makes CreateCertificate fail (a CA outage) or work again.
-    pub fn refuse_certificates(&self, refuse: bool) {
-        self.inner.refuse_ca.store(refuse, Ordering::Release);
-    }
-
     /// Waits (up to 10 s) for a request matching `pred` and returns it.
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -348,9 +341,6 @@ impl IstioCertificateService for Svc {
             impersonated,
             csr: r.csr.clone(),
         });
-        if self.0.refuse_ca.load(Ordering::Acquire) {
-            return Err(Status::unavailable("fake istiod: CA down"));
-        }
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&r.csr)
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let now = time::OffsetDateTime::now_utc();
