@@ -1,43 +1,33 @@
 #!/usr/bin/env bash
-# Installs the system packages zmesh's demo and tests need (Debian/Ubuntu, as root).
-# The Rust toolchain itself comes from rustup and is expected to be on PATH.
+# Installs the system packages one README command needs (Debian/Ubuntu, as root), and nothing more:
+#   scripts/setup.sh demo   iptables nftables iproute2 (namespaces, capture rules)
+#   scripts/setup.sh test   the above, plus what the test tiers drive for real:
+#                           containernetworking-plugins (the CNI chain tests), containerd + runc +
+#                           busybox-static (containers run with `ctr run --cni`), systemd
+#                           (systemd-analyze checks the unit `zmesh-node join` writes), dash (the ECS
+#                           health check as ECS's CMD-SHELL runs it), kubernetes-client (`kubectl
+#                           kustomize`) and kubernetes-validate from PyPI (manifest validation).
+# Under CI (CI=true) the package index is always refreshed first. The Rust toolchain comes from
+# rustup and is expected to be on PATH.
 set -euo pipefail
-PACKAGES=(iptables nftables iproute2 containernetworking-plugins)
+what=${1:-test}
+case "$what" in
+  demo) PACKAGES=(iptables nftables iproute2) ;;
+  test) PACKAGES=(iptables nftables iproute2 containernetworking-plugins containerd runc
+                  busybox-static systemd dash kubernetes-client python3-pip) ;;
+  *) echo "usage: scripts/setup.sh demo|test" >&2; exit 64 ;;
+esac
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${CI:-}" = "true" ] || [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${PACKAGES[*]}"
+  echo "setup ($what): installing ${missing[*]:-${PACKAGES[*]}}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
 fi
-# systemd-analyze checks the unit `zmesh-node join` writes.
-if ! command -v systemd-analyze >/dev/null; then
-  echo "setup: installing systemd (systemd-analyze)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
-fi
-# dash (Debian's /bin/sh, as in the debian-slim images) runs the ECS example's health check in
-# tests/manifests.rs exactly as ECS's CMD-SHELL would.
-if ! command -v dash >/dev/null; then
-  echo "setup: installing dash"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dash >/dev/null
-fi
-# Manifest rendering and validation (daemonset/): kubectl for `kustomize`, and the schema
-# validator from PyPI.
-if ! command -v kubectl >/dev/null; then
-  echo "setup: installing kubernetes-client (kubectl)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
-fi
-if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
-  echo "setup: installing kubernetes-validate"
-  command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || {
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
-  }
+if [ "$what" = test ] && ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  echo "setup (test): installing kubernetes-validate (PyPI)"
   python3 -m pip install -q kubernetes-validate 2>/dev/null \
     || python3 -m pip install -q --break-system-packages kubernetes-validate
 fi

@@ -3,7 +3,7 @@
 # plus the Kubernetes manifests rendered and schema-validated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh test
 cargo build --workspace --all-targets
 scripts/validate-manifests.sh
 cargo test --workspace --no-fail-fast

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-for overlay in daemonset/overlays/*/; do
+# daemonset/uninstall/ is rendered and validated like an overlay.
+for overlay in daemonset/overlays/*/ daemonset/uninstall/; do
   name=$(basename "$overlay")
   kubectl kustomize "$overlay" > "$out/$name.yaml"
   # As a module: a console script may not be on PATH (pyenv shims, user installs).

@@ -38,7 +38,7 @@ fn strings(v: &Value) -> Vec<&str> {
 
 #[test]
 fn node_daemonset_security_fields_in_every_overlay() {
-    for overlay in ["dev", "production"] {
+    for overlay in ["dev", "production", "istio-cni"] {
         let objs = render(overlay);
         let ds = find(&objs, "DaemonSet", "zmesh-node");
         let spec = &ds["spec"]["template"]["spec"];
@@ -108,6 +108,9 @@ fn node_daemonset_security_fields_in_every_overlay() {
             ("DaemonSet", "zmesh-redirect"),
             ("Deployment", "zmesh-waypoint"),
         ] {
+            if overlay == "istio-cni" && name == "zmesh-redirect" {
+                continue; // istio-cni captures there (its own test below)
+            }
             let spec = &find(&objs, kind, name)["spec"]["template"]["spec"];
             assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux", "{name}");
             for c in spec["containers"].as_sequence().unwrap() {
@@ -134,7 +137,7 @@ fn node_daemonset_security_fields_in_every_overlay() {
 /// pod (no Secret volume at all).
 #[test]
 fn node_and_waypoint_join_istiod_and_hold_no_ca_key() {
-    for overlay in ["dev", "production"] {
+    for overlay in ["dev", "production", "istio-cni"] {
         let objs = render(overlay);
         for (kind, name) in [
             ("DaemonSet", "zmesh-node"),
@@ -222,6 +225,96 @@ fn the_cni_plugin_is_chained_not_installed_as_its_own_network() {
         let entry: serde_json::Value = serde_json::from_str(entry).unwrap();
         assert_eq!(entry["type"], "zmesh-redirect");
     }
+}
+
+/// Beside Istio's own CNI agent, zmesh-node serves the ZDS socket istio-cni dials (ztunnel's
+/// path, on the host), and zmesh's own capture is left out so two agents never race for a pod.
+#[test]
+fn the_istio_cni_overlay_keeps_the_node_on_ztunnels_zds_path_without_a_second_agent() {
+    let objs = render("istio-cni");
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "DaemonSet" && o["metadata"]["name"] == "zmesh-redirect"),
+        "zmesh-redirect must not run beside istio-cni"
+    );
+    assert!(!objs.iter().any(|o| o["metadata"]["name"] == "zmesh-cni"));
+    let spec = &find(&objs, "DaemonSet", "zmesh-node")["spec"]["template"]["spec"];
+    let zds = spec["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "zds")
+        .expect("a zds volume");
+    assert_eq!(zds["hostPath"]["path"], "/var/run/ztunnel");
+    let cfg = find(&objs, "ConfigMap", "zmesh-node")["data"]["node.yaml"]
+        .as_str()
+        .unwrap();
+    assert!(
+        cfg.contains("zds_socket: /var/run/ztunnel/ztunnel.sock"),
+        "{cfg}"
+    );
+}
+
+/// The uninstall kustomization takes the chain entry and the binary out of the host's CNI dirs
+/// (the same paths the install mounted) and holds nothing once done.
+#[test]
+fn the_uninstall_daemonset_removes_the_chain_entry_and_binary_from_the_install_paths() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/uninstall");
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize", dir])
+        .output()
+        .expect("kubectl is installed (scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs: Vec<Value> =
+        serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect();
+    let spec = &find(&objs, "DaemonSet", "zmesh-uninstall")["spec"]["template"]["spec"];
+    let init = &spec["initContainers"][0];
+    let args = strings(&init["args"]);
+    assert_eq!(args[..2], ["cni", "uninstall"]);
+    let install = render("production");
+    let redirect = &find(&install, "DaemonSet", "zmesh-redirect")["spec"]["template"]["spec"];
+    // The uninstall sees the host's CNI dirs where the install wrote them.
+    for (flag, volume) in [("--conf-dir", "cni-conf"), ("--bin-dir", "cni-bin")] {
+        let at = args
+            .iter()
+            .position(|a| *a == flag)
+            .unwrap_or_else(|| panic!("{flag}"));
+        let mount = init["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == args[at + 1])
+            .unwrap_or_else(|| panic!("{flag} {} is not a mount", args[at + 1]));
+        let host = |spec: &Value, name: &Value| {
+            spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| &v["name"] == name)
+                .map(|v| v["hostPath"]["path"].clone())
+                .unwrap()
+        };
+        assert_eq!(mount["name"], volume);
+        assert_eq!(
+            host(spec, &mount["name"]),
+            host(redirect, &mount["name"]),
+            "{flag}"
+        );
+    }
+    assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
+    // Its own namespace, so deleting the install's (zmesh-system) does not take it along.
+    find(&objs, "Namespace", "zmesh-uninstall");
+    assert_eq!(
+        find(&objs, "DaemonSet", "zmesh-uninstall")["metadata"]["namespace"],
+        "zmesh-uninstall"
+    );
 }
 
 #[test]

@@ -423,6 +423,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
+            // Taken before the read: an edit during start-up is then seen by the watcher.
+            let loaded = config.as_deref().and_then(zmesh::proxy::reload::stamp);
             // ztunnel's environment (XDS_ADDRESS, CA_ADDRESS, ...) overrides the file.
             let cfg = match &config {
                 Some(path) => Config::load_effective(path),
@@ -442,7 +444,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            match run(cfg, config) {
+            match run(cfg, config.map(|p| (p, loaded))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zmesh-node: {e:#}");
@@ -550,7 +552,7 @@ fn raise_nofile_limit() {
     }
 }
 
-fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(cfg: Config, path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>) -> anyhow::Result<()> {
     let logs = init_logging(cfg.node.access_log);
     raise_nofile_limit();
     let workers = match cfg.node.worker_threads {
@@ -573,10 +575,11 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let running = zmesh::proxy::start(node.clone()).await?;
         // The config file is watched and re-read on SIGHUP; the embedded default never changes.
         let hup = Arc::new(tokio::sync::Notify::new());
-        if let Some(path) = path {
+        if let Some((path, loaded)) = path {
             zmesh::proxy::control().spawn(zmesh::proxy::reload::watch(
                 node.clone(),
                 path,
+                loaded,
                 zmesh::proxy::reload::WATCH_INTERVAL,
                 hup.clone(),
             ));

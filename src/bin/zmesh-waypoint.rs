@@ -55,6 +55,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
+            // Taken before the read: an edit during start-up is then seen by the watcher.
+            let loaded = zmesh::proxy::reload::stamp(&config);
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            match run(cfg, config) {
+            match run(cfg, config, loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zmesh-waypoint: {e:#}");
@@ -85,7 +87,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+fn run(cfg: Config, path: PathBuf, loaded: zmesh::proxy::reload::Stamp) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(zmesh_redirect::log_filter()).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -110,7 +112,7 @@ fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
         let wp = Waypoint::new(cfg, certs)?;
         let (hbone, admin) = server::start(wp.clone()).await?;
         tracing::info!(%hbone, %admin, "zmesh waypoint ready");
-        watch_config(wp, path).await
+        watch_config(wp, path, loaded).await
     })
 }
 
@@ -125,7 +127,11 @@ async fn drain(wp: &Waypoint) -> anyhow::Result<()> {
 /// Re-reads the config (and the certificate files it names: a CRL update reaches the
 /// waypoint's live connections as it does a node's) when it changes, checked each second, or
 /// on SIGHUP, with the node's watcher; drains on SIGTERM or ^C.
-async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
+async fn watch_config(
+    wp: Arc<Waypoint>,
+    path: PathBuf,
+    loaded: zmesh::proxy::reload::Stamp,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -148,6 +154,7 @@ async fn watch_config(wp: Arc<Waypoint>, path: PathBuf) -> anyhow::Result<()> {
     let watcher = zmesh::proxy::reload::watch_files(
         path,
         &wp.cfg,
+        loaded,
         zmesh::proxy::reload::WATCH_INTERVAL,
         trigger.clone(),
         reload,

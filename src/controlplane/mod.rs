@@ -142,11 +142,13 @@ impl ControlPlane {
                 "no node tokens yet: every call is refused until `zmesh-node ca token` makes one"
             );
         }
+        let loaded = crate::proxy::reload::stamp(&opts.mesh);
         let cfg = Config::load(&opts.mesh)?;
         let (tx, mesh) = watch::channel(Arc::new(cfg.clone()));
         let watcher = Aborting(tokio::spawn(watch_mesh(
             opts.mesh.clone(),
             cfg,
+            loaded,
             tx,
             opts.reload_interval,
             opts.reload_now.clone(),
@@ -303,6 +305,7 @@ pub async fn serve(
 async fn watch_mesh(
     path: PathBuf,
     cfg: Config,
+    loaded: crate::proxy::reload::Stamp,
     tx: watch::Sender<Arc<Config>>,
     interval: Duration,
     now: Arc<Notify>,
@@ -323,7 +326,7 @@ async fn watch_mesh(
             None
         }
     };
-    crate::proxy::reload::watch_files(path, &cfg, interval, now, reload, || {}).await
+    crate::proxy::reload::watch_files(path, &cfg, loaded, interval, now, reload, || {}).await
 }
 
 /// The serving certificate: issued by the CA for `names`, replaced on the first handshake past

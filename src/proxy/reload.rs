@@ -255,13 +255,22 @@ pub fn reload_from(node: &Node, path: &Path) -> Option<Config> {
 }
 
 /// Watches `path` (and the files it names) every `interval`, and reloads at once when
-/// `trigger` is notified (SIGHUP). Runs until dropped.
-pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: Arc<Notify>) {
+/// `trigger` is notified (SIGHUP). `loaded` is the config file's [`stamp`] taken before the
+/// running config was read from it, so an edit made while the node was starting is not missed.
+/// Runs until dropped.
+pub async fn watch(
+    node: Arc<Node>,
+    path: PathBuf,
+    loaded: Stamp,
+    interval: Duration,
+    trigger: Arc<Notify>,
+) {
     let cfg = node.cfg.clone();
     let n = node.clone();
     watch_files(
         path,
         &cfg,
+        loaded,
         interval,
         trigger,
         move |p| reload_from(&n, p),
@@ -274,12 +283,15 @@ pub async fn watch(node: Arc<Node>, path: PathBuf, interval: Duration, trigger: 
 
 /// The watcher both binaries use: checks `path` and the certificate files `cfg` names every
 /// `interval` (at once when `trigger` is notified), and for each change runs `reload` on the
-/// config thread. `reload` logs its own outcome and returns the config it applied, whose files
+/// config thread. The config file counts as changed when it differs from `loaded`, its stamp
+/// taken before `cfg` was read: the file may have been edited between that read and this
+/// watcher's start (a node waits for certificates and its first sync in between). `reload` logs its own outcome and returns the config it applied, whose files
 /// are watched from then on, or `None` when it refused the file. `rejected` counts a reload
 /// that could not run at all (no thread, or a panic). Runs until dropped.
 pub async fn watch_files<R>(
     path: PathBuf,
     cfg: &Config,
+    loaded: Stamp,
     interval: Duration,
     trigger: Arc<Notify>,
     reload: R,
@@ -289,6 +301,8 @@ pub async fn watch_files<R>(
 {
     let mut files = watched_files(&path, cfg);
     let mut seen = stamps(&files);
+    // The config file is always first.
+    seen[0] = loaded;
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(interval) => false,
@@ -394,5 +408,66 @@ mod tests {
         std::fs::write(&tmp, "b").unwrap();
         std::fs::rename(&tmp, &f).unwrap();
         assert_ne!(stamp(&f), first);
+    }
+
+    /// The file is edited after it was read but before the watcher takes its first look (a node
+    /// waits for certificates and its first sync in between): the edit is still reloaded.
+    #[tokio::test]
+    async fn an_edit_made_while_starting_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, "a").unwrap();
+        let loaded = stamp(&path);
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, "ab").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = cfg("");
+        let watcher = watch_files(
+            path.clone(),
+            &c,
+            loaded,
+            Duration::from_millis(10),
+            Arc::new(Notify::new()),
+            move |p: &Path| {
+                let _ = tx.send(p.to_path_buf());
+                None
+            },
+            || {},
+        );
+        tokio::select! {
+            () = watcher => unreachable!("the watcher runs until dropped"),
+            seen = rx.recv() => assert_eq!(seen.as_deref(), Some(path.as_path())),
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("the edit was never reloaded"),
+        }
+    }
+
+    /// An untouched file is not reloaded, however many times the watcher looks.
+    #[tokio::test]
+    async fn an_untouched_file_is_not_reloaded() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, "a").unwrap();
+        let loaded = stamp(&path);
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let r = reloads.clone();
+        let c = cfg("");
+        let watcher = watch_files(
+            path,
+            &c,
+            loaded,
+            Duration::from_millis(5),
+            Arc::new(Notify::new()),
+            move |_: &Path| {
+                r.fetch_add(1, Ordering::SeqCst);
+                None
+            },
+            || {},
+        );
+        // About 40 looks.
+        let looked = tokio::time::timeout(Duration::from_millis(200), watcher).await;
+        assert!(looked.is_err(), "the watcher runs until dropped");
+        assert_eq!(reloads.load(Ordering::SeqCst), 0);
     }
 }

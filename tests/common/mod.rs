@@ -147,12 +147,14 @@ impl Mesh {
     pub async fn node_from_file(&mut self, name: &str, text: &str) -> (Arc<Node>, PathBuf) {
         let path = self.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, text).unwrap();
+        let loaded = proxy::reload::stamp(&path);
         let cfg = Config::load(&path).unwrap();
         let node = Node::new(cfg).unwrap();
         self.start(node.clone()).await;
         tokio::spawn(proxy::reload::watch(
             node.clone(),
             path.clone(),
+            loaded,
             TEST_WATCH_INTERVAL,
             Arc::new(tokio::sync::Notify::new()),
         ));
