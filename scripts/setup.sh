@@ -2,7 +2,10 @@
 # Installs the system packages zmesh's demo and tests need (Debian/Ubuntu, as root).
 # The Rust toolchain itself comes from rustup and is expected to be on PATH.
 set -euo pipefail
-PACKAGES=(iptables nftables iproute2 containernetworking-plugins)
+# containerd (1.6 on Debian 12, with ctr), runc and busybox-static: tests/netns_containerd.rs runs
+# containers through `ctr run --cni` from a rootfs holding only the static busybox (it replaces a
+# dynamic `busybox` package, which could not run there).
+PACKAGES=(iptables nftables iproute2 containernetworking-plugins containerd runc busybox-static)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
