@@ -364,7 +364,9 @@ fn enrolled(admin: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The node-side veth of the one container on the bridge so far.
+/// The node-side veth of the one container on the bridge so far. Captures sit on a bridge port,
+/// not on the bridge: frames the bridge forwards from one port to another never pass the bridge
+/// device itself (unless it is promiscuous).
 fn only_port(node: &Netns) -> String {
     let links = node.ip(&["-o", "link", "show", "master", BRIDGE]).unwrap();
     let names: Vec<&str> = links
