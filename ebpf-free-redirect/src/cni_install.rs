@@ -5,7 +5,9 @@
 //! named), so the primary plugin still gives the pod its network and zmesh captures it after.
 //! The primary CNI may rewrite its file at any time (Calico, Cilium and the cloud CNIs do on
 //! upgrade); `watch` puts the entry back. `uninstall` removes exactly the entry, leaving the
-//! primary's config as it was (docs/capture.md "CNI install").
+//! primary's config as it was, byte for byte when the primary has not rewritten it meanwhile:
+//! install keeps the primary's own text beside it in a dotfile no runtime reads
+//! (docs/capture.md "CNI install").
 //!
 //! Pure parts (`insert`, `remove`, `primary`) are separate from the file operations so they are
 //! tested on documents.
@@ -110,7 +112,29 @@ fn only_ours(doc: &Value) -> bool {
         .is_some_and(|p| !p.is_empty() && p.iter().all(is_ours))
 }
 
+/// Where install keeps the primary's own text of `conflist`: a dotfile whose extension is none
+/// of `.conf`/`.conflist`/`.json`, so no runtime (nor [`primary`]) takes it for a network.
+fn saved_original(conflist: &Path) -> PathBuf {
+    let name = conflist
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    conflist.with_file_name(format!(".{name}.zmesh-orig"))
+}
+
 fn read_json(path: &Path) -> Result<Value, InstallError> {
+    let text = read_text(path)?;
+    parse_json(path, &text)
+}
+
+fn parse_json(path: &Path, text: &str) -> Result<Value, InstallError> {
+    serde_json::from_str(text).map_err(|e| InstallError::Config {
+        path: path.display().to_string(),
+        reason: format!("not JSON: {e}"),
+    })
+}
+
+fn read_text(path: &Path) -> Result<String, InstallError> {
     let meta = std::fs::metadata(path).map_err(io(path))?;
     if meta.len() > MAX_CONFIG {
         return Err(InstallError::Config {
@@ -118,11 +142,7 @@ fn read_json(path: &Path) -> Result<Value, InstallError> {
             reason: format!("{} bytes is over the {MAX_CONFIG}-byte limit", meta.len()),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    serde_json::from_str(&text).map_err(|e| InstallError::Config {
-        path: path.display().to_string(),
-        reason: format!("not JSON: {e}"),
-    })
+    std::fs::read_to_string(path).map_err(io(path))
 }
 
 /// The primary network config: `explicit` (a file name in `dir`), else the first file by name
@@ -216,14 +236,24 @@ pub fn install_config(
         changed = true;
     }
     let path = primary(dir, explicit)?;
-    let mut list = as_conflist(read_json(&path)?, &path)?;
+    let original = read_text(&path)?;
+    let mut list = as_conflist(parse_json(&path, &original)?, &path)?;
     let is_conf = path.extension().is_some_and(|e| e != "conflist");
     let target = if is_conf {
         path.with_extension("conflist")
     } else {
         path.clone()
     };
+    let primary_own = !list["plugins"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(is_ours));
     if insert(&mut list, plugin) || is_conf {
+        // Text without our entry is the primary's own (its first, or a rewrite `watch` is
+        // answering): uninstall puts exactly these bytes back. A converted `.conf` has no
+        // conflist text to go back to.
+        if primary_own && !is_conf {
+            write_atomic(&saved_original(&target), original.as_bytes(), None)?;
+        }
         let text = serde_json::to_string_pretty(&Value::Object(list)).expect("JSON values encode");
         write_atomic(&target, text.as_bytes(), None)?;
         if is_conf {
@@ -239,7 +269,8 @@ pub fn install_config(
 }
 
 /// Removes our entry from every config file in `dir` (and the legacy file), leaving the rest of
-/// each as it was. Returns the files changed.
+/// each as it was: the primary's own bytes, saved at install, when they still say the same
+/// thing, else the document re-encoded. Returns the files changed.
 pub fn uninstall_config(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     let mut changed = Vec::new();
     let legacy = dir.join(LEGACY_CONFLIST);
@@ -254,13 +285,26 @@ pub fn uninstall_config(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
         .collect();
     files.sort();
     for p in files {
+        let saved = saved_original(&p);
         let Ok(Value::Object(mut m)) = read_json(&p) else {
             continue;
         };
         if remove(&mut m) {
-            let text = serde_json::to_string_pretty(&Value::Object(m)).expect("JSON values encode");
+            let doc = Value::Object(m);
+            // The saved text counts only if it is what is left after removing our entry (the
+            // primary may have changed its config since install; then its change wins).
+            let text = match read_text(&saved) {
+                Ok(t) if parse_json(&saved, &t).is_ok_and(|v| v == doc) => t,
+                _ => serde_json::to_string_pretty(&doc).expect("JSON values encode"),
+            };
             write_atomic(&p, text.as_bytes(), None)?;
             changed.push(p);
+        }
+        match std::fs::remove_file(&saved) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&saved)(e));
+            }
+            _ => {}
         }
     }
     Ok(changed)
@@ -374,6 +418,58 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.contains("zmesh-tmp")), "{names:?}");
+    }
+
+    /// A conflist as an operator writes it: key order, spacing and final newline of its own.
+    const HAND_WRITTEN: &str = "{\n    \"name\": \"k8s-pod-network\",\n    \"cniVersion\": \"1.0.0\",\n    \"plugins\": [ { \"type\": \"bridge\", \"bridge\": \"cni0\" } ]\n}\n";
+
+    #[test]
+    fn uninstall_gives_back_the_primarys_own_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("10-net.conflist");
+        std::fs::write(&conf, HAND_WRITTEN).unwrap();
+        install_config(dir.path(), None, &ours()).unwrap();
+        // Installing again (the entry is there) keeps the primary's text, not ours.
+        let other = json!({"type": "zmesh-redirect", "admin_socket": "/other.sock"});
+        assert!(install_config(dir.path(), None, &other).unwrap().changed);
+        // The saved text is no network config: install still chains into the primary.
+        assert_eq!(primary(dir.path(), None).unwrap(), conf);
+        assert_eq!(uninstall_config(dir.path()).unwrap(), vec![conf.clone()]);
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), HAND_WRITTEN);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["10-net.conflist"], "nothing of ours is left");
+    }
+
+    #[test]
+    fn a_primary_rewrite_or_a_broken_saved_copy_wins_over_the_saved_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("10-net.conflist");
+        std::fs::write(&conf, HAND_WRITTEN).unwrap();
+        install_config(dir.path(), None, &ours()).unwrap();
+        // The primary changes its config while chained (keeping our entry, as some CNIs do).
+        let mut changed: Value =
+            serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        changed["plugins"][0]["bridge"] = json!("cni1");
+        std::fs::write(&conf, changed.to_string()).unwrap();
+        uninstall_config(dir.path()).unwrap();
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        assert_eq!(
+            doc["plugins"][0]["bridge"], "cni1",
+            "the primary's change kept"
+        );
+        assert_eq!(doc["plugins"].as_array().unwrap().len(), 1);
+        assert!(!saved_original(&conf).exists());
+        // A saved copy that is not JSON (damaged by hand) is ignored, not an error.
+        std::fs::write(&conf, HAND_WRITTEN).unwrap();
+        install_config(dir.path(), None, &ours()).unwrap();
+        std::fs::write(saved_original(&conf), "{garbage").unwrap();
+        assert_eq!(uninstall_config(dir.path()).unwrap(), vec![conf.clone()]);
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        assert_eq!(doc, serde_json::from_str::<Value>(HAND_WRITTEN).unwrap());
+        assert!(!saved_original(&conf).exists());
     }
 
     #[test]
