@@ -3,7 +3,7 @@
 //! TCP metrics are ztunnel's: the same four families (`istio_tcp_connections_opened_total`,
 //! `_closed_total`, `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`) with the same
 //! labels in the same order, so Kiali and the Grafana dashboards built for ztunnel read zmesh
-//! unchanged (docs/model.md "Metrics"). `reporter` is `source` on the sending node and
+//! unchanged (docs/telemetry.md "Metrics"). `reporter` is `source` on the sending node and
 //! `destination` on the receiving one; what is not known reads `unknown`, as in ztunnel.
 //! Two families are zmesh's own: `istio_tcp_connections_failed_total` (a connection that never
 //! reached its far side; ztunnel has no such family) and the gauge `istio_tcp_sockets_open`
@@ -27,7 +27,7 @@ use crate::model::{Service, Workload};
 
 /// Istio's standard TCP labels, in the order ztunnel encodes them (its `CommonTrafficLabels`,
 /// src/proxy/metrics.rs). ztunnel adds four locality labels (`source_region`, ...) in newer
-/// releases; zmesh leaves them out (docs/model.md "Metrics").
+/// releases; zmesh leaves them out (docs/telemetry.md "Metrics").
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,

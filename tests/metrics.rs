@@ -227,7 +227,7 @@ async fn config_dump_is_json_without_key_material_and_admin_controls_work() {
 /// `CommonTrafficLabels` in istio/ztunnel src/proxy/metrics.rs, which are Istio's standard
 /// metric labels ("Istio Standard Metrics", istio.io docs/reference/config/metrics). Newer
 /// ztunnel releases may append four locality labels (source_region, source_zone,
-/// destination_region, destination_zone); zmesh does not emit them (docs/model.md "Metrics").
+/// destination_region, destination_zone); zmesh does not emit them (docs/telemetry.md "Metrics").
 const ZTUNNEL_TCP_LABELS: [&str; 23] = [
     "reporter",
     "source_workload",

@@ -1,7 +1,7 @@
 //! Tier (b): the telemetry contract of the three real binaries: `--version` carries the git
 //! commit, `LOG_FORMAT=json` makes every binary log one JSON object per line with one key
 //! scheme, and a `LOG_FORMAT` that is neither text nor json is named in the log and falls back
-//! to text (docs/model.md "Logs").
+//! to text (docs/telemetry.md "Logs").
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

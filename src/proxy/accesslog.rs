@@ -1,5 +1,5 @@
 //! One structured access-log line per connection, with ztunnel's field names and formats so log
-//! pipelines built for ztunnel read it (docs/model.md "Access log"): target `access`, message
+//! pipelines built for ztunnel read it (docs/telemetry.md "Access log (node)"): target `access`, message
 //! `connection complete`, level `info` (or `error` when it failed, with an `error` field), and
 //! `src.addr`, `src.workload`, `src.namespace`, `src.identity`, `dst.addr`, `dst.hbone_addr`,
 //! `dst.service`, `dst.workload`, `dst.namespace`, `dst.identity`, `direction`, `bytes_sent`,

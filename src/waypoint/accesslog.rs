@@ -6,7 +6,7 @@
 //! `src.addr`, `src.workload`, `src.namespace`, `src.identity`, `dst.addr`, `dst.service`,
 //! `dst.workload`, `dst.namespace`, `dst.identity`, `bytes_sent`, `bytes_recv`, `duration` as
 //! `"12ms"`), then the request's own fields (method, path, status, flags, trace ids). A side
-//! that is not known is left out, as in the node's log (docs/waypoint.md "Access log").
+//! that is not known is left out, as in the node's log (docs/telemetry.md "Access log (waypoint)").
 //!
 //! The request path only serializes a line and queues it on the shared bounded writer
 //! (`crate::accesslog`): a slow stdout never blocks a request; when the queue is full the line
