@@ -377,3 +377,60 @@ pub fn process_rss_bytes() -> f64 {
 pub fn process_open_fds() -> f64 {
     std::fs::read_dir("/proc/self/fd").map_or(0.0, |d| d.count() as f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(m: &NodeMetrics, family: &str) -> Vec<String> {
+        m.encode(&[])
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A workload that leaves while its connection is open keeps that label set until the
+    /// connection closes (the gauge never goes below zero); the next reload then removes it.
+    #[test]
+    fn a_departed_workload_with_an_open_connection_is_forgotten_after_it_closes() {
+        let m = NodeMetrics::default();
+        let l = m.opened(TcpLabels::new(
+            "source",
+            None,
+            Some("spiffe://td/ns/a/sa/b"),
+            None,
+            None,
+            true,
+        ));
+        let gone = |name: &str, _: &str| name == UNKNOWN;
+        m.forget(&gone);
+        assert_eq!(lines_of(&m, "istio_tcp_sockets_open").len(), 1);
+        assert!(lines_of(&m, "istio_tcp_sockets_open")[0].ends_with(" 1"));
+        m.closed(&l, 10, 20);
+        let open = lines_of(&m, "istio_tcp_sockets_open");
+        assert!(open.len() == 1 && open[0].ends_with(" 0"), "{open:?}");
+        m.forget(&gone);
+        for family in [
+            "istio_tcp_sockets_open",
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+        ] {
+            assert!(lines_of(&m, family).is_empty(), "{family}");
+        }
+    }
+
+    /// Unknown peers read `unknown` in every peer label (never empty), the security policy
+    /// without mTLS is `unknown` (ztunnel's), and flags are set per failure.
+    #[test]
+    fn unknown_peers_and_flags() {
+        let l =
+            TcpLabels::new("destination", None, None, None, None, false).with_flags(flags::DENY);
+        assert_eq!(l.source_principal, UNKNOWN);
+        assert_eq!(l.destination_cluster, UNKNOWN);
+        assert_eq!(l.destination_service_name, UNKNOWN);
+        assert_eq!(l.connection_security_policy, UNKNOWN);
+        assert_eq!((l.request_protocol, l.response_flags), ("tcp", "DENY"));
+    }
+}

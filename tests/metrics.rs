@@ -128,7 +128,14 @@ async fn tcp_metrics_count_a_known_transfer_exactly_on_both_ends() {
         "{text}"
     );
     assert!(text.contains("zmesh_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/server\""), "{text}");
-    assert!(text.contains("zmesh_build_info{version="), "{text}");
+    assert!(
+        text.contains(&format!(
+            "zmesh_build_info{{version=\"{}\",git_sha=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            zmesh_redirect::GIT_SHA
+        )),
+        "{text}"
+    );
     for family in [
         "process_cpu_seconds_total ",
         "process_resident_memory_bytes ",

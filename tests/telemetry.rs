@@ -310,3 +310,76 @@ fn an_unknown_log_format_is_named_and_falls_back_to_text() {
         "{lines:#?}"
     );
 }
+
+/// The build script alone, compiled and run as cargo would run it, in three places: this
+/// checkout (git's commit, and HEAD watched so a commit rebuilds), a directory without `.git`
+/// (a release tarball: `unknown`, and nothing watched that does not exist), and with the
+/// commit given by the builder (hostile characters dropped, so it cannot break a label or the
+/// version line).
+#[test]
+fn the_build_script_stamps_git_or_unknown_or_what_the_builder_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("build-script");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/ebpf-free-redirect/build.rs");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let built = Command::new(rustc)
+        .args(["--edition", "2021", "-o"])
+        .arg(&script)
+        .arg(source)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let run = |manifest_dir: &std::path::Path, given: Option<&str>| {
+        let mut cmd = Command::new(&script);
+        cmd.env("CARGO_MANIFEST_DIR", manifest_dir)
+            .env_remove("ZMESH_GIT_SHA")
+            .env_remove("GIT_DIR")
+            // git must not find a repository above the tarball directory either.
+            .env("GIT_CEILING_DIRECTORIES", dir.path());
+        if let Some(v) = given {
+            cmd.env("ZMESH_GIT_SHA", v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ebpf-free-redirect");
+    if std::env::var_os("ZMESH_GIT_SHA").is_none() && expected_sha() != "unknown" {
+        let here = run(&crate_dir, None);
+        assert!(
+            here.contains(&format!(
+                "cargo:rustc-env=ZMESH_GIT_SHA={}\n",
+                expected_sha()
+            )),
+            "{here}"
+        );
+        let watched: Vec<&str> = here
+            .lines()
+            .filter_map(|l| l.strip_prefix("cargo:rerun-if-changed="))
+            .collect();
+        assert!(watched.iter().any(|p| p.ends_with("HEAD")), "{here}");
+        for p in watched {
+            assert!(std::path::Path::new(p).exists() || p == "build.rs", "{p}");
+        }
+    }
+
+    let tarball = dir.path().join("zmesh-0.1.0");
+    std::fs::create_dir(&tarball).unwrap();
+    let out = run(&tarball, None);
+    assert!(
+        out.contains("cargo:rustc-env=ZMESH_GIT_SHA=unknown\n"),
+        "{out}"
+    );
+    assert!(!out.contains("HEAD"), "{out}");
+
+    let out = run(&tarball, Some("v1.2.3-rc1\"} evil{x=\"1\n"));
+    assert!(
+        out.contains("cargo:rustc-env=ZMESH_GIT_SHA=v1.2.3-rc1evilx1\n"),
+        "{out}"
+    );
+}
