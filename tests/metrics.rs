@@ -430,9 +430,12 @@ async fn tcp_metric_labels_are_ztunnels_and_sockets_open_follows_the_connection(
     // Nothing listens on this port of the server: B answers 503, A counts a failure.
     let refused = SocketAddr::new(ip(net, 3), 8081);
     let entry = capture_to(a.clone(), ip(net, 2), refused).await;
-    let mut c = connect_from(ip(net, 2), entry).await.unwrap();
-    let mut rest = Vec::new();
-    let _ = c.read_to_end(&mut rest).await;
+    // The node resets the client once it is counted; on loopback the reset can reach the
+    // client before its connect call returns, so an error there is the same outcome.
+    if let Ok(mut c) = connect_from(ip(net, 2), entry).await {
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+    }
     let text = scrape(SocketAddr::new(ip(net, 2), 15020), "/metrics").await;
     assert_eq!(
         sample(
