@@ -1,11 +1,16 @@
 //! The node's Prometheus metrics (served on :15020 `/metrics` and `/stats/prometheus`).
 //!
-//! TCP metrics carry Istio's standard labels so existing dashboards work: `reporter` is
-//! `source` on the sending node and `destination` on the receiving one; values that are not
-//! known read `unknown`. A connection counts as opened when its far side is reached (tunnel or
-//! app dialed), and as closed, with its bytes, when it ends; one that never got that far counts
-//! as failed. The series of a workload that leaves the node are removed on reload, so
-//! cardinality follows the model instead of growing for ever.
+//! TCP metrics are ztunnel's: the same four families (`istio_tcp_connections_opened_total`,
+//! `_closed_total`, `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`) with the same
+//! labels in the same order, so Kiali and the Grafana dashboards built for ztunnel read zmesh
+//! unchanged (docs/telemetry.md "Metrics"). `reporter` is `source` on the sending node and
+//! `destination` on the receiving one; what is not known reads `unknown`, as in ztunnel.
+//! Two families are zmesh's own: `istio_tcp_connections_failed_total` (a connection that never
+//! reached its far side; ztunnel has no such family) and the gauge `istio_tcp_sockets_open`
+//! (connections open now). A connection counts as opened when its far side is reached (tunnel
+//! or app dialed), and as closed, with its bytes, when it ends. Labels are built once per
+//! connection and interned; the series of a workload that leaves the node are removed on
+//! reload, so cardinality follows the model instead of growing for ever.
 
 use std::collections::HashSet;
 use std::fmt::Write;
@@ -15,35 +20,120 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::model::{Service, Workload};
 
+/// Istio's standard TCP labels, in the order ztunnel encodes them (its `CommonTrafficLabels`,
+/// src/proxy/metrics.rs). ztunnel adds four locality labels (`source_region`, ...) in newer
+/// releases; zmesh leaves them out (docs/telemetry.md "Metrics").
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
     pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
     pub destination_service: String,
-    pub destination_service_name: String,
     pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
     pub destination_canonical_service: String,
     pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
 
-const UNKNOWN: &str = "unknown";
+/// The value of a label zmesh does not know (ztunnel's default for every peer label).
+pub const UNKNOWN: &str = "unknown";
+
+/// `response_flags` values, as ztunnel writes them.
+pub mod flags {
+    /// Nothing to report.
+    pub const NONE: &str = "-";
+    /// Refused by an authorization policy.
+    pub const DENY: &str = "DENY";
+    /// The far side could not be reached (or the connection was refused before it was).
+    pub const CONNECT: &str = "CONNECT";
+}
+
+/// The labels that describe one side of a connection (node and waypoint alike).
+pub struct Peer {
+    pub workload: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub namespace: String,
+    pub principal: String,
+    /// ztunnel reports the canonical service and revision again as app and version (the
+    /// `app`/`version` pod labels are what canonical names are derived from).
+    pub app: String,
+    pub version: String,
+    pub cluster: String,
+}
+
+impl Peer {
+    /// The labels of workload `w`, `unknown` where it is not known; `principal` stands in for
+    /// the identity of an unknown workload (seen only by its certificate).
+    pub fn of(w: Option<&Workload>, principal: Option<&str>) -> Peer {
+        let u = || UNKNOWN.to_string();
+        let principal = w
+            .map(|w| w.identity.to_string())
+            .or(principal.map(str::to_string))
+            .unwrap_or_else(u);
+        match w {
+            None => Peer {
+                workload: u(),
+                canonical_service: u(),
+                canonical_revision: u(),
+                namespace: u(),
+                principal,
+                app: u(),
+                version: u(),
+                cluster: u(),
+            },
+            Some(w) => Peer {
+                workload: w.name.clone(),
+                canonical_service: w.canonical_name.clone(),
+                canonical_revision: w.canonical_revision.clone(),
+                namespace: w.namespace.clone(),
+                principal,
+                app: w.canonical_name.clone(),
+                version: w.canonical_revision.clone(),
+                cluster: non_empty(&w.cluster),
+            },
+        }
+    }
+}
+
+/// One field of the destination service, `unknown` without one.
+pub fn service_label(svc: Option<&Service>, f: fn(&Service) -> &String) -> String {
+    svc.map_or(UNKNOWN.into(), |s| f(s).clone())
+}
+
+fn non_empty(s: &str) -> String {
+    if s.is_empty() {
+        UNKNOWN.into()
+    } else {
+        s.into()
+    }
+}
 
 impl TcpLabels {
     /// Labels from what the proxy knows of a connection; `src_principal` is used when the source
     /// workload itself is not known (a peer node's workload seen only by its certificate).
+    /// `mtls` gives `connection_security_policy="mutual_tls"`; otherwise it is `unknown`, as in
+    /// ztunnel (which has no `none`).
     pub fn new(
         reporter: &'static str,
         src: Option<&Workload>,
@@ -52,28 +142,40 @@ impl TcpLabels {
         svc: Option<&Service>,
         mtls: bool,
     ) -> TcpLabels {
-        let s = |f: fn(&Workload) -> String, w: Option<&Workload>| w.map_or(UNKNOWN.into(), f);
+        let s = Peer::of(src, src_principal);
+        let d = Peer::of(dst, None);
+        let svc_field = |f: fn(&Service) -> &String| service_label(svc, f);
         TcpLabels {
             reporter,
-            source_workload: s(|w| w.name.clone(), src),
-            source_workload_namespace: s(|w| w.namespace.clone(), src),
-            source_principal: src
-                .map(|w| w.identity.to_string())
-                .or(src_principal.map(str::to_string))
-                .unwrap_or_else(|| UNKNOWN.into()),
-            source_canonical_service: s(|w| w.canonical_name.clone(), src),
-            source_canonical_revision: s(|w| w.canonical_revision.clone(), src),
-            destination_workload: s(|w| w.name.clone(), dst),
-            destination_workload_namespace: s(|w| w.namespace.clone(), dst),
-            destination_principal: s(|w| w.identity.to_string(), dst),
-            destination_service: svc.map_or(UNKNOWN.into(), |s| s.hostname.clone()),
-            destination_service_name: svc.map_or(UNKNOWN.into(), |s| s.name.clone()),
-            destination_service_namespace: svc.map_or(UNKNOWN.into(), |s| s.namespace.clone()),
-            destination_canonical_service: s(|w| w.canonical_name.clone(), dst),
-            destination_canonical_revision: s(|w| w.canonical_revision.clone(), dst),
-            response_flags: "-",
-            connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+            source_workload: s.workload,
+            source_canonical_service: s.canonical_service,
+            source_canonical_revision: s.canonical_revision,
+            source_workload_namespace: s.namespace,
+            source_principal: s.principal,
+            source_app: s.app,
+            source_version: s.version,
+            source_cluster: s.cluster,
+            destination_service: svc_field(|s| &s.hostname),
+            destination_service_namespace: svc_field(|s| &s.namespace),
+            destination_service_name: svc_field(|s| &s.name),
+            destination_workload: d.workload,
+            destination_canonical_service: d.canonical_service,
+            destination_canonical_revision: d.canonical_revision,
+            destination_workload_namespace: d.namespace,
+            destination_principal: d.principal,
+            destination_app: d.app,
+            destination_version: d.version,
+            destination_cluster: d.cluster,
+            request_protocol: "tcp",
+            response_flags: flags::NONE,
+            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
         }
+    }
+
+    /// The same labels with `response_flags` set.
+    pub fn with_flags(mut self, response_flags: &'static str) -> TcpLabels {
+        self.response_flags = response_flags;
+        self
     }
 }
 
@@ -84,9 +186,10 @@ pub struct NodeMetrics {
     failed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    open: Family<TcpLabels, Gauge>,
     /// Every label set in use, interned: an open connection holds one `Arc` to its labels
-    /// rather than its own copy of sixteen strings, and a departed workload's series can be
-    /// found and removed.
+    /// rather than its own copy of twenty-three strings, and a departed workload's series can
+    /// be found and removed.
     seen: Mutex<HashSet<Arc<TcpLabels>>>,
 }
 
@@ -96,31 +199,37 @@ impl Default for NodeMetrics {
         let family = Family::<TcpLabels, Counter>::default;
         let (opened, closed, failed, sent, received) =
             (family(), family(), family(), family(), family());
+        let open = Family::<TcpLabels, Gauge>::default();
         // prometheus-client appends `_total` to counter names.
         registry.register(
             "istio_tcp_connections_opened",
-            "TCP connections opened",
+            "The total number of TCP connections opened",
             opened.clone(),
         );
         registry.register(
             "istio_tcp_connections_closed",
-            "TCP connections closed",
+            "The total number of TCP connections closed",
             closed.clone(),
         );
         registry.register(
-            "istio_tcp_connections_failed",
-            "TCP connections that failed before reaching their destination",
-            failed.clone(),
+            "istio_tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            received.clone(),
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent towards the destination",
+            "The size of total bytes sent during response in case of a TCP connection",
             sent.clone(),
         );
         registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from the destination",
-            received.clone(),
+            "istio_tcp_connections_failed",
+            "TCP connections that failed before reaching their destination (zmesh)",
+            failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sockets_open",
+            "Proxied TCP connections open now: opened and not yet closed (zmesh)",
+            open.clone(),
         );
         NodeMetrics {
             registry,
@@ -129,6 +238,7 @@ impl Default for NodeMetrics {
             failed,
             sent,
             received,
+            open,
             seen: Mutex::new(HashSet::new()),
         }
     }
@@ -156,28 +266,36 @@ impl NodeMetrics {
     pub fn opened(&self, l: TcpLabels) -> Arc<TcpLabels> {
         let l = self.intern(l);
         self.opened.get_or_create(&l).inc();
+        self.open.get_or_create(&l).inc();
         l
     }
 
     /// A connection that was opened has ended, having moved these bytes.
     pub fn closed(&self, l: &TcpLabels, sent: u64, received: u64) {
+        self.open.get_or_create(l).dec();
         self.closed.get_or_create(l).inc();
         self.sent.get_or_create(l).inc_by(sent);
         self.received.get_or_create(l).inc_by(received);
     }
 
+    /// A connection that never reached its far side (`l` carries why in `response_flags`).
     pub fn failed(&self, l: TcpLabels) {
         let l = self.intern(l);
         self.failed.get_or_create(&l).inc();
     }
 
     /// Removes the series of workloads (by name and namespace) that are no longer in the model.
+    /// A label set with connections still open stays until a later reload finds it idle, so
+    /// its gauge never goes below zero.
     pub fn forget(&self, gone: &dyn Fn(&str, &str) -> bool) {
         let mut seen = self.seen.lock().expect("poisoned");
         seen.retain(|l| {
-            let drop = gone(&l.source_workload, &l.source_workload_namespace)
+            let departed = gone(&l.source_workload, &l.source_workload_namespace)
                 || gone(&l.destination_workload, &l.destination_workload_namespace);
+            // Only a departed set is looked up: `get_or_create` would add a zero series.
+            let drop = departed && self.open.get_or_create(l).get() <= 0;
             if drop {
+                self.open.remove(l);
                 for f in [
                     &self.opened,
                     &self.closed,
@@ -258,4 +376,61 @@ pub fn process_rss_bytes() -> f64 {
 /// Open file descriptors (entries of `/proc/self/fd`).
 pub fn process_open_fds() -> f64 {
     std::fs::read_dir("/proc/self/fd").map_or(0.0, |d| d.count() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(m: &NodeMetrics, family: &str) -> Vec<String> {
+        m.encode(&[])
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A workload that leaves while its connection is open keeps that label set until the
+    /// connection closes (the gauge never goes below zero); the next reload then removes it.
+    #[test]
+    fn a_departed_workload_with_an_open_connection_is_forgotten_after_it_closes() {
+        let m = NodeMetrics::default();
+        let l = m.opened(TcpLabels::new(
+            "source",
+            None,
+            Some("spiffe://td/ns/a/sa/b"),
+            None,
+            None,
+            true,
+        ));
+        let gone = |name: &str, _: &str| name == UNKNOWN;
+        m.forget(&gone);
+        assert_eq!(lines_of(&m, "istio_tcp_sockets_open").len(), 1);
+        assert!(lines_of(&m, "istio_tcp_sockets_open")[0].ends_with(" 1"));
+        m.closed(&l, 10, 20);
+        let open = lines_of(&m, "istio_tcp_sockets_open");
+        assert!(open.len() == 1 && open[0].ends_with(" 0"), "{open:?}");
+        m.forget(&gone);
+        for family in [
+            "istio_tcp_sockets_open",
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+        ] {
+            assert!(lines_of(&m, family).is_empty(), "{family}");
+        }
+    }
+
+    /// Unknown peers read `unknown` in every peer label (never empty), the security policy
+    /// without mTLS is `unknown` (ztunnel's), and flags are set per failure.
+    #[test]
+    fn unknown_peers_and_flags() {
+        let l =
+            TcpLabels::new("destination", None, None, None, None, false).with_flags(flags::DENY);
+        assert_eq!(l.source_principal, UNKNOWN);
+        assert_eq!(l.destination_cluster, UNKNOWN);
+        assert_eq!(l.destination_service_name, UNKNOWN);
+        assert_eq!(l.connection_security_policy, UNKNOWN);
+        assert_eq!((l.request_protocol, l.response_flags), ("tcp", "DENY"));
+    }
 }

@@ -376,6 +376,7 @@ fn the_grafana_dashboard_only_queries_metrics_zmesh_exports() {
         "istio_tcp_connections_failed_total",
         "istio_tcp_sent_bytes_total",
         "istio_tcp_received_bytes_total",
+        "istio_tcp_sockets_open",
         "zmesh_policy_decisions_total",
         "zmesh_policy_closed_connections_total",
         "zmesh_certificate_expiry_seconds",

@@ -103,10 +103,7 @@ fn host_mode_traffic_is_hbone_only_exact_and_keeps_the_source_ip() {
     );
     assert!(
         b_log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
-            && b_log.contains(&format!(
-                "\"bytes_received\":{}",
-                (8 << 20) + MARKER_UP.len()
-            )),
+            && b_log.contains(&format!("\"bytes_sent\":{}", (8 << 20) + MARKER_UP.len())),
         "node B access log: {b_log}"
     );
 }
@@ -134,13 +131,15 @@ fn plaintext_to_a_captured_app_port_goes_through_inbound_capture() {
     let mut b_log = String::new();
     for _ in 0..50 {
         b_log = HostMesh::access_log(&mesh.node_b).join("\n");
-        if b_log.contains("inbound_plaintext") {
+        if b_log.contains("\"path\":\"plaintext app") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // ztunnel's direction for it is `inbound`; zmesh's `path` says it came in plaintext.
     assert!(
-        b_log.contains("\"direction\":\"inbound_plaintext\""),
+        b_log.contains("\"direction\":\"inbound\"")
+            && b_log.contains(&format!("\"path\":\"plaintext app {B_IP}:{APP_PORT}\"")),
         "node B log: {b_log}"
     );
 }

@@ -346,6 +346,48 @@ async fn waypoint_between_three_nodes() {
         log.contains("\"response_code\":403") && log.contains("\"response_flags\":\"RBAC\""),
         "{log}"
     );
+    // With the keys of every zmesh JSON line and the node's (ztunnel's) names for the two sides
+    // (docs/telemetry.md "Access log (waypoint)").
+    let ok = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "access" && v["response_code"] == 200)
+        .unwrap_or_else(|| panic!("no access line of a 200: {log}"));
+    for (k, want) in [
+        ("level", "INFO"),
+        ("message", "request complete"),
+        ("src.workload", "pod-a"),
+        ("src.namespace", "shop"),
+        ("src.identity", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("dst.namespace", "shop"),
+        ("dst.identity", "spiffe://cluster.local/ns/shop/sa/s"),
+    ] {
+        assert_eq!(ok[k], want, "{k}: {ok}");
+    }
+    assert!(
+        ok["src.addr"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{A}:")),
+        "{ok}"
+    );
+    assert!(
+        ok["dst.workload"].as_str().unwrap().starts_with("s-v"),
+        "{ok}"
+    );
+    assert!(
+        ok["dst.service"].is_string() && ok["timestamp"].is_string(),
+        "{ok}"
+    );
+    let duration = ok["duration"].as_str().unwrap();
+    assert!(
+        duration.strip_suffix("ms").unwrap().parse::<u64>().is_ok(),
+        "{ok}"
+    );
+    assert!(
+        ok["bytes_sent"].is_u64() && ok["bytes_recv"].as_u64() > Some(0),
+        "{ok}"
+    );
 }
 
 /// A prior-knowledge HTTP/2 connection from pod A's app to `vip:80`.

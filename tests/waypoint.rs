@@ -349,6 +349,36 @@ async fn routing_weights_paths_and_policy_through_the_waypoint() {
         m.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/s\""),
         "{m}"
     );
+    // Every request series carries Istio's standard request labels: the node's TCP peer
+    // labels (ztunnel's order) with Istio's request labels (docs/telemetry.md "Requests").
+    let want: Vec<&str> = "reporter source_workload source_canonical_service \
+        source_canonical_revision source_workload_namespace source_principal source_app \
+        source_version source_cluster destination_service destination_service_namespace \
+        destination_service_name destination_workload destination_canonical_service \
+        destination_canonical_revision destination_workload_namespace destination_principal \
+        destination_app destination_version destination_cluster request_protocol response_code \
+        grpc_response_status response_flags connection_security_policy"
+        .split_whitespace()
+        .collect();
+    let series: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert!(!series.is_empty(), "{m}");
+    for l in series {
+        let inner = &l[l.find('{').unwrap() + 1..l.rfind('}').unwrap()];
+        // No label value here holds `",`: splitting on it separates the labels.
+        let names: Vec<&str> = inner
+            .split("\",")
+            .map(|kv| kv.split('=').next().unwrap())
+            .collect();
+        assert_eq!(names, want, "{l}");
+        assert!(
+            l.contains("source_workload=\"client\""),
+            "the workload's name: {l}"
+        );
+        assert!(l.contains("source_cluster=\"Kubernetes\""), "{l}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,11 +20,18 @@ pub mod cni_install;
 pub mod nsfd;
 mod sys;
 
-/// The log filter every zmesh binary starts with: `ZMESH_LOG`, else `RUST_LOG` (what ztunnel and
-/// most Rust tools read), else `info`. tracing's `EnvFilter` syntax.
-pub fn log_filter() -> String {
-    ["ZMESH_LOG", "RUST_LOG"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
-        .unwrap_or_else(|| "info".to_string())
-}
+pub mod logging;
+pub use logging::log_filter;
+pub use sys::{allocator_stats, AllocatorStats};
+
+/// The commit this build was made from (`build.rs`: short SHA, or `unknown` without git).
+pub const GIT_SHA: &str = env!("ZMESH_GIT_SHA");
+/// The release version alone.
+pub const VERSION_NUMBER: &str = env!("CARGO_PKG_VERSION");
+/// What every zmesh binary's `--version` prints after its name: `0.1.0 (git abc1234)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("ZMESH_GIT_SHA"),
+    ")"
+);

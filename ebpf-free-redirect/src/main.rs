@@ -19,7 +19,7 @@ const EXIT_INVALID_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "zmesh-redirect",
-    version,
+    version = zmesh_redirect::VERSION,
     about = "Traffic capture without eBPF for the zmesh node tunnel"
 )]
 struct Cli {
@@ -223,9 +223,7 @@ fn main() -> ExitCode {
 
 fn cni_install(action: CniAction) -> ExitCode {
     use zmesh_redirect::cni_install as ci;
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .try_init();
+    zmesh_redirect::logging::init_stderr();
     let result = match action {
         CniAction::Install {
             conf_dir,
@@ -312,14 +310,8 @@ fn cni_plugin(command: &str) -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(zmesh_redirect::log_filter())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    zmesh_redirect::logging::init_stderr();
+    zmesh_redirect::logging::log_start("zmesh-redirect");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -352,7 +344,8 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("zmesh-redirect agent: {e:#}");
+            // Through the log, so a JSON pipeline reads the reason the agent stopped.
+            tracing::error!(error = format!("{e:#}"), "zmesh-redirect agent stopped");
             ExitCode::FAILURE
         }
     }

@@ -6,6 +6,9 @@
 //!   with it the descriptors that did arrive stayed open forever (issue 11, finding 3).
 //! - [`namespace_type`]: the `NS_GET_NSTYPE` ioctl, to tell a network namespace from any other
 //!   file before `setns`.
+//! - [`allocator_stats`]: glibc's `mallinfo2(3)`, the allocator's own view of the heap, which the
+//!   node's admin endpoint `/debug/memory` serves (zmesh uses glibc malloc, which has no pprof
+//!   heap profiler; `nix` does not wrap it).
 //!
 //! Everything around these calls (what to accept, what to refuse, error texts) lives in safe code.
 #![allow(unsafe_code)]
@@ -113,5 +116,47 @@ pub(crate) fn namespace_type(fd: BorrowedFd<'_>) -> io::Result<c_int> {
         Err(io::Error::last_os_error())
     } else {
         Ok(kind)
+    }
+}
+
+/// glibc's allocator statistics (`mallinfo2(3)`), in bytes except the two counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocatorStats {
+    /// Bytes obtained with `brk`/`sbrk` (the main arena) plus the other arenas' mmapped heaps.
+    pub arena: u64,
+    /// Free chunks in the arenas.
+    pub free_chunks: u64,
+    /// Chunks allocated with `mmap` (large allocations) and their bytes.
+    pub mmap_chunks: u64,
+    pub mmap_bytes: u64,
+    /// Bytes in use by the program (allocated and not freed), arenas only.
+    pub in_use: u64,
+    /// Bytes free in the arenas, held by the allocator but not returned to the kernel.
+    pub free: u64,
+    /// Releasable at the top of the heap (`malloc_trim` could give it back).
+    pub releasable: u64,
+}
+
+/// The allocator's statistics, or None where the C library is not glibc.
+pub fn allocator_stats() -> Option<AllocatorStats> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no argument, only reads the allocator's own bookkeeping
+        // under its locks, and returns a plain struct by value (glibc 2.33+, which the
+        // supported images (Debian 12) have).
+        let m = unsafe { libc::mallinfo2() };
+        Some(AllocatorStats {
+            arena: m.arena as u64,
+            free_chunks: m.ordblks as u64,
+            mmap_chunks: m.hblks as u64,
+            mmap_bytes: m.hblkhd as u64,
+            in_use: m.uordblks as u64,
+            free: m.fordblks as u64,
+            releasable: m.keepcost as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }

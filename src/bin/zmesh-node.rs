@@ -19,7 +19,11 @@ use zmesh::proxy::admin::LogControl;
 const EXIT_INVALID_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "zmesh-node", version, about = "zmesh node tunnel (HBONE)")]
+#[command(
+    name = "zmesh-node",
+    version = zmesh_redirect::VERSION,
+    about = "zmesh node tunnel (HBONE)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -463,6 +467,7 @@ fn ca_serve(
     xds: bool,
 ) -> anyhow::Result<()> {
     init_logging(AccessLogFormat::Text);
+    zmesh_redirect::logging::log_start("zmesh-node ca serve");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("zmesh-cp")
@@ -493,23 +498,34 @@ fn ca_serve(
     })
 }
 
-fn init_logging(format: AccessLogFormat) -> Arc<dyn LogControl> {
+/// The process's subscriber: `ZMESH_LOG`/`RUST_LOG` filter and `LOG_FORMAT` format, shared with
+/// the other binaries (`zmesh_redirect::logging`). Without `LOG_FORMAT`, `node.access_log: json`
+/// still makes the whole log JSON, as it did before the variable existed.
+fn init_logging(access_log: AccessLogFormat) -> Arc<dyn LogControl> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    use zmesh_redirect::logging::{self, LogFormat};
+    let (mut format, format_warning) = logging::log_format();
+    let format_set = std::env::var(logging::FORMAT_ENV).is_ok_and(|v| !v.trim().is_empty());
+    if !format_set && access_log == AccessLogFormat::Json {
+        format = LogFormat::Json;
+    }
     let initial = zmesh_redirect::log_filter();
-    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_warning) = logging::env_filter();
     // The filter sits behind a reload handle so the admin server's /logging can change it.
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colour only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(zmesh::accesslog::NodeLogWriter::stderr());
-    let registry = tracing_subscriber::registry().with(filter);
-    if format == AccessLogFormat::Json {
-        registry.with(fmt.json().flatten_event(true)).init();
-    } else {
-        registry.with(fmt).init();
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logging::fmt_layer(
+            format,
+            zmesh::accesslog::NodeLogWriter::stderr(),
+            ansi,
+        ))
+        .init();
+    for w in [format_warning, filter_warning].into_iter().flatten() {
+        tracing::warn!("{w}");
     }
     Arc::new(ReloadableFilter {
         handle,
@@ -554,6 +570,7 @@ fn raise_nofile_limit() {
 
 fn run(cfg: Config, path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>) -> anyhow::Result<()> {
     let logs = init_logging(cfg.node.access_log);
+    zmesh_redirect::logging::log_start("zmesh-node");
     raise_nofile_limit();
     let workers = match cfg.node.worker_threads {
         0 => std::thread::available_parallelism()

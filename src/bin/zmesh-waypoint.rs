@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 use zmesh::config::Config;
 use zmesh::identity::CertManager;
 use zmesh::proxy::load_certificates;
@@ -23,7 +22,7 @@ const EXIT_INVALID_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "zmesh-waypoint",
-    version,
+    version = zmesh_redirect::VERSION,
     about = "zmesh waypoint (L7 proxy over HBONE)"
 )]
 struct Cli {
@@ -55,19 +54,22 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => {
+            // Logging first, so even a refused config is a line the log pipeline can read.
+            zmesh_redirect::logging::init_stderr();
+            zmesh_redirect::logging::log_start("zmesh-waypoint");
             // Taken before the read: an edit during start-up is then seen by the watcher.
             let loaded = zmesh::proxy::reload::stamp(&config);
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{e}");
+                    tracing::error!(error = %e, "invalid config; not starting");
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
             match run(cfg, config, loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("zmesh-waypoint: {e:#}");
+                    tracing::error!(error = format!("{e:#}"), "zmesh-waypoint stopped");
                     ExitCode::FAILURE
                 }
             }
@@ -88,13 +90,6 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 fn run(cfg: Config, path: PathBuf, loaded: zmesh::proxy::reload::Stamp) -> anyhow::Result<()> {
-    let filter =
-        EnvFilter::try_new(zmesh_redirect::log_filter()).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
     let workers = match cfg.node.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

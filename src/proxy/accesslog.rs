@@ -1,15 +1,24 @@
-//! One structured access-log line per connection: who talked to whom, under which identities,
-//! how many bytes each way, how long, and how it ended. The subscriber set up in `main` renders
-//! it as text or JSON and hands it to `crate::accesslog::NodeLogWriter`, which queues it for the
-//! writer thread: `emit` never waits for stderr, and a line that does not fit the queue is
-//! dropped and counted (`zmesh_access_log_dropped_total`).
+//! One structured access-log line per connection, with ztunnel's field names and formats so log
+//! pipelines built for ztunnel read it (docs/telemetry.md "Access log (node)"): target `access`, message
+//! `connection complete`, level `info` (or `error` when it failed, with an `error` field), and
+//! `src.addr`, `src.workload`, `src.namespace`, `src.identity`, `dst.addr`, `dst.hbone_addr`,
+//! `dst.service`, `dst.workload`, `dst.namespace`, `dst.identity`, `direction`, `bytes_sent`,
+//! `bytes_recv` and `duration` (`"12ms"`). A field whose value is not known is left out, as
+//! ztunnel does; so are the identities of a connection that is not mTLS. `bytes_sent` is what
+//! the client sent towards the destination, `bytes_recv` what came back, in both directions. zmesh adds `path` (how the bytes left this node) and `result`
+//! (`ok`/`reset`/`error`).
+//!
+//! The subscriber set up in `main` renders it as text or JSON and hands it to
+//! `crate::accesslog::NodeLogWriter`, which queues it for the writer thread: `emit` never waits
+//! for stderr, and a line that does not fit the queue is dropped and counted
+//! (`zmesh_access_log_dropped_total`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::copy::Transfer;
-use crate::metrics::{NodeMetrics, TcpLabels};
+use crate::metrics::{flags, NodeMetrics, TcpLabels};
 use crate::model::{Service, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,11 +29,11 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// ztunnel's two values: plaintext inbound is `inbound` too (its `path` says `plaintext`).
     fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::InboundPlaintext => "inbound_plaintext",
+            Direction::Inbound | Direction::InboundPlaintext => "inbound",
         }
     }
 }
@@ -34,8 +43,13 @@ impl Direction {
 pub struct ConnLog {
     pub direction: Direction,
     pub start: Instant,
+    /// The client's address.
     pub src: SocketAddr,
+    /// Where the bytes went at L4: the original destination, or for an HBONE connection the
+    /// tunnel's address (peer `:15008` outbound, the one the tunnel arrived at inbound).
     pub dst: SocketAddr,
+    /// The target inside the HBONE tunnel (the CONNECT authority), for HBONE connections.
+    pub hbone_addr: Option<SocketAddr>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub dst_workload: Option<String>,
@@ -49,6 +63,8 @@ pub struct ConnLog {
     pub svc: Option<Arc<Service>>,
     /// Whether the far side is reached over mTLS (HBONE).
     pub mtls: bool,
+    /// Refused by an authorization policy (`response_flags="DENY"`).
+    pub denied: bool,
     metrics: Arc<NodeMetrics>,
     /// Set once the connection reached its far side: it is then counted as opened.
     opened_as: Option<Arc<TcpLabels>>,
@@ -66,12 +82,14 @@ impl ConnLog {
             dst_wl: None,
             svc: None,
             mtls: false,
+            denied: false,
             metrics: metrics.clone(),
             opened_as: None,
             direction,
             start: Instant::now(),
             src,
             dst,
+            hbone_addr: None,
             src_identity: None,
             dst_identity: None,
             dst_workload: None,
@@ -101,21 +119,35 @@ impl ConnLog {
         self.opened_as = Some(self.metrics.opened(self.labels()));
     }
 
-    /// Emits the line (when access logging is on) and settles the metrics: an opened connection
-    /// is closed with its bytes, any other one failed. `error` is None for a completed one.
-    pub fn emit(&self, enabled: bool, error: Option<&dyn std::fmt::Display>) {
-        // Istio's meaning: "sent" is response bytes (towards the client), "received" request
-        // bytes. `transfer` counts from the side the relay was given first: the client socket
-        // for outbound and plaintext inbound, the app socket for HBONE inbound.
-        let (request, response) = match self.direction {
+    /// Request bytes (client towards the destination) and response bytes (back), whichever
+    /// socket the relay counted from.
+    fn request_response(&self) -> (u64, u64) {
+        // `transfer` counts from the side the relay was given first: the client socket for
+        // outbound and plaintext inbound, the app socket for HBONE inbound.
+        match self.direction {
             Direction::Outbound | Direction::InboundPlaintext => {
                 (self.transfer.sent, self.transfer.received)
             }
             Direction::Inbound => (self.transfer.received, self.transfer.sent),
-        };
+        }
+    }
+
+    /// Emits the line (when access logging is on) and settles the metrics: an opened connection
+    /// is closed with its bytes, any other one failed. `error` is None for a completed one.
+    pub fn emit(&self, enabled: bool, error: Option<&dyn std::fmt::Display>) {
+        let (request, response) = self.request_response();
         match &self.opened_as {
+            // Istio's meaning: "sent" is response bytes (towards the client), "received"
+            // request bytes.
             Some(l) => self.metrics.closed(l, response, request),
-            None => self.metrics.failed(self.labels()),
+            None => {
+                let flag = if self.denied {
+                    flags::DENY
+                } else {
+                    flags::CONNECT
+                };
+                self.metrics.failed(self.labels().with_flags(flag))
+            }
         }
         if !enabled {
             return;
@@ -125,24 +157,41 @@ impl ConnLog {
             (None, true) => "reset",
             (None, false) => "ok",
         };
-        let na = "-";
-        tracing::info!(
-            target: crate::accesslog::ACCESS_TARGET,
-            direction = self.direction.as_str(),
-            src.addr = %self.src,
-            dst.addr = %self.dst,
-            src.identity = self.src_identity.as_deref().unwrap_or(na),
-            dst.identity = self.dst_identity.as_deref().unwrap_or(na),
-            dst.workload = self.dst_workload.as_deref().unwrap_or(na),
-            dst.service = self.dst_service.as_deref().unwrap_or(na),
-            path = %self.path,
-            bytes_sent = self.transfer.sent,
-            bytes_received = self.transfer.received,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            result,
-            error = error.map(|e| e.to_string()).as_deref().unwrap_or(na),
-            "connection complete"
-        );
+        // ztunnel: the source workload's namespace and the destination's, from the model.
+        let src_ns = self.src_wl.as_deref().map(|w| w.namespace.as_str());
+        let src_workload = self.src_wl.as_deref().map(|w| w.name.as_str());
+        let dst_ns = self.dst_wl.as_deref().map(|w| w.namespace.as_str());
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
+        macro_rules! access_line {
+            ($level:expr, $($error:tt)*) => {
+                tracing::event!(
+                    target: crate::accesslog::ACCESS_TARGET,
+                    $level,
+                    src.addr = %self.src,
+                    src.workload = src_workload,
+                    src.namespace = src_ns,
+                    src.identity = self.src_identity.as_deref().filter(|_| self.mtls),
+                    dst.addr = %self.dst,
+                    dst.hbone_addr = self.hbone_addr.map(tracing::field::display),
+                    dst.service = self.dst_service.as_deref(),
+                    dst.workload = self.dst_workload.as_deref(),
+                    dst.namespace = dst_ns,
+                    dst.identity = self.dst_identity.as_deref().filter(|_| self.mtls),
+                    direction = self.direction.as_str(),
+                    bytes_sent = request,
+                    bytes_recv = response,
+                    duration = %duration,
+                    path = %self.path,
+                    result,
+                    $($error)*
+                    "connection complete"
+                )
+            };
+        }
+        match error {
+            None => access_line!(tracing::Level::INFO,),
+            Some(e) => access_line!(tracing::Level::ERROR, error = %e,),
+        }
     }
 }
 
@@ -191,6 +240,195 @@ mod tests {
         assert!(
             written.contains("\"dst.addr\":\"10.0.0.2:8080\""),
             "{written}"
+        );
+    }
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The JSON lines `f` logs through the binaries' shared JSON layer.
+    fn json_lines(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use zmesh_redirect::logging::{fmt_layer, LogFormat};
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry().with(fmt_layer(
+            LogFormat::Json,
+            move || out.clone(),
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    fn model() -> crate::model::Model {
+        let cfg = crate::config::Config::parse(
+            r#"
+node:
+  name: node-a
+  certificates: { file_ca: { dir: /tmp/ca } }
+workloads:
+  - { uid: c, name: client, namespace: shop, service_account: front, addresses: [10.0.0.1], node: node-a }
+  - { uid: s, name: server-7d9, namespace: store, service_account: back, addresses: [10.0.0.2], node: node-b,
+      services: { "store/server.store.svc.cluster.local": { 8080: 8080 } } }
+services:
+  - { name: server, namespace: store, hostname: server.store.svc.cluster.local, vips: [10.96.0.1], ports: { 8080: 8080 } }
+"#,
+            "test",
+        )
+        .unwrap();
+        crate::model::Model::from_config(&cfg)
+    }
+
+    /// Issue #13: a completed HBONE connection logs ztunnel's fields with ztunnel's formats
+    /// (`duration` as "Nms", `bytes_recv`, dotted src/dst names), under target `access`, with
+    /// the shared JSON keys; the bytes read from the client's side in both directions.
+    #[test]
+    fn a_completed_connection_logs_ztunnels_fields() {
+        let model = model();
+        let metrics = Arc::new(NodeMetrics::default());
+        let client = model.workload_by_ip("10.0.0.1".parse().unwrap()).cloned();
+        let server = model
+            .workload_by_ip("10.0.0.2".parse().unwrap())
+            .cloned()
+            .unwrap();
+        let svc = model.service_by_vip("10.96.0.1".parse().unwrap()).cloned();
+        let mut log = ConnLog::new(
+            Direction::Outbound,
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.96.0.1:8080".parse().unwrap(),
+            &metrics,
+        );
+        log.src_identity = Some(client.as_ref().unwrap().identity.to_string());
+        log.src_wl = client;
+        log.dst = "10.0.0.2:15008".parse().unwrap();
+        log.hbone_addr = Some("10.0.0.2:8080".parse().unwrap());
+        log.dst_identity = Some(server.identity.to_string());
+        log.dst_workload = Some(server.name.clone());
+        log.dst_service = svc.as_ref().map(|s| s.hostname.clone());
+        log.dst_wl = Some(server);
+        log.svc = svc;
+        log.mtls = true;
+        log.path = "hbone 10.0.0.2:15008 authority 10.0.0.2:8080".into();
+        log.opened();
+        log.transfer.sent = 1000;
+        log.transfer.received = 2345;
+        let lines = json_lines(|| log.emit(true, None));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        let want = [
+            ("target", "access"),
+            ("level", "INFO"),
+            ("message", "connection complete"),
+            ("src.addr", "10.0.0.1:40000"),
+            ("src.workload", "client"),
+            ("src.namespace", "shop"),
+            ("src.identity", "spiffe://cluster.local/ns/shop/sa/front"),
+            ("dst.addr", "10.0.0.2:15008"),
+            ("dst.hbone_addr", "10.0.0.2:8080"),
+            ("dst.service", "server.store.svc.cluster.local"),
+            ("dst.workload", "server-7d9"),
+            ("dst.namespace", "store"),
+            ("dst.identity", "spiffe://cluster.local/ns/store/sa/back"),
+            ("direction", "outbound"),
+            ("result", "ok"),
+        ];
+        for (k, v) in want {
+            assert_eq!(l[k], v, "{k}: {l}");
+        }
+        assert_eq!(l["bytes_sent"], 1000, "{l}");
+        assert_eq!(l["bytes_recv"], 2345, "{l}");
+        let duration = l["duration"].as_str().unwrap();
+        assert!(
+            duration.strip_suffix("ms").unwrap().parse::<u64>().is_ok(),
+            "{duration}"
+        );
+        assert!(
+            l.get("timestamp").is_some() && l.get("error").is_none(),
+            "{l}"
+        );
+        for old in ["bytes_received", "duration_ms"] {
+            assert!(l.get(old).is_none(), "{old}: {l}");
+        }
+
+        // Inbound, the relay counts from the app's socket: the log still reads from the
+        // client's side.
+        let mut inbound = ConnLog::new(
+            Direction::Inbound,
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:15008".parse().unwrap(),
+            &metrics,
+        );
+        inbound.transfer.sent = 2345;
+        inbound.transfer.received = 1000;
+        let l = &json_lines(|| inbound.emit(true, None))[0];
+        assert_eq!(
+            (&l["bytes_sent"], &l["bytes_recv"]),
+            (&1000.into(), &2345.into())
+        );
+        assert_eq!(l["direction"], "inbound");
+    }
+
+    /// A failed plaintext connection: level ERROR with the `error` field, `direction` inbound
+    /// (ztunnel has no third value), and what is not known, or not proven by mTLS, is left out
+    /// rather than written as a placeholder. A policy denial counts as failed with DENY.
+    #[test]
+    fn a_failed_connection_logs_its_error_and_leaves_out_what_is_unknown() {
+        let model = model();
+        let metrics = Arc::new(NodeMetrics::default());
+        let mut log = ConnLog::new(
+            Direction::InboundPlaintext,
+            "192.0.2.9:5555".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap(),
+            &metrics,
+        );
+        let server = model
+            .workload_by_ip("10.0.0.2".parse().unwrap())
+            .cloned()
+            .unwrap();
+        log.dst_identity = Some(server.identity.to_string());
+        log.dst_workload = Some(server.name.clone());
+        log.dst_wl = Some(server);
+        log.denied = true;
+        let lines = json_lines(|| log.emit(true, Some(&"denied by policy \"strict\" (reset)")));
+        let l = &lines[0];
+        assert_eq!(l["level"], "ERROR", "{l}");
+        assert_eq!(l["error"], "denied by policy \"strict\" (reset)", "{l}");
+        assert_eq!(l["direction"], "inbound", "{l}");
+        assert_eq!(l["dst.workload"], "server-7d9", "{l}");
+        assert_eq!(l["dst.namespace"], "store", "{l}");
+        for absent in [
+            "src.workload",
+            "src.namespace",
+            "src.identity",
+            "dst.identity",
+            "dst.hbone_addr",
+            "dst.service",
+        ] {
+            assert!(l.get(absent).is_none(), "{absent}: {l}");
+        }
+        let text = metrics.encode(&[]);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_failed_total{")
+                    && l.contains("response_flags=\"DENY\"")
+                    && l.contains("connection_security_policy=\"unknown\"")
+                    && l.ends_with(" 1")),
+            "{text}"
         );
     }
 }

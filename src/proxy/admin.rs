@@ -5,6 +5,10 @@
 //!   certificates (identity, serial, validity: never keys), pooled connections and counters.
 //! - `GET /logging` shows the log filter; `POST /logging?level=<filter>` replaces it.
 //! - `POST /quitquitquit` asks the process to stop (the same drain as SIGTERM).
+//! - `GET /debug/memory`: the process's memory as text: glibc's allocator statistics
+//!   (`mallinfo2`) and the kernel's VmRSS/VmHWM/VmData. zmesh uses glibc malloc, which has no
+//!   heap profiler, so there is no pprof profile: `GET /debug/pprof/heap` (ztunnel's path, a
+//!   jemalloc profile there) answers 501 and points here.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -143,6 +147,42 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
     })
 }
 
+/// The `/proc/self/status` lines about memory, as the kernel writes them.
+const STATUS_KEYS: [&str; 5] = ["VmRSS", "VmHWM", "VmData", "RssAnon", "VmSwap"];
+
+/// `/debug/memory`: allocator statistics and the kernel's memory lines for this process.
+pub fn memory_report() -> String {
+    let mut out =
+        String::from("# zmesh memory (not a pprof profile: glibc malloc has no heap profiler)\n");
+    match zmesh_redirect::allocator_stats() {
+        Some(m) => {
+            out.push_str("## allocator (glibc mallinfo2), bytes unless counted\n");
+            for (k, v) in [
+                ("arena_bytes", m.arena),
+                ("in_use_bytes", m.in_use),
+                ("free_bytes", m.free),
+                ("releasable_bytes", m.releasable),
+                ("free_chunks", m.free_chunks),
+                ("mmap_chunks", m.mmap_chunks),
+                ("mmap_bytes", m.mmap_bytes),
+            ] {
+                out.push_str(&format!("{k} {v}\n"));
+            }
+        }
+        None => out.push_str("## allocator statistics unavailable (not glibc)\n"),
+    }
+    out.push_str("## kernel (/proc/self/status)\n");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for line in status.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            if STATUS_KEYS.contains(&k) {
+                out.push_str(&format!("{k} {}\n", v.trim()));
+            }
+        }
+    }
+    out
+}
+
 fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -193,6 +233,12 @@ fn respond(node: &Node, logs: Option<&dyn LogControl>, req: &Request<Incoming>) 
                 },
             }
         }
+        (&Method::GET, "/debug/memory") => reply(StatusCode::OK, text, memory_report()),
+        (&Method::GET, "/debug/pprof/heap") => reply(
+            StatusCode::NOT_IMPLEMENTED,
+            text,
+            "no heap profile: zmesh uses glibc malloc, which has no profiler; allocator statistics are at GET /debug/memory\n".into(),
+        ),
         (&Method::POST, "/quitquitquit") => {
             node.quit.notify_one();
             reply(StatusCode::OK, text, "stopping\n".into())
@@ -200,7 +246,7 @@ fn respond(node: &Node, logs: Option<&dyn LogControl>, req: &Request<Incoming>) 
         _ => reply(
             StatusCode::NOT_FOUND,
             text,
-            "GET /config_dump, GET|POST /logging, POST /quitquitquit\n".into(),
+            "GET /config_dump, GET|POST /logging, GET /debug/memory, POST /quitquitquit\n".into(),
         ),
     }
 }

@@ -112,7 +112,7 @@ async fn connection(
                 scope.clone(),
                 workload.clone(),
                 client,
-                peer,
+                (peer, local),
                 s,
             )
         },
@@ -163,7 +163,7 @@ async fn stream(
     scope: Arc<Scope>,
     workload: Arc<Workload>,
     client: SpiffeId,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     s: server::Stream,
 ) {
     let server::Stream {
@@ -177,18 +177,16 @@ async fn stream(
         Err(e) => {
             server::refuse(respond, e.status());
             crate::reject!(node.rejections, "hbone", e.code(), src = %peer, identity = %client, reason = %e, "bad CONNECT (400)");
-            let mut log = ConnLog::new(
-                Direction::Inbound,
-                peer,
-                SocketAddr::new(workload.addresses[0], 0),
-                &node.metrics,
-            );
+            let mut log = ConnLog::new(Direction::Inbound, peer, local, &node.metrics);
             log.src_identity = Some(client.to_string());
+            log.mtls = true;
             log.emit(enabled, Some(&format_args!("bad CONNECT: {e}")));
             return;
         }
     };
-    let mut log = ConnLog::new(Direction::Inbound, peer, dst, &node.metrics);
+    // ztunnel's fields: dst.addr is where the tunnel arrived, dst.hbone_addr its target.
+    let mut log = ConnLog::new(Direction::Inbound, peer, local, &node.metrics);
+    log.hbone_addr = Some(dst);
     log.src_identity = Some(client.to_string());
     log.dst_identity = Some(workload.identity.to_string());
     log.dst_workload = Some(workload.name.clone());
@@ -211,6 +209,7 @@ async fn stream(
     if !decision.allowed {
         server::refuse(respond, StatusCode::UNAUTHORIZED);
         let reason = denial_reason(&decision);
+        log.denied = true;
         crate::reject!(info: node.rejections, "hbone", "denied_by_policy", src = %peer, %dst, identity = %client, reason, "connection denied by authorization policy");
         log.emit(enabled, Some(&format_args!("{reason} (401)")));
         return;

@@ -375,7 +375,11 @@ impl Node {
                 "gauge",
                 "The running build",
                 vec![(
-                    format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
+                    format!(
+                        "{{version=\"{}\",git_sha=\"{}\"}}",
+                        zmesh_redirect::VERSION_NUMBER,
+                        zmesh_redirect::GIT_SHA
+                    ),
                     1.0,
                 )],
             ),

@@ -105,6 +105,9 @@ async fn proxy_in(
             log.dst_wl = Some(destination.clone());
             log.svc = service.clone();
             log.mtls = true;
+            // ztunnel's fields: the tunnel's address at L4, the target inside it apart.
+            log.dst = hbone_addr;
+            log.hbone_addr = Some(authority);
             log.path = format!("hbone {hbone_addr} authority {authority}");
             let (trace_id, span_id) = new_trace_ids();
             let req = build_connect(

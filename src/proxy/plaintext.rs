@@ -42,7 +42,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         }
     };
     let mut log = ConnLog::new(Direction::InboundPlaintext, peer, dst, &node.metrics);
-    log.path = format!("app {dst}");
+    log.path = format!("plaintext app {dst}");
     if !node.inbound_plaintext_allowed() {
         reset_on_drop(&tcp);
         log.emit(
@@ -90,6 +90,7 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     if !decision.allowed {
         reset_on_drop(&tcp);
         let reason = denial_reason(&decision);
+        log.denied = true;
         crate::reject!(info: node.rejections, "plaintext", "denied_by_policy", src = %peer, %dst, reason, "plaintext connection denied by authorization policy");
         log.emit(enabled, Some(&format_args!("{reason} (reset)")));
         return;

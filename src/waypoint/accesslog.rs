@@ -1,6 +1,13 @@
 //! The waypoint's access log: one JSON line per request on stdout (where container runtimes
 //! collect it).
 //!
+//! A line has the keys of every zmesh JSON log line (`timestamp`, `level`, `target`=`access`,
+//! `message`) and names the two sides as the node's access log does (ztunnel's names:
+//! `src.addr`, `src.workload`, `src.namespace`, `src.identity`, `dst.addr`, `dst.service`,
+//! `dst.workload`, `dst.namespace`, `dst.identity`, `bytes_sent`, `bytes_recv`, `duration` as
+//! `"12ms"`), then the request's own fields (method, path, status, flags, trace ids). A side
+//! that is not known is left out, as in the node's log (docs/telemetry.md "Access log (waypoint)").
+//!
 //! The request path only serializes a line and queues it on the shared bounded writer
 //! (`crate::accesslog`): a slow stdout never blocks a request; when the queue is full the line
 //! is dropped and counted, never the request.
@@ -12,7 +19,28 @@ use crate::accesslog::LineWriter;
 /// One request, as logged.
 #[derive(Serialize)]
 pub struct Line<'a> {
-    pub time: String,
+    pub timestamp: String,
+    pub level: &'static str,
+    pub target: &'static str,
+    pub message: &'static str,
+    #[serde(rename = "src.addr")]
+    pub src_addr: String,
+    #[serde(rename = "src.workload", skip_serializing_if = "Option::is_none")]
+    pub src_workload: Option<&'a str>,
+    #[serde(rename = "src.namespace")]
+    pub src_namespace: &'a str,
+    #[serde(rename = "src.identity")]
+    pub src_identity: &'a str,
+    #[serde(rename = "dst.addr")]
+    pub dst_addr: String,
+    #[serde(rename = "dst.service", skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<&'a str>,
+    #[serde(rename = "dst.workload", skip_serializing_if = "Option::is_none")]
+    pub dst_workload: Option<&'a str>,
+    #[serde(rename = "dst.namespace", skip_serializing_if = "Option::is_none")]
+    pub dst_namespace: Option<&'a str>,
+    #[serde(rename = "dst.identity", skip_serializing_if = "Option::is_none")]
+    pub dst_identity: Option<String>,
     pub method: &'a str,
     pub path: &'a str,
     pub protocol: &'a str,
@@ -20,19 +48,21 @@ pub struct Line<'a> {
     pub grpc_status: &'a str,
     pub response_flags: &'a str,
     pub detail: &'a str,
-    pub duration_ms: f64,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
+    /// Whole milliseconds with the unit, as ztunnel writes `duration`.
+    pub duration: String,
+    /// Request body bytes (towards the destination).
+    pub bytes_sent: u64,
+    /// Response body bytes (back to the client).
+    pub bytes_recv: u64,
     pub retries: u32,
-    pub source_principal: &'a str,
-    pub source_address: String,
-    pub original_destination: String,
-    pub destination_service: &'a str,
-    pub upstream_workload: &'a str,
-    pub upstream_principal: &'a str,
     pub trace_id: String,
     pub span_id: String,
 }
+
+/// The constant part of every waypoint access line.
+pub const LEVEL: &str = "INFO";
+pub const TARGET: &str = crate::accesslog::ACCESS_TARGET;
+pub const MESSAGE: &str = "request complete";
 
 /// The waypoint's access log: JSON lines on stdout through the shared bounded writer.
 pub struct AccessLog(LineWriter);

@@ -527,10 +527,24 @@ async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
 /// The access-log line of a TCP flow refused by policy: protocol `tcp`, no status (the stream
 /// was reset), flag `RBAC`.
 fn log_tcp_denial(wp: &Waypoint, down: &Downstream, svc: Option<&Arc<Service>>, detail: &str) {
+    use super::accesslog::{Line, LEVEL, MESSAGE, TARGET};
     let (trace, span) = crate::hbone::connect::new_trace_ids();
-    let service = svc.map_or_else(|| "unknown".to_string(), |s| s.hostname.clone());
-    wp.access_log.write(&super::accesslog::Line {
-        time: humantime_now(),
+    let state = wp.state();
+    let src_wl = state.model.workload_by_ip(down.peer.ip());
+    wp.access_log.write(&Line {
+        timestamp: humantime_now(),
+        level: LEVEL,
+        target: TARGET,
+        message: MESSAGE,
+        src_addr: down.peer.to_string(),
+        src_workload: src_wl.map(|w| w.name.as_str()),
+        src_namespace: &down.client.namespace,
+        src_identity: &down.client.to_string(),
+        dst_addr: down.dst.to_string(),
+        dst_service: svc.map(|s| s.hostname.as_str()),
+        dst_workload: None,
+        dst_namespace: None,
+        dst_identity: None,
         method: "-",
         path: "-",
         protocol: "tcp",
@@ -538,16 +552,10 @@ fn log_tcp_denial(wp: &Waypoint, down: &Downstream, svc: Option<&Arc<Service>>, 
         grpc_status: "-",
         response_flags: "RBAC",
         detail,
-        duration_ms: 0.0,
-        request_bytes: 0,
-        response_bytes: 0,
+        duration: "0ms".into(),
+        bytes_sent: 0,
+        bytes_recv: 0,
         retries: 0,
-        source_principal: &down.client.to_string(),
-        source_address: down.peer.to_string(),
-        original_destination: down.dst.to_string(),
-        destination_service: &service,
-        upstream_workload: "-",
-        upstream_principal: "-",
         trace_id: format!("{trace:032x}"),
         span_id: format!("{span:016x}"),
     });
@@ -1499,24 +1507,20 @@ impl Finish {
         let grpc_status = trailer_grpc_status
             .or_else(|| self.grpc_status.clone())
             .unwrap_or_else(|| "-".into());
-        let unknown = || "unknown".to_string();
-        let labels = RequestLabels {
-            reporter: "waypoint",
-            source_workload: src_wl.map_or_else(unknown, |w| w.canonical_name.clone()),
-            source_workload_namespace: down.client.namespace.clone(),
-            source_principal: down.client.to_string(),
-            destination_workload: ep.map_or_else(unknown, |w| w.canonical_name.clone()),
-            destination_workload_namespace: ep.map_or_else(unknown, |w| w.namespace.clone()),
-            destination_principal: ep.map_or_else(unknown, |w| w.identity.to_string()),
-            destination_service: svc.map_or_else(unknown, |s| s.hostname.clone()),
-            destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
-            destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
-            request_protocol: if self.grpc { "grpc" } else { "http" },
-            response_code: self.status.as_u16().to_string(),
-            grpc_response_status: grpc_status,
-            response_flags: out.flags,
-            connection_security_policy: "mutual_tls",
-        };
+        let mut labels = RequestLabels::peers(
+            src_wl.map(|w| &**w),
+            &down.client.to_string(),
+            ep.map(|w| &**w),
+            svc.map(|s| &**s),
+        );
+        // A source known only by its certificate still has a namespace.
+        if src_wl.is_none() {
+            labels.source_workload_namespace = down.client.namespace.clone();
+        }
+        labels.request_protocol = if self.grpc { "grpc" } else { "http" };
+        labels.response_code = self.status.as_u16().to_string();
+        labels.grpc_response_status = grpc_status;
+        labels.response_flags = out.flags;
         let m = &wp.metrics;
         m.requests.get_or_create(&labels).inc();
         m.duration.get_or_create(&labels).observe(ms);
@@ -1526,9 +1530,21 @@ impl Finish {
         m.response_bytes
             .get_or_create(&labels)
             .observe(resp_bytes as f64);
-        let (peer, dst) = (down.peer.to_string(), down.dst.to_string());
-        wp.access_log.write(&super::accesslog::Line {
-            time: humantime_now(),
+        use super::accesslog::{Line, LEVEL, MESSAGE, TARGET};
+        wp.access_log.write(&Line {
+            timestamp: humantime_now(),
+            level: LEVEL,
+            target: TARGET,
+            message: MESSAGE,
+            src_addr: down.peer.to_string(),
+            src_workload: src_wl.map(|w| w.name.as_str()),
+            src_namespace: &down.client.namespace,
+            src_identity: &labels.source_principal,
+            dst_addr: down.dst.to_string(),
+            dst_service: svc.map(|s| s.hostname.as_str()),
+            dst_workload: ep.map(|w| w.name.as_str()),
+            dst_namespace: ep.map(|w| w.namespace.as_str()),
+            dst_identity: ep.map(|w| w.identity.to_string()),
             method: &self.method,
             path: &self.path,
             protocol: labels.request_protocol,
@@ -1536,16 +1552,10 @@ impl Finish {
             grpc_status: &labels.grpc_response_status,
             response_flags: out.flags,
             detail: &out.detail,
-            duration_ms: (ms * 1000.0).round() / 1000.0,
-            request_bytes: req_bytes,
-            response_bytes: resp_bytes,
+            duration: format!("{}ms", ms as u64),
+            bytes_sent: req_bytes,
+            bytes_recv: resp_bytes,
             retries: out.retries,
-            source_principal: &labels.source_principal,
-            source_address: peer,
-            original_destination: dst,
-            destination_service: &labels.destination_service,
-            upstream_workload: &labels.destination_workload,
-            upstream_principal: &labels.destination_principal,
             trace_id: format!("{:032x}", out.trace.0),
             span_id: format!("{:016x}", out.trace.1),
         });
