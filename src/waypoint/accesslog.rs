@@ -64,30 +64,38 @@ pub const LEVEL: &str = "INFO";
 pub const TARGET: &str = crate::accesslog::ACCESS_TARGET;
 pub const MESSAGE: &str = "request complete";
 
-/// The waypoint's access log: JSON lines on stdout through the shared bounded writer.
-pub struct AccessLog(LineWriter);
-
-impl Default for AccessLog {
-    fn default() -> Self {
-        AccessLog(LineWriter::spawn(
-            "zmesh-accesslog",
-            crate::accesslog::QUEUE,
-            std::io::stdout(),
-        ))
-    }
-}
+/// The waypoint's access log: JSON lines on stdout through the shared bounded writer, or nothing
+/// when `node.access_log` is `off` (the waypoint has one line format, so `text` and `json` both
+/// give JSON).
+pub struct AccessLog(Option<LineWriter>);
 
 impl AccessLog {
+    pub fn new(format: crate::config::AccessLogFormat) -> Self {
+        AccessLog(match format {
+            crate::config::AccessLogFormat::Off => None,
+            crate::config::AccessLogFormat::Text | crate::config::AccessLogFormat::Json => {
+                Some(LineWriter::spawn(
+                    "zmesh-accesslog",
+                    crate::accesslog::QUEUE,
+                    std::io::stdout(),
+                ))
+            }
+        })
+    }
+
     pub fn write(&self, line: &Line<'_>) {
+        let Some(writer) = &self.0 else {
+            return;
+        };
         let Ok(mut bytes) = serde_json::to_vec(line) else {
             return;
         };
         bytes.push(b'\n');
-        self.0.write_line(bytes);
+        writer.write_line(bytes);
     }
 
     /// Lines dropped because stdout did not keep up.
     pub fn dropped(&self) -> u64 {
-        self.0.dropped()
+        self.0.as_ref().map_or(0, LineWriter::dropped)
     }
 }

@@ -183,6 +183,7 @@ impl Waypoint {
             .fetch(&me.identity)
             .map_err(|e| WaypointError::Certs(e.to_string()))?;
         let pool = Pool::new(certs.clone(), None, None, cfg.node.connect_timeout);
+        let access_log = super::accesslog::AccessLog::new(cfg.node.access_log);
         Ok(Arc::new(Waypoint {
             cfg,
             uid,
@@ -192,7 +193,7 @@ impl Waypoint {
             server_config: Mutex::new(None),
             upstreams: Upstreams::default(),
             resilience: Resilience::default(),
-            access_log: Default::default(),
+            access_log,
             metrics: Metrics::default(),
             rejections: Default::default(),
             stopping: watch::Sender::new(false),
