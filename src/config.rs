@@ -851,6 +851,16 @@ impl Config {
     /// uid (the first entry is used) and an address claimed by two workloads (the first wins).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self
+            .node
+            .control_plane
+            .as_ref()
+            .is_some_and(|cp| cp.workload_wait_set)
+        {
+            out.push(
+                "node.control_plane.workload_wait is deprecated and ignored: a pod handed over before its workload is acked at once and fails closed until the workload arrives (docs/model.md)".into(),
+            );
+        }
         let mut uids = std::collections::HashMap::new();
         let mut ips = std::collections::HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
