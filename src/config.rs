@@ -131,7 +131,8 @@ pub struct NodeConfig {
     #[serde(default)]
     pub access_log: AccessLogFormat,
     pub certificates: CertificatesConfig,
-    /// Data-plane worker threads; 0 = one per available CPU.
+    /// Data-plane worker threads; 0 = the container's CPU limit (cgroup v2 `cpu.max`, else v1
+    /// CFS quota), rounded up, else one per available CPU (`workers`).
     #[serde(default)]
     pub worker_threads: usize,
     /// host: proxy the workloads of this machine from its own namespace (VMs);

@@ -93,10 +93,7 @@ fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let workers = match cfg.node.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("zmesh-waypoint")
