@@ -617,10 +617,15 @@ workloads:
                 std::thread::spawn(move || {
                     let mut b = [0u8; 1024];
                     while let Ok(n) = s.read(&mut b) {
-                        if n == 0 || s.write_all(&b[..n]).is_err() {
+                        if n == 0 {
                             return;
                         }
+                        // Recorded before the echo: a client that has its echo back finds
+                        // the bytes recorded.
                         record.lock().unwrap().extend_from_slice(&b[..n]);
+                        if s.write_all(&b[..n]).is_err() {
+                            return;
+                        }
                     }
                 });
             }

@@ -341,7 +341,7 @@ async fn add(
         pool: pool.clone(),
         netns: Some(netns.clone()),
         serves: Serves::Pod(PodBinding {
-            uid: uid.to_string(),
+            uid: uid.into(),
             pod: format!("{}/{}", info.namespace, info.name),
             workload: binding.clone(),
             closed: node.stats.unbound_closed.clone(),

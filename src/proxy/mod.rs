@@ -730,7 +730,8 @@ pub enum Serves {
 /// watcher (`inpod`). None while the model does not know the pod: its connections are refused
 /// (reset, counted under the reason `pod_workload_unknown`), never relayed in plaintext.
 pub struct PodBinding {
-    pub uid: String,
+    /// Shared, not copied, by each connection's removal watch.
+    pub uid: Arc<str>,
     /// The pod as ZDS named it ("namespace/name"), for the refusal's log line.
     pub pod: String,
     pub workload: watch::Receiver<Option<Arc<Workload>>>,
@@ -1019,7 +1020,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
 /// unbound connections get a future that never resolves (an unbound one is refused anyway).
 fn removal_watch(
     scope: &Scope,
-) -> impl std::future::Future<Output = Option<(String, Arc<AtomicU64>)>> + Send + 'static {
+) -> impl std::future::Future<Output = Option<(Arc<str>, Arc<AtomicU64>)>> + Send + 'static {
     let pod = match &scope.serves {
         Serves::Pod(p) if p.workload.borrow().is_some() => {
             Some((p.workload.clone(), p.uid.clone(), p.closed.clone()))
@@ -1072,7 +1073,7 @@ async fn accept_loop<F, Fut>(
                             _ = kill.wait_for(|k| *k) => {}
                             Some((uid, closed)) = removal => {
                                 closed.fetch_add(1, Ordering::Relaxed);
-                                tracing::info!(uid, listener = role, src = %peer, reason_code = "pod_workload_removed", "connection closed: the pod's workload was removed from the model (fail closed)");
+                                tracing::info!(uid = &*uid, listener = role, src = %peer, reason_code = "pod_workload_removed", "connection closed: the pod's workload was removed from the model (fail closed)");
                             }
                         }
                     });
