@@ -218,6 +218,7 @@ pub struct Agent {
     zds: ZdsServer,
     backend: Backend,
     enrolled: Mutex<HashMap<String, Enrolled>>,
+    counters: crate::health::Counters,
 }
 
 impl Agent {
@@ -226,12 +227,25 @@ impl Agent {
             zds,
             backend,
             enrolled: Mutex::new(HashMap::new()),
+            counters: Default::default(),
         }
+    }
+
+    /// Requests served by kind and result, pods enrolled, tunnels connected (`health`).
+    pub fn counters(&self) -> &crate::health::Counters {
+        &self.counters
+    }
+    pub fn enrolled_pods(&self) -> usize {
+        lock(&self.enrolled).len()
+    }
+    pub fn connected_tunnels(&self) -> usize {
+        self.zds.connected_tunnels()
     }
 
     /// Serves one request; failures become `{"ok":false,"error":..}`.
     pub async fn handle(&self, request: Request) -> Reply {
-        match request {
+        let op = crate::health::Op::of(&request);
+        let reply = match request {
             Request::Add(add) => match self.add(add).await {
                 Ok(status) => Reply {
                     tunnel: Some(status),
@@ -248,7 +262,9 @@ impl Agent {
                 tunnels: Some(self.zds.connected_tunnels()),
                 ..Reply::ok()
             },
-        }
+        };
+        self.counters.record(op, reply.ok);
+        reply
     }
 
     /// Captures first, then hands off: a pod the tunnel serves is always a captured one.
@@ -448,6 +464,15 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with(config, shutdown, |_| {}).await
+}
+
+/// `run`, handing the agent to `on_ready` once its ZDS and admin sockets are bound (`health`).
+pub async fn run_with(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(Arc<Agent>),
+) -> Result<(), AgentError> {
     for path in [&config.zds_socket, &config.admin_socket] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| AgentError::AdminBind {
@@ -465,6 +490,7 @@ pub async fn run(
         "redirect agent ready"
     );
     let agent = Arc::new(Agent::new(zds, config.backend));
+    on_ready(agent.clone());
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {

@@ -17,6 +17,7 @@ pub use rules::{Capture, Family, PodOptions, PodRules};
 pub mod agent;
 pub mod cni;
 pub mod cni_install;
+pub mod health;
 pub mod nsfd;
 mod sys;
 
