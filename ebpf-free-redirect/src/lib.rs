@@ -17,6 +17,10 @@ pub use rules::{Capture, Family, PodOptions, PodRules};
 pub mod agent;
 pub mod cni;
 pub mod cni_install;
+pub mod enroll;
+pub mod k8s;
+pub mod netns_scan;
+pub mod state;
 pub mod nsfd;
 mod sys;
 
