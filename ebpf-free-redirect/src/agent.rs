@@ -228,7 +228,9 @@ pub enum AgentError {
     Zds(#[from] ZdsError),
     #[error("cannot start enrollment from the Kubernetes API: {source}")]
     KubeStart { source: K8sError },
-    #[error("pod {uid}: cannot tell whether it is meshed, so it is not started uncaptured: {source}")]
+    #[error(
+        "pod {uid}: cannot tell whether it is meshed, so it is not started uncaptured: {source}"
+    )]
     Kube { uid: String, source: K8sError },
     #[error("pod {uid}: is meshed but not enrolled with the redirect agent: its traffic is not handed to the node tunnel; recreate the pod")]
     NotEnrolled { uid: String },
@@ -631,7 +633,10 @@ impl Agent {
                 dns_capture: r.dns_capture,
                 ..PodOptions::default()
             };
-            match self.enroll(r.uid.clone(), r.netns, netns, info, options).await {
+            match self
+                .enroll(r.uid.clone(), r.netns, netns, info, options)
+                .await
+            {
                 Ok(_) => restored += 1,
                 Err(e) => tracing::error!(error = %e, "restoring a pod failed"),
             }
@@ -800,7 +805,9 @@ pub async fn run(
             Some(k8s)
         }
         None => {
-            tracing::info!("no Kubernetes API configured: every pod the CNI plugin hands over is enrolled");
+            tracing::info!(
+                "no Kubernetes API configured: every pod the CNI plugin hands over is enrolled"
+            );
             None
         }
     };
@@ -944,7 +951,8 @@ impl Agent {
             let Some((namespace, name)) = self.enrolled_identity(&uid) else {
                 continue;
             };
-            self.release_if_confirmed(k8s, &uid, &namespace, &name).await;
+            self.release_if_confirmed(k8s, &uid, &namespace, &name)
+                .await;
             if !self.is_enrolled(&uid) {
                 r.seen.remove(&uid);
                 r.restored.remove(&uid);
@@ -967,7 +975,9 @@ impl Agent {
                     tracing::error!(error = %e, "deleting a pod failed");
                 }
             }
-            Err(e) => tracing::warn!(%uid, error = %e, "not releasing the pod: the Kubernetes API could not confirm it"),
+            Err(e) => {
+                tracing::warn!(%uid, error = %e, "not releasing the pod: the Kubernetes API could not confirm it")
+            }
         }
     }
 }

@@ -196,7 +196,12 @@ mod tests {
                 Some(Some("ambient")),
                 Meshed(MeshedBy::NamespaceLabel),
             ),
-            (Some("ambient"), false, Some(None), Meshed(MeshedBy::PodLabel)),
+            (
+                Some("ambient"),
+                false,
+                Some(None),
+                Meshed(MeshedBy::PodLabel),
+            ),
             (Some("ambient"), false, None, Meshed(MeshedBy::PodLabel)),
             (
                 Some("none"),
@@ -217,8 +222,18 @@ mod tests {
                 Some(Some("ambient")),
                 Meshed(MeshedBy::NamespaceLabel),
             ),
-            (None, false, Some(Some("Ambient")), NotMeshed(Reason::NotLabelled)),
-            (None, false, Some(Some("none")), NotMeshed(Reason::NotLabelled)),
+            (
+                None,
+                false,
+                Some(Some("Ambient")),
+                NotMeshed(Reason::NotLabelled),
+            ),
+            (
+                None,
+                false,
+                Some(Some("none")),
+                NotMeshed(Reason::NotLabelled),
+            ),
         ];
         for (pod_mode, host, ns_mode, want) in cases {
             let namespace = ns_mode.map(ns);

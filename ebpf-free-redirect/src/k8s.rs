@@ -62,7 +62,9 @@ pub enum K8sError {
     },
     #[error("reading {what} from the Kubernetes API timed out after {GET_TIMEOUT:?}")]
     Timeout { what: String },
-    #[error("pod {namespace}/{name} does not exist in the Kubernetes API (deleted while starting?)")]
+    #[error(
+        "pod {namespace}/{name} does not exist in the Kubernetes API (deleted while starting?)"
+    )]
     PodMissing { namespace: String, name: String },
     #[error("pod {namespace}/{name} has uid {found:?} in the Kubernetes API, not {expected}: the sandbox belongs to a pod that was replaced")]
     UidMismatch {
@@ -108,12 +110,12 @@ impl K8s {
     pub async fn start(settings: &KubeSettings) -> Result<K8s, K8sError> {
         let mut config = match &settings.api_url {
             Some(url) => {
-                let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| {
-                    K8sError::BadUrl {
-                        url: url.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
+                let uri: http::Uri =
+                    url.parse()
+                        .map_err(|e: http::uri::InvalidUri| K8sError::BadUrl {
+                            url: url.clone(),
+                            reason: e.to_string(),
+                        })?;
                 if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                     return Err(K8sError::BadUrl {
                         url: url.clone(),

@@ -20,8 +20,8 @@ pub mod cni_install;
 pub mod enroll;
 pub mod k8s;
 pub mod netns_scan;
-pub mod state;
 pub mod nsfd;
+pub mod state;
 mod sys;
 
 pub mod logging;

@@ -108,7 +108,12 @@ struct EnrollmentArgs {
     #[arg(long, env = "ZMESH_KUBE_API", value_name = "URL")]
     kube_api: Option<String>,
     /// Bearer token file for --kube-api.
-    #[arg(long, env = "ZMESH_KUBE_TOKEN_FILE", value_name = "PATH", requires = "kube_api")]
+    #[arg(
+        long,
+        env = "ZMESH_KUBE_TOKEN_FILE",
+        value_name = "PATH",
+        requires = "kube_api"
+    )]
     kube_token_file: Option<PathBuf>,
     /// This node's name; only its pods are watched. Required with label enrollment.
     #[arg(long, env = "NODE_NAME")]

@@ -44,7 +44,11 @@ pub enum ScanError {
 
 /// Every candidate netns path, bind mounts first, one path per distinct netns, skipping `own`
 /// (the agent's netns: the node's, which holds no pod IP a meshed pod could have).
-pub fn candidates(run_dir: &Path, proc_dir: &Path, own: Option<(u64, u64)>) -> Result<Vec<PathBuf>, ScanError> {
+pub fn candidates(
+    run_dir: &Path,
+    proc_dir: &Path,
+    own: Option<(u64, u64)>,
+) -> Result<Vec<PathBuf>, ScanError> {
     let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
     let mut out = Vec::new();
     let mut add = |path: PathBuf| {
@@ -94,7 +98,10 @@ pub fn own_netns() -> Option<(u64, u64)> {
 
 /// The netns among `candidates` whose interfaces hold one of `ips`, entered on a dedicated thread.
 /// `Ok(None)` when none does (the pod has no network yet, or it lives on another node).
-pub async fn find_by_ip(candidates: Vec<PathBuf>, ips: Vec<IpAddr>) -> Result<Option<Found>, ScanError> {
+pub async fn find_by_ip(
+    candidates: Vec<PathBuf>,
+    ips: Vec<IpAddr>,
+) -> Result<Option<Found>, ScanError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("netns-scan".into())
@@ -142,10 +149,16 @@ mod tests {
     #[test]
     fn candidates_without_a_run_dir_still_list_processes_and_skip_our_own() {
         let own = own_netns();
-        let list = candidates(Path::new("/nonexistent-netns-dir"), Path::new("/proc"), own).unwrap();
+        let list =
+            candidates(Path::new("/nonexistent-netns-dir"), Path::new("/proc"), own).unwrap();
         for p in &list {
             let m = std::fs::metadata(p).unwrap();
-            assert_ne!(Some((m.dev(), m.ino())), own, "{} is our own netns", p.display());
+            assert_ne!(
+                Some((m.dev(), m.ino())),
+                own,
+                "{} is our own netns",
+                p.display()
+            );
         }
         let ids: HashSet<_> = list
             .iter()
@@ -156,8 +169,12 @@ mod tests {
 
     #[test]
     fn an_unreadable_proc_dir_is_a_clear_error() {
-        let err = candidates(Path::new("/nonexistent"), Path::new("/nonexistent-proc"), None)
-            .unwrap_err();
+        let err = candidates(
+            Path::new("/nonexistent"),
+            Path::new("/nonexistent-proc"),
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent-proc"), "{err}");
     }
 }

@@ -478,7 +478,9 @@ async fn serve(
     }
 
     if !*gate.borrow() {
-        tracing::info!("node tunnel connected; holding its snapshot until the agent has rebuilt its pods");
+        tracing::info!(
+            "node tunnel connected; holding its snapshot until the agent has rebuilt its pods"
+        );
         // The sender lives in the ZdsServer; it is gone only when the server is.
         gate.wait_for(|open| *open)
             .await
