@@ -573,8 +573,29 @@ impl Agent {
     }
 
     /// The pod runs on but is no longer meshed: remove its rules (through the netns it was
-    /// enrolled with, which is still alive) and tell the tunnels, as for a deletion.
+    /// enrolled with, which is still alive), then tell the tunnels. In that order, so its traffic
+    /// goes direct before its proxy stops, and no connection meets a capture with no proxy.
     pub async fn release(&self, uid: &str) -> Result<(), AgentError> {
+        let pod = lock(&self.enrolled).remove(uid);
+        let rules = match pod {
+            None => Ok(()),
+            Some(pod) => {
+                self.persist();
+                let backend = self.backend;
+                let options = pod.options;
+                in_netns(&pod.handle, uid, &pod.netns, move || {
+                    uninstall_pod(&options, backend)
+                })
+                .await
+                .and_then(|r| {
+                    r.map_err(|source| AgentError::Uninstall {
+                        uid: uid.to_owned(),
+                        path: pod.netns.clone(),
+                        source,
+                    })
+                })
+            }
+        };
         let tunnels = self
             .zds
             .del_pod(uid)
@@ -583,23 +604,6 @@ impl Agent {
                 uid: uid.to_owned(),
                 source,
             });
-        let Some(pod) = lock(&self.enrolled).remove(uid) else {
-            return tunnels;
-        };
-        self.persist();
-        let backend = self.backend;
-        let options = pod.options;
-        let rules = in_netns(&pod.handle, uid, &pod.netns, move || {
-            uninstall_pod(&options, backend)
-        })
-        .await
-        .and_then(|r| {
-            r.map_err(|source| AgentError::Uninstall {
-                uid: uid.to_owned(),
-                path: pod.netns.clone(),
-                source,
-            })
-        });
         tracing::info!(%uid, "pod released from the mesh: rules removed, tunnels told");
         rules.and(tunnels)
     }
