@@ -264,9 +264,6 @@ struct Enrolled {
     /// (st_dev, st_ino) of the netns when enrolled: a netns path reused by a later pod must not
     /// lose that pod's rules when the old pod is deleted.
     id: (u64, u64),
-    /// The netns itself, to remove the rules of a pod that stops being meshed while it runs
-    /// (its path may be a `/proc/<pid>/ns/net` whose process has exited since).
-    handle: File,
     options: PodOptions,
     info: WorkloadInfo,
 }
@@ -491,11 +488,6 @@ impl Agent {
             path: path.clone(),
             source,
         })?;
-        let handle = netns.try_clone().map_err(|source| AgentError::OpenNetns {
-            uid: uid.clone(),
-            path: path.clone(),
-            source,
-        })?;
         let backend = self.backend;
         let install_options = options.clone();
         in_netns(&netns, &uid, &path, move || {
@@ -513,7 +505,6 @@ impl Agent {
             Enrolled {
                 netns: path.clone(),
                 id: (meta.dev(), meta.ino()),
-                handle,
                 options,
                 info: info.clone(),
             },
@@ -572,18 +563,25 @@ impl Agent {
         }
     }
 
-    /// The pod runs on but is no longer meshed: remove its rules (through the netns it was
-    /// enrolled with, which is still alive), then tell the tunnels. In that order, so its traffic
-    /// goes direct before its proxy stops, and no connection meets a capture with no proxy.
+    /// The pod runs on but is no longer meshed: remove its rules, then tell the tunnels. In that
+    /// order, so its traffic goes direct before its proxy stops, and no connection meets a
+    /// capture with no proxy. The netns is reached through the fd the ZDS cache holds (its path
+    /// may be a `/proc/<pid>/ns/net` whose process has exited since).
     pub async fn release(&self, uid: &str) -> Result<(), AgentError> {
         let pod = lock(&self.enrolled).remove(uid);
-        let rules = match pod {
-            None => Ok(()),
-            Some(pod) => {
+        let netns = self.zds.pod_netns(uid).map(File::from);
+        let rules = match (pod, netns) {
+            (None, _) => Ok(()),
+            // Not cached (cannot happen for an enrolled pod): the path, if still the same netns.
+            (Some(pod), None) => {
+                self.persist();
+                self.uninstall(uid, pod).await
+            }
+            (Some(pod), Some(netns)) => {
                 self.persist();
                 let backend = self.backend;
                 let options = pod.options;
-                in_netns(&pod.handle, uid, &pod.netns, move || {
+                in_netns(&netns, uid, &pod.netns, move || {
                     uninstall_pod(&options, backend)
                 })
                 .await

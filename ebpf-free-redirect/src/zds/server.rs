@@ -288,6 +288,12 @@ impl ZdsServer {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// A duplicate of a cached pod's netns fd (the agent reaches a pod it releases through it,
+    /// so it holds no second fd per pod); `None` for an unknown uid or when dup fails.
+    pub fn pod_netns(&self, uid: &str) -> Option<OwnedFd> {
+        lock(&self.state).pods.get(uid)?.netns.try_clone().ok()
+    }
+
     /// Uids of the cached pods, sorted.
     pub fn cached_pods(&self) -> Vec<String> {
         lock(&self.state).pods.keys().cloned().collect()
