@@ -227,7 +227,11 @@ fn the_cni_plugin_is_chained_not_installed_as_its_own_network() {
             .iter()
             .find(|c| c["name"] == "agent")
             .expect("an agent container");
-        assert!(args(agent).contains(&"labels"), "{overlay}: {:?}", args(agent));
+        assert!(
+            args(agent).contains(&"labels"),
+            "{overlay}: {:?}",
+            args(agent)
+        );
         let node_name = agent["env"]
             .as_sequence()
             .unwrap()
