@@ -831,8 +831,10 @@ pub async fn run(
         // Entries skipped (netns gone) are dropped from the file now.
         agent.persist();
     }
-    let mut reconciler = Reconciler::default();
-    reconciler.restored = agent.enrolled_uids();
+    let mut reconciler = Reconciler {
+        restored: agent.enrolled_uids(),
+        ..Reconciler::default()
+    };
     if let Some(k8s) = &agent.k8s {
         if k8s.wait_ready(STARTUP_SYNC_TIMEOUT).await {
             agent.reconcile(&mut reconciler).await;

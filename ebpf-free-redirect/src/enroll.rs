@@ -187,7 +187,9 @@ mod tests {
     #[test]
     fn the_ambient_rule() {
         use Decision::*;
-        let cases: &[(Option<&str>, bool, Option<Option<&str>>, Decision)] = &[
+        // (pod label, hostNetwork, namespace (None: absent) with its label, expected)
+        type Case<'a> = (Option<&'a str>, bool, Option<Option<&'a str>>, Decision);
+        let cases: &[Case] = &[
             (None, false, Some(None), NotMeshed(Reason::NotLabelled)),
             (None, false, None, NotMeshed(Reason::NotLabelled)),
             (
