@@ -249,3 +249,45 @@ async fn a_bad_api_url_is_refused_with_a_reason() {
         );
     }
 }
+
+/// The agent's label-enrollment options are checked before it starts: no node name, or an API
+/// URL that is not one, exits with the configuration exit code and says what is wrong.
+#[test]
+fn agent_options_for_label_enrollment_are_validated() {
+    let bin =
+        zmesh_testbed::mesh::redirect_bin(std::path::Path::new(env!("CARGO_BIN_EXE_zmesh-node")));
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("agent")
+            .arg("--zds-socket")
+            .arg(dir.path().join("zds.sock"))
+            .arg("--admin-socket")
+            .arg(dir.path().join("admin.sock"))
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("ZMESH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--enroll", "labels"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NODE_NAME"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--kube-api", "ftp://127.81.0.4/", "--node-name", "n1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid Kubernetes API URL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("admin.sock").exists(),
+        "a refused agent must not take enrollment requests"
+    );
+}
