@@ -233,6 +233,35 @@ async fn a_failing_api_keeps_the_last_view_and_fails_cache_misses_closed() {
 }
 
 #[tokio::test]
+async fn a_bad_token_file_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [("token\n", "trailing whitespace"), ("", "empty")];
+    for (content, want) in cases {
+        let path = dir.path().join("token");
+        std::fs::write(&path, content).unwrap();
+        let err = K8s::start(&KubeSettings {
+            api_url: Some("http://127.81.0.6:1".into()),
+            token_file: Some(path.clone()),
+            node_name: "n".into(),
+        })
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{content:?} accepted"));
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(err.to_string().contains("token"), "{err}");
+    }
+    let err = K8s::start(&KubeSettings {
+        api_url: Some("http://127.81.0.6:1".into()),
+        token_file: Some(dir.path().join("missing")),
+        node_name: "n".into(),
+    })
+    .await
+    .err()
+    .expect("a missing token file accepted");
+    assert!(err.to_string().contains("cannot read it"), "{err}");
+}
+
+#[tokio::test]
 async fn a_bad_api_url_is_refused_with_a_reason() {
     for url in ["not a url", "ftp://127.81.0.3/", "http://"] {
         let err = K8s::start(&KubeSettings {
@@ -290,4 +319,91 @@ fn agent_options_for_label_enrollment_are_validated() {
         !dir.path().join("admin.sock").exists(),
         "a refused agent must not take enrollment requests"
     );
+}
+
+/// The agent finds the API the ways a deployment gives it: KUBECONFIG (what `kube::Config::infer`
+/// reads, as the in-cluster service account is) and `--kube-api` with `--kube-token-file`; both
+/// send the token, and only this node's pods are asked for.
+#[test]
+fn the_agent_reaches_the_api_through_kubeconfig_or_flags_with_its_token() {
+    let bin =
+        zmesh_testbed::mesh::redirect_bin(std::path::Path::new(env!("CARGO_BIN_EXE_zmesh-node")));
+    let api = FakeKube::start("127.81.0.5:0").unwrap();
+    api.put_namespace("shop", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{ server: \"{}\" }}\nusers:\n- name: agent\n  user: {{ token: kubeconfig-token }}\ncontexts:\n- name: fake\n  context: {{ cluster: fake, user: agent }}\ncurrent-context: fake\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "file-token").unwrap();
+    let cases: [(&str, Vec<String>, Vec<(&str, String)>); 2] = [
+        (
+            "Bearer kubeconfig-token",
+            vec![],
+            vec![
+                ("KUBECONFIG", kubeconfig.display().to_string()),
+                ("NODE_NAME", "node-k".to_owned()),
+            ],
+        ),
+        (
+            "Bearer file-token",
+            vec![
+                "--kube-api".into(),
+                api.url(),
+                "--kube-token-file".into(),
+                token_file.display().to_string(),
+                "--node-name".into(),
+                "node-f".into(),
+            ],
+            vec![],
+        ),
+    ];
+    for (i, (bearer, args, envs)) in cases.into_iter().enumerate() {
+        let admin = dir.path().join(format!("admin-{i}.sock"));
+        let mut child = std::process::Command::new(&bin)
+            .arg("agent")
+            .arg("--zds-socket")
+            .arg(dir.path().join(format!("zds-{i}.sock")))
+            .arg("--admin-socket")
+            .arg(&admin)
+            .args(&args)
+            .env_remove("NODE_NAME")
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(envs)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + GUARD;
+        while !admin.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent {i} never ready"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "agent {i} exited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let node = if i == 0 { "node-k" } else { "node-f" };
+        let (requests, auths) = (api.requests(), api.authorizations());
+        let pod_lists: Vec<_> = requests
+            .iter()
+            .zip(&auths)
+            .filter(|(r, _)| r.contains(&format!("spec.nodeName%3D{node}")))
+            .collect();
+        assert!(
+            !pod_lists.is_empty(),
+            "agent {i} never listed its pods: {requests:#?}"
+        );
+        for (r, auth) in pod_lists {
+            assert_eq!(auth, bearer, "{r}");
+        }
+    }
 }

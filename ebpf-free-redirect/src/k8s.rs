@@ -50,6 +50,11 @@ pub struct KubeSettings {
 pub enum K8sError {
     #[error("invalid Kubernetes API URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("token file {path}: {reason}")]
+    TokenFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("no Kubernetes API configuration found: {0} (set --kube-api, KUBECONFIG, or run in a pod with a service account)")]
     Infer(String),
     #[error("cannot build the Kubernetes API client: {0}")]
@@ -123,10 +128,11 @@ impl K8s {
                     });
                 }
                 let mut config = kube::Config::new(uri);
-                config.auth_info.token_file = settings
-                    .token_file
-                    .as_ref()
-                    .map(|p| p.to_string_lossy().into_owned());
+                if let Some(path) = &settings.token_file {
+                    check_token_file(path)?;
+                    // kube re-reads it every minute: a rotated (projected) token is picked up.
+                    config.auth_info.token_file = Some(path.to_string_lossy().into_owned());
+                }
                 config
             }
             None => kube::Config::infer()
@@ -281,6 +287,26 @@ impl K8s {
         let api: Api<Namespace> = Api::all(self.client.clone());
         bounded(format!("namespace {name}"), api.get_opt(name)).await
     }
+}
+
+/// The token file must be readable and hold the token alone: kube sends its bytes verbatim (and
+/// re-reads them every minute), so a trailing newline would make every request fail with an
+/// invalid header far from its cause.
+fn check_token_file(path: &std::path::Path) -> Result<(), K8sError> {
+    let err = |reason: String| K8sError::TokenFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    if token.trim().is_empty() {
+        return Err(err("it is empty".into()));
+    }
+    if token.trim() != token {
+        return Err(err(
+            "the token has leading or trailing whitespace (a final newline?), which would be sent as part of the Authorization header; write it without (printf '%s' TOKEN)".into(),
+        ));
+    }
+    Ok(())
 }
 
 async fn bounded<T>(

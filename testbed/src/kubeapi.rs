@@ -69,6 +69,8 @@ struct ApiState {
     log: Vec<Logged>,
     fault: Option<Fault>,
     requests: Vec<String>,
+    /// The Authorization header of each request ("" when absent), in order.
+    authorizations: Vec<String>,
 }
 
 struct Shared {
@@ -262,6 +264,11 @@ impl FakeKube {
     /// Requests served so far, as `GET /path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
+    }
+
+    /// The Authorization header of every request so far ("" when it had none).
+    pub fn authorizations(&self) -> Vec<String> {
+        self.shared.lock().authorizations.clone()
     }
 }
 
@@ -536,6 +543,13 @@ async fn handle(req: Request<hyper::body::Incoming>, shared: Arc<Shared>) -> Res
                 .map(|p| p.as_str())
                 .unwrap_or("/")
         ));
+        let auth = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        st.authorizations.push(auth);
         st.fault.clone()
     };
     match fault {
