@@ -525,6 +525,10 @@ impl Agent {
         };
         match status {
             TunnelStatus::Acked => tracing::info!(%uid, "pod handed to the node tunnel"),
+            // Behind the gate (a restart's rebuild) that is the plan, not a problem.
+            TunnelStatus::Pending if !self.zds.gate_open() => {
+                tracing::info!(%uid, "pod cached for the first snapshot")
+            }
             TunnelStatus::Pending => {
                 tracing::warn!(%uid, "no node tunnel connected; pod cached until one connects")
             }
@@ -896,8 +900,9 @@ struct Reconciler {
     seen: HashSet<String>,
     /// Uids restored from the state file: if the API does not list them, they are checked too.
     restored: HashSet<String>,
-    /// Uids whose last live enrollment failed, with the error, so it is logged once per streak.
-    failed: HashMap<String, String>,
+    /// Uids whose last live enrollment failed: the error (logged once per streak) and when, so
+    /// a pod whose netns cannot be found is not searched for on every watch event.
+    failed: HashMap<String, (String, tokio::time::Instant)>,
 }
 
 impl Agent {
@@ -924,6 +929,13 @@ impl Agent {
             }
             let enrolled = self.is_enrolled(&facts.uid);
             if decision.is_meshed() && !enrolled && facts.running && !facts.ips.is_empty() {
+                let retry_due = r
+                    .failed
+                    .get(&facts.uid)
+                    .is_none_or(|(_, at)| at.elapsed() >= RECONCILE_INTERVAL);
+                if !retry_due {
+                    continue;
+                }
                 match self.enroll_running(&facts).await {
                     Ok(status) => {
                         r.failed.remove(&facts.uid);
@@ -931,10 +943,11 @@ impl Agent {
                     }
                     Err(e) => {
                         let text = e.to_string();
-                        if r.failed.get(&facts.uid) != Some(&text) {
-                            tracing::error!(error = %text, "live enrollment failed; retrying on the next change or in a few seconds");
-                            r.failed.insert(facts.uid.clone(), text);
+                        if r.failed.get(&facts.uid).map(|(t, _)| t) != Some(&text) {
+                            tracing::error!(error = %text, "live enrollment failed; retrying every few seconds");
                         }
+                        r.failed
+                            .insert(facts.uid.clone(), (text, tokio::time::Instant::now()));
                     }
                 }
             } else if !decision.is_meshed() && enrolled {

@@ -178,6 +178,11 @@ impl ZdsServer {
         })
     }
 
+    /// Whether tunnels may take their snapshot yet.
+    pub fn gate_open(&self) -> bool {
+        *self.gate.borrow()
+    }
+
     /// Lets held and future tunnels take their snapshot (idempotent).
     pub fn open_gate(&self) {
         self.gate.send_replace(true);
