@@ -408,6 +408,17 @@ fn running_pods_follow_their_labels() {
         "10.231.1.99",
         &[AMBIENT],
     ));
+    // kube-system is excluded whatever its labels say.
+    node.api.put_namespace("kube-system", &[AMBIENT]);
+    let sys = PodNs::new("10.231.1.4");
+    node.api.apply_pod(&pod(
+        "kube-system",
+        "dns",
+        "u-dns",
+        NODE,
+        sys.ip,
+        &[AMBIENT],
+    ));
     let tunnel = Tunnel::connect(&node.zds);
     assert_eq!(tunnel.next("the snapshot"), Seen::SnapshotSent);
     node.wait_log("no network namespace on this node holds its IPs [10.231.1.99]");
@@ -448,6 +459,7 @@ fn running_pods_follow_their_labels() {
     node.api.delete_pod("shop", "b");
     assert_eq!(tunnel.next("b's deletion"), Seen::Del("u-b".into()));
     assert!(node.enrolled().is_empty(), "{:?}", node.enrolled());
+    assert!(!captured(&sys.ns), "a kube-system pod was captured");
     assert!(node.agent().try_wait().unwrap().is_none(), "the agent died");
 }
 

@@ -277,6 +277,9 @@ pub struct Agent {
     in_flight: Mutex<HashSet<String>>,
     k8s: Option<K8s>,
     state: Option<StateFile>,
+    /// Namespaces whose pods are never enrolled by label, whatever their labels say (the CNI
+    /// plugin's own list excludes them on ADD; this keeps live enrollment consistent with it).
+    excluded_namespaces: Vec<String>,
 }
 
 /// Marks a uid in flight for as long as it lives.
@@ -310,7 +313,21 @@ impl Agent {
             in_flight: Mutex::new(HashSet::new()),
             k8s,
             state,
+            excluded_namespaces: crate::cni::DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
         }
+    }
+
+    /// Replaces the namespaces never enrolled by label (default: the CNI plugin's default).
+    pub fn exclude_namespaces(mut self, namespaces: Vec<String>) -> Self {
+        self.excluded_namespaces = namespaces;
+        self
+    }
+
+    fn excluded(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.iter().any(|n| n == namespace)
     }
 
     fn mark_in_flight(&self, uid: &str) -> InFlight<'_> {
@@ -379,6 +396,16 @@ impl Agent {
     async fn add_by_request(&self, mut req: AddRequest) -> Result<Reply, AgentError> {
         let _guard = self.mark_in_flight(&req.uid);
         let mut reason = None;
+        if req.by_labels && self.k8s.is_some() && self.excluded(&req.namespace) {
+            return Ok(Reply {
+                enrolled: Some(false),
+                reason: Some(format!(
+                    "not meshed: namespace {} is excluded",
+                    req.namespace
+                )),
+                ..Reply::ok()
+            });
+        }
         if let (true, Some(k8s)) = (req.by_labels, &self.k8s) {
             let (decision, facts) = k8s
                 .decide_add(&req.namespace, &req.name, &req.uid)
@@ -774,6 +801,9 @@ pub struct AgentConfig {
     pub kube: Option<KubeSettings>,
     /// The state file; `None` keeps the enrolled set in memory only (a restart forgets it).
     pub state_file: Option<PathBuf>,
+    /// Namespaces never enrolled by label (keep in step with the CNI plugin's
+    /// `exclude_namespaces`).
+    pub exclude_namespaces: Vec<String>,
 }
 
 /// How long a starting agent waits for the API's first list before it lets tunnels take their
@@ -818,7 +848,10 @@ pub async fn run(
         }
     };
     let state = config.state_file.clone().map(StateFile::new);
-    let agent = Arc::new(Agent::with(zds, config.backend, k8s, state));
+    let agent = Arc::new(
+        Agent::with(zds, config.backend, k8s, state)
+            .exclude_namespaces(config.exclude_namespaces.clone()),
+    );
 
     // Rebuild before any tunnel gets a snapshot.
     if let Some(state) = &agent.state {
@@ -924,6 +957,9 @@ impl Agent {
         let in_store: HashSet<String> = pods.iter().map(|(f, _)| f.uid.clone()).collect();
         for (facts, decision) in pods {
             r.seen.insert(facts.uid.clone());
+            if self.excluded(&facts.namespace) {
+                continue;
+            }
             if lock(&self.in_flight).contains(&facts.uid) {
                 continue;
             }

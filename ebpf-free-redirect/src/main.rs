@@ -122,6 +122,15 @@ struct EnrollmentArgs {
     /// (`redirect.sock` → `redirect.pods.json`).
     #[arg(long, value_name = "PATH")]
     state_file: Option<PathBuf>,
+    /// Namespaces never enrolled by label, whatever their labels (keep in step with the CNI
+    /// plugin's `exclude_namespaces`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAMESPACES",
+        default_value = "kube-system"
+    )]
+    exclude_namespaces: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -403,6 +412,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         backend: args.backend.backend(),
         kube,
         state_file: Some(state_file),
+        exclude_namespaces: args.enrollment.exclude_namespaces,
     };
     let result = runtime.block_on(async {
         // Registered before binding, so a signal that arrives during start-up is not lost.
