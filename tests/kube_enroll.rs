@@ -342,7 +342,9 @@ fn the_agent_reaches_the_api_through_kubeconfig_or_flags_with_its_token() {
     .unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "file-token").unwrap();
-    let cases: [(&str, Vec<String>, Vec<(&str, String)>); 2] = [
+    // (the Authorization header expected, agent arguments, agent environment)
+    type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, String)>);
+    let cases: [Case; 2] = [
         (
             "Bearer kubeconfig-token",
             vec![],
