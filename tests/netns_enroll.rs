@@ -507,6 +507,36 @@ fn snapshots(log: &str) -> Vec<u64> {
         .collect()
 }
 
+/// A netns made under a name the test chose (to reuse a dead pod's path), deleted on drop.
+struct ReusedNetns(String);
+
+impl ReusedNetns {
+    fn add(name: &str) -> ReusedNetns {
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns add {name}: {out:?}");
+        ReusedNetns(name.to_owned())
+    }
+
+    fn captured(&self) -> bool {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "iptables-save"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("-A ISTIO_OUTPUT")
+    }
+}
+
+impl Drop for ReusedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
 /// Kills its process (and reaps it) on drop.
 struct KillOnDrop(std::process::Child);
 
@@ -532,12 +562,13 @@ fn agent_restart_without_api_restores_pods_from_its_state_file() {
     let agent = start();
     let tunnel = Tunnel::connect(&zds);
     assert_eq!(tunnel.next("the snapshot"), Seen::SnapshotSent);
-    let (a, b, c) = (
+    let (a, b, c, d) = (
         PodNs::new("10.231.3.2"),
         PodNs::new("10.231.3.3"),
         PodNs::new("10.231.3.4"),
+        PodNs::new("10.231.3.5"),
     );
-    for (p, uid) in [(&a, "u-a"), (&b, "u-b"), (&c, "u-c")] {
+    for (p, uid) in [(&a, "u-a"), (&b, "u-b"), (&c, "u-c"), (&d, "u-d")] {
         let (ok, _, stderr) = cni(&admin, "ADD", p, "shop", uid, uid);
         assert!(ok, "without the API every pod is enrolled: {stderr}");
         assert!(matches!(tunnel.next("an add"), Seen::Add { uid: u, .. } if u == uid));
@@ -546,10 +577,14 @@ fn agent_restart_without_api_restores_pods_from_its_state_file() {
     assert!(state.contains("u-a") && state.contains("u-c"), "{state}");
     let rules_before = (rules(&a.ns), rules(&b.ns));
 
-    // The agent dies hard; c's sandbox goes away while it is down.
+    // The agent dies hard; while it is down c's sandbox goes away, and d's path is reused by
+    // another netns (a later pod's): neither may come back.
     agent.kill().unwrap();
     drop(agent);
     drop(c);
+    let d_name = d.ns.name().to_owned();
+    drop(d);
+    let reused = ReusedNetns::add(&d_name);
     let agent = start();
     let tunnel = Tunnel::connect(&zds);
     let mut snapshot = vec![tunnel.next("snapshot add"), tunnel.next("snapshot add")];
