@@ -611,9 +611,16 @@ fn agent_restart_without_api_restores_pods_from_its_state_file() {
         rules_before,
         "re-installing over existing rules must change nothing"
     );
-    assert!(agent
-        .read_log()
-        .contains("not restoring a pod: its netns is gone"));
+    let log = agent.read_log();
+    assert!(
+        log.contains("not restoring a pod: its netns is gone"),
+        "{log}"
+    );
+    assert!(
+        log.contains("not restoring a pod: its netns path now names another namespace"),
+        "{log}"
+    );
+    assert!(!reused.captured(), "the reused path was captured");
 
     // A state file that is garbage: the agent starts, says so, and enrolls afresh.
     agent.kill().unwrap();
