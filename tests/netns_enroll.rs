@@ -834,3 +834,57 @@ fn agent_restart_under_load_keeps_pods_meshed() {
     );
     drop((tunnel, agent, api));
 }
+
+/// Labels changed while the agent was down: the restarted agent releases the recorded pod the
+/// API no longer meshes (rules gone), forgets the one deleted meanwhile, enrolls the one newly
+/// meshed, and the first snapshot a tunnel gets already says so.
+#[test]
+fn a_restarted_agent_catches_up_with_labels_changed_while_it_was_down() {
+    require_root();
+    let mut node = Node::start("127.82.0.6:0");
+    node.api.put_namespace("shop", &[AMBIENT]);
+    node.api.put_namespace("bank", &[]);
+    let (keep, drop_label, gone, new) = (
+        PodNs::new("10.231.4.2"),
+        PodNs::new("10.231.4.3"),
+        PodNs::new("10.231.4.4"),
+        PodNs::new("10.231.4.5"),
+    );
+    node.api
+        .apply_pod(&pod("shop", "keep", "u-keep", NODE, keep.ip, &[]));
+    node.api
+        .apply_pod(&pod("shop", "drop", "u-drop", NODE, drop_label.ip, &[]));
+    node.api
+        .apply_pod(&pod("shop", "gone", "u-gone", NODE, gone.ip, &[]));
+    node.api
+        .apply_pod(&pod("bank", "new", "u-new", NODE, new.ip, &[]));
+    wait_until("three pods enrolled", || node.enrolled().len() == 3);
+
+    node.agent.take().unwrap().kill().unwrap();
+    let _ = std::fs::remove_file(&node.admin);
+    node.api.label_pod("shop", "drop", MODE, Some("none"));
+    node.api.delete_pod("shop", "gone");
+    node.api.label_pod("bank", "new", MODE, Some("ambient"));
+    node.start_agent();
+
+    let tunnel = Tunnel::connect(&node.zds);
+    let mut snapshot = Vec::new();
+    loop {
+        match tunnel.next("the snapshot") {
+            Seen::SnapshotSent => break,
+            Seen::Add { uid, .. } => snapshot.push(uid),
+            other => panic!("unexpected {other:?} in the snapshot"),
+        }
+    }
+    snapshot.sort();
+    assert_eq!(snapshot, vec!["u-keep".to_owned(), "u-new".to_owned()]);
+    assert!(captured(&keep.ns) && captured(&new.ns));
+    assert!(
+        !captured(&drop_label.ns),
+        "the opted-out pod kept its rules"
+    );
+    assert_eq!(
+        node.enrolled(),
+        vec!["u-keep".to_owned(), "u-new".to_owned()]
+    );
+}
