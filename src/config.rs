@@ -131,7 +131,8 @@ pub struct NodeConfig {
     #[serde(default)]
     pub access_log: AccessLogFormat,
     pub certificates: CertificatesConfig,
-    /// Data-plane worker threads; 0 = one per available CPU.
+    /// Data-plane worker threads; 0 = the container's CPU limit (cgroup v2 `cpu.max`, else v1
+    /// CFS quota), rounded up, else one per available CPU (`workers`).
     #[serde(default)]
     pub worker_threads: usize,
     /// host: proxy the workloads of this machine from its own namespace (VMs);
@@ -851,6 +852,16 @@ impl Config {
     /// uid (the first entry is used) and an address claimed by two workloads (the first wins).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self
+            .node
+            .control_plane
+            .as_ref()
+            .is_some_and(|cp| cp.workload_wait_set)
+        {
+            out.push(
+                "node.control_plane.workload_wait is deprecated and ignored: a pod handed over before its workload is acked at once and fails closed until the workload arrives (docs/model.md)".into(),
+            );
+        }
         let mut uids = std::collections::HashMap::new();
         let mut ips = std::collections::HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {

@@ -33,4 +33,5 @@ pub mod rejections;
 pub mod socket;
 pub mod tls;
 pub mod waypoint;
+pub mod workers;
 pub mod xds;

@@ -499,3 +499,84 @@ fn check_config_warns_when_the_certificate_material_is_missing() {
         "{err}"
     );
 }
+
+/// Reads `child`'s stderr until a line containing `needle` (10 s at most).
+fn stderr_line(child: &mut std::process::Child, needle: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(_) => continue,
+            Err(_) => panic!("{needle:?} not logged within 10 s"),
+        }
+    }
+}
+
+/// Both binaries log their data-plane worker count and where it came from at start: the
+/// config's `worker_threads` when set, else the cgroup CPU limit or the available CPUs.
+#[test]
+fn the_worker_count_and_its_source_are_logged_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bind = "127.96.0.1";
+    let node_cfg = dir.path().join("node.yaml");
+    std::fs::write(
+        &node_cfg,
+        live_config(dir.path(), bind, "").replace("  bind:", "  worker_threads: 3\n  bind:"),
+    )
+    .unwrap();
+    let wp_cfg = dir.path().join("wp.yaml");
+    let wp_bind = "127.96.0.2";
+    std::fs::write(
+        &wp_cfg,
+        live_config(
+            &dir.path().join("w"),
+            wp_bind,
+            &format!("waypoint: {{ workload: wp }}\nworkloads:\n  - {{ uid: wp, name: wp, namespace: shop, service_account: waypoint, addresses: [{wp_bind}], node: n }}\n"),
+        ),
+    )
+    .unwrap();
+    for (bin, cfg, count, source) in [
+        (
+            BIN,
+            &node_cfg,
+            Some(3),
+            vec!["config (node.worker_threads)"],
+        ),
+        (
+            WAYPOINT,
+            &wp_cfg,
+            None,
+            vec!["cgroup v2 cpu.max", "cgroup v1", "available CPUs"],
+        ),
+    ] {
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(cfg)
+            .env("ZMESH_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut running = Running(child);
+        let line = stderr_line(&mut running.0, "data-plane worker threads");
+        if let Some(n) = count {
+            assert!(
+                line.contains(&format!("workers={n}"))
+                    || line.contains(&format!("\"workers\":{n}")),
+                "{bin}: {line}"
+            );
+        }
+        assert!(source.iter().any(|s| line.contains(s)), "{bin}: {line}");
+    }
+}

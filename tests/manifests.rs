@@ -214,6 +214,22 @@ fn the_cni_plugin_is_chained_not_installed_as_its_own_network() {
             .find(|c| c["name"] == "cni-watch")
             .expect("a cni-watch container");
         assert!(args(watch).contains(&"--watch"), "{overlay}");
+        // The agent is probed on its health port (ebpf-free-redirect/src/health.rs).
+        let agent = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .expect("an agent container");
+        assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(agent[probe]["httpGet"]["port"], 8000, "{overlay} {probe}");
+        }
+        let a = args(agent);
+        let flag = |f: &str| a[a.iter().position(|x| *x == f).unwrap() + 1];
+        assert_eq!(flag("--health-addr"), "0.0.0.0:8000");
+        assert_eq!(flag("--metrics-addr"), "0.0.0.0:15014");
         let text = serde_yaml::to_string(spec).unwrap();
         assert!(
             !text.contains("05-zmesh"),

@@ -226,12 +226,6 @@ workloads:
         // A repeated add of the same namespace is a no-op (acked, proxy kept).
         enroll(&agent, "pod-b", &pod_b).await;
         // Bad input gets an ack carrying a clear error, and nothing else changes.
-        let e = agent
-            .add_pod("pod-x", info("x", "x"), netns_fd(&pod_b))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("pod-x") && e.contains("not a workload"), "{e}");
         let e = agent.del_pod("pod-unknown").await.unwrap_err().to_string();
         assert!(e.contains("unknown pod uid"), "{e}");
         // The node's metrics count the two pods it proxies.
@@ -456,11 +450,12 @@ workloads:
     }
 
     /// In-pod under a control plane: nothing about the pods is in the file. A pod handed over
-    /// before its workload arrives over xDS waits for it (bounded) and is then proxied, matched
-    /// by name and namespace (istiod's uid is not the pod's); a pod that never arrives is refused
-    /// after the wait, naming it. Certificates come over CSR on the pods' behalf.
+    /// before its workload arrives over xDS is acked at once and fails closed; once the workload
+    /// arrives (matched by name and namespace: istiod's uid is not the pod's) it is proxied,
+    /// without being handed over again. Certificates come over CSR on the pods' behalf. The
+    /// deprecated `workload_wait` still loads, with a warning.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_pod_that_arrives_before_its_workload_waits_for_it_over_xds() {
+    async fn a_pod_that_arrives_before_its_workload_is_served_once_xds_sends_it() {
         use zmesh_proto::type_url::{ADDRESS, AUTHORIZATION};
         let Topology {
             node,
@@ -488,6 +483,11 @@ workloads:
         )
         .unwrap();
         let zn = start_node(&node, &cfg, &agent).await;
+        zn.wait_for_log(
+            "workload_wait is deprecated and ignored",
+            Duration::from_secs(10),
+        )
+        .unwrap();
         cp.subscribed(1, ADDRESS).await;
         cp.subscribed(1, AUTHORIZATION).await;
         let wl = |uid: &str, name: &str, sa: &str, ip: &str| {
@@ -511,15 +511,18 @@ workloads:
         let n = cp.push(AUTHORIZATION, vec![], vec![]);
         cp.answer(&n).await;
 
-        // Pod A is handed over first; its workload follows over xDS a moment later.
-        let agent = std::sync::Arc::new(agent);
-        let a = {
-            let (agent, fd) = (agent.clone(), netns_fd(&pod_a));
-            tokio::spawn(
-                async move { agent.add_pod("pod-a", info("client", "frontend"), fd).await },
-            )
-        };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Pod A is handed over first and acked at once; its connections fail closed.
+        let started = std::time::Instant::now();
+        enroll(&agent, "pod-a", &pod_a).await;
+        enroll(&agent, "pod-b", &pod_b).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the ack waited for the model: {:?}",
+            started.elapsed()
+        );
+        let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
+        assert_refused(&pod_a, POD_B, b"before");
+        // Then its workload arrives over xDS: the same proxy starts serving.
         let n = cp.push(
             ADDRESS,
             vec![wl(
@@ -531,12 +534,7 @@ workloads:
             vec![],
         );
         assert!(cp.answer(&n).await.error_detail.is_none());
-        a.await
-            .unwrap()
-            .expect("pod A proxied once its workload arrived");
-        enroll(&agent, "pod-b", &pod_b).await;
-        // Logged through the node's log thread: it may land a moment after the ack.
-        zn.wait_for_log("pod arrived before its workload", Duration::from_secs(10))
+        zn.wait_for_log("pod's workload arrived", Duration::from_secs(10))
             .unwrap();
         // Each pod's identity was asked for on its behalf.
         let mut asked: Vec<String> = cp
@@ -554,18 +552,7 @@ workloads:
             ]
         );
 
-        // A pod whose workload never comes is refused after the wait, with a clear error.
-        let started = std::time::Instant::now();
-        let e = agent
-            .add_pod("pod-x", info("ghost", "x"), netns_fd(&pod_b))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("pod-x") && e.contains("waited 2s"), "{e}");
-        assert!(started.elapsed() >= Duration::from_secs(2));
-
         // Traffic between the two xDS-described pods flows through their proxies.
-        let app = pod_b.listen_tcp(format!("{POD_B}:8080")).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, peer) = app.accept().unwrap();
             let mut got = Vec::new();
@@ -583,5 +570,211 @@ workloads:
             server.join().unwrap().ip(),
             POD_A.parse::<IpAddr>().unwrap()
         );
+    }
+
+    /// Connects from `from` to `to` (port 8080 unless it names one), sends `msg` and expects
+    /// the connection to fail (refused or reset), never to be answered.
+    fn assert_refused(from: &Netns, to: &str, msg: &[u8]) {
+        let to = if to.contains(':') {
+            to.to_string()
+        } else {
+            format!("{to}:8080")
+        };
+        let r = from
+            .connect_tcp(&to)
+            .map_err(|e| format!("connect: {e:#}"))
+            .and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                let mut b = [0u8; 1];
+                match c.write_all(msg).and_then(|()| c.read(&mut b)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        Err("reset".into())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        Err("broken pipe".into())
+                    }
+                    other => Ok(format!("{other:?}")),
+                }
+            });
+        assert!(
+            r.is_err(),
+            "{to} from {}: expected a reset or refusal, got {r:?}",
+            from.name()
+        );
+    }
+
+    /// An app on `ip`:8080 inside `ns` that echoes what it reads and records every byte it was
+    /// ever sent (to prove nothing reached it while its pod failed closed).
+    fn recording_echo(ns: &Netns, ip: &str) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let app = ns.listen_tcp(format!("{ip}:8080")).unwrap();
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            for s in app.incoming() {
+                let Ok(mut s) = s else { return };
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut b) {
+                        if n == 0 {
+                            return;
+                        }
+                        // Recorded before the echo: a client that has its echo back finds
+                        // the bytes recorded.
+                        record.lock().unwrap().extend_from_slice(&b[..n]);
+                        if s.write_all(&b[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        seen
+    }
+
+    /// Sends `msg` from `from` to `to`:8080 and expects it echoed back.
+    fn round_trip(from: &Netns, to: &str, msg: &[u8]) -> std::net::TcpStream {
+        let mut c = from.connect_tcp(format!("{to}:8080")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+        c
+    }
+
+    fn signal(child: &zmesh_testbed::Child, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.pid() as i32), sig).unwrap();
+    }
+
+    /// The node's Prometheus text (read from inside the node's namespace).
+    fn metrics(node: &Netns) -> String {
+        node.http_get("127.0.0.1:15020", "/metrics")
+    }
+
+    /// The ZDS contract for a pod the model does not know (issue #13): the add is acked at once;
+    /// the pod's proxy fails closed on all three of its listeners (outbound from it, HBONE and
+    /// plaintext to it: reset, counted, logged, and no byte reaches an app); a file reload that
+    /// adds its workload makes the same proxy serve, without handing the pod over again; a
+    /// reload that removes it again closes its open connection and fails closed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_unknown_to_the_model_fails_closed_until_a_reload_adds_it() {
+        let Topology {
+            node,
+            pod_a,
+            pod_b,
+            dir: _dir,
+            cfg,
+            agent,
+        } = Topology::new();
+        let with_a = std::fs::read_to_string(&cfg).unwrap();
+        let without_a: String = with_a
+            .lines()
+            .filter(|l| !l.contains("uid: pod-a"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_ne!(with_a, without_a);
+        std::fs::write(&cfg, &without_a).unwrap();
+        let zn = start_node(&node, &cfg, &agent).await;
+
+        // Acked at once, with no error, though the model does not know pod A.
+        let started = std::time::Instant::now();
+        enroll(&agent, "pod-a", &pod_a).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the ack waited: {:?}",
+            started.elapsed()
+        );
+        enroll(&agent, "pod-b", &pod_b).await;
+        zn.wait_for_log(
+            "pod proxy started before its workload is in the model",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let dump = node.http_get("127.0.0.1:15000", "/config_dump");
+        let body = dump.split_once("\r\n\r\n").unwrap().1;
+        let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+        let a = dump["pod_proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["uid"] == "pod-a")
+            .unwrap();
+        assert_eq!(a["state"], "waiting_for_workload", "{a}");
+        assert_eq!(
+            a["zds_identity"], "spiffe://cluster.local/ns/shop/sa/frontend",
+            "{a}"
+        );
+        assert!(a["identity"].is_null(), "{a}");
+
+        let at_a = recording_echo(&pod_a, POD_A);
+        let at_b = recording_echo(&pod_b, POD_B);
+        // Outbound from A (its outbound listener); to A from B (the model does not know A's
+        // address, so B's proxy passes it through and it meets A's plaintext inbound listener);
+        // and straight at A's HBONE port from the node's namespace: all refused.
+        assert_refused(&pod_a, POD_B, b"secret-outbound");
+        assert_refused(&pod_b, POD_A, b"secret-plaintext");
+        assert_refused(&node, &format!("{POD_A}:15008"), b"secret-hbone");
+        let m = metrics(&node);
+        for listener in ["outbound", "hbone", "plaintext"] {
+            let series = format!(
+                "zmesh_rejected_total{{listener=\"{listener}\",reason=\"pod_workload_unknown\"}} "
+            );
+            assert!(m.contains(&series), "no {series}in {m}");
+        }
+        zn.wait_for_log(
+            "pod shop/client (uid \\\"pod-a\\\") is not a workload in the model yet",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+
+        // A reload that adds pod A's workload: the same proxy serves, both ways.
+        std::fs::write(&cfg, &with_a).unwrap();
+        signal(&zn, nix::sys::signal::Signal::SIGHUP);
+        zn.wait_for_log("pod's workload arrived", Duration::from_secs(10))
+            .unwrap();
+        let open = round_trip(&pod_a, POD_B, b"hello-b");
+        drop(round_trip(&pod_b, POD_A, b"hello-a"));
+        for (app, name) in [(&at_a, "A"), (&at_b, "B")] {
+            let got = String::from_utf8_lossy(&app.lock().unwrap()).into_owned();
+            assert!(
+                !got.contains("secret"),
+                "bytes reached the app in pod {name} while its proxy failed closed: {got:?}"
+            );
+        }
+        assert_eq!(&*at_b.lock().unwrap(), b"hello-b");
+        assert_eq!(&*at_a.lock().unwrap(), b"hello-a");
+
+        // A reload that removes it again: the open connection is closed, new ones refused.
+        std::fs::write(&cfg, &without_a).unwrap();
+        signal(&zn, nix::sys::signal::Signal::SIGHUP);
+        zn.wait_for_log(
+            "pod's workload removed from the model",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut open = open;
+            let mut b = [0u8; 1];
+            open.read(&mut b)
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(&closed, Ok(0))
+                || matches!(&closed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the open connection must be closed, got {closed:?}"
+        );
+        // The client's connection, and the pooled HBONE connection B's proxy kept to A.
+        let m = metrics(&node);
+        let closed: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("zmesh_pod_unbound_connections_closed_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no closed-connection count in {m}"));
+        assert!(closed >= 1.0, "{m}");
+        assert_refused(&pod_a, POD_B, b"secret-again");
+        assert!(!String::from_utf8_lossy(&at_b.lock().unwrap()).contains("secret"));
     }
 }

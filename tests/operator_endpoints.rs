@@ -4,7 +4,7 @@
 //! already in keep getting answers, and a client that sends half a request line is cut at the
 //! header deadline. The waypoint's readiness reflects its state: 500 naming what is pending
 //! until its HBONE listener serves with a valid certificate, 200 then, 500 again once its
-//! certificate has expired.
+//! certificate has expired; a CA down at start leaves it running and not ready until it answers.
 
 mod common;
 
@@ -226,4 +226,104 @@ async fn waypoint_readiness_is_500_naming_what_is_pending_and_200_only_when_serv
         "{body}"
     );
     assert!(!body.contains("HBONE"), "{body}");
+}
+
+/// The mesh's file CA behind a switch: while `down`, every issuance fails as an unreachable CA's.
+struct SwitchedCa {
+    inner: FileCa,
+    down: AtomicBool,
+}
+
+impl zmesh::identity::Authority for SwitchedCa {
+    fn issue(
+        &self,
+        id: &zmesh::identity::SpiffeId,
+        ttl: Duration,
+        now: std::time::SystemTime,
+    ) -> Result<zmesh::identity::Issued, zmesh::identity::CaError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(zmesh::identity::CaError::Issue {
+                identity: id.to_string(),
+                detail: "CA unreachable".into(),
+            });
+        }
+        self.inner.issue_at(id, ttl, now)
+    }
+}
+
+/// A waypoint whose CA is down at start still starts (listeners bound), is not ready and says
+/// it waits for its certificate; once the CA answers, it fetches one by itself (no connection
+/// needed) and turns ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_is_not_ready_until_its_certificate_is_issued() {
+    let net = 97;
+    let mesh = Mesh::new(net);
+    let ca = FileCa::load(&mesh.ca_dir).unwrap();
+    let roots = ca.roots().to_vec();
+    let switched = Arc::new(SwitchedCa {
+        inner: ca,
+        down: AtomicBool::new(true),
+    });
+    let trust = Trust::new(
+        &roots,
+        Vec::new(),
+        zmesh::tls::provider(),
+        Arc::new(zmesh::identity::SystemClock),
+    )
+    .unwrap();
+    let source = CertSource::Ca {
+        ca: switched.clone(),
+        ttl: Duration::from_secs(3600),
+    };
+    let certs = Arc::new(CertManager::with_trust(source, trust).unwrap());
+    let wp = Waypoint::new(waypoint_config(net, &mesh), certs)
+        .expect("a CA that is down at start does not stop the waypoint");
+    let (_, admin) = wpserver::start(wp.clone()).await.unwrap();
+    let (status, body) = get(&mut client(admin).await, "/healthz/ready").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("not ready; waiting for: a valid certificate for spiffe://cluster.local/ns/shop/sa/waypoint"),
+        "{body}"
+    );
+    assert!(!body.contains("HBONE"), "listeners are bound: {body}");
+
+    switched
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&mut client(admin).await, "/healthz/ready").await;
+        if status == 200 {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(Instant::now() < end, "still not ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A static certificate source that lacks the waypoint's identity can never serve it: start
+/// fails, naming the identity.
+#[tokio::test]
+async fn waypoint_without_a_static_certificate_for_itself_fails_to_start() {
+    let net = 98;
+    let mesh = Mesh::new(net);
+    let ca = FileCa::load(&mesh.ca_dir).unwrap();
+    let roots = ca.roots().to_vec();
+    let trust = Trust::new(
+        &roots,
+        Vec::new(),
+        zmesh::tls::provider(),
+        Arc::new(zmesh::identity::SystemClock),
+    )
+    .unwrap();
+    let certs = Arc::new(CertManager::with_trust(CertSource::Static(Vec::new()), trust).unwrap());
+    let e = Waypoint::new(waypoint_config(net, &mesh), certs)
+        .err()
+        .expect("no certificate for the waypoint's identity")
+        .to_string();
+    assert!(
+        e.contains("spiffe://cluster.local/ns/shop/sa/waypoint"),
+        "{e}"
+    );
 }

@@ -280,6 +280,7 @@ pub struct Agent {
     /// Namespaces whose pods are never enrolled by label, whatever their labels say (the CNI
     /// plugin's own list excludes them on ADD; this keeps live enrollment consistent with it).
     excluded_namespaces: Vec<String>,
+    counters: crate::health::Counters,
 }
 
 /// Marks a uid in flight for as long as it lives.
@@ -317,6 +318,7 @@ impl Agent {
                 .iter()
                 .map(|n| n.to_string())
                 .collect(),
+            counters: Default::default(),
         }
     }
 
@@ -364,9 +366,21 @@ impl Agent {
         }
     }
 
+    /// Requests served by kind and result, pods enrolled, tunnels connected (`health`).
+    pub fn counters(&self) -> &crate::health::Counters {
+        &self.counters
+    }
+    pub fn enrolled_pods(&self) -> usize {
+        lock(&self.enrolled).len()
+    }
+    pub fn connected_tunnels(&self) -> usize {
+        self.zds.connected_tunnels()
+    }
+
     /// Serves one request; failures become `{"ok":false,"error":..}`.
     pub async fn handle(&self, request: Request) -> Reply {
-        match request {
+        let op = crate::health::Op::of(&request);
+        let reply = match request {
             Request::Add(add) => match self.add_by_request(add).await {
                 Ok(reply) => reply,
                 Err(e) => Reply::error(e),
@@ -388,7 +402,9 @@ impl Agent {
                 tunnels: Some(self.zds.connected_tunnels()),
                 ..Reply::ok()
             },
-        }
+        };
+        self.counters.record(op, reply.ok);
+        reply
     }
 
     /// An `add` from the admin socket: with `by_labels` and the API configured, the labels decide
@@ -823,6 +839,15 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with(config, shutdown, |_| {}).await
+}
+
+/// `run`, handing the agent to `on_ready` once its ZDS and admin sockets are bound (`health`).
+pub async fn run_with(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(Arc<Agent>),
+) -> Result<(), AgentError> {
     for path in [&config.zds_socket, &config.admin_socket] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| AgentError::AdminBind {
@@ -889,6 +914,7 @@ pub async fn run(
         pods = agent.enrolled_uids().len(),
         "redirect agent ready"
     );
+    on_ready(agent.clone());
     let mut connections = JoinSet::new();
     let reconcile_task = agent.k8s.is_some().then(|| {
         let agent = agent.clone();

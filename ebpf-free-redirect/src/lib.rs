@@ -18,6 +18,7 @@ pub mod agent;
 pub mod cni;
 pub mod cni_install;
 pub mod enroll;
+pub mod health;
 pub mod k8s;
 pub mod netns_scan;
 pub mod nsfd;

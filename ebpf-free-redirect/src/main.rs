@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use zmesh_redirect::agent::{self, AddRequest, AgentConfig, Request};
 use zmesh_redirect::k8s as agent_kube;
-use zmesh_redirect::{apply, cni, zds, Backend, HostOptions, InboundPlaintext};
+use zmesh_redirect::{apply, cni, health, zds, Backend, HostOptions, InboundPlaintext};
 
 /// Invalid options, following the project-wide exit code for bad configuration (sysexits EX_USAGE).
 const EXIT_INVALID_CONFIG: u8 = 64;
@@ -92,6 +92,12 @@ struct AgentArgs {
     admin_socket: PathBuf,
     #[arg(long, value_enum, default_value_t = BackendArg::Iptables)]
     backend: BackendArg,
+    /// Readiness (`/readyz`) and liveness (`/healthz`) address, as istio-cni's; `off` disables.
+    #[arg(long, default_value = health::DEFAULT_HEALTH_ADDR)]
+    health_addr: health::EndpointAddr,
+    /// Prometheus `/metrics` address, as istio-cni's; `off` disables.
+    #[arg(long, default_value = health::DEFAULT_METRICS_ADDR)]
+    metrics_addr: health::EndpointAddr,
     #[command(flatten)]
     enrollment: EnrollmentArgs,
 }
@@ -424,7 +430,17 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                 _ = int.recv() => {}
             }
         };
-        agent::run(config, shutdown)
+        // Bound before the agent's sockets: /readyz answers "not ready" until they are.
+        let health = health::Health::new();
+        for (addr, role) in [
+            (args.health_addr, health::Role::Probes),
+            (args.metrics_addr, health::Role::Metrics),
+        ] {
+            if let health::EndpointAddr(Some(addr)) = addr {
+                health::spawn(addr, role, health.clone()).await;
+            }
+        }
+        agent::run_with(config, shutdown, |a| health.set_ready(a))
             .await
             .map_err(anyhow::Error::from)
     });

@@ -572,12 +572,7 @@ fn run(cfg: Config, path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>) -> any
     let logs = init_logging(cfg.node.access_log);
     zmesh_redirect::logging::log_start("zmesh-node");
     raise_nofile_limit();
-    let workers = match cfg.node.worker_threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    };
+    let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("zmesh-data")

@@ -90,10 +90,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 fn run(cfg: Config, path: PathBuf, loaded: zmesh::proxy::reload::Stamp) -> anyhow::Result<()> {
-    let workers = match cfg.node.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("zmesh-waypoint")

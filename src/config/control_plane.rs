@@ -101,9 +101,11 @@ pub(super) struct ControlPlaneRaw {
     pod_namespace: Option<BoundedString>,
     #[serde(default)]
     instance_ip: Option<IpAddr>,
-    /// How long a pod that arrived over ZDS waits for its workload to arrive over xDS.
-    #[serde(default = "default_workload_wait", deserialize_with = "de_duration")]
-    workload_wait: Duration,
+    /// Deprecated and ignored: pods that arrive over ZDS before their workload are no longer
+    /// held (they are acked at once and fail closed until it arrives, docs/model.md). Accepted
+    /// with any value so configs that set it keep loading; `Config::warnings` says so.
+    #[serde(default)]
+    workload_wait: Option<serde::de::IgnoredAny>,
 }
 
 /// Where workloads, services and policies come from when not from the file.
@@ -116,7 +118,8 @@ pub struct ControlPlaneConfig {
     pub instance_ip: Option<IpAddr>,
     /// ISTIO_META_* (strings) and ISTIO_METAJSON_* (JSON) entries, sent in the node metadata.
     pub metadata: BTreeMap<String, serde_json::Value>,
-    pub workload_wait: Duration,
+    /// The config set the deprecated `workload_wait` (ignored; warned about at load).
+    pub workload_wait_set: bool,
 }
 
 fn default_address() -> BoundedString {
@@ -124,9 +127,6 @@ fn default_address() -> BoundedString {
 }
 fn default_root() -> PathBuf {
     PathBuf::from(DEFAULT_ROOT_CERT)
-}
-fn default_workload_wait() -> Duration {
-    Duration::from_secs(5)
 }
 
 impl ControlPlaneRaw {
@@ -152,7 +152,7 @@ impl ControlPlaneRaw {
                 .unwrap_or_else(|| "istio-system".into()),
             instance_ip: self.instance_ip,
             metadata: BTreeMap::new(),
-            workload_wait: self.workload_wait,
+            workload_wait_set: self.workload_wait.is_some(),
         }
     }
 }
@@ -349,7 +349,7 @@ impl ControlPlaneRaw {
             pod_name: None,
             pod_namespace: None,
             instance_ip: None,
-            workload_wait: default_workload_wait(),
+            workload_wait: None,
         }
     }
 }
@@ -396,6 +396,28 @@ mod tests {
         assert!(*impersonate);
         assert_eq!(target, &cp.target);
         assert_eq!(*ttl, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn the_deprecated_workload_wait_is_accepted_ignored_and_warned_about() {
+        // Any value, even one that was never a duration: old configs must keep loading.
+        for v in ["5s", "soon", "{ a: 1 }"] {
+            let c = cfg(&format!(
+                "  control_plane:\n    address: https://cp:15012\n    workload_wait: {v}\n"
+            ));
+            assert!(c.node.control_plane.as_ref().unwrap().workload_wait_set);
+            let w = c.warnings().join("\n");
+            assert!(
+                w.contains("workload_wait is deprecated and ignored"),
+                "{v}: {w}"
+            );
+        }
+        let c = cfg("  control_plane:\n    address: https://cp:15012\n");
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // Other unknown keys are still refused, naming the key.
+        let text = "node:\n  name: n1\n  control_plane:\n    address: https://cp:15012\n    workload_wiat: 5s\n  certificates:\n    ca_client: {}\n";
+        let e = Config::parse(text, "test").unwrap_err().to_string();
+        assert!(e.contains("workload_wiat"), "{e}");
     }
 
     #[test]

@@ -249,6 +249,13 @@ impl Pool {
                 // inline, every stream's connect would carry its space.
                 None => match Box::pin(self.dial_once(key, &entry, &cert, now)).await {
                     Ok(c) => c,
+                    // The peer took the connection and closed it before its HTTP/2 SETTINGS (a
+                    // node restarting: the old process accepted, then stopped): no CONNECT
+                    // was sent on it, so a new dial is safe. Bounded like a refused stream.
+                    Err(HboneError::NoAnswer { .. }) if attempt < STREAM_RETRIES => {
+                        tracing::debug!(dst = %key.dst, "peer closed a new connection before answering; dialing again");
+                        continue;
+                    }
                     Err(e) => {
                         self.forget_if_unused(key, entry);
                         return Err(e);
@@ -602,6 +609,11 @@ mod tests {
     const BLACK_HOLE: &str = "10.0.0.3:15008";
     const MUTE_H2: &str = "10.0.0.5:15008";
     const GOOD: &str = "10.0.0.4:15008";
+    /// Completes TLS and closes on the first dial (a node that accepted and then stopped);
+    /// serves like `GOOD` on later dials.
+    const RESTARTING: &str = "10.0.0.6:15008";
+    /// Completes TLS and closes, every time.
+    const SLAMS: &str = "10.0.0.7:15008";
 
     /// What the in-memory peers saw: dials per destination, and the far ends of the pipes the
     /// silent peers hold (to see that the pool closed them).
@@ -623,7 +635,8 @@ mod tests {
     }
 
     /// A pool whose peers live in memory: `GOOD` answers every CONNECT with 200, `BLACK_HOLE`
-    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2.
+    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2;
+    /// `RESTARTING` and `SLAMS` close right after TLS (the first time, or always).
     fn pool(dir: &std::path::Path, timeout: Duration) -> (Arc<Pool>, Arc<Peers>) {
         FileCa::init(dir, "cluster.local").unwrap();
         let ca = FileCa::load(dir).unwrap();
@@ -645,11 +658,28 @@ mod tests {
         let peers = Arc::new(Peers::default());
         let seen = peers.clone();
         let transport = move |dst: SocketAddr| {
-            *seen.dials.lock().unwrap().entry(dst).or_default() += 1;
+            let dials = {
+                let mut d = seen.dials.lock().unwrap();
+                let n = d.entry(dst).or_default();
+                *n += 1;
+                *n
+            };
             let (ours, theirs) = tokio::io::duplex(64 * 1024);
             let scfg = scfg.clone();
+            let slam = match dst.to_string().as_str() {
+                SLAMS => true,
+                RESTARTING => dials == 1,
+                _ => false,
+            };
+            if slam {
+                tokio::spawn(async move {
+                    // Handshake, then drop the connection without a byte of HTTP/2.
+                    let _ = tokio_rustls::TlsAcceptor::from(scfg).accept(theirs).await;
+                });
+                return ours;
+            }
             match dst.to_string().as_str() {
-                GOOD => {
+                GOOD | RESTARTING => {
                     tokio::spawn(async move {
                         let Ok(mut accepted) =
                             super::super::server::accept(theirs, scfg, Duration::from_secs(60))
@@ -798,6 +828,35 @@ mod tests {
         let mut rest = Vec::new();
         held[0].read_to_end(&mut rest).await.unwrap();
         assert_eq!(peers.dials(MUTE_H2), 1);
+    }
+
+    /// A peer that takes the connection and closes it before answering HTTP/2 (a node
+    /// restarting: the old process accepted, then stopped) got no CONNECT, so the pool dials
+    /// again and the caller is served; a peer that always does so costs a bounded number of
+    /// dials and an error that says what happened.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_closes_before_answering_is_dialed_again_a_bounded_number_of_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let start = TokioInstant::now();
+        let (t, _) = timed(&pool, RESTARTING, start).await;
+        t.expect("served on the second dial");
+        assert_eq!(peers.dials(RESTARTING), 2);
+
+        let (r, _) = timed(&pool, SLAMS, start).await;
+        let Err(e) = r else {
+            panic!("a peer that always closes gave a tunnel")
+        };
+        assert!(matches!(e, HboneError::NoAnswer { .. }), "{e}");
+        assert!(
+            e.to_string().contains("failed before the peer answered"),
+            "{e}"
+        );
+        assert_eq!(peers.dials(SLAMS), STREAM_RETRIES);
+        assert!(
+            !keys(&pool).contains(&SLAMS.parse().unwrap()),
+            "no entry left"
+        );
     }
 
     /// A served dial pools its connection: a second tunnel to the same peer reuses it.

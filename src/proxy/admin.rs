@@ -112,9 +112,14 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
         .expect("pods lock poisoned")
         .iter()
         .map(|p| {
+            let w = p.workload.borrow().clone();
+            let w = w.as_ref();
             json!({
-                "uid": p.uid, "workload": p.workload.name, "namespace": p.workload.namespace,
-                "identity": p.workload.identity.to_string(),
+                "uid": p.uid, "workload": w.map(|w| w.name.clone()),
+                "namespace": w.map(|w| w.namespace.clone()),
+                "identity": w.map(|w| w.identity.to_string()),
+                "zds_identity": p.zds_identity.as_ref().map(|i| i.to_string()),
+                "state": if w.is_some() { "serving" } else { "waiting_for_workload" },
                 "netns": format!("{}:{}", p.netns_id.0, p.netns_id.1),
                 "pool_connections": p.pool.connections(),
             })

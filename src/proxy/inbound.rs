@@ -56,6 +56,8 @@ enum InboundError {
     Socket(std::io::Error),
     #[error("{0} is not the address of a workload on this node")]
     NotLocal(std::net::IpAddr),
+    #[error("{0}")]
+    PodUnknown(String),
     #[error("no certificate for {identity}: {reason}")]
     NoCertificate { identity: SpiffeId, reason: String },
     #[error(transparent)]
@@ -67,6 +69,7 @@ impl InboundError {
         match self {
             InboundError::Socket(_) => "socket",
             InboundError::NotLocal(_) => "not_a_local_workload",
+            InboundError::PodUnknown(_) => "pod_workload_unknown",
             InboundError::NoCertificate { .. } => "no_server_certificate",
             InboundError::Serve(e) => e.code(),
         }
@@ -83,9 +86,15 @@ async fn connection(
     let local = tcp.local_addr().map_err(InboundError::Socket)?;
     let model = node.model();
     // In-pod, this listener belongs to exactly one pod; in host mode, the dialed IP says which.
-    let found = match &scope.workload {
-        Some(w) => Some(w.clone()),
-        None => model.local_workload(local.ip()).cloned(),
+    let found = match scope.bound_workload() {
+        Ok(Some(w)) => Some(w),
+        Ok(None) => model.local_workload(local.ip()).cloned(),
+        Err(pod) => {
+            // No workload, so no certificate to present and no policy to judge by: the caller
+            // gets a reset before any handshake (fail closed).
+            reset_on_drop(&tcp);
+            return Err(InboundError::PodUnknown(pod.unknown_reason()));
+        }
     };
     let workload = found.ok_or(InboundError::NotLocal(local.ip()))?;
     let no_cert = |reason: String| InboundError::NoCertificate {

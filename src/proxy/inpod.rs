@@ -6,6 +6,12 @@
 //! (we then stop proxies for pods not in the snapshot, and become ready); then incremental
 //! `add`/`del`. A repeated `add` for the same namespace is a no-op, a different namespace for the
 //! same uid replaces the proxy, and `del` tears the proxy and its connections down at once.
+//!
+//! An `add` is acked as soon as the pod's listeners are bound: it never waits for the model or a
+//! CA (the CNI ADD behind it would fail and the pod never start). Each pod proxy follows the model
+//! through `watch_binding`: while the model does not know the pod, its listeners fail closed
+//! (`Scope::bound_workload`); when the workload arrives they serve with it; when it leaves they
+//! fail closed again and its open connections are closed (docs/model.md, "In-pod mode").
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,8 +23,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use zmesh_redirect::zds::{Backoff, WorkloadInfo, ZdsClient, ZdsEvent};
 
-use super::{spawn_listeners, Node, Scope};
+use super::{spawn_listeners, Node, PodBinding, Scope, Serves};
 use crate::hbone::client::Pool;
+use crate::identity::SpiffeId;
 use crate::model::Workload;
 use crate::netns::PodNetns;
 use crate::socket::listen_in;
@@ -26,7 +33,9 @@ use crate::socket::listen_in;
 /// A running pod proxy. Dropping it stops its listeners and ends its connections.
 struct PodProxy {
     netns_id: (u64, u64),
-    workload: Arc<crate::model::Workload>,
+    /// The model's workload for the pod (None: failing closed), kept by `watch_binding`.
+    binding: watch::Receiver<Option<Arc<Workload>>>,
+    zds_identity: Option<SpiffeId>,
     pool: Arc<Pool>,
     tasks: Vec<JoinHandle<()>>,
     _kill: watch::Sender<bool>,
@@ -122,7 +131,8 @@ pub async fn run(
                 .iter()
                 .map(|(uid, p)| super::PodView {
                     uid: uid.clone(),
-                    workload: p.workload.clone(),
+                    workload: p.binding.clone(),
+                    zds_identity: p.zds_identity.clone(),
                     netns_id: p.netns_id,
                     pool: p.pool.clone(),
                 })
@@ -151,72 +161,116 @@ fn stop_accepting(node: &Node, pods: HashMap<String, PodProxy>) {
     }
 }
 
-/// The workload of a pod that arrived over ZDS: by uid, else by name and namespace among this
-/// node's workloads (istiod names workloads by its own uid, the agent by the pod's). With a
-/// control plane, a pod may arrive before its workload does: the proxy then waits for it, up to
-/// `control_plane.workload_wait`, rather than refusing a pod it is about to learn of.
-async fn pod_workload(
+/// The workload the model holds for a pod that arrived over ZDS: by uid, else by name and
+/// namespace among this node's workloads (istiod names workloads by its own uid, the agent by the
+/// pod's). None while the model does not know the pod.
+pub fn find_pod_workload(
+    model: &crate::model::Model,
+    uid: &str,
+    info: &WorkloadInfo,
+) -> Option<Arc<Workload>> {
+    model
+        .workload_by_uid(uid)
+        .filter(|w| w.node == model.node)
+        .or_else(|| {
+            model.local_workloads().find(|w| {
+                !info.name.is_empty() && w.name == info.name && w.namespace == info.namespace
+            })
+        })
+        .cloned()
+}
+
+/// The identity a pod claims in its ZDS WorkloadInfo, under the node's trust domain. It is only
+/// a first guess used to fetch a certificate early: traffic flows with the model's identity.
+pub fn zds_identity(trust_domain: &str, info: &WorkloadInfo) -> Result<SpiffeId, String> {
+    SpiffeId::new(trust_domain, &info.namespace, &info.service_account).map_err(|e| {
+        format!(
+            "no identity from the ZDS workload info (namespace {:?}, service account {:?}): {e}",
+            info.namespace, info.service_account
+        )
+    })
+}
+
+/// How a pod's binding to the model changed between two states (what `watch_binding` logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindingChange {
+    /// Nothing a connection would notice.
+    Same,
+    /// The model now knows the pod: its proxy starts serving.
+    Arrived,
+    /// The model no longer knows the pod: its proxy fails closed again.
+    Removed,
+    /// Still known, with different details (identity, addresses, services...).
+    Updated,
+}
+
+/// Compares the workload a pod was bound to with the one the model now gives it.
+pub fn binding_change(old: Option<&Workload>, new: Option<&Workload>) -> BindingChange {
+    match (old, new) {
+        (None, None) => BindingChange::Same,
+        (None, Some(_)) => BindingChange::Arrived,
+        (Some(_), None) => BindingChange::Removed,
+        (Some(a), Some(b)) if a == b => BindingChange::Same,
+        (Some(_), Some(_)) => BindingChange::Updated,
+    }
+}
+
+/// Fetches `id`'s certificate off the ZDS loop, so the ack never waits for a CA. A failure is
+/// logged; the connection that needs the certificate asks again (and fails closed if it must).
+fn prefetch_certificate(node: &Arc<Node>, uid: &str, id: SpiffeId) {
+    let certs = node.certs.clone();
+    let uid = uid.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = certs.fetch_async(&id).await {
+            tracing::warn!(uid, identity = %id, error = %e, "cannot fetch the pod's certificate yet; its connections will ask again");
+        }
+    });
+}
+
+/// Follows the model for one pod: publishes the pod's workload (None while unknown) to the
+/// pod's listeners whenever a reload or an xDS push changes it, and logs each change. Ends when
+/// the pod proxy is dropped (the receivers go with it) or the node is gone.
+fn watch_binding(
     node: &Arc<Node>,
     uid: &str,
     info: &WorkloadInfo,
-) -> Result<Arc<Workload>, String> {
-    let find = |model: &crate::model::Model| {
-        model
-            .workload_by_uid(uid)
-            .filter(|w| w.node == model.node)
-            .or_else(|| {
-                model.local_workloads().find(|w| {
-                    !info.name.is_empty() && w.name == info.name && w.namespace == info.namespace
-                })
-            })
-            .cloned()
-    };
+    claimed: Option<SpiffeId>,
+    tx: watch::Sender<Option<Arc<Workload>>>,
+) -> JoinHandle<()> {
+    let node = node.clone();
+    let (uid, info) = (uid.to_string(), info.clone());
     let mut states = node.subscribe_state();
-    let found = find(&states.borrow_and_update().model);
-    if let Some(w) = found {
-        return Ok(w);
-    }
-    let unknown = |model: &crate::model::Model| {
-        format!(
-            "pod uid {uid:?} ({}/{}) is not a workload of node {:?}; refusing to proxy an unknown pod",
-            info.namespace, info.name, model.node
-        )
-    };
-    let Some(cp) = &node.cfg.node.control_plane else {
-        return Err(unknown(&node.model()));
-    };
-    // Once the control plane has answered, a pod whose workload is not known yet is one it is
-    // about to send: wait up to `workload_wait` for it. Before the first answer (a control
-    // plane down at start), the wait is one `workload_wait` from the node's start shared by
-    // every pod, so a replayed snapshot of many pods cannot hold the ZDS loop for long.
-    let synced = node.xds.get().is_some_and(|x| x.synced());
-    let limit = if synced {
-        cp.workload_wait
-    } else {
-        cp.workload_wait.saturating_sub(node.started.elapsed())
-    };
-    tracing::info!(uid, pod = %info.name, namespace = %info.namespace, wait = ?limit, synced, "pod arrived before its workload; waiting for it over xDS");
-    let wait = async {
+    tokio::spawn(async move {
         loop {
-            if states.changed().await.is_err() {
-                return None;
+            let found = find_pod_workload(&states.borrow_and_update().model, &uid, &info);
+            let change = binding_change(tx.borrow().as_deref(), found.as_deref());
+            match (&change, &found) {
+                (BindingChange::Arrived | BindingChange::Updated, Some(w)) => {
+                    if claimed.as_ref().is_some_and(|c| *c != w.identity) {
+                        tracing::warn!(uid, workload = %w.name, zds_identity = %claimed.as_ref().map(|c| c.to_string()).unwrap_or_default(), identity = %w.identity, "the model's identity for the pod differs from its ZDS workload info; using the model's");
+                    }
+                    prefetch_certificate(&node, &uid, w.identity.clone());
+                    let what = if change == BindingChange::Arrived {
+                        "pod's workload arrived: proxy serving"
+                    } else {
+                        "pod's workload changed in the model"
+                    };
+                    tracing::info!(uid, workload = %w.name, namespace = %w.namespace, identity = %w.identity, "{what}");
+                }
+                (BindingChange::Removed, _) => {
+                    tracing::warn!(uid, pod = %info.name, namespace = %info.namespace, "pod's workload removed from the model: proxy fails closed, its open connections are closed");
+                }
+                _ => {}
             }
-            if let Some(w) = find(&states.borrow_and_update().model) {
-                return Some(w);
+            if change != BindingChange::Same && tx.send(found).is_err() {
+                return;
+            }
+            tokio::select! {
+                r = states.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
             }
         }
-    };
-    match tokio::time::timeout(limit, wait).await {
-        Ok(Some(w)) => Ok(w),
-        _ if synced => Err(format!(
-            "{} (waited {limit:?} for it over xDS)",
-            unknown(&node.model())
-        )),
-        _ => Err(format!(
-            "{} (the control plane has not answered since the node started)",
-            unknown(&node.model())
-        )),
-    }
+    })
 }
 
 async fn add(
@@ -236,11 +290,19 @@ async fn add(
         tracing::info!(uid, "pod network namespace changed: replacing its proxy");
         pods.remove(uid);
     }
-    let workload = pod_workload(node, uid, info).await?;
-    node.certs
-        .fetch_async(&workload.identity)
-        .await
-        .map_err(|e| format!("no certificate for {}: {e}", workload.identity))?;
+    // The ack never waits for the model or a CA: a pod the model does not know yet still gets
+    // its listeners (so nothing it sends bypasses the mesh), which fail closed until it arrives.
+    let claimed = zds_identity(&node.cfg.node.trust_domain, info)
+        .map_err(|e| tracing::warn!(uid, error = %e, "pod proxy starts without a claimed identity"))
+        .ok();
+    let initial = find_pod_workload(&node.model(), uid, info);
+    let cert_for = initial
+        .as_ref()
+        .map(|w| w.identity.clone())
+        .or(claimed.clone());
+    if let Some(id) = cert_for {
+        prefetch_certificate(node, uid, id);
+    }
     let netns = Arc::new(netns);
     // Restart hand-over: when the old process closes its SO_REUSEPORT listeners, connections
     // still in their accept queues migrate to the new process's listeners instead of being reset
@@ -274,20 +336,39 @@ async fn add(
         Some(netns.clone()),
         node.cfg.node.connect_timeout,
     );
+    let (binding_tx, binding) = watch::channel(initial.clone());
     let scope = Arc::new(Scope {
         pool: pool.clone(),
         netns: Some(netns.clone()),
-        workload: Some(workload.clone()),
+        serves: Serves::Pod(PodBinding {
+            uid: uid.into(),
+            pod: format!("{}/{}", info.namespace, info.name),
+            workload: binding.clone(),
+            closed: node.stats.unbound_closed.clone(),
+        }),
         kill,
         active: node.active.clone(),
     });
-    let tasks = spawn_listeners(node, scope, outbound_l, plain_l, hbone_l, &stop);
-    tracing::info!(uid, workload = %workload.name, identity = %workload.identity, "pod proxy started");
+    let mut tasks = spawn_listeners(node, scope, outbound_l, plain_l, hbone_l, &stop);
+    match &initial {
+        Some(w) => {
+            tracing::info!(uid, workload = %w.name, identity = %w.identity, "pod proxy started")
+        }
+        None => tracing::info!(
+            uid,
+            pod = %info.name,
+            namespace = %info.namespace,
+            zds_identity = %claimed.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+            "pod proxy started before its workload is in the model: failing closed until it arrives"
+        ),
+    }
+    tasks.push(watch_binding(node, uid, info, claimed.clone(), binding_tx));
     pods.insert(
         uid.to_string(),
         PodProxy {
             netns_id: netns.id(),
-            workload: workload.clone(),
+            binding,
+            zds_identity: claimed,
             pool,
             tasks,
             _kill: kill_tx,
@@ -295,4 +376,78 @@ async fn add(
         },
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::Model;
+
+    fn model(workloads: &str) -> Model {
+        let text = format!(
+            "node: {{ name: node-1, certificates: {{ file_ca: {{ dir: /tmp/ca }} }} }}\nworkloads:\n{workloads}"
+        );
+        Model::from_config(&Config::parse(&text, "test").unwrap())
+    }
+
+    fn info(name: &str, namespace: &str, sa: &str) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+        }
+    }
+
+    #[test]
+    fn a_pod_is_found_by_uid_or_by_name_and_namespace_on_this_node() {
+        let m = model(
+            "  - { uid: pod-a, name: client, namespace: shop, addresses: [10.0.0.1], node: node-1 }
+  - { uid: istiod-b, name: server, namespace: shop, addresses: [10.0.0.2], node: node-1 }
+  - { uid: pod-c, name: far, namespace: shop, addresses: [10.0.0.3], node: node-2 }
+",
+        );
+        let found = |uid, i: &WorkloadInfo| find_pod_workload(&m, uid, i).map(|w| w.uid.clone());
+        assert_eq!(found("pod-a", &info("", "", "")), Some("pod-a".into()));
+        assert_eq!(
+            found("k8s-uid-b", &info("server", "shop", "x")),
+            Some("istiod-b".into()),
+            "istiod's uid differs from the pod's: matched by name"
+        );
+        // Not known: another namespace, an empty name, or a workload of another node.
+        assert_eq!(found("k8s-uid-b", &info("server", "other", "x")), None);
+        assert_eq!(found("nope", &info("", "shop", "x")), None);
+        assert_eq!(found("pod-c", &info("far", "shop", "x")), None);
+    }
+
+    #[test]
+    fn the_claimed_identity_comes_from_the_zds_info_or_names_what_is_wrong() {
+        let id = zds_identity("cluster.local", &info("p", "shop", "frontend")).unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
+        let e = zds_identity("cluster.local", &info("p", "shop", "")).unwrap_err();
+        assert!(e.contains("service account \"\""), "{e}");
+        let e = zds_identity("cluster.local", &info("p", "../x", "sa")).unwrap_err();
+        assert!(e.contains("namespace \"../x\""), "{e}");
+    }
+
+    #[test]
+    fn binding_changes_are_told_apart() {
+        let m = model(
+            "  - { uid: a, name: a, namespace: shop, service_account: one, addresses: [10.0.0.1], node: node-1 }
+",
+        );
+        let w = m.workload_by_uid("a").unwrap().as_ref().clone();
+        let mut other = w.clone();
+        other.identity = SpiffeId::new("cluster.local", "shop", "two").unwrap();
+        use BindingChange::*;
+        for (old, new, want) in [
+            (None, None, Same),
+            (None, Some(&w), Arrived),
+            (Some(&w), None, Removed),
+            (Some(&w), Some(&w.clone()), Same),
+            (Some(&w), Some(&other), Updated),
+        ] {
+            assert_eq!(binding_change(old, new), want, "{old:?} -> {new:?}");
+        }
+    }
 }

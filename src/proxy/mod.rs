@@ -91,6 +91,8 @@ pub struct Stats {
     pub revoked_closed: AtomicU64,
     pub reloads_applied: AtomicU64,
     pub reloads_rejected: AtomicU64,
+    /// Open connections of a pod closed because its workload left the model (in-pod).
+    pub unbound_closed: Arc<AtomicU64>,
 }
 
 /// Everything the listeners share.
@@ -115,8 +117,6 @@ pub struct Node {
     pub log_control: std::sync::OnceLock<Arc<dyn admin::LogControl>>,
     /// The xDS client, when workloads come from a control plane (`node.control_plane`).
     pub xds: std::sync::OnceLock<Arc<crate::xds::XdsClient>>,
-    /// When this node was built (bounds how long pods wait for a control plane never reached).
-    pub started: std::time::Instant,
     mark: Option<u32>,
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     ready: AtomicBool,
@@ -129,7 +129,10 @@ pub struct Node {
 /// One pod proxy, for the admin dump.
 pub struct PodView {
     pub uid: String,
-    pub workload: Arc<Workload>,
+    /// The model's workload for the pod, as it is now; None while the pod fails closed.
+    pub workload: watch::Receiver<Option<Arc<Workload>>>,
+    /// The identity its ZDS workload info claims (what certificates were first fetched for).
+    pub zds_identity: Option<SpiffeId>,
     /// The pod namespace's identity (device, inode).
     pub netns_id: (u64, u64),
     pub pool: Arc<Pool>,
@@ -236,7 +239,6 @@ impl Node {
             quit: tokio::sync::Notify::new(),
             log_control: std::sync::OnceLock::new(),
             xds: std::sync::OnceLock::new(),
-            started: std::time::Instant::now(),
             zds_pods: AtomicUsize::new(0),
             pods: Mutex::new(Vec::new()),
             mark,
@@ -283,6 +285,12 @@ impl Node {
                 "counter",
                 "Open connections closed because a new policy denies them",
                 vec![(String::new(), count(&s.policy_closed))],
+            ),
+            (
+                "zmesh_pod_unbound_connections_closed_total",
+                "counter",
+                "Open connections of a pod closed because its workload was removed from the model (in-pod; the pod then fails closed)",
+                vec![(String::new(), count(&s.unbound_closed))],
             ),
             (
                 "zmesh_revoked_connections_closed_total",
@@ -441,7 +449,7 @@ impl Node {
         Arc::new(Scope {
             netns: None,
             pool: self.pool.clone(),
-            workload: None,
+            serves: Serves::ByAddress,
             kill,
             active: self.active.clone(),
         })
@@ -668,9 +676,9 @@ pub struct Scope {
     /// The pod's namespace: upstream sockets are made there. None in host mode.
     pub netns: Option<Arc<PodNetns>>,
     pub pool: Arc<Pool>,
-    /// The one workload these listeners serve (in-pod); None in host mode, where the workload
-    /// is found by address.
-    pub workload: Option<Arc<Workload>>,
+    /// Which workload these listeners serve: found by address (host mode), or one pod's as
+    /// the model has it now (in-pod).
+    pub serves: Serves,
     /// Flips (or closes) when the scope is torn down: its open connections end at once.
     pub kill: watch::Receiver<bool>,
     /// The node-wide count of connections in flight.
@@ -698,6 +706,50 @@ impl Drop for ActiveGuard {
 impl Scope {
     pub fn dial_netns(&self) -> Option<&PodNetns> {
         self.netns.as_deref()
+    }
+
+    /// The workload this scope's connections belong to: `Ok(None)` in host mode (the caller
+    /// finds it by address), `Ok(Some)` for a pod the model knows, and `Err` for a pod it does
+    /// not know (yet, or any more): the caller must refuse the connection (fail closed).
+    pub fn bound_workload(&self) -> Result<Option<Arc<Workload>>, &PodBinding> {
+        match &self.serves {
+            Serves::ByAddress => Ok(None),
+            Serves::Pod(pod) => match pod.workload.borrow().clone() {
+                Some(w) => Ok(Some(w)),
+                None => Err(pod),
+            },
+        }
+    }
+}
+
+/// Which workload a scope's listeners serve.
+pub enum Serves {
+    /// Host mode: each connection's workload is found by its address.
+    ByAddress,
+    /// In-pod: one pod, bound to its workload in the model once the model has it.
+    Pod(PodBinding),
+}
+
+/// A pod handed over by ZDS and the model's workload for it, kept current by the pod's binding
+/// watcher (`inpod`). None while the model does not know the pod: its connections are refused
+/// (reset, counted under the reason `pod_workload_unknown`), never relayed in plaintext.
+pub struct PodBinding {
+    /// Shared, not copied, by each connection's removal watch.
+    pub uid: Arc<str>,
+    /// The pod as ZDS named it ("namespace/name"), for the refusal's log line.
+    pub pod: String,
+    pub workload: watch::Receiver<Option<Arc<Workload>>>,
+    /// The node's count of connections closed because their pod's workload left the model.
+    pub closed: Arc<AtomicU64>,
+}
+
+impl PodBinding {
+    /// The log line of a connection refused because the model does not know this pod.
+    pub fn unknown_reason(&self) -> String {
+        format!(
+            "pod {} (uid {:?}) is not a workload in the model yet (or any more): connection refused until it is (fail closed)",
+            self.pod, self.uid
+        )
     }
 }
 
@@ -967,6 +1019,29 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     })
 }
 
+/// For a connection accepted while its pod is bound to a workload: resolves (with the pod's uid
+/// and the closed-connection counter) when the model drops that workload. Host-mode and
+/// unbound connections get a future that never resolves (an unbound one is refused anyway).
+fn removal_watch(
+    scope: &Scope,
+) -> impl std::future::Future<Output = Option<(Arc<str>, Arc<AtomicU64>)>> + Send + 'static {
+    let pod = match &scope.serves {
+        Serves::Pod(p) if p.workload.borrow().is_some() => {
+            Some((p.workload.clone(), p.uid.clone(), p.closed.clone()))
+        }
+        _ => None,
+    };
+    async move {
+        if let Some((mut rx, uid, closed)) = pod {
+            // Err: the pod proxy itself is gone, and its kill switch ends the connection.
+            if rx.wait_for(|w| w.is_none()).await.is_ok() {
+                return Some((uid, closed));
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 /// Accepts connections until shutdown, spawning `handle` for each. Accept errors (such as
 /// running out of file descriptors) are logged and retried after a pause instead of ending the
 /// loop (reliability #29).
@@ -991,13 +1066,19 @@ async fn accept_loop<F, Fut>(
                     let conn = Box::pin(handle(tcp, peer));
                     let mut kill = scope.kill.clone();
                     let active = ActiveGuard::new(scope.active.clone());
+                    let removal = removal_watch(scope);
                     tokio::spawn(async move {
                         let _active = active;
-                        // A torn-down scope (deleted pod) ends its connections now; dropping the
-                        // handler closes its sockets.
+                        // A torn-down scope (deleted pod) ends its connections now, and so does a
+                        // pod whose workload leaves the model; dropping the handler closes its
+                        // sockets.
                         tokio::select! {
                             _ = conn => {}
                             _ = kill.wait_for(|k| *k) => {}
+                            Some((uid, closed)) = removal => {
+                                closed.fetch_add(1, Ordering::Relaxed);
+                                tracing::info!(uid = &*uid, listener = role, src = %peer, reason_code = "pod_workload_removed", "connection closed: the pod's workload was removed from the model (fail closed)");
+                            }
                         }
                     });
                 }

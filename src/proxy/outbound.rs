@@ -63,11 +63,19 @@ async fn proxy_in(
 ) {
     let mut log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
     let enabled = node.access_log_enabled();
-    // In-pod, the listener belongs to exactly one pod: that pod is the source.
-    let source = scope
-        .workload
-        .clone()
-        .or_else(|| node.source_workload(peer.ip()));
+    // In-pod, the listener belongs to exactly one pod: that pod is the source, once the model
+    // knows it. Until then nothing leaves the pod: not tunneled (no identity), never plaintext.
+    let source = match scope.bound_workload() {
+        Ok(Some(w)) => Some(w),
+        Ok(None) => node.source_workload(peer.ip()),
+        Err(pod) => {
+            reset_on_drop(&tcp);
+            let reason = pod.unknown_reason();
+            crate::reject!(node.rejections, "outbound", "pod_workload_unknown", src = %peer, %dst, reason, "outbound connection refused (reset)");
+            log.emit(enabled, Some(&format_args!("{reason} (reset)")));
+            return;
+        }
+    };
     let Some(source) = source else {
         reset_on_drop(&tcp);
         log.emit(

@@ -53,9 +53,17 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
     }
     let model = node.model();
     // In-pod, the listener's own pod is the destination; in host mode, find it by address.
-    let workload = match &scope.workload {
-        Some(w) => w.addresses.contains(&dst.ip()).then(|| w.clone()),
-        None => model.local_workload(dst.ip()).cloned(),
+    let workload = match scope.bound_workload() {
+        Ok(Some(w)) => w.addresses.contains(&dst.ip()).then_some(w),
+        Ok(None) => model.local_workload(dst.ip()).cloned(),
+        Err(pod) => {
+            // The model does not know this pod yet: nothing reaches it (fail closed).
+            reset_on_drop(&tcp);
+            let reason = pod.unknown_reason();
+            crate::reject!(node.rejections, "plaintext", "pod_workload_unknown", src = %peer, %dst, reason, "plaintext inbound connection refused (reset)");
+            log.emit(enabled, Some(&format_args!("{reason} (reset)")));
+            return;
+        }
     };
     let Some(w) = workload else {
         reset_on_drop(&tcp);

@@ -179,9 +179,18 @@ impl Waypoint {
             .workload_by_uid(&uid)
             .ok_or_else(|| WaypointError::UnknownWorkload(uid.clone()))?
             .clone();
-        certs
-            .fetch(&me.identity)
-            .map_err(|e| WaypointError::Certs(e.to_string()))?;
+        // A CA that cannot issue yet (unreachable at start) must not keep the waypoint from
+        // starting: it starts NOT READY, and `start` keeps asking until it has one. A static
+        // source without this identity can never serve it: that is a config error.
+        match certs.fetch(&me.identity) {
+            Ok(_) => {}
+            Err(e @ crate::identity::CertManagerError::NoStaticCert(_)) => {
+                return Err(WaypointError::Certs(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(identity = %me.identity, error = %e, "no certificate yet; the waypoint starts not ready and keeps asking the CA");
+            }
+        }
         let pool = Pool::new(certs.clone(), None, None, cfg.node.connect_timeout);
         let access_log = super::accesslog::AccessLog::new(cfg.node.access_log);
         Ok(Arc::new(Waypoint {
@@ -1716,9 +1725,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 /// What the waypoint still waits for before it takes traffic; empty when it is ready. The
 /// config needs no check here: a `Waypoint` is only built from a valid one (its own workload
-/// included), and a rejected reload keeps the last good one. What can be missing is its HBONE
-/// listener (not yet serving, or its accept loop gone) and a valid certificate for its own
-/// identity (not yet issued, or expired while the CA is unreachable).
+/// included), and a rejected reload keeps the last good one; nor has it an upstream dependency
+/// of its own (no control plane: its model comes from the file), besides the CA behind its
+/// certificate. What can be missing is its HBONE listener (not yet serving, or its accept loop
+/// gone) and a valid certificate for its own identity (not yet issued because the CA was
+/// unreachable at start, or expired while it is).
 pub fn pending(wp: &Waypoint, hbone_listening: bool) -> Vec<String> {
     let mut pending = Vec::new();
     if !hbone_listening {
@@ -1812,8 +1823,33 @@ pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), Waypoi
         let _serving = serving;
         serve(hbone_wp, hbone).await
     });
+    tokio::spawn(acquire_certificate(wp.clone()));
     tokio::spawn(serve_admin(wp, admin, listening));
     Ok(bound)
+}
+
+/// First and longest retry interval of `acquire_certificate`: quick enough that readiness
+/// follows a CA coming back within a second or so, bounded so a CA that stays down is asked at
+/// most every 10 s.
+const CERT_RETRY_FIRST: Duration = Duration::from_millis(200);
+const CERT_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Asks for the waypoint's own certificate until it has one (a CA that was down at start), so
+/// readiness turns 200 without waiting for a first connection to ask. Renewal after that is
+/// `CertManager::run_renewals`'s job.
+async fn acquire_certificate(wp: Arc<Waypoint>) {
+    let mut wait = CERT_RETRY_FIRST;
+    loop {
+        let me = wp.me(&wp.state());
+        match wp.certs.fetch_async(&me.identity).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(identity = %me.identity, error = %e, retry_in = ?wait, "waypoint certificate not issued yet; not ready");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(CERT_RETRY_MAX);
+    }
 }
 
 #[cfg(test)]
