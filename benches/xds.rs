@@ -100,7 +100,7 @@ fn resources() -> (Vec<Resource>, Vec<Resource>) {
 }
 
 fn policy(p: usize, generation: usize) -> sec::Authorization {
-    let action = if p % 2 == 0 {
+    let action = if p.is_multiple_of(2) {
         sec::Action::Allow
     } else {
         sec::Action::Deny

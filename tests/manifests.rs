@@ -235,6 +235,30 @@ fn the_cni_plugin_is_chained_not_installed_as_its_own_network() {
             !text.contains("05-zmesh"),
             "{overlay}: a one-plugin conflist of its own"
         );
+        // The agent enrolls by label: it knows its node, and sees the host's pids to find the
+        // netns of a pod that becomes meshed while running.
+        let agent = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .expect("an agent container");
+        assert!(
+            args(agent).contains(&"labels"),
+            "{overlay}: {:?}",
+            args(agent)
+        );
+        let node_name = agent["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "NODE_NAME")
+            .expect("NODE_NAME in the agent's env");
+        assert_eq!(
+            node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName",
+            "{overlay}"
+        );
+        assert_eq!(spec["hostPID"], true, "{overlay}");
         let entry = find(&objs, "ConfigMap", "zmesh-cni")["data"]["plugin.json"]
             .as_str()
             .unwrap();

@@ -14,18 +14,27 @@
 //! The admin protocol is one JSON object per line each way, over a unix STREAM socket of mode 0600
 //! (only root may enroll pods, since enrolling hands a netns to whoever listens on ZDS):
 //! `{"op":"add","netns":PATH,"uid":..,"name":..,"namespace":..,"service_account":..,
-//! "inbound_capture":true,"dns_capture":false}`, `{"op":"del","uid":..}`, `{"op":"list"}`; the
-//! reply is `{"ok":true,..}` or `{"ok":false,"error":".."}`.
+//! "inbound_capture":true,"dns_capture":false,"by_labels":false}`, `{"op":"del","uid":..}`,
+//! `{"op":"check","uid":..,"name":..,"namespace":..}`, `{"op":"list"}`; the reply is
+//! `{"ok":true,..}` (with `"enrolled":true|false` for add and check) or
+//! `{"ok":false,"error":".."}`.
 //!
-//! Limitation: the pod cache lives in memory. An agent restart forgets enrolled pods (their rules
-//! stay in place, so they stay captured), and a tunnel connecting to the new agent gets a snapshot
-//! without them. Rebuilding the cache needs the pod list from the Kubernetes API, as istio-cni does.
+//! With the Kubernetes API configured ([`crate::k8s`]), pods are enrolled by label
+//! ([`crate::enroll`]): a CNI ADD asks with `"by_labels":true` and a pod that is not meshed is
+//! answered `"enrolled":false` without capture; a running pod that becomes meshed is found by its
+//! IP ([`crate::netns_scan`]) and enrolled live, and one that stops being meshed is released
+//! (rules removed, ZDS `del`). Without the API every pod the CNI hands over is enrolled.
+//!
+//! Restarts: the enrolled set is written to a state file ([`crate::state`]) after every change.
+//! A starting agent re-captures those pods (installing rules is idempotent) and, with the API,
+//! the meshed pods of its node, all behind the ZDS gate: a tunnel gets its snapshot only once the
+//! set is whole, so it never stops the proxy of a pod that is still meshed.
 //!
 //! Rules are installed from a dedicated `std::thread` that `setns`'s into the pod netns and then
 //! exits. Never from tokio's blocking pool: its threads are reused, and one left inside a pod netns
 //! would run some later, unrelated work there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, BufRead as _, BufReader, Write as _};
@@ -45,8 +54,12 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::task::JoinSet;
 
 use crate::apply::{install_pod, uninstall_pod, ApplyError};
+use crate::enroll::PodFacts;
+use crate::k8s::{Confirmed, K8s, K8sError, KubeSettings};
+use crate::netns_scan::{self, ScanError};
 use crate::nsfd::{open_netns, OpenNetnsError};
 use crate::rules::{Backend, PodOptions};
+use crate::state::{PodRecord, StateFile};
 use crate::zds::{Delivery, WorkloadInfo, ZdsError, ZdsServer};
 
 /// Where the agent listens for enrollment requests unless told otherwise; the CNI plugin and
@@ -73,6 +86,14 @@ pub enum Request {
     Add(AddRequest),
     /// The pod is gone: tell the tunnels, and remove the rules if its netns still exists.
     Del { uid: String },
+    /// Is the pod where it should be: enrolled, or (by its labels) not meshed? What CNI CHECK asks.
+    Check {
+        uid: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        namespace: String,
+    },
     /// The enrolled (cached) pod uids and the number of connected tunnels that acked their
     /// snapshot (the ones that get new pods).
     List,
@@ -93,6 +114,11 @@ pub struct AddRequest {
     /// Redirect the pod's DNS to the tunnel's DNS proxy; default false.
     #[serde(default)]
     pub dns_capture: bool,
+    /// Let the agent decide from the pod's labels (Kubernetes API) whether to capture it at all;
+    /// the CNI plugin sets it. Default false: an explicit enrollment (`pod add`). Without the API
+    /// configured, every pod is enrolled either way.
+    #[serde(default)]
+    pub by_labels: bool,
 }
 
 fn default_true() -> bool {
@@ -122,6 +148,12 @@ pub struct Reply {
     pub uids: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnels: Option<usize>,
+    /// For add and check: whether the pod is captured (false: not meshed by its labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled: Option<bool>,
+    /// Why a pod is or is not meshed, when the labels decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Reply {
@@ -194,6 +226,28 @@ pub enum AgentError {
     Delete { uid: String, source: ZdsError },
     #[error(transparent)]
     Zds(#[from] ZdsError),
+    #[error("cannot start enrollment from the Kubernetes API: {source}")]
+    KubeStart { source: K8sError },
+    #[error(
+        "pod {uid}: cannot tell whether it is meshed, so it is not started uncaptured: {source}"
+    )]
+    Kube { uid: String, source: K8sError },
+    #[error("pod {uid}: is meshed but not enrolled with the redirect agent: its traffic is not handed to the node tunnel; recreate the pod")]
+    NotEnrolled { uid: String },
+    #[error("pod {namespace}/{name} ({uid}): finding its netns failed: {source}")]
+    Scan {
+        uid: String,
+        namespace: String,
+        name: String,
+        source: ScanError,
+    },
+    #[error("pod {namespace}/{name} ({uid}): no network namespace on this node holds its IPs {ips:?} (not started yet, or its sandbox is gone)")]
+    NoNetns {
+        uid: String,
+        namespace: String,
+        name: String,
+        ips: Vec<std::net::IpAddr>,
+    },
     #[error(
         "cannot listen on admin socket {path}: {source} (is the directory writable by the agent?)"
     )]
@@ -211,6 +265,7 @@ struct Enrolled {
     /// lose that pod's rules when the old pod is deleted.
     id: (u64, u64),
     options: PodOptions,
+    info: WorkloadInfo,
 }
 
 /// The enrollment logic, independent of the admin socket that feeds it.
@@ -218,16 +273,96 @@ pub struct Agent {
     zds: ZdsServer,
     backend: Backend,
     enrolled: Mutex<HashMap<String, Enrolled>>,
+    /// Uids being enrolled by a request right now; the reconciler leaves them alone.
+    in_flight: Mutex<HashSet<String>>,
+    k8s: Option<K8s>,
+    state: Option<StateFile>,
+    /// Namespaces whose pods are never enrolled by label, whatever their labels say (the CNI
+    /// plugin's own list excludes them on ADD; this keeps live enrollment consistent with it).
+    excluded_namespaces: Vec<String>,
     counters: crate::health::Counters,
+}
+
+/// Marks a uid in flight for as long as it lives.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    uid: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.uid);
+    }
 }
 
 impl Agent {
     pub fn new(zds: ZdsServer, backend: Backend) -> Self {
+        Self::with(zds, backend, None, None)
+    }
+
+    /// An agent that enrolls by label through `k8s` (if any) and records its pods in `state`.
+    pub fn with(
+        zds: ZdsServer,
+        backend: Backend,
+        k8s: Option<K8s>,
+        state: Option<StateFile>,
+    ) -> Self {
         Self {
             zds,
             backend,
             enrolled: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            k8s,
+            state,
+            excluded_namespaces: crate::cni::DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
             counters: Default::default(),
+        }
+    }
+
+    /// Replaces the namespaces never enrolled by label (default: the CNI plugin's default).
+    pub fn exclude_namespaces(mut self, namespaces: Vec<String>) -> Self {
+        self.excluded_namespaces = namespaces;
+        self
+    }
+
+    fn excluded(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.iter().any(|n| n == namespace)
+    }
+
+    fn mark_in_flight(&self, uid: &str) -> InFlight<'_> {
+        lock(&self.in_flight).insert(uid.to_owned());
+        InFlight {
+            set: &self.in_flight,
+            uid: uid.to_owned(),
+        }
+    }
+
+    fn is_enrolled(&self, uid: &str) -> bool {
+        lock(&self.enrolled).contains_key(uid)
+    }
+
+    /// Writes the enrolled set to the state file; a failure is logged, not fatal (the pods are
+    /// captured either way; only a restart would forget them).
+    fn persist(&self) {
+        let Some(state) = &self.state else { return };
+        let records: Vec<PodRecord> = lock(&self.enrolled)
+            .iter()
+            .map(|(uid, e)| PodRecord {
+                uid: uid.clone(),
+                netns: e.netns.clone(),
+                netns_id: e.id,
+                name: e.info.name.clone(),
+                namespace: e.info.namespace.clone(),
+                service_account: e.info.service_account.clone(),
+                inbound_capture: e.options.inbound_capture,
+                dns_capture: e.options.dns_capture,
+            })
+            .collect();
+        if let Err(e) = state.save(&records) {
+            tracing::error!(error = %e, "cannot record the enrolled pods");
         }
     }
 
@@ -246,11 +381,16 @@ impl Agent {
     pub async fn handle(&self, request: Request) -> Reply {
         let op = crate::health::Op::of(&request);
         let reply = match request {
-            Request::Add(add) => match self.add(add).await {
-                Ok(status) => Reply {
-                    tunnel: Some(status),
-                    ..Reply::ok()
-                },
+            Request::Add(add) => match self.add_by_request(add).await {
+                Ok(reply) => reply,
+                Err(e) => Reply::error(e),
+            },
+            Request::Check {
+                uid,
+                name,
+                namespace,
+            } => match self.check(&uid, &namespace, &name).await {
+                Ok(reply) => reply,
                 Err(e) => Reply::error(e),
             },
             Request::Del { uid } => match self.del(&uid).await {
@@ -265,6 +405,80 @@ impl Agent {
         };
         self.counters.record(op, reply.ok);
         reply
+    }
+
+    /// An `add` from the admin socket: with `by_labels` and the API configured, the labels decide
+    /// first (and the pod's service account comes from its spec).
+    async fn add_by_request(&self, mut req: AddRequest) -> Result<Reply, AgentError> {
+        let _guard = self.mark_in_flight(&req.uid);
+        let mut reason = None;
+        if req.by_labels && self.k8s.is_some() && self.excluded(&req.namespace) {
+            return Ok(Reply {
+                enrolled: Some(false),
+                reason: Some(format!(
+                    "not meshed: namespace {} is excluded",
+                    req.namespace
+                )),
+                ..Reply::ok()
+            });
+        }
+        if let (true, Some(k8s)) = (req.by_labels, &self.k8s) {
+            let (decision, facts) = k8s
+                .decide_add(&req.namespace, &req.name, &req.uid)
+                .await
+                .map_err(|source| AgentError::Kube {
+                    uid: req.uid.clone(),
+                    source,
+                })?;
+            tracing::info!(uid = %req.uid, pod = %format!("{}/{}", req.namespace, req.name), %decision, "CNI ADD");
+            if !decision.is_meshed() {
+                return Ok(Reply {
+                    enrolled: Some(false),
+                    reason: Some(decision.to_string()),
+                    ..Reply::ok()
+                });
+            }
+            req.service_account = facts.service_account;
+            reason = Some(decision.to_string());
+        }
+        let status = self.add(req).await?;
+        Ok(Reply {
+            tunnel: Some(status),
+            enrolled: Some(true),
+            reason,
+            ..Reply::ok()
+        })
+    }
+
+    /// CNI CHECK: enrolled is fine; not enrolled is fine only when the labels say not meshed.
+    async fn check(&self, uid: &str, namespace: &str, name: &str) -> Result<Reply, AgentError> {
+        if self.is_enrolled(uid) {
+            return Ok(Reply {
+                enrolled: Some(true),
+                ..Reply::ok()
+            });
+        }
+        let not_enrolled = || AgentError::NotEnrolled {
+            uid: uid.to_owned(),
+        };
+        let Some(k8s) = &self.k8s else {
+            return Err(not_enrolled());
+        };
+        let (decision, _) = k8s
+            .decide_add(namespace, name, uid)
+            .await
+            .map_err(|source| AgentError::Kube {
+                uid: uid.to_owned(),
+                source,
+            })?;
+        if decision.is_meshed() {
+            return Err(not_enrolled());
+        }
+        Ok(Reply {
+            enrolled: Some(false),
+            reason: Some(decision.to_string()),
+            ..Reply::ok()
+        })
     }
 
     /// Captures first, then hands off: a pod the tunnel serves is always a captured one.
@@ -290,16 +504,33 @@ impl Agent {
             path: path.clone(),
             source,
         })?;
-        let meta = netns.metadata().map_err(|source| AgentError::OpenNetns {
-            uid: uid.clone(),
-            path: path.clone(),
-            source,
-        })?;
         let options = PodOptions {
             inbound_capture: req.inbound_capture,
             dns_capture: req.dns_capture,
             ..PodOptions::default()
         };
+        let info = WorkloadInfo {
+            name: req.name,
+            namespace: req.namespace,
+            service_account: req.service_account,
+        };
+        self.enroll(uid, path, netns, info, options).await
+    }
+
+    /// Installs the rules in `netns` (reached as `path`), records the pod, hands it off.
+    async fn enroll(
+        &self,
+        uid: String,
+        path: PathBuf,
+        netns: File,
+        info: WorkloadInfo,
+        options: PodOptions,
+    ) -> Result<TunnelStatus, AgentError> {
+        let meta = netns.metadata().map_err(|source| AgentError::OpenNetns {
+            uid: uid.clone(),
+            path: path.clone(),
+            source,
+        })?;
         let backend = self.backend;
         let install_options = options.clone();
         in_netns(&netns, &uid, &path, move || {
@@ -318,14 +549,11 @@ impl Agent {
                 netns: path.clone(),
                 id: (meta.dev(), meta.ino()),
                 options,
+                info: info.clone(),
             },
         );
+        self.persist();
 
-        let info = WorkloadInfo {
-            name: req.name,
-            namespace: req.namespace,
-            service_account: req.service_account,
-        };
         let status = match self
             .zds
             .add_pod(uid.clone(), info, OwnedFd::from(netns))
@@ -340,6 +568,10 @@ impl Agent {
         };
         match status {
             TunnelStatus::Acked => tracing::info!(%uid, "pod handed to the node tunnel"),
+            // Behind the gate (a restart's rebuild) that is the plan, not a problem.
+            TunnelStatus::Pending if !self.zds.gate_open() => {
+                tracing::info!(%uid, "pod cached for the first snapshot")
+            }
             TunnelStatus::Pending => {
                 tracing::warn!(%uid, "no node tunnel connected; pod cached until one connects")
             }
@@ -362,6 +594,7 @@ impl Agent {
                 source,
             });
         let enrolled = lock(&self.enrolled).remove(uid);
+        self.persist();
         let rules = match enrolled {
             Some(pod) => self.uninstall(uid, pod).await,
             None => Ok(()),
@@ -375,6 +608,128 @@ impl Agent {
             (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
             (Ok(()), Ok(())) => Ok(()),
         }
+    }
+
+    /// The pod runs on but is no longer meshed: remove its rules, then tell the tunnels. In that
+    /// order, so its traffic goes direct before its proxy stops, and no connection meets a
+    /// capture with no proxy. The netns is reached through the fd the ZDS cache holds (its path
+    /// may be a `/proc/<pid>/ns/net` whose process has exited since).
+    pub async fn release(&self, uid: &str) -> Result<(), AgentError> {
+        let pod = lock(&self.enrolled).remove(uid);
+        let netns = self.zds.pod_netns(uid).map(File::from);
+        let rules = match (pod, netns) {
+            (None, _) => Ok(()),
+            // Not cached (cannot happen for an enrolled pod): the path, if still the same netns.
+            (Some(pod), None) => {
+                self.persist();
+                self.uninstall(uid, pod).await
+            }
+            (Some(pod), Some(netns)) => {
+                self.persist();
+                let backend = self.backend;
+                let options = pod.options;
+                in_netns(&netns, uid, &pod.netns, move || {
+                    uninstall_pod(&options, backend)
+                })
+                .await
+                .and_then(|r| {
+                    r.map_err(|source| AgentError::Uninstall {
+                        uid: uid.to_owned(),
+                        path: pod.netns.clone(),
+                        source,
+                    })
+                })
+            }
+        };
+        let tunnels = self
+            .zds
+            .del_pod(uid)
+            .await
+            .map_err(|source| AgentError::Delete {
+                uid: uid.to_owned(),
+                source,
+            });
+        tracing::info!(%uid, "pod released from the mesh: rules removed, tunnels told");
+        rules.and(tunnels)
+    }
+
+    /// Re-captures the pods of a previous agent run (state file) whose netns is still the same
+    /// namespace; the others are gone and skipped. Returns how many were restored.
+    pub async fn restore(&self, records: Vec<PodRecord>) -> usize {
+        let mut restored = 0;
+        for r in records {
+            let netns = match open_netns(&r.netns) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::info!(uid = %r.uid, netns = %r.netns.display(), error = %e, "not restoring a pod: its netns is gone");
+                    continue;
+                }
+            };
+            match netns.metadata() {
+                Ok(m) if (m.dev(), m.ino()) == r.netns_id => {}
+                _ => {
+                    tracing::info!(uid = %r.uid, netns = %r.netns.display(), "not restoring a pod: its netns path now names another namespace");
+                    continue;
+                }
+            }
+            let info = WorkloadInfo {
+                name: r.name,
+                namespace: r.namespace,
+                service_account: r.service_account,
+            };
+            let options = PodOptions {
+                inbound_capture: r.inbound_capture,
+                dns_capture: r.dns_capture,
+                ..PodOptions::default()
+            };
+            match self
+                .enroll(r.uid.clone(), r.netns, netns, info, options)
+                .await
+            {
+                Ok(_) => restored += 1,
+                Err(e) => tracing::error!(error = %e, "restoring a pod failed"),
+            }
+        }
+        restored
+    }
+
+    /// Finds a running pod's netns by its IPs and enrolls it (live enrollment).
+    async fn enroll_running(&self, facts: &PodFacts) -> Result<TunnelStatus, AgentError> {
+        let _guard = self.mark_in_flight(&facts.uid);
+        let scan_err = |source| AgentError::Scan {
+            uid: facts.uid.clone(),
+            namespace: facts.namespace.clone(),
+            name: facts.name.clone(),
+            source,
+        };
+        let candidates = netns_scan::candidates(
+            Path::new(netns_scan::NETNS_RUN_DIR),
+            Path::new("/proc"),
+            netns_scan::own_netns(),
+        )
+        .map_err(scan_err)?;
+        let found = netns_scan::find_by_ip(candidates, facts.ips.clone())
+            .await
+            .map_err(scan_err)?
+            .ok_or_else(|| AgentError::NoNetns {
+                uid: facts.uid.clone(),
+                namespace: facts.namespace.clone(),
+                name: facts.name.clone(),
+                ips: facts.ips.clone(),
+            })?;
+        let info = WorkloadInfo {
+            name: facts.name.clone(),
+            namespace: facts.namespace.clone(),
+            service_account: facts.service_account.clone(),
+        };
+        self.enroll(
+            facts.uid.clone(),
+            found.path,
+            found.netns,
+            info,
+            PodOptions::default(),
+        )
+        .await
     }
 
     async fn uninstall(&self, uid: &str, pod: Enrolled) -> Result<(), AgentError> {
@@ -450,16 +805,36 @@ async fn in_netns<T: Send + 'static>(
     }
 }
 
-/// Where the agent listens and which rule backend it uses.
+/// Where the agent listens, which rule backend it uses, how it learns which pods are meshed, and
+/// where it records them.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub zds_socket: PathBuf,
     pub admin_socket: PathBuf,
     pub backend: Backend,
+    /// Enrollment by label through the Kubernetes API; `None` enrolls every pod the CNI hands
+    /// over (VMs, tests, plain containerd).
+    pub kube: Option<KubeSettings>,
+    /// The state file; `None` keeps the enrolled set in memory only (a restart forgets it).
+    pub state_file: Option<PathBuf>,
+    /// Namespaces never enrolled by label (keep in step with the CNI plugin's
+    /// `exclude_namespaces`).
+    pub exclude_namespaces: Vec<String>,
 }
 
-/// Runs the agent until `shutdown` completes. Must be called within a Tokio runtime. On return the
-/// admin socket is removed; in-flight requests are abandoned (a CNI ADD then fails and is retried).
+/// How long a starting agent waits for the API's first list before it lets tunnels take their
+/// snapshot anyway (with the pods of its state file). Pods that the API alone knows to be meshed
+/// are then added live as soon as the list arrives; none is ever removed for want of it.
+pub const STARTUP_SYNC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often the reconciler looks at the stores without a watch event: retries pods whose netns
+/// could not be found or entered, and pods whose enrollment failed.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the agent until `shutdown` completes. Must be called within a Tokio runtime. On start the
+/// pod set is rebuilt (state file, then the API) behind the ZDS gate; the admin socket is bound
+/// once that is done. On return the admin socket is removed; in-flight requests are abandoned (a
+/// CNI ADD then fails and is retried).
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
@@ -481,17 +856,77 @@ pub async fn run_with(
             })?;
         }
     }
-    let zds = ZdsServer::bind(&config.zds_socket)?;
+    let zds = ZdsServer::bind_gated(&config.zds_socket)?;
+    let k8s = match &config.kube {
+        Some(settings) => {
+            let k8s = K8s::start(settings)
+                .await
+                .map_err(|source| AgentError::KubeStart { source })?;
+            tracing::info!(node = %settings.node_name, "enrolling pods by label (istio.io/dataplane-mode) from the Kubernetes API");
+            Some(k8s)
+        }
+        None => {
+            tracing::info!(
+                "no Kubernetes API configured: every pod the CNI plugin hands over is enrolled"
+            );
+            None
+        }
+    };
+    let state = config.state_file.clone().map(StateFile::new);
+    let agent = Arc::new(
+        Agent::with(zds, config.backend, k8s, state)
+            .exclude_namespaces(config.exclude_namespaces.clone()),
+    );
+
+    // Rebuild before any tunnel gets a snapshot.
+    if let Some(state) = &agent.state {
+        let records = match state.load() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(error = %e, "previous pod set not restored from the state file");
+                Vec::new()
+            }
+        };
+        let total = records.len();
+        let restored = agent.restore(records).await;
+        tracing::info!(restored, recorded = total, state_file = %state.path().display(), "pods restored from the state file");
+        // Entries skipped (netns gone) are dropped from the file now.
+        agent.persist();
+    }
+    let mut reconciler = Reconciler {
+        restored: agent.enrolled_uids(),
+        ..Reconciler::default()
+    };
+    if let Some(k8s) = &agent.k8s {
+        if k8s.wait_ready(STARTUP_SYNC_TIMEOUT).await {
+            agent.reconcile(&mut reconciler).await;
+        } else {
+            tracing::warn!(timeout = ?STARTUP_SYNC_TIMEOUT, "the Kubernetes API has not listed pods and namespaces yet; tunnels get the restored pods now, the rest follows when it does");
+        }
+    }
+    agent.zds.open_gate();
+
     let listener = bind_admin(&config.admin_socket)?;
     tracing::info!(
         zds = %config.zds_socket.display(),
         admin = %config.admin_socket.display(),
         backend = ?config.backend,
+        pods = agent.enrolled_uids().len(),
         "redirect agent ready"
     );
-    let agent = Arc::new(Agent::new(zds, config.backend));
     on_ready(agent.clone());
     let mut connections = JoinSet::new();
+    let reconcile_task = agent.k8s.is_some().then(|| {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(k8s) = &agent.k8s {
+                    let _ = tokio::time::timeout(RECONCILE_INTERVAL, k8s.changed()).await;
+                }
+                agent.reconcile(&mut reconciler).await;
+            }
+        })
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -509,9 +944,121 @@ pub async fn run_with(
         }
     }
     tracing::info!("redirect agent stopping");
+    if let Some(task) = reconcile_task {
+        task.abort();
+    }
     connections.shutdown().await;
     let _ = std::fs::remove_file(&config.admin_socket);
     Ok(())
+}
+
+/// What the reconciler remembers between passes.
+#[derive(Default)]
+struct Reconciler {
+    /// Uids seen in the pod store: one that disappears from it was deleted (confirmed by a GET).
+    seen: HashSet<String>,
+    /// Uids restored from the state file: if the API does not list them, they are checked too.
+    restored: HashSet<String>,
+    /// Uids whose last live enrollment failed: the error (logged once per streak) and when, so
+    /// a pod whose netns cannot be found is not searched for on every watch event.
+    failed: HashMap<String, (String, tokio::time::Instant)>,
+}
+
+impl Agent {
+    fn enrolled_uids(&self) -> HashSet<String> {
+        lock(&self.enrolled).keys().cloned().collect()
+    }
+
+    fn enrolled_identity(&self, uid: &str) -> Option<(String, String)> {
+        lock(&self.enrolled)
+            .get(uid)
+            .map(|e| (e.info.namespace.clone(), e.info.name.clone()))
+    }
+
+    /// One pass: enroll meshed running pods that are not enrolled, release enrolled pods that are
+    /// no longer meshed or gone. Releases are confirmed with fresh reads (crate::k8s docs).
+    async fn reconcile(&self, r: &mut Reconciler) {
+        let Some(k8s) = &self.k8s else { return };
+        let Some(pods) = k8s.desired() else { return };
+        let in_store: HashSet<String> = pods.iter().map(|(f, _)| f.uid.clone()).collect();
+        for (facts, decision) in pods {
+            r.seen.insert(facts.uid.clone());
+            if self.excluded(&facts.namespace) {
+                continue;
+            }
+            if lock(&self.in_flight).contains(&facts.uid) {
+                continue;
+            }
+            let enrolled = self.is_enrolled(&facts.uid);
+            if decision.is_meshed() && !enrolled && facts.running && !facts.ips.is_empty() {
+                let retry_due = r
+                    .failed
+                    .get(&facts.uid)
+                    .is_none_or(|(_, at)| at.elapsed() >= RECONCILE_INTERVAL);
+                if !retry_due {
+                    continue;
+                }
+                match self.enroll_running(&facts).await {
+                    Ok(status) => {
+                        r.failed.remove(&facts.uid);
+                        tracing::info!(uid = %facts.uid, pod = %format!("{}/{}", facts.namespace, facts.name), %decision, ?status, "running pod enrolled");
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        if r.failed.get(&facts.uid).map(|(t, _)| t) != Some(&text) {
+                            tracing::error!(error = %text, "live enrollment failed; retrying every few seconds");
+                        }
+                        r.failed
+                            .insert(facts.uid.clone(), (text, tokio::time::Instant::now()));
+                    }
+                }
+            } else if !decision.is_meshed() && enrolled {
+                self.release_if_confirmed(k8s, &facts.uid, &facts.namespace, &facts.name)
+                    .await;
+            }
+        }
+        r.failed.retain(|uid, _| in_store.contains(uid));
+        for uid in self.enrolled_uids() {
+            if in_store.contains(&uid) || lock(&self.in_flight).contains(&uid) {
+                continue;
+            }
+            // Only a pod the store showed before (or one restored at start) counts as gone; one
+            // enrolled by a CNI ADD just now may simply not have reached the store yet.
+            if !(r.seen.contains(&uid) || r.restored.contains(&uid)) {
+                continue;
+            }
+            let Some((namespace, name)) = self.enrolled_identity(&uid) else {
+                continue;
+            };
+            self.release_if_confirmed(k8s, &uid, &namespace, &name)
+                .await;
+            if !self.is_enrolled(&uid) {
+                r.seen.remove(&uid);
+                r.restored.remove(&uid);
+            }
+        }
+    }
+
+    async fn release_if_confirmed(&self, k8s: &K8s, uid: &str, namespace: &str, name: &str) {
+        match k8s.confirm(namespace, name, uid).await {
+            Ok(Confirmed::Exists(decision)) if decision.is_meshed() => {}
+            Ok(Confirmed::Exists(decision)) => {
+                tracing::info!(%uid, pod = %format!("{namespace}/{name}"), %decision, "releasing the pod");
+                if let Err(e) = self.release(uid).await {
+                    tracing::error!(error = %e, "releasing a pod failed");
+                }
+            }
+            Ok(Confirmed::Gone) => {
+                tracing::info!(%uid, pod = %format!("{namespace}/{name}"), "pod deleted in the Kubernetes API");
+                if let Err(e) = self.del(uid).await {
+                    tracing::error!(error = %e, "deleting a pod failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%uid, error = %e, "not releasing the pod: the Kubernetes API could not confirm it")
+            }
+        }
+    }
 }
 
 /// Binds with mode 0600 set before listen(), so no other user can ever connect (same reasoning as

@@ -7,9 +7,15 @@
 //! start uncaptured. DEL always succeeds, as the spec requires it to be idempotent and the pod is
 //! going away anyway. CHECK succeeds when the agent has the pod.
 //!
-//! Limitation: the pod's service account is not in the CNI arguments kubelet passes. It is taken
-//! from a `K8S_POD_SERVICE_ACCOUNT` CNI arg when a runtime provides one, else `default`; the real
-//! source is the pod spec in the Kubernetes API, which this plugin does not query.
+//! Which pods are captured is the agent's decision (`"by_labels":true`): with the Kubernetes API
+//! configured it reads the pod's and its namespace's `istio.io/dataplane-mode` labels and answers
+//! `"enrolled":false` for a pod that is not meshed, which then starts uncaptured with the
+//! primary's result unchanged; an API it cannot reach fails the ADD. Excluded namespaces
+//! (`kube-system` by default) are decided here, before the agent or the API is asked.
+//!
+//! The pod's service account is not in the CNI arguments kubelet passes. With the API the agent
+//! takes it from the pod spec; without, it comes from a `K8S_POD_SERVICE_ACCOUNT` CNI arg when a
+//! runtime provides one, else `default`.
 //!
 //! Everything here is a function of the environment, stdin and the agent's replies ([`run`]), so it
 //! is tested without a container runtime; `main` only wires in the real process environment.
@@ -197,8 +203,11 @@ pub fn run(
                 uid,
                 inbound_capture: true,
                 dns_capture: false,
+                by_labels: true,
             });
             match agent_result(call(&socket, &request)) {
+                // Captured, or not meshed by its labels (`"enrolled":false`): either way the
+                // primary's result goes on unchanged.
                 Ok(_) => Outcome::success(result_json(&conf)),
                 Err(msg) => Outcome::error(
                     &version,
@@ -230,16 +239,13 @@ pub fn run(
                     "CHECK needs K8S_POD_UID in CNI_ARGS or CNI_CONTAINERID to identify the pod",
                 );
             };
-            match agent_result(call(&socket, &Request::List)) {
-                Ok(reply) if reply.uids.as_ref().is_some_and(|uids| uids.contains(&uid)) => {
-                    Outcome::success(String::new())
-                }
-                Ok(_) => Outcome::error(
-                    &version,
-                    code::AGENT,
-                    format!("pod {uid} is not enrolled with the redirect agent"),
-                    "its traffic is not handed to the node tunnel; recreate the pod",
-                ),
+            let request = Request::Check {
+                uid,
+                name: arg("K8S_POD_NAME").unwrap_or_default(),
+                namespace: pod_namespace.unwrap_or_default(),
+            };
+            match agent_result(call(&socket, &request)) {
+                Ok(_) => Outcome::success(String::new()),
                 Err(msg) => Outcome::error(&version, code::AGENT, msg, "CHECK asks the agent"),
             }
         }
@@ -387,17 +393,28 @@ mod tests {
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/x"),
         ];
-        let list = |uids: Vec<String>| {
-            move |_: &Path, _: &Request| {
-                Ok(Reply {
-                    ok: true,
-                    uids: Some(uids.clone()),
-                    ..Reply::default()
-                })
-            }
-        };
         let conf = r#"{"cniVersion":"1.0.0"}"#;
-        assert_eq!(run(env(&vars), conf, list(vec!["c1".into()])).exit_code, 0);
-        assert_eq!(run(env(&vars), conf, list(vec![])).exit_code, 1);
+        let mut asked = None;
+        let out = run(env(&vars), conf, |_, req| {
+            asked = Some(req.clone());
+            Ok(Reply {
+                enrolled: Some(true),
+                ..Reply::ok()
+            })
+        });
+        assert_eq!(out.exit_code, 0);
+        assert_eq!(
+            asked,
+            Some(Request::Check {
+                uid: "c1".into(),
+                name: String::new(),
+                namespace: String::new()
+            })
+        );
+        let out = run(env(&vars), conf, |_, _| {
+            Ok(Reply::error("pod c1: is meshed but not enrolled"))
+        });
+        assert_eq!(out.exit_code, 1);
+        assert!(out.stdout.contains("not enrolled"), "{}", out.stdout);
     }
 }

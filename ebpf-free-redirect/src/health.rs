@@ -59,7 +59,8 @@ impl Op {
         match request {
             Request::Add(_) => Op::Add,
             Request::Del { .. } => Op::Del,
-            Request::List => Op::List,
+            // A check, like a list, only reads.
+            Request::List | Request::Check { .. } => Op::List,
         }
     }
 }

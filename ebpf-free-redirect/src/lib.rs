@@ -17,8 +17,12 @@ pub use rules::{Capture, Family, PodOptions, PodRules};
 pub mod agent;
 pub mod cni;
 pub mod cni_install;
+pub mod enroll;
 pub mod health;
+pub mod k8s;
+pub mod netns_scan;
 pub mod nsfd;
+pub mod state;
 mod sys;
 
 pub mod logging;

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use zmesh_redirect::agent::{self, AddRequest, AgentConfig, Request};
+use zmesh_redirect::k8s as agent_kube;
 use zmesh_redirect::{apply, cni, health, zds, Backend, HostOptions, InboundPlaintext};
 
 /// Invalid options, following the project-wide exit code for bad configuration (sysexits EX_USAGE).
@@ -97,6 +98,78 @@ struct AgentArgs {
     /// Prometheus `/metrics` address, as istio-cni's; `off` disables.
     #[arg(long, default_value = health::DEFAULT_METRICS_ADDR)]
     metrics_addr: health::EndpointAddr,
+    #[command(flatten)]
+    enrollment: EnrollmentArgs,
+}
+
+/// Which pods are enrolled (docs/capture.md, "Enrollment").
+#[derive(Args)]
+struct EnrollmentArgs {
+    /// `labels`: only pods meshed by `istio.io/dataplane-mode` (Kubernetes API); `all`: every pod
+    /// the CNI plugin hands over; `auto`: `labels` when an API is configured (--kube-api,
+    /// KUBECONFIG, or the in-cluster service account), else `all`.
+    #[arg(long, value_enum, env = "ZMESH_ENROLL", default_value_t = EnrollArg::Auto)]
+    enroll: EnrollArg,
+    /// Kubernetes API server URL (instead of the in-cluster service account or KUBECONFIG).
+    #[arg(long, env = "ZMESH_KUBE_API", value_name = "URL")]
+    kube_api: Option<String>,
+    /// Bearer token file for --kube-api.
+    #[arg(
+        long,
+        env = "ZMESH_KUBE_TOKEN_FILE",
+        value_name = "PATH",
+        requires = "kube_api"
+    )]
+    kube_token_file: Option<PathBuf>,
+    /// This node's name; only its pods are watched. Required with label enrollment.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the enrolled pods are recorded for a restart; default: beside the admin socket
+    /// (`redirect.sock` → `redirect.pods.json`).
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
+    /// Namespaces never enrolled by label, whatever their labels (keep in step with the CNI
+    /// plugin's `exclude_namespaces`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAMESPACES",
+        default_value = "kube-system"
+    )]
+    exclude_namespaces: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EnrollArg {
+    Auto,
+    Labels,
+    All,
+}
+
+impl EnrollmentArgs {
+    /// The API settings for label enrollment, `None` for `all`; an error names the missing piece.
+    fn kube(&self) -> Result<Option<agent_kube::KubeSettings>, String> {
+        let configured = self.kube_api.is_some()
+            || std::env::var_os("KUBECONFIG").is_some()
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let labels = match self.enroll {
+            EnrollArg::All => false,
+            EnrollArg::Labels => true,
+            EnrollArg::Auto => configured,
+        };
+        if !labels {
+            return Ok(None);
+        }
+        let node_name = self.node_name.clone().filter(|n| !n.is_empty()).ok_or(
+            "label enrollment needs this node's name: set --node-name or NODE_NAME (in a \
+             DaemonSet, from the downward API: fieldRef spec.nodeName)",
+        )?;
+        Ok(Some(agent_kube::KubeSettings {
+            api_url: self.kube_api.clone(),
+            token_file: self.kube_token_file.clone(),
+            node_name,
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -328,10 +401,24 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let kube = match args.enrollment.kube() {
+        Ok(kube) => kube,
+        Err(e) => {
+            eprintln!("zmesh-redirect agent: invalid options: {e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let state_file = args
+        .enrollment
+        .state_file
+        .unwrap_or_else(|| zmesh_redirect::state::default_path(&args.admin_socket));
     let config = AgentConfig {
         zds_socket: args.zds_socket,
         admin_socket: args.admin_socket,
         backend: args.backend.backend(),
+        kube,
+        state_file: Some(state_file),
+        exclude_namespaces: args.enrollment.exclude_namespaces,
     };
     let result = runtime.block_on(async {
         // Registered before binding, so a signal that arrives during start-up is not lost.
@@ -388,6 +475,7 @@ fn pod(action: PodAction) -> ExitCode {
                 service_account,
                 inbound_capture: !no_inbound_capture,
                 dns_capture,
+                by_labels: false,
             }),
         ),
         PodAction::Del { uid, admin_socket } => (admin_socket, Request::Del { uid }),

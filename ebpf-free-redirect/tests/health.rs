@@ -72,6 +72,9 @@ async fn probes_answer_readiness_follows_the_sockets_and_metrics_count_requests(
         zds_socket: dir.path().join("ztunnel.sock"),
         admin_socket: dir.path().join("redirect.sock"),
         backend: Backend::Iptables,
+        kube: None,
+        state_file: None,
+        exclude_namespaces: Vec::new(),
     };
     let admin = config.admin_socket.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

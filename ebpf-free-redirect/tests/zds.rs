@@ -958,3 +958,41 @@ fn connections_beyond_the_cap_are_closed_and_the_good_tunnel_keeps_working() {
         std::fs::remove_dir_all(dir).unwrap();
     });
 }
+
+/// A restarting agent rebuilds its pods behind the gate: a tunnel that connects meanwhile is held
+/// after its hello, and its snapshot, once the gate opens, holds every pod added before.
+#[test]
+fn a_gated_server_holds_the_snapshot_until_the_pods_are_rebuilt() {
+    run(async {
+        let dir = test_dir("gate");
+        let path = dir.join("zds.sock");
+        let server = ZdsServer::bind_gated(&path).unwrap();
+        let mut client = ZdsClient::connect(&path).await.unwrap();
+        // Nothing arrives while the gate is closed (a partial snapshot would be the bug).
+        let early = tokio::time::timeout(Duration::from_millis(300), client.next_event()).await;
+        assert!(early.is_err(), "the held tunnel got {early:?}");
+        assert_eq!(server.connected_tunnels(), 0);
+        for (uid, name) in [("u1", "a"), ("u2", "b")] {
+            let delivery = server.add_pod(uid, info(name), netns()).await.unwrap();
+            assert_eq!(
+                delivery,
+                Delivery::Cached,
+                "no tunnel is ready behind the gate"
+            );
+        }
+        server.open_gate();
+        for want in ["u1", "u2"] {
+            match next(&mut client).await {
+                ZdsEvent::Add { uid, .. } => assert_eq!(uid, want),
+                other => panic!("expected the add of {want}, got {other:?}"),
+            }
+            client.ack(Ok(())).await.unwrap();
+        }
+        assert!(matches!(next(&mut client).await, ZdsEvent::SnapshotSent));
+        client.ack(Ok(())).await.unwrap();
+        wait_ready(&server, 1).await;
+        drop(client);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

@@ -249,7 +249,7 @@ impl<'a> Scanner<'a> {
         let rest = &self.text[self.pos..];
         let spaces = rest.bytes().take_while(|&b| b == b' ').count();
         let after = rest[spaces..].chars().next();
-        let blank = after.map_or(true, Self::is_break);
+        let blank = after.is_none_or(Self::is_break);
         let is_content = match indent {
             _ if blank => true,
             Some(i) => spaces >= i,

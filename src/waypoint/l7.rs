@@ -93,7 +93,7 @@ impl RequestMatch {
             && self
                 .method
                 .as_deref()
-                .map_or(true, |m| m.eq_ignore_ascii_case(r.method))
+                .is_none_or(|m| m.eq_ignore_ascii_case(r.method))
             && self
                 .headers
                 .iter()
@@ -138,7 +138,7 @@ pub fn select_rule<'a>(
         for rule in &route.rules {
             if rule.matches.is_empty() {
                 let rank = (0, 0, false, 0, 0);
-                if best.as_ref().map_or(true, |(b, _, _)| rank > *b) {
+                if best.as_ref().is_none_or(|(b, _, _)| rank > *b) {
                     best = Some((rank, rule, None));
                 }
                 continue;
@@ -146,7 +146,7 @@ pub fn select_rule<'a>(
             for m in &rule.matches {
                 if m.matches(r) {
                     let rank = m.rank();
-                    if best.as_ref().map_or(true, |(b, _, _)| rank > *b) {
+                    if best.as_ref().is_none_or(|(b, _, _)| rank > *b) {
                         best = Some((rank, rule, m.path.as_ref()));
                     }
                 }

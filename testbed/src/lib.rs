@@ -32,6 +32,7 @@
 mod capture;
 mod data;
 mod frame;
+pub mod kubeapi;
 mod link;
 pub mod mesh;
 mod netns;

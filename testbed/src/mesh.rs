@@ -192,21 +192,42 @@ pub fn redirect_bin(zmesh_node: &Path) -> PathBuf {
 /// Starts the redirect agent in `ns` with its ZDS and admin sockets, and waits (up to 5 s) until
 /// its admin socket exists, i.e. until it takes enrollment requests.
 pub fn start_agent(ns: &Netns, zmesh_node: &Path, zds: &Path, admin: &Path) -> Result<Child> {
+    start_agent_with(ns, zmesh_node, zds, admin, &[], &[], Duration::from_secs(5))
+}
+
+/// [`start_agent`] with extra arguments (e.g. `--kube-api URL --node-name N`) and environment,
+/// waiting up to `ready` for the admin socket: an agent binds it only once it has rebuilt its
+/// pods (state file, Kubernetes API), which may take longer than a bare start.
+pub fn start_agent_with(
+    ns: &Netns,
+    zmesh_node: &Path,
+    zds: &Path,
+    admin: &Path,
+    extra_args: &[&str],
+    envs: &[(&str, &str)],
+    ready: Duration,
+) -> Result<Child> {
     let bin = redirect_bin(zmesh_node);
+    let mut args = vec![
+        "agent",
+        "--zds-socket",
+        zds.to_str().context("socket path is not UTF-8")?,
+        "--admin-socket",
+        admin.to_str().context("socket path is not UTF-8")?,
+    ];
+    args.extend_from_slice(extra_args);
     let agent = ns.spawn(
         bin.to_str().context("binary path is not UTF-8")?,
-        &[
-            "agent",
-            "--zds-socket",
-            zds.to_str().context("socket path is not UTF-8")?,
-            "--admin-socket",
-            admin.to_str().context("socket path is not UTF-8")?,
-        ],
-        &[],
+        &args,
+        envs,
     )?;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + ready;
+    while std::time::Instant::now() < deadline {
         if admin.exists() {
             return Ok(agent);
+        }
+        if let Some(status) = agent.try_wait()? {
+            anyhow::bail!("the agent exited ({status}): {}", agent.read_log());
         }
         std::thread::sleep(Duration::from_millis(25));
     }

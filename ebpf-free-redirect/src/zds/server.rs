@@ -28,7 +28,7 @@ use nix::sys::socket::{
     bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -115,12 +115,24 @@ pub struct ZdsServer {
     state: Arc<Mutex<State>>,
     path: PathBuf,
     accept_task: JoinHandle<()>,
+    /// True once tunnels may take their snapshot; see [`ZdsServer::bind_gated`].
+    gate: watch::Sender<bool>,
 }
 
 impl ZdsServer {
     /// Listens on `path` (SOCK_SEQPACKET, mode 0600), replacing a stale socket left by a previous
     /// agent. Must be called from within a Tokio runtime: the accept loop is spawned on it.
     pub fn bind(path: impl AsRef<Path>) -> Result<Self, ZdsError> {
+        let server = Self::bind_gated(path)?;
+        server.open_gate();
+        Ok(server)
+    }
+
+    /// [`ZdsServer::bind`], but tunnels that connect are held after their hello, before their
+    /// snapshot is taken, until [`ZdsServer::open_gate`]. A restarted agent rebuilds its pod set
+    /// (`add_pod` caches while no tunnel is ready) behind the gate, so no tunnel ever sees a
+    /// partial snapshot and stops the proxies of pods that are still meshed.
+    pub fn bind_gated(path: impl AsRef<Path>) -> Result<Self, ZdsError> {
         let path = path.as_ref().to_path_buf();
         let bind_err = |source: std::io::Error| ZdsError::Bind {
             path: path.clone(),
@@ -155,13 +167,25 @@ impl ZdsServer {
                 .map_err(bind_err)?;
 
         let state = Arc::new(Mutex::new(State::default()));
-        let accept_task = tokio::spawn(accept_loop(listener, state.clone()));
+        let (gate, gate_rx) = watch::channel(false);
+        let accept_task = tokio::spawn(accept_loop(listener, state.clone(), gate_rx));
         tracing::info!(path = %path.display(), "ZDS server listening");
         Ok(Self {
             state,
             path,
             accept_task,
+            gate,
         })
+    }
+
+    /// Whether tunnels may take their snapshot yet.
+    pub fn gate_open(&self) -> bool {
+        *self.gate.borrow()
+    }
+
+    /// Lets held and future tunnels take their snapshot (idempotent).
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
     }
 
     /// The socket path this server listens on.
@@ -269,6 +293,12 @@ impl ZdsServer {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// A duplicate of a cached pod's netns fd (the agent reaches a pod it releases through it,
+    /// so it holds no second fd per pod); `None` for an unknown uid or when dup fails.
+    pub fn pod_netns(&self, uid: &str) -> Option<OwnedFd> {
+        lock(&self.state).pods.get(uid)?.netns.try_clone().ok()
+    }
+
     /// Uids of the cached pods, sorted.
     pub fn cached_pods(&self) -> Vec<String> {
         lock(&self.state).pods.keys().cloned().collect()
@@ -346,7 +376,11 @@ fn cached_add(
     Ok(Some((add_request(uid, &pod.info), netns)))
 }
 
-async fn accept_loop(listener: tokio::net::UnixListener, state: Arc<Mutex<State>>) {
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    state: Arc<Mutex<State>>,
+    gate: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_TUNNEL_CONNECTIONS));
     let mut refusals = WarnBudget::default();
@@ -356,9 +390,9 @@ async fn accept_loop(listener: tokio::net::UnixListener, state: Arc<Mutex<State>
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        let (state, failures) = (state.clone(), failures.clone());
+                        let (state, failures, gate) = (state.clone(), failures.clone(), gate.clone());
                         connections.spawn(async move {
-                            if let Err(e) = serve(stream, state, slot).await {
+                            if let Err(e) = serve(stream, state, slot, gate).await {
                                 let mut failures = failures.lock().unwrap_or_else(|p| p.into_inner());
                                 if let Some(suppressed) = failures.take() {
                                     tracing::warn!(error = %e, suppressed, "ZDS connection to a node tunnel ended");
@@ -428,6 +462,7 @@ async fn serve(
     stream: tokio::net::UnixStream,
     state: Arc<Mutex<State>>,
     _slot: OwnedSemaphorePermit,
+    mut gate: watch::Receiver<bool>,
 ) -> Result<(), ZdsError> {
     let sock = SeqpacketSocket::from_tokio(stream);
 
@@ -451,6 +486,16 @@ async fn serve(
             "node tunnel announced ZDS version {}, this agent speaks only V1",
             hello.version
         )));
+    }
+
+    if !*gate.borrow() {
+        tracing::info!(
+            "node tunnel connected; holding its snapshot until the agent has rebuilt its pods"
+        );
+        // The sender lives in the ZdsServer; it is gone only when the server is.
+        gate.wait_for(|open| *open)
+            .await
+            .map_err(|_| ZdsError::Closed)?;
     }
 
     // Snapshot and registration under one lock: every pod is either in the snapshot or arrives
