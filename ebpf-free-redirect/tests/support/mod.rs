@@ -138,6 +138,8 @@ impl Agent {
             .arg(&zds)
             .arg("--admin-socket")
             .arg(&admin)
+            // Many agents run at once in the root namespace: no shared probe ports.
+            .args(["--health-addr", "off", "--metrics-addr", "off"])
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
