@@ -272,10 +272,11 @@ impl NodeMetrics {
 
     /// A connection that was opened has ended, having moved these bytes.
     pub fn closed(&self, l: &TcpLabels, sent: u64, received: u64) {
-        self.open.get_or_create(l).dec();
         self.closed.get_or_create(l).inc();
         self.sent.get_or_create(l).inc_by(sent);
         self.received.get_or_create(l).inc_by(received);
+        // Last: a scrape that sees the connection gone also sees its bytes and its close.
+        self.open.get_or_create(l).dec();
     }
 
     /// A connection that never reached its far side (`l` carries why in `response_flags`).
