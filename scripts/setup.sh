@@ -7,27 +7,43 @@
 #                           (systemd-analyze checks the unit `zmesh-node join` writes), dash (the ECS
 #                           health check as ECS's CMD-SHELL runs it), kubernetes-client (`kubectl
 #                           kustomize`) and kubernetes-validate from PyPI (manifest validation).
-# Under CI (CI=true) the package index is always refreshed first. The Rust toolchain comes from
-# rustup and is expected to be on PATH.
+# The Rust toolchain comes from rustup and is expected to be on PATH.
 set -euo pipefail
 what=${1:-test}
+# Each entry is a Debian package and what shows it (or an equivalent) is already here: a command,
+# a file, or `dpkg` (that very package; the static busybox, not the dynamic one, runs in a bare
+# container rootfs). A machine whose kubectl comes from elsewhere (a cloud SDK) must not get
+# Debian's on top of it.
 case "$what" in
-  demo) PACKAGES=(iptables nftables iproute2) ;;
-  test) PACKAGES=(iptables nftables iproute2 containernetworking-plugins containerd runc
-                  busybox-static systemd dash kubernetes-client python3-pip) ;;
+  demo) NEEDS=(iptables:iptables nftables:nft iproute2:ip) ;;
+  test) NEEDS=(iptables:iptables nftables:nft iproute2:ip
+               containernetworking-plugins:/usr/lib/cni/bridge containerd:containerd runc:runc
+               busybox-static:dpkg systemd:systemd-analyze dash:dash
+               kubernetes-client:kubectl) ;;
   *) echo "usage: scripts/setup.sh demo|test" >&2; exit 64 ;;
 esac
 missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+for need in "${NEEDS[@]}"; do
+  pkg=${need%%:*} probe=${need#*:}
+  case "$probe" in
+    dpkg) dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ;;
+    /*) [ -e "$probe" ] ;;
+    *) command -v "$probe" >/dev/null ;;
+  esac || missing+=("$pkg")
 done
-if [ "${CI:-}" = "true" ] || [ ${#missing[@]} -gt 0 ]; then
-  echo "setup ($what): installing ${missing[*]:-${PACKAGES[*]}}"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup ($what): installing ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
+  # Only what is missing, nothing upgraded, no recommends (systemd's would replace /sbin/init).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 if [ "$what" = test ] && ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
   echo "setup (test): installing kubernetes-validate (PyPI)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade python3-pip >/dev/null
+  }
   python3 -m pip install -q kubernetes-validate 2>/dev/null \
     || python3 -m pip install -q --break-system-packages kubernetes-validate
 fi

@@ -6,9 +6,16 @@
 use serde_yaml::Value;
 
 fn render(overlay: &str) -> Vec<Value> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/overlays/");
+    render_dir(&format!(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/overlays/{}"),
+        overlay
+    ))
+}
+
+/// `kubectl kustomize DIR`, one value per object.
+fn render_dir(dir: &str) -> Vec<Value> {
     let out = std::process::Command::new("kubectl")
-        .args(["kustomize", &format!("{dir}{overlay}")])
+        .args(["kustomize", dir])
         .output()
         .expect("kubectl is installed (scripts/setup.sh)");
     assert!(
@@ -300,20 +307,7 @@ fn the_istio_cni_overlay_keeps_the_node_on_ztunnels_zds_path_without_a_second_ag
 /// (the same paths the install mounted) and holds nothing once done.
 #[test]
 fn the_uninstall_daemonset_removes_the_chain_entry_and_binary_from_the_install_paths() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/uninstall");
-    let out = std::process::Command::new("kubectl")
-        .args(["kustomize", dir])
-        .output()
-        .expect("kubectl is installed (scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let objs: Vec<Value> =
-        serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
-            .map(|d| Value::deserialize(d).unwrap())
-            .collect();
+    let objs = render_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/daemonset/uninstall"));
     let spec = &find(&objs, "DaemonSet", "zmesh-uninstall")["spec"]["template"]["spec"];
     let init = &spec["initContainers"][0];
     let args = strings(&init["args"]);
