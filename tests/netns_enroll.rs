@@ -117,6 +117,73 @@ impl PodNs {
     }
 }
 
+impl PodNs {
+    /// A process of pod `uid` living in this netns, in the cgroup kubelet would make for the pod:
+    /// what live enrollment looks for (the netns of the pod's processes, confirmed by IP).
+    fn process(&self, uid: &str) -> PodProcess {
+        PodProcess::start(self.ns.path(), uid)
+    }
+}
+
+/// A `sleep` in a pod's netns and in a cgroup named `pod<uid>` (kubelet's cgroupfs naming), under
+/// a parent of this test's own; killed, and both cgroups removed, on drop.
+struct PodProcess {
+    child: KillOnDrop,
+    parent: PathBuf,
+}
+
+impl PodProcess {
+    fn start(netns: &Path, uid: &str) -> PodProcess {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // cgroup v2 at the root, else v1's pids hierarchy (any hierarchy shows in
+        // /proc/<pid>/cgroup, which is what the agent reads).
+        let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        };
+        let parent = root.join(format!(
+            "zmesh-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let cgroup = parent.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let child = KillOnDrop(
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["sleep", "600"])
+                .spawn()
+                .unwrap(),
+        );
+        std::fs::write(cgroup.join("cgroup.procs"), child.0.id().to_string()).unwrap();
+        PodProcess { child, parent }
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        // A cgroup is removable once its last process has exited.
+        for _ in 0..200 {
+            let pods: Vec<PathBuf> = std::fs::read_dir(&self.parent)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = pods.iter().try_for_each(std::fs::remove_dir);
+            if std::fs::remove_dir(&self.parent).is_ok() || !self.parent.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// `iptables-save` of a netns without the counters and the timestamp comments, so two dumps of
 /// the same ruleset compare equal.
 fn rules(ns: &Netns) -> String {
@@ -375,6 +442,7 @@ fn running_pods_follow_their_labels() {
         .unwrap();
     let b_holder = KillOnDrop(b_holder);
     let b_netns = PathBuf::from(format!("/proc/{}/ns/net", b_holder.0.id()));
+    let _a_process = a.process("u-a");
     wait_until("b's address", || {
         Command::new("nsenter")
             .arg(format!("--net={}", b_netns.display()))
@@ -387,6 +455,12 @@ fn running_pods_follow_their_labels() {
         let m = std::fs::metadata(&b_netns).unwrap();
         (m.dev(), m.ino())
     };
+    // A process of b in b's pod cgroup, as kubelet would have put it.
+    let _b_process = PodProcess::start(&b_netns, "u-b");
+    // An impostor: a netns holding the IP of pod c, whose own processes are not running here.
+    // An IP alone must never be enough to be captured, and served, as pod c.
+    let impostor = PodNs::new("10.231.1.5");
+    let _impostor_process = impostor.process("u-impostor");
     let b_rules = || {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", b_netns.display()))
@@ -399,6 +473,8 @@ fn running_pods_follow_their_labels() {
         .apply_pod(&pod("shop", "a", "u-a", NODE, a.ip, &[]));
     node.api
         .apply_pod(&pod("shop", "b", "u-b", NODE, "10.231.1.3", &[]));
+    node.api
+        .apply_pod(&pod("shop", "c", "u-c", NODE, impostor.ip, &[]));
     // A meshed pod whose IP no netns holds: a clear error in the log, nothing else.
     node.api.apply_pod(&pod(
         "shop",
@@ -443,6 +519,16 @@ fn running_pods_follow_their_labels() {
         ]
     );
     assert!(captured(&a.ns) && b_rules(), "rules in both pods");
+    node.wait_log("no network namespace on this node holds its IPs [10.231.1.5]");
+    assert!(
+        !captured(&impostor.ns),
+        "a netns was captured for holding c's IP"
+    );
+    assert_eq!(
+        tunnel.quiet(Duration::from_millis(300)),
+        None,
+        "c reached the tunnel"
+    );
 
     // a opts out: released (rules gone, del), b stays.
     node.api.label_pod("shop", "a", MODE, Some("none"));
@@ -469,6 +555,7 @@ fn a_failing_api_unmeshes_nothing() {
     let node = Node::start("127.82.0.3:0");
     node.api.put_namespace("shop", &[AMBIENT]);
     let p = PodNs::new("10.231.2.2");
+    let _process = p.process("u-web");
     node.api
         .apply_pod(&pod("shop", "web", "u-web", NODE, p.ip, &[]));
     wait_until("web enrolled live", || {
@@ -643,6 +730,7 @@ fn agent_restart_under_load_keeps_pods_meshed() {
         PodNs { ns, ip }
     };
     let (a, b) = (mk("10.232.1.2"), mk("10.232.1.3"));
+    let _processes = [a.process("u-a"), b.process("u-b")];
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
     zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
@@ -858,6 +946,12 @@ fn a_restarted_agent_catches_up_with_labels_changed_while_it_was_down() {
         .apply_pod(&pod("shop", "gone", "u-gone", NODE, gone.ip, &[]));
     node.api
         .apply_pod(&pod("bank", "new", "u-new", NODE, new.ip, &[]));
+    let _processes = [
+        keep.process("u-keep"),
+        drop_label.process("u-drop"),
+        gone.process("u-gone"),
+        new.process("u-new"),
+    ];
     wait_until("three pods enrolled", || node.enrolled().len() == 3);
 
     node.agent.take().unwrap().kill().unwrap();

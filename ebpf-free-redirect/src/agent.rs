@@ -22,7 +22,7 @@
 //! With the Kubernetes API configured ([`crate::k8s`]), pods are enrolled by label
 //! ([`crate::enroll`]): a CNI ADD asks with `"by_labels":true` and a pod that is not meshed is
 //! answered `"enrolled":false` without capture; a running pod that becomes meshed is found by its
-//! IP ([`crate::netns_scan`]) and enrolled live, and one that stops being meshed is released
+//! UID and IP ([`crate::netns_scan`]) and enrolled live, and one that stops being meshed is released
 //! (rules removed, ZDS `del`). Without the API every pod the CNI hands over is enrolled.
 //!
 //! Restarts: the enrolled set is written to a state file ([`crate::state`]) after every change.
@@ -241,7 +241,7 @@ pub enum AgentError {
         name: String,
         source: ScanError,
     },
-    #[error("pod {namespace}/{name} ({uid}): no network namespace on this node holds its IPs {ips:?} (not started yet, or its sandbox is gone)")]
+    #[error("pod {namespace}/{name} ({uid}): no network namespace on this node holds its IPs {ips:?} among its processes' (cgroup pod{uid}; not started yet, or its sandbox is gone)")]
     NoNetns {
         uid: String,
         namespace: String,
@@ -273,25 +273,39 @@ pub struct Agent {
     zds: ZdsServer,
     backend: Backend,
     enrolled: Mutex<HashMap<String, Enrolled>>,
-    /// Uids being enrolled by a request right now; the reconciler leaves them alone.
-    in_flight: Mutex<HashSet<String>>,
+    /// One lock per uid being enrolled or released right now: a CNI ADD waits for the
+    /// reconciler's work on the same pod (and the other way round, the reconciler skips it), so
+    /// two enrollments of one pod never race to record different netns.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     k8s: Option<K8s>,
     state: Option<StateFile>,
+    /// Held from the snapshot of `enrolled` to the state file's rename: two writers would share
+    /// the temporary file, and an older snapshot could land last.
+    persisting: Mutex<()>,
     /// Namespaces whose pods are never enrolled by label, whatever their labels say (the CNI
     /// plugin's own list excludes them on ADD; this keeps live enrollment consistent with it).
     excluded_namespaces: Vec<String>,
     counters: crate::health::Counters,
 }
 
-/// Marks a uid in flight for as long as it lives.
+/// A claim on one uid, held for as long as it lives; the last claim out removes the entry.
 struct InFlight<'a> {
-    set: &'a Mutex<HashSet<String>>,
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     uid: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        lock(self.set).remove(&self.uid);
+        drop(self.guard.take());
+        let mut map = lock(self.map);
+        // Only the map's own reference left: nobody holds or waits for this uid.
+        if map
+            .get(&self.uid)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.uid);
+        }
     }
 }
 
@@ -311,7 +325,8 @@ impl Agent {
             zds,
             backend,
             enrolled: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashSet::new()),
+            persisting: Mutex::new(()),
+            in_flight: Mutex::new(HashMap::new()),
             k8s,
             state,
             excluded_namespaces: crate::cni::DEFAULT_EXCLUDED_NAMESPACES
@@ -332,12 +347,33 @@ impl Agent {
         self.excluded_namespaces.iter().any(|n| n == namespace)
     }
 
-    fn mark_in_flight(&self, uid: &str) -> InFlight<'_> {
-        lock(&self.in_flight).insert(uid.to_owned());
+    fn uid_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.in_flight)
+            .entry(uid.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Claims `uid`, waiting for whoever holds it (a CNI ADD waits for the reconciler).
+    async fn claim(&self, uid: &str) -> InFlight<'_> {
+        let guard = self.uid_lock(uid).lock_owned().await;
         InFlight {
-            set: &self.in_flight,
+            map: &self.in_flight,
             uid: uid.to_owned(),
+            guard: Some(guard),
         }
+    }
+
+    /// Claims `uid` only if nobody holds it (the reconciler leaves a pod in flight alone).
+    fn try_claim(&self, uid: &str) -> Option<InFlight<'_>> {
+        let guard = self.uid_lock(uid).try_lock_owned().ok();
+        // Built either way, so a failed try also drops its reference through `Drop`.
+        let claim = InFlight {
+            map: &self.in_flight,
+            uid: uid.to_owned(),
+            guard,
+        };
+        claim.guard.is_some().then_some(claim)
     }
 
     fn is_enrolled(&self, uid: &str) -> bool {
@@ -348,6 +384,7 @@ impl Agent {
     /// captured either way; only a restart would forget them).
     fn persist(&self) {
         let Some(state) = &self.state else { return };
+        let _one_writer = lock(&self.persisting);
         let records: Vec<PodRecord> = lock(&self.enrolled)
             .iter()
             .map(|(uid, e)| PodRecord {
@@ -410,7 +447,7 @@ impl Agent {
     /// An `add` from the admin socket: with `by_labels` and the API configured, the labels decide
     /// first (and the pod's service account comes from its spec).
     async fn add_by_request(&self, mut req: AddRequest) -> Result<Reply, AgentError> {
-        let _guard = self.mark_in_flight(&req.uid);
+        let _claim = self.claim(&req.uid).await;
         let mut reason = None;
         if req.by_labels && self.k8s.is_some() && self.excluded(&req.namespace) {
             return Ok(Reply {
@@ -693,30 +730,30 @@ impl Agent {
         restored
     }
 
-    /// Finds a running pod's netns by its IPs and enrolls it (live enrollment).
+    /// Finds a running pod's netns by its UID and IPs and enrolls it (live enrollment); the
+    /// caller holds the pod's claim.
     async fn enroll_running(&self, facts: &PodFacts) -> Result<TunnelStatus, AgentError> {
-        let _guard = self.mark_in_flight(&facts.uid);
         let scan_err = |source| AgentError::Scan {
             uid: facts.uid.clone(),
             namespace: facts.namespace.clone(),
             name: facts.name.clone(),
             source,
         };
-        let candidates = netns_scan::candidates(
-            Path::new(netns_scan::NETNS_RUN_DIR),
-            Path::new("/proc"),
+        let found = netns_scan::find(
+            PathBuf::from(netns_scan::NETNS_RUN_DIR),
+            PathBuf::from("/proc"),
             netns_scan::own_netns(),
+            facts.uid.clone(),
+            facts.ips.clone(),
         )
-        .map_err(scan_err)?;
-        let found = netns_scan::find_by_ip(candidates, facts.ips.clone())
-            .await
-            .map_err(scan_err)?
-            .ok_or_else(|| AgentError::NoNetns {
-                uid: facts.uid.clone(),
-                namespace: facts.namespace.clone(),
-                name: facts.name.clone(),
-                ips: facts.ips.clone(),
-            })?;
+        .await
+        .map_err(scan_err)?
+        .ok_or_else(|| AgentError::NoNetns {
+            uid: facts.uid.clone(),
+            namespace: facts.namespace.clone(),
+            name: facts.name.clone(),
+            ips: facts.ips.clone(),
+        })?;
         let info = WorkloadInfo {
             name: facts.name.clone(),
             namespace: facts.namespace.clone(),
@@ -899,7 +936,15 @@ pub async fn run_with(
     };
     if let Some(k8s) = &agent.k8s {
         if k8s.wait_ready(STARTUP_SYNC_TIMEOUT).await {
-            agent.reconcile(&mut reconciler).await;
+            // Bounded too: an API that listed and then went slow must not hold every tunnel's
+            // snapshot (and every CNI ADD, the admin socket being bound after) for minutes.
+            // What is left undone, the reconcile loop finishes (enrolling is idempotent).
+            if tokio::time::timeout(STARTUP_SYNC_TIMEOUT, agent.reconcile(&mut reconciler))
+                .await
+                .is_err()
+            {
+                tracing::warn!(timeout = ?STARTUP_SYNC_TIMEOUT, "the start-up pass over the API's pods did not finish; tunnels get what is enrolled now, the rest follows");
+            }
         } else {
             tracing::warn!(timeout = ?STARTUP_SYNC_TIMEOUT, "the Kubernetes API has not listed pods and namespaces yet; tunnels get the restored pods now, the rest follows when it does");
         }
@@ -986,9 +1031,9 @@ impl Agent {
             if self.excluded(&facts.namespace) {
                 continue;
             }
-            if lock(&self.in_flight).contains(&facts.uid) {
+            let Some(_claim) = self.try_claim(&facts.uid) else {
                 continue;
-            }
+            };
             let enrolled = self.is_enrolled(&facts.uid);
             if decision.is_meshed() && !enrolled && facts.running && !facts.ips.is_empty() {
                 let retry_due = r
@@ -1019,9 +1064,12 @@ impl Agent {
         }
         r.failed.retain(|uid, _| in_store.contains(uid));
         for uid in self.enrolled_uids() {
-            if in_store.contains(&uid) || lock(&self.in_flight).contains(&uid) {
+            if in_store.contains(&uid) {
                 continue;
             }
+            let Some(_claim) = self.try_claim(&uid) else {
+                continue;
+            };
             // Only a pod the store showed before (or one restored at start) counts as gone; one
             // enrolled by a CNI ADD just now may simply not have reached the store yet.
             if !(r.seen.contains(&uid) || r.restored.contains(&uid)) {

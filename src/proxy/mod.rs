@@ -1019,23 +1019,33 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     })
 }
 
-/// For a connection accepted while its pod is bound to a workload: resolves (with the pod's uid
-/// and the closed-connection counter) when the model drops that workload. Host-mode and
-/// unbound connections get a future that never resolves (an unbound one is refused anyway).
+/// For a connection of a pod proxy: resolves (with the pod's uid and the closed-connection
+/// counter) when the pod stops being bound to the workload the connection is served as, that is
+/// the first one bound at or after accept (the handler may find the pod bound a moment after the
+/// accept loop saw it unbound). Removed, or replaced by one with another identity: both close
+/// it. Host-mode connections get a future that never resolves.
 fn removal_watch(
     scope: &Scope,
 ) -> impl std::future::Future<Output = Option<(Arc<str>, Arc<AtomicU64>)>> + Send + 'static {
     let pod = match &scope.serves {
-        Serves::Pod(p) if p.workload.borrow().is_some() => {
-            Some((p.workload.clone(), p.uid.clone(), p.closed.clone()))
-        }
-        _ => None,
+        Serves::Pod(p) => Some((p.workload.clone(), p.uid.clone(), p.closed.clone())),
+        Serves::ByAddress => None,
     };
     async move {
         if let Some((mut rx, uid, closed)) = pod {
             // Err: the pod proxy itself is gone, and its kill switch ends the connection.
-            if rx.wait_for(|w| w.is_none()).await.is_ok() {
-                return Some((uid, closed));
+            let served = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|w| w.as_ref().map(|w| w.identity.clone()));
+            if let Some(identity) = served {
+                let same = |w: &Option<Arc<crate::model::Workload>>| {
+                    w.as_ref().is_some_and(|w| w.identity == identity)
+                };
+                if rx.wait_for(|w| !same(w)).await.is_ok() {
+                    return Some((uid, closed));
+                }
             }
         }
         std::future::pending().await
@@ -1077,7 +1087,7 @@ async fn accept_loop<F, Fut>(
                             _ = kill.wait_for(|k| *k) => {}
                             Some((uid, closed)) = removal => {
                                 closed.fetch_add(1, Ordering::Relaxed);
-                                tracing::info!(uid = &*uid, listener = role, src = %peer, reason_code = "pod_workload_removed", "connection closed: the pod's workload was removed from the model (fail closed)");
+                                tracing::info!(uid = &*uid, listener = role, src = %peer, reason_code = "pod_workload_removed", "connection closed: the pod's workload left the model or changed identity (fail closed)");
                             }
                         }
                     });
