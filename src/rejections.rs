@@ -104,6 +104,20 @@ pub async fn accept_failed(warnings: &LogLimiter, listener: &str, e: &std::io::E
     tokio::time::sleep(ACCEPT_RETRY).await;
 }
 
+/// [`accept_failed`] for the data-plane listeners: also counted, as
+/// `zmesh_rejected_total{listener, reason="accept_failed"}`, and warned about through the same
+/// per-kind limiter as every other rejection.
+pub async fn accept_failed_counted(
+    rejections: &Rejections,
+    listener: &'static str,
+    e: &std::io::Error,
+) {
+    if let Some(suppressed) = rejections.record(listener, "accept_failed") {
+        tracing::warn!(listener, error = %e, suppressed, "accept failed; retrying");
+    }
+    tokio::time::sleep(ACCEPT_RETRY).await;
+}
+
 /// Rejection counters keyed by (listener, reason), plus the limiter for their warnings.
 /// Each (listener, reason) has its own limiter, so a cheap flood of one kind (TLS garbage) cannot
 /// silence the warnings of another (a revoked peer, a self-target).

@@ -194,3 +194,93 @@ async fn rapid_reset_floods_against_the_real_node_are_bounded() {
     );
     legit_round_trip(&mesh, &listener, b"after");
 }
+
+/// Reliability #29: node B runs out of descriptors (its RLIMIT_NOFILE lowered to just above what
+/// it holds, with `prlimit`, while it runs) under a pile of idle connections to :15008 from a
+/// peer. Accepting fails, and is counted as `zmesh_rejected_total{reason="accept_failed"}`; the
+/// loop backs off instead of ending or spinning. When the peer lets go, B accepts again and
+/// carries real traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_counted_and_the_node_recovers() {
+    require_root();
+    let mesh = HostMesh::start(&node_bin(), "json").unwrap();
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    let pid = mesh.node_b.pid();
+    legit_round_trip(&mesh, &listener, b"before");
+    let (fds0, _) = fds_and_rss(pid);
+    let limit = fds0 + 16;
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "prlimit: {out:?}");
+
+    // Idle TCP connections to :15008 (no TLS): each holds a descriptor of B's until the
+    // handshake deadline. Twice the headroom, so accepts must fail.
+    let hbone: SocketAddr = format!("{B_IP}:15008").parse().unwrap();
+    let held: Vec<_> = (0..32)
+        .map(|_| connect_uncaptured(&mesh.a, hbone).unwrap())
+        .collect();
+    let metrics: SocketAddr = format!("{B_IP}:15020").parse().unwrap();
+    let failed = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("zmesh_rejected_total{")
+                    && l.contains("reason=\"accept_failed\"")
+                    && l.contains("listener=\"HBONE\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let scrape = || -> String {
+        // The metrics listener needs a descriptor too: retry until one is free.
+        for _ in 0..100 {
+            if let Ok(mut c) = connect_uncaptured(&mesh.a, metrics) {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ =
+                    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+                let mut text = String::new();
+                if c.read_to_string(&mut text).is_ok() && text.contains("zmesh_") {
+                    return text;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node B's metrics never answered");
+    };
+    // B takes descriptors until none is left, then its accepts fail (and back off).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fds_and_rss(pid).0 + 1 < limit as usize {
+        assert!(
+            Instant::now() < deadline,
+            "B never ran out: {} of {limit} descriptors",
+            fds_and_rss(pid).0
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A few of its 50 ms accept back-offs.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(held);
+    // B's handshakes of the dropped peers end (EOF); its descriptors come back, and so do its
+    // accepts. The failures it saw meanwhile were counted.
+    let mut text = scrape();
+    while failed(&text) == 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = scrape();
+    }
+    assert!(failed(&text) > 0.0, "no accept failure was counted: {text}");
+    legit_round_trip(&mesh, &listener, b"after");
+    let log = mesh.node_b.read_log();
+    assert!(
+        log.contains("accept failed; retrying"),
+        "the failure is logged"
+    );
+    assert!(
+        mesh.node_b.try_wait().unwrap().is_none(),
+        "node B died of running out of descriptors"
+    );
+}

@@ -29,11 +29,13 @@ pub(super) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let stopping = shutdown.clone();
+    let counted = node.clone();
     accept_loop(
         listener,
         shutdown,
         &scope.clone(),
         "HBONE",
+        &counted.rejections,
         move |tcp, peer| {
             let node = node.clone();
             let scope = scope.clone();

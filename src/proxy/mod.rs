@@ -1060,12 +1060,12 @@ async fn accept_loop<F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     scope: &Scope,
     role: &'static str,
+    rejections: &crate::rejections::Rejections,
     handle: F,
 ) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let accept_warnings = crate::rejections::LogLimiter::default();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -1092,7 +1092,7 @@ async fn accept_loop<F, Fut>(
                         }
                     });
                 }
-                Err(e) => crate::rejections::accept_failed(&accept_warnings, role, &e).await,
+                Err(e) => crate::rejections::accept_failed_counted(rejections, role, &e).await,
             },
             _ = shutdown.changed() => return,
         }

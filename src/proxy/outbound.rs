@@ -22,7 +22,14 @@ pub(super) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
-    accept_loop(listener, shutdown, &scope.clone(), "outbound", move |tcp, peer| {
+    let counted = node.clone();
+    accept_loop(
+        listener,
+        shutdown,
+        &scope.clone(),
+        "outbound",
+        &counted.rejections,
+        move |tcp, peer| {
         let node = node.clone();
         let scope = scope.clone();
         async move {

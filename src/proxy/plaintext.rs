@@ -21,11 +21,13 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
+    let counted = node.clone();
     accept_loop(
         listener,
         shutdown,
         &scope.clone(),
         "inbound plaintext",
+        &counted.rejections,
         move |tcp, peer| connection(node.clone(), scope.clone(), tcp, peer),
     )
     .await
