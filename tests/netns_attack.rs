@@ -254,7 +254,7 @@ async fn running_out_of_descriptors_is_counted_and_the_node_recovers() {
     };
     // B takes descriptors until none is left, then its accepts fail (and back off).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fds_and_rss(pid).0 + 1 < limit as usize {
+    while fds_and_rss(pid).0 + 1 < limit {
         assert!(
             Instant::now() < deadline,
             "B never ran out: {} of {limit} descriptors",
