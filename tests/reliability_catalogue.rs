@@ -127,7 +127,7 @@ fn parse_row(line: &str) -> Result<(u32, Row), String> {
 /// names, `[::1`) are prose; a span that mentions `.rs::` must be a well-formed reference.
 fn test_refs(cell: &str) -> Result<Vec<TestRef>, String> {
     let spans: Vec<&str> = cell.split('`').collect();
-    if spans.len() % 2 == 0 {
+    if spans.len().is_multiple_of(2) {
         return Err("unbalanced backticks".into());
     }
     let mut refs = Vec::new();
