@@ -761,3 +761,55 @@ async fn data_before_the_answer_to_a_denied_or_unreachable_target_reaches_no_ups
     .await;
     assert_eq!(upstream.accepted(), 1);
 }
+
+/// Reliability #4 on the wire: a CONNECT carrying `:path` or `:scheme`, a repeated
+/// pseudo-header, or a pseudo-header after a regular one is a stream error (RST_STREAM
+/// PROTOCOL_ERROR, h2's answer before zmesh sees the request); the connection carries a good
+/// CONNECT afterwards, which is the only dial. (An upper-case name is h2's connection error,
+/// recorded in `malformed_header_blocks_get_h2s_answer_and_nothing_is_dialed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_connect_pseudo_headers_are_stream_errors_and_never_dialed() {
+    let net = 104;
+    let (mesh, app) = node_b(net).await;
+    let upstream = count_upstream(app);
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let good = format!("{}:8080", ip(net, 3));
+    let g = good.as_str();
+    let bad: [&[(&str, &str)]; 6] = [
+        &[(":method", "CONNECT"), (":authority", g), (":path", "/")],
+        &[
+            (":method", "CONNECT"),
+            (":authority", g),
+            (":scheme", "https"),
+        ],
+        &[(":method", "CONNECT"), (":authority", g), (":authority", g)],
+        &[
+            (":method", "CONNECT"),
+            (":method", "CONNECT"),
+            (":authority", g),
+        ],
+        &[(":method", "CONNECT"), ("x-early", "1"), (":authority", g)],
+        &[(":authority", g)], // no :method
+    ];
+    let mut c = raw_h2(&mesh, hb).await;
+    let mut stream = 1;
+    for fields in bad {
+        c.headers(stream, fields).await;
+        assert_eq!(
+            c.until_stream_end(stream).await,
+            RawEnd::Reset(1), // PROTOCOL_ERROR, on the stream only
+            "{fields:?}"
+        );
+        stream += 2;
+    }
+    tokio::time::sleep(NO_DIAL_WINDOW).await;
+    assert_eq!(upstream.accepted(), 0, "a malformed CONNECT was dialed");
+    c.headers(stream, &connect_to(g)).await;
+    assert_eq!(c.until_stream_end(stream).await, RawEnd::Status(200));
+    wait_until(
+        "the good CONNECT to be dialed",
+        std::time::Duration::from_secs(5),
+        || upstream.accepted() == 1,
+    )
+    .await;
+}
