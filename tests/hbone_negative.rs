@@ -225,7 +225,7 @@ async fn malformed_header_blocks_get_h2s_answer_and_nothing_is_dialed() {
     c.headers(3, &[(":method", "CONNECT"), (":authority", &good)])
         .await;
     assert_eq!(c.until_stream_end(1).await, RawEnd::Reset(1)); // PROTOCOL_ERROR
-    assert_eq!(c.until_stream_end(3).await, RawEnd::Headers);
+    assert_eq!(c.until_stream_end(3).await, RawEnd::Status(200));
     let _ = app.accept().await.unwrap();
 
     // An upper-case header name, then an unknown pseudo-header: GOAWAY PROTOCOL_ERROR.
@@ -315,8 +315,8 @@ fn open_fds() -> usize {
 /// How a stream ended, as a raw HTTP/2 client saw it.
 #[derive(Debug, PartialEq, Eq)]
 enum RawEnd {
-    /// A response HEADERS frame arrived.
-    Headers,
+    /// A response HEADERS frame arrived with this `:status`.
+    Status(u16),
     /// RST_STREAM with this error code.
     Reset(u32),
     /// GOAWAY with this error code.
@@ -330,7 +330,12 @@ struct RawH2 {
 }
 
 async fn raw_h2(mesh: &Mesh, addr: SocketAddr) -> RawH2 {
-    let (cert, mgr) = cert_from(&mesh.ca_dir, &id("client"));
+    raw_h2_as(mesh, addr, "client").await
+}
+
+/// `raw_h2` with a client certificate for service account `sa`.
+async fn raw_h2_as(mesh: &Mesh, addr: SocketAddr, sa: &str) -> RawH2 {
+    let (cert, mgr) = cert_from(&mesh.ca_dir, &id(sa));
     let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![id("server")]).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut tls = TlsConnector::from(Arc::new(cfg))
@@ -354,21 +359,20 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 impl RawH2 {
     /// One HEADERS frame (END_HEADERS, no END_STREAM) of HPACK literals without indexing
-    /// and with literal names, so any name can be sent.
+    /// and with literal names, so any name and any length can be sent.
     async fn headers(&mut self, stream: u32, fields: &[(&str, &str)]) {
-        let mut block = Vec::new();
-        for (n, v) in fields {
-            assert!(n.len() < 127 && v.len() < 127);
-            block.push(0x00);
-            block.push(n.len() as u8);
-            block.extend_from_slice(n.as_bytes());
-            block.push(v.len() as u8);
-            block.extend_from_slice(v.as_bytes());
-        }
         self.tls
-            .write_all(&frame(1, 0x4, stream, &block))
+            .write_all(&headers_frame(stream, fields))
             .await
             .unwrap();
+    }
+
+    /// A HEADERS frame and a DATA frame (no END_STREAM) in one write, so the payload is on the
+    /// wire before the server can answer the request.
+    async fn headers_and_data(&mut self, stream: u32, fields: &[(&str, &str)], data: &[u8]) {
+        let mut both = headers_frame(stream, fields);
+        both.extend_from_slice(&frame(0, 0, stream, data));
+        self.tls.write_all(&both).await.unwrap();
     }
 
     /// Reads frames until `stream` gets response headers or a reset, or the connection ends.
@@ -391,7 +395,7 @@ impl RawH2 {
                     4 if flags & 1 == 0 => {
                         let _ = self.tls.write_all(&frame(4, 1, 0, &[])).await;
                     }
-                    1 if id == stream => return RawEnd::Headers,
+                    1 if id == stream => return RawEnd::Status(response_status(&payload)),
                     3 if id == stream => {
                         return RawEnd::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()))
                     }
@@ -408,4 +412,404 @@ impl RawH2 {
             .await
             .expect("an answer within 5 s")
     }
+}
+
+fn headers_frame(stream: u32, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (n, v) in fields {
+        block.push(0x00);
+        hpack_string(&mut block, n.as_bytes());
+        hpack_string(&mut block, v.as_bytes());
+    }
+    frame(1, 0x4, stream, &block)
+}
+
+/// An HPACK string literal without Huffman coding: a 7-bit-prefix length (RFC 7541 §5.1),
+/// then the bytes.
+fn hpack_string(out: &mut Vec<u8>, s: &[u8]) {
+    let mut len = s.len();
+    if len < 127 {
+        out.push(len as u8);
+    } else {
+        out.push(127);
+        len -= 127;
+        while len >= 128 {
+            out.push((len % 128) as u8 | 0x80);
+            len /= 128;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(s);
+}
+
+/// The `:status` of a response header block as h2 encodes it: the first field, either fully
+/// indexed in the static table (200, 204, 206, 304, 400, 404, 500) or a literal with the
+/// static `:status` name and a Huffman-coded value (RFC 7541 §6.1, §6.2, Appendix A and B).
+fn response_status(block: &[u8]) -> u16 {
+    let first = *block.first().expect("an empty response header block");
+    if first & 0x80 != 0 {
+        return match first & 0x7f {
+            8 => 200,
+            9 => 204,
+            10 => 206,
+            11 => 304,
+            12 => 400,
+            13 => 404,
+            14 => 500,
+            i => panic!("response starts with table index {i}: not a static :status entry"),
+        };
+    }
+    // Literal with incremental indexing (01xxxxxx, 6-bit name index) or without indexing /
+    // never indexed (000xxxxx, 4-bit name index); :status is static name 8.
+    let name = if first & 0x40 != 0 {
+        first & 0x3f
+    } else {
+        first & 0x0f
+    };
+    assert_eq!(
+        name, 8,
+        "the response's first field is not :status: {block:02x?}"
+    );
+    let head = block[1];
+    let len = usize::from(head & 0x7f);
+    let value = &block[2..2 + len];
+    let digits = if head & 0x80 != 0 {
+        huffman_digits(value)
+    } else {
+        String::from_utf8(value.to_vec()).expect("an ASCII :status")
+    };
+    digits.parse().expect(":status is three digits")
+}
+
+/// Decodes a Huffman-coded string of ASCII digits (RFC 7541 Appendix B: '0'-'2' are the
+/// 5-bit codes 0-2, '3'-'9' the 6-bit codes 0x19-0x1f; the tail is padded with 1 bits).
+fn huffman_digits(coded: &[u8]) -> String {
+    let bits: Vec<u8> = coded
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let take = |at: usize, n: usize| -> Option<u8> {
+        bits.get(at..at + n)
+            .map(|b| b.iter().fold(0, |acc, bit| acc << 1 | bit))
+    };
+    let mut out = String::new();
+    let mut at = 0;
+    while at < bits.len() {
+        if bits.len() - at < 8 && bits[at..].iter().all(|b| *b == 1) {
+            break; // padding
+        }
+        match (take(at, 5), take(at, 6)) {
+            (Some(c @ 0..=2), _) => {
+                out.push(char::from(b'0' + c));
+                at += 5;
+            }
+            (_, Some(c @ 0x19..=0x1f)) => {
+                out.push(char::from(b'3' + c - 0x19));
+                at += 6;
+            }
+            _ => panic!("not a Huffman-coded digit string: {coded:02x?}"),
+        }
+    }
+    out
+}
+
+/// The header fields of a classic CONNECT to `authority`.
+fn connect_to(authority: &str) -> [(&'static str, &str); 2] {
+    [(":method", "CONNECT"), (":authority", authority)]
+}
+
+/// What one upstream listener saw: how many connections it accepted and every byte they sent.
+#[derive(Default)]
+struct Upstream {
+    accepted: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::Mutex<Vec<u8>>,
+}
+
+/// Accepts every connection to `listener` and records it and its bytes.
+fn count_upstream(listener: TcpListener) -> Arc<Upstream> {
+    let seen = Arc::new(Upstream::default());
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            record
+                .accepted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    record.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    seen
+}
+
+impl Upstream {
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap().clone()
+    }
+}
+
+/// How long a test waits to be sure that a dial it expects NOT to happen has not happened.
+const NO_DIAL_WINDOW: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Reliability #2 on the wire: every bad `:authority` form, one stream each on one connection.
+/// The forms that are a syntactically valid authority reach zmesh and get 400; the forms h2
+/// cannot parse as an authority at all (empty, `[::1`, non-ASCII) get h2's own RST_STREAM
+/// PROTOCOL_ERROR (docs/hbone.md, "What h2 decides"). Either way nothing is dialed: the
+/// upstream listener accepts only the good CONNECT sent last on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_authority_on_the_wire_is_refused_and_never_dialed() {
+    let net = 101;
+    let (mesh, app) = node_b(net).await;
+    let node = mesh.nodes[0].node.clone();
+    let upstream = count_upstream(app);
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let host = ip(net, 3);
+    let too_long = format!("{}:8080", "1".repeat(300));
+    let by_zmesh = [
+        format!("{host}"),              // no port
+        format!("{host}:0"),            // port 0
+        format!("{host}:65536"),        // port > 65535
+        format!("{host}:99999"),        // port > 65535
+        format!("user@{host}:8080"),    // userinfo
+        format!("user:pw@{host}:8080"), // userinfo with a password
+        "localhost:8080".to_string(),   // a host name, not an IP
+        "[::1]".to_string(),            // IPv6 without a port
+        too_long,                       // > 255 bytes
+    ];
+    let by_h2 = [
+        "".to_string(),
+        "[::1".to_string(),
+        format!("{host}:80\u{e9}"),
+    ];
+
+    let mut c = raw_h2(&mesh, hb).await;
+    let mut stream = 1;
+    for authority in &by_zmesh {
+        c.headers(stream, &[(":method", "CONNECT"), (":authority", authority)])
+            .await;
+        assert_eq!(
+            c.until_stream_end(stream).await,
+            RawEnd::Status(400),
+            "{authority:?}"
+        );
+        stream += 2;
+    }
+    for authority in &by_h2 {
+        c.headers(stream, &[(":method", "CONNECT"), (":authority", authority)])
+            .await;
+        assert_eq!(
+            c.until_stream_end(stream).await,
+            RawEnd::Reset(1), // PROTOCOL_ERROR
+            "{authority:?}"
+        );
+        stream += 2;
+    }
+    // A CONNECT with no :authority at all reaches zmesh and is refused the same way.
+    c.headers(stream, &[(":method", "CONNECT")]).await;
+    assert_eq!(c.until_stream_end(stream).await, RawEnd::Status(400));
+    stream += 2;
+
+    tokio::time::sleep(NO_DIAL_WINDOW).await;
+    assert_eq!(upstream.accepted(), 0, "a bad :authority was dialed");
+    assert_eq!(
+        node.rejections.count("hbone", "bad_authority"),
+        by_zmesh.len() as u64 + 1
+    );
+    // The same connection still carries a good CONNECT, and that one dial is seen: the
+    // counter above would have seen a dial of any of the bad ones.
+    let good = format!("{host}:8080");
+    c.headers(stream, &[(":method", "CONNECT"), (":authority", &good)])
+        .await;
+    assert_eq!(c.until_stream_end(stream).await, RawEnd::Status(200));
+    wait_until(
+        "the good CONNECT to be dialed",
+        std::time::Duration::from_secs(5),
+        || upstream.accepted() == 1,
+    )
+    .await;
+}
+
+/// Reliability #3 on the wire: a CONNECT arriving at the server workload's address but naming
+/// an address that workload does not own is 400, counted by reason, and never dialed:
+/// listeners bound at exactly those addresses see no connection. Three forms: an address that
+/// is no workload at all, a workload of another node, and another workload of this same node
+/// (the listener was reached at the server's address, so the CONNECT may only name the server,
+/// as ztunnel's destination validation). A good CONNECT on the same connection is dialed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_no_local_workload_owns_is_400_and_never_dialed() {
+    let net = 102;
+    let mut mesh = Mesh::new(net);
+    let other = W {
+        uid: "other",
+        sa: "other",
+        host: 4,
+        node: "node-c",
+    };
+    let neighbour = W {
+        uid: "neighbour",
+        sa: "neighbour",
+        host: 5,
+        node: "node-b",
+    };
+    let w = client_server_workloads(net, "server", &[other, neighbour]);
+    let node = mesh.node("node-b", 3, &w).await;
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let listen = |host| async move {
+        count_upstream(
+            TcpListener::bind(SocketAddr::new(ip(net, host), 8080))
+                .await
+                .unwrap(),
+        )
+    };
+    let ours = listen(3).await;
+    let nobody = listen(99).await; // no workload at all
+    let other_node = listen(4).await; // "other", a workload of node-c
+    let same_node = listen(5).await; // "neighbour", node-b's other workload
+    let mut c = raw_h2(&mesh, hb).await;
+    for (stream, host) in [(1, 99), (3, 4), (5, 5)] {
+        let authority = format!("{}:8080", ip(net, host));
+        c.headers(stream, &connect_to(&authority)).await;
+        assert_eq!(
+            c.until_stream_end(stream).await,
+            RawEnd::Status(400),
+            "{authority}"
+        );
+    }
+    tokio::time::sleep(NO_DIAL_WINDOW).await;
+    for (what, seen) in [
+        ("nobody", &nobody),
+        ("node-c's workload", &other_node),
+        ("node-b's other workload", &same_node),
+        ("ours", &ours),
+    ] {
+        assert_eq!(seen.accepted(), 0, "{what} was dialed");
+    }
+    assert_eq!(node.rejections.count("hbone", "authority_not_local"), 2);
+    assert_eq!(node.rejections.count("hbone", "authority_not_owned"), 1);
+    let good = format!("{}:8080", ip(net, 3));
+    c.headers(7, &connect_to(&good)).await;
+    assert_eq!(c.until_stream_end(7).await, RawEnd::Status(200));
+    wait_until(
+        "the good CONNECT to be dialed",
+        std::time::Duration::from_secs(5),
+        || ours.accepted() == 1,
+    )
+    .await;
+    assert_eq!(
+        nobody.accepted() + other_node.accepted() + same_node.accepted(),
+        0
+    );
+}
+
+/// Reliability #11: DATA sent in the same write as the CONNECT, before any answer, to a target
+/// the policy denies (401) and to a port nothing listens on (503): not one byte reaches an
+/// upstream. The control: the same early DATA on an allowed CONNECT is delivered exactly, so
+/// the upstream counter would have seen a leak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_before_the_answer_to_a_denied_or_unreachable_target_reaches_no_upstream() {
+    let net = 103;
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let deny = "policies:\n  - name: deny-client\n    namespace: default\n    scope: namespace\n    action: deny\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"cluster.local/ns/default/sa/client\"]\n";
+    let text = node_yaml(net, "node-b", 3, &mesh.ca_dir, &format!("{w}{deny}"));
+    let (node, _) = mesh.node_from_file("node-b", &text).await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let upstream = count_upstream(app);
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let app_addr = format!("{}:8080", ip(net, 3));
+    let closed = format!("{}:9", ip(net, 3));
+    let early = vec![0x5a; 16 * 1024];
+
+    // Denied: the policy names the "client" identity.
+    let mut denied = raw_h2_as(&mesh, hb, "client").await;
+    denied
+        .headers_and_data(1, &connect_to(&app_addr), &early)
+        .await;
+    assert_eq!(denied.until_stream_end(1).await, RawEnd::Status(401));
+    // Unreachable: an allowed identity, a port with nothing behind it.
+    let mut allowed = raw_h2_as(&mesh, hb, "other").await;
+    allowed
+        .headers_and_data(1, &connect_to(&closed), &early)
+        .await;
+    assert_eq!(allowed.until_stream_end(1).await, RawEnd::Status(503));
+
+    tokio::time::sleep(NO_DIAL_WINDOW).await;
+    assert_eq!(upstream.accepted(), 0, "a refused CONNECT was dialed");
+    assert!(upstream.bytes().is_empty(), "early bytes reached the app");
+    assert_eq!(node.rejections.count("hbone", "denied_by_policy"), 1);
+
+    // The control: allowed and reachable, the early bytes arrive, exactly.
+    allowed
+        .headers_and_data(3, &connect_to(&app_addr), b"early and allowed")
+        .await;
+    assert_eq!(allowed.until_stream_end(3).await, RawEnd::Status(200));
+    wait_until(
+        "the allowed early bytes to reach the app",
+        std::time::Duration::from_secs(5),
+        || upstream.bytes() == b"early and allowed",
+    )
+    .await;
+    assert_eq!(upstream.accepted(), 1);
+}
+
+/// Reliability #4 on the wire: a CONNECT carrying `:path` or `:scheme`, a repeated
+/// pseudo-header, or a pseudo-header after a regular one is a stream error (RST_STREAM
+/// PROTOCOL_ERROR, h2's answer before zmesh sees the request); the connection carries a good
+/// CONNECT afterwards, which is the only dial. (An upper-case name is h2's connection error,
+/// recorded in `malformed_header_blocks_get_h2s_answer_and_nothing_is_dialed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_connect_pseudo_headers_are_stream_errors_and_never_dialed() {
+    let net = 104;
+    let (mesh, app) = node_b(net).await;
+    let upstream = count_upstream(app);
+    let hb = SocketAddr::new(ip(net, 3), 15008);
+    let good = format!("{}:8080", ip(net, 3));
+    let g = good.as_str();
+    let bad: [&[(&str, &str)]; 6] = [
+        &[(":method", "CONNECT"), (":authority", g), (":path", "/")],
+        &[
+            (":method", "CONNECT"),
+            (":authority", g),
+            (":scheme", "https"),
+        ],
+        &[(":method", "CONNECT"), (":authority", g), (":authority", g)],
+        &[
+            (":method", "CONNECT"),
+            (":method", "CONNECT"),
+            (":authority", g),
+        ],
+        &[(":method", "CONNECT"), ("x-early", "1"), (":authority", g)],
+        &[(":authority", g)], // no :method
+    ];
+    let mut c = raw_h2(&mesh, hb).await;
+    let mut stream = 1;
+    for fields in bad {
+        c.headers(stream, fields).await;
+        assert_eq!(
+            c.until_stream_end(stream).await,
+            RawEnd::Reset(1), // PROTOCOL_ERROR, on the stream only
+            "{fields:?}"
+        );
+        stream += 2;
+    }
+    tokio::time::sleep(NO_DIAL_WINDOW).await;
+    assert_eq!(upstream.accepted(), 0, "a malformed CONNECT was dialed");
+    c.headers(stream, &connect_to(g)).await;
+    assert_eq!(c.until_stream_end(stream).await, RawEnd::Status(200));
+    wait_until(
+        "the good CONNECT to be dialed",
+        std::time::Duration::from_secs(5),
+        || upstream.accepted() == 1,
+    )
+    .await;
 }
