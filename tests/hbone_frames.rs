@@ -665,6 +665,8 @@ async fn continuation_flood_is_closed_within_a_bounded_number_of_bytes() {
         batch: Vec<u8>,
         /// The close must come before this many bytes were sent.
         bound: usize,
+        /// How long to wait for the GOAWAY after each batch.
+        pause: Duration,
     }
     let mut small = Vec::new();
     literal(&mut small, "x-c", &[b'c'; 1000]);
@@ -678,12 +680,14 @@ async fn continuation_flood_is_closed_within_a_bounded_number_of_bytes() {
             first: frame(HEADERS, 0, 1, &connect_block(&t.good)),
             batch: frame(CONTINUATION, 0, 1, &[]).repeat(1000),
             bound: MIB,
+            pause: Duration::from_millis(20),
         },
         Flood {
             what: "1 KiB CONTINUATION frames",
             first: frame(HEADERS, 0, 1, &connect_block(&t.good)),
             batch: frame(CONTINUATION, 0, 1, &small),
             bound: MIB,
+            pause: Duration::from_millis(20),
         },
         Flood {
             what: "1 MiB CONTINUATION frames of one unfinished string",
@@ -691,6 +695,7 @@ async fn continuation_flood_is_closed_within_a_bounded_number_of_bytes() {
             batch: frame(CONTINUATION, 0, 1, &vec![b'a'; MAX_FRAME_SIZE as usize]),
             // Five whole frames are buffered before the sixth is refused.
             bound: 16 * MIB,
+            pause: Duration::from_millis(100),
         },
     ];
     for f in floods {
@@ -701,7 +706,7 @@ async fn continuation_flood_is_closed_within_a_bounded_number_of_bytes() {
             if !c.send(&f.batch).await {
                 break;
             }
-            c.ended_within(Duration::from_millis(20)).await;
+            c.ended_within(f.pause).await;
         }
         let sent = c.sent;
         let (end, _) = c.until_goaway().await;
