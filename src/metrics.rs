@@ -17,7 +17,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,9 +28,35 @@ use crate::model::{Service, Workload};
 /// Istio's standard TCP labels, in the order ztunnel encodes them (its `CommonTrafficLabels`,
 /// src/proxy/metrics.rs). ztunnel adds four locality labels (`source_region`, ...) in newer
 /// releases; zmesh leaves them out (docs/telemetry.md "Metrics").
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     pub reporter: &'static str,
+    pub peers: PeerLabels,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let rest = [
+            ("request_protocol", self.request_protocol),
+            ("response_flags", self.response_flags),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
+        ];
+        self.peers.encode_between(encoder, self.reporter, &rest)
+    }
+}
+
+/// The 19 labels naming both sides and the destination service, in ztunnel's order: shared by
+/// the node's TCP labels and the waypoint's request labels, so a workload reads the same in both.
+/// (Encoded by hand: the derive's `flatten` only works for a last field, and these sit between
+/// `reporter` and the per-report labels.)
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PeerLabels {
     pub source_workload: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
@@ -50,9 +76,91 @@ pub struct TcpLabels {
     pub destination_app: String,
     pub destination_version: String,
     pub destination_cluster: String,
-    pub request_protocol: &'static str,
-    pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
+}
+
+impl PeerLabels {
+    /// Encodes `reporter`, these labels, then `rest`, in that order.
+    pub fn encode_between(
+        &self,
+        mut encoder: LabelSetEncoder,
+        reporter: &str,
+        rest: &[(&str, &str)],
+    ) -> Result<(), std::fmt::Error> {
+        let peers = [
+            ("source_workload", &self.source_workload),
+            ("source_canonical_service", &self.source_canonical_service),
+            ("source_canonical_revision", &self.source_canonical_revision),
+            ("source_workload_namespace", &self.source_workload_namespace),
+            ("source_principal", &self.source_principal),
+            ("source_app", &self.source_app),
+            ("source_version", &self.source_version),
+            ("source_cluster", &self.source_cluster),
+            ("destination_service", &self.destination_service),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
+            ("destination_service_name", &self.destination_service_name),
+            ("destination_workload", &self.destination_workload),
+            (
+                "destination_canonical_service",
+                &self.destination_canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &self.destination_canonical_revision,
+            ),
+            (
+                "destination_workload_namespace",
+                &self.destination_workload_namespace,
+            ),
+            ("destination_principal", &self.destination_principal),
+            ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_version),
+            ("destination_cluster", &self.destination_cluster),
+        ];
+        ("reporter", reporter).encode(encoder.encode_label())?;
+        for (k, v) in peers {
+            (k, v.as_str()).encode(encoder.encode_label())?;
+        }
+        for &(k, v) in rest {
+            (k, v).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+
+    /// From `src` (or, when it is not known, the principal it was seen with) to `dst` of `svc`.
+    pub fn new(
+        src: Option<&Workload>,
+        src_principal: Option<&str>,
+        dst: Option<&Workload>,
+        svc: Option<&Service>,
+    ) -> PeerLabels {
+        let s = Peer::of(src, src_principal);
+        let d = Peer::of(dst, None);
+        let svc_field = |f: fn(&Service) -> &String| service_label(svc, f);
+        PeerLabels {
+            source_workload: s.workload,
+            source_canonical_service: s.canonical_service,
+            source_canonical_revision: s.canonical_revision,
+            source_workload_namespace: s.namespace,
+            source_principal: s.principal,
+            source_app: s.app,
+            source_version: s.version,
+            source_cluster: s.cluster,
+            destination_service: svc_field(|s| &s.hostname),
+            destination_service_namespace: svc_field(|s| &s.namespace),
+            destination_service_name: svc_field(|s| &s.name),
+            destination_workload: d.workload,
+            destination_canonical_service: d.canonical_service,
+            destination_canonical_revision: d.canonical_revision,
+            destination_workload_namespace: d.namespace,
+            destination_principal: d.principal,
+            destination_app: d.app,
+            destination_version: d.version,
+            destination_cluster: d.cluster,
+        }
+    }
 }
 
 /// The value of a label zmesh does not know (ztunnel's default for every peer label).
@@ -142,30 +250,9 @@ impl TcpLabels {
         svc: Option<&Service>,
         mtls: bool,
     ) -> TcpLabels {
-        let s = Peer::of(src, src_principal);
-        let d = Peer::of(dst, None);
-        let svc_field = |f: fn(&Service) -> &String| service_label(svc, f);
         TcpLabels {
             reporter,
-            source_workload: s.workload,
-            source_canonical_service: s.canonical_service,
-            source_canonical_revision: s.canonical_revision,
-            source_workload_namespace: s.namespace,
-            source_principal: s.principal,
-            source_app: s.app,
-            source_version: s.version,
-            source_cluster: s.cluster,
-            destination_service: svc_field(|s| &s.hostname),
-            destination_service_namespace: svc_field(|s| &s.namespace),
-            destination_service_name: svc_field(|s| &s.name),
-            destination_workload: d.workload,
-            destination_canonical_service: d.canonical_service,
-            destination_canonical_revision: d.canonical_revision,
-            destination_workload_namespace: d.namespace,
-            destination_principal: d.principal,
-            destination_app: d.app,
-            destination_version: d.version,
-            destination_cluster: d.cluster,
+            peers: PeerLabels::new(src, src_principal, dst, svc),
             request_protocol: "tcp",
             response_flags: flags::NONE,
             connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN },
@@ -291,8 +378,11 @@ impl NodeMetrics {
     pub fn forget(&self, gone: &dyn Fn(&str, &str) -> bool) {
         let mut seen = self.seen.lock().expect("poisoned");
         seen.retain(|l| {
-            let departed = gone(&l.source_workload, &l.source_workload_namespace)
-                || gone(&l.destination_workload, &l.destination_workload_namespace);
+            let departed = gone(&l.peers.source_workload, &l.peers.source_workload_namespace)
+                || gone(
+                    &l.peers.destination_workload,
+                    &l.peers.destination_workload_namespace,
+                );
             // Only a departed set is looked up: `get_or_create` would add a zero series.
             let drop = departed && self.open.get_or_create(l).get() <= 0;
             if drop {
@@ -428,9 +518,9 @@ mod tests {
     fn unknown_peers_and_flags() {
         let l =
             TcpLabels::new("destination", None, None, None, None, false).with_flags(flags::DENY);
-        assert_eq!(l.source_principal, UNKNOWN);
-        assert_eq!(l.destination_cluster, UNKNOWN);
-        assert_eq!(l.destination_service_name, UNKNOWN);
+        assert_eq!(l.peers.source_principal, UNKNOWN);
+        assert_eq!(l.peers.destination_cluster, UNKNOWN);
+        assert_eq!(l.peers.destination_service_name, UNKNOWN);
         assert_eq!(l.connection_security_policy, UNKNOWN);
         assert_eq!((l.request_protocol, l.response_flags), ("tcp", "DENY"));
     }

@@ -4,13 +4,13 @@
 //! peer labels are the node's TCP labels (`crate::metrics::TcpLabels`), built the same way, so a
 //! workload reads the same in both.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{service_label, Peer};
+use crate::metrics::PeerLabels;
 use crate::model::{Service, Workload};
 
 /// Istio's default duration buckets, in milliseconds.
@@ -19,33 +19,31 @@ const DURATION_BUCKETS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
+    pub peers: PeerLabels,
     pub request_protocol: &'static str,
     pub response_code: String,
     pub grpc_response_status: String,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let rest = [
+            ("request_protocol", self.request_protocol),
+            ("response_code", self.response_code.as_str()),
+            ("grpc_response_status", self.grpc_response_status.as_str()),
+            ("response_flags", self.response_flags),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
+        ];
+        self.peers.encode_between(encoder, self.reporter, &rest)
+    }
 }
 
 impl RequestLabels {
@@ -57,31 +55,12 @@ impl RequestLabels {
         dst: Option<&Workload>,
         svc: Option<&Service>,
     ) -> RequestLabels {
-        let mut s = Peer::of(src, Some(src_principal));
+        let mut peers = PeerLabels::new(src, Some(src_principal), dst, svc);
         // The waypoint knows the caller by its certificate: that is the principal.
-        s.principal = src_principal.to_string();
-        let d = Peer::of(dst, None);
+        peers.source_principal = src_principal.to_string();
         RequestLabels {
             reporter: "waypoint",
-            source_workload: s.workload,
-            source_canonical_service: s.canonical_service,
-            source_canonical_revision: s.canonical_revision,
-            source_workload_namespace: s.namespace,
-            source_principal: s.principal,
-            source_app: s.app,
-            source_version: s.version,
-            source_cluster: s.cluster,
-            destination_service: service_label(svc, |s| &s.hostname),
-            destination_service_namespace: service_label(svc, |s| &s.namespace),
-            destination_service_name: service_label(svc, |s| &s.name),
-            destination_workload: d.workload,
-            destination_canonical_service: d.canonical_service,
-            destination_canonical_revision: d.canonical_revision,
-            destination_workload_namespace: d.namespace,
-            destination_principal: d.principal,
-            destination_app: d.app,
-            destination_version: d.version,
-            destination_cluster: d.cluster,
+            peers,
             request_protocol: "http",
             response_code: String::new(),
             grpc_response_status: String::new(),

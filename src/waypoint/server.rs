@@ -1525,7 +1525,7 @@ impl Finish {
         );
         // A source known only by its certificate still has a namespace.
         if src_wl.is_none() {
-            labels.source_workload_namespace = down.client.namespace.clone();
+            labels.peers.source_workload_namespace = down.client.namespace.clone();
         }
         labels.request_protocol = if self.grpc { "grpc" } else { "http" };
         labels.response_code = self.status.as_u16().to_string();
@@ -1549,7 +1549,7 @@ impl Finish {
             src_addr: down.peer.to_string(),
             src_workload: src_wl.map(|w| w.name.as_str()),
             src_namespace: &down.client.namespace,
-            src_identity: &labels.source_principal,
+            src_identity: &labels.peers.source_principal,
             dst_addr: down.dst.to_string(),
             dst_service: svc.map(|s| s.hostname.as_str()),
             dst_workload: ep.map(|w| w.name.as_str()),
