@@ -287,6 +287,14 @@ impl Default for NodeMetrics {
         let (opened, closed, failed, sent, received) =
             (family(), family(), family(), family(), family());
         let open = Family::<TcpLabels, Gauge>::default();
+        // The gauge is registered (and so encoded) first: `closed` lowers it last, so a scrape
+        // that reads it after the close reads the counters after it too, and sees the bytes.
+        // Encoded after them, a close landing mid-scrape read as gone with no bytes.
+        registry.register(
+            "istio_tcp_sockets_open",
+            "Proxied TCP connections open now: opened and not yet closed (zmesh)",
+            open.clone(),
+        );
         // prometheus-client appends `_total` to counter names.
         registry.register(
             "istio_tcp_connections_opened",
@@ -312,11 +320,6 @@ impl Default for NodeMetrics {
             "istio_tcp_connections_failed",
             "TCP connections that failed before reaching their destination (zmesh)",
             failed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sockets_open",
-            "Proxied TCP connections open now: opened and not yet closed (zmesh)",
-            open.clone(),
         );
         NodeMetrics {
             registry,
@@ -509,6 +512,28 @@ mod tests {
             "istio_tcp_sent_bytes_total",
         ] {
             assert!(lines_of(&m, family).is_empty(), "{family}");
+        }
+    }
+
+    /// A scrape encodes the open gauge before the counters `closed` raises ahead of lowering
+    /// it, so a scrape racing a close never shows the connection gone without its bytes.
+    #[test]
+    fn the_open_gauge_is_encoded_before_the_counters_a_close_raises() {
+        let m = NodeMetrics::default();
+        let l = m.opened(TcpLabels::new("source", None, None, None, None, true));
+        m.closed(&l, 1, 2);
+        let text = m.encode(&[]);
+        let at = |family: &str| {
+            text.find(&format!("\n{family}{{"))
+                .unwrap_or_else(|| panic!("no {family} in {text}"))
+        };
+        let gauge = at("istio_tcp_sockets_open");
+        for counter in [
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_sent_bytes_total",
+        ] {
+            assert!(gauge < at(counter), "{counter} is encoded first: {text}");
         }
     }
 
