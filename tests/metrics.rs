@@ -507,3 +507,61 @@ async fn admin_serves_memory_statistics_only_on_the_admin_listener() {
         );
     }
 }
+
+/// `zmesh_tokio_alive_tasks{runtime="data_plane"}` counts the tasks of the runtime the node was
+/// built on (served from the control runtime, which has a series of its own): 200 parked tasks
+/// raise it by at least 200, and once they finish it comes back to where it was. This is what
+/// the leak checks of the netns tests read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alive_tasks_follow_the_data_plane_runtime_up_and_back_down() {
+    let net = 165;
+    let mut mesh = Mesh::new(net);
+    let w = client_server_workloads(net, "server", &[]);
+    let _a = mesh.node("node-a", 2, &w).await;
+    let addr = SocketAddr::new(ip(net, 2), 15020);
+    let tasks = |text: &str, runtime: &str| {
+        sample(text, "zmesh_tokio_alive_tasks", &[("runtime", runtime)])
+            .unwrap_or_else(|| panic!("no {runtime} series: {text}"))
+    };
+    let text = scrape(addr, "/metrics").await;
+    assert!(
+        text.contains("# TYPE zmesh_tokio_alive_tasks gauge"),
+        "{text}"
+    );
+    let before = tasks(&text, "data_plane");
+    assert!(before >= 1.0, "the node's own tasks: {before}");
+    // The control runtime is serving this very scrape.
+    assert!(tasks(&text, "control") >= 1.0, "{text}");
+
+    let (release, parked) = tokio::sync::watch::channel(false);
+    let held: Vec<_> = (0..200)
+        .map(|_| {
+            let mut parked = parked.clone();
+            tokio::spawn(async move {
+                let _ = parked.wait_for(|go| *go).await;
+            })
+        })
+        .collect();
+    let during = tasks(&scrape(addr, "/metrics").await, "data_plane");
+    assert!(
+        during >= before + 200.0,
+        "before {before}, with 200 parked: {during}"
+    );
+
+    release.send(true).unwrap();
+    for t in held {
+        t.await.unwrap();
+    }
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let after = tasks(&scrape(addr, "/metrics").await, "data_plane");
+        if after <= before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "before {before}, after the 200 finished: {after}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

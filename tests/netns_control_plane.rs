@@ -2,8 +2,8 @@
 //! or policies and no CA key. Everything comes from a standalone control plane process
 //! (`zmesh-node ca serve --xds`, in node B's namespace): the mesh over xDS, each node's
 //! certificates over CSR, both authenticated by the node's bootstrap token. Traffic flows as
-//! HBONE; the control plane is killed and traffic goes on; it returns with a changed policy that
-//! takes effect.
+//! HBONE; the control plane is killed and traffic goes on, over new connections and a new HBONE
+//! connection to a node not dialed before; it returns with a changed policy that takes effect.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -100,9 +100,13 @@ fn control_plane(mesh: &HostMesh, mesh_path: &Path) -> Child {
 
 /// One request/response from A's app to B's app, through the capture rules and both tunnels.
 fn exchange(mesh: &HostMesh, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = mesh
-        .a
-        .connect_tcp(format!("{B_IP}:{APP_PORT}"))
+    exchange_from(&mesh.a, B_IP, msg)
+}
+
+/// One request/response from an app in `from` to the app at `to`, on a new TCP connection.
+fn exchange_from(from: &Netns, to: &str, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = from
+        .connect_tcp(format!("{to}:{APP_PORT}"))
         .map_err(std::io::Error::other)?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     c.write_all(msg)?;
@@ -112,8 +116,8 @@ fn exchange(mesh: &HostMesh, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(got)
 }
 
-fn echo(ns: &Netns) -> std::thread::JoinHandle<()> {
-    let l = ns.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+fn echo(ns: &Netns, ip: &str) -> std::thread::JoinHandle<()> {
+    let l = ns.listen_tcp(format!("{ip}:{APP_PORT}")).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
@@ -124,6 +128,15 @@ fn echo(ns: &Netns) -> std::thread::JoinHandle<()> {
             });
         }
     })
+}
+
+/// A node's pooled outbound HBONE connections (`zmesh_hbone_pool_connections`).
+fn pool_connections(ns: &Netns) -> f64 {
+    let m = ns.http_get("127.0.0.1:15020", "/metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix("zmesh_hbone_pool_connections "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no pool gauge in {m}"))
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -171,7 +184,9 @@ fn nodes_with_empty_files_get_everything_from_the_control_plane_and_survive_its_
     }
     let mesh_path = mesh.dir.path().join("mesh.yaml");
     std::fs::write(&mesh_path, mesh_file(&ca, "")).unwrap();
-    let _app = echo(&mesh.b);
+    let _app = echo(&mesh.b, B_IP);
+    // An app on A too, which nothing dials until the control plane is gone.
+    let _app_a = echo(&mesh.a, A_IP);
 
     let cp = control_plane(&mesh, &mesh_path);
     wait_ready(&mesh.a, &mesh.node_a);
@@ -196,16 +211,57 @@ fn nodes_with_empty_files_get_everything_from_the_control_plane_and_survive_its_
         "private keys outside the CA dir: {keyish:?}"
     );
 
-    // The control plane goes away: existing knowledge keeps new connections flowing.
+    // So far only A has dialed: A holds one pooled HBONE connection (to B), B none.
+    assert_eq!(pool_connections(&mesh.a), 1.0);
+    assert_eq!(pool_connections(&mesh.b), 0.0);
+
+    // The control plane goes away, and both nodes have seen it gone (a reconnect failed since;
+    // the nodes also logged failures while they started before it): the traffic below runs
+    // while it is absent, not before the nodes noticed.
+    const UNREACHABLE: &str = "cannot reach the xDS control plane; serving what is known";
+    let failed_before =
+        [&mesh.node_a, &mesh.node_b].map(|n| n.read_log().matches(UNREACHABLE).count());
     cp.kill().unwrap();
+    for ((ns, node), before) in [(&mesh.a, &mesh.node_a), (&mesh.b, &mesh.node_b)]
+        .into_iter()
+        .zip(failed_before)
+    {
+        let end = Instant::now() + WAIT;
+        while node.read_log().matches(UNREACHABLE).count() <= before {
+            assert!(
+                Instant::now() < end,
+                "no failed reconnect: {}",
+                node.read_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ns
+            .http_get("127.0.0.1:15021", "/healthz/ready")
+            .starts_with("HTTP/1.1 200"));
+    }
+    // Existing knowledge keeps NEW connections flowing: new TCP connections and new HBONE
+    // streams from A (over A's pooled connection to B)...
     for i in 0..3 {
         let msg = format!("without a control plane {i}");
         assert_eq!(exchange(&mesh, msg.as_bytes()).unwrap(), msg.as_bytes());
     }
-    assert!(mesh
-        .a
-        .http_get("127.0.0.1:15021", "/healthz/ready")
-        .starts_with("HTTP/1.1 200"));
+    // ...and a NEW HBONE connection, which a pooled one cannot stand in for: B has never dialed
+    // A, so B's app reaching A's takes a fresh TCP + TLS handshake both ways, each node proving
+    // its identity with the certificate it got before the control plane went, and B resolving
+    // A's address from the model xDS gave it.
+    let msg = b"B to A, first dial, no control plane";
+    assert_eq!(exchange_from(&mesh.b, A_IP, msg).unwrap(), msg);
+    assert_eq!(pool_connections(&mesh.b), 1.0, "B dialed A afresh");
+    mesh.node_a
+        .wait_for_log(
+            "\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/backend\"",
+            WAIT,
+        )
+        .unwrap();
+    assert!(
+        cp.try_wait().unwrap().is_some(),
+        "the control plane is still gone"
+    );
 
     // It comes back with a DENY for A's identity: B enforces it once it has resynced.
     std::fs::write(&mesh_path, mesh_file(&ca, DENY_FRONTEND)).unwrap();

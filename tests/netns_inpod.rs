@@ -310,6 +310,170 @@ workloads:
         );
     }
 
+    /// The proxy ports a pod's namespace holds a LISTEN socket on (outbound, plaintext
+    /// inbound, HBONE), read from the namespace's own `/proc/net/tcp{,6}` (as seen by a thread
+    /// inside it), so a socket the node still holds open there shows even if nothing could
+    /// reach it.
+    fn proxy_listeners(pod: &Netns) -> Vec<u16> {
+        const LISTEN: &str = "0A";
+        let mut ports: Vec<u16> = pod.run(|| {
+            ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+                .iter()
+                .flat_map(|f| {
+                    let text = std::fs::read_to_string(f).unwrap();
+                    text.lines()
+                        .skip(1)
+                        .filter_map(|l| {
+                            let cols: Vec<&str> = l.split_whitespace().collect();
+                            let port = cols.get(1)?.rsplit_once(':')?.1;
+                            (cols.get(3) == Some(&LISTEN))
+                                .then(|| u16::from_str_radix(port, 16).unwrap())
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .filter(|p| [15001, 15006, 15008].contains(p))
+                .collect()
+        });
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Waits (up to 2 s: an aborted accept loop drops its socket when the runtime next gets to
+    /// it) until `pod`'s proxy ports are exactly `want`.
+    async fn wait_for_listeners(pod: &Netns, want: &[u16]) {
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let now = proxy_listeners(pod);
+            if now == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{}: proxy ports {now:?}, expected {want:?}",
+                pod.name()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What could leak from the node process: its open descriptors and the tasks alive on each
+    /// of its runtimes (`zmesh_tokio_alive_tasks`, docs/telemetry.md).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Held {
+        fds: usize,
+        data_plane_tasks: f64,
+        control_tasks: f64,
+    }
+
+    fn held(node: &Netns, zn: &zmesh_testbed::Child) -> Held {
+        let m = metrics(node);
+        let tasks = |runtime: &str| -> f64 {
+            let key = format!("zmesh_tokio_alive_tasks{{runtime=\"{runtime}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key}in {m}"))
+        };
+        // After the scrape, whose own connection is then closed on both sides.
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", zn.pid()))
+            .unwrap()
+            .count();
+        Held {
+            fds,
+            data_plane_tasks: tasks("data_plane"),
+            control_tasks: tasks("control"),
+        }
+    }
+
+    /// Reliability #33, the leaks: pods are added, a connection between them is open, and the
+    /// pods are deleted over ZDS. The connection is closed at once, each pod's proxy ports stop
+    /// listening in its namespace as its `del` is acked (the other pod's stay), and the
+    /// node process comes back to the descriptors and tasks it held before the pods arrived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_pods_mid_connection_leaves_no_descriptor_task_or_listener_behind() {
+        let Topology {
+            node,
+            pod_a,
+            pod_b,
+            dir: _dir,
+            cfg,
+            agent,
+        } = Topology::new();
+        let zn = start_node(&node, &cfg, &agent).await;
+        zn.wait_for_log("ZDS snapshot complete", Duration::from_secs(10))
+            .unwrap();
+        // One scrape first, so whatever the first scrape sets up is in the baseline.
+        let _ = metrics(&node);
+        let before = held(&node, &zn);
+        assert!(proxy_listeners(&pod_a).is_empty() && proxy_listeners(&pod_b).is_empty());
+
+        enroll(&agent, "pod-a", &pod_a).await;
+        enroll(&agent, "pod-b", &pod_b).await;
+        let all = vec![15001, 15006, 15008];
+        assert_eq!(proxy_listeners(&pod_a), all);
+        assert_eq!(proxy_listeners(&pod_b), all);
+        let _app = recording_echo(&pod_b, POD_B);
+        let mut open = round_trip(&pod_a, POD_B, b"mid-connection");
+        // The counts see the pods: what is checked below is not a measure that cannot move.
+        let during = held(&node, &zn);
+        assert!(
+            during.fds > before.fds && during.data_plane_tasks > before.data_plane_tasks,
+            "before the pods {before:?}, with them {during:?}"
+        );
+
+        // Pod B goes while the connection is open: the client's side is closed promptly.
+        agent.del_pod("pod-b").await.unwrap();
+        let closed = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = open.read(&mut [0u8; 1]);
+            (r, t.elapsed())
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(&closed.0, Ok(0))
+                || matches!(&closed.0, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the open connection must be closed with its pod, got {closed:?}"
+        );
+        assert!(
+            closed.1 < Duration::from_secs(2),
+            "closed after {:?}",
+            closed.1
+        );
+        wait_for_listeners(&pod_b, &[]).await;
+        assert_eq!(proxy_listeners(&pod_a), all, "pod A is still proxied");
+        let refused = node.connect_tcp(format!("{POD_B}:15008"));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| format!("{e:#}").contains("refused")),
+            "pod B's HBONE port after deletion: {refused:?}"
+        );
+
+        agent.del_pod("pod-a").await.unwrap();
+        wait_for_listeners(&pod_a, &[]).await;
+        let m = metrics(&node);
+        assert!(m.contains("\nzmesh_zds_pods 0\n"), "{m}");
+
+        // Back to the baseline: every socket, namespace handle, connection and accept loop of
+        // the two pods is gone. (Polled: a closing task may need a moment to be reaped.)
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let mut after = held(&node, &zn);
+        while !(after.fds <= before.fds
+            && after.data_plane_tasks <= before.data_plane_tasks
+            && after.control_tasks <= before.control_tasks)
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "leaked: before the pods {before:?}, with them {during:?}, 5 s after deleting them {after:?}\n{}",
+                zn.read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            after = held(&node, &zn);
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn restart_hands_over_without_failing_a_connection() {
         let Topology {

@@ -22,19 +22,27 @@ const CLIENT_PRINCIPAL: &str = "cluster.local/ns/default/sa/client";
 
 struct Setup {
     _mesh: Mesh,
+    a: Arc<Node>,
     b: Arc<Node>,
     b_path: PathBuf,
     /// The base text of node B's config, before any policy.
     b_base: String,
     /// Where the client app connects (stands in for capture on node A).
     entry: SocketAddr,
+    /// The echo app behind B.
+    dst: SocketAddr,
 }
 
 /// Node A (client at .2) and node B (server at .3, config from a watched file), with an echo
 /// app behind B.
 async fn setup(net: u8, policies: &str) -> Setup {
+    setup_with(net, policies, &[]).await
+}
+
+/// `setup` with `extra` workloads in both nodes' models.
+async fn setup_with(net: u8, policies: &str, extra: &[W]) -> Setup {
     let mut mesh = Mesh::new(net);
-    let w = client_server_workloads(net, "server", &[]);
+    let w = client_server_workloads(net, "server", extra);
     let a = mesh.node("node-a", 2, &w).await;
     let b_base = node_yaml(net, "node-b", 3, &mesh.ca_dir, &w);
     let (b, b_path) = mesh
@@ -45,13 +53,15 @@ async fn setup(net: u8, policies: &str) -> Setup {
         .unwrap();
     let dst = app.local_addr().unwrap();
     spawn_echo(app);
-    let entry = capture_to(a, ip(net, 2), dst).await;
+    let entry = capture_to(a.clone(), ip(net, 2), dst).await;
     Setup {
         _mesh: mesh,
+        a,
         b,
         b_path,
         b_base,
         entry,
+        dst,
     }
 }
 
@@ -124,6 +134,45 @@ async fn a_workload_selector_deny_closes_the_open_tunnel() {
     change_policies(&s, &format!("policies:\n{here}")).await;
     assert_cut(&mut c).await;
     assert_refused(ip(net, 2), s.entry).await;
+}
+
+/// The mesh-wide scope: a policy in the root namespace (`istio-system`, as Istio's) with
+/// `scope: global` reaches a connection to a workload of another namespace. The same policy
+/// scoped to its own namespace does not, so it is the scope that closes the tunnel; a second
+/// client the DENY does not name keeps its open tunnel and can open new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_deny_in_the_root_namespace_closes_the_open_tunnel_it_names() {
+    let net = 163;
+    let bystander = W {
+        uid: "bystander",
+        sa: "bystander",
+        host: 4,
+        node: "node-a",
+    };
+    let s = setup_with(net, "", &[bystander]).await;
+    let mut c = open(&s, net).await;
+    let other_entry = capture_to(s.a.clone(), ip(net, 4), s.dst).await;
+    let mut other = connect_from(ip(net, 4), other_entry).await.unwrap();
+    round_trip(&mut other, b"a client no policy names").await;
+
+    let root = |scope: &str| {
+        policy("deny-client", scope, "deny", &[CLIENT_PRINCIPAL])
+            .replace("namespace: default", "namespace: istio-system")
+    };
+    // Scoped to its own namespace, where no workload lives here: nothing changes.
+    change_policies(&s, &format!("policies:\n{}", root("namespace"))).await;
+    round_trip(&mut c, b"a root-namespace policy of namespace scope").await;
+    assert_eq!(s.b.stats.policy_closed.load(Ordering::Acquire), 0);
+
+    change_policies(&s, &format!("policies:\n{}", root("global"))).await;
+    assert_cut(&mut c).await;
+    assert_eq!(s.b.stats.policy_closed.load(Ordering::Acquire), 1);
+    assert_refused(ip(net, 2), s.entry).await;
+    // The other client's tunnel was re-judged, allowed and kept; new ones are served.
+    round_trip(&mut other, b"still open under the global deny").await;
+    let mut fresh = connect_from(ip(net, 4), other_entry).await.unwrap();
+    round_trip(&mut fresh, b"new connection of the bystander").await;
+    assert_eq!(s.b.stats.policy_closed.load(Ordering::Acquire), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

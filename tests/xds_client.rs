@@ -469,6 +469,87 @@ async fn a_pushed_deny_closes_an_open_connection() {
     round_trip(&mut c, b"allowed again").await;
 }
 
+/// The mesh-wide scope over xDS: an Authorization of scope GLOBAL in the root namespace
+/// (`istio-system`, where istiod puts mesh-wide policy) closes an open connection to a workload
+/// of another namespace; the same policy with scope NAMESPACE does not. A client it does not
+/// name keeps its open connection and opens new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_global_deny_closes_the_open_connection_it_names() {
+    let net = 164;
+    let cp = FakeIstiod::start().await;
+    let mut mesh = Mesh::new(net);
+    let a = xds_node(&mut mesh, &cp, "node-a", 1).await;
+    let b = xds_node(&mut mesh, &cp, "node-b", 3).await;
+    let resources = || {
+        vec![
+            address_resource(&workload("client", "client", ip(net, 2), "node-a"), "1"),
+            address_resource(
+                &workload("bystander", "bystander", ip(net, 4), "node-a"),
+                "1",
+            ),
+            address_resource(&workload("server", "server", ip(net, 3), "node-b"), "1"),
+        ]
+    };
+    for stream in [1, 2] {
+        sync(&cp, stream, resources(), vec![]).await;
+    }
+    wait_until("both ready", WAIT, || a.is_ready() && b.is_ready()).await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let dst = app.local_addr().unwrap();
+    spawn_echo(app);
+    let entry = capture_to(a.clone(), ip(net, 2), dst).await;
+    let other_entry = capture_to(a.clone(), ip(net, 4), dst).await;
+    let mut c = connect_from(ip(net, 2), entry).await.unwrap();
+    round_trip(&mut c, b"hello over xDS-configured HBONE").await;
+    let mut other = connect_from(ip(net, 4), other_entry).await.unwrap();
+    round_trip(&mut other, b"a client no policy names").await;
+
+    let root = |scope: sec::Scope| sec::Authorization {
+        namespace: "istio-system".into(),
+        scope: scope as i32,
+        ..principal_policy(
+            "deny-client",
+            sec::Action::Deny,
+            "cluster.local/ns/default/sa/client",
+        )
+    };
+    let push = |p: sec::Authorization, version: &'static str| {
+        let cp = &cp;
+        async move {
+            for stream in [1, 2] {
+                let n = cp.push_to(
+                    stream,
+                    AUTHORIZATION,
+                    vec![policy_resource(&p, version)],
+                    vec![],
+                );
+                assert!(cp.answer(&n).await.error_detail.is_none());
+            }
+        }
+    };
+    let closed = || {
+        b.stats
+            .policy_closed
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    // Scope NAMESPACE in the root namespace: no workload there, nothing changes.
+    push(root(sec::Scope::Namespace), "1").await;
+    round_trip(&mut c, b"a root-namespace policy of namespace scope").await;
+    assert_eq!(closed(), 0);
+
+    // The same policy, now GLOBAL: the client's connection is closed, new ones refused.
+    push(root(sec::Scope::Global), "2").await;
+    assert_cut(&mut c).await;
+    assert_eq!(closed(), 1);
+    assert_refused(ip(net, 2), entry).await;
+    round_trip(&mut other, b"still open under the global deny").await;
+    let mut fresh = connect_from(ip(net, 4), other_entry).await.unwrap();
+    round_trip(&mut fresh, b"new connection of the bystander").await;
+    assert_eq!(closed(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_fails_tls_verification_is_never_used() {
     let net = 76;

@@ -180,6 +180,10 @@ pub struct Pool {
     /// Deadline of one dial, and of waiting for another caller's dial of the same key.
     connect_timeout: Duration,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    /// The reaper task, aborted when the pool is dropped. It holds the pool only weakly, so it
+    /// would notice on its own, but only at its next tick: every deleted pod's pool would leave
+    /// a task sleeping for up to `REAP_INTERVAL` (reliability #33: nothing leaks).
+    reaper: std::sync::OnceLock<tokio::task::AbortHandle>,
     /// Unit tests reach peers over in-memory pipes instead of TCP, so paused time is not
     /// advanced while real sockets are in flight.
     #[cfg(test)]
@@ -204,10 +208,12 @@ impl Pool {
             netns,
             connect_timeout,
             entries: Mutex::new(HashMap::new()),
+            reaper: std::sync::OnceLock::new(),
             #[cfg(test)]
             test_transport: None,
         });
-        tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
+        let reaper = tokio::spawn(reap(Arc::downgrade(&pool), pool.certs.subscribe_trust()));
+        let _ = pool.reaper.set(reaper.abort_handle());
         pool
     }
 
@@ -565,6 +571,14 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(reaper) = self.reaper.get() {
+            reaper.abort();
+        }
+    }
+}
+
 /// Releases connections idle for longer than the pool's idle timeout, and re-checks every
 /// connection when the trust bundle or CRLs change.
 async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
@@ -714,9 +728,47 @@ mod tests {
             netns: None,
             connect_timeout: timeout,
             entries: Mutex::new(HashMap::new()),
+            reaper: std::sync::OnceLock::new(),
             test_transport: Some(Box::new(transport)),
         });
         (pool, peers)
+    }
+
+    /// A dropped pool takes its reaper with it at once, not at the reaper's next tick (a pod
+    /// deleted over ZDS drops its pool: its task must not outlive it by up to 30 s).
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn dropping_the_pool_ends_its_reaper_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        FileCa::init(dir.path(), "cluster.local").unwrap();
+        let ca = FileCa::load(dir.path()).unwrap();
+        let roots = ca.roots().to_vec();
+        let certs = Arc::new(
+            CertManager::new(
+                CertSource::file_ca(ca, Duration::from_secs(3600)),
+                &roots,
+                crate::tls::provider(),
+            )
+            .unwrap(),
+        );
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
+        let pool = Pool::new(certs, None, None, CONNECT_TIMEOUT);
+        assert_eq!(alive(), before + 1, "the reaper runs beside the pool");
+        let born = TokioInstant::now();
+        drop(pool);
+        // A few turns of the scheduler for the abort to land; no time passes.
+        for _ in 0..10 {
+            if alive() == before {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(alive(), before, "the reaper outlived its pool");
+        assert!(born.elapsed() < REAP_INTERVAL);
     }
 
     fn key(dst: &str) -> PoolKey {

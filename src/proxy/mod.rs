@@ -124,6 +124,9 @@ pub struct Node {
     active: Arc<AtomicUsize>,
     /// Kill switches of scopes that stopped accepting but whose connections may finish (drain).
     draining: Mutex<Vec<watch::Sender<bool>>>,
+    /// The data-plane runtime the node was built on, for its task count in the metrics (they
+    /// are served from the control runtime, whose own handle would say nothing of the data path).
+    runtime: tokio::runtime::Handle,
 }
 
 /// One pod proxy, for the admin dump.
@@ -246,6 +249,8 @@ impl Node {
             ready: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             draining: Mutex::new(Vec::new()),
+            // The pool above already spawned its reaper here: this is the node's runtime.
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -377,6 +382,21 @@ impl Node {
                 "gauge",
                 "Open file descriptors of this process",
                 vec![(String::new(), crate::metrics::process_open_fds())],
+            ),
+            (
+                "zmesh_tokio_alive_tasks",
+                "gauge",
+                "Tasks alive on the node's tokio runtimes (spawned and not yet finished), by runtime: a leak shows as a count that does not come back down",
+                vec![
+                    (
+                        "{runtime=\"data_plane\"}".into(),
+                        self.runtime.metrics().num_alive_tasks() as f64,
+                    ),
+                    (
+                        "{runtime=\"control\"}".into(),
+                        control().metrics().num_alive_tasks() as f64,
+                    ),
+                ],
             ),
             (
                 "zmesh_build_info",
