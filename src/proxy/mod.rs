@@ -124,6 +124,9 @@ pub struct Node {
     active: Arc<AtomicUsize>,
     /// Kill switches of scopes that stopped accepting but whose connections may finish (drain).
     draining: Mutex<Vec<watch::Sender<bool>>>,
+    /// The data-plane runtime the node was built on, for its live task count: a leaked task
+    /// per connection shows there long before it shows in memory (reliability #36).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// One pod proxy, for the admin dump.
@@ -246,6 +249,7 @@ impl Node {
             ready: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             draining: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 
@@ -342,6 +346,15 @@ impl Node {
                 "gauge",
                 "Connections being proxied",
                 vec![(String::new(), self.active_connections() as f64)],
+            ),
+            (
+                "zmesh_runtime_alive_tasks",
+                "gauge",
+                "Tasks alive on the data-plane runtime (every listener, pooled connection and proxied connection holds some)",
+                self.runtime
+                    .iter()
+                    .map(|rt| (String::new(), rt.metrics().num_alive_tasks() as f64))
+                    .collect(),
             ),
             (
                 "zmesh_zds_pods",
