@@ -237,7 +237,12 @@ where
     let mut first = PREFACE.to_vec();
     first.extend_from_slice(SETTINGS);
     first.extend_from_slice(&connect_frame(authority));
-    if let Err(e) = tls.write_all(&first).await {
+    if let Err(e) = async {
+        tls.write_all(&first).await?;
+        tls.flush().await
+    }
+    .await
+    {
         return seen_io(&e);
     }
     let mut buf = [0u8; 512];
@@ -313,24 +318,31 @@ impl Under {
     }
 
     /// `zmesh_rejected_total{listener="hbone",reason}` as served on :15020 equals `n`, and
-    /// a WARN line with that `reason_code` names `text` (the operator-facing reason).
-    fn assert_rejected(&self, reason: &'static str, n: u64, text: &str) {
+    /// a WARN line with that `reason_code` names `text` (the operator-facing reason). Both are
+    /// awaited: the node counts, then logs, after it closed the socket the client watched.
+    async fn assert_rejected(&self, reason: &'static str, n: u64, text: &str) {
+        let dst = self.hb.ip().to_string();
+        let code = format!("reason_code=\"{reason}\"");
+        let logged = || {
+            log_lines(&["HBONE connection rejected", &dst, &code])
+                .into_iter()
+                .filter(|l| l.contains("WARN") && l.contains(text))
+                .count()
+        };
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while (self.rejected(reason) < n || logged() == 0) && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(self.rejected(reason), n, "rejections for {reason}");
         let series = format!("zmesh_rejected_total{{listener=\"hbone\",reason=\"{reason}\"}} {n}");
         assert!(
             self.node.metrics_text().contains(&series),
             "metrics lack {series}"
         );
-        let dst = self.hb.ip().to_string();
-        let code = format!("reason_code=\"{reason}\"");
-        let code_bare = format!("reason_code={reason}");
-        let lines: Vec<String> = log_lines(&["HBONE connection rejected", &dst])
-            .into_iter()
-            .filter(|l| l.contains(&code) || l.contains(&code_bare))
-            .collect();
         assert!(
-            lines.iter().any(|l| l.contains("WARN") && l.contains(text)),
-            "no WARN line for {reason} naming {text:?}: {lines:#?}"
+            logged() > 0,
+            "no WARN line for {reason} naming {text:?}: {:#?}",
+            log_lines(&["HBONE connection rejected", &dst])
         );
     }
 }
@@ -369,7 +381,7 @@ async fn expired_and_not_yet_valid_client_certificates_are_refused_naming_the_re
     )
     .await;
     assert_eq!(expired, Seen::Alert(AlertDescription::CertificateExpired));
-    u.assert_rejected("peer_cert_expired", 1, "Expired");
+    u.assert_rejected("peer_cert_expired", 1, "Expired").await;
 
     let future = probe(
         u.hb,
@@ -379,7 +391,8 @@ async fn expired_and_not_yet_valid_client_certificates_are_refused_naming_the_re
     .await;
     // RFC 8446 §6.2: certificate_expired also means "not currently valid".
     assert_eq!(future, Seen::Alert(AlertDescription::CertificateExpired));
-    u.assert_rejected("peer_cert_not_yet_valid", 1, "NotValidYet");
+    u.assert_rejected("peer_cert_not_yet_valid", 1, "NotValidYet")
+        .await;
 
     // Neither refused client got anything dialed; the control, the same client with a
     // current certificate, is served (and its dial counted, so a dial above would have been).
@@ -515,7 +528,8 @@ async fn a_tls12_only_client_gets_protocol_version_and_no_http2() {
     );
     let seen = probe(u.hb, cfg, &u.app.to_string()).await;
     assert_eq!(seen, Seen::Alert(AlertDescription::ProtocolVersion));
-    u.assert_rejected("tls_version", 1, "peer is incompatible");
+    u.assert_rejected("tls_version", 1, "peer is incompatible")
+        .await;
     u.assert_nothing_dialed(before, "TLS 1.2").await;
     u.assert_good_client_served().await;
 }
@@ -529,7 +543,8 @@ async fn no_client_certificate_is_certificate_required() {
     let before = u.dials();
     let seen = probe(u.hb, tls13_h2(None), &u.app.to_string()).await;
     assert_eq!(seen, Seen::Alert(AlertDescription::CertificateRequired));
-    u.assert_rejected("client_identity", 1, "no certificates");
+    u.assert_rejected("client_identity", 1, "no certificates")
+        .await;
     u.assert_nothing_dialed(before, "no client certificate")
         .await;
     u.assert_good_client_served().await;
@@ -552,14 +567,16 @@ async fn alpn_without_h2_is_no_application_protocol_and_no_alpn_is_closed_before
     // Offering only http/1.1: refused inside the handshake.
     let seen = probe(u.hb, cfg(&[b"http/1.1"]), &target).await;
     assert_eq!(seen, Seen::Alert(AlertDescription::NoApplicationProtocol));
-    u.assert_rejected("alpn", 1, "support any known protocol");
+    u.assert_rejected("alpn", 1, "support any known protocol")
+        .await;
 
     // Offering no ALPN at all: rustls' server completes TLS (it only refuses an ALPN list
     // without h2), then zmesh closes the connection without reading a byte of HTTP/2: the
     // CONNECT the client sent right after its Finished is never processed.
     let seen = probe(u.hb, cfg(&[]), &target).await;
     assert_eq!(seen, Seen::Io(std::io::ErrorKind::UnexpectedEof));
-    u.assert_rejected("alpn", 2, "did not negotiate ALPN h2");
+    u.assert_rejected("alpn", 2, "did not negotiate ALPN h2")
+        .await;
 
     u.assert_nothing_dialed(before, "ALPN").await;
     u.assert_good_client_served().await;
@@ -788,18 +805,37 @@ async fn hostile_handshakes_are_bounded_closed_and_leak_nothing() {
         took < Duration::from_secs(1),
         "a 60-intermediate chain took {took:?}"
     );
-    u.assert_rejected("tls_handshake", 1, "60 intermediate certificates");
+    u.assert_rejected("tls_handshake", 1, "60 intermediate certificates")
+        .await;
     assert_recovered(&u, tasks, "long chain").await;
 
-    // A valid ClientHello (and the rest of the client's flight) one byte per TCP segment:
-    // the handshake completes and the CONNECT is served.
-    let seen = probe_over(
-        dribble(u.hb, Duration::ZERO).await,
-        tls13_h2(Some(valid_cert(&u.mesh, "client"))),
-        &target,
+    // A valid ClientHello (and the rest of the client's flight, and the HTTP/2 preface) one
+    // byte per TCP segment: the handshake completes and a CONNECT is answered 200 and dialed.
+    let dialed = u.dials();
+    let (cert, mgr) = cert_from(&u.mesh.ca_dir, &id("client"));
+    let cfg = zmesh::tls::client_config(&cert, &mgr.trust(), vec![id("server")]).unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg))
+        .connect(
+            zmesh::tls::placeholder_server_name(),
+            dribble(u.hb, Duration::ZERO).await,
+        )
+        .await
+        .expect("a dribbled handshake completes");
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    assert_eq!(
+        status(&mut send, connect_req(&target)).await,
+        Ok(StatusCode::OK)
+    );
+    wait_until(
+        "the dribbled CONNECT's dial",
+        Duration::from_secs(5),
+        || u.dials() == dialed + 1,
     )
     .await;
-    assert_eq!(seen, Seen::Served);
+    drop(send);
+    driver.abort();
+    let _ = driver.await;
     assert_recovered(&u, tasks, "dribbled handshake").await;
 
     // The same, 20 ms a byte: the handshake cannot finish within the deadline, and the node
@@ -836,18 +872,28 @@ async fn hostile_handshakes_are_bounded_closed_and_leak_nothing() {
         took < DEADLINE,
         "close_notify mid-handshake: closed after {took:?} ({how})"
     );
+    u.assert_rejected("tls_handshake", 2, "received fatal alert: CloseNotify")
+        .await;
     drop(tcp);
     assert_recovered(&u, tasks, "close_notify").await;
 
     // Garbage instead of a ClientHello: closed at once.
     let mut tcp = TcpStream::connect(u.hb).await.unwrap();
-    let garbage: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
+    let mut garbage: Vec<u8> = (0..1024).map(|_| rand::random::<u8>()).collect();
+    garbage[0] = 0xde; // no TLS content type, so the reason below is always the same
+
     let _ = tcp.write_all(&garbage).await;
     let start = Instant::now();
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
     let took = start.elapsed();
     assert!(took < DEADLINE, "garbage: closed after {took:?}");
+    u.assert_rejected(
+        "tls_handshake",
+        3,
+        "corrupt message of type InvalidContentType",
+    )
+    .await;
     drop(tcp);
     assert_recovered(&u, tasks, "garbage").await;
 }
