@@ -64,12 +64,37 @@ impl HandshakeError {
     /// The metric label for this reason (`zmesh_rejected_total{reason}`).
     pub fn code(&self) -> &'static str {
         match self {
-            HandshakeError::Tls(_) => "tls_handshake",
+            HandshakeError::Tls(e) => tls_code(e),
             HandshakeError::Alpn => "alpn",
             HandshakeError::NoCertificate | HandshakeError::NoIdentity => "client_identity",
             HandshakeError::Preface(_) => "http2_preface",
             HandshakeError::Timeout(_) => "handshake_timeout",
         }
+    }
+}
+
+/// The reason label of a failed TLS handshake. The refusals an operator acts on differently
+/// are named (reliability #14, #18, #19): a client certificate outside its validity (a clock or
+/// a rotation problem), no client certificate, a TLS version below 1.3, an ALPN list without
+/// h2. Everything else (untrusted chain, garbage, a reset) is `tls_handshake`; the log line
+/// carries rustls' own words for it.
+fn tls_code(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E, PeerIncompatible as P};
+    // tokio-rustls hands rustls' error through as the io::Error's inner error.
+    match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "peer_cert_expired",
+        Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => {
+            "peer_cert_not_yet_valid"
+        }
+        Some(E::NoCertificatesPresented) => "client_identity",
+        Some(E::NoApplicationProtocol) => "alpn",
+        Some(E::PeerIncompatible(
+            P::Tls12NotOffered
+            | P::Tls12NotOfferedOrEnabled
+            | P::SupportedVersionsExtensionRequired
+            | P::ServerDoesNotSupportTls12Or13,
+        )) => "tls_version",
+        _ => "tls_handshake",
     }
 }
 

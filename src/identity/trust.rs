@@ -88,6 +88,25 @@ pub enum TrustError {
     Crl { path: String, detail: String },
 }
 
+/// Intermediates a peer may send with its leaf. webpki builds paths of at most six
+/// intermediates and a peer may add its root too, so a longer chain can never verify; yet each
+/// extra certificate that names a plausible issuer multiplies the paths webpki would try
+/// (reliability #20: sixty intermediates sharing one subject spend webpki's whole budget of
+/// 200,000 path-building calls on one handshake). Refused before any path is built.
+pub const MAX_PEER_INTERMEDIATES: usize = 7;
+
+/// A peer chain longer than [`MAX_PEER_INTERMEDIATES`].
+#[derive(thiserror::Error)]
+#[error("peer sent {0} intermediate certificates; at most {MAX_PEER_INTERMEDIATES} are accepted")]
+pub struct ChainTooLong(pub usize);
+
+// rustls prints `OtherError` with `{:?}`: make that the sentence too.
+impl fmt::Debug for ChainTooLong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// Which end of a connection a chain is checked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
@@ -194,6 +213,12 @@ impl Trust {
         at: UnixTime,
         usage: Usage,
     ) -> Result<(), rustls::Error> {
+        if intermediates.len() > MAX_PEER_INTERMEDIATES {
+            let e = ChainTooLong(intermediates.len());
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            )));
+        }
         let cert = EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         let crl_refs: Vec<&CertRevocationList<'static>> = self.crls.iter().collect();
         // Certificates a CRL does not cover (another issuer's) are not failed for it; an expired
@@ -377,6 +402,36 @@ mod tests {
         assert!(t
             .verify_chain(&leaf.chain[0], &[], during, Usage::Client)
             .is_ok());
+    }
+
+    #[test]
+    fn chains_longer_than_the_cap_are_refused_before_path_building() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = ca(dir.path(), "one");
+        let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
+        let leaf = one.issue(&id, Duration::from_secs(3600)).unwrap();
+        let t = Trust::new(
+            one.roots(),
+            vec![],
+            crate::tls::provider(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let now = unix_time(SystemTime::now());
+        // Unneeded extras up to the cap are ignored by path building: the chain verifies.
+        let extras = vec![leaf.chain[0].clone(); MAX_PEER_INTERMEDIATES];
+        assert!(t
+            .verify_chain(&leaf.chain[0], &extras, now, Usage::Client)
+            .is_ok());
+        // One more and the chain is refused, saying why.
+        let extras = vec![leaf.chain[0].clone(); MAX_PEER_INTERMEDIATES + 1];
+        let e = t
+            .verify_chain(&leaf.chain[0], &extras, now, Usage::Client)
+            .unwrap_err();
+        assert!(
+            format!("{e}").contains("peer sent 8 intermediate certificates; at most 7"),
+            "{e}"
+        );
     }
 
     #[test]
