@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::identity::{peer_identity, unix_time, CertManager, SpiffeId, Trust, Usage};
 
 use super::{
-    keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
+    keepalive, Keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
     SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
 };
 
@@ -149,6 +149,8 @@ struct ServeOptions {
     /// When the chain was verified: re-checks use this time, so expiry since then does not cut
     /// a connection but revocation does.
     verified_at: UnixTime,
+    /// PING interval and answer timeout (`node.ping_interval`, `node.ping_timeout`).
+    keepalive: Keepalive,
 }
 
 /// Why a served connection ended other than by a clean close.
@@ -297,7 +299,7 @@ impl StreamGuard {
 /// Serves one authenticated connection to its end: each CONNECT stream goes to `handler` on its
 /// own task, under the connection's limits. Shared by every HBONE listener (the node's :15008
 /// and the waypoint's), so each guard here applies to all of them:
-/// - PING keepalive (a dead peer is dropped after `PING_TIMEOUT`);
+/// - PING keepalive (a peer that leaves a PING unanswered for `keepalive.timeout` is dropped);
 /// - drain: GOAWAY when `stopping` flips, streams in flight finish;
 /// - CRL changes: a chain that is now revoked ends the connection and every stream;
 /// - rapid reset: at most `MAX_INFLIGHT_DIALS` dials at once, and past `EARLY_RESET_BUDGET`
@@ -319,9 +321,10 @@ where
     } = accepted;
     let guard = StreamGuard::new();
     let pinger = h2.ping_pong();
+    let ka_config = opts.keepalive;
     let ka = async {
         match pinger {
-            Some(p) => keepalive(p).await,
+            Some(p) => keepalive(p, ka_config).await,
             None => std::future::pending().await,
         }
     };
@@ -416,6 +419,7 @@ pub async fn serve<IO, H, Fut>(
     io: IO,
     cfg: Arc<ServerConfig>,
     deadline: Duration,
+    keepalive: Keepalive,
     certs: &CertManager,
     stopping: watch::Receiver<bool>,
     handler: H,
@@ -432,6 +436,7 @@ where
         stopping,
         trust,
         verified_at: unix_time(certs.now()),
+        keepalive,
     };
     let client = accepted.client.clone();
     tracing::debug!(identity = %client, "HBONE connection established");
