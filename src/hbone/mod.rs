@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod connect;
+pub mod goaway;
 pub mod io;
 pub mod server;
 

@@ -25,6 +25,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{peer_identity, unix_time, CertManager, SpiffeId, Trust, Usage};
 
+use super::goaway::{Flood, GoAwaySeen, GoAwayTap};
+
 use super::{
     keepalive, Keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
     SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
@@ -40,7 +42,9 @@ pub struct Accepted<IO> {
     pub client: SpiffeId,
     /// The client's chain, kept to re-check it when CRLs change.
     pub chain: Vec<CertificateDer<'static>>,
-    pub h2: Connection<TlsStream<IO>, Bytes>,
+    /// h2 over TLS, through a tap that notes the GOAWAY h2 sends (which limit closed it).
+    pub h2: Connection<GoAwayTap<TlsStream<IO>>, Bytes>,
+    pub goaway: GoAwaySeen,
 }
 
 /// Why a client did not get as far as its first stream.
@@ -98,8 +102,14 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
             .first()
             .ok_or(HandshakeError::NoCertificate)
             .and_then(|c| peer_identity(c).map_err(|_| HandshakeError::NoIdentity))?;
+        let (tls, goaway) = GoAwayTap::new(tls);
         let h2 = handshake(tls).await.map_err(HandshakeError::Preface)?;
-        Ok(Accepted { client, chain, h2 })
+        Ok(Accepted {
+            client,
+            chain,
+            h2,
+            goaway,
+        })
     };
     tokio::time::timeout(deadline, handshake)
         .await
@@ -164,18 +174,18 @@ pub enum ConnectionError {
     Revoked { client: SpiffeId, reason: String },
     #[error("closed with GOAWAY ENHANCE_YOUR_CALM: {0} streams were reset before their tunnel carried a byte")]
     RapidReset(u32),
+    /// One of h2's own abuse limits, named by the debug data of the GOAWAY h2 sent.
+    #[error("closed with GOAWAY ENHANCE_YOUR_CALM: {flood} ({source})")]
+    Flood { flood: Flood, source: h2::Error },
 }
 
 impl ConnectionError {
     /// The metric label for this reason.
     pub fn code(&self) -> &'static str {
         match self {
-            // h2's own limits (pending-accept resets, local error resets) answer a reset flood
-            // with ENHANCE_YOUR_CALM before zmesh's budget is reached.
-            ConnectionError::H2(e) if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) => {
-                "rapid_reset"
-            }
             ConnectionError::H2(_) => "http2_error",
+            // h2's pending-accept reset limit counts with zmesh's own budget as `rapid_reset`.
+            ConnectionError::Flood { flood, .. } => flood.code(),
             ConnectionError::Keepalive(_) => "keepalive_timeout",
             ConnectionError::Revoked { .. } => "revoked",
             ConnectionError::RapidReset(_) => "rapid_reset",
@@ -318,6 +328,7 @@ where
         client,
         chain,
         mut h2,
+        goaway,
     } = accepted;
     let guard = StreamGuard::new();
     let pinger = h2.ping_pong();
@@ -366,7 +377,7 @@ where
                 // The peer's reset or EOF is a normal close (conventions: errors), not a
                 // rejection to count and warn about.
                 Some(Err(e)) if peer_went_away(&e) => break,
-                Some(Err(e)) => return Err(ConnectionError::H2(e)),
+                Some(Err(e)) => return Err(connection_error(e, &goaway)),
             }
         }
         if calmed || guard.tripped() {
@@ -442,6 +453,16 @@ where
     tracing::debug!(identity = %client, "HBONE connection established");
     serve_connection(accepted, opts, |s| handler(client.clone(), s)).await?;
     Ok(())
+}
+
+/// An ENHANCE_YOUR_CALM that h2 sent (not one the peer sent us) is one of h2's abuse limits:
+/// which one, the GOAWAY's debug data says (h2's error does not carry it).
+fn connection_error(e: h2::Error, sent: &GoAwaySeen) -> ConnectionError {
+    if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) && !e.is_remote() {
+        let flood = sent.flood().unwrap_or(Flood::Unknown);
+        return ConnectionError::Flood { flood, source: e };
+    }
+    ConnectionError::H2(e)
 }
 
 /// Whether an HTTP/2 error only says the peer closed or reset its TCP connection.
