@@ -927,8 +927,15 @@ async fn streams_past_max_concurrent_streams_are_refused_and_the_connection_goes
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(t.dials(), open as usize, "a refused stream was dialed");
-    assert!(!c.ended(), "the connection was closed for five refused streams");
-    assert_eq!(t.rejections(), rejected, "h2's refusals are not zmesh's to count");
+    assert!(
+        !c.ended(),
+        "the connection was closed for five refused streams"
+    );
+    assert_eq!(
+        t.rejections(),
+        rejected,
+        "h2's refusals are not zmesh's to count"
+    );
 
     // The client closes one tunnel; a new stream is served as soon as h2 has released it.
     assert!(

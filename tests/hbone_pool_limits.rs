@@ -70,10 +70,7 @@ async fn peer(mesh: &Mesh, addr: SocketAddr, seen: Arc<Seen>) {
                 while let Some(Ok((req, mut respond))) = h2.accept().await {
                     seen.streams.fetch_add(1, Ordering::SeqCst);
                     if req.method() != Method::CONNECT {
-                        seen.not_connect
-                            .lock()
-                            .unwrap()
-                            .push(req.uri().to_string());
+                        seen.not_connect.lock().unwrap().push(req.uri().to_string());
                         continue;
                     }
                     let now = open.fetch_add(1, Ordering::SeqCst) + 1;
@@ -102,7 +99,12 @@ async fn the_pool_opens_more_connections_to_a_peer_with_few_streams_and_every_tu
     let node_a = mesh.node("node-a", 2, &w).await;
     let seen = Arc::new(Seen::default());
     peer(&mesh, SocketAddr::new(ip(NET, 3), 15008), seen.clone()).await;
-    let entry = capture_to(node_a.clone(), ip(NET, 2), SocketAddr::new(ip(NET, 3), 8080)).await;
+    let entry = capture_to(
+        node_a.clone(),
+        ip(NET, 2),
+        SocketAddr::new(ip(NET, 3), 8080),
+    )
+    .await;
 
     let all_open = Arc::new(tokio::sync::Barrier::new(TUNNELS));
     let tunnels: Vec<_> = (0..TUNNELS)

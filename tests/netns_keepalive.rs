@@ -85,7 +85,9 @@ fn established_hbone(a: &Netns) -> usize {
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// `istio_tcp_sockets_open` summed over its series at node A: proxied connections whose relay
@@ -144,7 +146,16 @@ fn a_black_holed_peer_resets_the_tunnel_and_leaves_the_pool() {
     iptables(
         &mesh.b,
         &[
-            "-I", "INPUT", "-p", "tcp", "--dport", "15008", "--syn", "-m", "comment", "--comment",
+            "-I",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "15008",
+            "--syn",
+            "-m",
+            "comment",
+            "--comment",
             SYN_COUNTER,
         ],
     );
@@ -153,18 +164,32 @@ fn a_black_holed_peer_resets_the_tunnel_and_leaves_the_pool() {
     let (a0, b0) = open_tunnel(&mesh, &app_b, b"warm-up");
     drop((a0, b0));
     assert_eq!(hbone_dials(&mesh.b), 1);
-    wait_for("node A's relays of the warm-up to end", Duration::from_secs(5), || {
-        sockets_open(&mesh.a) == 0
-    });
+    wait_for(
+        "node A's relays of the warm-up to end",
+        Duration::from_secs(5),
+        || sockets_open(&mesh.a) == 0,
+    );
     let pid_a = mesh.node_a.pid();
     let fds0 = open_fds(pid_a);
 
     // A tunnel over the pooled connection, mid-stream when B goes dark.
     let (a1, b1) = open_tunnel(&mesh, &app_b, b"before the drop");
-    assert_eq!(hbone_dials(&mesh.b), 1, "the second tunnel reused the connection");
+    assert_eq!(
+        hbone_dials(&mesh.b),
+        1,
+        "the second tunnel reused the connection"
+    );
     let dropped = Instant::now();
-    iptables(&mesh.b, &["-I", "INPUT", "-p", "tcp", "--dport", "15008", "-j", "DROP"]);
-    iptables(&mesh.b, &["-I", "OUTPUT", "-p", "tcp", "--sport", "15008", "-j", "DROP"]);
+    iptables(
+        &mesh.b,
+        &["-I", "INPUT", "-p", "tcp", "--dport", "15008", "-j", "DROP"],
+    );
+    iptables(
+        &mesh.b,
+        &[
+            "-I", "OUTPUT", "-p", "tcp", "--sport", "15008", "-j", "DROP",
+        ],
+    );
     let (ended_a, ended_b) = std::thread::scope(|s| {
         let b = s.spawn(|| read_end(b1, dropped));
         (read_end(a1, dropped), b.join().unwrap())
@@ -193,11 +218,23 @@ fn a_black_holed_peer_resets_the_tunnel_and_leaves_the_pool() {
     );
 
     // B comes back: the next tunnel dials a NEW HBONE connection, and only it is established.
-    iptables(&mesh.b, &["-D", "OUTPUT", "-p", "tcp", "--sport", "15008", "-j", "DROP"]);
-    iptables(&mesh.b, &["-D", "INPUT", "-p", "tcp", "--dport", "15008", "-j", "DROP"]);
+    iptables(
+        &mesh.b,
+        &[
+            "-D", "OUTPUT", "-p", "tcp", "--sport", "15008", "-j", "DROP",
+        ],
+    );
+    iptables(
+        &mesh.b,
+        &["-D", "INPUT", "-p", "tcp", "--dport", "15008", "-j", "DROP"],
+    );
     let (a2, b2) = open_tunnel(&mesh, &app_b, b"after the drop");
     assert_eq!(hbone_dials(&mesh.b), 2, "the pool dialed a new connection");
-    assert_eq!(established_hbone(&mesh.a), 1, "the dead connection is closed");
+    assert_eq!(
+        established_hbone(&mesh.a),
+        1,
+        "the dead connection is closed"
+    );
     drop((a2, b2));
 
     // Nothing leaked: every relay ended, and node A holds as many descriptors as before the
@@ -205,7 +242,9 @@ fn a_black_holed_peer_resets_the_tunnel_and_leaves_the_pool() {
     wait_for("node A's relays to end", Duration::from_secs(5), || {
         sockets_open(&mesh.a) == 0
     });
-    wait_for("node A's descriptors to return", Duration::from_secs(5), || {
-        open_fds(pid_a) <= fds0
-    });
+    wait_for(
+        "node A's descriptors to return",
+        Duration::from_secs(5),
+        || open_fds(pid_a) <= fds0,
+    );
 }

@@ -921,7 +921,11 @@ mod tests {
             .await
             .expect("a silent peer went unnoticed for 60 s");
         let after = cut_at.elapsed();
-        assert_eq!(after, PING_INTERVAL + PING_TIMEOUT, "detected at 10 s + 20 s");
+        assert_eq!(
+            after,
+            PING_INTERVAL + PING_TIMEOUT,
+            "detected at 10 s + 20 s"
+        );
         match ended {
             Some(Err(e)) => assert!(!e.is_go_away(), "no GOAWAY can arrive: {e}"),
             Some(Ok(b)) => panic!("{} bytes from a silent peer", b.len()),
@@ -930,7 +934,11 @@ mod tests {
         // The tunnel still holds its slot, yet the dead connection is not handed out again.
         let (t2, _) = timed(&pool, GOES_SILENT, cut_at).await;
         let _t2 = t2.expect("served on a new connection");
-        assert_eq!(peers.dials(GOES_SILENT), 2, "a new HBONE connection was dialed");
+        assert_eq!(
+            peers.dials(GOES_SILENT),
+            2,
+            "a new HBONE connection was dialed"
+        );
         assert_eq!(pool.connections(), 1, "the dead connection left the pool");
         drop(tunnel);
     }

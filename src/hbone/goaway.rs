@@ -256,7 +256,17 @@ mod tests {
 
     fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0, 0, 0, 0, 0];
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         f.extend_from_slice(payload);
         f
     }
@@ -284,10 +294,26 @@ mod tests {
     fn the_goaway_after_other_frames_is_found_at_any_split() {
         let cases = [
             (&b"too_many_resets"[..], Flood::RapidReset, "rapid_reset"),
-            (b"too_many_internal_resets", Flood::LocalResets, "local_reset_flood"),
-            (b"too_many_continuations", Flood::Continuation, "continuation_flood"),
-            (b"header_list_way_too_large", Flood::HeaderList, "header_list_too_large"),
-            (b"too_many_data_frames", Flood::DataFrames, "data_frame_flood"),
+            (
+                b"too_many_internal_resets",
+                Flood::LocalResets,
+                "local_reset_flood",
+            ),
+            (
+                b"too_many_continuations",
+                Flood::Continuation,
+                "continuation_flood",
+            ),
+            (
+                b"header_list_way_too_large",
+                Flood::HeaderList,
+                "header_list_too_large",
+            ),
+            (
+                b"too_many_data_frames",
+                Flood::DataFrames,
+                "data_frame_flood",
+            ),
             (b"", Flood::Unknown, "enhance_your_calm"),
         ];
         for (debug, flood, label) in cases {

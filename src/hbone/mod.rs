@@ -132,7 +132,11 @@ mod tests {
         let start = Instant::now();
         let ka = tokio::spawn(keepalive(pinger, Keepalive::default()));
         tokio::time::sleep(Duration::from_millis(9_999)).await;
-        assert_eq!(pings(&wire.lock().unwrap()), 0, "no PING before the interval");
+        assert_eq!(
+            pings(&wire.lock().unwrap()),
+            0,
+            "no PING before the interval"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(pings(&wire.lock().unwrap()), 1, "the PING goes out at 10 s");
         let err = ka.await.unwrap();
