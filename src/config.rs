@@ -156,6 +156,14 @@ pub struct NodeConfig {
     /// waiting for another connection's dial to the same peer. Default 10s.
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// HTTP/2 PING interval on every HBONE connection, client and server side. Default 10s.
+    #[serde(default = "default_ping_interval", deserialize_with = "de_duration")]
+    pub ping_interval: Duration,
+    /// How long a PING may go unanswered before the HBONE connection is dropped (its streams
+    /// reset, the pool forgets it). A dead peer is noticed within `ping_interval +
+    /// ping_timeout`. Default 20s.
+    #[serde(default = "default_ping_timeout", deserialize_with = "de_duration")]
+    pub ping_timeout: Duration,
     /// Certificate revocation lists (PEM `X509 CRL` blocks or one DER CRL) checked at every
     /// handshake; when the file changes, live tunnels whose peer chain became revoked are cut.
     #[serde(default)]
@@ -181,6 +189,24 @@ fn default_handshake_timeout() -> Duration {
 
 fn default_connect_timeout() -> Duration {
     crate::hbone::client::CONNECT_TIMEOUT
+}
+
+fn default_ping_interval() -> Duration {
+    crate::hbone::PING_INTERVAL
+}
+
+fn default_ping_timeout() -> Duration {
+    crate::hbone::PING_TIMEOUT
+}
+
+impl NodeConfig {
+    /// The PING keepalive of this node's HBONE connections.
+    pub fn keepalive(&self) -> crate::hbone::Keepalive {
+        crate::hbone::Keepalive {
+            interval: self.ping_interval,
+            timeout: self.ping_timeout,
+        }
+    }
 }
 
 fn default_drain() -> Duration {
@@ -755,6 +781,20 @@ impl Config {
                 "a zero deadline would fail every HBONE dial",
             ));
         }
+        if n.ping_interval.is_zero() {
+            return Err(invalid(
+                "node.ping_interval".into(),
+                &"0s",
+                "a zero interval would PING the peer without pause",
+            ));
+        }
+        if n.ping_timeout.is_zero() {
+            return Err(invalid(
+                "node.ping_timeout".into(),
+                &"0s",
+                "a zero timeout would drop every HBONE connection at its first PING",
+            ));
+        }
         if let CertificatesConfig::FileCa { ttl, .. } = &n.certificates {
             if *ttl < Duration::from_secs(60) {
                 return Err(invalid(
@@ -1151,7 +1191,12 @@ workloads:
 
     #[test]
     fn zero_deadlines_are_refused_by_name() {
-        for key in ["handshake_timeout", "connect_timeout"] {
+        for key in [
+            "handshake_timeout",
+            "connect_timeout",
+            "ping_interval",
+            "ping_timeout",
+        ] {
             let text = GOOD.replace(
                 "  name: node-a\n",
                 &format!("  name: node-a\n  {key}: 0s\n"),

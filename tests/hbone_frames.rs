@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use zmesh::hbone::{MAX_FRAME_SIZE, SERVER_MAX_HEADER_LIST};
+use zmesh::hbone::{MAX_FRAME_SIZE, SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS};
 
 /// One test at a time (descriptor counts are per process).
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -44,6 +44,8 @@ const END_HEADERS: u8 = 0x4;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 // Error codes (RFC 9113 §7).
 const PROTOCOL_ERROR: u32 = 0x1;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// How long any single answer from the node may take.
@@ -521,6 +523,31 @@ fn assert_calm(ev: &Ev, what: &str) {
     );
 }
 
+/// `assert_calm` for one of h2's own limits, named by the GOAWAY's debug data.
+fn assert_calm_because(ev: &Ev, what: &str, why: &str) {
+    assert_calm(ev, what);
+    assert!(
+        matches!(ev, Ev::GoAway { debug, .. } if debug == why),
+        "{what}: expected h2's reason {why:?}, got {ev:?}"
+    );
+}
+
+/// Waits until the node counted `n` closes for `reason` on its HBONE listener (and the label
+/// the GOAWAY's reason maps to is that one).
+async fn assert_counted(t: &Target, reason: &'static str, n: u64) {
+    let counted = || t.node.rejections.count("hbone", reason);
+    let end = Instant::now() + ANSWER_WITHIN;
+    while counted() < n && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        counted(),
+        n,
+        "closes counted as {reason:?}; all: {:?}",
+        t.node.rejections.series()
+    );
+}
+
 // ---- reliability #5: oversized header lists and HPACK amplification ----
 
 /// Between SERVER_MAX_HEADER_LIST (64 KiB) and h2's abuse limit (4 times that), a header list
@@ -622,7 +649,7 @@ async fn header_list_past_the_abuse_limit_and_hpack_bombs_close_the_connection()
         // One HEADERS frame: the node's 1 MiB frame size applies after the SETTINGS exchange.
         assert!(c.send(&header_frames(1, &block, block.len())).await);
         let (end, _) = c.until_goaway().await;
-        assert_calm(&end, what);
+        assert_calm_because(&end, what, "header_list_way_too_large");
         eprintln!("{what}: {end:?} after {:?}", start.elapsed());
         assert!(
             start.elapsed() < Duration::from_secs(2),
@@ -638,6 +665,7 @@ async fn header_list_past_the_abuse_limit_and_hpack_bombs_close_the_connection()
     })
     .await;
     eprintln!("rejections: {:?}", t.node.rejections.series());
+    assert_counted(&t, "header_list_too_large", 2).await;
     t.assert_serves_a_normal_client().await;
 }
 
@@ -715,10 +743,11 @@ async fn continuation_flood_is_closed_within_a_bounded_number_of_bytes() {
             f.what,
             start.elapsed()
         );
-        assert_calm(&end, f.what);
+        assert_calm_because(&end, f.what, "too_many_continuations");
         assert!(sent < f.bound, "{}: still open after {sent} bytes", f.what);
     }
     assert_eq!(t.dials(), 0, "an unfinished header block was dialed");
+    assert_counted(&t, "continuation_flood", 3).await;
     assert_sockets_back_to(t.net, fds).await;
     t.assert_serves_a_normal_client().await;
 }
@@ -765,7 +794,7 @@ async fn local_reset_flood_with_the_window_at_zero_is_closed_with_enhance_your_c
     }
     let (end, resets) = c.until_goaway().await;
     eprintln!("local-reset flood: {end:?} after {} more resets", resets);
-    assert_calm(&end, "local-reset flood");
+    assert_calm_because(&end, "local-reset flood", "too_many_internal_resets");
     assert!(
         resets < 1024,
         "{resets} resets sent after the first, the limit is 1,024"
@@ -773,6 +802,7 @@ async fn local_reset_flood_with_the_window_at_zero_is_closed_with_enhance_your_c
     assert_eq!(t.dials(), 0);
     drop(c);
     assert_sockets_back_to(t.net, fds).await;
+    assert_counted(&t, "local_reset_flood", 1).await;
     t.assert_serves_a_normal_client().await;
 }
 
@@ -835,7 +865,106 @@ async fn resets_the_node_is_made_to_send_after_its_dials_stay_under_the_dial_bou
         dials <= bound,
         "{streams} streams cost {dials} dials, bound {bound}"
     );
-    assert_calm(&end, "made-you-reset flood");
+    // zmesh's own early-reset budget trips first (a GOAWAY without h2's debug data).
+    assert_calm_because(&end, "made-you-reset flood", "");
+    drop(c);
+    assert_sockets_back_to(t.net, fds).await;
+    assert_counted(&t, "rapid_reset", 1).await;
+    t.assert_serves_a_normal_client().await;
+}
+
+// ---- reliability #9: more streams than the node allows ----
+
+/// A raw client ignores the node's SETTINGS_MAX_CONCURRENT_STREAMS (SERVER_MAX_STREAMS, 200):
+/// it opens 200 good CONNECTs that each get their 200 and stay open, then five more. h2 answers
+/// each of the five with RST_STREAM REFUSED_STREAM before zmesh sees it: nothing is dialed for
+/// them and nothing is counted as a rejection. The connection goes on: no GOAWAY, the open
+/// tunnels stay, and once the client resets one of them a new stream is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_max_concurrent_streams_are_refused_and_the_connection_goes_on() {
+    let _one = SERIAL.lock().await;
+    let t = target(187).await;
+    let fds = net_sockets(t.net);
+    let rejected = t.rejections();
+    let mut c = t.raw().await;
+    let block = connect_block(&t.good);
+    let open = SERVER_MAX_STREAMS;
+    let mut batch = Vec::new();
+    for i in 0..open {
+        batch.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i, &block));
+    }
+    assert!(c.send(&batch).await);
+    let mut served = 0;
+    while served < open {
+        match c.next().await {
+            Ev::Headers {
+                status: Some(200), ..
+            } => served += 1,
+            e => panic!("{e:?} after {served} streams were served"),
+        }
+    }
+    wait_until("a dial per open stream", ANSWER_WITHIN, || {
+        t.dials() == open as usize
+    })
+    .await;
+
+    // Five past the limit, each refused on its own stream.
+    let extra: Vec<u32> = (0..5).map(|i| 1 + 2 * (open + i)).collect();
+    let mut batch = Vec::new();
+    for &s in &extra {
+        batch.extend(frame(HEADERS, END_HEADERS, s, &block));
+    }
+    assert!(c.send(&batch).await);
+    for &s in &extra {
+        assert_eq!(
+            c.until_stream(s).await,
+            Ev::Reset {
+                stream: s,
+                code: REFUSED_STREAM
+            },
+            "stream {s} past the limit"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.dials(), open as usize, "a refused stream was dialed");
+    assert!(
+        !c.ended(),
+        "the connection was closed for five refused streams"
+    );
+    assert_eq!(
+        t.rejections(),
+        rejected,
+        "h2's refusals are not zmesh's to count"
+    );
+
+    // The client closes one tunnel; a new stream is served as soon as h2 has released it.
+    assert!(
+        c.send(&frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes()))
+            .await
+    );
+    let mut next = 1 + 2 * (open + 5);
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    loop {
+        assert!(c.send(&frame(HEADERS, END_HEADERS, next, &block)).await);
+        match c.until_stream(next).await {
+            Ev::Headers {
+                status: Some(200), ..
+            } => break,
+            Ev::Reset {
+                code: REFUSED_STREAM,
+                ..
+            } if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                next += 2;
+            }
+            e => panic!("stream {next} after a slot was freed: {e:?}"),
+        }
+    }
+    wait_until("the new stream's dial", ANSWER_WITHIN, || {
+        t.dials() == open as usize + 1
+    })
+    .await;
+    assert!(!c.ended());
     drop(c);
     assert_sockets_back_to(t.net, fds).await;
     t.assert_serves_a_normal_client().await;
@@ -875,7 +1004,7 @@ async fn empty_data_flood_on_an_open_tunnel_is_closed_with_enhance_your_calm() {
     }
     let (end, _) = c.until_goaway().await;
     eprintln!("empty-DATA flood: {end:?} after {frames} frames");
-    assert_calm(&end, "empty-DATA flood");
+    assert_calm_because(&end, "empty-DATA flood", "too_many_data_frames");
     assert!(
         frames <= 1000,
         "still open after {frames} empty DATA frames"
@@ -887,6 +1016,7 @@ async fn empty_data_flood_on_an_open_tunnel_is_closed_with_enhance_your_calm() {
     })
     .await;
     eprintln!("rejections: {:?}", t.node.rejections.series());
+    assert_counted(&t, "data_frame_flood", 1).await;
     t.assert_serves_a_normal_client().await;
 }
 

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    keepalive, ALPN_H2, CLIENT_MAX_HEADER_LIST, CLIENT_MAX_STREAMS, CONNECTION_WINDOW,
+    keepalive, Keepalive, ALPN_H2, CLIENT_MAX_HEADER_LIST, CLIENT_MAX_STREAMS, CONNECTION_WINDOW,
     MAX_FRAME_SIZE, POOL_IDLE_TIMEOUT, STREAM_WINDOW,
 };
 use crate::identity::{unix_time, CertManager, SpiffeId, Trust, Usage};
@@ -179,6 +179,9 @@ pub struct Pool {
     netns: Option<Arc<PodNetns>>,
     /// Deadline of one dial, and of waiting for another caller's dial of the same key.
     connect_timeout: Duration,
+    /// PINGs on every pooled connection: one whose peer stops answering is dropped, failing
+    /// its streams (the applications see a reset) and leaving the pool (reliability #25).
+    keepalive: Keepalive,
     entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
     /// The reaper task, aborted when the pool is dropped. It holds the pool only weakly, so it
     /// would notice on its own, but only at its next tick: every deleted pod's pool would leave
@@ -195,18 +198,21 @@ type TestTransport = Box<dyn Fn(SocketAddr) -> tokio::io::DuplexStream + Send + 
 
 impl Pool {
     /// A pool whose dials (and waits for a dial) end after `connect_timeout`
-    /// (`node.connect_timeout`, default `CONNECT_TIMEOUT`).
+    /// (`node.connect_timeout`, default `CONNECT_TIMEOUT`) and whose connections PING their
+    /// peer as `keepalive` says (`node.ping_interval`, `node.ping_timeout`).
     pub fn new(
         certs: Arc<CertManager>,
         mark: Option<u32>,
         netns: Option<Arc<PodNetns>>,
         connect_timeout: Duration,
+        keepalive: Keepalive,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             certs,
             mark,
             netns,
             connect_timeout,
+            keepalive,
             entries: Mutex::new(HashMap::new()),
             reaper: std::sync::OnceLock::new(),
             #[cfg(test)]
@@ -427,6 +433,7 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let pinger = conn.ping_pong();
         let closed_task = closed.clone();
+        let ka_config = self.keepalive;
         // h2's client handshake only writes our preface. The dial is done when the peer has
         // answered a PING: its SETTINGS precede the PONG (RFC 9113 section 3.4), so a peer
         // that completed TLS but never speaks HTTP/2 is caught by the dial deadline rather
@@ -438,7 +445,7 @@ impl Pool {
                     Some(mut p) => match p.ping(h2::Ping::opaque()).await {
                         Ok(_) => {
                             let _ = answered_tx.send(Ok(()));
-                            keepalive(p).await
+                            keepalive(p, ka_config).await
                         }
                         Err(e) => {
                             let _ = answered_tx.send(Err(e.to_string()));
@@ -615,6 +622,7 @@ async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hbone::{PING_INTERVAL, PING_TIMEOUT};
     use crate::identity::{CertSource, FileCa};
     use http::Method;
     use tokio::io::{AsyncReadExt, DuplexStream};
@@ -628,6 +636,9 @@ mod tests {
     const RESTARTING: &str = "10.0.0.6:15008";
     /// Completes TLS and closes, every time.
     const SLAMS: &str = "10.0.0.7:15008";
+    /// Serves like `GOOD` until the test cuts its connections: from then on every byte either
+    /// way is dropped (a node that died, or an iptables DROP), on the connections open then.
+    const GOES_SILENT: &str = "10.0.0.8:15008";
 
     /// What the in-memory peers saw: dials per destination, and the far ends of the pipes the
     /// silent peers hold (to see that the pool closed them).
@@ -635,6 +646,23 @@ mod tests {
     struct Peers {
         dials: Mutex<HashMap<SocketAddr, usize>>,
         held: Mutex<Vec<DuplexStream>>,
+        /// One switch per connection to `GOES_SILENT`: set, its bytes are dropped.
+        cuts: Mutex<Vec<Arc<AtomicBool>>>,
+    }
+
+    /// Copies `from` to `to` until EOF, discarding the bytes once `cut` is set.
+    async fn lossy(
+        mut from: tokio::io::ReadHalf<DuplexStream>,
+        mut to: tokio::io::WriteHalf<DuplexStream>,
+        cut: Arc<AtomicBool>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if !cut.load(Ordering::Acquire) && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
     }
 
     impl Peers {
@@ -692,8 +720,21 @@ mod tests {
                 });
                 return ours;
             }
+            // GOES_SILENT: the server's pipe is joined to the pool's through a cuttable relay.
+            let theirs = if dst.to_string() == GOES_SILENT {
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let cut = Arc::new(AtomicBool::new(false));
+                seen.cuts.lock().unwrap().push(cut.clone());
+                let (pool_r, pool_w) = tokio::io::split(theirs);
+                let (srv_r, srv_w) = tokio::io::split(near);
+                tokio::spawn(lossy(pool_r, srv_w, cut.clone()));
+                tokio::spawn(lossy(srv_r, pool_w, cut));
+                far
+            } else {
+                theirs
+            };
             match dst.to_string().as_str() {
-                GOOD | RESTARTING => {
+                GOOD | RESTARTING | GOES_SILENT => {
                     tokio::spawn(async move {
                         let Ok(mut accepted) =
                             super::super::server::accept(theirs, scfg, Duration::from_secs(60))
@@ -727,6 +768,7 @@ mod tests {
             mark: None,
             netns: None,
             connect_timeout: timeout,
+            keepalive: Keepalive::default(),
             entries: Mutex::new(HashMap::new()),
             reaper: std::sync::OnceLock::new(),
             test_transport: Some(Box::new(transport)),
@@ -756,7 +798,7 @@ mod tests {
                 .num_alive_tasks()
         };
         let before = alive();
-        let pool = Pool::new(certs, None, None, CONNECT_TIMEOUT);
+        let pool = Pool::new(certs, None, None, CONNECT_TIMEOUT, Keepalive::default());
         assert_eq!(alive(), before + 1, "the reaper runs beside the pool");
         let born = TokioInstant::now();
         drop(pool);
@@ -909,6 +951,48 @@ mod tests {
             !keys(&pool).contains(&SLAMS.parse().unwrap()),
             "no entry left"
         );
+    }
+
+    /// Reliability #25 with paused time: a peer that goes silent under an open tunnel (every
+    /// byte dropped from the moment the tunnel is up) is given up on by the default keepalive
+    /// exactly 10 s + 20 s later. The tunnel's stream then fails with an error, not a clean
+    /// end (the relay turns that into a reset for the application), and the dead connection
+    /// takes no new streams: the next tunnel to that peer dials a new connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_goes_silent_under_a_tunnel_is_dropped_at_interval_plus_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, peers) = pool(dir.path(), Duration::from_secs(10));
+        let (t, _) = timed(&pool, GOES_SILENT, TokioInstant::now()).await;
+        let mut tunnel = t.expect("served before the cut");
+        // The dial's own PING was answered just now; the keepalive's first sleep starts here.
+        for cut in peers.cuts.lock().unwrap().iter() {
+            cut.store(true, Ordering::Release);
+        }
+        let cut_at = TokioInstant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(60), tunnel.recv.data())
+            .await
+            .expect("a silent peer went unnoticed for 60 s");
+        let after = cut_at.elapsed();
+        assert_eq!(
+            after,
+            PING_INTERVAL + PING_TIMEOUT,
+            "detected at 10 s + 20 s"
+        );
+        match ended {
+            Some(Err(e)) => assert!(!e.is_go_away(), "no GOAWAY can arrive: {e}"),
+            Some(Ok(b)) => panic!("{} bytes from a silent peer", b.len()),
+            None => panic!("a dead peer ended the stream cleanly: the app would see a FIN"),
+        }
+        // The tunnel still holds its slot, yet the dead connection is not handed out again.
+        let (t2, _) = timed(&pool, GOES_SILENT, cut_at).await;
+        let _t2 = t2.expect("served on a new connection");
+        assert_eq!(
+            peers.dials(GOES_SILENT),
+            2,
+            "a new HBONE connection was dialed"
+        );
+        assert_eq!(pool.connections(), 1, "the dead connection left the pool");
+        drop(tunnel);
     }
 
     /// A served dial pools its connection: a second tunnel to the same peer reuses it.

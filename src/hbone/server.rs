@@ -25,8 +25,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{peer_identity, unix_time, CertManager, SpiffeId, Trust, Usage};
 
+use super::goaway::{Flood, GoAwaySeen, GoAwayTap};
+
 use super::{
-    keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
+    keepalive, Keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
     SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
 };
 
@@ -40,7 +42,9 @@ pub struct Accepted<IO> {
     pub client: SpiffeId,
     /// The client's chain, kept to re-check it when CRLs change.
     pub chain: Vec<CertificateDer<'static>>,
-    pub h2: Connection<TlsStream<IO>, Bytes>,
+    /// h2 over TLS, through a tap that notes the GOAWAY h2 sends (which limit closed it).
+    pub h2: Connection<GoAwayTap<TlsStream<IO>>, Bytes>,
+    pub goaway: GoAwaySeen,
 }
 
 /// Why a client did not get as far as its first stream.
@@ -123,8 +127,14 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
             .first()
             .ok_or(HandshakeError::NoCertificate)
             .and_then(|c| peer_identity(c).map_err(|_| HandshakeError::NoIdentity))?;
+        let (tls, goaway) = GoAwayTap::new(tls);
         let h2 = handshake(tls).await.map_err(HandshakeError::Preface)?;
-        Ok(Accepted { client, chain, h2 })
+        Ok(Accepted {
+            client,
+            chain,
+            h2,
+            goaway,
+        })
     };
     tokio::time::timeout(deadline, handshake)
         .await
@@ -174,6 +184,8 @@ struct ServeOptions {
     /// When the chain was verified: re-checks use this time, so expiry since then does not cut
     /// a connection but revocation does.
     verified_at: UnixTime,
+    /// PING interval and answer timeout (`node.ping_interval`, `node.ping_timeout`).
+    keepalive: Keepalive,
 }
 
 /// Why a served connection ended other than by a clean close.
@@ -187,18 +199,18 @@ pub enum ConnectionError {
     Revoked { client: SpiffeId, reason: String },
     #[error("closed with GOAWAY ENHANCE_YOUR_CALM: {0} streams were reset before their tunnel carried a byte")]
     RapidReset(u32),
+    /// One of h2's own abuse limits, named by the debug data of the GOAWAY h2 sent.
+    #[error("closed with GOAWAY ENHANCE_YOUR_CALM: {flood} ({source})")]
+    Flood { flood: Flood, source: h2::Error },
 }
 
 impl ConnectionError {
     /// The metric label for this reason.
     pub fn code(&self) -> &'static str {
         match self {
-            // h2's own limits (pending-accept resets, local error resets) answer a reset flood
-            // with ENHANCE_YOUR_CALM before zmesh's budget is reached.
-            ConnectionError::H2(e) if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) => {
-                "rapid_reset"
-            }
             ConnectionError::H2(_) => "http2_error",
+            // h2's pending-accept reset limit counts with zmesh's own budget as `rapid_reset`.
+            ConnectionError::Flood { flood, .. } => flood.code(),
             ConnectionError::Keepalive(_) => "keepalive_timeout",
             ConnectionError::Revoked { .. } => "revoked",
             ConnectionError::RapidReset(_) => "rapid_reset",
@@ -322,7 +334,7 @@ impl StreamGuard {
 /// Serves one authenticated connection to its end: each CONNECT stream goes to `handler` on its
 /// own task, under the connection's limits. Shared by every HBONE listener (the node's :15008
 /// and the waypoint's), so each guard here applies to all of them:
-/// - PING keepalive (a dead peer is dropped after `PING_TIMEOUT`);
+/// - PING keepalive (a peer that leaves a PING unanswered for `keepalive.timeout` is dropped);
 /// - drain: GOAWAY when `stopping` flips, streams in flight finish;
 /// - CRL changes: a chain that is now revoked ends the connection and every stream;
 /// - rapid reset: at most `MAX_INFLIGHT_DIALS` dials at once, and past `EARLY_RESET_BUDGET`
@@ -341,12 +353,14 @@ where
         client,
         chain,
         mut h2,
+        goaway,
     } = accepted;
     let guard = StreamGuard::new();
     let pinger = h2.ping_pong();
+    let ka_config = opts.keepalive;
     let ka = async {
         match pinger {
-            Some(p) => keepalive(p).await,
+            Some(p) => keepalive(p, ka_config).await,
             None => std::future::pending().await,
         }
     };
@@ -388,7 +402,7 @@ where
                 // The peer's reset or EOF is a normal close (conventions: errors), not a
                 // rejection to count and warn about.
                 Some(Err(e)) if peer_went_away(&e) => break,
-                Some(Err(e)) => return Err(ConnectionError::H2(e)),
+                Some(Err(e)) => return Err(connection_error(e, &goaway)),
             }
         }
         if calmed || guard.tripped() {
@@ -441,6 +455,7 @@ pub async fn serve<IO, H, Fut>(
     io: IO,
     cfg: Arc<ServerConfig>,
     deadline: Duration,
+    keepalive: Keepalive,
     certs: &CertManager,
     stopping: watch::Receiver<bool>,
     handler: H,
@@ -457,11 +472,22 @@ where
         stopping,
         trust,
         verified_at: unix_time(certs.now()),
+        keepalive,
     };
     let client = accepted.client.clone();
     tracing::debug!(identity = %client, "HBONE connection established");
     serve_connection(accepted, opts, |s| handler(client.clone(), s)).await?;
     Ok(())
+}
+
+/// An ENHANCE_YOUR_CALM that h2 sent (not one the peer sent us) is one of h2's abuse limits:
+/// which one, the GOAWAY's debug data says (h2's error does not carry it).
+fn connection_error(e: h2::Error, sent: &GoAwaySeen) -> ConnectionError {
+    if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) && !e.is_remote() {
+        let flood = sent.flood().unwrap_or(Flood::Unknown);
+        return ConnectionError::Flood { flood, source: e };
+    }
+    ConnectionError::H2(e)
 }
 
 /// Whether an HTTP/2 error only says the peer closed or reset its TCP connection.

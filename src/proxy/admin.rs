@@ -137,6 +137,8 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
             "registry_only": n.registry_only, "access_log": format!("{:?}", n.access_log),
             "worker_threads": n.worker_threads, "drain_timeout_s": n.drain_timeout.as_secs_f64(),
             "handshake_timeout_s": n.handshake_timeout.as_secs_f64(),
+            "ping_interval_s": n.ping_interval.as_secs_f64(),
+            "ping_timeout_s": n.ping_timeout.as_secs_f64(),
             "crl": n.crl,
         },
         "ready": node.is_ready(),

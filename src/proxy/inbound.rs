@@ -115,6 +115,7 @@ async fn connection(
         tcp,
         cfg,
         node.cfg.node.handshake_timeout,
+        node.cfg.node.keepalive(),
         &node.certs,
         stopping,
         |client, s| {

@@ -335,6 +335,7 @@ async fn add(
         node.mark(),
         Some(netns.clone()),
         node.cfg.node.connect_timeout,
+        node.cfg.node.keepalive(),
     );
     let (binding_tx, binding) = watch::channel(initial.clone());
     let scope = Arc::new(Scope {

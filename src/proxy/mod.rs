@@ -230,7 +230,13 @@ impl Node {
         }
         // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
         let mark = Some(TUNNEL_MARK);
-        let pool = Pool::new(certs.clone(), mark, None, cfg.node.connect_timeout);
+        let pool = Pool::new(
+            certs.clone(),
+            mark,
+            None,
+            cfg.node.connect_timeout,
+            cfg.node.keepalive(),
+        );
         Ok(Arc::new(Node {
             cfg,
             state: watch::Sender::new(Arc::new(state)),

@@ -181,6 +181,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.handshake_timeout != n.handshake_timeout,
     );
     check("connect_timeout", o.connect_timeout != n.connect_timeout);
+    check("ping_interval", o.ping_interval != n.ping_interval);
+    check("ping_timeout", o.ping_timeout != n.ping_timeout);
     check("control_plane", o.control_plane != n.control_plane);
     changed
 }

@@ -191,7 +191,13 @@ impl Waypoint {
                 tracing::warn!(identity = %me.identity, error = %e, "no certificate yet; the waypoint starts not ready and keeps asking the CA");
             }
         }
-        let pool = Pool::new(certs.clone(), None, None, cfg.node.connect_timeout);
+        let pool = Pool::new(
+            certs.clone(),
+            None,
+            None,
+            cfg.node.connect_timeout,
+            cfg.node.keepalive(),
+        );
         let access_log = super::accesslog::AccessLog::new(cfg.node.access_log);
         Ok(Arc::new(Waypoint {
             cfg,
@@ -344,6 +350,7 @@ async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Resu
         tcp,
         cfg,
         wp.cfg.node.handshake_timeout,
+        wp.cfg.node.keepalive(),
         &wp.certs,
         wp.stopping.subscribe(),
         |client, s| stream(wp.clone(), client, peer, s),
