@@ -444,6 +444,20 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     }
 }
 
+/// The sniffer and its replay, for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Whether the first bytes of a stream are taken for HTTP/1.x or HTTP/2.
+    pub fn looks_like_http(first: &[u8]) -> bool {
+        super::looks_like_http(first)
+    }
+
+    /// The stream handed on after sniffing: `prefix` (the sniffed bytes), then `inner`.
+    pub fn rewind<T>(prefix: Vec<u8>, inner: T) -> super::Rewind<T> {
+        super::Rewind::new(prefix, inner)
+    }
+}
+
 /// HTTP/1.x starts with a method token and a space; HTTP/2 prior knowledge with "PRI ".
 fn looks_like_http(b: &[u8]) -> bool {
     let token_len = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
