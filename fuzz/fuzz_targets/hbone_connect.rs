@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(uri) {
         if let Ok(addr) = parse_authority(text) {
             assert!(text.is_ascii() && !text.contains('@'), "accepted {text:?}");
-            assert_eq!(parse_authority(&authority_string(addr)), Ok(addr), "{text:?}");
+            assert_eq!(
+                parse_authority(&authority_string(addr)),
+                Ok(addr),
+                "{text:?}"
+            );
         }
     }
 

@@ -87,7 +87,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = check(&r.validator, chars.as_str());
         }
         Some('S') => {
-            let (header, payload) = chars.as_str().split_once('\n').unwrap_or((chars.as_str(), ""));
+            let (header, payload) = chars
+                .as_str()
+                .split_once('\n')
+                .unwrap_or((chars.as_str(), ""));
             let input = format!(
                 "{}.{}",
                 URL_SAFE_NO_PAD.encode(header),

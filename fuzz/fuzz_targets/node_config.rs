@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
     let guarded = guard::check(&text);
     match Config::parse(&text, "fuzz.yaml") {
         Ok(cfg) => {
-            assert!(guarded.is_ok(), "the guard refused text the parser accepted");
+            assert!(
+                guarded.is_ok(),
+                "the guard refused text the parser accepted"
+            );
             let _ = cfg.warnings();
             let _ = cfg.policy_set();
             let _ = Model::from_config(&cfg);

@@ -17,13 +17,20 @@ use zmesh::waypoint::server::fuzzing::{looks_like_http, rewind};
 
 fuzz_target!(|data: &[u8]| {
     let (sniffed, buf_len, stream) = match data {
-        [s, b, rest @ ..] => (usize::from(s % 17).min(rest.len()), 1 + usize::from(b % 64), rest),
+        [s, b, rest @ ..] => (
+            usize::from(s % 17).min(rest.len()),
+            1 + usize::from(b % 64),
+            rest,
+        ),
         _ => return,
     };
     let first = &stream[..sniffed];
     if looks_like_http(first) {
         let method = first.iter().take_while(|c| c.is_ascii_uppercase()).count();
-        assert!((3..=7).contains(&method) && first[method] == b' ', "{first:?}");
+        assert!(
+            (3..=7).contains(&method) && first[method] == b' ',
+            "{first:?}"
+        );
     }
 
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();

@@ -116,14 +116,20 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         let Datagram::Message { bytes: got, fds } = datagram else {
-            assert!(bytes.is_empty() && count == 0, "EOF for a datagram with content");
+            assert!(
+                bytes.is_empty() && count == 0,
+                "EOF for a datagram with content"
+            );
             return;
         };
         assert_eq!(got, bytes);
         assert_eq!(fds.len(), count);
         match decode_request(&got, fds) {
             Ok(ZdsEvent::Add { netns, .. }) => {
-                assert!(count == 1 && netns_sent == 1, "add accepted with {count} fds");
+                assert!(
+                    count == 1 && netns_sent == 1,
+                    "add accepted with {count} fds"
+                );
                 drop(netns);
             }
             Ok(_) => assert_eq!(count, 0, "a request other than add accepted with fds"),
@@ -131,5 +137,9 @@ fuzz_target!(|data: &[u8]| {
         }
     });
     let now = open_fds();
-    assert!(now == r.open_fds, "an fd was leaked: {now:#?}, before {:#?}", r.open_fds);
+    assert!(
+        now == r.open_fds,
+        "an fd was leaked: {now:#?}, before {:#?}",
+        r.open_fds
+    );
 });
