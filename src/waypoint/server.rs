@@ -451,6 +451,20 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     }
 }
 
+/// The sniffer and its replay, for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Whether the first bytes of a stream are taken for HTTP/1.x or HTTP/2.
+    pub fn looks_like_http(first: &[u8]) -> bool {
+        super::looks_like_http(first)
+    }
+
+    /// The stream handed on after sniffing: `prefix` (the sniffed bytes), then `inner`.
+    pub fn rewind<T>(prefix: Vec<u8>, inner: T) -> super::Rewind<T> {
+        super::Rewind::new(prefix, inner)
+    }
+}
+
 /// HTTP/1.x starts with a method token and a space; HTTP/2 prior knowledge with "PRI ".
 fn looks_like_http(b: &[u8]) -> bool {
     let token_len = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
@@ -1862,6 +1876,44 @@ async fn acquire_certificate(wp: Arc<Waypoint>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sniffer_takes_request_lines_and_the_h2_preface_for_http_and_nothing_else() {
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/2.0",
+            b"OPTIONS * HTTP/1.1",
+            b"PUT ",
+        ] {
+            assert!(looks_like_http(http), "{:?}", String::from_utf8_lossy(http));
+        }
+        for tcp in [
+            &b"SSH-2.0-OpenSSH"[..],
+            b"\x16\x03\x01\x02\x00",
+            b"get / HTTP/1.1",
+            b"GE / HTTP/1.1",
+            b"CONNECTS x",
+            b"GET",
+            b"",
+        ] {
+            assert!(!looks_like_http(tcp), "{:?}", String::from_utf8_lossy(tcp));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sniffed_bytes_are_replayed_before_the_rest_of_the_stream() {
+        let mut io = Rewind::new(b"GET / HT".to_vec(), &b"TP/1.1\r\n\r\n"[..]);
+        let mut got = Vec::new();
+        let mut small = [0u8; 3];
+        loop {
+            let n = io.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+    }
 
     /// `a` (backed by v1 and v2) and `b` (v1) in `shop`, `c` in `other`, `lone` backs nothing;
     /// one DENY per service plus a namespace-wide one in `shop`.

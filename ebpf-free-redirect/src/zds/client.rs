@@ -186,7 +186,7 @@ impl ZdsClient {
 
 /// Turns a datagram into an event, or into the reason to reject it. Fds not moved into the event
 /// are dropped (closed) here.
-fn validate(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<ZdsEvent, String> {
+pub(super) fn validate(bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<ZdsEvent, String> {
     let request = WorkloadRequest::decode(bytes)
         .map_err(|e| format!("malformed WorkloadRequest ({} bytes): {e}", bytes.len()))?;
     let payload = request.payload.ok_or_else(|| {

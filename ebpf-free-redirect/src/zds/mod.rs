@@ -27,6 +27,18 @@ pub use client::{Backoff, ZdsClient, ZdsEvent};
 pub use proto::WorkloadInfo;
 pub use server::{Delivery, ZdsServer};
 
+/// The tunnel side's datagram decoder, for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::os::fd::OwnedFd;
+
+    /// What [`ZdsClient::next_event`](super::ZdsClient::next_event) makes of one received
+    /// datagram and its fds: the event, or the reason it would ack as an error.
+    pub fn decode_request(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<super::ZdsEvent, String> {
+        super::client::validate(bytes, fds)
+    }
+}
+
 /// Default socket path shared by istio-cni and ztunnel; both sides must agree on it.
 pub const DEFAULT_SOCKET_PATH: &str = "/var/run/ztunnel/ztunnel.sock";
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Fuzzing (fuzz/README.md): builds every cargo-fuzz target once (nightly, AddressSanitizer, one
+# build for all), then runs each in turn for SECONDS (default 600) and fails if any of them
+# crashed, ran out of memory or hung. Prints each target's executions and coverage.
+#   scripts/fuzz.sh [SECONDS] [TARGET...]
+# CI runs `scripts/fuzz.sh 30`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
+# with `fuzz/target/x86_64-unknown-linux-gnu/release/<target> <file>`); the growing corpus in
+# fuzz/corpus/<target>/, logs in fuzz/logs/. ZMESH_CARGO_LOCK=<file> makes the cargo commands
+# (not the runs) wait on that lock, for a machine shared by several builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-600}
+shift || true
+toolchain=${ZMESH_FUZZ_TOOLCHAIN:-nightly}
+# The cargo-fuzz release this script is written against (its CLI and output layout).
+cargo_fuzz_version=0.13.2
+# Per input: a parser that takes longer than this on a few KiB is a hang, not slowness.
+timeout_secs=10
+# Per process: well above what any target needs (the corpus included), far below the machine.
+rss_limit_mb=2048
+
+die() { echo "fuzz: $*" >&2; exit 1; }
+locked() {
+  if [ -n "${ZMESH_CARGO_LOCK:-}" ]; then flock "$ZMESH_CARGO_LOCK" "$@"; else "$@"; fi
+}
+[[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "SECONDS must be a positive number of seconds, not '$secs'"
+
+# Tools: installed when missing, never skipped. Fuzzing needs nightly (-Zsanitizer); the
+# project itself builds on stable.
+command -v rustup >/dev/null || die "rustup not found: it installs the $toolchain toolchain fuzzing needs"
+if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
+  echo "fuzz: installing the $toolchain toolchain"
+  rustup toolchain install "$toolchain" --profile minimal \
+    || die "cannot install the $toolchain toolchain (network? rustup?)"
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz $cargo_fuzz_version"
+  locked cargo install --locked --version "$cargo_fuzz_version" cargo-fuzz \
+    || die "cannot install cargo-fuzz from crates.io"
+fi
+
+# One build for every target; its own target dir (fuzz/target), so the stable build is untouched.
+start=$(date +%s)
+locked cargo "+$toolchain" fuzz build -O --fuzz-dir fuzz || die "the fuzz build failed"
+echo "fuzz: build took $(( $(date +%s) - start )) s"
+
+bin_dir=fuzz/target/x86_64-unknown-linux-gnu/release
+if [ $# -gt 0 ]; then
+  targets=("$@")
+else
+  mapfile -t targets < <(cargo "+$toolchain" fuzz list --fuzz-dir fuzz)
+fi
+[ ${#targets[@]} -gt 0 ] || die "no fuzz targets found in fuzz/Cargo.toml"
+
+mkdir -p fuzz/logs
+rows=()
+failed=()
+for t in "${targets[@]}"; do
+  [ -x "$bin_dir/$t" ] || die "no built target '$t' in $bin_dir"
+  corpus=fuzz/corpus/$t
+  mkdir -p "$corpus" "fuzz/artifacts/$t"
+  # Read-only seed dirs after the corpus (libFuzzer writes new inputs into the first dir only).
+  seeds=()
+  [ -d "fuzz/seeds/$t" ] && seeds+=("fuzz/seeds/$t")
+  case "$t" in
+    node_config | waypoint_config) seeds+=(examples) ;;
+  esac
+  log=fuzz/logs/$t.log
+  echo "fuzz: $t for ${secs} s"
+  rc=0
+  # cert_san writes freshly made DER certificates into its corpus at start (never committed).
+  ZMESH_FUZZ_CERT_SEEDS=$corpus "$bin_dir/$t" "$corpus" "${seeds[@]}" \
+    -max_total_time="$secs" -timeout="$timeout_secs" -rss_limit_mb="$rss_limit_mb" \
+    -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)
+  speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n1)
+  last=$(grep -E '^#[0-9]+.*cov: [0-9]+ ft: [0-9]+' "$log" | tail -n1 || true)
+  cov=$(sed -nE 's/.* cov: ([0-9]+) .*/\1/p' <<<"$last")
+  ft=$(sed -nE 's/.* ft: ([0-9]+) .*/\1/p' <<<"$last")
+  corp=$(sed -nE 's/.* corp: ([0-9]+\/[^ ]+) .*/\1/p' <<<"$last")
+  if [ "$rc" -eq 0 ]; then
+    result=ok
+  else
+    result="FAILED (exit $rc)"
+    failed+=("$t")
+    echo "fuzz: $t FAILED; the end of $log:" >&2
+    tail -n 40 "$log" >&2
+    ls -1 "fuzz/artifacts/$t" >&2 || true
+  fi
+  rows+=("$(printf '%-16s %12s %8s %7s %7s %12s  %s' "$t" "${execs:-?}" "${speed:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result")")
+done
+
+echo
+printf '%-16s %12s %8s %7s %7s %12s  %s\n' target execs exec/s cov ft corpus result
+printf '%s\n' "${rows[@]}"
+if [ ${#failed[@]} -gt 0 ]; then
+  die "${#failed[@]} target(s) failed: ${failed[*]} (inputs in fuzz/artifacts/<target>/)"
+fi
