@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzing (fuzz/README.md): builds every cargo-fuzz target once (nightly, AddressSanitizer, one
-# build for all), then runs each in turn for SECONDS (default 600) and fails if any of them
-# crashed, ran out of memory or hung. Prints each target's executions and coverage.
+# build for all), then runs each for SECONDS (default 600), ZMESH_FUZZ_JOBS at a time (default
+# one per core), and fails if any of them crashed, ran out of memory or hung. Prints each
+# target's executions and coverage.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 # CI runs `scripts/fuzz.sh 30`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
 # with `fuzz/target/x86_64-unknown-linux-gnu/release/<target> <file>`); the growing corpus in
@@ -52,26 +53,28 @@ else
 fi
 [ ${#targets[@]} -gt 0 ] || die "no fuzz targets found in fuzz/Cargo.toml"
 
+# Targets run side by side, one per core (ZMESH_FUZZ_JOBS): each still gets SECONDS of its
+# own core, and CI's wall time is divided by the core count.
+jobs=${ZMESH_FUZZ_JOBS:-$(nproc)}
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "ZMESH_FUZZ_JOBS must be a positive number, not '$jobs'"
 mkdir -p fuzz/logs
-rows=()
-failed=()
-for t in "${targets[@]}"; do
-  [ -x "$bin_dir/$t" ] || die "no built target '$t' in $bin_dir"
-  corpus=fuzz/corpus/$t
+
+# Runs one target; its summary row goes to fuzz/logs/<target>.row, its status to .rc.
+run_one() {
+  local t=$1 corpus=fuzz/corpus/$1 log=fuzz/logs/$1.log rc=0
   mkdir -p "$corpus" "fuzz/artifacts/$t"
   # Read-only seed dirs after the corpus (libFuzzer writes new inputs into the first dir only).
-  seeds=()
+  local seeds=()
   [ -d "fuzz/seeds/$t" ] && seeds+=("fuzz/seeds/$t")
   case "$t" in
     node_config | waypoint_config) seeds+=(examples) ;;
   esac
-  log=fuzz/logs/$t.log
   echo "fuzz: $t for ${secs} s"
-  rc=0
   # cert_san writes freshly made DER certificates into its corpus at start (never committed).
   ZMESH_FUZZ_CERT_SEEDS=$corpus "$bin_dir/$t" "$corpus" "${seeds[@]}" \
     -max_total_time="$secs" -timeout="$timeout_secs" -rss_limit_mb="$rss_limit_mb" \
     -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1 || rc=$?
+  local execs speed last cov ft corp result
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n1)
   last=$(grep -E '^#[0-9]+.*cov: [0-9]+ ft: [0-9]+' "$log" | tail -n1 || true)
@@ -82,12 +85,29 @@ for t in "${targets[@]}"; do
     result=ok
   else
     result="FAILED (exit $rc)"
-    failed+=("$t")
     echo "fuzz: $t FAILED; the end of $log:" >&2
     tail -n 40 "$log" >&2
     ls -1 "fuzz/artifacts/$t" >&2 || true
   fi
-  rows+=("$(printf '%-16s %12s %8s %7s %7s %12s  %s' "$t" "${execs:-?}" "${speed:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result")")
+  printf '%-16s %12s %8s %7s %7s %12s  %s\n' "$t" "${execs:-?}" "${speed:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result" >"fuzz/logs/$t.row"
+  echo "$rc" >"fuzz/logs/$t.rc"
+}
+
+for t in "${targets[@]}"; do
+  [ -x "$bin_dir/$t" ] || die "no built target '$t' in $bin_dir"
+  rm -f "fuzz/logs/$t.row" "fuzz/logs/$t.rc"
+done
+for t in "${targets[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+  run_one "$t" &
+done
+wait
+
+rows=()
+failed=()
+for t in "${targets[@]}"; do
+  rows+=("$(cat "fuzz/logs/$t.row" 2>/dev/null || echo "$t (no result)")")
+  [ "$(cat "fuzz/logs/$t.rc" 2>/dev/null || echo missing)" = 0 ] || failed+=("$t")
 done
 
 echo
