@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use zmesh_testbed::mesh::{HostMesh, APP_PORT, A_IP, B_IP};
+use zmesh_testbed::mesh::{node_config, HostMesh, APP_PORT, B_IP};
 use zmesh_testbed::{is_root, Netns};
 
 const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -29,32 +29,14 @@ fn require_root() {
 
 /// The two-node config of the testbed's `HostMesh`, with the shortened keepalive.
 fn config(name: &str, ca: &Path) -> String {
-    format!(
-        "node:
-  name: {name}
-  trust_domain: cluster.local
-  access_log: off
-  ping_interval: {}ms
-  ping_timeout: {}ms
-  certificates:
-    file_ca: {{ dir: {ca}, ttl: 1h }}
-workloads:
-  - uid: vm-a
-    name: app-a
-    namespace: shop
-    service_account: frontend
-    addresses: [{A_IP}]
-    node: node-a
-  - uid: vm-b
-    name: app-b
-    namespace: shop
-    service_account: backend
-    addresses: [{B_IP}]
-    node: node-b
-",
-        PING_INTERVAL.as_millis(),
-        PING_TIMEOUT.as_millis(),
-        ca = ca.display()
+    node_config(
+        name,
+        ca,
+        &format!(
+            "  access_log: off\n  ping_interval: {}ms\n  ping_timeout: {}ms\n",
+            PING_INTERVAL.as_millis(),
+            PING_TIMEOUT.as_millis()
+        ),
     )
 }
 

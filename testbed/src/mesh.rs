@@ -32,14 +32,22 @@ pub struct HostMesh {
 }
 
 fn config(name: &str, ca: &Path, access_log: &str, workers: usize) -> String {
+    node_config(
+        name,
+        ca,
+        &format!("  access_log: {access_log}\n  worker_threads: {workers}\n"),
+    )
+}
+
+/// The two-node mesh's config for node `name` (its two workloads, certificates from the file CA
+/// at `ca`), with `node_lines` (indented YAML lines ending in newlines) added under `node:`.
+pub fn node_config(name: &str, ca: &Path, node_lines: &str) -> String {
     format!(
         "# Written by zmesh-testbed.
 node:
   name: {name}
   trust_domain: cluster.local
-  access_log: {access_log}
-  worker_threads: {workers}
-  certificates:
+{node_lines}  certificates:
     file_ca: {{ dir: {ca}, ttl: 1h }}
 workloads:
   - uid: vm-a
