@@ -352,6 +352,32 @@ pub enum TunnelProtocol {
     Tcp,
 }
 
+/// Istio's `ApplicationTunnel.Protocol`: how the node hands a terminated tunnel's bytes to
+/// the workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AppTunnelProtocol {
+    /// Plain bytes, as if there were no application tunnel.
+    #[default]
+    None,
+    /// A PROXY v2 header first (original client, CONNECT target, TLV 0xD0 = the client's
+    /// identity), then the bytes (docs/hbone.md "PROXY protocol").
+    Proxy,
+}
+
+/// `application_tunnel:` of a workload (Istio's Workload field 23): opt-in, for workloads that
+/// want to know who called them through the tunnel (a sandwiched waypoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationTunnel {
+    #[serde(default)]
+    pub protocol: AppTunnelProtocol,
+    /// The workload port the node dials for every CONNECT (Istio's waypoints use 15088); 0,
+    /// the default, keeps each CONNECT's own target port.
+    #[serde(default)]
+    pub port: u16,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {
@@ -407,6 +433,10 @@ pub struct WorkloadConfig {
     /// uid of the waypoint workload that handles traffic addressed to this workload's IP.
     #[serde(default)]
     pub waypoint: Option<BoundedString>,
+    /// How the node hands this workload the bytes of a tunnel it terminates; absent (or
+    /// protocol NONE): plain bytes to the CONNECT's target port.
+    #[serde(default)]
+    pub application_tunnel: Option<ApplicationTunnel>,
 }
 
 impl WorkloadConfig {

@@ -17,6 +17,11 @@ pub struct WaypointSettings {
     /// uid of the waypoint's own workload: its identity is the waypoint's certificate, its
     /// address is where it listens.
     pub workload: String,
+    /// Opt-in "sandwich" listener (docs/waypoint.md): a plain TCP port where every connection
+    /// starts with a PROXY v2 header from the node tunnel in front of the waypoint, naming the
+    /// client and its identity. Istio uses 15088. Absent: no such listener.
+    #[serde(default)]
+    pub proxy_protocol_port: Option<std::num::NonZeroU16>,
 }
 
 /// One HTTPRoute: rules for the requests addressed to `service`.
