@@ -1809,7 +1809,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 pub fn pending(wp: &Waypoint, hbone_listening: bool) -> Vec<String> {
     let mut pending = Vec::new();
     if !hbone_listening {
-        pending.push("the HBONE listener".to_string());
+        let sandwich = wp.cfg.waypoint.as_ref().and_then(|w| w.proxy_protocol_port);
+        pending.push(match sandwich {
+            Some(_) => "the PROXY protocol listener".to_string(),
+            None => "the HBONE listener".to_string(),
+        });
     }
     let me = wp.me(&wp.state());
     let now = wp.certs.now();
@@ -1879,34 +1883,37 @@ impl Drop for Listening {
     }
 }
 
-/// Binds the waypoint's HBONE and readiness listeners and serves until the process ends.
+/// Binds the waypoint's data listener and readiness listener and serves until the process
+/// ends. The data listener is HBONE on `node.ports.hbone`, or, with
+/// `waypoint.proxy_protocol_port` (the sandwich, `super::sandwich`), the PROXY listener on that
+/// port instead: the node tunnel in front of the waypoint owns HBONE on the same address.
+/// Returns the data listener's and the readiness listener's addresses.
 pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), WaypointError> {
     let ip = wp.cfg.node.bind;
-    let hbone_addr = SocketAddr::new(ip, wp.cfg.node.ports.hbone);
+    let sandwich = wp.cfg.waypoint.as_ref().and_then(|w| w.proxy_protocol_port);
+    let data_port = sandwich.map_or(wp.cfg.node.ports.hbone, |p| p.get());
+    let data_addr = SocketAddr::new(ip, data_port);
     let admin_addr = SocketAddr::new(ip, wp.cfg.node.ports.readiness);
     let listen = |addr| {
         crate::socket::listen(addr, false).map_err(|source| WaypointError::Listen { addr, source })
     };
-    let (hbone, admin) = (listen(hbone_addr)?, listen(admin_addr)?);
-    let sandwich = wp.cfg.waypoint.as_ref().and_then(|w| w.proxy_protocol_port);
-    if let Some(port) = sandwich {
-        let listener = listen(SocketAddr::new(ip, port.get()))?;
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
-        tracing::info!(%addr, "PROXY protocol (sandwich) listener serving");
-        tokio::spawn(super::sandwich::serve(wp.clone(), listener));
-    }
+    let (data, admin) = (listen(data_addr)?, listen(admin_addr)?);
     let bound = (
-        hbone.local_addr().expect("bound listener has an address"),
+        data.local_addr().expect("bound listener has an address"),
         admin.local_addr().expect("bound listener has an address"),
     );
     let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serving = Listening::raise(&listening);
-    let hbone_wp = wp.clone();
+    let data_wp = wp.clone();
     tokio::spawn(async move {
         let _serving = serving;
-        serve(hbone_wp, hbone).await
+        match sandwich {
+            Some(_) => {
+                tracing::info!(addr = %bound.0, "PROXY protocol (sandwich) listener serving");
+                super::sandwich::serve(data_wp, data).await
+            }
+            None => serve(data_wp, data).await,
+        }
     });
     tokio::spawn(acquire_certificate(wp.clone()));
     tokio::spawn(serve_admin(wp, admin, listening));
