@@ -1115,6 +1115,38 @@ workloads:
     }
 
     #[test]
+    fn application_tunnel_is_opt_in_and_strict() {
+        assert_eq!(
+            Config::parse(GOOD, "t.yaml").unwrap().workloads[0].application_tunnel,
+            None
+        );
+        let with = |t: &str| GOOD.replace("    node: node-a\n", &format!("    node: node-a\n{t}"));
+        let c = Config::parse(
+            &with("    application_tunnel: { protocol: PROXY, port: 15088 }\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.workloads[0].application_tunnel,
+            Some(ApplicationTunnel {
+                protocol: AppTunnelProtocol::Proxy,
+                port: 15088
+            })
+        );
+        let e = err(&with("    application_tunnel: { protocol: HAPROXY }\n"));
+        assert!(e.to_string().contains("unknown variant `HAPROXY`"), "{e}");
+        assert_eq!(e.location().map(|l| l.0), Some(12), "{e}");
+        let e = err(&with(
+            "    application_tunnel: { protocol: PROXY, port: 70000 }\n",
+        ));
+        assert!(e.to_string().contains("70000"), "{e}");
+        let e = err(&with(
+            "    application_tunnel: { protocol: PROXY, version: 1 }\n",
+        ));
+        assert!(e.to_string().contains("unknown field `version`"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_names_file_line_column_and_field() {
         let text = GOOD.replace("    node: node-a\n", "    node: node-a\n    colour: blue\n");
         let e = err(&text);
