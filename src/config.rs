@@ -378,6 +378,32 @@ pub enum TunnelProtocol {
     Tcp,
 }
 
+/// Istio's `ApplicationTunnel.Protocol`: how the node hands a terminated tunnel's bytes to
+/// the workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AppTunnelProtocol {
+    /// Plain bytes, as if there were no application tunnel.
+    #[default]
+    None,
+    /// A PROXY v2 header first (original client, CONNECT target, TLV 0xD0 = the client's
+    /// identity), then the bytes (docs/hbone.md "PROXY protocol").
+    Proxy,
+}
+
+/// `application_tunnel:` of a workload (Istio's Workload field 23): opt-in, for workloads that
+/// want to know who called them through the tunnel (a sandwiched waypoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationTunnel {
+    #[serde(default)]
+    pub protocol: AppTunnelProtocol,
+    /// The workload port the node dials for every CONNECT (Istio's waypoints use 15088); 0,
+    /// the default, keeps each CONNECT's own target port.
+    #[serde(default)]
+    pub port: u16,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {
@@ -433,6 +459,10 @@ pub struct WorkloadConfig {
     /// uid of the waypoint workload that handles traffic addressed to this workload's IP.
     #[serde(default)]
     pub waypoint: Option<BoundedString>,
+    /// How the node hands this workload the bytes of a tunnel it terminates; absent (or
+    /// protocol NONE): plain bytes to the CONNECT's target port.
+    #[serde(default)]
+    pub application_tunnel: Option<ApplicationTunnel>,
 }
 
 impl WorkloadConfig {
@@ -1122,6 +1152,38 @@ workloads:
 
     fn err(text: &str) -> ConfigError {
         Config::parse(text, "t.yaml").unwrap_err()
+    }
+
+    #[test]
+    fn application_tunnel_is_opt_in_and_strict() {
+        assert_eq!(
+            Config::parse(GOOD, "t.yaml").unwrap().workloads[0].application_tunnel,
+            None
+        );
+        let with = |t: &str| GOOD.replace("    node: node-a\n", &format!("    node: node-a\n{t}"));
+        let c = Config::parse(
+            &with("    application_tunnel: { protocol: PROXY, port: 15088 }\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.workloads[0].application_tunnel,
+            Some(ApplicationTunnel {
+                protocol: AppTunnelProtocol::Proxy,
+                port: 15088
+            })
+        );
+        let e = err(&with("    application_tunnel: { protocol: HAPROXY }\n"));
+        assert!(e.to_string().contains("unknown variant `HAPROXY`"), "{e}");
+        assert_eq!(e.location().map(|l| l.0), Some(12), "{e}");
+        let e = err(&with(
+            "    application_tunnel: { protocol: PROXY, port: 70000 }\n",
+        ));
+        assert!(e.to_string().contains("70000"), "{e}");
+        let e = err(&with(
+            "    application_tunnel: { protocol: PROXY, version: 1 }\n",
+        ));
+        assert!(e.to_string().contains("unknown field `version`"), "{e}");
     }
 
     #[test]

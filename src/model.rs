@@ -9,8 +9,8 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::config::{
-    Config, HealthStatus, LoadBalancingMode, Locality, NodeConfig, RoutingScope, ServiceConfig,
-    TunnelProtocol, WorkloadConfig,
+    AppTunnelProtocol, Config, HealthStatus, LoadBalancingMode, Locality, NodeConfig, RoutingScope,
+    ServiceConfig, TunnelProtocol, WorkloadConfig,
 };
 use crate::identity::SpiffeId;
 
@@ -35,6 +35,17 @@ pub struct Workload {
     pub services: HashMap<String, HashMap<u16, u16>>,
     /// uid of the waypoint that handles traffic addressed to this workload.
     pub waypoint: Option<String>,
+    /// Set when the workload asked for a PROXY application tunnel: the port the node dials
+    /// for every CONNECT it terminates (None: the CONNECT's own target port). Protocol NONE
+    /// is the same as no tunnel and leaves this unset.
+    pub proxy_tunnel: Option<ProxyTunnel>,
+}
+
+/// A workload's PROXY application tunnel (docs/hbone.md "PROXY protocol").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyTunnel {
+    /// The port dialed for every CONNECT; None keeps the CONNECT's target port.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +168,12 @@ impl Model {
                     .map(|(k, v)| (k.0.clone(), v.iter().map(|(a, b)| (*a, *b)).collect()))
                     .collect(),
                 waypoint: w.waypoint.as_ref().map(|u| u.0.clone()),
+                proxy_tunnel: w
+                    .application_tunnel
+                    .filter(|t| t.protocol == AppTunnelProtocol::Proxy)
+                    .map(|t| ProxyTunnel {
+                        port: (t.port != 0).then_some(t.port),
+                    }),
             });
             for ip in &wl.addresses {
                 // Two workloads with one IP: the first in order wins, deterministically

@@ -11,11 +11,11 @@ use std::path::Path;
 const CASES: u32 = 41;
 
 /// Cases whose row says `—`: nothing automated yet (issue #14 takes them).
-const NOT_YET_AUTOMATED: &[u32] = &[12];
+const NOT_YET_AUTOMATED: &[u32] = &[];
 
 /// Cases whose row starts with "partly": a test exists, but its assertion does not cover the
 /// whole case yet.
-const PARTLY: &[u32] = &[24];
+const PARTLY: &[u32] = &[];
 
 /// The heading above the table, and the header row it must start with.
 const SECTION: &str = "## Where the cases are tested";
@@ -335,4 +335,52 @@ fn squash(line: &str) -> String {
         .map(str::trim)
         .collect::<Vec<_>>()
         .join("|")
+}
+
+/// The `fuzz/fuzz_targets/<name>.rs` spans in a cell: fuzz targets a case is covered by.
+fn fuzz_refs(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("fuzz/fuzz_targets/") && s.ends_with(".rs"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Case 24 says "(fuzzed)": its row must name fuzz targets, and every fuzz target any row names
+/// must exist and be a `[[bin]]` of `fuzz/Cargo.toml`, which `scripts/fuzz.sh` (and so CI) runs.
+#[test]
+fn the_fuzzed_cases_name_fuzz_targets_that_ci_runs() {
+    let doc = std::fs::read_to_string(repo_root().join("docs/reliability.md")).unwrap();
+    let manifest = std::fs::read_to_string(repo_root().join("fuzz/Cargo.toml")).unwrap();
+    let mut named = BTreeMap::new();
+    for line in doc.lines().filter(|l| l.trim_start().starts_with('|')) {
+        let case = line.split('|').nth(1).map(str::trim).unwrap_or("");
+        for target in fuzz_refs(line) {
+            named.insert(target, case.to_string());
+        }
+    }
+    assert!(
+        named.values().any(|case| case == "24"),
+        "case 24 (fuzzed) names no `fuzz/fuzz_targets/<target>.rs`"
+    );
+    for (target, case) in &named {
+        assert!(
+            repo_root().join(target).is_file(),
+            "case {case}: {target} does not exist"
+        );
+        let entry = format!("path = \"{}\"", target.trim_start_matches("fuzz/"));
+        assert!(
+            manifest.contains(&entry),
+            "case {case}: {target} is not a [[bin]] of fuzz/Cargo.toml (no `{entry}`)"
+        );
+    }
+}
+
+#[test]
+fn fuzz_refs_are_the_target_spans_only() {
+    assert_eq!(
+        fuzz_refs("`src/a.rs::t`, `fuzz/fuzz_targets/jwt.rs` and `fuzz/README.md`"),
+        vec!["fuzz/fuzz_targets/jwt.rs".to_string()]
+    );
 }

@@ -17,7 +17,7 @@ use zmesh_proto::prost::Message;
 const MESH: &str = r#"
 node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
 workloads:
-  - { uid: wp, name: waypoint, namespace: shop, service_account: waypoint, addresses: [10.0.9.9, "fd00::9"], node: w }
+  - { uid: wp, name: waypoint, namespace: shop, service_account: waypoint, addresses: [10.0.9.9, "fd00::9"], node: w, application_tunnel: { protocol: PROXY, port: 15088 } }
   - uid: web-1
     name: web
     namespace: shop
@@ -191,4 +191,44 @@ fn server_resources_build_the_files_model_through_the_client() {
         let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         check(&cfg, &path.display().to_string());
     }
+}
+
+/// Istio's `application_tunnel` (Workload field 23) reaches the model from xDS: PROXY with a
+/// port, PROXY with port 0 (the CONNECT's own port), NONE (as if absent); an unknown protocol
+/// or a port above 65535 refuses the resource, naming the field.
+#[test]
+fn application_tunnel_from_xds_and_its_bad_forms() {
+    let base = |protocol: i32, port: u32| wl::Workload {
+        uid: "u".into(),
+        name: "n".into(),
+        namespace: "ns".into(),
+        addresses: vec![vec![10, 0, 0, 1]],
+        application_tunnel: Some(wl::ApplicationTunnel { protocol, port }),
+        ..Default::default()
+    };
+    let proxy = wl::application_tunnel::Protocol::Proxy as i32;
+    let none = wl::application_tunnel::Protocol::None as i32;
+    let tunnel = |w: &wl::Workload| {
+        let cfg = Config::parse(
+            "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }\n",
+            "t",
+        )
+        .unwrap();
+        let mut c = convert::workload("u", w).unwrap().config;
+        c.node = "n".into();
+        let mut cfg = cfg;
+        cfg.workloads.push(c);
+        Model::from_config(&cfg).workloads()[0].proxy_tunnel
+    };
+    use zmesh::model::ProxyTunnel;
+    assert_eq!(
+        tunnel(&base(proxy, 15088)),
+        Some(ProxyTunnel { port: Some(15088) })
+    );
+    assert_eq!(tunnel(&base(proxy, 0)), Some(ProxyTunnel { port: None }));
+    assert_eq!(tunnel(&base(none, 15088)), None);
+    let e = convert::workload("u", &base(7, 0)).err().unwrap();
+    assert_eq!(e.field, "application_tunnel.protocol", "{e:?}");
+    let e = convert::workload("u", &base(proxy, 70_000)).err().unwrap();
+    assert_eq!(e.field, "application_tunnel.port", "{e:?}");
 }

@@ -44,8 +44,8 @@ use zmesh_proto::tonic::{self, Request, Response, Status, Streaming};
 use zmesh_proto::type_url;
 
 use crate::config::{
-    Config, HealthStatus, LoadBalancingMode, RoutingScope, ServiceConfig, TunnelProtocol,
-    WorkloadConfig,
+    AppTunnelProtocol, Config, HealthStatus, LoadBalancingMode, RoutingScope, ServiceConfig,
+    TunnelProtocol, WorkloadConfig,
 };
 use crate::policy::{self, AuthorizationPolicy, PolicyEntry};
 
@@ -349,6 +349,13 @@ fn to_workload(cfg: &Config, w: &WorkloadConfig) -> wl::Workload {
         cluster_id: cfg.node.cluster.0.clone(),
         locality,
         capacity: Some(w.capacity),
+        application_tunnel: w.application_tunnel.map(|t| wl::ApplicationTunnel {
+            protocol: match t.protocol {
+                AppTunnelProtocol::None => wl::application_tunnel::Protocol::None,
+                AppTunnelProtocol::Proxy => wl::application_tunnel::Protocol::Proxy,
+            } as i32,
+            port: u32::from(t.port),
+        }),
         ..Default::default()
     }
 }

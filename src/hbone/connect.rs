@@ -181,6 +181,7 @@ mod tests {
             locality: Locality::default(),
             services: Default::default(),
             waypoint: None,
+            proxy_tunnel: None,
         }
     }
 

@@ -1,13 +1,15 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS, wire-compatible with Istio's ztunnel (docs/hbone.md).
 //!
 //! `connect` holds the pure request building and validation, tested with vectors; `client` is the
-//! pooled dialer and `server` the :15008 acceptor. h2 does the framing and rustls the TLS; this
-//! module only decides what goes in them.
+//! pooled dialer and `server` the :15008 acceptor; `proxy_protocol` the PROXY v2 header written
+//! to (and read by) workloads that ask for an application tunnel. h2 does the framing and rustls
+//! the TLS; this module only decides what goes in them.
 
 pub mod client;
 pub mod connect;
 pub mod goaway;
 pub mod io;
+pub mod proxy_protocol;
 pub mod server;
 
 use std::time::Duration;

@@ -264,6 +264,12 @@ impl StreamGuard {
         }))
     }
 
+    /// The limits of a connection that carries a single flow (the waypoint's PROXY-protocol
+    /// connections): its own dial cap and reset budget.
+    pub fn single() -> StreamGuard {
+        StreamGuard::new()
+    }
+
     /// Runs `dial` under the connection's in-flight cap, giving it up as soon as the client
     /// resets the stream (a rapid-reset flood stops costing dials the moment it resets).
     pub async fn dial<F: Future>(

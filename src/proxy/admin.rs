@@ -60,6 +60,7 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
                 "identity": w.identity.to_string(), "addresses": w.addresses,
                 "node": w.node, "protocol": format!("{:?}", w.protocol),
                 "healthy": w.healthy, "capacity": w.capacity, "waypoint": w.waypoint,
+                "proxy_tunnel_port": w.proxy_tunnel.map(|t| t.port.unwrap_or(0)),
                 "services": w.services.keys().collect::<Vec<_>>(),
             })
         })

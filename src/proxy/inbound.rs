@@ -4,11 +4,16 @@
 //! (each workload has its own IP). The TLS handshake plus the HTTP/2 preface must finish within
 //! the handshake deadline. Each CONNECT stream is validated, then the local app is dialed from
 //! the client's IP (IP_TRANSPARENT) so the app sees who really called it.
+//!
+//! A workload with a PROXY application tunnel (docs/hbone.md "PROXY protocol") is dialed at
+//! its tunnel port instead, and first reads a PROXY v2 header naming the client, the CONNECT
+//! target and the client's verified identity: `AppTunnel`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -18,6 +23,7 @@ use super::{
 };
 use crate::copy::{reset_on_drop, tcp_to_h2};
 use crate::hbone::connect::parse_connect;
+use crate::hbone::proxy_protocol::{EncodeError, Header};
 use crate::hbone::server;
 use crate::identity::SpiffeId;
 use crate::model::Workload;
@@ -138,6 +144,42 @@ async fn connection(
     Ok(served?)
 }
 
+/// Where a CONNECT's bytes go and what precedes them: the target itself, or (PROXY
+/// application tunnel) the workload's tunnel port with a PROXY v2 header written first.
+struct AppTunnel {
+    /// The address dialed.
+    dial: SocketAddr,
+    /// The encoded PROXY header, when the workload asked for one.
+    header: Option<Vec<u8>>,
+}
+
+impl AppTunnel {
+    /// For a PROXY tunnel workload: the workload's own address (the one the client's tunnel
+    /// reached) at the tunnel port, or at the CONNECT's port when the tunnel names none (as
+    /// ztunnel); the header carries (client, CONNECT target) and the client's identity.
+    fn for_connect(
+        workload: &Workload,
+        client: &SpiffeId,
+        (peer, local): (SocketAddr, SocketAddr),
+        dst: SocketAddr,
+    ) -> Result<AppTunnel, EncodeError> {
+        let Some(tunnel) = workload.proxy_tunnel else {
+            return Ok(AppTunnel {
+                dial: dst,
+                header: None,
+            });
+        };
+        let dial = SocketAddr::new(local.ip(), tunnel.port.unwrap_or(dst.port()));
+        let header = Header::proxy(peer, dst)
+            .with_identity(client.clone())
+            .encode()?;
+        Ok(AppTunnel {
+            dial,
+            header: Some(header),
+        })
+    }
+}
+
 /// Why a well-formed CONNECT to `dst` on the listener of `workload` is refused with 400 and
 /// never dialed (docs/hbone.md): the metric reason and what the log says. 503 stays for a
 /// local workload whose port refused.
@@ -196,6 +238,7 @@ async fn stream(
             return;
         }
     };
+    let tunnel = AppTunnel::for_connect(&workload, &client, (peer, local), dst);
     // ztunnel's fields: dst.addr is where the tunnel arrived, dst.hbone_addr its target.
     let mut log = ConnLog::new(Direction::Inbound, peer, local, &node.metrics);
     log.hbone_addr = Some(dst);
@@ -206,15 +249,42 @@ async fn stream(
     let model = node.model();
     log.src_wl = model.workload_by_ip(peer.ip()).cloned();
     log.mtls = true;
-    log.path = format!("app {dst}");
-    if let Some((code, why)) = refused_target(&node, &model, &workload, dst) {
+    let tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
+            server::refuse(respond, StatusCode::BAD_REQUEST);
+            crate::reject!(node.rejections, "hbone", "proxy_header", src = %peer, identity = %client, %dst, reason = %e, "CONNECT refused: no PROXY header can carry it (400)");
+            log.emit(enabled, Some(&format_args!("{e} (400)")));
+            return;
+        }
+    };
+    log.path = match tunnel.header {
+        None => format!("app {dst}"),
+        Some(_) => format!("app {} (PROXY)", tunnel.dial),
+    };
+    // A PROXY tunnel workload is told the CONNECT target in the header and decides what to do
+    // with it (a sandwiched waypoint is asked for services it fronts), so the target need not
+    // be its own address, as in ztunnel; the port dialed must still not be one of the node's.
+    let refused = match tunnel.header {
+        None => refused_target(&node, &model, &workload, dst),
+        Some(_) if node.is_own_listener(tunnel.dial) => Some((
+            "self_target",
+            format!(
+                "{} is one of this node's own listeners; never dialed",
+                tunnel.dial
+            ),
+        )),
+        Some(_) => None,
+    };
+    if let Some((code, why)) = refused {
         server::refuse(respond, StatusCode::BAD_REQUEST);
         crate::reject!(node.rejections, "hbone", code, src = %peer, identity = %client, %dst, reason = %why, "CONNECT refused (400)");
         log.emit(enabled, Some(&format_args!("{why} (400)")));
         return;
     }
-    // Policy is judged at the destination with the real target port (docs/model.md).
-    let who = || inbound_connection(Some(&client), peer, dst, &workload);
+    // Policy is judged at the destination with the real target port (docs/model.md): for a
+    // PROXY tunnel, the port dialed, as ztunnel does.
+    let who = || inbound_connection(Some(&client), peer, tunnel.dial, &workload);
     let mut changes = node.subscribe_state();
     changes.borrow_and_update();
     let decision = node.authorize(&who());
@@ -232,10 +302,21 @@ async fn stream(
     // h2's window and reach nobody until the dial succeeded (reliability #11). The dial runs
     // under the connection's cap and is dropped if the client resets first (reliability #7).
     let dialed = guard
-        .dial(&mut respond, dial_app(&node, &scope, dst, peer))
+        .dial(&mut respond, dial_app(&node, &scope, tunnel.dial, peer))
         .await;
     let mut app = match dialed {
-        Ok(Ok(a)) => a,
+        Ok(Ok(mut a)) => match write_header(&mut a, tunnel.header.as_deref()).await {
+            Ok(()) => a,
+            Err(e) => {
+                reset_on_drop(&a);
+                server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+                log.emit(
+                    enabled,
+                    Some(&format_args!("writing the PROXY header: {e} (503)")),
+                );
+                return;
+            }
+        },
         Ok(Err(e)) => {
             server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
             log.emit(enabled, Some(&format_args!("{e} (503)")));
@@ -272,4 +353,15 @@ async fn stream(
         Err(_) => reset_on_drop(&app),
     }
     settle(log, enabled, outcome, Some(&client));
+}
+
+/// Writes the PROXY header (if any) before anything of the client's: the app reads it first.
+/// Bounded by the dial timeout, so an app that accepts and never reads cannot hold the stream.
+async fn write_header(app: &mut TcpStream, header: Option<&[u8]>) -> std::io::Result<()> {
+    let Some(h) = header else { return Ok(()) };
+    tokio::time::timeout(crate::hbone::DIAL_TIMEOUT, app.write_all(h))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "app did not take the header")
+        })?
 }

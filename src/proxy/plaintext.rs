@@ -88,6 +88,20 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         );
         return;
     }
+    // A PROXY tunnel port believes the header a connection starts with; plaintext could start
+    // with a forged one (any identity), so nothing but the node's own header may reach it
+    // (docs/hbone.md "PROXY protocol"). Without a tunnel port, every port takes headers.
+    if takes_proxy_headers(&w, dst) {
+        reset_on_drop(&tcp);
+        crate::reject!(node.rejections, "plaintext", "proxy_tunnel_port", src = %peer, %dst, "plaintext connection to a PROXY application tunnel port refused (reset): it could carry a forged header");
+        log.emit(
+            enabled,
+            Some(&format_args!(
+                "{dst} takes PROXY headers only from the node's HBONE inbound (reset)"
+            )),
+        );
+        return;
+    }
     log.dst_identity = Some(w.identity.to_string());
     log.dst_workload = Some(w.name.clone());
     log.dst_wl = Some(w.clone());
@@ -125,4 +139,55 @@ async fn connection(node: Arc<Node>, scope: Arc<Scope>, mut tcp: TcpStream, peer
         reset_on_drop(&app);
     }
     settle(log, enabled, outcome, None);
+}
+
+/// Whether `dst` on `w` is a PROXY application tunnel port: the tunnel's port, or every port
+/// when the tunnel names none.
+fn takes_proxy_headers(w: &crate::model::Workload, dst: SocketAddr) -> bool {
+    w.proxy_tunnel
+        .is_some_and(|t| t.port.is_none_or(|p| p == dst.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, WorkloadConfig};
+
+    #[test]
+    fn plaintext_never_reaches_a_proxy_tunnel_port() {
+        let text = "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }\nworkloads:\n  - { uid: a, name: a, namespace: ns, addresses: [10.0.0.1], node: n }\n";
+        let mut cfg = Config::parse(text, "t").unwrap();
+        let plain: WorkloadConfig = cfg.workloads[0].clone();
+        let tunnel = |t: &str| {
+            let mut w = plain.clone();
+            w.application_tunnel = serde_yaml::from_str(t).unwrap();
+            w
+        };
+        cfg.workloads = vec![
+            plain.clone(),
+            tunnel("{ protocol: PROXY, port: 15088 }"),
+            tunnel("{ protocol: PROXY }"),
+            tunnel("{ protocol: NONE, port: 15088 }"),
+        ];
+        for (i, w) in cfg.workloads.iter_mut().enumerate() {
+            w.uid = format!("w{i}").as_str().into();
+            w.addresses = vec![format!("10.0.0.{}", i + 1).parse().unwrap()];
+        }
+        let model = crate::model::Model::from_config(&cfg);
+        let at = |i: usize, port: u16| {
+            let w = &model.workloads()[i];
+            takes_proxy_headers(w, SocketAddr::new(w.addresses[0], port))
+        };
+        assert!(!at(0, 15088), "no tunnel: plaintext as before");
+        assert!(at(1, 15088), "the tunnel port is refused");
+        assert!(
+            !at(1, 8080),
+            "other ports of a tunnel-port workload are not"
+        );
+        assert!(
+            at(2, 8080) && at(2, 15088),
+            "no tunnel port: every port takes headers"
+        );
+        assert!(!at(3, 15088), "protocol NONE is no tunnel");
+    }
 }

@@ -17,6 +17,12 @@ pub struct WaypointSettings {
     /// uid of the waypoint's own workload: its identity is the waypoint's certificate, its
     /// address is where it listens.
     pub workload: String,
+    /// Opt-in "sandwich" (docs/waypoint.md): the waypoint serves this plain TCP port instead
+    /// of HBONE, and every connection starts with a PROXY v2 header from the node tunnel in
+    /// front of it (which owns HBONE on the same address), naming the client and its
+    /// identity. Istio uses 15088. Absent: HBONE on `node.ports.hbone`.
+    #[serde(default)]
+    pub proxy_protocol_port: Option<std::num::NonZeroU16>,
 }
 
 /// One HTTPRoute: rules for the requests addressed to `service`.

@@ -2,7 +2,8 @@
 //! each request onward over HBONE under its own identity (docs/waypoint.md).
 //!
 //! `config` is its part of the config file, `l7` the pure routing and authorization decisions,
-//! `jwt` request authentication, `server` the data path.
+//! `jwt` request authentication, `server` the data path, `sandwich` its opt-in PROXY-protocol
+//! listener behind a node tunnel.
 
 pub mod accesslog;
 pub mod config;
@@ -10,4 +11,5 @@ pub mod jwt;
 pub mod l7;
 pub mod metrics;
 pub mod resilience;
+pub mod sandwich;
 pub mod server;

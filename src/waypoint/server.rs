@@ -160,9 +160,9 @@ pub struct Waypoint {
     /// What the HBONE listener refused, by reason, and the limiter for its warnings.
     pub rejections: crate::rejections::Rejections,
     /// Flips to true on drain: the listener stops accepting and connections get GOAWAY.
-    stopping: watch::Sender<bool>,
+    pub(super) stopping: watch::Sender<bool>,
     /// HBONE connections in flight: what a drain waits for.
-    active: Arc<AtomicUsize>,
+    pub(super) active: Arc<AtomicUsize>,
 }
 
 impl Waypoint {
@@ -266,7 +266,7 @@ impl Waypoint {
     }
 
     /// This waypoint's own workload.
-    fn me(&self, state: &WpState) -> Arc<Workload> {
+    pub(super) fn me(&self, state: &WpState) -> Arc<Workload> {
         state
             .model
             .workload_by_uid(&self.uid)
@@ -359,15 +359,87 @@ async fn connection(wp: Arc<Waypoint>, tcp: TcpStream, peer: SocketAddr) -> Resu
     Ok(())
 }
 
-/// Who sent a CONNECT and where to.
+/// Who sent a CONNECT (or a PROXY header, `sandwich`) and where to.
 #[derive(Clone)]
-struct Downstream {
-    client: SpiffeId,
-    peer: SocketAddr,
+pub(super) struct Downstream {
+    pub(super) client: SpiffeId,
+    pub(super) peer: SocketAddr,
     /// The HBONE connection's limits: upstream opens run under its dial cap.
-    guard: server::StreamGuard,
+    pub(super) guard: server::StreamGuard,
     /// The original destination (`:authority`): a service VIP:port or a workload IP:port.
-    dst: SocketAddr,
+    pub(super) dst: SocketAddr,
+}
+
+/// The downstream byte stream a flow arrived on: an HBONE stream, or a PROXY-protocol TCP
+/// connection (`sandwich`). The TCP relay needs to know what went back to the client and how
+/// to reset it.
+pub(super) trait DownstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Bytes written toward the client so far.
+    fn written(&self) -> u64;
+    /// Ends the stream with a reset, never a clean close.
+    fn reset(&mut self);
+}
+
+impl DownstreamIo for H2Io {
+    fn written(&self) -> u64 {
+        H2Io::written(self)
+    }
+    fn reset(&mut self) {
+        H2Io::reset(self)
+    }
+}
+
+/// Why a flow is refused before anything is sent on: the same checks whether it came as a
+/// CONNECT or behind a PROXY header.
+pub(super) enum Refusal {
+    /// The waypoint's own address: relaying to it would send the stream back into this
+    /// listener, again and again (docs/reliability.md #38).
+    SelfTarget,
+    /// No service or workload of the model has this address.
+    Unknown,
+    /// L4 policy denied it (the deciding policy, if one decided).
+    Denied(Option<String>),
+}
+
+impl Refusal {
+    pub(super) fn code(&self) -> &'static str {
+        match self {
+            Refusal::SelfTarget => "self_target",
+            Refusal::Unknown => "authority_unknown",
+            Refusal::Denied(_) => "denied_by_policy",
+        }
+    }
+}
+
+impl WpState {
+    /// The checks every flow passes before it is answered: a target the waypoint may relay
+    /// to, and L4 authorization with the waypoint as the destination workload.
+    pub(super) fn admit(
+        &self,
+        me: &Workload,
+        client: &SpiffeId,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<(), Refusal> {
+        if me.addresses.contains(&dst.ip()) {
+            return Err(Refusal::SelfTarget);
+        }
+        if self.model.service_by_vip(dst.ip()).is_none()
+            && self.model.workload_by_ip(dst.ip()).is_none()
+        {
+            return Err(Refusal::Unknown);
+        }
+        let decision = self.l4.evaluate(&crate::proxy::inbound_connection(
+            Some(client),
+            peer,
+            dst,
+            me,
+        ));
+        if !decision.allowed {
+            return Err(Refusal::Denied(decision.decided_by.map(|p| p.to_string())));
+        }
+        Ok(())
+    }
 }
 
 async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server::Stream) {
@@ -385,43 +457,47 @@ async fn stream(wp: Arc<Waypoint>, client: SpiffeId, peer: SocketAddr, s: server
     };
     let state = wp.state();
     let me = wp.me(&state);
-    // The waypoint's own address: relaying to it would send the stream back into this
-    // listener, again and again (docs/reliability.md #38).
-    if me.addresses.contains(&dst.ip()) {
-        crate::reject!(wp.rejections, "hbone", "self_target", src = %peer, identity = %client, %dst, "CONNECT to the waypoint's own address refused (400)");
-        return server::refuse(respond, StatusCode::BAD_REQUEST);
-    }
-    if state.model.service_by_vip(dst.ip()).is_none()
-        && state.model.workload_by_ip(dst.ip()).is_none()
-    {
-        crate::reject!(wp.rejections, "hbone", "authority_unknown", src = %peer, identity = %client, %dst, "CONNECT to an address that is no known service or workload (400)");
-        return server::refuse(respond, StatusCode::BAD_REQUEST);
-    }
-    // L4 authorization on the CONNECT: the waypoint is the destination workload.
-    let decision = state.l4.evaluate(&crate::proxy::inbound_connection(
-        Some(&client),
-        peer,
-        dst,
-        &me,
-    ));
-    if !decision.allowed {
-        crate::reject!(info: wp.rejections, "hbone", "denied_by_policy", src = %peer, %dst, identity = %client, policy = ?decision.decided_by, "CONNECT denied by L4 policy (401)");
-        return server::refuse(respond, StatusCode::UNAUTHORIZED);
+    match state.admit(&me, &client, peer, dst) {
+        Ok(()) => {}
+        Err(r @ Refusal::SelfTarget) => {
+            crate::reject!(wp.rejections, "hbone", r.code(), src = %peer, identity = %client, %dst, "CONNECT to the waypoint's own address refused (400)");
+            return server::refuse(respond, StatusCode::BAD_REQUEST);
+        }
+        Err(r @ Refusal::Unknown) => {
+            crate::reject!(wp.rejections, "hbone", r.code(), src = %peer, identity = %client, %dst, "CONNECT to an address that is no known service or workload (400)");
+            return server::refuse(respond, StatusCode::BAD_REQUEST);
+        }
+        Err(ref r @ Refusal::Denied(ref policy)) => {
+            crate::reject!(info: wp.rejections, "hbone", r.code(), src = %peer, %dst, identity = %client, policy = ?policy, "CONNECT denied by L4 policy (401)");
+            return server::refuse(respond, StatusCode::UNAUTHORIZED);
+        }
     }
     let Ok(send) = server::respond_ok(respond) else {
         return;
     };
-    let mut io = H2Io::new(send, req.into_body());
-    let declared = state
-        .model
-        .service_by_vip(dst.ip())
-        .and_then(|s| s.app_protocols.get(&dst.port()).copied());
+    let io = H2Io::new(send, req.into_body());
     let down = Downstream {
         client,
         peer,
         dst,
-        guard: guard.clone(),
+        guard,
     };
+    carry(wp, &state, down, io).await
+}
+
+/// Serves an admitted flow: HTTP or opaque TCP, by the target port's declared protocol, else
+/// by sniffing its first bytes.
+pub(super) async fn carry<IO: DownstreamIo>(
+    wp: Arc<Waypoint>,
+    state: &WpState,
+    down: Downstream,
+    mut io: IO,
+) {
+    let (dst, guard) = (down.dst, down.guard.clone());
+    let declared = state
+        .model
+        .service_by_vip(dst.ip())
+        .and_then(|s| s.app_protocols.get(&dst.port()).copied());
     match declared {
         Some(crate::config::AppProtocol::Tcp) => {
             return relay_tcp(wp, down, Rewind::new(Vec::new(), io)).await
@@ -471,7 +547,7 @@ fn looks_like_http(b: &[u8]) -> bool {
     (3..=7).contains(&token_len) && b.get(token_len) == Some(&b' ')
 }
 
-async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
+async fn serve_http<IO: DownstreamIo>(wp: Arc<Waypoint>, down: Downstream, io: Rewind<IO>) {
     // Set once a response was produced: a stream reset before any answer counts against the
     // connection's reset budget.
     let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -503,7 +579,7 @@ async fn serve_http(wp: Arc<Waypoint>, down: Downstream, io: Rewind<H2Io>) {
 /// reading of the target's HTTP policies (l7's module docs). A denied flow is reset (dropping
 /// the stream without END_STREAM sends RST_STREAM, which the client's node turns into a TCP
 /// reset) before anything is dialed, and access-logged.
-async fn relay_tcp(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<H2Io>) {
+async fn relay_tcp<IO: DownstreamIo>(wp: Arc<Waypoint>, down: Downstream, mut io: Rewind<IO>) {
     let guard = down.guard.clone();
     let state = wp.state();
     let target = state.target(down.dst);
@@ -1754,7 +1830,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 pub fn pending(wp: &Waypoint, hbone_listening: bool) -> Vec<String> {
     let mut pending = Vec::new();
     if !hbone_listening {
-        pending.push("the HBONE listener".to_string());
+        let sandwich = wp.cfg.waypoint.as_ref().and_then(|w| w.proxy_protocol_port);
+        pending.push(match sandwich {
+            Some(_) => "the PROXY protocol listener".to_string(),
+            None => "the HBONE listener".to_string(),
+        });
     }
     let me = wp.me(&wp.state());
     let now = wp.certs.now();
@@ -1824,25 +1904,37 @@ impl Drop for Listening {
     }
 }
 
-/// Binds the waypoint's HBONE and readiness listeners and serves until the process ends.
+/// Binds the waypoint's data listener and readiness listener and serves until the process
+/// ends. The data listener is HBONE on `node.ports.hbone`, or, with
+/// `waypoint.proxy_protocol_port` (the sandwich, `super::sandwich`), the PROXY listener on that
+/// port instead: the node tunnel in front of the waypoint owns HBONE on the same address.
+/// Returns the data listener's and the readiness listener's addresses.
 pub async fn start(wp: Arc<Waypoint>) -> Result<(SocketAddr, SocketAddr), WaypointError> {
     let ip = wp.cfg.node.bind;
-    let hbone_addr = SocketAddr::new(ip, wp.cfg.node.ports.hbone);
+    let sandwich = wp.cfg.waypoint.as_ref().and_then(|w| w.proxy_protocol_port);
+    let data_port = sandwich.map_or(wp.cfg.node.ports.hbone, |p| p.get());
+    let data_addr = SocketAddr::new(ip, data_port);
     let admin_addr = SocketAddr::new(ip, wp.cfg.node.ports.readiness);
     let listen = |addr| {
         crate::socket::listen(addr, false).map_err(|source| WaypointError::Listen { addr, source })
     };
-    let (hbone, admin) = (listen(hbone_addr)?, listen(admin_addr)?);
+    let (data, admin) = (listen(data_addr)?, listen(admin_addr)?);
     let bound = (
-        hbone.local_addr().expect("bound listener has an address"),
+        data.local_addr().expect("bound listener has an address"),
         admin.local_addr().expect("bound listener has an address"),
     );
     let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serving = Listening::raise(&listening);
-    let hbone_wp = wp.clone();
+    let data_wp = wp.clone();
     tokio::spawn(async move {
         let _serving = serving;
-        serve(hbone_wp, hbone).await
+        match sandwich {
+            Some(_) => {
+                tracing::info!(addr = %bound.0, "PROXY protocol (sandwich) listener serving");
+                super::sandwich::serve(data_wp, data).await
+            }
+            None => serve(data_wp, data).await,
+        }
     });
     tokio::spawn(acquire_certificate(wp.clone()));
     tokio::spawn(serve_admin(wp, admin, listening));

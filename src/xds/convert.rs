@@ -10,8 +10,9 @@ use zmesh_proto::istio::security as sec;
 use zmesh_proto::istio::workload as wl;
 
 use crate::config::{
-    BoundedString, HealthStatus, LoadBalancing, LoadBalancingMode, Locality, RoutingScope,
-    ServiceConfig, SpiffeIdString, TunnelProtocol, WorkloadConfig,
+    AppTunnelProtocol, ApplicationTunnel, BoundedString, HealthStatus, LoadBalancing,
+    LoadBalancingMode, Locality, RoutingScope, ServiceConfig, SpiffeIdString, TunnelProtocol,
+    WorkloadConfig,
 };
 use crate::identity::SpiffeId;
 use crate::policy::{AuthorizationPolicy, BrokenPolicy, PolicyError, Scope};
@@ -108,6 +109,31 @@ fn port(resource: &str, field: &str, p: u32) -> Result<u16, ResourceError> {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(err(resource, field, format!("{p} is not a TCP port"))),
     }
+}
+
+/// Istio's `application_tunnel`: PROXY or NONE, and a port (0: the CONNECT's target port).
+fn application_tunnel(
+    resource: &str,
+    t: &Option<wl::ApplicationTunnel>,
+) -> Result<Option<ApplicationTunnel>, ResourceError> {
+    let Some(t) = t else { return Ok(None) };
+    use wl::application_tunnel::Protocol;
+    let protocol = match Protocol::try_from(t.protocol) {
+        Ok(Protocol::None) => AppTunnelProtocol::None,
+        Ok(Protocol::Proxy) => AppTunnelProtocol::Proxy,
+        Err(_) => {
+            return Err(err(
+                resource,
+                "application_tunnel.protocol",
+                format!("{} is not an application tunnel protocol", t.protocol),
+            ))
+        }
+    };
+    let port = match t.port {
+        0 => 0,
+        p => port(resource, "application_tunnel.port", p)?,
+    };
+    Ok(Some(ApplicationTunnel { protocol, port }))
 }
 
 fn waypoint(
@@ -272,6 +298,7 @@ pub fn workload(name: &str, w: &wl::Workload) -> Result<XdsWorkload, ResourceErr
             services,
             // Resolved against the waypoint's own resource when the model is built.
             waypoint: None,
+            application_tunnel: application_tunnel(name, &w.application_tunnel)?,
         },
         waypoint: waypoint(name, "waypoint", &w.waypoint)?,
         policies,
