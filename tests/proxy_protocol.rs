@@ -32,7 +32,7 @@ const SANDWICH_PORT: u16 = 15088;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_tunnel_workload_reads_the_header_then_exactly_the_bytes() {
-    let net = 173;
+    let net = 178;
     let mut mesh = Mesh::new(net);
     let w = |uid: &str, host: u8, node: &str, extra: &str| {
         format!(
