@@ -268,7 +268,13 @@ fn ruleset(pod: &Ns) -> String {
         out.push_str(&format!("## ip {family} rule\n"));
         out.push_str(&pod.ip(&[family, "rule", "show"]));
         out.push_str(&format!("## ip {family} local routes\n"));
-        out.push_str(&pod.ip(&[family, "route", "show", "table", "all", "type", "local"]));
+        // The kernel adds the interface's IPv6 link-local address (fe80::) on its own, some
+        // time after the link comes up, so it may appear between two snapshots: not ours.
+        let routes = pod.ip(&[family, "route", "show", "table", "all", "type", "local"]);
+        for line in routes.lines().filter(|l| !l.starts_with("local fe80::")) {
+            out.push_str(line);
+            out.push('\n');
+        }
     }
     out
 }
