@@ -6,7 +6,7 @@
 //! tunnel. `server` is the running waypoint and the entry to its data path: `listener` (HBONE
 //! accept and CONNECT admission), `flow` (what every admitted flow shares: the sniffer),
 //! `request` (HTTP, L7), `upstream` (backends, retries, upstream connections), `tcp` (the
-//! opaque relay), `state` (`WpState`, built from config).
+//! opaque relay), `state` (`WpState`, built from config), `accesslog` (the access line).
 
 pub mod accesslog;
 pub mod config;

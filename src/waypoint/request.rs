@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
 use serde_json::{Map, Value};
 
+use super::accesslog::Exchange;
 use super::config::{HeaderOps, PathMatch, RouteConfig};
 use super::flow::{Downstream, DownstreamIo, Rewind};
 use super::l7::{authorize, normalize_path, select_rule, RequestView};
@@ -481,35 +482,26 @@ impl Finish {
         m.response_bytes
             .get_or_create(&labels)
             .observe(resp_bytes as f64);
-        use super::accesslog::{Line, LEVEL, MESSAGE, TARGET};
-        wp.access_log.write(&Line {
-            timestamp: humantime_now(),
-            level: LEVEL,
-            target: TARGET,
-            message: MESSAGE,
-            src_addr: down.peer.to_string(),
-            src_workload: src_wl.map(|w| w.name.as_str()),
-            src_namespace: &down.client.namespace,
-            src_identity: &labels.peers.source_principal,
-            dst_addr: down.dst.to_string(),
-            dst_service: svc.map(|s| s.hostname.as_str()),
-            dst_workload: ep.map(|w| w.name.as_str()),
-            dst_namespace: ep.map(|w| w.namespace.as_str()),
-            dst_identity: ep.map(|w| w.identity.to_string()),
-            method: &self.method,
-            path: &self.path,
-            protocol: labels.request_protocol,
-            response_code: self.status.as_u16(),
-            grpc_status: &labels.grpc_response_status,
-            response_flags: out.flags,
-            detail: &out.detail,
-            duration: format!("{}ms", ms as u64),
-            bytes_sent: req_bytes,
-            bytes_recv: resp_bytes,
-            retries: out.retries,
-            trace_id: format!("{:032x}", out.trace.0),
-            span_id: format!("{:016x}", out.trace.1),
-        });
+        wp.access_log.record(
+            down,
+            src_wl.map(|w| &**w),
+            &Exchange {
+                service: svc.map(|s| &**s),
+                endpoint: ep.map(|w| &**w),
+                method: &self.method,
+                path: &self.path,
+                protocol: labels.request_protocol,
+                response_code: self.status.as_u16(),
+                grpc_status: &labels.grpc_response_status,
+                flags: out.flags,
+                detail: &out.detail,
+                duration_ms: ms as u64,
+                bytes_sent: req_bytes,
+                bytes_recv: resp_bytes,
+                retries: out.retries,
+                trace: out.trace,
+            },
+        );
     }
 }
 
@@ -601,12 +593,6 @@ impl hyper::body::Body for CountedRequest {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-pub(super) fn humantime_now() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! start-up and readiness. The data path lives beside it: `listener` (HBONE accept loop and
 //! CONNECT admission), `flow` (what every admitted flow shares, the sniffer), `request` (L7
 //! serving), `upstream` (backends, retries, upstream connections), `tcp` (the opaque relay),
-//! `state` (`WpState`, built from config).
+//! `state` (`WpState`, built from config) and `accesslog` (the access line).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use super::accesslog::Exchange;
 use super::flow::{Downstream, DownstreamIo, Rewind};
-use super::request::humantime_now;
 use super::server::Waypoint;
 use crate::model::{Route, Service};
 
@@ -71,36 +71,26 @@ pub(super) async fn relay_tcp<IO: DownstreamIo>(
 /// The access-log line of a TCP flow refused by policy: protocol `tcp`, no status (the stream
 /// was reset), flag `RBAC`.
 fn log_tcp_denial(wp: &Waypoint, down: &Downstream, svc: Option<&Arc<Service>>, detail: &str) {
-    use super::accesslog::{Line, LEVEL, MESSAGE, TARGET};
-    let (trace, span) = crate::hbone::connect::new_trace_ids();
     let state = wp.state();
     let src_wl = state.model.workload_by_ip(down.peer.ip());
-    wp.access_log.write(&Line {
-        timestamp: humantime_now(),
-        level: LEVEL,
-        target: TARGET,
-        message: MESSAGE,
-        src_addr: down.peer.to_string(),
-        src_workload: src_wl.map(|w| w.name.as_str()),
-        src_namespace: &down.client.namespace,
-        src_identity: &down.client.to_string(),
-        dst_addr: down.dst.to_string(),
-        dst_service: svc.map(|s| s.hostname.as_str()),
-        dst_workload: None,
-        dst_namespace: None,
-        dst_identity: None,
-        method: "-",
-        path: "-",
-        protocol: "tcp",
-        response_code: 0,
-        grpc_status: "-",
-        response_flags: "RBAC",
-        detail,
-        duration: "0ms".into(),
-        bytes_sent: 0,
-        bytes_recv: 0,
-        retries: 0,
-        trace_id: format!("{trace:032x}"),
-        span_id: format!("{span:016x}"),
-    });
+    wp.access_log.record(
+        down,
+        src_wl.map(|w| &**w),
+        &Exchange {
+            service: svc.map(|s| &**s),
+            endpoint: None,
+            method: "-",
+            path: "-",
+            protocol: "tcp",
+            response_code: 0,
+            grpc_status: "-",
+            flags: "RBAC",
+            detail,
+            duration_ms: 0,
+            bytes_sent: 0,
+            bytes_recv: 0,
+            retries: 0,
+            trace: crate::hbone::connect::new_trace_ids(),
+        },
+    );
 }
