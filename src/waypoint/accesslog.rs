@@ -135,6 +135,29 @@ pub(super) struct Exchange<'a> {
     pub trace: (u128, u64),
 }
 
+impl<'a> Exchange<'a> {
+    /// A TCP flow refused by the target's policies before anything was dialed: no method or
+    /// path, no status (the stream was reset), flag `RBAC`, a new trace.
+    pub(super) fn tcp_denial(service: Option<&'a Service>, detail: &'a str) -> Exchange<'a> {
+        Exchange {
+            service,
+            endpoint: None,
+            method: "-",
+            path: "-",
+            protocol: "tcp",
+            response_code: 0,
+            grpc_status: "-",
+            flags: "RBAC",
+            detail,
+            duration_ms: 0,
+            bytes_sent: 0,
+            bytes_recv: 0,
+            retries: 0,
+            trace: crate::hbone::connect::new_trace_ids(),
+        }
+    }
+}
+
 fn now_rfc3339() -> String {
     let t = time::OffsetDateTime::now_utc();
     t.format(&time::format_description::well_known::Rfc3339)
@@ -215,25 +238,6 @@ services:
         }
     }
 
-    fn tcp_denial<'a>(svc: Option<&'a Service>, detail: &'a str) -> Exchange<'a> {
-        Exchange {
-            service: svc,
-            endpoint: None,
-            method: "-",
-            path: "-",
-            protocol: "tcp",
-            response_code: 0,
-            grpc_status: "-",
-            flags: "RBAC",
-            detail,
-            duration_ms: 0,
-            bytes_sent: 0,
-            bytes_recv: 0,
-            retries: 0,
-            trace: (0xabc, 0x12),
-        }
-    }
-
     /// The line as it is written: one JSON object, parsed back.
     fn written(down: &Downstream, src: Option<&Workload>, e: &Exchange<'_>) -> Value {
         let bytes = with_line(down, src, e, |l| serde_json::to_vec(l).unwrap());
@@ -290,7 +294,7 @@ services:
         let v = written(
             &down(),
             None,
-            &tcp_denial(svc.map(|s| &**s), "denied as TCP by p"),
+            &Exchange::tcp_denial(svc.map(|s| &**s), "denied as TCP by p"),
         );
         for absent in [
             "src.workload",
@@ -307,12 +311,17 @@ services:
         assert_eq!(v["response_flags"], "RBAC");
         assert_eq!(v["duration"], "0ms");
         assert_eq!(v["detail"], "denied as TCP by p");
+        let hex = |k: &str, len: usize| {
+            let t = v[k].as_str().unwrap();
+            t.len() == len && t.chars().all(|c| c.is_ascii_hexdigit())
+        };
+        assert!(hex("trace_id", 32) && hex("span_id", 16), "{v}");
     }
 
     #[test]
     fn hostile_detail_text_is_escaped_and_cannot_forge_a_second_line() {
         let forged = "x\"}\n{\"level\":\"INFO\",\"response_flags\":\"-\"";
-        let v = written(&down(), None, &tcp_denial(None, forged));
+        let v = written(&down(), None, &Exchange::tcp_denial(None, forged));
         assert_eq!(v["detail"], forged);
         assert_eq!(v["response_flags"], "RBAC");
         assert!(v.get("dst.service").is_none());

@@ -76,21 +76,6 @@ fn log_tcp_denial(wp: &Waypoint, down: &Downstream, svc: Option<&Arc<Service>>, 
     wp.access_log.record(
         down,
         src_wl.map(|w| &**w),
-        &Exchange {
-            service: svc.map(|s| &**s),
-            endpoint: None,
-            method: "-",
-            path: "-",
-            protocol: "tcp",
-            response_code: 0,
-            grpc_status: "-",
-            flags: "RBAC",
-            detail,
-            duration_ms: 0,
-            bytes_sent: 0,
-            bytes_recv: 0,
-            retries: 0,
-            trace: crate::hbone::connect::new_trace_ids(),
-        },
+        &Exchange::tcp_denial(svc.map(|s| &**s), detail),
     );
 }
