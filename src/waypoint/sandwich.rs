@@ -20,7 +20,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::server::{carry, Downstream, DownstreamIo, Refusal, Waypoint};
+use super::flow::{carry, Downstream, DownstreamIo};
+use super::listener::Refusal;
+use super::server::Waypoint;
 use crate::copy::reset_on_drop;
 use crate::hbone::proxy_protocol::{read_header, Command, DecodeError};
 use crate::hbone::server::StreamGuard;
