@@ -21,6 +21,28 @@ use crate::model::Workload;
 /// Accepts HBONE connections until the waypoint drains. Accept errors (file-descriptor
 /// exhaustion) are logged and retried after a pause (reliability #29).
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
+    accept_each(wp, listener, "waypoint HBONE", |wp, tcp, peer| async move {
+        let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if let Err(e) = connection(wp.clone(), tcp, peer).await {
+            crate::reject!(wp.rejections, "hbone", e.code(), src = %peer, dst, reason = %e, "waypoint HBONE connection ended");
+        }
+    })
+    .await
+}
+
+/// The waypoint's accept loop, for each of its listeners (`what` names it in logs): until the
+/// waypoint drains, every accepted connection runs `handle` in its own task and counts as a
+/// connection in flight for the drain. Accept errors are logged, rate-limited, and retried
+/// after a pause.
+pub(super) async fn accept_each<F, Fut>(
+    wp: Arc<Waypoint>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Waypoint>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut stopping = wp.stopping.subscribe();
     let accept_warnings = crate::rejections::LogLimiter::default();
     loop {
@@ -31,19 +53,14 @@ pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
         match accepted {
             Ok((tcp, peer)) => {
                 crate::socket::tune(&tcp);
-                let wp = wp.clone();
                 let active = crate::proxy::ActiveGuard::new(wp.active.clone());
+                let flow = handle(wp.clone(), tcp, peer);
                 tokio::spawn(async move {
                     let _active = active;
-                    let dst = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    if let Err(e) = connection(wp.clone(), tcp, peer).await {
-                        crate::reject!(wp.rejections, "hbone", e.code(), src = %peer, dst, reason = %e, "waypoint HBONE connection ended");
-                    }
+                    flow.await
                 });
             }
-            Err(e) => {
-                crate::rejections::accept_failed(&accept_warnings, "waypoint HBONE", &e).await
-            }
+            Err(e) => crate::rejections::accept_failed(&accept_warnings, what, &e).await,
         }
     }
 }

@@ -33,28 +33,7 @@ const LISTENER: &str = "proxy";
 /// Accepts PROXY-protocol connections until the waypoint drains. Each counts as a connection
 /// in flight for the drain, as an HBONE connection does.
 pub async fn serve(wp: Arc<Waypoint>, listener: TcpListener) {
-    let mut stopping = wp.stopping.subscribe();
-    let accept_warnings = crate::rejections::LogLimiter::default();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stopping.wait_for(|s| *s) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                crate::socket::tune(&tcp);
-                let wp = wp.clone();
-                let active = crate::proxy::ActiveGuard::new(wp.active.clone());
-                tokio::spawn(async move {
-                    let _active = active;
-                    connection(wp, tcp, peer).await
-                });
-            }
-            Err(e) => {
-                crate::rejections::accept_failed(&accept_warnings, "waypoint PROXY", &e).await
-            }
-        }
-    }
+    super::listener::accept_each(wp, listener, "waypoint PROXY", connection).await
 }
 
 /// Why a connection on the PROXY listener was refused before anything was forwarded.
