@@ -305,8 +305,11 @@ impl Under {
             status(&mut send, connect_req(&self.app.to_string())).await,
             Ok(StatusCode::OK)
         );
+        // The node answers 200 only once its dial succeeded; the app's accept loop counts it
+        // a moment later. At least one: a probe just before may have left a CONNECT that the
+        // node dials after the probe read its SETTINGS and went (or never dials).
         wait_until("the good CONNECT's dial", Duration::from_secs(5), || {
-            self.dials() == before + 1
+            self.dials() > before
         })
         .await;
     }
