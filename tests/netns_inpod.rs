@@ -276,13 +276,20 @@ workloads:
             POD_A.parse::<IpAddr>().unwrap(),
             "the app sees the source pod's IP"
         );
-        let log = zn.read_log();
-        assert!(
+        // The access line is written when the node's side of the connection settles, which
+        // can be a moment after the client read its EOF.
+        let logged = |log: &str| {
             log.contains("\"direction\":\"inbound\"")
                 && log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
-                && log.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/backend\""),
-            "node log: {log}"
-        );
+                && log.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/backend\"")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut log = zn.read_log();
+        while !logged(&log) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            log = zn.read_log();
+        }
+        assert!(logged(&log), "node log: {log}");
 
         // Deleting pod B tears its proxy down: pod A's next connection gets a reset, never a
         // plaintext bypass.
