@@ -676,21 +676,26 @@ mod tests {
         SpiffeId::new("cluster.local", "ns", sa).unwrap()
     }
 
-    /// A pool whose peers live in memory: `GOOD` answers every CONNECT with 200, `BLACK_HOLE`
-    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2;
-    /// `RESTARTING` and `SLAMS` close right after TLS (the first time, or always).
-    fn pool(dir: &std::path::Path, timeout: Duration) -> (Arc<Pool>, Arc<Peers>) {
+    /// A certificate manager issuing from a new file CA in `dir`.
+    fn file_ca_certs(dir: &std::path::Path) -> Arc<CertManager> {
         FileCa::init(dir, "cluster.local").unwrap();
         let ca = FileCa::load(dir).unwrap();
         let roots = ca.roots().to_vec();
-        let certs = Arc::new(
+        Arc::new(
             CertManager::new(
                 CertSource::file_ca(ca, Duration::from_secs(3600)),
                 &roots,
                 crate::tls::provider(),
             )
             .unwrap(),
-        );
+        )
+    }
+
+    /// A pool whose peers live in memory: `GOOD` answers every CONNECT with 200, `BLACK_HOLE`
+    /// accepts and never sends a byte, `MUTE_H2` completes TLS and then never speaks HTTP/2;
+    /// `RESTARTING` and `SLAMS` close right after TLS (the first time, or always).
+    fn pool(dir: &std::path::Path, timeout: Duration) -> (Arc<Pool>, Arc<Peers>) {
+        let certs = file_ca_certs(dir);
         // Issued up front: these tests are about the dial, not the CA.
         certs.fetch(&id("client")).unwrap();
         let scfg = Arc::new(
@@ -781,17 +786,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn dropping_the_pool_ends_its_reaper_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        FileCa::init(dir.path(), "cluster.local").unwrap();
-        let ca = FileCa::load(dir.path()).unwrap();
-        let roots = ca.roots().to_vec();
-        let certs = Arc::new(
-            CertManager::new(
-                CertSource::file_ca(ca, Duration::from_secs(3600)),
-                &roots,
-                crate::tls::provider(),
-            )
-            .unwrap(),
-        );
+        let certs = file_ca_certs(dir.path());
         let alive = || {
             tokio::runtime::Handle::current()
                 .metrics()

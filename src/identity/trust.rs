@@ -380,10 +380,9 @@ mod tests {
         assert!(!plain.same_material(&other));
     }
 
-    #[test]
-    fn expiry_is_judged_at_the_time_given() {
-        let dir = tempfile::tempdir().unwrap();
-        let one = ca(dir.path(), "one");
+    /// A one-hour leaf of CA "one" in `dir`, and a trust holding only that CA's roots.
+    fn leaf_and_trust(dir: &std::path::Path) -> (crate::identity::ca::Issued, Trust) {
+        let one = ca(dir, "one");
         let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
         let leaf = one.issue(&id, Duration::from_secs(3600)).unwrap();
         let t = Trust::new(
@@ -393,6 +392,13 @@ mod tests {
             Arc::new(SystemClock),
         )
         .unwrap();
+        (leaf, t)
+    }
+
+    #[test]
+    fn expiry_is_judged_at_the_time_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leaf, t) = leaf_and_trust(dir.path());
         let later = unix_time(leaf.not_after + Duration::from_secs(1));
         assert!(matches!(
             t.verify_chain(&leaf.chain[0], &[], later, Usage::Client),
@@ -407,16 +413,7 @@ mod tests {
     #[test]
     fn chains_longer_than_the_cap_are_refused_before_path_building() {
         let dir = tempfile::tempdir().unwrap();
-        let one = ca(dir.path(), "one");
-        let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
-        let leaf = one.issue(&id, Duration::from_secs(3600)).unwrap();
-        let t = Trust::new(
-            one.roots(),
-            vec![],
-            crate::tls::provider(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let (leaf, t) = leaf_and_trust(dir.path());
         let now = unix_time(SystemTime::now());
         // Unneeded extras up to the cap are ignored by path building: the chain verifies.
         let extras = vec![leaf.chain[0].clone(); MAX_PEER_INTERMEDIATES];
