@@ -389,6 +389,27 @@ async fn an_unreachable_control_plane_changes_nothing_and_it_is_retried_with_bac
     );
 }
 
+/// Both nodes subscribe on their own streams (1 and 2, in either order) and get `resources`
+/// and no policy; once both are ready, an echo app listens at 127.<net>.0.3:8080 (its address
+/// is returned).
+async fn both_synced_with_an_echo_app(
+    cp: &FakeIstiod,
+    nodes: [&Arc<Node>; 2],
+    net: u8,
+    resources: impl Fn() -> Vec<zmesh_proto::envoy::service::discovery::v3::Resource>,
+) -> SocketAddr {
+    for stream in [1, 2] {
+        sync(cp, stream, resources(), vec![]).await;
+    }
+    wait_until("both ready", WAIT, || nodes.iter().all(|n| n.is_ready())).await;
+    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
+        .await
+        .unwrap();
+    let dst = app.local_addr().unwrap();
+    spawn_echo(app);
+    dst
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_deny_closes_an_open_connection() {
     let net = 75;
@@ -404,16 +425,7 @@ async fn a_pushed_deny_closes_an_open_connection() {
             address_resource(&server, "1"),
         ]
     };
-    // Both nodes subscribe on their own streams (1 and 2, in either order).
-    for stream in [1, 2] {
-        sync(&cp, stream, resources(), vec![]).await;
-    }
-    wait_until("both ready", WAIT, || a.is_ready() && b.is_ready()).await;
-    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
-        .await
-        .unwrap();
-    let dst = app.local_addr().unwrap();
-    spawn_echo(app);
+    let dst = both_synced_with_an_echo_app(&cp, [&a, &b], net, resources).await;
     let entry = capture_to(a.clone(), ip(net, 2), dst).await;
     let mut c = connect_from(ip(net, 2), entry).await.unwrap();
     round_trip(&mut c, b"hello over xDS-configured HBONE").await;
@@ -490,15 +502,7 @@ async fn a_pushed_global_deny_closes_the_open_connection_it_names() {
             address_resource(&workload("server", "server", ip(net, 3), "node-b"), "1"),
         ]
     };
-    for stream in [1, 2] {
-        sync(&cp, stream, resources(), vec![]).await;
-    }
-    wait_until("both ready", WAIT, || a.is_ready() && b.is_ready()).await;
-    let app = TcpListener::bind(SocketAddr::new(ip(net, 3), 8080))
-        .await
-        .unwrap();
-    let dst = app.local_addr().unwrap();
-    spawn_echo(app);
+    let dst = both_synced_with_an_echo_app(&cp, [&a, &b], net, resources).await;
     let entry = capture_to(a.clone(), ip(net, 2), dst).await;
     let other_entry = capture_to(a.clone(), ip(net, 4), dst).await;
     let mut c = connect_from(ip(net, 2), entry).await.unwrap();
