@@ -380,10 +380,7 @@ impl FileCa {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             }
         }
-        let serial: [u8; 16] = rand::random();
-        // A positive serial: clear the top bit so DER does not need a sign byte.
-        let mut serial = serial.to_vec();
-        serial[0] &= 0x7f;
+        let serial = positive_serial(rand::random());
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let not_before = now - BACKDATE;
         let not_after = now + ttl;
@@ -400,5 +397,35 @@ impl FileCa {
             not_after,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
         })
+    }
+}
+
+/// A 16-byte serial DER encodes as exactly these bytes: the top bit is cleared (no sign byte)
+/// and the first byte is never zero (DER drops a leading zero, and the hex string logged, shown
+/// and revoked by would then not match the one in the certificate).
+fn positive_serial(random: [u8; 16]) -> Vec<u8> {
+    let mut serial = random.to_vec();
+    serial[0] = (serial[0] & 0x7f).max(1);
+    serial
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serial_reported_is_the_serial_in_the_certificate_even_with_a_zero_first_byte() {
+        for first in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+            let mut random = [0xa5u8; 16];
+            random[0] = first;
+            let serial = positive_serial(random);
+            let mut params = CertificateParams::default();
+            params.serial_number = Some(SerialNumber::from_slice(&serial));
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let (_, x) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+            assert_eq!(x.raw_serial(), serial.as_slice(), "first byte {first:#04x}");
+            assert_eq!(serial.len(), 16);
+        }
     }
 }
