@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod alloc;
 pub mod config;
 pub mod controlplane;
 pub mod copy;

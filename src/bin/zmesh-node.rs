@@ -4,6 +4,8 @@
 //! `ca init` creates a CA; `ca token` makes a node bootstrap token and `ca serve` runs the CA
 //! server of a standalone mesh (no node holds the CA key); `join`/`leave` make a host a node.
 
+zmesh::binary_allocator!();
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -5,6 +5,8 @@
 //! invalid). The config is the mesh model file plus a `waypoint: {workload: <uid>}` section;
 //! it is re-read when it changes and on SIGHUP (a bad file keeps the last good one running).
 
+zmesh::binary_allocator!();
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

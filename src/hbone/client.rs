@@ -29,9 +29,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
+use super::readahead::ReadAhead;
 use super::{
     keepalive, Keepalive, ALPN_H2, CLIENT_MAX_HEADER_LIST, CLIENT_MAX_STREAMS, CONNECTION_WINDOW,
-    MAX_FRAME_SIZE, POOL_IDLE_TIMEOUT, STREAM_WINDOW,
+    MAX_FRAME_SIZE, POOL_IDLE_TIMEOUT, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::identity::{unix_time, CertManager, SpiffeId, Trust, Usage};
 use crate::netns::PodNetns;
@@ -39,7 +40,12 @@ use crate::socket::{dial_in, DialError, DialOptions};
 use crate::tls;
 
 /// How often the pool looks for idle connections to release.
-const REAP_INTERVAL: Duration = Duration::from_secs(30);
+const REAP_INTERVAL: Duration = Duration::from_secs(10);
+/// A connection a burst added beside others is released after this long without streams; the
+/// last one to a destination stays warm for `POOL_IDLE_TIMEOUT`. A connection that carried 100
+/// streams keeps h2's per-stream tables at their peak size (about 240 KiB measured, issue #15),
+/// so 100 of them left over from a 10,000-connection burst would hold ~25 MB for five minutes.
+const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams refused because a connection was going away are retried on another connection this
 /// many times. No bytes were sent on a refused stream, so the retry is safe.
 const STREAM_RETRIES: usize = 3;
@@ -408,9 +414,11 @@ impl Pool {
             }
         })?;
         let tls = TlsConnector::from(Arc::new(cfg))
-            .connect(tls::placeholder_server_name(), io)
+            .connect(tls::placeholder_server_name(), ReadAhead::new(io))
             .await
             .map_err(|source| HboneError::Tls { dst, source })?;
+        let mut tls = tls;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoAlpn { dst });
         }
@@ -608,15 +616,57 @@ async fn reap(pool: Weak<Pool>, mut trust: watch::Receiver<Arc<Trust>>) {
         let mut entries = pool.entries.lock().expect("pool lock poisoned");
         entries.retain(|_, e| {
             let mut conns = e.conns.lock().expect("pool lock poisoned");
-            conns.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().expect("idle lock poisoned").elapsed()
-                        >= POOL_IDLE_TIMEOUT;
-                !(idle || c.closed.load(Ordering::Acquire))
-            });
+            let states: Vec<ConnState> = conns
+                .iter()
+                .map(|c| ConnState {
+                    closed: c.closed.load(Ordering::Acquire),
+                    active: c.active.load(Ordering::Acquire),
+                    idle_for: c.idle_since.lock().expect("idle lock poisoned").elapsed(),
+                })
+                .collect();
+            let mut release = to_release(&states).into_iter();
+            conns.retain(|_| !release.next().unwrap_or(false));
             !conns.is_empty() || Arc::strong_count(e) > 1
         });
     }
+}
+
+/// What the reaper knows of one pooled connection.
+#[derive(Debug, Clone, Copy)]
+struct ConnState {
+    closed: bool,
+    active: usize,
+    /// Time since its last stream ended (meaningless while `active > 0`).
+    idle_for: Duration,
+}
+
+/// Which of one destination's connections to release: closed ones; idle ones past
+/// `POOL_IDLE_TIMEOUT`; and idle ones past `SURPLUS_IDLE_TIMEOUT` while another connection to
+/// the same destination stays (a busy one, else the most recently used idle one).
+fn to_release(conns: &[ConnState]) -> Vec<bool> {
+    let open = |c: &ConnState| !c.closed && (c.active > 0 || c.idle_for < POOL_IDLE_TIMEOUT);
+    let busy = conns.iter().any(|c| open(c) && c.active > 0);
+    // With no busy connection, the most recently used idle one is the one kept warm.
+    let warm = if busy {
+        None
+    } else {
+        conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| open(c))
+            .min_by_key(|(_, c)| c.idle_for)
+            .map(|(i, _)| i)
+    };
+    conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if !open(c) {
+                return true;
+            }
+            c.active == 0 && Some(i) != warm && c.idle_for >= SURPLUS_IDLE_TIMEOUT
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -806,6 +856,53 @@ mod tests {
         }
         assert_eq!(alive(), before, "the reaper outlived its pool");
         assert!(born.elapsed() < REAP_INTERVAL);
+    }
+
+    #[test]
+    fn a_burst_s_surplus_connections_go_after_a_short_idle_and_one_stays_warm() {
+        let s = |closed, active, secs| ConnState {
+            closed,
+            active,
+            idle_for: Duration::from_secs(secs),
+        };
+        let short = SURPLUS_IDLE_TIMEOUT.as_secs();
+        let long = POOL_IDLE_TIMEOUT.as_secs();
+        // (connections, which go)
+        for (conns, want) in [
+            // One idle connection stays warm until the long timeout, then goes.
+            (vec![s(false, 0, short + 1)], vec![false]),
+            (vec![s(false, 0, long)], vec![true]),
+            // A burst's leftovers: all idle; the most recently used stays, the rest go.
+            (
+                vec![
+                    s(false, 0, short + 5),
+                    s(false, 0, short + 1),
+                    s(false, 0, short + 9),
+                ],
+                vec![true, false, true],
+            ),
+            // Idle for less than the short timeout: nothing goes yet.
+            (
+                vec![s(false, 0, short - 1), s(false, 0, 0)],
+                vec![false, false],
+            ),
+            // A busy connection is the warm one: every idle sibling past the short timeout goes.
+            (
+                vec![s(false, 0, short), s(false, 3, 0), s(false, 0, short - 1)],
+                vec![true, false, false],
+            ),
+            // Busy connections never go, however long ago they were last idle.
+            (vec![s(false, 100, long * 2)], vec![false]),
+            // Closed ones always go, and do not count as the warm one.
+            (
+                vec![s(true, 0, 0), s(false, 0, short + 1)],
+                vec![true, false],
+            ),
+            (vec![s(true, 2, 0)], vec![true]),
+            (vec![], vec![]),
+        ] {
+            assert_eq!(to_release(&conns), want, "{conns:?}");
+        }
     }
 
     fn key(dst: &str) -> PoolKey {

@@ -26,10 +26,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::identity::{peer_identity, unix_time, CertManager, SpiffeId, Trust, Usage};
 
 use super::goaway::{Flood, GoAwaySeen, GoAwayTap};
+use super::readahead::ReadAhead;
 
 use super::{
     keepalive, Keepalive, ALPN_H2, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_PENDING_RESETS,
-    SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW,
+    SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 
 /// Local stream errors tolerated before the connection is torn down with ENHANCE_YOUR_CALM
@@ -43,7 +44,7 @@ pub struct Accepted<IO> {
     /// The client's chain, kept to re-check it when CRLs change.
     pub chain: Vec<CertificateDer<'static>>,
     /// h2 over TLS, through a tap that notes the GOAWAY h2 sends (which limit closed it).
-    pub h2: Connection<GoAwayTap<TlsStream<IO>>, Bytes>,
+    pub h2: Connection<GoAwayTap<TlsStream<ReadAhead<IO>>>, Bytes>,
     pub goaway: GoAwaySeen,
 }
 
@@ -112,9 +113,11 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Accepted<IO>, HandshakeError> {
     let handshake = async {
         let tls = TlsAcceptor::from(cfg)
-            .accept(io)
+            .accept(ReadAhead::new(io))
             .await
             .map_err(HandshakeError::Tls)?;
+        let mut tls = tls;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(ALPN_H2) {
             return Err(HandshakeError::Alpn);
