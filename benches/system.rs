@@ -40,6 +40,8 @@ enum Path {
     Tunnel,
     Direct,
     Tls,
+    /// The tunnel again, through the baseline build's nodes (`ZMESH_BASELINE_NODE_BIN`).
+    Baseline,
 }
 
 trait Conn: Read + Write + Send {
@@ -61,12 +63,36 @@ struct Bench {
     mesh: HostMesh,
     client_tls: Arc<rustls::ClientConfig>,
     _certs: tempfile::TempDir,
+    node_bin: std::path::PathBuf,
+    baseline_bin: Option<std::path::PathBuf>,
+    /// Whether the nodes running now are the baseline build.
+    on_baseline: bool,
 }
 
 impl Bench {
+    /// Makes sure the nodes `path` goes through are running: the baseline build for
+    /// `Path::Baseline`, this build otherwise (the plain baselines do not touch the nodes).
+    fn select(&mut self, path: Path) -> Result<()> {
+        let want_baseline = match path {
+            Path::Baseline => true,
+            Path::Tunnel => false,
+            Path::Direct | Path::Tls => return Ok(()),
+        };
+        if want_baseline != self.on_baseline {
+            let bin = if want_baseline {
+                self.baseline_bin.clone().context("no baseline build")?
+            } else {
+                self.node_bin.clone()
+            };
+            self.mesh.restart_nodes(&bin)?;
+            self.on_baseline = want_baseline;
+        }
+        Ok(())
+    }
+
     fn connect(&self, path: Path) -> Result<Box<dyn Conn>> {
         Ok(match path {
-            Path::Tunnel => {
+            Path::Tunnel | Path::Baseline => {
                 let s = self.mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
                 s.set_nodelay(true)?;
                 Box::new(s)
@@ -365,6 +391,90 @@ fn handshake_rate(b: &Bench, n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Both nodes' RSS now, KiB.
+fn node_rss(b: &Bench) -> Result<(u64, u64)> {
+    Ok((
+        pid_stat(b.mesh.node_a.pid())?.1,
+        pid_stat(b.mesh.node_b.pid())?.1,
+    ))
+}
+
+/// How the nodes' memory came back after a load ended.
+struct Settle {
+    at_end: (u64, u64),
+    after: (u64, u64),
+    /// Seconds until both nodes were within 1.5× their idle RSS; None if not within 60 s.
+    secs: Option<f64>,
+}
+
+/// Samples both nodes' RSS each second for up to 60 s after a load ended, stopping once both
+/// are within 1.5× of `idle`.
+fn settle(b: &Bench, idle: (u64, u64)) -> Result<Settle> {
+    let at_end = node_rss(b)?;
+    let start = Instant::now();
+    loop {
+        let now = node_rss(b)?;
+        let within = |r: u64, i: u64| r as f64 <= 1.5 * i as f64;
+        if within(now.0, idle.0) && within(now.1, idle.1) {
+            return Ok(Settle {
+                at_end,
+                after: now,
+                secs: Some(start.elapsed().as_secs_f64()),
+            });
+        }
+        if start.elapsed() >= Duration::from_secs(60) {
+            return Ok(Settle {
+                at_end,
+                after: now,
+                secs: None,
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `n` TLS handshakes to node B's :15008 from 32 threads at once, each presenting a certificate
+/// from a CA the mesh does not trust; returns how many the node refused (all of them, or the
+/// bench fails: a node that accepts one is broken).
+fn handshake_flood(b: &Bench, cfg: &Arc<rustls::ClientConfig>, n: usize) -> Result<usize> {
+    let addr: std::net::SocketAddr = format!("{B_IP}:15008").parse()?;
+    let next = AtomicUsize::new(0);
+    let refused = AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = (0..32)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        let tcp = connect_uncaptured(&b.mesh.a, addr)?;
+                        let conn = ClientConnection::new(
+                            cfg.clone(),
+                            zmesh::tls::placeholder_server_name(),
+                        )?;
+                        let mut st = StreamOwned::new(conn, tcp);
+                        let outcome = (|| -> std::io::Result<usize> {
+                            while st.conn.is_handshaking() {
+                                st.conn.complete_io(&mut st.sock)?;
+                            }
+                            st.write_all(b"x")?;
+                            st.flush()?;
+                            st.read(&mut [0u8; 1])
+                        })();
+                        if matches!(outcome, Err(_) | Ok(0)) {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("flood thread")?;
+        }
+        Ok(())
+    })?;
+    Ok(refused.load(Ordering::Relaxed))
+}
+
 fn raise_nofile() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     // 10k idle connections mean 10k sockets in each app process and 10k+ in each node.
@@ -392,6 +502,24 @@ fn tls_configs() -> Result<(
     let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server.clone()])?;
     let s = zmesh::tls::server_config(&*m.fetch(&server)?, &m.trust())?;
     Ok((dir, Arc::new(c), Arc::new(s)))
+}
+
+/// A client that trusts the mesh's CA but presents a certificate from another CA (the bench's
+/// own), so node B refuses it after doing its whole side of the handshake.
+fn rogue_client(mesh: &HostMesh) -> Result<(tempfile::TempDir, Arc<rustls::ClientConfig>)> {
+    let dir = tempfile::tempdir()?;
+    FileCa::init(dir.path(), "cluster.local")?;
+    let rogue = FileCa::load(dir.path())?;
+    let mesh_roots = FileCa::load(&mesh.ca_dir())?.roots().to_vec();
+    let m = CertManager::new(
+        CertSource::file_ca(rogue, Duration::from_secs(3600)),
+        &mesh_roots,
+        zmesh::tls::provider(),
+    )?;
+    let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
+    let server = SpiffeId::new("cluster.local", "shop", "backend")?;
+    let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server])?;
+    Ok((dir, Arc::new(c)))
 }
 
 /// Child mode: open `n` tunnel connections from node A (we run inside its namespace), mark them
@@ -437,6 +565,13 @@ fn main() -> Result<()> {
             handshakes: 2_000,
         }
     };
+    if let Some(mb) = std::env::var("ZMESH_BENCH_BULK_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // Lets a quick run measure throughput at a size where it settles.
+        sizes.bulk = mb << 20;
+    }
     if let Some(n) = std::env::var("ZMESH_BENCH_IDLE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -477,30 +612,40 @@ fn main() -> Result<()> {
     let (a_pid, b_pid) = (mesh.node_a.pid(), mesh.node_b.pid());
     let idle_a = pid_stat(a_pid)?.1;
     let idle_b = pid_stat(b_pid)?.1;
-    let b = Bench {
+    // ZMESH_BASELINE_NODE_BIN: another build (say, main before a change) measured in the same
+    // run through the same topology, its nodes swapped in for its turns.
+    let baseline_bin = std::env::var_os("ZMESH_BASELINE_NODE_BIN").map(std::path::PathBuf::from);
+    let mut b = Bench {
         mesh,
         client_tls,
         _certs: certs,
+        node_bin: node_bin.to_path_buf(),
+        baseline_bin: baseline_bin.clone(),
+        on_baseline: false,
     };
 
     let mut rows = Vec::new();
     let mut out = String::new();
-    let paths = [Path::Tunnel, Path::Tls, Path::Direct];
+    let mut paths = vec![Path::Tunnel, Path::Tls, Path::Direct];
+    if baseline_bin.is_some() {
+        paths.push(Path::Baseline);
+    }
 
     // This machine's speed drifts from minute to minute (shared host), so each throughput figure
     // is the median of REPEATS runs, with the three paths interleaved inside every repetition.
     eprintln!("bulk throughput ({REPEATS} repetitions)...");
     let mut runs: Vec<(usize, Path, Throughput)> = Vec::new();
     for _ in 0..REPEATS {
-        for streams in [1usize, 8] {
-            for p in paths {
+        for &p in &paths {
+            b.select(p)?;
+            for streams in [1usize, 8] {
                 runs.push((streams, p, bulk(&b, p, streams, sizes.bulk)?));
             }
         }
     }
     let mut tput = Vec::new();
     for streams in [1usize, 8] {
-        for p in paths {
+        for &p in &paths {
             let mut these: Vec<Throughput> = runs
                 .iter()
                 .filter(|r| r.0 == streams && r.1 == p)
@@ -512,19 +657,37 @@ fn main() -> Result<()> {
     }
     eprintln!("latency...");
     let mut lat = Vec::new();
-    for size in [64usize, 1024] {
-        for p in paths {
+    for &p in &paths {
+        b.select(p)?;
+        for size in [64usize, 1024] {
             lat.push((size, p, latency(&b, p, size, sizes.round_trips)?));
         }
     }
     eprintln!("connection rate...");
-    let rate_tunnel = conn_rate(&b, Path::Tunnel, sizes.new_conns)?;
+    // Two builds share the clients' port range: 2 × 20,000 connections in a row measured the
+    // second one at a seventh of its rate (TIME_WAIT), so each gets half when both run.
+    let new_conns = if baseline_bin.is_some() {
+        sizes.new_conns / 2
+    } else {
+        sizes.new_conns
+    };
+    let rate_baseline = match baseline_bin {
+        Some(_) => {
+            b.select(Path::Baseline)?;
+            Some(conn_rate(&b, Path::Baseline, new_conns)?)
+        }
+        None => None,
+    };
+    b.select(Path::Tunnel)?;
+    let rate_tunnel = conn_rate(&b, Path::Tunnel, new_conns)?;
     let rate_direct = conn_rate(&b, Path::Direct, sizes.new_conns)?;
     eprintln!("handshake rate...");
     let hs = handshake_rate(&b, sizes.handshakes)?;
 
     eprintln!("memory at {} idle connections...", sizes.idle_conns);
     held.lock().unwrap().clear();
+    // The nodes running now (restarted if a baseline build took turns).
+    let (a_pid, b_pid) = (b.mesh.node_a.pid(), b.mesh.node_b.pid());
     let base_a = pid_stat(a_pid)?.1;
     let base_b = pid_stat(b_pid)?.1;
     // The clients live in a child process inside node A: this process may hold at most 20k
@@ -585,6 +748,24 @@ fn main() -> Result<()> {
     // How many HBONE connections node A's pool holds for them (streams per connection).
     let pooled_a = pool_connections(&b.mesh.a, A_IP).unwrap_or(f64::NAN);
     drop(idle);
+    // Close the server ends too, so each proxied connection ends both ways.
+    held.lock().unwrap().clear();
+
+    // Memory coming back: each load, then up to 60 s of watching RSS return toward idle.
+    eprintln!("memory return after loads...");
+    let idle_now = (idle_a, idle_b);
+    let after_idle_conns = settle(&b, idle_now)?;
+    bulk(&b, Path::Tunnel, 8, sizes.bulk)?;
+    let after_bulk = settle(&b, idle_now)?;
+    let rogue = rogue_client(&b.mesh)?;
+    let flood_n = sizes.handshakes * 2;
+    let refused = handshake_flood(&b, &rogue.1, flood_n)?;
+    ensure!(
+        refused == flood_n,
+        "node B accepted {} of {flood_n} handshakes with an untrusted certificate",
+        flood_n - refused
+    );
+    let after_flood = settle(&b, idle_now)?;
 
     // Table.
     let find_t = |s: usize, p: Path| &tput.iter().find(|x| x.0 == s && x.1 == p).unwrap().2;
@@ -661,6 +842,82 @@ fn main() -> Result<()> {
     rows.push(format!(
         "| pooled HBONE connections on node A for them | {pooled_a} | | | | |"
     ));
+    let mib = |k: u64| k as f64 / 1024.0;
+    for (what, st) in [
+        (
+            format!("{} idle connections closed", sizes.idle_conns),
+            &after_idle_conns,
+        ),
+        (
+            format!("bulk, 8 streams, {:.1} GB", sizes.bulk as f64 / 1e9),
+            &after_bulk,
+        ),
+        (
+            format!("{flood_n} refused handshakes, 32 at once"),
+            &after_flood,
+        ),
+    ] {
+        rows.push(format!(
+            "| RSS after {what}, MiB A / B: at load end → after | {:.1} / {:.1} → {:.1} / {:.1} ({}) | | | | |",
+            mib(st.at_end.0),
+            mib(st.at_end.1),
+            mib(st.after.0),
+            mib(st.after.1),
+            match st.secs {
+                Some(s) => format!("within 1.5× idle after {s:.0} s"),
+                None => "not within 1.5× idle after 60 s".to_string(),
+            }
+        ));
+    }
+
+    if let Some(rb) = &rate_baseline {
+        rows.push(String::new());
+        rows.push(format!(
+            "This build against the baseline build ({}), same run, same topology:\n",
+            std::env::var("ZMESH_BASELINE_NODE_BIN").unwrap_or_default()
+        ));
+        rows.push("| measure | this build | baseline build | this / baseline |".to_string());
+        rows.push("|---|---|---|---|".to_string());
+        for s in [1usize, 8] {
+            let (z, o) = (find_t(s, Path::Tunnel), find_t(s, Path::Baseline));
+            rows.push(format!(
+                "| throughput, {s} stream{}, Gbit/s | {:.2} | {:.2} | {:.2} |",
+                if s > 1 { "s" } else { "" },
+                z.gbps,
+                o.gbps,
+                z.gbps / o.gbps
+            ));
+            rows.push(format!(
+                "| node CPU-s/GB A+B, {s} stream{} | {:.3} (A {:.3} / B {:.3}) | {:.3} (A {:.3} / B {:.3}) | {:.2} |",
+                if s > 1 { "s" } else { "" },
+                z.cpu_a + z.cpu_b,
+                z.cpu_a,
+                z.cpu_b,
+                o.cpu_a + o.cpu_b,
+                o.cpu_a,
+                o.cpu_b,
+                (z.cpu_a + z.cpu_b) / (o.cpu_a + o.cpu_b)
+            ));
+        }
+        for size in [64usize, 1024] {
+            let (z, o) = (find_l(size, Path::Tunnel), find_l(size, Path::Baseline));
+            rows.push(format!(
+                "| latency {size} B p50 / p99, µs | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
+                z.p50,
+                z.p99,
+                o.p50,
+                o.p99,
+                z.p50 / o.p50,
+                z.p99 / o.p99
+            ));
+        }
+        rows.push(format!(
+            "| new connections/s, warm pool | {:.0} | {:.0} | {:.2} |",
+            rate_tunnel.per_sec,
+            rb.per_sec,
+            rate_tunnel.per_sec / rb.per_sec
+        ));
+    }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

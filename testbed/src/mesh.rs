@@ -124,14 +124,8 @@ impl HostMesh {
         install_rules(&a, vec![])?;
         install_rules(&b, vec![APP_PORT])?;
         let bin = zmesh_node.to_str().context("binary path is not UTF-8")?;
-        let spawn = |ns: &Netns, cfg: &Path| -> Result<Child> {
-            let cfg = cfg.to_str().context("config path is not UTF-8")?;
-            let child = ns.spawn(bin, &["run", "--config", cfg], &[("ZMESH_LOG", "info")])?;
-            child.wait_for_log("zmesh node ready", START_TIMEOUT)?;
-            Ok(child)
-        };
-        let node_a = spawn(&a, &paths[0])?;
-        let node_b = spawn(&b, &paths[1])?;
+        let node_a = spawn_node(&a, bin, &paths[0])?;
+        let node_b = spawn_node(&b, bin, &paths[1])?;
         Ok(HostMesh {
             node_a,
             node_b,
@@ -139,6 +133,17 @@ impl HostMesh {
             b,
             dir,
         })
+    }
+
+    /// Stops both nodes and starts `zmesh_node` (another build, say) in their place with the
+    /// same configs; the namespaces and capture rules stay.
+    pub fn restart_nodes(&mut self, zmesh_node: &Path) -> Result<()> {
+        let bin = zmesh_node.to_str().context("binary path is not UTF-8")?;
+        self.node_a.kill()?;
+        self.node_b.kill()?;
+        self.node_a = spawn_node(&self.a, bin, &self.config_path("node-a"))?;
+        self.node_b = spawn_node(&self.b, bin, &self.config_path("node-b"))?;
+        Ok(())
     }
 
     /// The dev CA `ca init` made for this mesh.
@@ -158,6 +163,13 @@ impl HostMesh {
             .map(str::to_string)
             .collect()
     }
+}
+
+fn spawn_node(ns: &Netns, bin: &str, cfg: &Path) -> Result<Child> {
+    let cfg = cfg.to_str().context("config path is not UTF-8")?;
+    let child = ns.spawn(bin, &["run", "--config", cfg], &[("ZMESH_LOG", "info")])?;
+    child.wait_for_log("zmesh node ready", START_TIMEOUT)?;
+    Ok(child)
 }
 
 /// Installs the host capture rules inside `ns` (the rule commands inherit the namespace of the
