@@ -483,15 +483,15 @@ fn raise_nofile() {
     }
 }
 
-fn tls_configs() -> Result<(
-    tempfile::TempDir,
-    Arc<rustls::ClientConfig>,
-    Arc<rustls::ServerConfig>,
-)> {
+/// A new CA of the bench's own and a certificate manager issuing from it, trusting `roots` (the
+/// CA's own when None), with the two identities of the topology (client app-a, server app-b).
+fn bench_certs(
+    roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+) -> Result<(tempfile::TempDir, CertManager, SpiffeId, SpiffeId)> {
     let dir = tempfile::tempdir()?;
     FileCa::init(dir.path(), "cluster.local")?;
     let ca = FileCa::load(dir.path())?;
-    let roots = ca.roots().to_vec();
+    let roots = roots.unwrap_or_else(|| ca.roots().to_vec());
     let m = CertManager::new(
         CertSource::file_ca(ca, Duration::from_secs(3600)),
         &roots,
@@ -499,25 +499,25 @@ fn tls_configs() -> Result<(
     )?;
     let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
     let server = SpiffeId::new("cluster.local", "shop", "backend")?;
+    Ok((dir, m, client, server))
+}
+
+fn tls_configs() -> Result<(
+    tempfile::TempDir,
+    Arc<rustls::ClientConfig>,
+    Arc<rustls::ServerConfig>,
+)> {
+    let (dir, m, client, server) = bench_certs(None)?;
     let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server.clone()])?;
     let s = zmesh::tls::server_config(&*m.fetch(&server)?, &m.trust())?;
     Ok((dir, Arc::new(c), Arc::new(s)))
 }
 
-/// A client that trusts the mesh's CA but presents a certificate from another CA (the bench's
-/// own), so node B refuses it after doing its whole side of the handshake.
+/// A client that trusts the mesh's CA but presents a certificate from another CA (a new one of
+/// the bench's), so node B refuses it after doing its whole side of the handshake.
 fn rogue_client(mesh: &HostMesh) -> Result<(tempfile::TempDir, Arc<rustls::ClientConfig>)> {
-    let dir = tempfile::tempdir()?;
-    FileCa::init(dir.path(), "cluster.local")?;
-    let rogue = FileCa::load(dir.path())?;
     let mesh_roots = FileCa::load(&mesh.ca_dir())?.roots().to_vec();
-    let m = CertManager::new(
-        CertSource::file_ca(rogue, Duration::from_secs(3600)),
-        &mesh_roots,
-        zmesh::tls::provider(),
-    )?;
-    let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
-    let server = SpiffeId::new("cluster.local", "shop", "backend")?;
+    let (dir, m, client, server) = bench_certs(Some(mesh_roots))?;
     let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server])?;
     Ok((dir, Arc::new(c)))
 }

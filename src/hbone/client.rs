@@ -413,11 +413,10 @@ impl Pool {
                 source: std::io::Error::other(e),
             }
         })?;
-        let tls = TlsConnector::from(Arc::new(cfg))
+        let mut tls = TlsConnector::from(Arc::new(cfg))
             .connect(tls::placeholder_server_name(), ReadAhead::new(io))
             .await
             .map_err(|source| HboneError::Tls { dst, source })?;
-        let mut tls = tls;
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoAlpn { dst });

@@ -112,11 +112,10 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     deadline: Duration,
 ) -> Result<Accepted<IO>, HandshakeError> {
     let handshake = async {
-        let tls = TlsAcceptor::from(cfg)
+        let mut tls = TlsAcceptor::from(cfg)
             .accept(ReadAhead::new(io))
             .await
             .map_err(HandshakeError::Tls)?;
-        let mut tls = tls;
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(ALPN_H2) {
