@@ -575,9 +575,18 @@ async fn alpn_without_h2_is_no_application_protocol_and_no_alpn_is_closed_before
 
     // Offering no ALPN at all: rustls' server completes TLS (it only refuses an ALPN list
     // without h2), then zmesh closes the connection without reading a byte of HTTP/2: the
-    // CONNECT the client sent right after its Finished is never processed.
+    // CONNECT the client sent right after its Finished is never processed. The close is a FIN
+    // if the node's last read took the CONNECT in with the handshake (its 64 KiB read-ahead
+    // usually does), a RST if the CONNECT arrived after it and lay unread; either way no
+    // HTTP/2 answer, and the rejection and zero dials are asserted below.
     let seen = probe(u.hb, cfg(&[]), &target).await;
-    assert_eq!(seen, Seen::Io(std::io::ErrorKind::UnexpectedEof));
+    assert!(
+        matches!(
+            seen,
+            Seen::Io(std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset)
+        ),
+        "no ALPN: {seen:?}"
+    );
     u.assert_rejected("alpn", 2, "did not negotiate ALPN h2")
         .await;
 
