@@ -26,6 +26,8 @@ const SINK: u8 = b'S';
 const ECHO: u8 = b'E';
 const PONG: u8 = b'P';
 const HOLD: u8 = b'H';
+/// The node section's first line with source preservation turned off.
+const ORIG_SRC_OFF: &str = "node:\n  original_source: false\n";
 
 struct Sizes {
     bulk: u64,
@@ -42,6 +44,16 @@ enum Path {
     Tls,
     /// The tunnel again, through the baseline build's nodes (`ZMESH_BASELINE_NODE_BIN`).
     Baseline,
+    /// The tunnel again, this build, with `original_source: false` on both nodes: what
+    /// preserving the client's IP costs by itself.
+    NoOrigSrc,
+}
+
+/// Which nodes are running: a build and whether they preserve the source IP.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Nodes {
+    baseline: bool,
+    original_source: bool,
 }
 
 trait Conn: Read + Write + Send {
@@ -65,34 +77,52 @@ struct Bench {
     _certs: tempfile::TempDir,
     node_bin: std::path::PathBuf,
     baseline_bin: Option<std::path::PathBuf>,
-    /// Whether the nodes running now are the baseline build.
-    on_baseline: bool,
+    running: Nodes,
 }
 
 impl Bench {
     /// Makes sure the nodes `path` goes through are running: the baseline build for
-    /// `Path::Baseline`, this build otherwise (the plain baselines do not touch the nodes).
+    /// `Path::Baseline`, this build without source preservation for `Path::NoOrigSrc`, this
+    /// build otherwise (the plain baselines do not touch the nodes).
     fn select(&mut self, path: Path) -> Result<()> {
-        let want_baseline = match path {
-            Path::Baseline => true,
-            Path::Tunnel => false,
+        let (baseline, original_source) = match path {
+            Path::Baseline => (true, true),
+            Path::Tunnel => (false, true),
+            Path::NoOrigSrc => (false, false),
             Path::Direct | Path::Tls => return Ok(()),
         };
-        if want_baseline != self.on_baseline {
-            let bin = if want_baseline {
-                self.baseline_bin.clone().context("no baseline build")?
-            } else {
-                self.node_bin.clone()
-            };
-            self.mesh.restart_nodes(&bin)?;
-            self.on_baseline = want_baseline;
+        let want = Nodes {
+            baseline,
+            original_source,
+        };
+        if want == self.running {
+            return Ok(());
         }
+        if want.original_source != self.running.original_source {
+            for node in ["node-a", "node-b"] {
+                let p = self.mesh.config_path(node);
+                let text = std::fs::read_to_string(&p)?;
+                let text = if want.original_source {
+                    text.replace(ORIG_SRC_OFF, "node:\n")
+                } else {
+                    text.replacen("node:\n", ORIG_SRC_OFF, 1)
+                };
+                std::fs::write(&p, text)?;
+            }
+        }
+        let bin = if want.baseline {
+            self.baseline_bin.clone().context("no baseline build")?
+        } else {
+            self.node_bin.clone()
+        };
+        self.mesh.restart_nodes(&bin)?;
+        self.running = want;
         Ok(())
     }
 
     fn connect(&self, path: Path) -> Result<Box<dyn Conn>> {
         Ok(match path {
-            Path::Tunnel | Path::Baseline => {
+            Path::Tunnel | Path::Baseline | Path::NoOrigSrc => {
                 let s = self.mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}"))?;
                 s.set_nodelay(true)?;
                 Box::new(s)
@@ -391,6 +421,35 @@ fn handshake_rate(b: &Bench, n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// `n` sequential mTLS handshakes to node B's :15008 with a certificate from the mesh's own CA,
+/// each followed by the HTTP/2 preface and a wait for the node's SETTINGS (so each one was
+/// accepted, not refused); returns node B's CPU-µs per handshake.
+fn accepted_handshakes(b: &Bench, cfg: &Arc<rustls::ClientConfig>, n: usize) -> Result<f64> {
+    let addr: std::net::SocketAddr = format!("{B_IP}:15008").parse()?;
+    let before = b.cpu();
+    for _ in 0..n {
+        let tcp = connect_uncaptured(&b.mesh.a, addr)?;
+        let conn = ClientConnection::new(cfg.clone(), zmesh::tls::placeholder_server_name())?;
+        let mut st = StreamOwned::new(conn, tcp);
+        while st.conn.is_handshaking() {
+            st.conn.complete_io(&mut st.sock)?;
+        }
+        st.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")?;
+        st.flush()?;
+        let mut head = [0u8; 9];
+        st.read_exact(&mut head)?;
+        ensure!(
+            head[3] == 4,
+            "node B answered the preface with frame type {}",
+            head[3]
+        );
+        st.conn.send_close_notify();
+        st.flush()?;
+    }
+    let after = b.cpu();
+    Ok((after.b - before.b) as f64 / clk_tck() / n as f64 * 1e6)
+}
+
 /// Both nodes' RSS now, KiB.
 fn node_rss(b: &Bench) -> Result<(u64, u64)> {
     Ok((
@@ -522,6 +581,22 @@ fn rogue_client(mesh: &HostMesh) -> Result<(tempfile::TempDir, Arc<rustls::Clien
     Ok((dir, Arc::new(c)))
 }
 
+/// A client with a certificate the mesh's own CA issued (identity `frontend`), as another node
+/// would present.
+fn mesh_client(mesh: &HostMesh) -> Result<Arc<rustls::ClientConfig>> {
+    let ca = FileCa::load(&mesh.ca_dir())?;
+    let roots = ca.roots().to_vec();
+    let m = CertManager::new(
+        CertSource::file_ca(ca, Duration::from_secs(3600)),
+        &roots,
+        zmesh::tls::provider(),
+    )?;
+    let client = SpiffeId::new("cluster.local", "shop", "frontend")?;
+    let server = SpiffeId::new("cluster.local", "shop", "backend")?;
+    let c = zmesh::tls::client_config(&*m.fetch(&client)?, &m.trust(), vec![server])?;
+    Ok(Arc::new(c))
+}
+
 /// Child mode: open `n` tunnel connections from node A (we run inside its namespace), mark them
 /// HOLD, and keep them open until killed.
 fn hold_clients(n: usize) -> Result<()> {
@@ -621,12 +696,15 @@ fn main() -> Result<()> {
         _certs: certs,
         node_bin: node_bin.to_path_buf(),
         baseline_bin: baseline_bin.clone(),
-        on_baseline: false,
+        running: Nodes {
+            baseline: false,
+            original_source: true,
+        },
     };
 
     let mut rows = Vec::new();
     let mut out = String::new();
-    let mut paths = vec![Path::Tunnel, Path::Tls, Path::Direct];
+    let mut paths = vec![Path::Tunnel, Path::Tls, Path::Direct, Path::NoOrigSrc];
     if baseline_bin.is_some() {
         paths.push(Path::Baseline);
     }
@@ -664,13 +742,10 @@ fn main() -> Result<()> {
         }
     }
     eprintln!("connection rate...");
-    // Two builds share the clients' port range: 2 × 20,000 connections in a row measured the
-    // second one at a seventh of its rate (TIME_WAIT), so each gets half when both run.
-    let new_conns = if baseline_bin.is_some() {
-        sizes.new_conns / 2
-    } else {
-        sizes.new_conns
-    };
+    // The tunnel variants share the clients' port range: 2 × 20,000 connections in a row
+    // measured the second one at a seventh of its rate (TIME_WAIT), so each gets a share.
+    let variants = if baseline_bin.is_some() { 3 } else { 2 };
+    let new_conns = sizes.new_conns / variants;
     let rate_baseline = match baseline_bin {
         Some(_) => {
             b.select(Path::Baseline)?;
@@ -678,11 +753,14 @@ fn main() -> Result<()> {
         }
         None => None,
     };
+    b.select(Path::NoOrigSrc)?;
+    let rate_no_orig = conn_rate(&b, Path::NoOrigSrc, new_conns)?;
     b.select(Path::Tunnel)?;
     let rate_tunnel = conn_rate(&b, Path::Tunnel, new_conns)?;
     let rate_direct = conn_rate(&b, Path::Direct, sizes.new_conns)?;
     eprintln!("handshake rate...");
     let hs = handshake_rate(&b, sizes.handshakes)?;
+    let accepted_us = accepted_handshakes(&b, &mesh_client(&b.mesh)?, sizes.handshakes)?;
 
     eprintln!("memory at {} idle connections...", sizes.idle_conns);
     held.lock().unwrap().clear();
@@ -759,7 +837,9 @@ fn main() -> Result<()> {
     let after_bulk = settle(&b, idle_now)?;
     let rogue = rogue_client(&b.mesh)?;
     let flood_n = sizes.handshakes * 2;
+    let before_flood = b.cpu();
     let refused = handshake_flood(&b, &rogue.1, flood_n)?;
+    let refused_us = (b.cpu().b - before_flood.b) as f64 / clk_tck() / flood_n.max(1) as f64 * 1e6;
     ensure!(
         refused == flood_n,
         "node B accepted {} of {flood_n} handshakes with an untrusted certificate",
@@ -822,8 +902,15 @@ fn main() -> Result<()> {
         rate_tunnel.p99_setup_us, rate_direct.p99_setup_us
     ));
     rows.push(format!(
-        "| new connections per node CPU-second (A+B) | {:.0} | | | | |",
-        rate_tunnel.per_node_cpu_sec
+        "| new connections per node CPU-second (A+B); node CPU-µs per new connection | {:.0}; {:.0} µs | | | | |",
+        rate_tunnel.per_node_cpu_sec,
+        1e6 / rate_tunnel.per_node_cpu_sec
+    ));
+    rows.push(format!(
+        "| node B CPU-µs per accepted mTLS handshake (sequential, mesh CA client cert, to HTTP/2 SETTINGS) | {accepted_us:.0} µs | | | | |"
+    ));
+    rows.push(format!(
+        "| node B CPU-µs per refused handshake (untrusted client cert, 32 at once) | {refused_us:.0} µs | | | | |"
     ));
     rows.push(format!(
         "| full mTLS handshakes/s (cold-pool cost), sequential | | {hs:.0} | | | |"
@@ -869,6 +956,58 @@ fn main() -> Result<()> {
             }
         ));
     }
+
+    rows.push(String::new());
+    rows.push(
+        "What preserving the client's source IP costs: this build with `original_source: true` \
+(the default: transparent dial from the client's IP, policy routing for the replies) against \
+`original_source: false` (dial from the node's own address), same run, same topology:\n"
+            .to_string(),
+    );
+    rows.push(
+        "| measure | source kept (default) | source not kept | kept / not kept |".to_string(),
+    );
+    rows.push("|---|---|---|---|".to_string());
+    for s in [1usize, 8] {
+        let (z, o) = (find_t(s, Path::Tunnel), find_t(s, Path::NoOrigSrc));
+        rows.push(format!(
+            "| throughput, {s} stream{}, Gbit/s | {:.2} | {:.2} | {:.2} |",
+            if s > 1 { "s" } else { "" },
+            z.gbps,
+            o.gbps,
+            z.gbps / o.gbps
+        ));
+        rows.push(format!(
+            "| node CPU-s/GB A+B, {s} stream{} (node B does the dial) | {:.3} (B {:.3}) | {:.3} (B {:.3}) | {:.2} |",
+            if s > 1 { "s" } else { "" },
+            z.cpu_a + z.cpu_b,
+            z.cpu_b,
+            o.cpu_a + o.cpu_b,
+            o.cpu_b,
+            (z.cpu_a + z.cpu_b) / (o.cpu_a + o.cpu_b)
+        ));
+    }
+    for size in [64usize, 1024] {
+        let (z, o) = (find_l(size, Path::Tunnel), find_l(size, Path::NoOrigSrc));
+        rows.push(format!(
+            "| latency {size} B p50 / p99, µs | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
+            z.p50,
+            z.p99,
+            o.p50,
+            o.p99,
+            z.p50 / o.p50,
+            z.p99 / o.p99
+        ));
+    }
+    rows.push(format!(
+        "| new connections/s, warm pool; node CPU-µs each | {:.0}; {:.0} | {:.0}; {:.0} | {:.2}; {:.2} |",
+        rate_tunnel.per_sec,
+        1e6 / rate_tunnel.per_node_cpu_sec,
+        rate_no_orig.per_sec,
+        1e6 / rate_no_orig.per_node_cpu_sec,
+        rate_tunnel.per_sec / rate_no_orig.per_sec,
+        rate_no_orig.per_node_cpu_sec / rate_tunnel.per_node_cpu_sec
+    ));
 
     if let Some(rb) = &rate_baseline {
         rows.push(String::new());
@@ -960,10 +1099,14 @@ process). All processes share this machine's cores.\n\n";
     out += "\n";
     println!("{out}");
     if !quick && node_bin_env.is_none() {
-        std::fs::write(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md"),
-            &out,
-        )?;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
+        // The generated part has no `## ` headings; what follows the first one (records of
+        // changes kept and rejected, written by hand) is carried over.
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(i) = old.find("\n## ") {
+            out += &old[i..];
+        }
+        std::fs::write(path, &out)?;
         eprintln!("wrote benches/RESULTS.md");
     }
     Ok(())

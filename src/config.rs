@@ -128,6 +128,11 @@ pub struct NodeConfig {
     /// Refuse outbound connections to destinations the model does not know (no passthrough).
     #[serde(default)]
     pub registry_only: bool,
+    /// Inbound: dial the local app from the original client's IP (IP_TRANSPARENT, docs/capture.md),
+    /// so the app and its logs see who called. `false` dials from the node's own address
+    /// (ztunnel's `ENABLE_ORIG_SRC=false`), for hosts without the policy-routing rules.
+    #[serde(default = "default_original_source")]
+    pub original_source: bool,
     #[serde(default)]
     pub access_log: AccessLogFormat,
     pub certificates: CertificatesConfig,
@@ -181,6 +186,10 @@ fn de_control_plane<'de, D: Deserializer<'de>>(
     // and filled in by `Config::parse`.
     let raw = Option::<control_plane::ControlPlaneRaw>::deserialize(d)?;
     Ok(raw.map(|r| r.build("")))
+}
+
+fn default_original_source() -> bool {
+    true
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -1214,6 +1223,19 @@ workloads:
             "name: node-a\n  worker_threads: many\n  cert",
         ));
         assert!(e.to_string().contains("worker_threads"), "{e}");
+
+        // Source preservation is on unless turned off, and only a boolean turns it off.
+        assert!(Config::parse(GOOD, "t.yaml").unwrap().node.original_source);
+        let off = GOOD.replace(
+            "name: node-a\n  cert",
+            "name: node-a\n  original_source: false\n  cert",
+        );
+        assert!(!Config::parse(&off, "t.yaml").unwrap().node.original_source);
+        let e = err(&GOOD.replace(
+            "name: node-a\n  cert",
+            "name: node-a\n  original_source: sometimes\n  cert",
+        ));
+        assert!(e.to_string().contains("original_source"), "{e}");
     }
 
     #[test]

@@ -144,6 +144,59 @@ fn plaintext_to_a_captured_app_port_goes_through_inbound_capture() {
     );
 }
 
+/// `original_source: false` (ztunnel's `ENABLE_ORIG_SRC=false`): B's node dials its app from its
+/// own address, so the app sees B's IP; the tunnel still carries A's identity and address to B's
+/// node, which logs (and would authorize) by them, and the bytes arrive exactly.
+#[test]
+fn original_source_off_dials_the_app_from_the_node_and_keeps_the_identity() {
+    require_root();
+    let mesh =
+        HostMesh::start_configured(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), |name, ca| {
+            zmesh_testbed::mesh::node_config(
+                name,
+                ca,
+                "  access_log: json\n  original_source: false\n",
+            )
+        })
+        .unwrap();
+    let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    let up = seeded_bytes(41, 1 << 20);
+    let want = sha256(&up);
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"ok").unwrap();
+        (peer, got)
+    });
+    let mut c = mesh.a.connect_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();
+    c.write_all(&up).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(sha256(&got), want, "B's app received A's bytes exactly");
+    assert_eq!(reply, b"ok");
+    assert_eq!(
+        peer.ip(),
+        B_IP.parse::<IpAddr>().unwrap(),
+        "with original_source off the app sees the node's own address"
+    );
+    let mut b_log = String::new();
+    for _ in 0..50 {
+        b_log = HostMesh::access_log(&mesh.node_b).join("\n");
+        if !b_log.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        b_log.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\"")
+            && b_log.contains(&format!("\"src.addr\":\"{A_IP}:")),
+        "node B logs the caller's identity and address: {b_log}"
+    );
+}
+
 /// An echo server on B's app port: every connection gets its bytes back until it closes.
 fn spawn_echo_in_b(mesh: &HostMesh) {
     let listener = mesh.b.listen_tcp(format!("{B_IP}:{APP_PORT}")).unwrap();

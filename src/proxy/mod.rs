@@ -641,17 +641,19 @@ pub fn inbound_connection(
 }
 
 /// Dials the local app for an inbound connection from `peer`: from the peer's own address
-/// (IP_TRANSPARENT), inside the scope's namespace, with the tunnel's mark.
+/// (IP_TRANSPARENT) unless `node.original_source` is off, inside the scope's namespace, with
+/// the tunnel's mark.
 pub(crate) async fn dial_app(
     node: &Node,
     scope: &Scope,
     dst: SocketAddr,
     peer: SocketAddr,
 ) -> Result<tokio::net::TcpStream, crate::socket::DialError> {
+    let original = node.cfg.node.original_source;
     let opts = crate::socket::DialOptions {
         mark: node.mark(),
-        source: Some(peer.ip()),
-        transparent: true,
+        source: original.then_some(peer.ip()),
+        transparent: original,
     };
     // Boxed: the dial future is large and would otherwise stay in the connection's task.
     Box::pin(crate::socket::dial_in(scope.dial_netns(), dst, opts)).await

@@ -171,6 +171,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.inbound_plaintext != n.inbound_plaintext,
     );
     check("registry_only", o.registry_only != n.registry_only);
+    check("original_source", o.original_source != n.original_source);
     check("access_log", o.access_log != n.access_log);
     check("worker_threads", o.worker_threads != n.worker_threads);
     check("mode", o.mode != n.mode);
