@@ -153,19 +153,18 @@ fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    anyhow::ensure!(
-        is_root(),
-        "the waypoint benchmark builds network namespaces: run it as root"
-    );
-    let per_conn = if quick { 500 } else { 5000 };
+/// One topology with the waypoint on `workers` runtime threads (0 = its default: one per CPU
+/// here), all three paths measured on it: (path name, run, CPU-s per 10k requests per process).
+fn measure(workers: usize, per_conn: usize) -> Result<Vec<(&'static str, Run, [f64; 3])>> {
     let t = ThreeNodes::start(
         &bin("zmesh-node")?,
         &bin("zmesh-waypoint")?,
         [
             config("n1", "0.0.0.0", ""),
-            config("n2", WAYPOINT_IP, "waypoint: { workload: wp }\n"),
+            config("n2", WAYPOINT_IP, "waypoint: { workload: wp }\n").replace(
+                "access_log: off\n",
+                &format!("access_log: off\n  worker_threads: {workers}\n"),
+            ),
             config("n3", "0.0.0.0", ""),
         ],
     )?;
@@ -174,7 +173,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let tck = clk_tck();
-    let rows = rt.block_on(async {
+    rt.block_on(async {
         start_app(&t)?;
         let mut rows = Vec::new();
         for (name, host, dial) in [
@@ -213,30 +212,70 @@ fn main() -> Result<()> {
             ];
             let n = r.requests as f64;
             let per10k = |i: usize| (after[i] - before[i]) as f64 / tck * 10_000.0 / n;
-            let cpu = [per10k(0), per10k(1), per10k(2)];
-            rows.push((name, r, cpu));
+            rows.push((name, r, [per10k(0), per10k(1), per10k(2)]));
         }
         anyhow::Ok(rows)
-    })?;
-    let base = rows[0].1.rps;
-    println!("# zmesh waypoint benchmark\n");
-    println!(
-        "HTTP/1.1 keep-alive, {CONNECTIONS} connections × {per_conn} sequential GETs (2-byte answers), one run; mode: {}.\n",
+    })
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    anyhow::ensure!(
+        is_root(),
+        "the waypoint benchmark builds network namespaces: run it as root"
+    );
+    let per_conn = if quick { 500 } else { 5000 };
+    let mut out = String::from("## Waypoint benchmark (`cargo bench --bench waypoint`)\n\n");
+    out += &format!(
+        "HTTP/1.1 keep-alive, {CONNECTIONS} connections × {per_conn} sequential GETs (2-byte answers), \
+three namespaces on a bridge (client node, waypoint, app node), one run per waypoint runtime size; \
+mode: {}. Requests/s per waypoint core = 10,000 / the waypoint's CPU-s per 10k requests.\n\n",
         if quick { "quick" } else { "full" }
     );
-    println!("| path | requests/s | vs direct | p50 µs | p99 µs | CPU-s per 10k requests: node 1 / waypoint / node 3 |");
-    println!("|---|---|---|---|---|---|");
-    for (name, r, cpu) in &rows {
-        println!(
-            "| {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} / {:.3} / {:.3} |",
-            r.rps,
-            r.rps / base,
-            r.p50_us,
-            r.p99_us,
-            cpu[0],
-            cpu[1],
-            cpu[2]
-        );
+    out += "| waypoint threads | path | requests/s | vs direct | p50 µs | p99 µs | CPU-s per 10k requests: node 1 / waypoint / node 3 | requests/s per waypoint core |\n";
+    out += "|---|---|---|---|---|---|---|---|\n";
+    // The default (a thread per CPU, as a Deployment without a CPU limit gets) and one thread
+    // (a Deployment limited to one CPU).
+    for (label, workers) in [("2 (default here)", 0usize), ("1", 1)] {
+        let rows = measure(workers, per_conn)?;
+        let base = rows[0].1.rps;
+        for (name, r, cpu) in &rows {
+            out += &format!(
+                "| {label} | {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} / {:.3} / {:.3} | {} |\n",
+                r.rps,
+                r.rps / base,
+                r.p50_us,
+                r.p99_us,
+                cpu[0],
+                cpu[1],
+                cpu[2],
+                if cpu[1] > 0.0 {
+                    format!("{:.0}", 10_000.0 / cpu[1])
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    println!("{out}");
+    if !quick {
+        // Replaces this section of benches/RESULTS.md (the system benchmark keeps it).
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let head = "## Waypoint benchmark";
+        let text = match old.find(head) {
+            Some(i) => {
+                let end = old[i + head.len()..]
+                    .find("\n## ")
+                    .map_or(old.len(), |j| i + head.len() + j + 1);
+                let rest = &old[end..];
+                let gap = if rest.is_empty() { "" } else { "\n" };
+                format!("{}{out}{gap}{rest}", &old[..i])
+            }
+            None => format!("{}\n\n{out}", old.trim_end()),
+        };
+        std::fs::write(path, text)?;
+        eprintln!("wrote the waypoint section of benches/RESULTS.md");
     }
     Ok(())
 }
