@@ -15,6 +15,7 @@
 
 pub mod control_plane;
 pub mod guard;
+pub mod networks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -105,6 +106,9 @@ pub struct Config {
     /// JWT validation applied by waypoints.
     #[serde(default)]
     pub request_authentication: Vec<crate::waypoint::config::RequestAuthConfig>,
+    /// Other networks and their east-west gateways (docs/model.md "Networks").
+    #[serde(default)]
+    pub networks: Vec<networks::NetworkConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -128,6 +132,13 @@ pub struct NodeConfig {
     /// Refuse outbound connections to destinations the model does not know (no passthrough).
     #[serde(default)]
     pub registry_only: bool,
+    /// The network this node is on; workloads without one are on it too. Default "" (Istio's
+    /// default network).
+    #[serde(default)]
+    pub network: BoundedString,
+    /// Run as an east-west gateway for this network (docs/model.md "Networks").
+    #[serde(default)]
+    pub east_west_gateway: Option<networks::EastWestGateway>,
     /// Inbound: dial the local app from the original client's IP (IP_TRANSPARENT, docs/capture.md),
     /// so the app and its logs see who called. `false` dials from the node's own address
     /// (ztunnel's `ENABLE_ORIG_SRC=false`), for hosts without the policy-routing rules.
@@ -472,6 +483,9 @@ pub struct WorkloadConfig {
     /// protocol NONE): plain bytes to the CONNECT's target port.
     #[serde(default)]
     pub application_tunnel: Option<ApplicationTunnel>,
+    /// The network the workload is on; absent: the node's.
+    #[serde(default)]
+    pub network: Option<BoundedString>,
 }
 
 impl WorkloadConfig {
@@ -906,6 +920,7 @@ impl Config {
             check_waypoint(format!("services[{i}].waypoint"), &s.waypoint)?;
         }
         self.validate_l7(&invalid)?;
+        networks::validate(&self.networks).map_err(|(f, v, r)| invalid(f, &v, &r))?;
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.hostname);

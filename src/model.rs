@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use crate::config::networks::NetworkConfig;
 use crate::config::{
     AppTunnelProtocol, Config, HealthStatus, LoadBalancingMode, Locality, NodeConfig, RoutingScope,
     ServiceConfig, TunnelProtocol, WorkloadConfig,
@@ -39,6 +40,15 @@ pub struct Workload {
     /// for every CONNECT it terminates (None: the CONNECT's own target port). Protocol NONE
     /// is the same as no tunnel and leaves this unset.
     pub proxy_tunnel: Option<ProxyTunnel>,
+    /// The network it is on ("" is Istio's default network).
+    pub network: String,
+}
+
+/// An east-west gateway of another network, as the config names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub identity: SpiffeId,
 }
 
 /// A workload's PROXY application tunnel (docs/hbone.md "PROXY protocol").
@@ -93,6 +103,20 @@ pub enum Route {
     },
     /// Unknown destination: plain TCP, as the application asked.
     Passthrough { addr: SocketAddr },
+    /// A service endpoint on another network: double HBONE (docs/hbone.md "Double HBONE").
+    /// The outer tunnel goes to `gateway` (verified as `gateway_identity`), asking for
+    /// `authority` (`hostname:port`); inside it, a second mTLS session verifies `expected`
+    /// (the identities of the service's endpoints on `network`) and asks for the same authority.
+    Gateway {
+        gateway: SocketAddr,
+        gateway_identity: SpiffeId,
+        authority: String,
+        expected: Vec<SpiffeId>,
+        network: String,
+        /// The endpoint chosen here; the gateway picks the one that serves.
+        destination: Arc<Workload>,
+        service: Arc<Service>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +127,16 @@ pub enum SelectError {
     NoSuchPort { service: String, port: u16 },
     #[error("destination {0} is not in the mesh registry and registry_only is set")]
     RegistryOnly(SocketAddr),
+    #[error("workload {workload} is on network {network:?}: another network is reached only through a service")]
+    RemoteWorkload { workload: String, network: String },
+    #[error("service {service} has endpoints only on network {network:?}, which has no gateway in the config")]
+    NoGateway { service: String, network: String },
+    #[error("waypoint {waypoint} is on network {network:?}: a waypoint on another network is not supported")]
+    RemoteWaypoint { waypoint: String, network: String },
+    #[error("no service has hostname {0:?}")]
+    UnknownService(String),
+    #[error("workload {workload} is not an endpoint of service {service}")]
+    NotAnEndpoint { service: String, workload: String },
 }
 
 /// The whole model, immutable once built; a reload builds a new one.
@@ -118,11 +152,33 @@ pub struct Model {
     services: Vec<Arc<Service>>,
     pub hbone_port: u16,
     pub registry_only: bool,
+    /// This node's network.
+    pub network: String,
+    /// Gateways by network name.
+    gateways: HashMap<String, Vec<Gateway>>,
 }
 
 impl Model {
     pub fn from_config(cfg: &Config) -> Model {
-        Model::build(&cfg.node, &cfg.workloads, &cfg.services)
+        Model::build(&cfg.node, &cfg.workloads, &cfg.services).with_networks(&cfg.networks)
+    }
+
+    /// The gateways of `networks` (validated by the config: identities parse).
+    pub fn with_networks(mut self, networks: &[NetworkConfig]) -> Model {
+        for n in networks {
+            let gws = n
+                .gateways
+                .iter()
+                .filter_map(|g| {
+                    Some(Gateway {
+                        addr: SocketAddr::new(g.address, g.port),
+                        identity: SpiffeId::parse(&g.identity).ok()?,
+                    })
+                })
+                .collect();
+            self.gateways.insert(n.name.0.clone(), gws);
+        }
+        self
     }
 
     /// The model of these workloads and services, as seen from the node `node`: the file and
@@ -174,6 +230,7 @@ impl Model {
                     .map(|t| ProxyTunnel {
                         port: (t.port != 0).then_some(t.port),
                     }),
+                network: w.network.as_ref().unwrap_or(&node.network).0.clone(),
             });
             for ip in &wl.addresses {
                 // Two workloads with one IP: the first in order wins, deterministically
@@ -242,6 +299,8 @@ impl Model {
             services,
             hbone_port: node.ports.hbone,
             registry_only: node.registry_only,
+            network: node.network.0.clone(),
+            gateways: HashMap::new(),
         }
     }
 
@@ -300,36 +359,18 @@ impl Model {
         excluded: &dyn Fn(&Workload) -> bool,
     ) -> Result<Route, SelectError> {
         if let Some(route) = self.via_waypoint(source, dst) {
-            return Ok(route);
+            return route;
         }
         if let Some(svc) = self.service_by_vip(dst.ip()) {
-            let default_target = *svc.ports.get(&dst.port()).ok_or(SelectError::NoSuchPort {
-                service: svc.key(),
-                port: dst.port(),
-            })?;
-            let key = svc.key();
-            let candidates: Vec<(&Arc<Workload>, u16)> = svc
-                .endpoints
-                .iter()
-                .filter(|w| w.healthy && !w.addresses.is_empty() && !excluded(w))
-                .filter_map(|w| {
-                    let target = match w.services.get(&key) {
-                        Some(map) if !map.is_empty() => *map.get(&dst.port())?,
-                        _ => default_target,
-                    };
-                    Some((w, target))
-                })
-                .collect();
-            let candidates = prefer_closest(source, svc, candidates);
-            let (w, target) =
-                pick_weighted(&candidates, rng).ok_or_else(|| SelectError::NoHealthyEndpoint {
-                    service: key.clone(),
-                    port: dst.port(),
-                })?;
-            let ip = pick_address(&w.addresses, dst.ip());
-            return Ok(self.route_to(w.clone(), SocketAddr::new(ip, target), Some(svc.clone())));
+            return self.to_service(source, svc, dst, rng, excluded);
         }
         if let Some(w) = self.workload_by_ip(dst.ip()) {
+            if w.network != source.network {
+                return Err(SelectError::RemoteWorkload {
+                    workload: w.name.clone(),
+                    network: w.network.clone(),
+                });
+            }
             return Ok(self.route_to(w.clone(), dst, None));
         }
         if self.registry_only {
@@ -338,10 +379,151 @@ impl Model {
         Ok(Route::Passthrough { addr: dst })
     }
 
+    /// A service's endpoint for `dst` (a VIP and service port): on the source's network when it
+    /// has a healthy one, else on another network through that network's gateway (docs/model.md
+    /// "Networks").
+    fn to_service(
+        &self,
+        source: &Workload,
+        svc: &Arc<Service>,
+        dst: SocketAddr,
+        rng: &mut impl Rng,
+        excluded: &dyn Fn(&Workload) -> bool,
+    ) -> Result<Route, SelectError> {
+        let default_target = *svc.ports.get(&dst.port()).ok_or(SelectError::NoSuchPort {
+            service: svc.key(),
+            port: dst.port(),
+        })?;
+        let key = svc.key();
+        let candidates = endpoints_for_port(svc, dst.port(), default_target, excluded);
+        let (local, remote): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|(w, _)| w.network == source.network);
+        let no_endpoint = || SelectError::NoHealthyEndpoint {
+            service: key.clone(),
+            port: dst.port(),
+        };
+        if !local.is_empty() || remote.is_empty() {
+            let candidates = prefer_closest(source, svc, local);
+            let (w, target) = pick_weighted(&candidates, rng).ok_or_else(no_endpoint)?;
+            let ip = pick_address(&w.addresses, dst.ip());
+            return Ok(self.route_to(w.clone(), SocketAddr::new(ip, target), Some(svc.clone())));
+        }
+        // Only other networks have one: through their gateway, HBONE endpoints only (the
+        // gateway relays the inner HBONE to the endpoint's node untouched).
+        let first_network = remote[0].0.network.clone();
+        let reachable: Vec<_> = remote
+            .into_iter()
+            .filter(|(w, _)| {
+                w.protocol == TunnelProtocol::Hbone
+                    && self.gateways.get(&w.network).is_some_and(|g| !g.is_empty())
+            })
+            .collect();
+        if reachable.is_empty() {
+            return Err(SelectError::NoGateway {
+                service: key,
+                network: first_network,
+            });
+        }
+        let candidates = prefer_closest(source, svc, reachable);
+        let (w, _) = pick_weighted(&candidates, rng).ok_or_else(no_endpoint)?;
+        let gateways = &self.gateways[&w.network];
+        let gw = gateways[rng.gen_range(0..gateways.len())].clone();
+        // The gateway picks the endpoint that serves: any of the service's on that network.
+        let mut expected: Vec<SpiffeId> = Vec::new();
+        for e in svc.endpoints.iter().filter(|e| e.network == w.network) {
+            if !expected.contains(&e.identity) {
+                expected.push(e.identity.clone());
+            }
+        }
+        for san in &svc.subject_alt_names {
+            if !expected.contains(san) {
+                expected.push(san.clone());
+            }
+        }
+        Ok(Route::Gateway {
+            gateway: gw.addr,
+            gateway_identity: gw.identity,
+            authority: format!("{}:{}", svc.hostname, dst.port()),
+            expected,
+            network: w.network.clone(),
+            destination: w.clone(),
+            service: svc.clone(),
+        })
+    }
+
+    /// East-west gateway side: the endpoint on this node's network that a caller from another
+    /// network asking for `host:port` is relayed to, and its HBONE address. `gateway` (the
+    /// gateway's own workload) stands in as the source for locality preference.
+    pub fn gateway_target(
+        &self,
+        gateway: &Workload,
+        host: &str,
+        port: u16,
+        rng: &mut impl Rng,
+    ) -> Result<(Arc<Service>, Arc<Workload>, SocketAddr), SelectError> {
+        let svc = self
+            .service_by_host(host)
+            .ok_or_else(|| SelectError::UnknownService(host.to_string()))?;
+        let default_target = *svc.ports.get(&port).ok_or(SelectError::NoSuchPort {
+            service: svc.key(),
+            port,
+        })?;
+        let candidates: Vec<_> = endpoints_for_port(svc, port, default_target, &|_| false)
+            .into_iter()
+            .filter(|(w, _)| w.network == self.network && w.protocol == TunnelProtocol::Hbone)
+            .collect();
+        let candidates = prefer_closest(gateway, svc, candidates);
+        let (w, _) =
+            pick_weighted(&candidates, rng).ok_or_else(|| SelectError::NoHealthyEndpoint {
+                service: svc.key(),
+                port,
+            })?;
+        let ip = w.addresses[0];
+        Ok((svc.clone(), w.clone(), SocketAddr::new(ip, self.hbone_port)))
+    }
+
+    /// Destination side of a CONNECT for `host:port` (double HBONE's inner CONNECT): the
+    /// target port on `workload` (which owns the listener), which must back that service.
+    pub fn service_target(
+        &self,
+        host: &str,
+        port: u16,
+        workload: &Workload,
+    ) -> Result<(Arc<Service>, u16), SelectError> {
+        let svc = self
+            .service_by_host(host)
+            .ok_or_else(|| SelectError::UnknownService(host.to_string()))?;
+        let default_target = *svc.ports.get(&port).ok_or(SelectError::NoSuchPort {
+            service: svc.key(),
+            port,
+        })?;
+        let map = workload
+            .services
+            .get(&svc.key())
+            .ok_or_else(|| SelectError::NotAnEndpoint {
+                service: svc.key(),
+                workload: workload.name.clone(),
+            })?;
+        let target = if map.is_empty() {
+            default_target
+        } else {
+            *map.get(&port).ok_or(SelectError::NoSuchPort {
+                service: svc.key(),
+                port,
+            })?
+        };
+        Ok((svc.clone(), target))
+    }
+
     /// docs/model.md steps 2 and 3: a Service VIP or workload IP that names a waypoint is sent to
     /// that waypoint, with the ORIGINAL destination as `:authority` so the waypoint can apply the
     /// destination's L7 rules. Traffic from the waypoint itself goes on to the destination.
-    fn via_waypoint(&self, source: &Workload, dst: SocketAddr) -> Option<Route> {
+    fn via_waypoint(
+        &self,
+        source: &Workload,
+        dst: SocketAddr,
+    ) -> Option<Result<Route, SelectError>> {
         let (uid, service) = match self.service_by_vip(dst.ip()) {
             Some(svc) => (svc.waypoint.as_ref()?, Some(svc.clone())),
             None => (self.workload_by_ip(dst.ip())?.waypoint.as_ref()?, None),
@@ -350,14 +532,21 @@ impl Model {
             return None;
         }
         let wp = self.workload_by_uid(uid)?;
+        if wp.network != source.network {
+            // Never skipped (its L7 policy would be bypassed): the traffic fails.
+            return Some(Err(SelectError::RemoteWaypoint {
+                waypoint: wp.name.clone(),
+                network: wp.network.clone(),
+            }));
+        }
         let ip = pick_address(&wp.addresses, dst.ip());
-        Some(Route::Hbone {
+        Some(Ok(Route::Hbone {
             hbone_addr: SocketAddr::new(ip, self.hbone_port),
             authority: dst,
             expected: vec![wp.identity.clone()],
             destination: wp.clone(),
             service,
-        })
+        }))
     }
 
     fn route_to(
@@ -408,6 +597,28 @@ fn host_index(services: &[Arc<Service>]) -> HashMap<String, Arc<Service>> {
         }
     }
     index
+}
+
+/// A service's healthy endpoints that serve `port`, with their target port (their own map, else
+/// the service's `default_target`).
+fn endpoints_for_port<'a>(
+    svc: &'a Service,
+    port: u16,
+    default_target: u16,
+    excluded: &dyn Fn(&Workload) -> bool,
+) -> Vec<(&'a Arc<Workload>, u16)> {
+    let key = svc.key();
+    svc.endpoints
+        .iter()
+        .filter(|w| w.healthy && !w.addresses.is_empty() && !excluded(w))
+        .filter_map(|w| {
+            let target = match w.services.get(&key) {
+                Some(map) if !map.is_empty() => *map.get(&port)?,
+                _ => default_target,
+            };
+            Some((w, target))
+        })
+        .collect()
 }
 
 /// Same address family as the one the application dialed, when the endpoint has it.
@@ -759,5 +970,148 @@ services:
         assert_eq!(by("echo.default.svc").as_deref(), Some("echo"));
         assert_eq!(by("echo.other"), None);
         assert_eq!(by("echo"), None, "a bare name needs the caller's namespace");
+    }
+
+    /// Node a1 on network-a; `db` has endpoints on a2 (network-a) and b1 (network-b, reached
+    /// through its gateway); `only-b` only on b1; `only-c` only on network-c, which has no
+    /// gateway; `b1` is also addressed directly.
+    fn networks_model(a2_status: &str) -> Model {
+        let text = format!(
+            r#"
+node:
+  name: a1
+  network: network-a
+  certificates: {{ file_ca: {{ dir: /tmp/ca }} }}
+networks:
+  - name: network-b
+    gateways: [{{ address: 10.77.9.2, identity: "spiffe://cluster.local/ns/istio-system/sa/eastwest" }}]
+workloads:
+  - {{ uid: client, name: client, namespace: shop, addresses: [10.77.1.1], node: a1 }}
+  - {{ uid: db-a, name: db-a, namespace: data, service_account: db, addresses: [10.77.1.2], node: a2, status: {a2_status}, services: {{ "data/db.data.svc.cluster.local": {{ 80: 8080 }}, "data/only-c.data.svc.cluster.local": {{}} }} }}
+  - {{ uid: db-b, name: db-b, namespace: data, service_account: db-remote, addresses: [10.77.2.1], node: b1, network: network-b, services: {{ "data/db.data.svc.cluster.local": {{ 80: 8080 }}, "data/only-b.data.svc.cluster.local": {{}} }} }}
+  - {{ uid: c1, name: c1, namespace: data, addresses: [10.77.3.1], node: c1, network: network-c, services: {{ "data/only-c.data.svc.cluster.local": {{}} }} }}
+services:
+  - {{ name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [10.96.77.1], ports: {{ 80: 8080 }} }}
+  - {{ name: only-b, namespace: data, hostname: only-b.data.svc.cluster.local, vips: [10.96.77.2], ports: {{ 5432: 5432 }} }}
+  - {{ name: only-c, namespace: data, hostname: only-c.data.svc.cluster.local, vips: [10.96.77.3], ports: {{ 80: 80 }} }}
+"#
+        );
+        Model::from_config(&Config::parse(&text, "t").unwrap())
+    }
+
+    fn sel_from(m: &Model, src: &str, dst: &str) -> Result<Route, SelectError> {
+        let src = m.workload_by_ip(src.parse().unwrap()).unwrap().clone();
+        m.select(
+            &src,
+            dst.parse().unwrap(),
+            &mut rand::rngs::StdRng::seed_from_u64(7),
+        )
+    }
+
+    #[test]
+    fn a_service_prefers_its_endpoints_on_the_callers_network_then_goes_through_the_gateway() {
+        let m = networks_model("healthy");
+        for _ in 0..20 {
+            match sel_from(&m, "10.77.1.1", "10.96.77.1:80").unwrap() {
+                Route::Hbone { hbone_addr, .. } => {
+                    assert_eq!(hbone_addr, "10.77.1.2:15008".parse().unwrap())
+                }
+                other => panic!("local endpoint expected, got {other:?}"),
+            }
+        }
+        // The local endpoint is gone: the remote one, through network-b's gateway.
+        let m = networks_model("unhealthy");
+        match sel_from(&m, "10.77.1.1", "10.96.77.1:80").unwrap() {
+            Route::Gateway {
+                gateway,
+                gateway_identity,
+                authority,
+                expected,
+                network,
+                destination,
+                ..
+            } => {
+                assert_eq!(gateway, "10.77.9.2:15008".parse().unwrap());
+                assert_eq!(
+                    gateway_identity.to_string(),
+                    "spiffe://cluster.local/ns/istio-system/sa/eastwest"
+                );
+                assert_eq!(authority, "db.data.svc.cluster.local:80");
+                let expected: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+                assert_eq!(expected, ["spiffe://cluster.local/ns/data/sa/db-remote"]);
+                assert_eq!(network, "network-b");
+                assert_eq!(destination.uid, "db-b");
+            }
+            other => panic!("gateway route expected, got {other:?}"),
+        }
+        assert!(matches!(
+            sel_from(&m, "10.77.1.1", "10.96.77.2:5432").unwrap(),
+            Route::Gateway { .. }
+        ));
+    }
+
+    #[test]
+    fn other_networks_are_reached_only_through_a_service_and_a_known_gateway() {
+        let m = networks_model("unhealthy");
+        // A pod IP on another network: no route to it from here.
+        assert_eq!(
+            sel_from(&m, "10.77.1.1", "10.77.2.1:8080").unwrap_err(),
+            SelectError::RemoteWorkload {
+                workload: "db-b".into(),
+                network: "network-b".into()
+            }
+        );
+        // network-c has no gateway in the config: refused, never sent in the clear.
+        assert_eq!(
+            sel_from(&m, "10.77.1.1", "10.96.77.3:80").unwrap_err(),
+            SelectError::NoGateway {
+                service: "data/only-c.data.svc.cluster.local".into(),
+                network: "network-c".into()
+            }
+        );
+    }
+
+    #[test]
+    fn gateway_and_destination_sides_resolve_the_hostname_authority() {
+        // Seen from network-b's gateway node: it relays to db-b, never to network-a's db-a.
+        let text = r#"
+node: { name: gb, network: network-b, east_west_gateway: {}, certificates: { file_ca: { dir: /tmp/ca } } }
+workloads:
+  - { uid: gw, name: eastwest, namespace: istio-system, service_account: eastwest, addresses: [10.77.9.2], node: gb }
+  - { uid: db-a, name: db-a, namespace: data, addresses: [10.77.1.2], node: a2, network: network-a, services: { "data/db.data.svc.cluster.local": { 80: 8080 } } }
+  - { uid: db-b, name: db-b, namespace: data, addresses: [10.77.2.1], node: b1, services: { "data/db.data.svc.cluster.local": { 80: 9090 } } }
+services:
+  - { name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [10.96.77.1], ports: { 80: 8080 } }
+"#;
+        let m = Model::from_config(&Config::parse(text, "t").unwrap());
+        let gw = m.workload_by_uid("gw").unwrap().clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..10 {
+            let (svc, w, hbone) = m
+                .gateway_target(&gw, "db.data.svc.cluster.local", 80, &mut rng)
+                .unwrap();
+            assert_eq!((svc.name.as_str(), w.uid.as_str()), ("db", "db-b"));
+            assert_eq!(hbone, "10.77.2.1:15008".parse().unwrap());
+        }
+        assert_eq!(
+            m.gateway_target(&gw, "nope.data.svc.cluster.local", 80, &mut rng)
+                .unwrap_err(),
+            SelectError::UnknownService("nope.data.svc.cluster.local".into())
+        );
+        assert!(matches!(
+            m.gateway_target(&gw, "db.data.svc.cluster.local", 81, &mut rng),
+            Err(SelectError::NoSuchPort { .. })
+        ));
+        // Destination side: the workload's own port map gives the target; a workload that does
+        // not back the service is refused.
+        let db_b = m.workload_by_uid("db-b").unwrap();
+        let (_, port) = m
+            .service_target("db.data.svc.cluster.local", 80, db_b)
+            .unwrap();
+        assert_eq!(port, 9090);
+        assert!(matches!(
+            m.service_target("db.data.svc.cluster.local", 80, &gw),
+            Err(SelectError::NotAnEndpoint { .. })
+        ));
     }
 }

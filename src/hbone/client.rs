@@ -132,13 +132,17 @@ impl Conn {
     }
 }
 
-/// Holds a stream slot on a pooled connection; dropping it frees the slot.
-pub struct StreamGuard(Arc<Conn>);
+/// Holds a stream slot on a pooled connection; dropping it frees the slot. For double HBONE
+/// it also owns the inner connection (over that stream), which it ends.
+pub struct StreamGuard {
+    conn: Arc<Conn>,
+    _inner: Option<AbortOnDrop>,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().expect("idle lock poisoned") = Instant::now();
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.idle_since.lock().expect("idle lock poisoned") = Instant::now();
         }
     }
 }
@@ -280,7 +284,10 @@ impl Pool {
                     }
                 },
             };
-            let guard = StreamGuard(conn.clone());
+            let guard = StreamGuard {
+                conn: conn.clone(),
+                _inner: None,
+            };
             match open_stream(&conn, clone_request(&req)).await {
                 Ok((send, resp)) => {
                     let resp = tokio::time::timeout(RESPONSE_TIMEOUT, resp)
@@ -318,6 +325,85 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Double HBONE (docs/hbone.md "Double HBONE"): `outer_req` over a pooled connection for
+    /// `outer` (the east-west gateway, verified as `outer.expected`), then, inside that stream,
+    /// a second mTLS session with the same source certificate verifying `inner_expected` (the
+    /// destination's identities; the gateway holds none of its keys) and `inner_req` on it.
+    /// The inner connection is not pooled: it ends with the returned tunnel. Both dials share
+    /// one `connect_timeout`.
+    pub async fn connect_double(
+        &self,
+        outer: &PoolKey,
+        outer_req: Request<()>,
+        inner_expected: Vec<SpiffeId>,
+        inner_req: Request<()>,
+    ) -> Result<Tunnel, HboneError> {
+        let gateway = outer.dst;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let timed_out = || HboneError::DialTimeout {
+            dst: gateway,
+            timeout: self.connect_timeout,
+        };
+        let outer_tunnel = tokio::time::timeout_at(deadline, self.connect(outer, outer_req))
+            .await
+            .map_err(|_| timed_out())??;
+        let cert = self
+            .certs
+            .fetch_async(&outer.source)
+            .await
+            .map_err(|e| HboneError::Cert {
+                identity: outer.source.to_string(),
+                detail: e.to_string(),
+            })?;
+        let inner_key = PoolKey {
+            source: outer.source.clone(),
+            expected: inner_expected,
+            dst: gateway,
+            source_ip: None,
+        };
+        let Tunnel {
+            send: outer_send,
+            recv: outer_recv,
+            mut guard,
+            ..
+        } = outer_tunnel;
+        let io = super::io::H2Io::new(outer_send, outer_recv);
+        let inner = tokio::time::timeout_at(deadline, self.handshake(&inner_key, &cert, io))
+            .await
+            .map_err(|_| timed_out())??;
+        // Ends the inner connection's task when the tunnel is dropped (or this call fails).
+        let inner_driver = AbortOnDrop(Some(inner.driver.clone()));
+        let authority = inner_req.uri().to_string();
+        let (send, resp) =
+            open_stream(&inner, inner_req)
+                .await
+                .map_err(|source| HboneError::H2 {
+                    dst: gateway,
+                    source,
+                })?;
+        let resp = tokio::time::timeout(RESPONSE_TIMEOUT, resp)
+            .await
+            .map_err(|_| HboneError::ResponseTimeout { dst: gateway })?
+            .map_err(|source| HboneError::H2 {
+                dst: gateway,
+                source,
+            })?;
+        if resp.status() != StatusCode::OK {
+            return Err(HboneError::Status {
+                dst: gateway,
+                authority,
+                status: resp.status(),
+            });
+        }
+        guard._inner = Some(inner_driver);
+        Ok(Tunnel {
+            send,
+            recv: resp.into_body(),
+            peer: gateway,
+            guard,
+        })
     }
 
     /// A connection for `key` with a stream slot claimed: the one another caller was dialing

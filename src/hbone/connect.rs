@@ -23,8 +23,10 @@ pub enum ConnectError {
     SchemeOrPath,
     #[error("missing :authority")]
     NoAuthority,
-    #[error("invalid :authority {0:?}: expected ip:port or [ipv6]:port")]
+    #[error("invalid :authority {0:?}: expected ip:port, [ipv6]:port or hostname:port")]
     BadAuthority(String),
+    #[error(":authority {0:?} names a host; only ip:port is served here")]
+    HostAuthority(String),
 }
 
 impl ConnectError {
@@ -38,7 +40,9 @@ impl ConnectError {
             ConnectError::NotConnect(_) => "not_connect",
             ConnectError::ExtendedConnect => "extended_connect",
             ConnectError::SchemeOrPath => "connect_scheme_or_path",
-            ConnectError::NoAuthority | ConnectError::BadAuthority(_) => "bad_authority",
+            ConnectError::NoAuthority
+            | ConnectError::BadAuthority(_)
+            | ConnectError::HostAuthority(_) => "bad_authority",
         }
     }
 }
@@ -84,15 +88,42 @@ pub fn authority_string(addr: SocketAddr) -> String {
 
 /// Builds the classic CONNECT request a client sends for `authority`.
 pub fn build_connect(authority: SocketAddr, h: &ConnectHeaders<'_>) -> Request<()> {
+    request(&authority_string(authority), h, None).expect("a socket address is a valid authority")
+}
+
+/// A CONNECT for `host:port` (through an east-west gateway, docs/hbone.md "Double HBONE");
+/// `forwarded_network` adds `x-forwarded-network` (the inner CONNECT). A host that the
+/// receiving side would refuse is refused here, before anything is sent.
+pub fn build_connect_host(
+    host: &str,
+    port: u16,
+    h: &ConnectHeaders<'_>,
+    forwarded_network: Option<&str>,
+) -> Result<Request<()>, ConnectError> {
+    let authority = format!("{host}:{port}");
+    if !valid_hostname(host) || port == 0 {
+        return Err(ConnectError::BadAuthority(
+            authority.chars().take(64).collect(),
+        ));
+    }
+    request(&authority, h, forwarded_network)
+}
+
+fn request(
+    authority: &str,
+    h: &ConnectHeaders<'_>,
+    forwarded_network: Option<&str>,
+) -> Result<Request<()>, ConnectError> {
+    let bad = || ConnectError::BadAuthority(authority.chars().take(64).collect());
     let mut forwarded = format!("for=\"{}\"", h.client_addr);
     if let Some(host) = h.service_host {
         let _ = write!(forwarded, ";host={host}");
     }
     let uri = http::Uri::builder()
-        .authority(authority_string(authority))
+        .authority(authority)
         .build()
-        .expect("a socket address is a valid authority");
-    Request::builder()
+        .map_err(|_| bad())?;
+    let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(uri)
         .header("baggage", baggage(h.source))
@@ -100,9 +131,50 @@ pub fn build_connect(authority: SocketAddr, h: &ConnectHeaders<'_>) -> Request<(
         .header(
             "traceparent",
             format!("00-{:032x}-{:016x}-00", h.trace_id, h.span_id),
-        )
-        .body(())
-        .expect("static header names and ASCII values")
+        );
+    if let Some(n) = forwarded_network {
+        req = req.header("x-forwarded-network", n);
+    }
+    req.body(()).map_err(|_| bad())
+}
+
+/// What a CONNECT asks for: an address, or a service's `hostname:port` (double HBONE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+/// A DNS name as service hostnames are written: lowercase letters, digits, `-` and `.`,
+/// labels of 1-63 bytes not starting or ending with `-`, at most 253 bytes, and at least one
+/// letter (so a mistyped IP address is never taken for a name).
+pub fn valid_hostname(h: &str) -> bool {
+    h.len() <= 253
+        && h.bytes().any(|b| b.is_ascii_lowercase())
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// Validates an incoming CONNECT whose target may be a `hostname:port` (the node's inbound,
+/// which serves double HBONE); `parse_connect` for listeners that serve addresses only.
+pub fn parse_connect_target<B>(req: &Request<B>) -> Result<Target, ConnectError> {
+    match parse_connect(req) {
+        Ok(a) => Ok(Target::Addr(a)),
+        Err(ConnectError::HostAuthority(s)) => {
+            let (host, port) = s.rsplit_once(':').expect("checked by parse_authority");
+            Ok(Target::Host {
+                host: host.to_string(),
+                port: port.parse().expect("checked by parse_authority"),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Validates an incoming CONNECT and returns its target.
@@ -125,7 +197,8 @@ pub fn parse_connect<B>(req: &Request<B>) -> Result<SocketAddr, ConnectError> {
     parse_authority(auth.as_str())
 }
 
-/// Strict `ip:port` parsing: no host names, no userinfo, port 1-65535 (reliability #2).
+/// Strict `ip:port` parsing: no userinfo, port 1-65535 (reliability #2). A well-formed
+/// `hostname:port` is `HostAuthority`, which `parse_connect_target` accepts and others refuse.
 pub fn parse_authority(s: &str) -> Result<SocketAddr, ConnectError> {
     let bad = || ConnectError::BadAuthority(s.chars().take(64).collect());
     if s.is_empty() || s.len() > MAX_AUTHORITY_LEN || !s.is_ascii() || s.contains('@') {
@@ -137,17 +210,26 @@ pub fn parse_authority(s: &str) -> Result<SocketAddr, ConnectError> {
         (IpAddr::V6(ip), p)
     } else {
         let (h, p) = s.rsplit_once(':').ok_or_else(bad)?;
-        let ip: std::net::Ipv4Addr = h.parse().map_err(|_| bad())?;
-        (IpAddr::V4(ip), p)
+        match h.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => (IpAddr::V4(ip), p),
+            Err(_) if valid_hostname(h) && valid_port(p) => {
+                return Err(ConnectError::HostAuthority(s.to_string()))
+            }
+            Err(_) => return Err(bad()),
+        }
     };
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+    if !valid_port(port) {
         return Err(bad());
     }
-    let port: u32 = port.parse().map_err(|_| bad())?;
-    if port == 0 || port > 65535 {
-        return Err(bad());
-    }
-    Ok(SocketAddr::new(host, port as u16))
+    Ok(SocketAddr::new(host, port.parse().map_err(|_| bad())?))
+}
+
+/// Decimal 1-65535, no sign, no leading `+`, at most 5 digits.
+fn valid_port(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 5
+        && p.bytes().all(|b| b.is_ascii_digit())
+        && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
 }
 
 /// A random W3C trace id and span id for a new connection.
@@ -182,6 +264,7 @@ mod tests {
             services: Default::default(),
             waypoint: None,
             proxy_tunnel: None,
+            network: String::new(),
         }
     }
 
@@ -297,13 +380,93 @@ mod tests {
             .insert(h2::ext::Protocol::from_static("websocket"));
         assert_eq!(parse_connect(&req), Err(ConnectError::ExtendedConnect));
 
+        // A hostname is refused where only addresses are served, and is a target where
+        // double HBONE is.
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri("svc.local:80")
             .body(())
             .unwrap();
-        assert!(matches!(
+        assert_eq!(
             parse_connect(&req),
+            Err(ConnectError::HostAuthority("svc.local:80".into()))
+        );
+        assert_eq!(
+            parse_connect_target(&req),
+            Ok(Target::Host {
+                host: "svc.local".into(),
+                port: 80
+            })
+        );
+    }
+
+    #[test]
+    fn hostname_authorities_are_strict() {
+        let host = |a: &str| {
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(a)
+                .body(())
+                .unwrap();
+            parse_connect_target(&req)
+        };
+        assert_eq!(
+            host("db.data.svc.cluster.local:5432"),
+            Ok(Target::Host {
+                host: "db.data.svc.cluster.local".into(),
+                port: 5432
+            })
+        );
+        assert_eq!(
+            host("10.0.0.1:80"),
+            Ok(Target::Addr("10.0.0.1:80".parse().unwrap()))
+        );
+        let label64 = format!("{}.svc:80", "a".repeat(64));
+        for bad in [
+            "DB.data:80",     // uppercase: names are matched exactly, lowercase
+            "db.data:0",      // port 0
+            "db.data:65536",  // port out of range
+            "db.data:+80",    // sign
+            "db..data:80",    // empty label
+            "-db.data:80",    // label starting with '-'
+            "db-.data:80",    // label ending with '-'
+            "db_data:80",     // '_' is not in a host name
+            "10.0.0.300:80",  // a mistyped IP is not a name
+            "db.data",        // no port
+            label64.as_str(), // label over 63 bytes
+        ] {
+            assert!(
+                matches!(host(bad), Err(ConnectError::BadAuthority(_))),
+                "{bad}: {:?}",
+                host(bad)
+            );
+        }
+        assert!(!valid_hostname(&format!("{}.x", "a.".repeat(130))));
+    }
+
+    #[test]
+    fn host_connects_carry_the_forwarded_network_only_when_asked() {
+        let w = workload();
+        let h = ConnectHeaders {
+            source: &w,
+            client_addr: "10.0.0.1:5555".parse().unwrap(),
+            service_host: Some("db.data.svc.cluster.local"),
+            trace_id: 1,
+            span_id: 1,
+        };
+        let outer = build_connect_host("db.data.svc.cluster.local", 80, &h, None).unwrap();
+        assert_eq!(outer.uri().to_string(), "db.data.svc.cluster.local:80");
+        assert!(outer.headers().get("x-forwarded-network").is_none());
+        let inner =
+            build_connect_host("db.data.svc.cluster.local", 80, &h, Some("network-a")).unwrap();
+        assert_eq!(inner.headers()["x-forwarded-network"], "network-a");
+        assert_eq!(
+            inner.headers()["forwarded"],
+            "for=\"10.0.0.1:5555\";host=db.data.svc.cluster.local"
+        );
+        // A service hostname the far side would refuse is refused before anything is sent.
+        assert!(matches!(
+            build_connect_host("Bad Host", 80, &h, None),
             Err(ConnectError::BadAuthority(_))
         ));
     }

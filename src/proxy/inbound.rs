@@ -22,7 +22,7 @@ use super::{
     Node, Scope,
 };
 use crate::copy::{reset_on_drop, tcp_to_h2};
-use crate::hbone::connect::parse_connect;
+use crate::hbone::connect::{parse_connect_target, Target};
 use crate::hbone::proxy_protocol::{EncodeError, Header};
 use crate::hbone::server;
 use crate::identity::SpiffeId;
@@ -226,11 +226,33 @@ async fn stream(
         guard,
     } = s;
     let enabled = node.access_log_enabled();
-    let dst = match parse_connect(&req) {
+    let target = match parse_connect_target(&req) {
+        Ok(Target::Addr(d)) => Ok(d),
+        // Double HBONE: the inner CONNECT names the service (this listener's workload must
+        // back it); on an east-west gateway, a service it does not back is relayed onward.
+        Ok(Target::Host { host, port }) => {
+            match node.model().service_target(&host, port, &workload) {
+                Ok((_, target)) => Ok(SocketAddr::new(local.ip(), target)),
+                Err(_) if node.cfg.node.east_west_gateway.is_some() => {
+                    let s = server::Stream {
+                        req,
+                        respond,
+                        guard,
+                    };
+                    let at = (peer, local);
+                    return super::gateway::relay(node, scope, workload, client, at, host, port, s)
+                        .await;
+                }
+                Err(e) => Err((e.to_string(), "bad_service_authority")),
+            }
+        }
+        Err(e) => Err((e.to_string(), e.code())),
+    };
+    let dst = match target {
         Ok(d) => d,
-        Err(e) => {
-            server::refuse(respond, e.status());
-            crate::reject!(node.rejections, "hbone", e.code(), src = %peer, identity = %client, reason = %e, "bad CONNECT (400)");
+        Err((e, code)) => {
+            server::refuse(respond, StatusCode::BAD_REQUEST);
+            crate::reject!(node.rejections, "hbone", code, src = %peer, identity = %client, reason = %e, "bad CONNECT (400)");
             let mut log = ConnLog::new(Direction::Inbound, peer, local, &node.metrics);
             log.src_identity = Some(client.to_string());
             log.mtls = true;

@@ -12,6 +12,7 @@
 
 mod accesslog;
 pub mod admin;
+mod gateway;
 mod inbound;
 pub mod inpod;
 pub mod operator;

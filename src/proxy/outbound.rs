@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::{accept_loop, ConnLog, Direction, Node, Scope};
 use crate::copy::{reset_on_drop, tcp_to_h2, tcp_to_tcp};
 use crate::hbone::client::PoolKey;
-use crate::hbone::connect::{build_connect, new_trace_ids, ConnectHeaders};
+use crate::hbone::connect::{build_connect, build_connect_host, new_trace_ids, ConnectHeaders};
 use crate::model::Route;
 use crate::socket::{dial_in, original_dst, DialOptions};
 
@@ -152,6 +152,66 @@ async fn proxy_in(
                 }
                 Err(e) => {
                     // Never fall back to plaintext: the application sees a reset.
+                    reset_on_drop(&tcp);
+                    log.emit(enabled, Some(&e));
+                }
+            }
+        }
+        Route::Gateway {
+            gateway,
+            gateway_identity,
+            authority,
+            expected,
+            network,
+            destination,
+            service,
+        } => {
+            log.dst_identity = Some(destination.identity.to_string());
+            log.dst_workload = Some(destination.name.clone());
+            log.dst_service = Some(service.hostname.clone());
+            log.dst_wl = Some(destination.clone());
+            log.svc = Some(service.clone());
+            log.mtls = true;
+            log.dst = gateway;
+            log.path = format!("double hbone via {gateway} ({network}) authority {authority}");
+            let (trace_id, span_id) = new_trace_ids();
+            let headers = ConnectHeaders {
+                source: &source,
+                client_addr: peer,
+                service_host: Some(service.hostname.as_str()),
+                trace_id,
+                span_id,
+            };
+            let (host, port) = (service.hostname.as_str(), dst.port());
+            let reqs = build_connect_host(host, port, &headers, None).and_then(|outer| {
+                let inner = build_connect_host(host, port, &headers, Some(&source.network))?;
+                Ok((outer, inner))
+            });
+            let (outer, inner) = match reqs {
+                Ok(r) => r,
+                Err(e) => {
+                    reset_on_drop(&tcp);
+                    log.emit(
+                        enabled,
+                        Some(&format_args!("service {}: {e}", service.key())),
+                    );
+                    return;
+                }
+            };
+            let key = PoolKey {
+                source: source.identity.clone(),
+                expected: vec![gateway_identity],
+                dst: gateway,
+                source_ip: Some(peer.ip()),
+            };
+            match Box::pin(scope.pool.connect_double(&key, outer, expected, inner)).await {
+                Ok(tunnel) => {
+                    let _guard = tunnel.guard;
+                    log.opened();
+                    log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
+                    log.emit(enabled, None);
+                }
+                Err(e) => {
                     reset_on_drop(&tcp);
                     log.emit(enabled, Some(&e));
                 }

@@ -299,6 +299,7 @@ pub fn workload(name: &str, w: &wl::Workload) -> Result<XdsWorkload, ResourceErr
             // Resolved against the waypoint's own resource when the model is built.
             waypoint: None,
             application_tunnel: application_tunnel(name, &w.application_tunnel)?,
+            network: opt("network", &w.network)?,
         },
         waypoint: waypoint(name, "waypoint", &w.waypoint)?,
         policies,

@@ -1,0 +1,165 @@
+//! East-west gateway mode (`node.east_west_gateway`, docs/model.md "Networks"): the outer
+//! tunnel of double HBONE ends here. A CONNECT for `hostname:port` from another network is
+//! authorized by the caller's identity and this gateway workload's policies, an endpoint of
+//! that service on this network is picked (as outbound picks: health, locality, capacity), and
+//! the stream's bytes, which are the inner mTLS session, go to that endpoint's node on its
+//! HBONE port untouched. The gateway holds no key of the inner session, so it never sees the
+//! inner identities' plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use super::{denial_reason, enforce, inbound_connection, settle, ConnLog, Direction, Node, Scope};
+use crate::copy::{reset_on_drop, tcp_to_h2};
+use crate::hbone::server;
+use crate::identity::SpiffeId;
+use crate::model::{SelectError, Workload};
+use crate::socket::{dial_in, DialOptions};
+
+/// One CONNECT for `host:port` on the gateway workload's listener.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay(
+    node: Arc<Node>,
+    scope: Arc<Scope>,
+    gateway: Arc<Workload>,
+    client: SpiffeId,
+    (peer, local): (SocketAddr, SocketAddr),
+    host: String,
+    port: u16,
+    s: server::Stream,
+) {
+    let server::Stream {
+        req,
+        mut respond,
+        guard,
+    } = s;
+    let enabled = node.access_log_enabled();
+    let mut log = ConnLog::new(Direction::Inbound, peer, local, &node.metrics);
+    log.src_identity = Some(client.to_string());
+    log.mtls = true;
+    let refuse = |respond, status: StatusCode, code: &'static str, why: String, log: ConnLog| {
+        server::refuse(respond, status);
+        crate::reject!(node.rejections, "gateway", code, src = %peer, identity = %client, target = %format_args!("{host}:{port}"), reason = %why, "east-west gateway refused a CONNECT");
+        log.emit(enabled, Some(&format_args!("{why} ({})", status.as_u16())));
+    };
+    let Some(gw) = node.cfg.node.east_west_gateway.as_ref() else {
+        return refuse(
+            respond,
+            StatusCode::BAD_REQUEST,
+            "not_a_gateway",
+            format!("{host}:{port}: this node is not an east-west gateway"),
+            log,
+        );
+    };
+    // The caller is judged as a client of the gateway workload, at the service port.
+    let at = SocketAddr::new(local.ip(), port);
+    let who = || inbound_connection(Some(&client), peer, at, &gateway);
+    let mut changes = node.subscribe_state();
+    changes.borrow_and_update();
+    let decision = node.authorize(&who());
+    if !decision.allowed {
+        log.denied = true;
+        let reason = denial_reason(&decision).to_string();
+        return refuse(
+            respond,
+            StatusCode::UNAUTHORIZED,
+            "denied_by_policy",
+            reason,
+            log,
+        );
+    }
+    drop(decision);
+    let model = node.model();
+    let picked = model.gateway_target(&gateway, &host, port, &mut rand::thread_rng());
+    let (svc, endpoint, hbone) = match picked {
+        Ok(p) => p,
+        Err(e @ SelectError::NoHealthyEndpoint { .. }) => {
+            return refuse(
+                respond,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_endpoint",
+                e.to_string(),
+                log,
+            )
+        }
+        Err(e) => {
+            return refuse(
+                respond,
+                StatusCode::BAD_REQUEST,
+                "unknown_target",
+                e.to_string(),
+                log,
+            )
+        }
+    };
+    if !gw.exposes(&svc.namespace, &svc.hostname) {
+        return refuse(
+            respond,
+            StatusCode::BAD_REQUEST,
+            "not_exposed",
+            format!("service {} is not exposed by this gateway", svc.key()),
+            log,
+        );
+    }
+    // An endpoint on this very node would have the gateway dial itself.
+    if model.local_workload(hbone.ip()).is_some() {
+        return refuse(
+            respond,
+            StatusCode::BAD_REQUEST,
+            "self_target",
+            format!("endpoint {hbone} is this gateway's own address; never dialed"),
+            log,
+        );
+    }
+    log.dst = hbone;
+    log.dst_workload = Some(endpoint.name.clone());
+    log.dst_identity = Some(endpoint.identity.to_string());
+    log.dst_service = Some(svc.hostname.clone());
+    log.dst_wl = Some(endpoint.clone());
+    log.svc = Some(svc.clone());
+    log.path = format!("gateway relay {host}:{port} to {hbone}");
+    let opts = DialOptions {
+        mark: node.mark(),
+        source: None,
+        transparent: false,
+    };
+    let dial = Box::pin(dial_in(scope.dial_netns(), hbone, opts));
+    let mut up = match guard.dial(&mut respond, dial).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(enabled, Some(&format_args!("{e} (503)")));
+            return;
+        }
+        Err(server::Abandoned) => {
+            log.emit(
+                enabled,
+                Some(&"client reset the stream before the endpoint was reached; dial abandoned"),
+            );
+            return;
+        }
+    };
+    let send = match server::respond_ok(respond) {
+        Ok(s) => s,
+        Err(e) => {
+            guard.tunnel_ended(0, true);
+            log.emit(
+                enabled,
+                Some(&format_args!("client went away before the 200: {e}")),
+            );
+            return;
+        }
+    };
+    log.opened();
+    let outcome = {
+        let relay = std::pin::pin!(tcp_to_h2(&mut up, send, req.into_body()));
+        enforce(&node, who, changes, relay).await
+    };
+    match &outcome {
+        Ok(t) => guard.tunnel_ended(t.sent, t.reset),
+        Err(_) => reset_on_drop(&up),
+    }
+    settle(log, enabled, outcome, Some(&client));
+}
