@@ -36,6 +36,7 @@ pub mod kubeapi;
 mod link;
 pub mod mesh;
 mod netns;
+pub mod networks;
 mod process;
 pub mod three;
 
