@@ -304,6 +304,11 @@ impl Model {
         }
     }
 
+    /// The gateways the config names for `network`.
+    pub fn gateways(&self, network: &str) -> &[Gateway] {
+        self.gateways.get(network).map_or(&[], |g| g.as_slice())
+    }
+
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads_by_uid.get(uid)
     }

@@ -294,6 +294,19 @@ pub async fn hbone_with(
     mgr: &CertManager,
     server: &SpiffeId,
 ) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    hbone_with_io(tcp, cert, mgr, server).await
+}
+
+/// `hbone_with` over any transport (the stream of an outer HBONE tunnel, say).
+pub async fn hbone_with_io<IO>(
+    tcp: IO,
+    cert: &WorkloadCert,
+    mgr: &CertManager,
+    server: &SpiffeId,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = zmesh::tls::client_config(cert, &mgr.trust(), vec![server.clone()])
         .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
