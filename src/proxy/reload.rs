@@ -172,6 +172,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("registry_only", o.registry_only != n.registry_only);
     check("original_source", o.original_source != n.original_source);
+    check("network", o.network != n.network);
+    check(
+        "east_west_gateway",
+        o.east_west_gateway != n.east_west_gateway,
+    );
     check("access_log", o.access_log != n.access_log);
     check("worker_threads", o.worker_threads != n.worker_threads);
     check("mode", o.mode != n.mode);
