@@ -486,6 +486,9 @@ pub struct WorkloadConfig {
     /// The network the workload is on; absent: the node's.
     #[serde(default)]
     pub network: Option<BoundedString>,
+    /// From xDS only (the file names gateways in `networks:`).
+    #[serde(skip)]
+    pub network_gateway: Option<networks::NetworkGatewayRef>,
 }
 
 impl WorkloadConfig {

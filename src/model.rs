@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::config::networks::NetworkConfig;
+use crate::config::networks::{GatewayTarget, NetworkConfig, NetworkGatewayRef};
 use crate::config::{
     AppTunnelProtocol, Config, HealthStatus, LoadBalancingMode, Locality, NodeConfig, RoutingScope,
     ServiceConfig, TunnelProtocol, WorkloadConfig,
@@ -129,7 +129,11 @@ pub enum SelectError {
     RegistryOnly(SocketAddr),
     #[error("workload {workload} is on network {network:?}: another network is reached only through a service")]
     RemoteWorkload { workload: String, network: String },
-    #[error("service {service} has endpoints only on network {network:?}, which has no gateway in the config")]
+    #[error("service {service} has endpoints only on network {network:?}, none of them in the mesh (HBONE): a gateway cannot reach them")]
+    RemoteNotMeshed { service: String, network: String },
+    #[error(
+        "service {service} has endpoints only on network {network:?}, which has no known gateway"
+    )]
     NoGateway { service: String, network: String },
     #[error("waypoint {waypoint} is on network {network:?}: a waypoint on another network is not supported")]
     RemoteWaypoint { waypoint: String, network: String },
@@ -163,7 +167,8 @@ impl Model {
         Model::build(&cfg.node, &cfg.workloads, &cfg.services).with_networks(&cfg.networks)
     }
 
-    /// The gateways of `networks` (validated by the config: identities parse).
+    /// The gateways of `networks` (validated by the config: identities parse); a network the
+    /// file names replaces what workloads said of it.
     pub fn with_networks(mut self, networks: &[NetworkConfig]) -> Model {
         for n in networks {
             let gws = n
@@ -190,6 +195,8 @@ impl Model {
     ) -> Model {
         let mut workloads = Vec::new();
         let mut workloads_by_ip = HashMap::new();
+        // (network, its gateway as a workload names it), resolved once everything is built.
+        let mut gateway_refs = Vec::new();
         let mut uids = std::collections::HashSet::new();
         for w in workload_configs {
             if !uids.insert(w.uid.0.as_str()) {
@@ -232,6 +239,9 @@ impl Model {
                     }),
                 network: w.network.as_ref().unwrap_or(&node.network).0.clone(),
             });
+            if let Some(g) = &w.network_gateway {
+                gateway_refs.push((wl.network.clone(), g.clone()));
+            }
             for ip in &wl.addresses {
                 // Two workloads with one IP: the first in order wins, deterministically
                 // (reliability #22); the loser is reported.
@@ -286,6 +296,9 @@ impl Model {
             }
             services.push(svc);
         }
+        let services_by_key: HashMap<String, Arc<Service>> =
+            services.iter().map(|s| (s.key(), s.clone())).collect();
+        let gateways = resolve_gateways(gateway_refs, &workloads_by_ip, &services_by_key);
         Model {
             node: node.name.0.clone(),
             workloads_by_ip,
@@ -300,7 +313,7 @@ impl Model {
             hbone_port: node.ports.hbone,
             registry_only: node.registry_only,
             network: node.network.0.clone(),
-            gateways: HashMap::new(),
+            gateways,
         }
     }
 
@@ -417,12 +430,20 @@ impl Model {
         // Only other networks have one: through their gateway, HBONE endpoints only (the
         // gateway relays the inner HBONE to the endpoint's node untouched).
         let first_network = remote[0].0.network.clone();
-        let reachable: Vec<_> = remote
+        let meshed: Vec<_> = remote
             .into_iter()
-            .filter(|(w, _)| {
-                w.protocol == TunnelProtocol::Hbone
-                    && self.gateways.get(&w.network).is_some_and(|g| !g.is_empty())
-            })
+            .filter(|(w, _)| w.protocol == TunnelProtocol::Hbone)
+            .collect();
+        if meshed.is_empty() {
+            return Err(SelectError::RemoteNotMeshed {
+                service: key,
+                network: first_network,
+            });
+        }
+        let first_network = meshed[0].0.network.clone();
+        let reachable: Vec<_> = meshed
+            .into_iter()
+            .filter(|(w, _)| self.gateways.get(&w.network).is_some_and(|g| !g.is_empty()))
             .collect();
         if reachable.is_empty() {
             return Err(SelectError::NoGateway {
@@ -585,6 +606,54 @@ impl Model {
             },
         }
     }
+}
+
+/// The gateways workloads name (istiod's `network_gateway`), by the naming workload's network:
+/// an address is the workload there (its identity is the one the outer TLS verifies); a service
+/// stands for its healthy endpoints. One that resolves to nothing is left out and logged, so its
+/// network's endpoints are never chosen (fail closed).
+fn resolve_gateways(
+    refs: Vec<(String, NetworkGatewayRef)>,
+    by_ip: &HashMap<IpAddr, Arc<Workload>>,
+    by_key: &HashMap<String, Arc<Service>>,
+) -> HashMap<String, Vec<Gateway>> {
+    let mut out: HashMap<String, Vec<Gateway>> = HashMap::new();
+    for (network, r) in refs {
+        let found: Vec<Gateway> = match &r.target {
+            GatewayTarget::Ip(ip) => by_ip
+                .get(ip)
+                .map(|w| Gateway {
+                    addr: SocketAddr::new(*ip, r.port),
+                    identity: w.identity.clone(),
+                })
+                .into_iter()
+                .collect(),
+            GatewayTarget::Service(key) => by_key
+                .get(key)
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .filter(|w| w.healthy && !w.addresses.is_empty())
+                        .map(|w| Gateway {
+                            addr: SocketAddr::new(w.addresses[0], r.port),
+                            identity: w.identity.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        if found.is_empty() {
+            tracing::warn!(network = %network, gateway = ?r.target, "network gateway names no known workload or service endpoint; that network is unreachable until it does");
+            continue;
+        }
+        let list = out.entry(network).or_default();
+        for g in found {
+            if !list.contains(&g) && list.len() < crate::config::networks::MAX_GATEWAYS {
+                list.push(g);
+            }
+        }
+    }
+    out
 }
 
 /// Every name a service answers to; the first service to claim a name keeps it.

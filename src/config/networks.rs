@@ -48,6 +48,23 @@ fn default_gateway_port() -> u16 {
     15008
 }
 
+/// A workload's `network_gateway` as istiod sends it (Workload field 19): the gateway through
+/// which that workload's network is reached, resolved against the model when it is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkGatewayRef {
+    pub target: GatewayTarget,
+    /// `hbone_mtls_port` (15008 when istiod leaves it 0).
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayTarget {
+    /// A workload's address: that workload is the gateway.
+    Ip(IpAddr),
+    /// `namespace/hostname` of a service whose endpoints are the gateways.
+    Service(String),
+}
+
 /// `node.east_west_gateway`: this node terminates outer HBONE from other networks and relays
 /// the inner stream, untouched, to an endpoint of the named service on its own network.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use zmesh_proto::istio::security as sec;
 use zmesh_proto::istio::workload as wl;
 
+use crate::config::networks::{GatewayTarget, NetworkGatewayRef};
 use crate::config::{
     AppTunnelProtocol, ApplicationTunnel, BoundedString, HealthStatus, LoadBalancing,
     LoadBalancingMode, Locality, RoutingScope, ServiceConfig, SpiffeIdString, TunnelProtocol,
@@ -134,6 +135,24 @@ fn application_tunnel(
         p => port(resource, "application_tunnel.port", p)?,
     };
     Ok(Some(ApplicationTunnel { protocol, port }))
+}
+
+fn network_gateway(
+    resource: &str,
+    g: &Option<wl::GatewayAddress>,
+) -> Result<Option<NetworkGatewayRef>, ResourceError> {
+    let Some(target) = waypoint(resource, "network_gateway", g)? else {
+        return Ok(None);
+    };
+    let port = match g.as_ref().map_or(0, |g| g.hbone_mtls_port) {
+        0 => 15008,
+        p => port(resource, "network_gateway.hbone_mtls_port", p)?,
+    };
+    let target = match target {
+        WaypointRef::Ip(ip) => GatewayTarget::Ip(ip),
+        WaypointRef::Service(key) => GatewayTarget::Service(key),
+    };
+    Ok(Some(NetworkGatewayRef { target, port }))
 }
 
 fn waypoint(
@@ -300,6 +319,7 @@ pub fn workload(name: &str, w: &wl::Workload) -> Result<XdsWorkload, ResourceErr
             waypoint: None,
             application_tunnel: application_tunnel(name, &w.application_tunnel)?,
             network: opt("network", &w.network)?,
+            network_gateway: network_gateway(name, &w.network_gateway)?,
         },
         waypoint: waypoint(name, "waypoint", &w.waypoint)?,
         policies,

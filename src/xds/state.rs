@@ -433,4 +433,132 @@ mod tests {
             Some("wp")
         );
     }
+
+    /// istiod's multi-network fields: `network` (4) places a workload, `network_gateway` (19)
+    /// names the gateway its network is reached through, resolved to the workload at that
+    /// address (whose identity the outer TLS verifies); one that resolves to nothing leaves
+    /// that network unreachable.
+    #[test]
+    fn network_and_network_gateway_from_xds_route_through_the_gateway_workload() {
+        let held = |w: &wl::Workload| Held {
+            version: "1".into(),
+            value: AddressEntry::Workload(convert::workload(&w.uid, w).unwrap()),
+        };
+        let gw_at = |ip: [u8; 4]| wl::GatewayAddress {
+            destination: Some(wl::gateway_address::Destination::Address(
+                wl::NetworkAddress {
+                    network: "net-b".into(),
+                    address: ip.to_vec(),
+                },
+            )),
+            hbone_mtls_port: 15443,
+        };
+        let mut store = Store::default();
+        let client = wl::Workload {
+            uid: "client".into(),
+            name: "client".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![10, 0, 0, 1]],
+            node: "n1".into(),
+            ..Default::default()
+        };
+        let mut db = wl::Workload {
+            uid: "db".into(),
+            name: "db".into(),
+            namespace: "ns".into(),
+            service_account: "db".into(),
+            addresses: vec![vec![10, 9, 0, 1]],
+            node: "remote".into(),
+            network: "net-b".into(),
+            network_gateway: Some(gw_at([192, 0, 2, 9])),
+            tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+            services: [(
+                "ns/db.ns.svc.cluster.local".to_string(),
+                wl::PortList {
+                    ports: vec![wl::Port {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let svc = wl::Service {
+            name: "db".into(),
+            namespace: "ns".into(),
+            hostname: "db.ns.svc.cluster.local".into(),
+            addresses: vec![wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 9],
+            }],
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            ..Default::default()
+        };
+        store.addresses.insert("client".into(), held(&client));
+        store.addresses.insert("db".into(), held(&db));
+        store.addresses.insert(
+            "ns/db.ns.svc.cluster.local".into(),
+            Held {
+                version: "1".into(),
+                value: AddressEntry::Service(
+                    convert::service("ns/db.ns.svc.cluster.local", &svc).unwrap(),
+                ),
+            },
+        );
+        let dst: std::net::SocketAddr = "10.96.0.9:80".parse().unwrap();
+        let select = |m: &Model| {
+            let src = m.workload_by_uid("client").unwrap().clone();
+            m.select(
+                &src,
+                dst,
+                &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3),
+            )
+        };
+        // The gateway's address is no workload yet: net-b is unreachable, never plaintext.
+        let (m, _) = store.build(&node());
+        assert_eq!(m.workload_by_uid("db").unwrap().network, "net-b");
+        assert!(matches!(
+            select(&m),
+            Err(crate::model::SelectError::NoGateway { .. })
+        ));
+        // The gateway workload arrives: double HBONE to it, verifying its identity.
+        let gateway = wl::Workload {
+            uid: "ew".into(),
+            name: "ew".into(),
+            namespace: "istio-system".into(),
+            service_account: "eastwest".into(),
+            addresses: vec![vec![192, 0, 2, 9]],
+            node: "remote-gw".into(),
+            network: "net-b".into(),
+            ..Default::default()
+        };
+        store.addresses.insert("ew".into(), held(&gateway));
+        let (m, _) = store.build(&node());
+        match select(&m).unwrap() {
+            crate::model::Route::Gateway {
+                gateway,
+                gateway_identity,
+                authority,
+                ..
+            } => {
+                assert_eq!(gateway, "192.0.2.9:15443".parse().unwrap());
+                assert_eq!(
+                    gateway_identity.to_string(),
+                    "spiffe://cluster.local/ns/istio-system/sa/eastwest"
+                );
+                assert_eq!(authority, "db.ns.svc.cluster.local:80");
+            }
+            other => panic!("expected a gateway route, got {other:?}"),
+        }
+        // A network_gateway that names neither an address nor a hostname refuses the resource.
+        db.network_gateway = Some(wl::GatewayAddress {
+            destination: None,
+            hbone_mtls_port: 0,
+        });
+        assert!(convert::workload("db", &db).is_err());
+    }
 }
