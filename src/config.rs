@@ -924,6 +924,34 @@ impl Config {
         }
         self.validate_l7(&invalid)?;
         networks::validate(&self.networks).map_err(|(f, v, r)| invalid(f, &v, &r))?;
+        if n.control_plane.is_some() && !self.networks.is_empty() {
+            return Err(invalid(
+                "networks".into(),
+                &"set",
+                "with a control plane, gateways come from its workloads' network_gateway; remove networks from the file",
+            ));
+        }
+        if let Some(gw) = &n.east_west_gateway {
+            // From a control plane the workload arrives later: checked when a CONNECT comes.
+            let found = self.workloads.iter().find(|w| w.uid == gw.workload);
+            match found {
+                None if n.control_plane.is_none() => {
+                    return Err(invalid(
+                        "node.east_west_gateway.workload".into(),
+                        &gw.workload,
+                        "no workload has this uid",
+                    ))
+                }
+                Some(w) if w.node != n.name => {
+                    return Err(invalid(
+                        "node.east_west_gateway.workload".into(),
+                        &gw.workload,
+                        "the gateway's workload must run on this node",
+                    ))
+                }
+                _ => {}
+            }
+        }
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.hostname);
@@ -1254,6 +1282,38 @@ workloads:
             "name: node-a\n  original_source: sometimes\n  cert",
         ));
         assert!(e.to_string().contains("original_source"), "{e}");
+    }
+
+    #[test]
+    fn an_east_west_gateway_names_its_own_local_workload() {
+        let with = |gw: &str| {
+            GOOD.replace(
+                "name: node-a\n  cert",
+                &format!("name: node-a\n  east_west_gateway: {gw}\n  cert"),
+            )
+        };
+        let ok = Config::parse(&with("{ workload: a }"), "t.yaml").unwrap();
+        let gw = ok.node.east_west_gateway.unwrap();
+        assert_eq!(gw.workload.0, "a");
+        assert!(
+            gw.exposes("any", "thing.any.svc"),
+            "all services by default"
+        );
+        let e = err(&with("{ workload: nope }"));
+        assert!(
+            e.to_string().contains("node.east_west_gateway.workload")
+                && e.to_string().contains("no workload"),
+            "{e}"
+        );
+        let remote = with("{ workload: a }").replace("    node: node-a\n", "    node: node-b\n");
+        let e = err(&remote);
+        assert!(e.to_string().contains("must run on this node"), "{e}");
+        let e = err(&with("{}"));
+        assert!(e.to_string().contains("workload"), "{e}");
+        // With a control plane, gateways come from xDS: a file `networks:` is refused.
+        let cp = "node:\n  name: n\n  control_plane: { address: https://istiod:15012 }\n  certificates:\n    file_ca: { dir: /tmp/ca }\nnetworks:\n  - { name: b, gateways: [{ address: 10.0.0.9, identity: \"spiffe://cluster.local/ns/x/sa/y\" }] }\n";
+        let e = err(cp);
+        assert!(e.to_string().contains("networks"), "{e}");
     }
 
     #[test]

@@ -480,7 +480,9 @@ impl Model {
 
     /// East-west gateway side: the endpoint on this node's network that a caller from another
     /// network asking for `host:port` is relayed to, and its HBONE address. `gateway` (the
-    /// gateway's own workload) stands in as the source for locality preference.
+    /// gateway's own workload) stands in as the source for locality preference. Endpoints on
+    /// this node and endpoints with the gateway's identity (its replicas) are never picked: a
+    /// gateway relays to workloads, never to itself or to another gateway.
     pub fn gateway_target(
         &self,
         gateway: &Workload,
@@ -495,7 +497,8 @@ impl Model {
             service: svc.key(),
             port,
         })?;
-        let candidates: Vec<_> = endpoints_for_port(svc, port, default_target, &|_| false)
+        let not_a_gateway = |w: &Workload| w.node == self.node || w.identity == gateway.identity;
+        let candidates: Vec<_> = endpoints_for_port(svc, port, default_target, &not_a_gateway)
             .into_iter()
             .filter(|(w, _)| w.network == self.network && w.protocol == TunnelProtocol::Hbone)
             .collect();
@@ -1149,7 +1152,7 @@ services:
     fn gateway_and_destination_sides_resolve_the_hostname_authority() {
         // Seen from network-b's gateway node: it relays to db-b, never to network-a's db-a.
         let text = r#"
-node: { name: gb, network: network-b, east_west_gateway: {}, certificates: { file_ca: { dir: /tmp/ca } } }
+node: { name: gb, network: network-b, east_west_gateway: { workload: gw }, certificates: { file_ca: { dir: /tmp/ca } } }
 workloads:
   - { uid: gw, name: eastwest, namespace: istio-system, service_account: eastwest, addresses: [10.77.9.2], node: gb }
   - { uid: db-a, name: db-a, namespace: data, addresses: [10.77.1.2], node: a2, network: network-a, services: { "data/db.data.svc.cluster.local": { 80: 8080 } } }

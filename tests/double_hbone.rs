@@ -257,15 +257,24 @@ fn gateway_mesh_yaml() -> String {
   - {{ uid: gw, name: eastwest, namespace: istio-system, service_account: eastwest, addresses: [{gw}], node: gw }}
   - {{ uid: db-b, name: db-b, namespace: data, service_account: db, addresses: [{db}], node: node-b, services: {{ "data/db.data.svc.cluster.local": {{ 80: 8080 }}, "data/hidden.data.svc.cluster.local": {{ 80: 8080 }} }} }}
   - {{ uid: sick, name: sick, namespace: data, addresses: [{sick}], node: node-b, status: unhealthy, services: {{ "data/sick.data.svc.cluster.local": {{}} }} }}
+  - {{ uid: side, name: side, namespace: data, service_account: side, addresses: [{side}], node: gw, services: {{ "data/local-only.data.svc.cluster.local": {{}} }} }}
+  - {{ uid: gw2, name: eastwest-2, namespace: istio-system, service_account: eastwest, addresses: [{gw2}], node: gw2, services: {{ "data/chain.data.svc.cluster.local": {{}} }} }}
+  - {{ uid: wp, name: wp, namespace: data, service_account: wp, addresses: [{wp}], node: node-b, services: {{ "data/fronted.data.svc.cluster.local": {{}} }} }}
 services:
   - {{ name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [10.96.142.1], ports: {{ 80: 8080 }} }}
   - {{ name: hidden, namespace: data, hostname: hidden.data.svc.cluster.local, vips: [10.96.142.2], ports: {{ 80: 8080 }} }}
   - {{ name: sick, namespace: data, hostname: sick.data.svc.cluster.local, vips: [10.96.142.3], ports: {{ 80: 8080 }} }}
   - {{ name: other, namespace: data, hostname: other.data.svc.cluster.local, vips: [10.96.142.4], ports: {{ 80: 8080 }} }}
+  - {{ name: local-only, namespace: data, hostname: local-only.data.svc.cluster.local, vips: [10.96.142.5], ports: {{ 80: 8080 }} }}
+  - {{ name: chain, namespace: data, hostname: chain.data.svc.cluster.local, vips: [10.96.142.6], ports: {{ 80: 8080 }} }}
+  - {{ name: fronted, namespace: data, hostname: fronted.data.svc.cluster.local, vips: [10.96.142.7], ports: {{ 80: 8080 }}, waypoint: wp }}
 "#,
         gw = ip(NET2, 9),
         db = ip(NET2, 3),
         sick = ip(NET2, 4),
+        side = ip(NET2, 10),
+        gw2 = ip(NET2, 11),
+        wp = ip(NET2, 5),
     )
 }
 
@@ -278,10 +287,21 @@ async fn a_real_gateway_relays_the_inner_session_and_refuses_what_it_cannot_serv
         "gw",
         9,
         &ca,
-        "  network: network-b\n  east_west_gateway: { expose: [db.data.svc.cluster.local, data/sick.data.svc.cluster.local] }\n",
+        "  network: network-b\n  east_west_gateway: { workload: gw, expose: [db.data.svc.cluster.local, data/sick.data.svc.cluster.local, local-only.data.svc.cluster.local, chain.data.svc.cluster.local, fronted.data.svc.cluster.local] }\n",
         &gateway_mesh_yaml(),
     );
     mesh.node_from_file("gw", &gw_yaml).await;
+    // The same gateway node's listener on its other workload's address (a host-mode node in
+    // process binds one address: a second instance of the node stands for it).
+    let side_yaml = common::node_yaml_with(
+        NET2,
+        "gw",
+        10,
+        &ca,
+        "  network: network-b\n  east_west_gateway: { workload: gw }\n",
+        &gateway_mesh_yaml(),
+    );
+    mesh.node_from_file("gw-side", &side_yaml).await;
     let b_yaml = common::node_yaml_with(
         NET2,
         "node-b",
@@ -323,6 +343,18 @@ async fn a_real_gateway_relays_the_inner_session_and_refuses_what_it_cannot_serv
         ), // no healthy endpoint
         ("DB.data.svc.cluster.local:80", StatusCode::BAD_REQUEST),   // not a host name as written
         ("gw.local:15008", StatusCode::BAD_REQUEST),                 // no such service either
+        // Its only endpoint is on the gateway's own node: never relayed to itself.
+        (
+            "local-only.data.svc.cluster.local:80",
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        // Its only endpoint is another gateway (the same identity): no gateway chains.
+        (
+            "chain.data.svc.cluster.local:80",
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        // Its L7 policy is in a waypoint, which a relay would skip.
+        ("fronted.data.svc.cluster.local:80", StatusCode::BAD_REQUEST),
     ] {
         assert_eq!(
             status(&mut outer, connect_req(authority)).await,
@@ -335,6 +367,17 @@ async fn a_real_gateway_relays_the_inner_session_and_refuses_what_it_cannot_serv
         0,
         "a refused CONNECT reached the app"
     );
+    // Another workload on the gateway's node is no gateway: it refuses a service it does not
+    // back instead of relaying it (the gateway workload's policies would be skipped).
+    let side = SpiffeId::new("cluster.local", "data", "side").unwrap();
+    let mut other = hbone(&ca, &client, &side, SocketAddr::new(ip(NET2, 10), 15008))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&mut other, connect_req("db.data.svc.cluster.local:80")).await,
+        Ok(StatusCode::BAD_REQUEST)
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
 
     // The real thing, by hand: outer CONNECT, then mTLS with the destination inside it (the
     // client verifies db's identity; the gateway holds none of its keys), inner CONNECT.

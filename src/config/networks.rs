@@ -6,6 +6,7 @@
 //! node:
 //!   network: network-a            # default "" (one flat network, as Istio's default)
 //!   east_west_gateway:            # optional: this node relays other networks' callers
+//!     workload: gw-b              # the gateway's own workload (uid, on this node)
 //!     expose: ["*"]               # service hostnames it relays to ("*" = all, the default)
 //! networks:
 //!   - name: network-b
@@ -70,6 +71,9 @@ pub enum GatewayTarget {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EastWestGateway {
+    /// uid of the gateway's own workload (on this node): only its listener relays, and its
+    /// policies decide who may cross. Every other local workload serves as usual.
+    pub workload: BoundedString,
     /// Service hostnames (`hostname` or `namespace/hostname`) it relays to; `"*"` = all.
     #[serde(default = "default_expose")]
     pub expose: Vec<BoundedString>,
@@ -180,10 +184,12 @@ mod tests {
     #[test]
     fn exposure_is_all_by_default_and_exact_otherwise() {
         let all = EastWestGateway {
+            workload: BoundedString("gw".into()),
             expose: default_expose(),
         };
         assert!(all.exposes("data", "db.data.svc.cluster.local"));
         let some = EastWestGateway {
+            workload: BoundedString("gw".into()),
             expose: vec![
                 BoundedString("db.data.svc.cluster.local".into()),
                 BoundedString("web/front.web.svc.cluster.local".into()),

@@ -136,7 +136,34 @@ impl Conn {
 /// it also owns the inner connection (over that stream), which it ends.
 pub struct StreamGuard {
     conn: Arc<Conn>,
-    _inner: Option<AbortOnDrop>,
+    _inner: Option<InnerConn>,
+}
+
+/// How long a double-HBONE inner connection may take to close by itself after its tunnel
+/// ended (its last frames flushed, its TLS closed) before it is ended.
+const INNER_GRACE: Duration = Duration::from_secs(10);
+
+/// The task of a double-HBONE inner connection. It closes by itself once its one stream is
+/// done and its last frames are written (ending it at once could drop the final DATA and
+/// END_STREAM); after `INNER_GRACE` it is ended regardless (a peer that stopped reading).
+struct InnerConn(tokio::task::AbortHandle);
+
+impl Drop for InnerConn {
+    fn drop(&mut self) {
+        if self.0.is_finished() {
+            return;
+        }
+        let task = self.0.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(INNER_GRACE).await;
+                    task.abort();
+                });
+            }
+            Err(_) => task.abort(),
+        }
+    }
 }
 
 impl Drop for StreamGuard {
@@ -373,7 +400,8 @@ impl Pool {
         let inner = tokio::time::timeout_at(deadline, self.handshake(&inner_key, &cert, io))
             .await
             .map_err(|_| timed_out())??;
-        // Ends the inner connection's task when the tunnel is dropped (or this call fails).
+        // Ends the inner connection's task at once if this call fails; on success the tunnel's
+        // guard lets it close by itself (`InnerConn`).
         let inner_driver = AbortOnDrop(Some(inner.driver.clone()));
         let authority = inner_req.uri().to_string();
         let (send, resp) =
@@ -397,7 +425,7 @@ impl Pool {
                 status: resp.status(),
             });
         }
-        guard._inner = Some(inner_driver);
+        guard._inner = Some(InnerConn(inner_driver.disarm()));
         Ok(Tunnel {
             send,
             recv: resp.into_body(),

@@ -9,8 +9,9 @@ use http::{Method, Request, StatusCode};
 
 use crate::model::Workload;
 
-/// RFC 1035 bounds host names at 255 bytes; an `ip:port` authority is far shorter.
-const MAX_AUTHORITY_LEN: usize = 255;
+/// A host name of at most 253 bytes (`valid_hostname`), `:` and a port of at most 5 digits; an
+/// `ip:port` authority is far shorter.
+const MAX_AUTHORITY_LEN: usize = 253 + 6;
 
 /// Why a CONNECT is refused, and the status it maps to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -137,7 +137,8 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
             "inbound_plaintext": format!("{:?}", n.inbound_plaintext),
             "registry_only": n.registry_only, "original_source": n.original_source,
             "network": n.network.0,
-            "east_west_gateway": n.east_west_gateway.as_ref().map(|g| g.expose.iter().map(|e| e.0.clone()).collect::<Vec<_>>()),
+            "east_west_gateway": n.east_west_gateway.as_ref().map(|g| serde_json::json!({
+                "workload": g.workload.0, "expose": g.expose.iter().map(|e| e.0.clone()).collect::<Vec<_>>()})),
             "access_log": format!("{:?}", n.access_log),
             "worker_threads": n.worker_threads, "drain_timeout_s": n.drain_timeout.as_secs_f64(),
             "handshake_timeout_s": n.handshake_timeout.as_secs_f64(),

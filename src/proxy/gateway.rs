@@ -72,6 +72,29 @@ pub(super) async fn relay(
     }
     drop(decision);
     let model = node.model();
+    // What may cross is decided before any endpoint is looked at, so an unexposed service
+    // answers the same whatever the state of its endpoints.
+    match model.service_by_host(&host) {
+        Some(svc) if !gw.exposes(&svc.namespace, &svc.hostname) => {
+            let why = format!("service {} is not exposed by this gateway", svc.key());
+            return refuse(respond, StatusCode::BAD_REQUEST, "not_exposed", why, log);
+        }
+        // Its L7 policy lives in the waypoint, which a relay to the endpoint would skip.
+        Some(svc) if svc.waypoint.is_some() => {
+            let why = format!(
+                "service {} is fronted by a waypoint; not relayed across networks",
+                svc.key()
+            );
+            return refuse(
+                respond,
+                StatusCode::BAD_REQUEST,
+                "waypoint_service",
+                why,
+                log,
+            );
+        }
+        _ => {}
+    }
     let picked = model.gateway_target(&gateway, &host, port, &mut rand::thread_rng());
     let (svc, endpoint, hbone) = match picked {
         Ok(p) => p,
@@ -94,16 +117,7 @@ pub(super) async fn relay(
             )
         }
     };
-    if !gw.exposes(&svc.namespace, &svc.hostname) {
-        return refuse(
-            respond,
-            StatusCode::BAD_REQUEST,
-            "not_exposed",
-            format!("service {} is not exposed by this gateway", svc.key()),
-            log,
-        );
-    }
-    // An endpoint on this very node would have the gateway dial itself.
+    // Never picked by `gateway_target`; kept so that no future change makes it dial itself.
     if model.local_workload(hbone.ip()).is_some() {
         return refuse(
             respond,

@@ -233,7 +233,16 @@ async fn stream(
         Ok(Target::Host { host, port }) => {
             match node.model().service_target(&host, port, &workload) {
                 Ok((_, target)) => Ok(SocketAddr::new(local.ip(), target)),
-                Err(_) if node.cfg.node.east_west_gateway.is_some() => {
+                // Only the gateway workload's own listener relays (its policies decide who
+                // crosses); any other local workload refuses a service it does not back.
+                Err(_)
+                    if node
+                        .cfg
+                        .node
+                        .east_west_gateway
+                        .as_ref()
+                        .is_some_and(|g| g.workload.0 == workload.uid) =>
+                {
                     let s = server::Stream {
                         req,
                         respond,

@@ -172,7 +172,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("registry_only", o.registry_only != n.registry_only);
     check("original_source", o.original_source != n.original_source);
-    check("network", o.network != n.network);
     check(
         "east_west_gateway",
         o.east_west_gateway != n.east_west_gateway,

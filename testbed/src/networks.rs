@@ -58,8 +58,8 @@ pub struct TwoNetworks {
 fn node_section(name: &str, ca: &Path) -> String {
     let (network, gateway) = match name {
         "a1" | "a2" => ("network-a", ""),
-        "ga" => ("network-a", "  east_west_gateway: {}\n"),
-        "gb" => ("network-b", "  east_west_gateway: {}\n"),
+        "ga" => ("network-a", "  east_west_gateway: { workload: ga }\n"),
+        "gb" => ("network-b", "  east_west_gateway: { workload: gb }\n"),
         _ => ("network-b", ""),
     };
     format!(
