@@ -12,6 +12,7 @@
 
 mod accesslog;
 pub mod admin;
+pub mod connect;
 mod inbound;
 pub mod inpod;
 pub mod operator;
@@ -19,6 +20,7 @@ pub mod outbound;
 mod plaintext;
 mod readiness;
 pub mod reload;
+pub mod socks5;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use accesslog::{ConnLog, Direction};
+pub use accesslog::{ConnLog, Direction, OnOpen};
 
 use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext, Mode};
 use crate::hbone::client::Pool;
@@ -222,14 +224,30 @@ impl Node {
     /// `new` with a certificate manager built by the caller (tests inject a stepped clock or a
     /// failing CA this way).
     pub fn with_certs(cfg: Config, certs: Arc<CertManager>) -> Result<Arc<Node>, StartError> {
+        // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
+        Node::build(cfg, certs, Some(TUNNEL_MARK))
+    }
+
+    /// A node for `zmesh-node connect` (client-only access): no capture rules to escape, so its
+    /// sockets carry no mark and it needs no CAP_NET_ADMIN (it runs as an ordinary user).
+    pub fn new_unprivileged(cfg: Config) -> Result<Arc<Node>, StartError> {
+        let (source, trust) = load_certificates(&cfg, Arc::new(SystemClock))?;
+        let certs =
+            CertManager::with_trust(source, trust).map_err(|e| StartError::Certs(e.to_string()))?;
+        Node::build(cfg, Arc::new(certs), None)
+    }
+
+    fn build(
+        cfg: Config,
+        certs: Arc<CertManager>,
+        mark: Option<u32>,
+    ) -> Result<Arc<Node>, StartError> {
         let state = State::from_config(&cfg);
         for w in state.model.local_workloads() {
             certs
                 .fetch(&w.identity)
                 .map_err(|e| StartError::Certs(e.to_string()))?;
         }
-        // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
-        let mark = Some(TUNNEL_MARK);
         let pool = Pool::new(
             certs.clone(),
             mark,
