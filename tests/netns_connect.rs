@@ -76,6 +76,7 @@ struct Fixture {
     // Drop order: processes, then namespaces, then files.
     laptop: Child,
     node_b: Child,
+    _control_plane: Option<Child>,
     apps: mpsc::Receiver<(std::net::SocketAddr, [u8; 32])>,
     lap: Netns,
     _b: Netns,
@@ -104,6 +105,13 @@ fn chown_nobody(p: &Path) {
 
 impl Fixture {
     fn start() -> Fixture {
+        Fixture::start_with(false)
+    }
+
+    /// `from_control_plane`: the laptop's file has no workloads and no certificate: the model
+    /// comes over xDS and the certificate over a CSR from `zmesh-node ca serve --xds` (in B's
+    /// namespace), both authenticated by the laptop's bootstrap token.
+    fn start_with(from_control_plane: bool) -> Fixture {
         let b = Netns::new("zkB").unwrap();
         let lap = Netns::new("zkL").unwrap();
         let vm = Netns::new("zkV").unwrap();
@@ -212,6 +220,80 @@ impl Fixture {
             ),
         )
         .unwrap();
+        let (control_plane, certificates) = if from_control_plane {
+            let mesh = dir.path().join("mesh.yaml");
+            std::fs::write(
+                &mesh,
+                format!(
+                    "node:\n  name: control-plane\n  certificates:\n    file_ca: {{ dir: {} }}\n{}",
+                    ca.display(),
+                    model()
+                ),
+            )
+            .unwrap();
+            let token = run_ok(
+                std::process::Command::new(bin())
+                    .args(["ca", "token", "--node", "laptop", "--dir"])
+                    .arg(&ca),
+            );
+            let token_file = home.join("laptop.token");
+            std::fs::write(&token_file, token.trim()).unwrap();
+            std::fs::set_permissions(
+                &token_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+            chown_nobody(&token_file);
+            let cp = b
+                .spawn(
+                    bin(),
+                    &[
+                        "ca",
+                        "serve",
+                        "--xds",
+                        "--dir",
+                        ca.to_str().unwrap(),
+                        "--mesh",
+                        mesh.to_str().unwrap(),
+                        "--listen",
+                        &format!("{B_IP}:15012"),
+                    ],
+                    &[("ZMESH_LOG", "info")],
+                )
+                .unwrap();
+            cp.wait_for_log("listening on", START_TIMEOUT).unwrap();
+            (
+                Some(cp),
+                format!(
+                    "  control_plane:
+    address: https://{B_IP}:15012
+    root_cert: {roots}
+    server_name: zmesh-ca
+    token_file: {token}
+  certificates:
+    ca_client: {{ ttl: 1h }}
+",
+                    roots = roots.display(),
+                    token = token_file.display()
+                ),
+            )
+        } else {
+            (
+                None,
+                format!(
+                    "  certificates:
+    static:
+      roots: {roots}
+      identities:
+        - {{ cert: {cert}, key: {key} }}
+{model}",
+                    roots = roots.display(),
+                    cert = cert.display(),
+                    key = key.display(),
+                    model = model(),
+                ),
+            )
+        };
         let lap_cfg = home.join("laptop.yaml");
         std::fs::write(
             &lap_cfg,
@@ -220,22 +302,13 @@ impl Fixture {
   name: laptop
   access_log: json
   handshake_timeout: 2s
-  certificates:
-    static:
-      roots: {roots}
-      identities:
-        - {{ cert: {cert}, key: {key} }}
-{model}connect:
+{certificates}connect:
   workload: laptop-1
   forward:
     - {{ listen: 0.0.0.0:{LAN_FORWARD_PORT}, to: postgres.data:5432 }}
   socks5: 0.0.0.0:{SOCKS_PORT}
   allow_from: [127.0.0.0/8]
 ",
-                roots = roots.display(),
-                cert = cert.display(),
-                key = key.display(),
-                model = model(),
             ),
         )
         .unwrap();
@@ -293,6 +366,7 @@ impl Fixture {
         Fixture {
             laptop,
             node_b,
+            _control_plane: control_plane,
             apps,
             lap,
             _b: b,
@@ -670,4 +744,51 @@ fn hostile_socks5_clients_get_their_reply_or_the_deadline() {
     assert_eq!(f.wait_b_lines(1).len(), 1);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(f.b_access_lines().len(), 1, "{:?}", f.b_access_lines());
+}
+
+/// With `node.control_plane` and `certificates.ca_client`, connect still needs no privilege:
+/// its xDS and CA clients dial without SO_MARK. The file names only `connect.workload`; the model
+/// (the workload, the service) arrives over xDS and the certificate over a CSR, and the first
+/// connection through the port map after that reaches the app with the laptop's identity.
+#[test]
+fn laptop_with_a_control_plane_gets_model_and_certificate_unprivileged() {
+    require_root();
+    let f = Fixture::start_with(true);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Until xDS has delivered the workload, connections are refused (fail closed).
+        let reached = f.lap.connect_tcp(LOCAL_FORWARD).ok().and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            c.write_all(b"ping").ok()?;
+            c.shutdown(Shutdown::Write).ok()?;
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).ok()?;
+            (got.len() == 1 << 20).then_some(())
+        });
+        if reached.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "never reached the app: {}",
+            f.laptop.read_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (peer, _) = f.apps.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(peer.ip().to_string(), LAPTOP_IP);
+    let c = f.lap.connect_tcp(LOCAL_FORWARD).unwrap();
+    exchange(&f, c, 91);
+    let lines = f.wait_b_lines(2);
+    assert!(
+        lines.len() >= 2
+            && lines
+                .iter()
+                .all(|l| l.contains(&format!("\"src.identity\":\"{LAPTOP_ID}\""))),
+        "{lines:?}"
+    );
+    assert!(
+        !f.laptop.read_log().contains("SO_MARK"),
+        "no socket asked for a mark"
+    );
 }

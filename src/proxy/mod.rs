@@ -155,6 +155,16 @@ pub fn load_certificates(
     cfg: &Config,
     clock: Arc<dyn Clock>,
 ) -> Result<(CertSource, Trust), StartError> {
+    load_certificates_marked(cfg, clock, Some(TUNNEL_MARK))
+}
+
+/// `load_certificates` whose CA client (`ca_client`) marks its sockets with `mark`: None for
+/// `connect`, which has no capture rules to escape and no CAP_NET_ADMIN to set a mark with.
+fn load_certificates_marked(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    mark: Option<u32>,
+) -> Result<(CertSource, Trust), StartError> {
     let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
     let (source, roots) = match &cfg.node.certificates {
         CertificatesConfig::FileCa { dir, ttl } => {
@@ -192,8 +202,12 @@ pub fn load_certificates(
             impersonate,
         } => {
             let roots = load_certs_pem(&target.root_cert).map_err(|e| certs_err(&e))?;
+            let ca = crate::identity::caclient::CaClient::new(target.clone(), mark, *impersonate);
             (
-                CertSource::ca_client(target.clone(), *ttl, *impersonate),
+                CertSource::Ca {
+                    ca: Arc::new(ca),
+                    ttl: *ttl,
+                },
                 roots,
             )
         }
@@ -231,7 +245,7 @@ impl Node {
     /// A node for `zmesh-node connect` (client-only access): no capture rules to escape, so its
     /// sockets carry no mark and it needs no CAP_NET_ADMIN (it runs as an ordinary user).
     pub fn new_unprivileged(cfg: Config) -> Result<Arc<Node>, StartError> {
-        let (source, trust) = load_certificates(&cfg, Arc::new(SystemClock))?;
+        let (source, trust) = load_certificates_marked(&cfg, Arc::new(SystemClock), None)?;
         let certs =
             CertManager::with_trust(source, trust).map_err(|e| StartError::Certs(e.to_string()))?;
         Node::build(cfg, Arc::new(certs), None)
