@@ -73,7 +73,7 @@ services:
 }
 
 struct Fixture {
-    // Drop order: processes, then namespaces, then files.
+    // Drop order: processes, then namespaces, then files, then the turn.
     laptop: Child,
     node_b: Child,
     _control_plane: Option<Child>,
@@ -83,6 +83,7 @@ struct Fixture {
     vm: Netns,
     outsider: Netns,
     _dir: tempfile::TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 fn bin() -> &'static str {
@@ -103,6 +104,11 @@ fn chown_nobody(p: &Path) {
     std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
 }
 
+/// One fixture at a time: each is four namespaces and three processes on a small CI box, and
+/// the hostile test counts every close the laptop sees, so no other test's sockets may share its
+/// moment (a run in parallel once saw one slow client closed from the test process's side).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Fixture {
     fn start() -> Fixture {
         Fixture::start_with(false)
@@ -112,6 +118,7 @@ impl Fixture {
     /// comes over xDS and the certificate over a CSR from `zmesh-node ca serve --xds` (in B's
     /// namespace), both authenticated by the laptop's bootstrap token.
     fn start_with(from_control_plane: bool) -> Fixture {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let b = Netns::new("zkB").unwrap();
         let lap = Netns::new("zkL").unwrap();
         let vm = Netns::new("zkV").unwrap();
@@ -373,6 +380,7 @@ impl Fixture {
             vm,
             outsider,
             _dir: dir,
+            _turn: turn,
         }
     }
 
@@ -594,6 +602,21 @@ fn laptop_reaches_a_service_unprivileged_through_a_port_map_and_socks5() {
         .iter()
         .all(|l| l.contains(&format!("\"src.identity\":\"{LAPTOP_ID}\""))));
     let own = f.laptop.read_log();
+    // SIGTERM: stop accepting, drain (nothing is open), exit 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(f.laptop.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = f.laptop.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "connect did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}: {}", f.laptop.read_log());
     assert!(
         own.contains("\"direction\":\"outbound\"")
             && own.contains("\"path\":\"hbone 10.167.5.2:15008"),

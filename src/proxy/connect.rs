@@ -409,12 +409,11 @@ async fn read_message<T>(
         }
         let want = len(&buf[..have]).min(buf.len());
         debug_assert!(want > have, "an incomplete message needs more bytes");
-        match tcp.read_exact(&mut buf[have..want]).await {
-            Ok(_) => have = want,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Socks5Error::Truncated(have).into())
+        while have < want {
+            match tcp.read(&mut buf[have..want]).await? {
+                0 => return Err(Socks5Error::Truncated(have).into()),
+                n => have += n,
             }
-            Err(e) => return Err(e.into()),
         }
     }
 }
