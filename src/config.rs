@@ -13,6 +13,7 @@
 //! minimum (serde-saphyr 2.2: Rust 1.89). The guard does not depend on the parser, so it stays
 //! when the parser is replaced.
 
+pub mod connect;
 pub mod control_plane;
 pub mod guard;
 pub mod networks;
@@ -109,6 +110,10 @@ pub struct Config {
     /// Other networks and their east-west gateways (docs/model.md "Networks").
     #[serde(default)]
     pub networks: Vec<networks::NetworkConfig>,
+    /// Client-only access (`zmesh-node connect`): this machine's workload, port maps, SOCKS5
+    /// and who may use them (docs/capture.md "Client-only access").
+    #[serde(default)]
+    pub connect: Option<connect::ConnectConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -952,6 +957,9 @@ impl Config {
                 _ => {}
             }
         }
+        if self.connect.is_some() {
+            self.connect_settings(origin, &connect::ConnectFlags::default())?;
+        }
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let key = format!("{}/{}", s.namespace, s.hostname);
@@ -971,6 +979,38 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The `connect:` section with the subcommand's `flags` added, checked against this file's
+    /// workloads and node (docs/capture.md "Client-only access"). A file without the section
+    /// is an error naming it: connect needs to know which workload this machine is.
+    pub fn connect_settings(
+        &self,
+        origin: &str,
+        flags: &connect::ConnectFlags,
+    ) -> Result<connect::ConnectSettings, ConfigError> {
+        let Some(section) = &self.connect else {
+            return Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                field: "connect".into(),
+                value: "(missing)".into(),
+                reason: "zmesh-node connect needs a `connect:` section with `workload:`, the uid of this machine's entry in `workloads:`".into(),
+            });
+        };
+        // From a control plane the workloads are not in the file: checked per connection.
+        let workloads = self.node.control_plane.is_none().then(|| {
+            self.workloads
+                .iter()
+                .map(|w| (w.uid.0.as_str(), w.node.0.as_str()))
+        });
+        connect::resolve(section, &self.node.name, workloads, flags).map_err(|e| {
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                field: e.field,
+                value: e.value,
+                reason: e.reason,
+            }
+        })
     }
 
     /// Problems that do not stop the file from loading (reliability #22): a duplicate workload

@@ -580,3 +580,74 @@ fn the_worker_count_and_its_source_are_logged_at_start() {
         assert!(source.iter().any(|s| line.contains(s)), "{bin}: {line}");
     }
 }
+
+/// `zmesh-node connect` refuses a broken `connect:` section with exit 64 and the field's name,
+/// before binding anything: a workload on another node, a bad `--forward`, a file without the
+/// section, nothing to listen on.
+#[test]
+fn connect_refuses_broken_settings_with_exit_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let base = "node:\n  name: laptop\n  certificates:\n    file_ca: { dir: /nonexistent }\nworkloads:\n  - { uid: me, name: me, namespace: dev, addresses: [10.0.0.1], node: laptop }\n  - { uid: db, name: db, namespace: data, addresses: [10.0.0.2], node: db-node }\n";
+    let other_node = write("other.yaml", &format!("{base}connect:\n  workload: db\n"));
+    let no_section = write("none.yaml", base);
+    let ok = write("ok.yaml", &format!("{base}connect:\n  workload: me\n"));
+    for (args, field) in [
+        (
+            vec![
+                "--config",
+                other_node.to_str().unwrap(),
+                "--socks5",
+                "127.0.0.1:1",
+            ],
+            "connect.workload",
+        ),
+        (
+            vec![
+                "--config",
+                no_section.to_str().unwrap(),
+                "--socks5",
+                "127.0.0.1:1",
+            ],
+            "connect",
+        ),
+        (
+            vec!["--config", ok.to_str().unwrap()],
+            "nothing to listen on",
+        ),
+        (
+            vec![
+                "--config",
+                ok.to_str().unwrap(),
+                "--forward",
+                "127.0.0.1:1=postgres",
+            ],
+            "--forward",
+        ),
+        (
+            vec![
+                "--config",
+                ok.to_str().unwrap(),
+                "--allow-from",
+                "10.0.0.0/40",
+            ],
+            "--allow-from",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .arg("connect")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(field), "{args:?}: {err}");
+        if !field.starts_with("--") {
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        }
+    }
+}

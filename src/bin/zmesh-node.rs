@@ -2,7 +2,9 @@
 //!
 //! `zmesh-node run [--config FILE]` serves; `check-config FILE` validates (exit 64 when invalid);
 //! `ca init` creates a CA; `ca token` makes a node bootstrap token and `ca serve` runs the CA
-//! server of a standalone mesh (no node holds the CA key); `join`/`leave` make a host a node.
+//! server of a standalone mesh (no node holds the CA key); `join`/`leave` make a host a node;
+//! `connect` is client-only access for VMs and laptops (no capture, no root), and `ca csr` /
+//! `ca sign` make its static certificate.
 
 zmesh::binary_allocator!();
 
@@ -54,6 +56,29 @@ enum Cmd {
     Join(JoinArgs),
     /// Undo `join`: stop and disable the unit, remove the capture rules and every file written.
     Leave(HostArgs),
+    /// Client-only mesh access for VMs and laptops: no capture rules, no root. Local port maps
+    /// and a SOCKS5 listener reach mesh services over HBONE with this machine's certificate
+    /// (the config's `connect:` section; the flags add to it).
+    Connect(ConnectArgs),
+}
+
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// The config: this machine's `node:` and `certificates:`, the mesh's workloads and
+    /// services (or `node.control_plane`), and `connect:` naming this machine's workload.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// A port map LISTEN=HOST:PORT (e.g. 127.0.0.1:5432=postgres.data.svc.cluster.local:5432),
+    /// added to connect.forward; repeatable.
+    #[arg(long = "forward", value_name = "LISTEN=HOST:PORT", value_parser = zmesh::config::connect::parse_forward_flag)]
+    forwards: Vec<zmesh::config::connect::Forward>,
+    /// A SOCKS5 listener (CONNECT, no authentication), e.g. 127.0.0.1:1080.
+    #[arg(long, value_name = "ADDR")]
+    socks5: Option<std::net::SocketAddr>,
+    /// A source allowed on the listeners (CIDR or address), added to connect.allow_from;
+    /// repeatable. With none anywhere, only loopback is allowed.
+    #[arg(long = "allow-from", value_name = "CIDR", value_parser = zmesh::config::connect::parse_cidr)]
+    allow_from: Vec<ipnet::IpNet>,
 }
 
 /// Where `join` writes and `leave` removes, and how they reach systemd and the rules.
@@ -260,6 +285,35 @@ enum CaCmd {
         #[arg(long)]
         revoke: bool,
     },
+    /// Make a key and a certificate signing request for a workload identity, on the machine
+    /// that will use them (the key never leaves it): the first step of a static certificate
+    /// for `zmesh-node connect`. Then `ca sign` on the CA's machine.
+    Csr {
+        /// <namespace>/<service-account>.
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value = zmesh::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Where the private key goes (created mode 0600; an existing file is not replaced).
+        #[arg(long)]
+        key_out: PathBuf,
+        #[arg(long)]
+        csr_out: PathBuf,
+    },
+    /// Sign a CSR (`ca csr`) with the CA in --dir: writes the certificate chain (PEM) for
+    /// `certificates.static`; the mesh root to trust is the CA dir's root-cert.pem.
+    Sign {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid. A static certificate is not renewed by the node:
+        /// sign a new one before it expires.
+        #[arg(long, default_value = "720h", value_parser = zmesh::config::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Serve the CA to the mesh's nodes: signs a node's CSR for an identity only when the mesh
     /// file puts a workload with that identity on that node (authenticated by its token).
     Serve {
@@ -421,6 +475,41 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Ca {
+            cmd:
+                CaCmd::Csr {
+                    identity,
+                    trust_domain,
+                    key_out,
+                    csr_out,
+                },
+        } => match make_csr(&identity, &trust_domain, &key_out, &csr_out) {
+            Ok(()) => {
+                println!(
+                    "wrote key {} and CSR {}",
+                    key_out.display(),
+                    csr_out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ca csr: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Ca {
+            cmd: CaCmd::Sign { dir, csr, out, ttl },
+        } => match sign_csr(&dir, &csr, &out, ttl) {
+            Ok(id) => {
+                println!("wrote certificate for {id} to {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ca sign: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Connect(args) => connect_main(args),
         Cmd::Leave(args) => match leave(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -459,6 +548,180 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn make_csr(
+    identity: &str,
+    trust_domain: &str,
+    key_out: &std::path::Path,
+    csr_out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (ns, sa) = zmesh::host::parse_identity(identity, trust_domain)?;
+    let id = zmesh::identity::SpiffeId::new(trust_domain, &ns, &sa)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = zmesh::identity::caclient::csr_pem(&id, &key)?;
+    // create_new: never replace a key that may be in use.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key_out)
+        .with_context(|| key_out.display().to_string())?;
+    f.write_all(key.serialize_pem().as_bytes())?;
+    std::fs::write(csr_out, csr).with_context(|| csr_out.display().to_string())?;
+    Ok(())
+}
+
+fn sign_csr(
+    dir: &std::path::Path,
+    csr: &std::path::Path,
+    out: &std::path::Path,
+    ttl: std::time::Duration,
+) -> anyhow::Result<zmesh::identity::SpiffeId> {
+    use base64::Engine;
+    let ca = FileCa::load(dir)?;
+    let text = std::fs::read(csr).with_context(|| csr.display().to_string())?;
+    anyhow::ensure!(
+        text.len() <= zmesh::identity::MAX_CSR_BYTES,
+        "{}: over {} bytes",
+        csr.display(),
+        zmesh::identity::MAX_CSR_BYTES
+    );
+    let text = String::from_utf8(text).context("the CSR is not PEM text")?;
+    let trust_domain = ca_trust_domain(&ca)?;
+    let checked = zmesh::identity::check_csr(&text, &trust_domain)?;
+    let signed = ca.sign_csr(&checked, ttl, std::time::SystemTime::now())?;
+    let mut pem = String::new();
+    for der in &signed.chain {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    std::fs::write(out, pem).with_context(|| out.display().to_string())?;
+    Ok(checked.identity)
+}
+
+/// The trust domain a CA issues for: the one in its own certificate's URI SAN.
+fn ca_trust_domain(ca: &FileCa) -> anyhow::Result<String> {
+    let cert = zmesh::identity::load_certs_pem(&ca.dir().join(zmesh::identity::CA_CERT_FILE))?;
+    let first = cert.first().context("the CA dir has no CA certificate")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| anyhow::anyhow!("the CA certificate does not parse: {e}"))?;
+    for ext in parsed.extensions() {
+        if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) =
+            ext.parsed_extension()
+        {
+            for name in &san.general_names {
+                if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                    if let Some(td) = uri.strip_prefix("spiffe://") {
+                        return Ok(td.split('/').next().unwrap_or(td).to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(zmesh::config::DEFAULT_TRUST_DOMAIN.to_string())
+}
+
+/// `zmesh-node connect`: load, add the flags, check, run (exit 64 for an invalid config).
+fn connect_main(a: ConnectArgs) -> ExitCode {
+    let origin = a.config.display().to_string();
+    let loaded = zmesh::proxy::reload::stamp(&a.config);
+    let cfg = match Config::load_effective(&a.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let flags = zmesh::config::connect::ConnectFlags {
+        forwards: a.forwards,
+        socks5: a.socks5,
+        allow_from: a.allow_from,
+    };
+    let settings = match cfg.connect_settings(&origin, &flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    if settings.forwards.is_empty() && settings.socks5.is_none() {
+        eprintln!("{origin}: connect: nothing to listen on: add connect.forward or connect.socks5, or pass --forward LISTEN=HOST:PORT or --socks5 ADDR");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    if cfg.node.mode != zmesh::config::Mode::Host {
+        eprintln!("{origin}: connect: node.mode must be host (connect proxies this machine's own connections)");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    match connect_run(cfg, settings, (a.config, loaded)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zmesh-node connect: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect_run(
+    cfg: Config,
+    settings: zmesh::config::connect::ConnectSettings,
+    (path, loaded): (PathBuf, zmesh::proxy::reload::Stamp),
+) -> anyhow::Result<()> {
+    let logs = init_logging(cfg.node.access_log);
+    zmesh_redirect::logging::log_start("zmesh-node connect");
+    raise_nofile_limit();
+    let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("zmesh-data")
+        .enable_all()
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    let result = rt.block_on(async move {
+        log_effective(&cfg);
+        let drain_timeout = cfg.node.drain_timeout;
+        let node = zmesh::proxy::Node::new_unprivileged(cfg)?;
+        let _ = node.log_control.set(logs);
+        let running = zmesh::proxy::connect::start(node.clone(), settings).await?;
+        // Workloads, services and certificate files follow the file; the listeners are fixed.
+        let hup = Arc::new(tokio::sync::Notify::new());
+        zmesh::proxy::control().spawn(zmesh::proxy::reload::watch(
+            node.clone(),
+            path,
+            loaded,
+            zmesh::proxy::reload::WATCH_INTERVAL,
+            hup.clone(),
+        ));
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                hup.notify_one();
+            }
+        });
+        let mut signals = Signals::new();
+        tokio::select! {
+            _ = signals.next() => {}
+            _ = node.quit.notified() => tracing::info!("quit requested on the admin server"),
+        }
+        running.stop().await;
+        tokio::select! {
+            left = zmesh::proxy::drain(&node, drain_timeout) => {
+                tracing::info!(cut = left, "drain finished");
+            }
+            _ = signals.next() => tracing::info!("second signal: exiting now"),
+        }
+        Ok(())
+    });
+    zmesh::accesslog::close_node();
+    result
 }
 
 fn ca_serve(

@@ -68,6 +68,24 @@ pub struct ConnLog {
     metrics: Arc<NodeMetrics>,
     /// Set once the connection reached its far side: it is then counted as opened.
     opened_as: Option<Arc<TcpLabels>>,
+    /// Told when the far side is reached, or that it never will be (see [`OnOpen`]).
+    pub on_open: Option<OnOpen>,
+}
+
+/// Called once per connection, from the outbound path itself: `Ok` when the tunnel (or relay)
+/// is up and before any byte is relayed, `Err` with the reason when the connection ends without
+/// ever getting there. A SOCKS5 client (`connect`) gets its reply from it: success only once
+/// the HBONE tunnel really is up (RFC 1928 section 6).
+#[derive(Clone)]
+pub struct OnOpen(pub Arc<OnOpenFn>);
+
+/// What an [`OnOpen`] calls: `Ok` once up, `Err(reason)` when it never will be.
+pub type OnOpenFn = dyn Fn(Result<(), &dyn std::fmt::Display>) + Send + Sync;
+
+impl std::fmt::Debug for OnOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnOpen")
+    }
 }
 
 impl ConnLog {
@@ -85,6 +103,7 @@ impl ConnLog {
             denied: false,
             metrics: metrics.clone(),
             opened_as: None,
+            on_open: None,
             direction,
             start: Instant::now(),
             src,
@@ -117,6 +136,9 @@ impl ConnLog {
     /// The connection reached its far side (tunnel up, or app dialed): count it as opened.
     pub fn opened(&mut self) {
         self.opened_as = Some(self.metrics.opened(self.labels()));
+        if let Some(on_open) = self.on_open.take() {
+            (on_open.0)(Ok(()));
+        }
     }
 
     /// Request bytes (client towards the destination) and response bytes (back), whichever
@@ -136,6 +158,10 @@ impl ConnLog {
     /// is closed with its bytes, any other one failed. `error` is None for a completed one.
     pub fn emit(&self, enabled: bool, error: Option<&dyn std::fmt::Display>) {
         let (request, response) = self.request_response();
+        if let (None, Some(on_open)) = (&self.opened_as, &self.on_open) {
+            let closed: &dyn std::fmt::Display = &"closed before the far side was reached";
+            (on_open.0)(Err(error.unwrap_or(closed)));
+        }
         match &self.opened_as {
             // Istio's meaning: "sent" is response bytes (towards the client), "received"
             // request bytes.
@@ -429,6 +455,39 @@ services:
                     && l.contains("connection_security_policy=\"unknown\"")
                     && l.ends_with(" 1")),
             "{text}"
+        );
+    }
+    /// `on_open` hears once: `Ok` when the far side is reached (never again at the close), or
+    /// the failure's reason when the connection ends before that.
+    #[test]
+    fn on_open_hears_once_whether_the_far_side_was_reached() {
+        let metrics = Arc::new(NodeMetrics::default());
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook = {
+            let heard = heard.clone();
+            OnOpen(Arc::new(move |r: Result<(), &dyn std::fmt::Display>| {
+                heard.lock().unwrap().push(r.map_err(|e| e.to_string()));
+            }))
+        };
+        let new = || {
+            let mut log = ConnLog::new(
+                Direction::Outbound,
+                "127.0.0.1:5000".parse().unwrap(),
+                "10.96.0.1:80".parse().unwrap(),
+                &metrics,
+            );
+            log.on_open = Some(hook.clone());
+            log
+        };
+        let mut up = new();
+        up.opened();
+        up.emit(false, None);
+        assert_eq!(*heard.lock().unwrap(), vec![Ok(())]);
+        heard.lock().unwrap().clear();
+        new().emit(false, Some(&"tunnel refused"));
+        assert_eq!(
+            *heard.lock().unwrap(),
+            vec![Err("tunnel refused".to_string())]
         );
     }
 }

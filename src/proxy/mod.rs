@@ -12,6 +12,7 @@
 
 mod accesslog;
 pub mod admin;
+pub mod connect;
 mod gateway;
 mod inbound;
 pub mod inpod;
@@ -20,6 +21,7 @@ pub mod outbound;
 mod plaintext;
 mod readiness;
 pub mod reload;
+pub mod socks5;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use accesslog::{ConnLog, Direction};
+pub use accesslog::{ConnLog, Direction, OnOpen};
 
 use crate::config::{AccessLogFormat, CertificatesConfig, Config, InboundPlaintext, Mode};
 use crate::hbone::client::Pool;
@@ -154,6 +156,16 @@ pub fn load_certificates(
     cfg: &Config,
     clock: Arc<dyn Clock>,
 ) -> Result<(CertSource, Trust), StartError> {
+    load_certificates_marked(cfg, clock, Some(TUNNEL_MARK))
+}
+
+/// `load_certificates` whose CA client (`ca_client`) marks its sockets with `mark`: None for
+/// `connect`, which has no capture rules to escape and no CAP_NET_ADMIN to set a mark with.
+fn load_certificates_marked(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    mark: Option<u32>,
+) -> Result<(CertSource, Trust), StartError> {
     let certs_err = |e: &dyn std::fmt::Display| StartError::Certs(e.to_string());
     let (source, roots) = match &cfg.node.certificates {
         CertificatesConfig::FileCa { dir, ttl } => {
@@ -191,8 +203,12 @@ pub fn load_certificates(
             impersonate,
         } => {
             let roots = load_certs_pem(&target.root_cert).map_err(|e| certs_err(&e))?;
+            let ca = crate::identity::caclient::CaClient::new(target.clone(), mark, *impersonate);
             (
-                CertSource::ca_client(target.clone(), *ttl, *impersonate),
+                CertSource::Ca {
+                    ca: Arc::new(ca),
+                    ttl: *ttl,
+                },
                 roots,
             )
         }
@@ -223,14 +239,30 @@ impl Node {
     /// `new` with a certificate manager built by the caller (tests inject a stepped clock or a
     /// failing CA this way).
     pub fn with_certs(cfg: Config, certs: Arc<CertManager>) -> Result<Arc<Node>, StartError> {
+        // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
+        Node::build(cfg, certs, Some(TUNNEL_MARK))
+    }
+
+    /// A node for `zmesh-node connect` (client-only access): no capture rules to escape, so its
+    /// sockets carry no mark and it needs no CAP_NET_ADMIN (it runs as an ordinary user).
+    pub fn new_unprivileged(cfg: Config) -> Result<Arc<Node>, StartError> {
+        let (source, trust) = load_certificates_marked(&cfg, Arc::new(SystemClock), None)?;
+        let certs =
+            CertManager::with_trust(source, trust).map_err(|e| StartError::Certs(e.to_string()))?;
+        Node::build(cfg, Arc::new(certs), None)
+    }
+
+    fn build(
+        cfg: Config,
+        certs: Arc<CertManager>,
+        mark: Option<u32>,
+    ) -> Result<Arc<Node>, StartError> {
         let state = State::from_config(&cfg);
         for w in state.model.local_workloads() {
             certs
                 .fetch(&w.identity)
                 .map_err(|e| StartError::Certs(e.to_string()))?;
         }
-        // Host mode marks every socket it makes, so the capture rules never loop our own traffic.
-        let mark = Some(TUNNEL_MARK);
         let pool = Pool::new(
             certs.clone(),
             mark,

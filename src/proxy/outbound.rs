@@ -12,7 +12,7 @@ use super::{accept_loop, ConnLog, Direction, Node, Scope};
 use crate::copy::{reset_on_drop, tcp_to_h2, tcp_to_tcp};
 use crate::hbone::client::PoolKey;
 use crate::hbone::connect::{build_connect, build_connect_host, new_trace_ids, ConnectHeaders};
-use crate::model::Route;
+use crate::model::{Route, Workload};
 use crate::socket::{dial_in, original_dst, DialOptions};
 
 pub(super) async fn serve(
@@ -64,11 +64,11 @@ pub async fn proxy(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr, dst: Socke
 async fn proxy_in(
     node: Arc<Node>,
     scope: Arc<Scope>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
 ) {
-    let mut log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
+    let log = ConnLog::new(Direction::Outbound, peer, dst, &node.metrics);
     let enabled = node.access_log_enabled();
     // In-pod, the listener belongs to exactly one pod: that pod is the source, once the model
     // knows it. Until then nothing leaves the pod: not tunneled (no identity), never plaintext.
@@ -95,6 +95,26 @@ async fn proxy_in(
         );
         return;
     };
+    proxy_from(node, scope, tcp, peer, source, dst, log).await
+}
+
+/// The outbound path after the source is known: destination selection (`Model::select`),
+/// then the HBONE tunnel with `source`'s certificate (pooled per source identity, destination
+/// and `peer`'s IP), or the plain relay the route asks for; one access-log line and the metrics
+/// in `log`. `peer` is the client as the tunnel presents it (the CONNECT's `forwarded` header,
+/// and the address the tunnel's socket binds when it is one of this host's). Captured traffic
+/// enters through `proxy_in`; client-only access (`connect`) calls it with its configured
+/// workload, and its own `log` (the real client as `src`, an `on_open` for SOCKS5 replies).
+pub async fn proxy_from(
+    node: Arc<Node>,
+    scope: Arc<Scope>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    source: Arc<Workload>,
+    dst: SocketAddr,
+    mut log: ConnLog,
+) {
+    let enabled = node.access_log_enabled();
     log.src_identity = Some(source.identity.to_string());
     log.src_wl = Some(source.clone());
     let model = node.model();
