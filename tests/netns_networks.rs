@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use zmesh_testbed::mesh::connect_uncaptured;
-use zmesh_testbed::networks::{TwoNetworks, A2_IP, APP_PORT, B1_IP, GA_LINK_IF, GB_BRIDGE, GB_LAN};
+use zmesh_testbed::networks::{
+    shared_config, TwoNetworks, A2_IP, APP_PORT, B1_IP, GA_BRIDGE, GA_LAN, GA_LINK_IF, GB_BRIDGE,
+    GB_LAN, LAPTOP_IP,
+};
 use zmesh_testbed::{is_root, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
 
 const UP: &[u8] = b"CROSS-NETWORK-MARKER-UP-5e1d";
@@ -252,4 +255,149 @@ fn a_service_prefers_its_own_network_and_fails_over_to_the_other_one() {
     // It comes back: traffic stays home again.
     t.set_a2_health("a1", true).unwrap();
     assert_eq!(ask(&t.a1, "10.96.207.1:80", b"back").unwrap(), "A2");
+}
+
+const NOBODY: u32 = 65534;
+
+fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A laptop on network-a with no capture rules and no root, holding only a certificate the
+/// mesh CA signed for it, reaches a service whose endpoints are all on network-b: through a
+/// port map and through SOCKS5 by name, across network-b's gateway, with its own identity.
+#[test]
+fn a_laptop_without_capture_reaches_another_network_through_the_gateway() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let t = TwoNetworks::start(node_bin(), "").unwrap();
+    named_echo(
+        t.b1.listen_tcp(format!("{B1_IP}:{APP_PORT}")).unwrap(),
+        "B1",
+    );
+    let lap = zmesh_testbed::Netns::new("znL").unwrap();
+    zmesh_testbed::attach_to_bridge(
+        &t.ga,
+        GA_BRIDGE,
+        &lap,
+        "eth0",
+        &format!("{LAPTOP_IP}/24"),
+        GA_LAN,
+    )
+    .unwrap();
+
+    // The key is made by the laptop's (unprivileged) user; the CA only signs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("laptop");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    let (key, csr, cert, roots) = (
+        home.join("key.pem"),
+        home.join("laptop.csr"),
+        home.join("cert-chain.pem"),
+        home.join("root-cert.pem"),
+    );
+    let bin = node_bin().to_str().unwrap();
+    run_ok(
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin])
+            .args(["ca", "csr", "--identity", "shop/laptop", "--key-out"])
+            .arg(&key)
+            .arg("--csr-out")
+            .arg(&csr),
+    );
+    let ca = t.dir.path().join("ca");
+    run_ok(
+        std::process::Command::new(bin)
+            .args(["ca", "sign", "--dir"])
+            .arg(&ca)
+            .arg("--csr")
+            .arg(&csr)
+            .arg("--out")
+            .arg(&cert),
+    );
+    std::fs::copy(ca.join("root-cert.pem"), &roots).unwrap();
+    let cfg = home.join("laptop.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node:\n  name: laptop\n  network: network-a\n  access_log: json\n  certificates:\n    static:\n      roots: {}\n      identities: [{{ cert: {}, key: {} }}]\n{}",
+            roots.display(),
+            cert.display(),
+            key.display(),
+            shared_config("connect:\n  workload: laptop\n")
+        ),
+    )
+    .unwrap();
+    for f in [&cert, &roots, &cfg] {
+        std::os::unix::fs::chown(f, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let connect = lap
+        .spawn(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                bin,
+                "connect",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--forward",
+                "127.0.0.1:15432=only-b.data.svc.cluster.local:5432",
+                "--socks5",
+                "127.0.0.1:1080",
+            ],
+            &[("ZMESH_LOG", "info")],
+        )
+        .unwrap();
+    connect
+        .wait_for_log("zmesh connect ready", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", connect.read_log()));
+
+    // The port map.
+    assert_eq!(ask(&lap, "127.0.0.1:15432", b"via-port-map").unwrap(), "B1");
+    // SOCKS5 by name (resolved by the mesh model, never by DNS).
+    let mut c = lap.connect_tcp("127.0.0.1:1080").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&[5, 1, 0]).unwrap();
+    let mut method = [0u8; 2];
+    c.read_exact(&mut method).unwrap();
+    assert_eq!(method, [5, 0]);
+    let host = b"only-b.data.svc.cluster.local";
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host);
+    req.extend_from_slice(&5432u16.to_be_bytes());
+    c.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        reply[1], 0,
+        "SOCKS5 success only once the tunnel is up: {reply:?}"
+    );
+    let mut name = [0u8; 2];
+    c.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"B1");
+    c.write_all(b"via-socks5").unwrap();
+    let mut back = [0u8; 10];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"via-socks5");
+
+    let b1 = log_lines(&t.b1_node, "sa/laptop").join("\n");
+    assert!(
+        b1.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/laptop\""),
+        "B1 sees the laptop's identity: {b1}"
+    );
+    let gb = log_lines(&t.gb_node, "sa/laptop").join("\n");
+    assert!(
+        gb.contains("gateway relay only-b.data.svc.cluster.local:5432"),
+        "{gb}"
+    );
 }

@@ -28,6 +28,10 @@ pub const GA_LINK: &str = "10.207.9.1";
 pub const GB_LINK: &str = "10.207.9.2";
 pub const GB_LAN: &str = "10.207.2.1";
 pub const B1_IP: &str = "10.207.2.11";
+/// A laptop on network-a (tests plug it into `GA_BRIDGE` themselves): the `laptop` workload.
+pub const LAPTOP_IP: &str = "10.207.1.21";
+/// Network-a's bridge, in GA's namespace.
+pub const GA_BRIDGE: &str = "zn-bra";
 /// GA's interface on the inter-network link (captures of what crosses it).
 pub const GA_LINK_IF: &str = "zn-link-a";
 /// GB's side of network-b's bridge (captures of what the gateway relays).
@@ -80,9 +84,10 @@ pub fn shared_config(extra: &str) -> String {
     gateways: [{{ address: {GB_LINK}, identity: "spiffe://cluster.local/ns/istio-system/sa/eastwest-b" }}]
 workloads:
   - {{ uid: a1-app, name: frontend, namespace: shop, service_account: frontend, addresses: [{A1_IP}], node: a1, network: network-a }}
-  - {{ uid: a2-app, name: db-a, namespace: data, service_account: db, addresses: [{A2_IP}], node: a2, network: network-a, status: A2_STATUS, services: {{ "data/db.data.svc.cluster.local": {{ 80: {APP_PORT} }}, "shop/web.shop.svc.cluster.local": {{ 80: {APP_PORT} }} }} }}
+  - {{ uid: a2-app, name: db-a, namespace: data, service_account: db, addresses: [{A2_IP}], node: a2, network: network-a, status: healthy, services: {{ "data/db.data.svc.cluster.local": {{ 80: {APP_PORT} }}, "shop/web.shop.svc.cluster.local": {{ 80: {APP_PORT} }} }} }}
   - {{ uid: ga, name: eastwest-a, namespace: istio-system, service_account: eastwest-a, addresses: [{GA_LINK}, {GA_LAN}], node: ga, network: network-a }}
   - {{ uid: gb, name: eastwest-b, namespace: istio-system, service_account: eastwest-b, addresses: [{GB_LINK}, {GB_LAN}], node: gb, network: network-b }}
+  - {{ uid: laptop, name: laptop, namespace: shop, service_account: laptop, addresses: [{LAPTOP_IP}], node: laptop, network: network-a }}
   - {{ uid: b1-app, name: db-b, namespace: data, service_account: db-b, addresses: [{B1_IP}], node: b1, network: network-b, services: {{ "data/db.data.svc.cluster.local": {{ 80: {APP_PORT} }}, "data/only-b.data.svc.cluster.local": {{ 5432: {APP_PORT} }} }} }}
 services:
   - {{ name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [10.96.207.1], ports: {{ 80: {APP_PORT} }} }}
@@ -101,10 +106,10 @@ impl TwoNetworks {
         let a1 = Netns::new("znA1")?;
         let a2 = Netns::new("znA2")?;
         let b1 = Netns::new("znB1")?;
-        ga.add_bridge("zn-bra", &format!("{GA_LAN}/24"))?;
+        ga.add_bridge(GA_BRIDGE, &format!("{GA_LAN}/24"))?;
         gb.add_bridge(GB_BRIDGE, &format!("{GB_LAN}/24"))?;
-        attach_to_bridge(&ga, "zn-bra", &a1, "eth0", &format!("{A1_IP}/24"), GA_LAN)?;
-        attach_to_bridge(&ga, "zn-bra", &a2, "eth0", &format!("{A2_IP}/24"), GA_LAN)?;
+        attach_to_bridge(&ga, GA_BRIDGE, &a1, "eth0", &format!("{A1_IP}/24"), GA_LAN)?;
+        attach_to_bridge(&ga, GA_BRIDGE, &a2, "eth0", &format!("{A2_IP}/24"), GA_LAN)?;
         attach_to_bridge(&gb, GB_BRIDGE, &b1, "eth0", &format!("{B1_IP}/24"), GB_LAN)?;
         link_veth(
             &ga,
@@ -144,8 +149,7 @@ impl TwoNetworks {
         );
         let shared = shared_config(extra);
         for name in NODES {
-            let text =
-                format!("{}{shared}", node_section(name, &ca)).replace("A2_STATUS", "healthy");
+            let text = format!("{}{shared}", node_section(name, &ca));
             std::fs::write(dir.path().join(format!("{name}.yaml")), text)?;
         }
         install_rules(&a1, vec![])?;
