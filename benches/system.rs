@@ -997,46 +997,14 @@ fn main() -> Result<()> {
         "| measure | source kept (default) | source not kept | kept / not kept |".to_string(),
     );
     rows.push("|---|---|---|---|".to_string());
-    for s in [1usize, 8] {
-        let (z, o) = (find_t(s, Path::Tunnel), find_t(s, Path::NoOrigSrc));
-        rows.push(format!(
-            "| throughput, {s} stream{}, Gbit/s | {:.2} | {:.2} | {:.2} |",
-            if s > 1 { "s" } else { "" },
-            z.gbps,
-            o.gbps,
-            z.gbps / o.gbps
-        ));
-        rows.push(format!(
-            "| node CPU-s/GB A+B, {s} stream{} (node B does the dial) | {:.3} (B {:.3}) | {:.3} (B {:.3}) | {:.2} |",
-            if s > 1 { "s" } else { "" },
-            z.cpu_a + z.cpu_b,
-            z.cpu_b,
-            o.cpu_a + o.cpu_b,
-            o.cpu_b,
-            (z.cpu_a + z.cpu_b) / (o.cpu_a + o.cpu_b)
-        ));
-    }
-    for size in [64usize, 1024] {
-        let (z, o) = (find_l(size, Path::Tunnel), find_l(size, Path::NoOrigSrc));
-        rows.push(format!(
-            "| latency {size} B p50 / p99, µs | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
-            z.p50,
-            z.p99,
-            o.p50,
-            o.p99,
-            z.p50 / o.p50,
-            z.p99 / o.p99
-        ));
-    }
-    rows.push(format!(
-        "| new connections/s, warm pool; node CPU-µs each | {:.0}; {:.0} | {:.0}; {:.0} | {:.2}; {:.2} |",
-        rate_tunnel.per_sec,
-        1e6 / rate_tunnel.per_node_cpu_sec,
-        rate_no_orig.per_sec,
-        1e6 / rate_no_orig.per_node_cpu_sec,
-        rate_tunnel.per_sec / rate_no_orig.per_sec,
-        rate_no_orig.per_node_cpu_sec / rate_tunnel.per_node_cpu_sec
-    ));
+    side_by_side(
+        &mut rows,
+        &tput,
+        &lat,
+        Path::NoOrigSrc,
+        &rate_tunnel,
+        &rate_no_orig,
+    );
 
     if let Some(rb) = &rate_baseline {
         rows.push(String::new());
@@ -1046,45 +1014,7 @@ fn main() -> Result<()> {
         ));
         rows.push("| measure | this build | baseline build | this / baseline |".to_string());
         rows.push("|---|---|---|---|".to_string());
-        for s in [1usize, 8] {
-            let (z, o) = (find_t(s, Path::Tunnel), find_t(s, Path::Baseline));
-            rows.push(format!(
-                "| throughput, {s} stream{}, Gbit/s | {:.2} | {:.2} | {:.2} |",
-                if s > 1 { "s" } else { "" },
-                z.gbps,
-                o.gbps,
-                z.gbps / o.gbps
-            ));
-            rows.push(format!(
-                "| node CPU-s/GB A+B, {s} stream{} | {:.3} (A {:.3} / B {:.3}) | {:.3} (A {:.3} / B {:.3}) | {:.2} |",
-                if s > 1 { "s" } else { "" },
-                z.cpu_a + z.cpu_b,
-                z.cpu_a,
-                z.cpu_b,
-                o.cpu_a + o.cpu_b,
-                o.cpu_a,
-                o.cpu_b,
-                (z.cpu_a + z.cpu_b) / (o.cpu_a + o.cpu_b)
-            ));
-        }
-        for size in [64usize, 1024] {
-            let (z, o) = (find_l(size, Path::Tunnel), find_l(size, Path::Baseline));
-            rows.push(format!(
-                "| latency {size} B p50 / p99, µs | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
-                z.p50,
-                z.p99,
-                o.p50,
-                o.p99,
-                z.p50 / o.p50,
-                z.p99 / o.p99
-            ));
-        }
-        rows.push(format!(
-            "| new connections/s, warm pool | {:.0} | {:.0} | {:.2} |",
-            rate_tunnel.per_sec,
-            rb.per_sec,
-            rate_tunnel.per_sec / rb.per_sec
-        ));
+        side_by_side(&mut rows, &tput, &lat, Path::Baseline, &rate_tunnel, rb);
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1139,6 +1069,61 @@ process). All processes share this machine's cores.\n\n";
         eprintln!("wrote benches/RESULTS.md");
     }
     Ok(())
+}
+
+/// Rows comparing the tunnel with `other` (another tunnel variant measured in the same run):
+/// throughput, node CPU per GB, latency and the warm-pool connection rate, each with its ratio.
+fn side_by_side(
+    rows: &mut Vec<String>,
+    tput: &[(usize, Path, Throughput)],
+    lat: &[(usize, Path, Latency)],
+    other: Path,
+    rate: &Rate,
+    other_rate: &Rate,
+) {
+    let find_t = |s: usize, p: Path| &tput.iter().find(|x| x.0 == s && x.1 == p).unwrap().2;
+    let find_l = |s: usize, p: Path| &lat.iter().find(|x| x.0 == s && x.1 == p).unwrap().2;
+    for s in [1usize, 8] {
+        let (z, o) = (find_t(s, Path::Tunnel), find_t(s, other));
+        let plural = if s > 1 { "s" } else { "" };
+        rows.push(format!(
+            "| throughput, {s} stream{plural}, Gbit/s | {:.2} | {:.2} | {:.2} |",
+            z.gbps,
+            o.gbps,
+            z.gbps / o.gbps
+        ));
+        rows.push(format!(
+            "| node CPU-s/GB A+B, {s} stream{plural} | {:.3} (A {:.3} / B {:.3}) | {:.3} (A {:.3} / B {:.3}) | {:.2} |",
+            z.cpu_a + z.cpu_b,
+            z.cpu_a,
+            z.cpu_b,
+            o.cpu_a + o.cpu_b,
+            o.cpu_a,
+            o.cpu_b,
+            (z.cpu_a + z.cpu_b) / (o.cpu_a + o.cpu_b)
+        ));
+    }
+    for size in [64usize, 1024] {
+        let (z, o) = (find_l(size, Path::Tunnel), find_l(size, other));
+        rows.push(format!(
+            "| latency {size} B p50 / p99, µs | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
+            z.p50,
+            z.p99,
+            o.p50,
+            o.p99,
+            z.p50 / o.p50,
+            z.p99 / o.p99
+        ));
+    }
+    rows.push(format!(
+        "| new connections/s, warm pool; node CPU-µs each | {:.0}; {:.0} | {:.0}; {:.0} | {:.2}; {:.2} |",
+        rate.per_sec,
+        1e6 / rate.per_node_cpu_sec,
+        other_rate.per_sec,
+        1e6 / other_rate.per_node_cpu_sec,
+        rate.per_sec / other_rate.per_sec,
+        other_rate.per_node_cpu_sec / rate.per_node_cpu_sec
+    ));
 }
 
 /// `zmesh_hbone_pool_connections` from a node's metrics port (:15020 on its address).

@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
-use super::{denial_reason, enforce, inbound_connection, settle, ConnLog, Direction, Node, Scope};
-use crate::copy::{reset_on_drop, tcp_to_h2};
+use super::{answer_and_relay, denial_reason, inbound_connection, ConnLog, Direction, Node, Scope};
 use crate::hbone::server;
 use crate::identity::SpiffeId;
 use crate::model::{SelectError, Workload};
@@ -155,25 +154,9 @@ pub(super) async fn relay(
             return;
         }
     };
-    let send = match server::respond_ok(respond) {
-        Ok(s) => s,
-        Err(e) => {
-            guard.tunnel_ended(0, true);
-            log.emit(
-                enabled,
-                Some(&format_args!("client went away before the 200: {e}")),
-            );
-            return;
-        }
-    };
-    log.opened();
-    let outcome = {
-        let relay = std::pin::pin!(tcp_to_h2(&mut up, send, req.into_body()));
-        enforce(&node, who, changes, relay).await
-    };
-    match &outcome {
-        Ok(t) => guard.tunnel_ended(t.sent, t.reset),
-        Err(_) => reset_on_drop(&up),
-    }
-    settle(log, enabled, outcome, Some(&client));
+    let body = req.into_body();
+    answer_and_relay(
+        &node, &guard, respond, body, &mut up, log, who, changes, &client,
+    )
+    .await;
 }

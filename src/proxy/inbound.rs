@@ -18,10 +18,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    accept_loop, denial_reason, dial_app, enforce, inbound_connection, settle, ConnLog, Direction,
+    accept_loop, answer_and_relay, denial_reason, dial_app, inbound_connection, ConnLog, Direction,
     Node, Scope,
 };
-use crate::copy::{reset_on_drop, tcp_to_h2};
+use crate::copy::reset_on_drop;
 use crate::hbone::connect::{parse_connect_target, Target};
 use crate::hbone::proxy_protocol::{EncodeError, Header};
 use crate::hbone::server;
@@ -361,29 +361,11 @@ async fn stream(
             return;
         }
     };
-    let send = match server::respond_ok(respond) {
-        Ok(s) => s,
-        Err(e) => {
-            guard.tunnel_ended(0, true);
-            log.emit(
-                enabled,
-                Some(&format_args!("client went away before the 200: {e}")),
-            );
-            return;
-        }
-    };
-    log.opened();
-    let outcome = {
-        let relay = std::pin::pin!(tcp_to_h2(&mut app, send, req.into_body()));
-        enforce(&node, who, changes, relay).await
-    };
-    match &outcome {
-        // `sent` is what the app sent back: the client controls what it sends, not that.
-        Ok(t) => guard.tunnel_ended(t.sent, t.reset),
-        // Dropping the relay reset the client's stream; reset the app's side too.
-        Err(_) => reset_on_drop(&app),
-    }
-    settle(log, enabled, outcome, Some(&client));
+    let body = req.into_body();
+    answer_and_relay(
+        &node, &guard, respond, body, &mut app, log, who, changes, &client,
+    )
+    .await;
 }
 
 /// Writes the PROXY header (if any) before anything of the client's: the app reads it first.

@@ -108,7 +108,7 @@ async fn proxy_in(
 pub async fn proxy_from(
     node: Arc<Node>,
     scope: Arc<Scope>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     source: Arc<Workload>,
     dst: SocketAddr,
@@ -163,19 +163,8 @@ pub async fn proxy_from(
             };
             // Boxed: the connect future is large and would otherwise stay part of this task's state
             // for the connection's whole life (RSS per idle connection).
-            match Box::pin(scope.pool.connect(&key, req)).await {
-                Ok(tunnel) => {
-                    let _guard = tunnel.guard;
-                    log.opened();
-                    log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
-                    log.emit(enabled, None);
-                }
-                Err(e) => {
-                    // Never fall back to plaintext: the application sees a reset.
-                    reset_on_drop(&tcp);
-                    log.emit(enabled, Some(&e));
-                }
-            }
+            let tunnel = Box::pin(scope.pool.connect(&key, req)).await;
+            carry(tcp, tunnel, log, enabled).await;
         }
         Route::Gateway {
             gateway,
@@ -224,18 +213,8 @@ pub async fn proxy_from(
                 dst: gateway,
                 source_ip: Some(peer.ip()),
             };
-            match Box::pin(scope.pool.connect_double(&key, outer, expected, inner)).await {
-                Ok(tunnel) => {
-                    let _guard = tunnel.guard;
-                    log.opened();
-                    log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
-                    log.emit(enabled, None);
-                }
-                Err(e) => {
-                    reset_on_drop(&tcp);
-                    log.emit(enabled, Some(&e));
-                }
-            }
+            let tunnel = Box::pin(scope.pool.connect_double(&key, outer, expected, inner)).await;
+            carry(tcp, tunnel, log, enabled).await;
         }
         Route::Direct {
             addr,
@@ -252,6 +231,28 @@ pub async fn proxy_from(
         Route::Passthrough { addr } => {
             log.path = format!("passthrough {addr}");
             relay(&node, &scope, tcp, addr, log).await;
+        }
+    }
+}
+
+/// Carries the application's connection over an HBONE tunnel once it is open; a tunnel that
+/// could not be opened resets the application, never falls back to plaintext.
+async fn carry(
+    mut tcp: TcpStream,
+    tunnel: Result<crate::hbone::client::Tunnel, crate::hbone::client::HboneError>,
+    mut log: ConnLog,
+    enabled: bool,
+) {
+    match tunnel {
+        Ok(tunnel) => {
+            let _guard = tunnel.guard;
+            log.opened();
+            log.transfer = tcp_to_h2(&mut tcp, tunnel.send, tunnel.recv).await;
+            log.emit(enabled, None);
+        }
+        Err(e) => {
+            reset_on_drop(&tcp);
+            log.emit(enabled, Some(&e));
         }
     }
 }
