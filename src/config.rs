@@ -957,8 +957,24 @@ impl Config {
                 _ => {}
             }
         }
-        if self.connect.is_some() {
-            self.connect_settings(origin, &connect::ConnectFlags::default())?;
+        if let Some(section) = &self.connect {
+            // The section's shape only: that its workload exists on this node is checked when
+            // `connect` starts and per connection after that, so a reload whose file no longer
+            // names it fails new connections closed instead of being refused (which would keep
+            // the old identity serving).
+            let none: Option<std::iter::Empty<(&str, &str)>> = None;
+            connect::resolve(
+                section,
+                &self.node.name,
+                none,
+                &connect::ConnectFlags::default(),
+            )
+            .map_err(|e| ConfigError::Invalid {
+                path: origin.to_string(),
+                field: e.field,
+                value: e.value,
+                reason: e.reason,
+            })?;
         }
         let mut hosts = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {

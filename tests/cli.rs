@@ -651,3 +651,87 @@ fn connect_refuses_broken_settings_with_exit_64_naming_the_field() {
         }
     }
 }
+
+/// `ca csr` / `ca sign`: the signer signs only the identity the operator names, never writes
+/// over a file or into the CA directory, and caps the lifetime; the key stays private.
+#[test]
+fn ca_sign_signs_only_the_named_identity_and_never_writes_over_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let run = |args: &[&std::ffi::OsStr]| Command::new(BIN).args(args).output().unwrap();
+    let os = |s: &str| std::ffi::OsString::from(s);
+    assert!(run(&[&os("ca"), &os("init"), &os("--dir"), ca.as_os_str()])
+        .status
+        .success());
+    let (key, csr) = (dir.path().join("key.pem"), dir.path().join("a.csr"));
+    let out = run(&[
+        &os("ca"),
+        &os("csr"),
+        &os("--identity"),
+        &os("dev/alice"),
+        &os("--key-out"),
+        key.as_os_str(),
+        &os("--csr-out"),
+        csr.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second csr never replaces the key or the request.
+    let again = run(&[
+        &os("ca"),
+        &os("csr"),
+        &os("--identity"),
+        &os("dev/alice"),
+        &os("--key-out"),
+        dir.path().join("key2.pem").as_os_str(),
+        &os("--csr-out"),
+        csr.as_os_str(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        !dir.path().join("key2.pem").exists(),
+        "the new key is taken back"
+    );
+    let sign = |identity: &str, out: &std::path::Path, ttl: &str| {
+        run(&[
+            &os("ca"),
+            &os("sign"),
+            &os("--dir"),
+            ca.as_os_str(),
+            &os("--csr"),
+            csr.as_os_str(),
+            &os("--identity"),
+            &os(identity),
+            &os("--out"),
+            out.as_os_str(),
+            &os("--ttl"),
+            &os(ttl),
+        ])
+    };
+    let cert = dir.path().join("cert.pem");
+    // Another identity than the CSR's: nothing signed, nothing written.
+    let wrong = sign("dev/bob", &cert, "24h");
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("not spiffe://cluster.local/ns/dev/sa/bob")
+    );
+    assert!(!cert.exists());
+    // Over a year, or into the CA directory: refused.
+    assert!(!sign("dev/alice", &cert, "9000h").status.success());
+    let inside = sign("dev/alice", &ca.join("evil.pem"), "24h");
+    assert!(String::from_utf8_lossy(&inside.stderr).contains("inside the CA directory"));
+    assert!(!ca.join("evil.pem").exists());
+    // The right one is signed once; a second run does not write over it.
+    let ok = sign("dev/alice", &cert, "24h");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let first = std::fs::read(&cert).unwrap();
+    assert!(!sign("dev/alice", &cert, "24h").status.success());
+    assert_eq!(std::fs::read(&cert).unwrap(), first);
+}

@@ -193,7 +193,7 @@ impl Fixture {
         );
         let signed = run_ok(
             std::process::Command::new(bin())
-                .args(["ca", "sign", "--dir"])
+                .args(["ca", "sign", "--identity", "dev/alice", "--dir"])
                 .arg(&ca)
                 .arg("--csr")
                 .arg(&csr)
@@ -641,7 +641,7 @@ fn forwarding_proxy_serves_its_allow_list_and_refuses_others_without_dialing() {
         "the laptop logs the VM as the client: {own}"
     );
 
-    // The outsider: the port map resets at once, SOCKS5 answers 0x02; nothing reaches B.
+    // The outsider: the port map and SOCKS5 reset at once, before any byte; nothing reaches B.
     // The reset can come before connect(2) returns: both are a refusal.
     match f
         .outsider
@@ -653,14 +653,19 @@ fn forwarding_proxy_serves_its_allow_list_and_refuses_others_without_dialing() {
         }
         Err(e) => assert!(format!("{e:#}").contains("reset"), "{e:#}"),
     }
-    let mut c = f
+    match f
         .outsider
         .connect_tcp(format!("{LAPTOP_OUTSIDE_SIDE}:{SOCKS_PORT}"))
-        .unwrap();
-    let (method, reply) = socks5(&mut c, &domain_request(PG_HOST, 5432));
-    assert_eq!(method, [5, 0]);
-    assert_eq!(reply, socks5_reply(0x02), "not allowed by ruleset");
-    assert!(drain(&mut c).is_empty());
+    {
+        Ok(mut c) => {
+            let _ = c.write_all(&[5, 1, 0]);
+            assert!(
+                drain(&mut c).is_empty(),
+                "an outsider gets no SOCKS5 byte, not even the method reply"
+            );
+        }
+        Err(e) => assert!(format!("{e:#}").contains("reset"), "{e:#}"),
+    }
 
     assert_eq!(f.rejected("connect", "not_allowed"), 1.0);
     assert_eq!(f.rejected("socks5", "not_allowed"), 1.0);
@@ -759,6 +764,20 @@ fn hostile_socks5_clients_get_their_reply_or_the_deadline() {
     let mut c = f.lap.connect_tcp(&socks).unwrap();
     let (_, reply) = socks5(&mut c, &domain_request(PG_HOST, 9999));
     assert_eq!(reply, socks5_reply(0x05));
+    // Not an open relay: the admin port on this host's loopback, an IPv4-mapped form of it,
+    // and an address the mesh does not know are not allowed by ruleset, never dialed.
+    for req in [
+        vec![5, 1, 0, 1, 127, 0, 0, 1, 0x3a, 0x98],
+        vec![
+            5, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1, 0x3a, 0x98,
+        ],
+        vec![5, 1, 0, 1, 10, 167, 250, 1, 0, 80],
+    ] {
+        let mut c = f.lap.connect_tcp(&socks).unwrap();
+        let (_, reply) = socks5(&mut c, &req);
+        assert_eq!(reply, socks5_reply(0x02), "{req:?}");
+    }
+    assert_eq!(f.rejected("socks5", "forbidden_destination"), 3.0);
     assert_eq!(f.rejected("socks5", "socks5_unsupported_command"), 2.0);
     assert_eq!(f.rejected("socks5", "socks5_wrong_version"), 1.0);
     assert_eq!(f.rejected("socks5", "socks5_no_acceptable_method"), 1.0);

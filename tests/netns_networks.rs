@@ -316,7 +316,7 @@ fn a_laptop_without_capture_reaches_another_network_through_the_gateway() {
     let ca = t.dir.path().join("ca");
     run_ok(
         std::process::Command::new(bin)
-            .args(["ca", "sign", "--dir"])
+            .args(["ca", "sign", "--identity", "shop/laptop", "--dir"])
             .arg(&ca)
             .arg("--csr")
             .arg(&csr)

@@ -307,6 +307,11 @@ enum CaCmd {
         dir: PathBuf,
         #[arg(long)]
         csr: PathBuf,
+        /// The identity the operator means to sign, <namespace>/<service-account>: the CSR's
+        /// must be exactly this one, or nothing is signed.
+        #[arg(long)]
+        identity: String,
+        /// Where the chain is written; never over an existing file, never inside --dir.
         #[arg(long)]
         out: PathBuf,
         /// How long the certificate is valid. A static certificate is not renewed by the node:
@@ -498,8 +503,15 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Ca {
-            cmd: CaCmd::Sign { dir, csr, out, ttl },
-        } => match sign_csr(&dir, &csr, &out, ttl) {
+            cmd:
+                CaCmd::Sign {
+                    dir,
+                    csr,
+                    identity,
+                    out,
+                    ttl,
+                },
+        } => match sign_csr(&dir, &csr, &identity, &out, ttl) {
             Ok(id) => {
                 println!("wrote certificate for {id} to {}", out.display());
                 ExitCode::SUCCESS
@@ -539,7 +551,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_INVALID_CONFIG);
                 }
             };
-            match run(cfg, config.map(|p| (p, loaded))) {
+            match serve(cfg, None, config.map(|p| (p, loaded))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("zmesh-node: {e:#}");
@@ -570,17 +582,47 @@ fn make_csr(
         .open(key_out)
         .with_context(|| key_out.display().to_string())?;
     f.write_all(key.serialize_pem().as_bytes())?;
-    std::fs::write(csr_out, csr).with_context(|| csr_out.display().to_string())?;
+    // Nor a CSR file; a failure here takes the new key back, so a rerun starts clean.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(csr_out)
+        .and_then(|mut c| c.write_all(csr.as_bytes()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(key_out);
+        return Err(e).with_context(|| csr_out.display().to_string());
+    }
     Ok(())
 }
+
+/// The longest `ca sign --ttl`: a static certificate is never renewed by the node, so a long
+/// one outlives any revocation plan.
+const MAX_SIGN_TTL: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 fn sign_csr(
     dir: &std::path::Path,
     csr: &std::path::Path,
+    identity: &str,
     out: &std::path::Path,
     ttl: std::time::Duration,
 ) -> anyhow::Result<zmesh::identity::SpiffeId> {
     use base64::Engine;
+    use std::io::Write;
+    anyhow::ensure!(
+        ttl <= MAX_SIGN_TTL,
+        "--ttl {ttl:?} is over the {MAX_SIGN_TTL:?} limit"
+    );
+    let out_dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if let (Ok(o), Ok(d)) = (out_dir.canonicalize(), dir.canonicalize()) {
+        anyhow::ensure!(
+            !o.starts_with(&d),
+            "--out {} is inside the CA directory; refusing to write there",
+            out.display()
+        );
+    }
     let ca = FileCa::load(dir)?;
     let text = std::fs::read(csr).with_context(|| csr.display().to_string())?;
     anyhow::ensure!(
@@ -592,6 +634,13 @@ fn sign_csr(
     let text = String::from_utf8(text).context("the CSR is not PEM text")?;
     let trust_domain = ca_trust_domain(&ca)?;
     let checked = zmesh::identity::check_csr(&text, &trust_domain)?;
+    let (ns, sa) = zmesh::host::parse_identity(identity, &trust_domain)?;
+    let meant = zmesh::identity::SpiffeId::new(&trust_domain, &ns, &sa)?;
+    anyhow::ensure!(
+        checked.identity == meant,
+        "the CSR asks for {}, not {meant}; nothing signed",
+        checked.identity
+    );
     let signed = ca.sign_csr(&checked, ttl, std::time::SystemTime::now())?;
     let mut pem = String::new();
     for der in &signed.chain {
@@ -603,7 +652,12 @@ fn sign_csr(
         }
         pem.push_str("-----END CERTIFICATE-----\n");
     }
-    std::fs::write(out, pem).with_context(|| out.display().to_string())?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .with_context(|| format!("{} (never written over)", out.display()))?;
     Ok(checked.identity)
 }
 
@@ -660,68 +714,13 @@ fn connect_main(a: ConnectArgs) -> ExitCode {
         eprintln!("{origin}: connect: node.mode must be host (connect proxies this machine's own connections)");
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
-    match connect_run(cfg, settings, (a.config, loaded)) {
+    match serve(cfg, Some(settings), Some((a.config, loaded))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zmesh-node connect: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn connect_run(
-    cfg: Config,
-    settings: zmesh::config::connect::ConnectSettings,
-    (path, loaded): (PathBuf, zmesh::proxy::reload::Stamp),
-) -> anyhow::Result<()> {
-    let logs = init_logging(cfg.node.access_log);
-    zmesh_redirect::logging::log_start("zmesh-node connect");
-    raise_nofile_limit();
-    let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("zmesh-data")
-        .enable_all()
-        .build()
-        .context("cannot start the data-plane runtime")?;
-    let result = rt.block_on(async move {
-        log_effective(&cfg);
-        let drain_timeout = cfg.node.drain_timeout;
-        let node = zmesh::proxy::Node::new_unprivileged(cfg)?;
-        let _ = node.log_control.set(logs);
-        let running = zmesh::proxy::connect::start(node.clone(), settings).await?;
-        // Workloads, services and certificate files follow the file; the listeners are fixed.
-        let hup = Arc::new(tokio::sync::Notify::new());
-        zmesh::proxy::control().spawn(zmesh::proxy::reload::watch(
-            node.clone(),
-            path,
-            loaded,
-            zmesh::proxy::reload::WATCH_INTERVAL,
-            hup.clone(),
-        ));
-        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("cannot install the SIGHUP handler")?;
-        tokio::spawn(async move {
-            while sighup.recv().await.is_some() {
-                hup.notify_one();
-            }
-        });
-        let mut signals = Signals::new();
-        tokio::select! {
-            _ = signals.next() => {}
-            _ = node.quit.notified() => tracing::info!("quit requested on the admin server"),
-        }
-        running.stop().await;
-        tokio::select! {
-            left = zmesh::proxy::drain(&node, drain_timeout) => {
-                tracing::info!(cut = left, "drain finished");
-            }
-            _ = signals.next() => tracing::info!("second signal: exiting now"),
-        }
-        Ok(())
-    });
-    zmesh::accesslog::close_node();
-    result
 }
 
 fn ca_serve(
@@ -833,9 +832,35 @@ fn raise_nofile_limit() {
     }
 }
 
-fn run(cfg: Config, path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>) -> anyhow::Result<()> {
+/// What `serve` started: a node's listeners (`run`) or a client-only agent's (`connect`).
+enum Started {
+    Node(zmesh::proxy::Running),
+    Connect(zmesh::proxy::connect::Connected),
+}
+
+impl Started {
+    async fn stop(self) {
+        match self {
+            Started::Node(r) => r.stop().await,
+            Started::Connect(c) => c.stop().await,
+        }
+    }
+}
+
+/// Runs a node until SIGTERM/SIGINT (or the admin's quit), then drains: `run` with `connect`
+/// None, `zmesh-node connect` (unprivileged, its own listeners only) with its settings. A file
+/// config is watched and re-read on SIGHUP; the embedded default never changes.
+fn serve(
+    cfg: Config,
+    connect: Option<zmesh::config::connect::ConnectSettings>,
+    path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>,
+) -> anyhow::Result<()> {
     let logs = init_logging(cfg.node.access_log);
-    zmesh_redirect::logging::log_start("zmesh-node");
+    zmesh_redirect::logging::log_start(if connect.is_some() {
+        "zmesh-node connect"
+    } else {
+        "zmesh-node"
+    });
     raise_nofile_limit();
     let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -847,10 +872,21 @@ fn run(cfg: Config, path: Option<(PathBuf, zmesh::proxy::reload::Stamp)>) -> any
     let result = rt.block_on(async move {
         log_effective(&cfg);
         let drain_timeout = cfg.node.drain_timeout;
-        let node = zmesh::proxy::Node::new(cfg)?;
-        let _ = node.log_control.set(logs);
-        let running = zmesh::proxy::start(node.clone()).await?;
-        // The config file is watched and re-read on SIGHUP; the embedded default never changes.
+        let (node, running) = match connect {
+            // Workloads, services and certificate files follow the file; the listeners are fixed.
+            Some(settings) => {
+                let node = zmesh::proxy::Node::new_unprivileged(cfg)?;
+                let _ = node.log_control.set(logs);
+                let c = zmesh::proxy::connect::start(node.clone(), settings).await?;
+                (node, Started::Connect(c))
+            }
+            None => {
+                let node = zmesh::proxy::Node::new(cfg)?;
+                let _ = node.log_control.set(logs);
+                let r = zmesh::proxy::start(node.clone()).await?;
+                (node, Started::Node(r))
+            }
+        };
         let hup = Arc::new(tokio::sync::Notify::new());
         if let Some((path, loaded)) = path {
             zmesh::proxy::control().spawn(zmesh::proxy::reload::watch(

@@ -37,6 +37,10 @@ pub struct ConnectConfig {
     /// Sources allowed on every listener (CIDRs or addresses). Empty: loopback only.
     #[serde(default)]
     pub allow_from: Vec<BoundedString>,
+    /// Also relay, as plain TCP, to destinations the mesh model does not know. Off by default:
+    /// connect reaches the mesh, and is no open relay to arbitrary addresses.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -79,6 +83,8 @@ pub struct ConnectSettings {
     pub forwards: Vec<Forward>,
     pub socks5: Option<SocketAddr>,
     pub allow_from: Vec<IpNet>,
+    /// `connect.passthrough`.
+    pub passthrough: bool,
 }
 
 impl ConnectSettings {
@@ -103,12 +109,23 @@ pub fn default_allow_from() -> Vec<IpNet> {
 
 /// A CIDR, or a bare address meaning exactly that host.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
+    let net = match s.parse::<IpAddr>() {
+        Ok(ip) => IpNet::from(ip),
+        Err(_) => s.parse::<IpNet>().map_err(|_| {
+            "not an IP address or CIDR (e.g. 10.0.0.0/24, fd00::/64; prefix at most 32 for IPv4, 128 for IPv6)"
+                .to_string()
+        })?,
+    };
+    // Sources are judged as IPv4 when they are IPv4-mapped: an entry written that way would
+    // never match, so it is refused rather than silently inert.
+    if let IpNet::V6(v6) = net {
+        if v6.addr().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 {
+            return Err(format!(
+                "{s} is IPv4-mapped: write it as IPv4 (sources are compared as IPv4)"
+            ));
+        }
     }
-    s.parse::<IpNet>().map_err(|_| {
-        "not an IP address or CIDR (e.g. 10.0.0.0/24, fd00::/64; prefix at most 32 for IPv4, 128 for IPv6)".into()
-    })
+    Ok(net)
 }
 
 /// `host:port` (a service name) or `ip:port` (`[v6]:port`), as `forward[].to` and
@@ -315,12 +332,22 @@ pub fn resolve<'a>(
         forwards,
         socks5,
         allow_from,
+        passthrough: section.passthrough,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_from_entries_written_ipv4_mapped_are_refused_not_silently_inert() {
+        assert!(parse_cidr("192.168.7.0/24").is_ok());
+        assert!(parse_cidr("fd00::/64").is_ok());
+        let e = parse_cidr("::ffff:192.168.7.0/120").unwrap_err();
+        assert!(e.contains("IPv4-mapped"), "{e}");
+        assert!(parse_cidr("::ffff:10.0.0.1").is_err());
+    }
 
     fn section(yaml: &str) -> ConnectConfig {
         serde_yaml::from_str(yaml).unwrap()

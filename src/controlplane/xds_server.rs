@@ -296,6 +296,7 @@ fn ports(map: &BTreeMap<u16, u16>) -> Vec<wl::Port> {
 /// not depend on this server's `node` section. The waypoint and the selecting policies are
 /// filled in by [`resources`], which knows the other entries.
 fn to_workload(cfg: &Config, w: &WorkloadConfig) -> wl::Workload {
+    let network = w.network.as_ref().unwrap_or(&cfg.node.network).0.as_str();
     let (workload_type, known) = match w.workload_type.0.as_str() {
         "deployment" => (wl::WorkloadType::Deployment, true),
         "pod" => (wl::WorkloadType::Pod, true),
@@ -356,6 +357,23 @@ fn to_workload(cfg: &Config, w: &WorkloadConfig) -> wl::Workload {
             } as i32,
             port: u32::from(t.port),
         }),
+        network: network.to_string(),
+        // As istiod does for a multi-network mesh: the gateway its network is reached through
+        // (the first the file names; clients resolve it to the workload at that address).
+        network_gateway: cfg
+            .networks
+            .iter()
+            .find(|n| n.name.0 == network)
+            .and_then(|n| n.gateways.first())
+            .map(|g| wl::GatewayAddress {
+                destination: Some(wl::gateway_address::Destination::Address(
+                    wl::NetworkAddress {
+                        network: network.to_string(),
+                        address: ip_bytes(g.address),
+                    },
+                )),
+                hbone_mtls_port: u32::from(g.port),
+            }),
         ..Default::default()
     }
 }

@@ -213,6 +213,48 @@ async fn serve_forward(
     .await
 }
 
+/// Why `dst` is never dialed, if it is not: this host's own loopback, unspecified, link-local,
+/// multicast or broadcast addresses and the connect workload's own addresses (a forwarding
+/// proxy must not become a way into its own host or its link), and, unless
+/// `connect.passthrough` is set, anything the mesh model does not know (connect reaches the
+/// mesh; it is no open relay to arbitrary addresses, let alone in plaintext).
+fn forbidden(model: &Model, settings: &ConnectSettings, dst: SocketAddr) -> Option<String> {
+    let ip = dst.ip().to_canonical();
+    let special = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if special {
+        return Some(format!(
+            "{dst} is a loopback, unspecified, link-local, multicast or broadcast address; never dialed"
+        ));
+    }
+    let own = model
+        .workload_by_uid(&settings.workload)
+        .is_some_and(|w| w.addresses.contains(&ip));
+    if own {
+        return Some(format!("{dst} is this machine's own address; never dialed"));
+    }
+    let known = model.service_by_vip(ip).is_some() || model.workload_by_ip(ip).is_some();
+    if !known && !settings.passthrough {
+        return Some(format!(
+            "{dst} is not in the mesh model (connect.passthrough is off); never dialed"
+        ));
+    }
+    None
+}
+
 /// Hands an accepted, allowed connection to the node's outbound path, as this machine's
 /// workload. `on_open` hears when the tunnel is up (or never will be).
 async fn tunnel(
@@ -225,8 +267,15 @@ async fn tunnel(
     on_open: Option<OnOpen>,
 ) {
     let model = node.model();
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     let mut log = ConnLog::new(Direction::Outbound, client, dst, &node.metrics);
     log.on_open = on_open;
+    if let Some(why) = forbidden(&model, settings, dst) {
+        reset_on_drop(&tcp);
+        crate::reject!(node.rejections, "connect", "forbidden_destination", src = %client, %dst, reason = %why, "connection refused");
+        log.emit(node.access_log_enabled(), Some(&why));
+        return;
+    }
     // Looked up per connection: a reload (or xDS) may change or remove the workload, and a
     // connection must never leave without an identity (fail closed).
     let source = match model.workload_by_uid(&settings.workload) {
@@ -299,6 +348,10 @@ async fn socks5_connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
 ) {
+    // Before a single byte is read or written: an outsider gets nothing, holds nothing.
+    if !settings.allows(peer.ip()) {
+        return refuse(&node, "socks5", peer, &tcp);
+    }
     let deadline = node.cfg.node.handshake_timeout;
     let dst = match tokio::time::timeout(deadline, negotiate(&mut tcp)).await {
         Ok(Ok(dst)) => dst,
@@ -317,10 +370,6 @@ async fn socks5_connection(
             return;
         }
     };
-    if !settings.allows(peer.ip()) {
-        let _ = tcp.write_all(&socks5::reply(Reply::NotAllowed)).await;
-        return refuse(&node, "socks5", peer, &tcp);
-    }
     let target = match dst {
         Destination::Addr(a) => Ok(a),
         Destination::Domain { name, port } => match name.parse::<IpAddr>() {
@@ -339,6 +388,11 @@ async fn socks5_connection(
             return;
         }
     };
+    if let Some(why) = forbidden(&node.model(), &settings, dst) {
+        let _ = tcp.write_all(&socks5::reply(Reply::NotAllowed)).await;
+        crate::reject!(node.rejections, "socks5", "forbidden_destination", src = %peer, %dst, reason = %why, "SOCKS5 request refused (not allowed by ruleset)");
+        return;
+    }
     // The reply goes out from the outbound path itself, once the tunnel is up (or has failed):
     // through a second descriptor of the same socket, since the path owns the stream.
     let dup = match socket2::SockRef::from(&tcp).try_clone() {

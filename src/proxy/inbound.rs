@@ -252,7 +252,7 @@ async fn stream(
                     return super::gateway::relay(node, scope, workload, client, at, host, port, s)
                         .await;
                 }
-                Err(e) => Err((e.to_string(), "bad_service_authority")),
+                Err(e) => Err((e.to_string(), "bad_authority")),
             }
         }
         Err(e) => Err((e.to_string(), e.code())),

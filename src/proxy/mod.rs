@@ -161,7 +161,7 @@ pub fn load_certificates(
 
 /// `load_certificates` whose CA client (`ca_client`) marks its sockets with `mark`: None for
 /// `connect`, which has no capture rules to escape and no CAP_NET_ADMIN to set a mark with.
-fn load_certificates_marked(
+pub(crate) fn load_certificates_marked(
     cfg: &Config,
     clock: Arc<dyn Clock>,
     mark: Option<u32>,

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
-use super::{load_certificates, Node, State};
+use super::{Node, State};
 use crate::config::{CertificatesConfig, Config, ConfigError};
 use crate::identity::{CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE};
 
@@ -92,8 +92,9 @@ impl Node {
             ));
         }
         let clock = self.certs.trust().clock().clone();
-        let (source, trust) =
-            load_certificates(&cfg, clock).map_err(|e| ReloadError::Certs(e.to_string()))?;
+        // The node's own mark (none for an unprivileged `connect`, which could not set one).
+        let (source, trust) = super::load_certificates_marked(&cfg, clock, self.mark())
+            .map_err(|e| ReloadError::Certs(e.to_string()))?;
         self.certs
             .replace(source, trust)
             .map_err(|e| ReloadError::Certs(e.to_string()))?;
@@ -176,6 +177,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "east_west_gateway",
         o.east_west_gateway != n.east_west_gateway,
     );
+    // `zmesh-node connect`'s listeners and allow-list are fixed at start.
+    check("connect", old.connect != new.connect);
     check("access_log", o.access_log != n.access_log);
     check("worker_threads", o.worker_threads != n.worker_threads);
     check("mode", o.mode != n.mode);
