@@ -25,6 +25,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod host;
 pub mod identity;
+pub mod istio_vm;
 pub mod metrics;
 pub mod model;
 pub mod netns;
