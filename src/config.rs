@@ -17,6 +17,7 @@ pub mod connect;
 pub mod control_plane;
 pub mod guard;
 pub mod networks;
+pub mod workload_group;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -110,6 +111,9 @@ pub struct Config {
     /// Other networks and their east-west gateways (docs/model.md "Networks").
     #[serde(default)]
     pub networks: Vec<networks::NetworkConfig>,
+    /// WorkloadGroups VMs auto-register from (a control plane's mesh file only).
+    #[serde(default)]
+    pub workload_groups: Vec<workload_group::WorkloadGroupConfig>,
     /// Client-only access (`zmesh-node connect`): this machine's workload, port maps, SOCKS5
     /// and who may use them (docs/capture.md "Client-only access").
     #[serde(default)]
@@ -636,7 +640,7 @@ fn default_cluster() -> BoundedString {
 fn default_bind() -> IpAddr {
     IpAddr::from([0, 0, 0, 0])
 }
-fn default_sa() -> BoundedString {
+pub(crate) fn default_sa() -> BoundedString {
     "default".into()
 }
 fn default_workload_type() -> BoundedString {
@@ -929,6 +933,18 @@ impl Config {
         }
         self.validate_l7(&invalid)?;
         networks::validate(&self.networks).map_err(|(f, v, r)| invalid(f, &v, &r))?;
+        let mut groups = std::collections::HashSet::new();
+        for (i, g) in self.workload_groups.iter().enumerate() {
+            let at = |f: &str| format!("workload_groups[{i}].{f}");
+            if g.name.is_empty() {
+                return Err(invalid(at("name"), &"", "a workload group needs a name"));
+            }
+            SpiffeId::new(&n.trust_domain, &g.namespace, &g.service_account)
+                .map_err(|e| invalid(at("service_account"), &g.service_account, &e.to_string()))?;
+            if !groups.insert((g.namespace.0.as_str(), g.name.0.as_str())) {
+                return Err(invalid(at("name"), &g.name, "duplicate workload group"));
+            }
+        }
         if n.control_plane.is_some() && !self.networks.is_empty() {
             return Err(invalid(
                 "networks".into(),
@@ -1338,6 +1354,23 @@ workloads:
             "name: node-a\n  original_source: sometimes\n  cert",
         ));
         assert!(e.to_string().contains("original_source"), "{e}");
+    }
+
+    #[test]
+    fn workload_groups_need_a_name_an_identity_and_no_twin() {
+        let with = |g: &str| format!("{GOOD}workload_groups:\n{g}");
+        assert!(Config::parse(&with("  - { name: billing, namespace: finance }\n"), "t").is_ok());
+        let e = err(&with("  - { name: billing, namespace: Finance_X }\n"));
+        assert!(
+            e.to_string().contains("workload_groups[0].service_account"),
+            "{e}"
+        );
+        let e = err(&with(
+            "  - { name: b, namespace: f }\n  - { name: b, namespace: f }\n",
+        ));
+        assert!(e.to_string().contains("duplicate workload group"), "{e}");
+        let e = err(&with("  - { name: \"\", namespace: f }\n"));
+        assert!(e.to_string().contains("workload_groups[0].name"), "{e}");
     }
 
     #[test]

@@ -253,16 +253,22 @@ impl ControlPlane {
             crate::rejections::LOG_BURST,
             crate::rejections::LOG_WINDOW,
         ));
-        let check =
-            move |req: zmesh_proto::tonic::Request<()>| match tokens::caller_node(&tokens, &req) {
-                Ok(_) => Ok(req),
-                Err((code, why)) => {
-                    if let Some(suppressed) = limiter.allow() {
-                        tracing::warn!(reason = why, suppressed, "control-plane call refused");
-                    }
-                    Err(zmesh_proto::tonic::Status::new(code, why))
+        let check = move |mut req: zmesh_proto::tonic::Request<()>| match tokens::caller_node(
+            &tokens, &req,
+        ) {
+            Ok(node) => {
+                // The xDS service registers VMs on the node the token belongs to, never on
+                // one a client names.
+                req.extensions_mut().insert(xds_server::CallerNode(node));
+                Ok(req)
+            }
+            Err((code, why)) => {
+                if let Some(suppressed) = limiter.allow() {
+                    tracing::warn!(reason = why, suppressed, "control-plane call refused");
                 }
-            };
+                Err(zmesh_proto::tonic::Status::new(code, why))
+            }
+        };
         zmesh_proto::tonic::service::interceptor::InterceptedService::new(svc, check)
     }
 

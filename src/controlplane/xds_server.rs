@@ -730,24 +730,149 @@ fn truncate(s: &str) -> &str {
 
 // ---- The gRPC service ----
 
-/// The snapshot of the latest config, built once per config however many streams are open.
+/// The snapshot of the latest config and registrations, built once per change however many
+/// streams are open.
+/// The config and registry generation a snapshot was built from, and the snapshot.
+type Built = (Arc<Config>, u64, Arc<Snapshot>);
+
 #[derive(Debug, Default)]
 struct SnapshotCache {
-    last: Mutex<Option<(Arc<Config>, Arc<Snapshot>)>>,
+    last: Mutex<Option<Built>>,
+    registry: Arc<Registry>,
 }
 
 impl SnapshotCache {
     fn get(&self, cfg: &Arc<Config>) -> Arc<Snapshot> {
+        let generation = *self.registry.generation.borrow();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((c, s)) = last.as_ref() {
-            if Arc::ptr_eq(c, cfg) {
+        if let Some((c, g, s)) = last.as_ref() {
+            if Arc::ptr_eq(c, cfg) && *g == generation {
                 return s.clone();
             }
         }
-        let snapshot = Arc::new(resources(cfg));
-        *last = Some((cfg.clone(), snapshot.clone()));
+        let registered = self.registry.workloads();
+        let snapshot = Arc::new(if registered.is_empty() {
+            resources(cfg)
+        } else {
+            let mut merged = (**cfg).clone();
+            merged.workloads.extend(registered);
+            resources(&merged)
+        });
+        *last = Some((cfg.clone(), generation, snapshot.clone()));
         snapshot
     }
+}
+
+/// The node a stream's bearer token belongs to, put in the request by the token check.
+#[derive(Debug, Clone)]
+pub struct CallerNode(pub String);
+
+/// VMs auto-registered from `workload_groups` by their open xDS streams (Istio's
+/// auto-registered WorkloadEntries): one is added when a stream's first request names a group
+/// in its metadata (`AUTO_REGISTER_GROUP`), on the node the stream's token belongs to, and is
+/// gone when that stream ends.
+#[derive(Debug)]
+pub struct Registry {
+    entries: Mutex<BTreeMap<String, (u64, crate::config::WorkloadConfig)>>,
+    generation: watch::Sender<u64>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            entries: Mutex::default(),
+            generation: watch::channel(0).0,
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl Registry {
+    fn workloads(&self) -> Vec<crate::config::WorkloadConfig> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.values().map(|(_, w)| w.clone()).collect()
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Registers `w` (replacing the same uid's earlier registration: a reconnect); dropping the
+    /// returned guard takes it away, unless a newer registration replaced it meanwhile.
+    fn add(self: &Arc<Self>, w: crate::config::WorkloadConfig) -> Registration {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let uid = w.uid.0.clone();
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.clone(), (id, w));
+        self.bump();
+        Registration {
+            registry: self.clone(),
+            uid,
+            id,
+        }
+    }
+}
+
+/// An auto-registration held by its stream.
+struct Registration {
+    registry: Arc<Registry>,
+    uid: String,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut entries = self
+            .registry
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if entries.get(&self.uid).is_some_and(|(id, _)| *id == self.id) {
+            entries.remove(&self.uid);
+            drop(entries);
+            tracing::info!(uid = %self.uid, "auto-registered workload removed: its xDS stream ended");
+            self.registry.bump();
+        }
+    }
+}
+
+/// The registration a stream's first request asks for: `AUTO_REGISTER_GROUP` names a group of
+/// `cfg` (in `NAMESPACE` when that is set), the workload runs on the token's node at the first
+/// of `INSTANCE_IPS` (else the stream's peer address). None without a group, a known group or
+/// an authenticated node (fail closed: nothing is registered).
+fn auto_registration(
+    cfg: &Config,
+    req: &DeltaDiscoveryRequest,
+    caller: Option<&CallerNode>,
+    peer_ip: Option<IpAddr>,
+) -> Option<crate::config::WorkloadConfig> {
+    let fields = &req.node.as_ref()?.metadata.as_ref()?.fields;
+    let text = |k: &str| match fields.get(k)?.kind.as_ref()? {
+        zmesh_proto::prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    };
+    let group = text("AUTO_REGISTER_GROUP")?;
+    let namespace = text("NAMESPACE").unwrap_or("");
+    let Some(g) = cfg
+        .workload_groups
+        .iter()
+        .find(|g| g.name.0 == group && (namespace.is_empty() || g.namespace.0 == namespace))
+    else {
+        tracing::warn!(group = %truncate(group), namespace = %truncate(namespace), "xDS stream names an unknown workload group; nothing registered");
+        return None;
+    };
+    let Some(caller) = caller else {
+        tracing::warn!(%group, "auto-registration needs an authenticated node; nothing registered");
+        return None;
+    };
+    let ip = text("INSTANCE_IPS")
+        .and_then(|ips| ips.split(',').next())
+        .and_then(|ip| ip.trim().parse().ok())
+        .or(peer_ip)?;
+    Some(g.register(&caller.0, ip))
 }
 
 /// The delta ADS service over a mesh file that the caller reloads into `mesh`.
@@ -809,11 +934,18 @@ impl AggregatedDiscoveryService for XdsServer {
                 self.max_streams
             ))
         })?;
+        let caller = request.extensions().get::<CallerNode>().cloned();
+        let peer_ip = request.remote_addr().map(|a| a.ip());
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOX);
         let (mesh, cache) = (self.mesh.clone(), self.cache.clone());
         tokio::spawn(async move {
-            serve_stream(requests, mesh, cache, tx, peer).await;
+            let who = Caller {
+                peer,
+                node: caller,
+                ip: peer_ip,
+            };
+            serve_stream(requests, mesh, cache, tx, who).await;
             drop(permit);
         });
         Ok(Response::new(Box::pin(futures_util::stream::unfold(
@@ -825,13 +957,25 @@ impl AggregatedDiscoveryService for XdsServer {
 
 /// Moves messages between one stream, its [`StreamState`] and the config watch until the client
 /// goes away or breaks the protocol.
+/// Who opened a stream: its address (as text for the log, and the IP), and its token's node.
+struct Caller {
+    peer: String,
+    node: Option<CallerNode>,
+    ip: Option<IpAddr>,
+}
+
 async fn serve_stream(
     mut requests: Streaming<DeltaDiscoveryRequest>,
     mut mesh: watch::Receiver<Arc<Config>>,
     cache: Arc<SnapshotCache>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    peer: String,
+    who: Caller,
 ) {
+    let peer = who.peer;
+    let mut registered = cache.registry.generation.subscribe();
+    registered.borrow_and_update();
+    // Held for the stream's life: the registration goes when the stream does.
+    let mut _registration: Option<Registration> = None;
     // The config is cloned out of the watch before converting it: the sender is never kept
     // waiting on a conversion.
     let first = mesh.borrow_and_update().clone();
@@ -850,6 +994,15 @@ async fn serve_stream(
                         greeted = true;
                         let node = req.node.as_ref().map_or("", |n| n.id.as_str());
                         tracing::info!(%peer, node = %truncate(node), "xDS stream opened");
+                        let cfg = mesh.borrow().clone();
+                        if let Some(w) = auto_registration(&cfg, &req, who.node.as_ref(), who.ip) {
+                            tracing::info!(%peer, uid = %w.uid, node = %w.node, "workload auto-registered");
+                            _registration = Some(cache.registry.add(w));
+                            registered.borrow_and_update();
+                            // Nothing is subscribed yet: the state starts over from the
+                            // snapshot that holds the registration.
+                            state = StreamState::new(cache.get(&cfg));
+                        }
                     }
                     match state.on_request(&req) {
                         Ok(r) => r.into_iter().collect::<Vec<_>>(),
@@ -870,6 +1023,14 @@ async fn serve_stream(
                     return;
                 }
             },
+            r = registered.changed() => {
+                if r.is_err() {
+                    continue;
+                }
+                registered.borrow_and_update();
+                let cfg = mesh.borrow().clone();
+                state.on_snapshot(cache.get(&cfg))
+            }
             changed = mesh.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
@@ -1417,5 +1578,91 @@ services:
             }
         }
         assert!(seen >= 5, "examples/*.yaml found: {seen}");
+    }
+
+    fn vm_request(metadata: &[(&str, &str)]) -> DeltaDiscoveryRequest {
+        use zmesh_proto::prost_types::{value::Kind, Struct, Value};
+        let fields = metadata
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect();
+        DeltaDiscoveryRequest {
+            type_url: type_url::ADDRESS.into(),
+            node: Some(zmesh_proto::envoy::service::discovery::v3::Node {
+                id: "vm".into(),
+                metadata: Some(Struct { fields }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const GROUPS: &str = "node: { name: cp, certificates: { file_ca: { dir: /tmp/ca } } }\nworkload_groups:\n  - { name: billing, namespace: finance, service_account: billing-sa, network: vm-net, services: { \"finance/billing.finance.svc.cluster.local\": { 8080: 8080 } } }\n";
+
+    /// Istio's VM auto-registration: a stream whose metadata names a known group registers a
+    /// workload on the node its token belongs to, at its INSTANCE_IPS (else its own address);
+    /// every stream's snapshot carries it while the registering stream lives, and it is gone
+    /// once that stream ends. Without a token's node, a known group or the right namespace,
+    /// nothing is registered.
+    #[test]
+    fn a_vm_stream_registers_its_workload_for_as_long_as_it_lives() {
+        let cfg = Arc::new(cfg(GROUPS));
+        let node = CallerNode("vm-7".into());
+        let meta = [
+            ("AUTO_REGISTER_GROUP", "billing"),
+            ("NAMESPACE", "finance"),
+            ("INSTANCE_IPS", "192.0.2.7,fd00::7"),
+            ("NODE_NAME", "someone-else"),
+        ];
+        let w = auto_registration(&cfg, &vm_request(&meta), Some(&node), None).unwrap();
+        assert_eq!(w.uid.0, "finance/billing/vm-7");
+        assert_eq!(
+            w.node.0, "vm-7",
+            "the token's node, not the metadata's NODE_NAME"
+        );
+        assert_eq!(w.addresses, vec!["192.0.2.7".parse::<IpAddr>().unwrap()]);
+        // The peer address when the metadata names none.
+        let peer: IpAddr = "198.51.100.4".parse().unwrap();
+        let w2 = auto_registration(&cfg, &vm_request(&meta[..2]), Some(&node), Some(peer)).unwrap();
+        assert_eq!(w2.addresses, vec![peer]);
+        // Fail closed.
+        assert!(auto_registration(&cfg, &vm_request(&meta), None, Some(peer)).is_none());
+        let wrong_ns = [("AUTO_REGISTER_GROUP", "billing"), ("NAMESPACE", "other")];
+        assert!(auto_registration(&cfg, &vm_request(&wrong_ns), Some(&node), Some(peer)).is_none());
+        let unknown = [("AUTO_REGISTER_GROUP", "payroll")];
+        assert!(auto_registration(&cfg, &vm_request(&unknown), Some(&node), Some(peer)).is_none());
+        assert!(auto_registration(&cfg, &vm_request(&[]), Some(&node), Some(peer)).is_none());
+
+        // Registered, every stream's snapshot has it; the stream ends, it is gone.
+        let cache = SnapshotCache::default();
+        assert!(!cache
+            .get(&cfg)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
+        let guard = cache.registry.add(w.clone());
+        let with = cache.get(&cfg);
+        let got = workload_of(&with, "finance/billing/vm-7");
+        assert_eq!(got.service_account, "billing-sa");
+        assert_eq!(got.network, "vm-net");
+        assert_eq!(got.node, "vm-7");
+        // A reconnect replaces it; the old stream's end leaves the new registration alone.
+        let newer = cache.registry.add(w);
+        drop(guard);
+        assert!(cache
+            .get(&cfg)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
+        drop(newer);
+        assert!(!cache
+            .get(&cfg)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
     }
 }
