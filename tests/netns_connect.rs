@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use zmesh_testbed::mesh::install_rules;
-use zmesh_testbed::{is_root, link_veth, seeded_bytes, sha256, Child, Netns};
+use zmesh_testbed::{is_root, link_veth, run_ok, seeded_bytes, sha256, Child, Netns};
 
 const LAPTOP_IP: &str = "10.167.5.1";
 const B_IP: &str = "10.167.5.2";
@@ -88,16 +88,6 @@ struct Fixture {
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_zmesh-node")
-}
-
-fn run_ok(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn chown_nobody(p: &Path) {

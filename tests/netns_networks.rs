@@ -14,7 +14,7 @@ use zmesh_testbed::networks::{
     shared_config, TwoNetworks, A2_IP, APP_PORT, B1_IP, GA_BRIDGE, GA_LAN, GA_LINK_IF, GB_BRIDGE,
     GB_LAN, LAPTOP_IP,
 };
-use zmesh_testbed::{is_root, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
+use zmesh_testbed::{is_root, run_ok, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
 
 const UP: &[u8] = b"CROSS-NETWORK-MARKER-UP-5e1d";
 
@@ -258,16 +258,6 @@ fn a_service_prefers_its_own_network_and_fails_over_to_the_other_one() {
 }
 
 const NOBODY: u32 = 65534;
-
-fn run_ok(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A laptop on network-a with no capture rules and no root, holding only a certificate the
 /// mesh CA signed for it, reaches a service whose endpoints are all on network-b: through a

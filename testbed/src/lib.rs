@@ -48,6 +48,17 @@ pub use netns::{sweep_stale, Netns};
 pub use process::Child;
 
 /// Whether the current process runs with effective uid 0.
+/// Runs `cmd` to completion and returns its stdout; panics with its stderr if it failed.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
