@@ -205,6 +205,11 @@ fn de_control_plane<'de, D: Deserializer<'de>>(
     // The cluster id defaults to `node.cluster`, which serde cannot see from here: left empty
     // and filled in by `Config::parse`.
     let raw = Option::<control_plane::ControlPlaneRaw>::deserialize(d)?;
+    if let Some(why) = raw.as_ref().and_then(|r| r.metadata_error()) {
+        return Err(serde::de::Error::custom(format!(
+            "node.control_plane.metadata: {why}"
+        )));
+    }
     Ok(raw.map(|r| r.build("")))
 }
 
@@ -944,6 +949,18 @@ impl Config {
             if !groups.insert((g.namespace.0.as_str(), g.name.0.as_str())) {
                 return Err(invalid(at("name"), &g.name, "duplicate workload group"));
             }
+            if g.nodes.is_empty() {
+                return Err(invalid(
+                    at("nodes"),
+                    &"[]",
+                    "name the nodes that may register into this group (none would: nothing to serve)",
+                ));
+            }
+            for (j, p) in g.nodes.iter().enumerate() {
+                if let Some(why) = workload_group::WorkloadGroupConfig::node_pattern_error(p) {
+                    return Err(invalid(at(&format!("nodes[{j}]")), p, why));
+                }
+            }
         }
         if n.control_plane.is_some() && !self.networks.is_empty() {
             return Err(invalid(
@@ -1359,17 +1376,33 @@ workloads:
     #[test]
     fn workload_groups_need_a_name_an_identity_and_no_twin() {
         let with = |g: &str| format!("{GOOD}workload_groups:\n{g}");
-        assert!(Config::parse(&with("  - { name: billing, namespace: finance }\n"), "t").is_ok());
-        let e = err(&with("  - { name: billing, namespace: Finance_X }\n"));
+        assert!(Config::parse(
+            &with("  - { name: billing, namespace: finance, nodes: [vm-1] }\n"),
+            "t"
+        )
+        .is_ok());
+        let e = err(&with("  - { name: billing, namespace: finance }\n"));
+        assert!(e.to_string().contains("nodes"), "{e}");
+        let e = err(&with(
+            "  - { name: billing, namespace: finance, nodes: [] }\n",
+        ));
+        assert!(e.to_string().contains("workload_groups[0].nodes"), "{e}");
+        let e = err(&with(
+            "  - { name: billing, namespace: finance, nodes: [vm-1, \"*\"] }\n",
+        ));
+        assert!(e.to_string().contains("workload_groups[0].nodes[1]"), "{e}");
+        let e = err(&with(
+            "  - { name: billing, namespace: Finance_X, nodes: [vm-1] }\n",
+        ));
         assert!(
             e.to_string().contains("workload_groups[0].service_account"),
             "{e}"
         );
         let e = err(&with(
-            "  - { name: b, namespace: f }\n  - { name: b, namespace: f }\n",
+            "  - { name: b, namespace: f, nodes: [v] }\n  - { name: b, namespace: f, nodes: [v] }\n",
         ));
         assert!(e.to_string().contains("duplicate workload group"), "{e}");
-        let e = err(&with("  - { name: \"\", namespace: f }\n"));
+        let e = err(&with("  - { name: \"\", namespace: f, nodes: [v] }\n"));
         assert!(e.to_string().contains("workload_groups[0].name"), "{e}");
     }
 

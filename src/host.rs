@@ -50,7 +50,15 @@ pub enum JoinCerts {
         key: PathBuf,
         roots: PathBuf,
     },
+    /// Istio's VM files for a WorkloadGroup (`--istio-vm-dir`): workloads, services, policies
+    /// and certificates come from istiod (or a zmesh control plane), which auto-registers the
+    /// VM. Its `root-cert.pem` and `istio-token` are copied into the config dir.
+    IstioVm(Box<crate::istio_vm::IstioVm>),
 }
+
+/// Where an Istio VM's root and token go under the config dir.
+pub const ISTIO_ROOT_FILE: &str = "certs/istio-root-cert.pem";
+pub const ISTIO_TOKEN_FILE: &str = "certs/istio-token";
 
 /// A bootstrap token: kept out of `Debug` output and logs.
 #[derive(Clone)]
@@ -141,6 +149,7 @@ pub fn parse_identity(s: &str, trust_domain: &str) -> Result<(String, String), H
 /// The node config `join` writes.
 pub fn render_config(spec: &JoinSpec) -> String {
     let certs = match &spec.certs {
+        JoinCerts::IstioVm(vm) => return render_istio_vm(spec, vm),
         JoinCerts::FileCa(dir) => format!("    file_ca: {{ dir: {} }}\n", dir.display()),
         // JSON strings are YAML strings: whatever the address holds, it stays one scalar.
         JoinCerts::CaServer {
@@ -165,6 +174,18 @@ pub fn render_config(spec: &JoinSpec) -> String {
         ns = spec.namespace,
         sa = spec.service_account,
         addr = spec.address,
+    )
+}
+
+/// The node config of a VM joining with Istio's files: everything but the node itself comes
+/// from the control plane, so it lists no workloads.
+fn render_istio_vm(spec: &JoinSpec, vm: &crate::istio_vm::IstioVm) -> String {
+    let mut vm = vm.clone();
+    vm.root_cert = spec.config_dir.join(ISTIO_ROOT_FILE);
+    vm.token_file = spec.config_dir.join(ISTIO_TOKEN_FILE);
+    format!(
+        "# Written by `zmesh-node join --istio-vm-dir`; `zmesh-node leave` removes it.\n{}  access_log: json\n",
+        vm.node_section(&spec.node_name, Some(spec.address))
     )
 }
 
@@ -285,6 +306,14 @@ pub fn write_join(spec: &JoinSpec, unit_dir: &Path) -> Result<Vec<PathBuf>, Host
             format!("{}\n", token.expose()).as_bytes(),
             0o600,
         )?;
+    }
+    if let JoinCerts::IstioVm(vm) = &spec.certs {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(io(&certs))?;
+        let root = std::fs::read(&vm.root_cert).map_err(io(&vm.root_cert))?;
+        put(dir.join(ISTIO_ROOT_FILE), &root, 0o644)?;
+        let token = std::fs::read(&vm.token_file).map_err(io(&vm.token_file))?;
+        put(dir.join(ISTIO_TOKEN_FILE), &token, 0o600)?;
     }
     put(dir.join("node.yaml"), render_config(spec).as_bytes(), 0o644)?;
     std::fs::create_dir_all(unit_dir).map_err(io(unit_dir))?;

@@ -1,7 +1,7 @@
 //! The files Istio's VM tooling generates for a WorkloadGroup (`istioctl x workload entry
 //! configure`): `cluster.env`, `mesh.yaml`, `root-cert.pem`, `istio-token` and `hosts`, read into
-//! what a zmesh node needs to join that mesh through istiod (issue #16 part 5, work in progress:
-//! the join and the control plane's auto-registration come next).
+//! what a zmesh node needs to join that mesh through istiod (`zmesh-node join --istio-vm-dir`,
+//! docs/model.md "Joining from Istio's VM files").
 //!
 //! Field names are Istio's (`ISTIO_META_*`, `SERVICE_ACCOUNT`, `discoveryAddress`); the
 //! parsing is strict: a line that is not `KEY=VALUE`, an unterminated quote, a JSON metadata
@@ -234,10 +234,16 @@ impl IstioVm {
     /// istiod, certificates from istiod's CA with this VM's identity. When `hosts` names an
     /// address for istiod (an east-west gateway's, typically), it is dialed and the certificate
     /// is still checked against istiod's name.
-    pub fn node_section(&self, node_name: &str) -> String {
+    ///
+    /// The node presents itself as Istio's VM tooling makes a VM's proxy do: `NAMESPACE` is the
+    /// VM's namespace, `INSTANCE_IPS` its address (`address`, when given), and every
+    /// `ISTIO_META_*` entry of `cluster.env` is sent as node metadata, so a control plane
+    /// auto-registers the VM into its `AUTO_REGISTER_GROUP`.
+    pub fn node_section(&self, node_name: &str, address: Option<IpAddr>) -> String {
         // Every value is written as a JSON string, which YAML reads back verbatim whatever it
         // holds (a quote in a network name cannot change the config's shape).
         let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        let address_ip = address;
         let (host, server_name) = match self.discovery_ip {
             Some(IpAddr::V6(ip)) => (format!("[{ip}]"), Some(&self.discovery_host)),
             Some(IpAddr::V4(ip)) => (ip.to_string(), Some(&self.discovery_host)),
@@ -245,7 +251,7 @@ impl IstioVm {
         };
         let address = format!("https://{host}:{}", self.discovery_port);
         let mut s = format!(
-            "node:\n  name: {}\n  trust_domain: {}\n  cluster: {}\n  network: {}\n  control_plane:\n    address: {}\n    root_cert: {}\n    token_file: {}\n    cluster_id: {}\n",
+            "node:\n  name: {}\n  trust_domain: {}\n  cluster: {}\n  network: {}\n  control_plane:\n    address: {}\n    root_cert: {}\n    token_file: {}\n    cluster_id: {}\n    pod_name: {}\n    pod_namespace: {}\n    metadata: {}\n",
             q(node_name),
             q(&self.trust_domain),
             q(&self.cluster_id),
@@ -254,7 +260,14 @@ impl IstioVm {
             q(&self.root_cert.display().to_string()),
             q(&self.token_file.display().to_string()),
             q(&self.cluster_id),
+            q(node_name),
+            q(&self.namespace),
+            // JSON is YAML: the map is read back as it was written.
+            serde_json::to_string(&self.metadata).expect("JSON values serialize"),
         );
+        if let Some(ip) = address_ip {
+            s += &format!("    instance_ip: {}\n", q(&ip.to_string()));
+        }
         if let Some(name) = server_name {
             s += &format!("    server_name: {}\n", q(name));
         }
@@ -303,10 +316,18 @@ POD_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'\nTRUST_DOMAIN='cluster.loc
         assert_eq!(vm.metadata["AUTO_REGISTER_GROUP"], "billing");
         // The node section parses as a zmesh config: xDS and CA from istiod, dialed at the
         // hosts file's address, checked against istiod's name.
-        let section = vm.node_section("vm-billing-1");
+        let section = vm.node_section("vm-billing-1", Some("192.0.2.7".parse().unwrap()));
         let cfg = crate::config::Config::parse(&section, "generated").unwrap();
         assert_eq!(cfg.node.network.0, "vm-net");
         let cp = cfg.node.control_plane.unwrap();
+        // What makes the control plane register the VM: its group, namespace, address and
+        // labels, as the VM's proxy would send them.
+        assert_eq!(cp.metadata["AUTO_REGISTER_GROUP"], "billing");
+        assert_eq!(cp.metadata["LABELS"]["class"], "vm");
+        assert_eq!(cp.metadata["MESH_ID"], "mesh1");
+        assert_eq!(cp.pod_namespace, "finance");
+        assert_eq!(cp.pod_name, "vm-billing-1");
+        assert_eq!(cp.instance_ip, Some("192.0.2.7".parse().unwrap()));
         assert_eq!(cp.target.address, "https://203.0.113.9:15012");
         assert_eq!(
             cp.target.server_name.as_deref(),
@@ -317,7 +338,7 @@ POD_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'\nTRUST_DOMAIN='cluster.loc
         let vm = IstioVm::load(d.path()).unwrap();
         assert_eq!(vm.discovery_ip, None);
         assert!(vm
-            .node_section("n")
+            .node_section("n", None)
             .contains("address: \"https://istiod.istio-system.svc:15012\""));
     }
 

@@ -99,8 +99,14 @@ struct HostArgs {
 #[derive(clap::Args)]
 struct JoinArgs {
     /// The host's workload identity: <namespace>/<service-account>.
-    #[arg(long)]
-    identity: String,
+    #[arg(long, required_unless_present = "istio_vm_dir")]
+    identity: Option<String>,
+    /// The files Istio's VM tooling writes for a WorkloadGroup (`istioctl x workload entry
+    /// configure`): cluster.env, mesh.yaml, root-cert.pem, istio-token, and optionally hosts.
+    /// The node then takes its identity from them, and its workloads, services, policies and
+    /// certificates from istiod, which registers the VM into its WorkloadGroup.
+    #[arg(long, conflicts_with_all = ["identity", "ca_dir", "ca_address", "cert", "key", "roots", "trust_domain"])]
+    istio_vm_dir: Option<PathBuf>,
     /// Dev only: the CA directory itself (zmesh-node ca init); the CA key then sits on this
     /// host. Prefer --ca-address.
     #[arg(long, conflicts_with_all = ["cert", "key", "roots", "ca_address"])]
@@ -159,28 +165,52 @@ fn host_address() -> Option<std::net::IpAddr> {
     })
 }
 
-fn join(a: JoinArgs) -> anyhow::Result<()> {
-    use zmesh::host::{JoinCerts, JoinSpec};
-    let (namespace, service_account) = zmesh::host::parse_identity(&a.identity, &a.trust_domain)?;
-    let certs = match (a.ca_address, a.ca_dir, a.cert, a.key, a.roots) {
+/// Where a host's certificates come from, as the join flags say.
+fn join_certs(a: &JoinArgs) -> anyhow::Result<zmesh::host::JoinCerts> {
+    use zmesh::host::JoinCerts;
+    Ok(match (&a.ca_address, &a.ca_dir, &a.cert, &a.key, &a.roots) {
         (Some(address), None, None, None, None) => {
-            let token = match (a.join_token_file, a.join_token) {
-                (Some(f), None) => zmesh::config::control_plane::TokenSource::File(f),
-                (None, Some(t)) => zmesh::config::control_plane::TokenSource::Inline(t),
+            let token = match (&a.join_token_file, &a.join_token) {
+                (Some(f), None) => zmesh::config::control_plane::TokenSource::File(f.clone()),
+                (None, Some(t)) => zmesh::config::control_plane::TokenSource::Inline(t.clone()),
                 _ => anyhow::bail!("--ca-address needs --join-token-file (or --join-token)"),
             };
             let token = token
                 .read()
                 .map_err(anyhow::Error::msg)?
                 .ok_or_else(|| anyhow::anyhow!("the join token is empty"))?;
-            let root = a.ca_root.expect("clap requires --ca-root");
-            JoinCerts::ca_server(address, root, a.ca_server_name, token)?
+            let root = a.ca_root.clone().expect("clap requires --ca-root");
+            JoinCerts::ca_server(address.clone(), root, a.ca_server_name.clone(), token)?
         }
-        (None, Some(dir), None, None, None) => JoinCerts::FileCa(dir),
-        (None, None, Some(cert), Some(key), Some(roots)) => JoinCerts::Static { cert, key, roots },
+        (None, Some(dir), None, None, None) => JoinCerts::FileCa(dir.clone()),
+        (None, None, Some(cert), Some(key), Some(roots)) => JoinCerts::Static {
+            cert: cert.clone(),
+            key: key.clone(),
+            roots: roots.clone(),
+        },
         _ => anyhow::bail!(
-            "give one of --ca-address (with --ca-root and a join token), --ca-dir (dev only), or --cert, --key and --roots"
+            "give one of --ca-address (with --ca-root and a join token), --ca-dir (dev only), --cert, --key and --roots, or --istio-vm-dir"
         ),
+    })
+}
+
+fn join(a: JoinArgs) -> anyhow::Result<()> {
+    use zmesh::host::{JoinCerts, JoinSpec};
+    let (namespace, service_account, trust_domain, certs) = match &a.istio_vm_dir {
+        Some(dir) => {
+            let vm = zmesh::istio_vm::IstioVm::load(dir)?;
+            (
+                vm.namespace.clone(),
+                vm.service_account.clone(),
+                vm.trust_domain.clone(),
+                JoinCerts::IstioVm(Box::new(vm)),
+            )
+        }
+        None => {
+            let identity = a.identity.as_deref().unwrap_or_default();
+            let (ns, sa) = zmesh::host::parse_identity(identity, &a.trust_domain)?;
+            (ns, sa, a.trust_domain.clone(), join_certs(&a)?)
+        }
     };
     let node_name = match a.name {
         Some(n) => n,
@@ -195,7 +225,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         service_account,
         node_name,
         address,
-        trust_domain: a.trust_domain,
+        trust_domain,
         certs,
         config_dir: a.host.config_dir,
         node_bin: std::env::current_exe()?,

@@ -101,6 +101,11 @@ pub(super) struct ControlPlaneRaw {
     pod_namespace: Option<BoundedString>,
     #[serde(default)]
     instance_ip: Option<IpAddr>,
+    /// Node metadata sent to the control plane beside what the node fills in itself, by
+    /// entry name (`AUTO_REGISTER_GROUP`, `LABELS`, ...): what the ISTIO_META_* variables give,
+    /// written in the file (`zmesh-node join --istio-vm-dir` writes them here).
+    #[serde(default)]
+    metadata: BTreeMap<String, serde_json::Value>,
     /// Deprecated and ignored: pods that arrive over ZDS before their workload are no longer
     /// held (they are acked at once and fail closed until it arrives, docs/model.md). Accepted
     /// with any value so configs that set it keep loading; `Config::warnings` says so.
@@ -129,7 +134,37 @@ fn default_root() -> PathBuf {
     PathBuf::from(DEFAULT_ROOT_CERT)
 }
 
+/// Bounds on `node.control_plane.metadata`: Istio's entries are a few dozen short values.
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+
 impl ControlPlaneRaw {
+    /// What is wrong with the file's `metadata`, if anything: too many entries, a name that is
+    /// not an ISTIO_META_* suffix (`[A-Z0-9_]`, 1-64), or over 16 KiB once encoded.
+    pub(super) fn metadata_error(&self) -> Option<String> {
+        let m = &self.metadata;
+        if m.len() > MAX_METADATA_ENTRIES {
+            return Some(format!(
+                "{} entries, over the limit of {MAX_METADATA_ENTRIES}",
+                m.len()
+            ));
+        }
+        if let Some(k) = m.keys().find(|k| {
+            k.is_empty()
+                || k.len() > 64
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        }) {
+            return Some(format!(
+                "entry name {k:?} is not 1-64 characters of [A-Z0-9_]"
+            ));
+        }
+        let size = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());
+        (size > MAX_METADATA_BYTES)
+            .then(|| format!("{size} bytes encoded, over the {MAX_METADATA_BYTES}-byte limit"))
+    }
+
     pub(super) fn build(self, cluster: &str) -> ControlPlaneConfig {
         ControlPlaneConfig {
             target: GrpcTarget {
@@ -151,7 +186,7 @@ impl ControlPlaneRaw {
                 .map(|s| s.0)
                 .unwrap_or_else(|| "istio-system".into()),
             instance_ip: self.instance_ip,
-            metadata: BTreeMap::new(),
+            metadata: self.metadata,
             workload_wait_set: self.workload_wait.is_some(),
         }
     }
@@ -349,6 +384,7 @@ impl ControlPlaneRaw {
             pod_name: None,
             pod_namespace: None,
             instance_ip: None,
+            metadata: BTreeMap::new(),
             workload_wait: None,
         }
     }
@@ -491,6 +527,35 @@ mod tests {
             .apply_metadata_env([("ISTIO_METAJSON_X".to_string(), "{nope".to_string())])
             .unwrap_err();
         assert!(e.contains("ISTIO_METAJSON_X is not JSON"), "{e}");
+    }
+
+    #[test]
+    fn metadata_written_in_the_file_is_sent_and_bounded() {
+        let c = cfg("  control_plane:\n    metadata: { AUTO_REGISTER_GROUP: billing, LABELS: { app: billing } }\n");
+        let md = &c.node.control_plane.as_ref().unwrap().metadata;
+        assert_eq!(md["AUTO_REGISTER_GROUP"], "billing");
+        assert_eq!(md["LABELS"]["app"], "billing");
+        let parse = |cp: &str| {
+            crate::config::Config::parse(
+                &format!("node:\n  name: n\n  control_plane:\n{cp}  certificates:\n    ca_client: {{}}\n"),
+                "t",
+            )
+                .unwrap_err()
+                .to_string()
+        };
+        let e = parse("    metadata: { lower: x }\n");
+        assert!(
+            e.contains("node.control_plane.metadata") && e.contains("\"lower\""),
+            "{e}"
+        );
+        let many: String = (0..65).map(|i| format!("K{i}: v, ")).collect();
+        let e = parse(&format!("    metadata: {{ {many} }}\n"));
+        assert!(e.contains("65 entries"), "{e}");
+        let e = parse(&format!(
+            "    metadata: {{ BIG: {} }}\n",
+            "x".repeat(17 * 1024)
+        ));
+        assert!(e.contains("byte limit"), "{e}");
     }
 
     #[test]

@@ -162,14 +162,22 @@ fn impersonated(req: &IstioCertificateRequest) -> Result<Option<String>, Refused
     }
 }
 
-/// Whether some workload of `mesh` on `node` has `id`.
+/// Whether some workload of `mesh` on `node` has `id`, or a workload group that admits `node`
+/// has it (the node registers that group's VM once its xDS stream opens, and needs the
+/// certificate for it; docs/model.md "VM auto-registration").
 pub fn node_runs(mesh: &Config, node: &str, id: &SpiffeId) -> bool {
+    let td = &mesh.node.trust_domain;
     mesh.workloads.iter().any(|w| {
-        let td = w.trust_domain.as_ref().unwrap_or(&mesh.node.trust_domain);
+        let td = w.trust_domain.as_ref().unwrap_or(td);
         w.node.0 == node
             && td.0 == id.trust_domain
             && w.namespace.0 == id.namespace
             && w.service_account.0 == id.service_account
+    }) || mesh.workload_groups.iter().any(|g| {
+        g.admits(node)
+            && td.0 == id.trust_domain
+            && g.namespace.0 == id.namespace
+            && g.service_account.0 == id.service_account
     })
 }
 
@@ -257,6 +265,20 @@ mod tests {
             &id("spiffe://cluster.local/ns/shop/sa/x")
         ));
         assert!(node_runs(&m, "vm-1", &id("spiffe://other.td/ns/shop/sa/x")));
+        // A workload group's identity goes to the nodes it admits, and to no other.
+        let g = Config::parse(
+            "node:\n  name: ca\n  certificates:\n    file_ca: { dir: /ca }\nworkload_groups:\n  - { name: billing, namespace: finance, service_account: billing-sa, nodes: [\"vm-billing-*\"] }\n",
+            "t",
+        )
+        .unwrap();
+        let billing = id("spiffe://cluster.local/ns/finance/sa/billing-sa");
+        assert!(node_runs(&g, "vm-billing-3", &billing));
+        assert!(!node_runs(&g, "laptop", &billing));
+        assert!(!node_runs(
+            &g,
+            "vm-billing-3",
+            &id("spiffe://cluster.local/ns/finance/sa/payroll")
+        ));
     }
 
     #[test]

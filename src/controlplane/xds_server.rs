@@ -868,10 +868,24 @@ fn auto_registration(
         tracing::warn!(%group, "auto-registration needs an authenticated node; nothing registered");
         return None;
     };
-    let ip = text("INSTANCE_IPS")
+    if !g.admits(&caller.0) {
+        tracing::warn!(%group, node = %caller.0, "node is not in the workload group's nodes; nothing registered");
+        return None;
+    }
+    let ip: IpAddr = text("INSTANCE_IPS")
         .and_then(|ips| ips.split(',').next())
         .and_then(|ip| ip.trim().parse().ok())
         .or(peer_ip)?;
+    // An address the mesh file gives another node's workload stays theirs: a VM cannot take
+    // over another workload's traffic by naming its address.
+    if let Some(w) = cfg
+        .workloads
+        .iter()
+        .find(|w| w.addresses.contains(&ip) && w.node.0 != caller.0)
+    {
+        tracing::warn!(%group, node = %caller.0, %ip, owner = %w.uid, "auto-registration refused: the address belongs to another node's workload");
+        return None;
+    }
     Some(g.register(&caller.0, ip))
 }
 
@@ -1604,7 +1618,7 @@ services:
         }
     }
 
-    const GROUPS: &str = "node: { name: cp, certificates: { file_ca: { dir: /tmp/ca } } }\nworkload_groups:\n  - { name: billing, namespace: finance, service_account: billing-sa, network: vm-net, services: { \"finance/billing.finance.svc.cluster.local\": { 8080: 8080 } } }\n";
+    const GROUPS: &str = "node: { name: cp, certificates: { file_ca: { dir: /tmp/ca } } }\nworkload_groups:\n  - { name: billing, namespace: finance, service_account: billing-sa, network: vm-net, services: { \"finance/billing.finance.svc.cluster.local\": { 8080: 8080 } }, nodes: [\"vm-*\"] }\n";
 
     /// Istio's VM auto-registration: a stream whose metadata names a known group registers a
     /// workload on the node its token belongs to, at its INSTANCE_IPS (else its own address);
@@ -1639,6 +1653,14 @@ services:
         let unknown = [("AUTO_REGISTER_GROUP", "payroll")];
         assert!(auto_registration(&cfg, &vm_request(&unknown), Some(&node), Some(peer)).is_none());
         assert!(auto_registration(&cfg, &vm_request(&[]), Some(&node), Some(peer)).is_none());
+        // A node the group does not admit registers nothing, whatever its metadata says.
+        let laptop = CallerNode("laptop".into());
+        assert!(auto_registration(&cfg, &vm_request(&meta), Some(&laptop), Some(peer)).is_none());
+        // Nor does a VM that names another node's workload's address.
+        let taken = Arc::new(self::cfg(&format!(
+            "{GROUPS}workloads:\n  - {{ uid: db, name: db, namespace: finance, addresses: [192.0.2.7], node: node-b }}\n"
+        )));
+        assert!(auto_registration(&taken, &vm_request(&meta), Some(&node), None).is_none());
 
         // Registered, every stream's snapshot has it; the stream ends, it is gone.
         let cache = SnapshotCache::default();
