@@ -989,6 +989,33 @@ impl Config {
                 }
                 _ => {}
             }
+            if let Some(cp) = gw.control_plane {
+                let field = "node.east_west_gateway.control_plane".to_string();
+                let own = cp.port() == networks::CONTROL_PLANE_PORT
+                    && (cp.ip().is_loopback()
+                        || cp.ip() == n.bind
+                        || self
+                            .workloads
+                            .iter()
+                            .any(|w| w.node == n.name && w.addresses.contains(&cp.ip())));
+                if cp.port() == 0 || cp.ip().is_unspecified() {
+                    return Err(invalid(field, &cp, "not an address to dial"));
+                }
+                if own {
+                    return Err(invalid(
+                        field,
+                        &cp,
+                        "this is the gateway's own passthrough port: it would pass through to itself",
+                    ));
+                }
+                if n.mode == Mode::InPod {
+                    return Err(invalid(
+                        field,
+                        &cp,
+                        "the control-plane passthrough runs in host mode only",
+                    ));
+                }
+            }
         }
         if let Some(section) = &self.connect {
             // The section's shape only: that its workload exists on this node is checked when
@@ -1416,6 +1443,28 @@ workloads:
         };
         let ok = Config::parse(&with("{ workload: a }"), "t.yaml").unwrap();
         let gw = ok.node.east_west_gateway.unwrap();
+        assert_eq!(gw.control_plane, None);
+        // The control-plane passthrough: a dialable address that is not itself.
+        let ok = Config::parse(
+            &with("{ workload: a, control_plane: \"10.9.0.1:15012\" }"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.node.east_west_gateway.unwrap().control_plane,
+            Some("10.9.0.1:15012".parse().unwrap())
+        );
+        for (bad, why) in [
+            ("127.0.0.1:15012", "pass through to itself"),
+            ("0.0.0.0:15012", "not an address to dial"),
+            ("10.9.0.1:0", "not an address to dial"),
+            ("nope", "node.east_west_gateway"),
+        ] {
+            let e = err(&with(&format!(
+                "{{ workload: a, control_plane: \"{bad}\" }}"
+            )));
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
         assert_eq!(gw.workload.0, "a");
         assert!(
             gw.exposes("any", "thing.any.svc"),

@@ -4,7 +4,9 @@
 //! wrote, with no workload in it. The control plane auto-registers the VM into its group once
 //! the VM's xDS stream opens, so node A's app reaches the VM's app by the group's service name
 //! (its VIP) over HBONE; when the VM goes and leaves, node A forgets it and nothing of `join`
-//! is left on the VM.
+//! is left on the VM. The control plane runs beside node A; the VM reaches it directly, or
+//! through node A as an east-west gateway (`east_west_gateway.control_plane`: its port 15012
+//! passed through to the control plane, which then listens on A's loopback only).
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -15,7 +17,9 @@ use zmesh_testbed::mesh::{HostMesh, APP_PORT, A_IP, B_IP};
 use zmesh_testbed::{is_root, run_ok, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zmesh-node");
-const CP_PORT: u16 = 15012;
+/// The control plane's own port; the gateway's passthrough is on 15012.
+const CP_PORT: u16 = 15013;
+const GATEWAY_PORT: u16 = 15012;
 const WAIT: Duration = Duration::from_secs(30);
 /// istiod's name as the VM's files give it; `hosts` maps it to the control plane's address.
 const ISTIOD: &str = "istiod.istio-system.svc";
@@ -28,21 +32,50 @@ fn vip() -> String {
     format!("{net}.{VIP_SUFFIX}")
 }
 
+/// Where the control plane listens, and where the VM's files say istiod is.
+struct Layout {
+    /// The control plane's listen address (node A dials it here).
+    cp: String,
+    /// `discoveryAddress`'s port; `hosts` maps istiod's name to A's address.
+    vm_port: u16,
+    /// Node A's `east_west_gateway`, if it is one.
+    gateway: &'static str,
+}
+
+fn layout(via_gateway: bool) -> Layout {
+    if via_gateway {
+        Layout {
+            cp: format!("127.0.0.1:{CP_PORT}"),
+            vm_port: GATEWAY_PORT,
+            gateway:
+                "  east_west_gateway: { workload: app-a, control_plane: \"127.0.0.1:15013\" }\n",
+        }
+    } else {
+        Layout {
+            cp: format!("{A_IP}:{CP_PORT}"),
+            vm_port: CP_PORT,
+            gateway: "",
+        }
+    }
+}
+
 /// Node A: an ordinary node whose file names only its control plane (as in netns_control_plane).
-fn node_a_config(ca: &Path) -> String {
+fn node_a_config(ca: &Path, l: &Layout) -> String {
     let dir = ca.parent().unwrap();
     format!(
         "node:
   name: node-a
   access_log: json
-  control_plane:
-    address: https://{B_IP}:{CP_PORT}
+{gateway}  control_plane:
+    address: https://{cp}
     root_cert: {root}
     server_name: {ISTIOD}
     token_file: {token}
   certificates:
     ca_client: {{ ttl: 1h }}
 ",
+        gateway = l.gateway,
+        cp = l.cp,
         root = ca.join("root-cert.pem").display(),
         token = dir.join("node-a.token").display(),
     )
@@ -87,7 +120,7 @@ fn token(ca: &Path, node: &str) -> String {
 
 /// What `istioctl x workload entry configure` writes for a VM of group `billing` in `finance`,
 /// with node B's token as the VM's `istio-token`.
-fn istio_vm_files(vm: &Path, ca: &Path) {
+fn istio_vm_files(vm: &Path, ca: &Path, port: u16) {
     std::fs::create_dir_all(vm).unwrap();
     let files = [
         (
@@ -100,9 +133,9 @@ ISTIO_NAMESPACE='finance'\nPOD_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'
         ),
         (
             "mesh.yaml",
-            format!("defaultConfig:\n  discoveryAddress: {ISTIOD}:{CP_PORT}\n  meshId: mesh1\n"),
+            format!("defaultConfig:\n  discoveryAddress: {ISTIOD}:{port}\n  meshId: mesh1\n"),
         ),
-        ("hosts", format!("{B_IP} {ISTIOD}\n")),
+        ("hosts", format!("{A_IP} {ISTIOD}\n")),
         (
             "root-cert.pem",
             std::fs::read_to_string(ca.join("root-cert.pem")).unwrap(),
@@ -157,19 +190,29 @@ const VM_UID: &str = "finance/billing/node-b";
 
 #[test]
 fn a_vm_joined_from_istios_files_is_auto_registered_and_forgotten_when_it_leaves() {
+    vm_joins_and_leaves(false);
+}
+
+#[test]
+fn a_vm_reaches_the_control_plane_through_the_east_west_gateway() {
+    vm_joins_and_leaves(true);
+}
+
+fn vm_joins_and_leaves(via_gateway: bool) {
     assert!(
         is_root(),
         "tier (c) tests build network namespaces and need root (CI runs as root)"
     );
+    let l = layout(via_gateway);
     // Node B's config is what `join --istio-vm-dir` writes, made here from the VM's files.
     let mesh = HostMesh::start_configured(Path::new(BIN), |name, ca| {
         let dir = ca.parent().unwrap();
         if name == "node-a" {
             std::fs::write(dir.join("node-a.token"), token(ca, "node-a")).unwrap();
-            return node_a_config(ca);
+            return node_a_config(ca, &l);
         }
         let vm = dir.join("istio-vm");
-        istio_vm_files(&vm, ca);
+        istio_vm_files(&vm, ca, l.vm_port);
         let etc = dir.join("vm-etc");
         let out = run_ok(std::process::Command::new(BIN).args([
             "join",
@@ -196,7 +239,7 @@ fn a_vm_joined_from_istios_files_is_auto_registered_and_forgotten_when_it_leaves
     let written = std::fs::read_to_string(dir.join("vm-etc/node.yaml")).unwrap();
     assert!(!written.contains("workloads"), "{written}");
     for want in [
-        &format!("https://{B_IP}:{CP_PORT}") as &str,
+        &format!("https://{A_IP}:{}", l.vm_port) as &str,
         &format!("server_name: \"{ISTIOD}\""),
         "\"AUTO_REGISTER_GROUP\":\"billing\"",
         &format!("instance_ip: \"{B_IP}\""),
@@ -215,7 +258,7 @@ fn a_vm_joined_from_istios_files_is_auto_registered_and_forgotten_when_it_leaves
     std::fs::write(&mesh_path, mesh_file(&ca)).unwrap();
     let _app = echo(&mesh.b, B_IP);
     let cp = mesh
-        .b
+        .a
         .spawn(
             BIN,
             &[
@@ -227,7 +270,7 @@ fn a_vm_joined_from_istios_files_is_auto_registered_and_forgotten_when_it_leaves
                 "--mesh",
                 mesh_path.to_str().unwrap(),
                 "--listen",
-                &format!("{B_IP}:{CP_PORT}"),
+                &l.cp,
                 "--server-name",
                 ISTIOD,
             ],
@@ -238,6 +281,14 @@ fn a_vm_joined_from_istios_files_is_auto_registered_and_forgotten_when_it_leaves
     wait_ready(&mesh.a, "node A", || mesh.node_a.read_log());
     wait_ready(&mesh.b, "the VM", || mesh.node_b.read_log());
     cp.wait_for_log("workload auto-registered", WAIT).unwrap();
+    if via_gateway {
+        // The control plane listens on A's loopback only, which B cannot route to: the VM's
+        // registration above came in through A's passthrough.
+        mesh.node_a
+            .wait_for_log("east-west gateway passes the control plane through", WAIT)
+            .unwrap();
+        assert!(mesh.b.connect_tcp(format!("127.0.0.1:{CP_PORT}")).is_err());
+    }
 
     // A learns the VM from the control plane and reaches it by the group's service.
     let end = Instant::now() + WAIT;

@@ -77,7 +77,16 @@ pub struct EastWestGateway {
     /// Service hostnames (`hostname` or `namespace/hostname`) it relays to; `"*"` = all.
     #[serde(default = "default_expose")]
     pub expose: Vec<BoundedString>,
+    /// istiod's (or a zmesh control plane's) `ip:port`: the gateway passes TCP on its port
+    /// 15012 through to it untouched, so VMs and nodes of other networks reach the control
+    /// plane through this gateway (Istio's "expose istiod"). The TLS inside ends at the
+    /// control plane; the gateway sees only ciphertext.
+    #[serde(default)]
+    pub control_plane: Option<std::net::SocketAddr>,
 }
+
+/// The gateway's control-plane passthrough port (Istio's, for istiod's xDS and CA).
+pub const CONTROL_PLANE_PORT: u16 = 15012;
 
 fn default_expose() -> Vec<BoundedString> {
     vec![BoundedString("*".into())]
@@ -184,11 +193,13 @@ mod tests {
     #[test]
     fn exposure_is_all_by_default_and_exact_otherwise() {
         let all = EastWestGateway {
+            control_plane: None,
             workload: BoundedString("gw".into()),
             expose: default_expose(),
         };
         assert!(all.exposes("data", "db.data.svc.cluster.local"));
         let some = EastWestGateway {
+            control_plane: None,
             workload: BoundedString("gw".into()),
             expose: vec![
                 BoundedString("db.data.svc.cluster.local".into()),

@@ -938,9 +938,16 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        // Over TCP tonic records the address itself; over the TLS incoming of `grpc::incoming`
+        // it is that stream's connect info.
+        let addr = request.remote_addr().or_else(|| {
+            request
+                .extensions()
+                .get::<Option<std::net::SocketAddr>>()
+                .copied()
+                .flatten()
+        });
+        let peer = addr.map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             tracing::warn!(%peer, max = self.max_streams, "xDS stream refused: at the stream cap");
             Status::resource_exhausted(format!(
@@ -949,7 +956,7 @@ impl AggregatedDiscoveryService for XdsServer {
             ))
         })?;
         let caller = request.extensions().get::<CallerNode>().cloned();
-        let peer_ip = request.remote_addr().map(|a| a.ip());
+        let peer_ip = addr.map(|a| a.ip());
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOX);
         let (mesh, cache) = (self.mesh.clone(), self.cache.clone());

@@ -160,3 +160,183 @@ pub(super) async fn relay(
     )
     .await;
 }
+
+/// Connections the control-plane passthrough holds at once; one more is reset at accept.
+/// Each is a node's or VM's xDS or CA connection, so a gateway sees a few per caller.
+pub(super) const MAX_PASSTHROUGH: usize = 1024;
+/// How long the control plane may take to accept before the caller is reset.
+const PASSTHROUGH_DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `node.east_west_gateway.control_plane`: TCP on the gateway's port 15012 passed through, byte
+/// for byte, to the configured control plane (Istio's "expose istiod" on an east-west gateway).
+/// The TLS inside is between the caller and the control plane; the gateway holds no key of it.
+/// The destination is fixed by the config, so a caller can reach nothing else through it, and
+/// at most [`MAX_PASSTHROUGH`] connections are held at once.
+pub(super) async fn control_plane_passthrough(
+    mark: Option<u32>,
+    listener: tokio::net::TcpListener,
+    target: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    max: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let (mut down, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control-plane passthrough: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::copy::reset_on_drop(&down);
+            tracing::warn!(%peer, max, "control-plane passthrough full; connection reset");
+            continue;
+        };
+        let opts = DialOptions {
+            mark,
+            source: None,
+            transparent: false,
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let dialed = tokio::time::timeout(
+                PASSTHROUGH_DIAL_TIMEOUT,
+                Box::pin(dial_in(None, target, opts)),
+            )
+            .await;
+            let mut up = match dialed {
+                Ok(Ok(up)) => up,
+                Ok(Err(e)) => {
+                    crate::copy::reset_on_drop(&down);
+                    tracing::warn!(%peer, %target, error = %e, "control-plane passthrough: dial failed; caller reset");
+                    return;
+                }
+                Err(_) => {
+                    crate::copy::reset_on_drop(&down);
+                    tracing::warn!(%peer, %target, "control-plane passthrough: dial timed out; caller reset");
+                    return;
+                }
+            };
+            crate::socket::tune(&down);
+            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                Ok((sent, received)) => {
+                    tracing::debug!(%peer, %target, sent, received, "control-plane passthrough closed");
+                }
+                Err(e) => {
+                    // One side failed: both see a reset, never a clean end that looks complete.
+                    crate::copy::reset_on_drop(&down);
+                    crate::copy::reset_on_drop(&up);
+                    tracing::debug!(%peer, %target, error = %e, "control-plane passthrough reset");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An echo server standing in for the control plane.
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn passthrough(
+        target: SocketAddr,
+        max: usize,
+    ) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(control_plane_passthrough(None, l, target, rx, max));
+        (addr, tx)
+    }
+
+    async fn round_trip(c: &mut TcpStream, msg: &[u8]) {
+        c.write_all(msg).await.unwrap();
+        let mut got = vec![0; msg.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+
+    /// Expects a reset (never a clean end that could pass for an answer).
+    async fn assert_reset(c: &mut TcpStream) {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("a reset, not a hang");
+        match r {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("read {n} bytes instead of a reset"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_control_plane_passthrough_relays_exactly_and_holds_at_most_its_bound() {
+        let (gw, stop) = passthrough(echo().await, 2).await;
+        let mut a = TcpStream::connect(gw).await.unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        round_trip(&mut a, &big).await;
+        let mut b = TcpStream::connect(gw).await.unwrap();
+        round_trip(&mut b, b"second").await;
+        // Both slots held: a third caller is reset at once, holding nothing.
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        assert_reset(&mut c).await;
+        // A slot comes back when its connection ends.
+        drop(a);
+        let mut d = loop {
+            let mut d = TcpStream::connect(gw).await.unwrap();
+            let _ = d.write_all(b"again").await;
+            let mut got = [0u8; 5];
+            match d.read_exact(&mut got).await {
+                Ok(_) => {
+                    assert_eq!(&got, b"again");
+                    break d;
+                }
+                // The slot is freed once the relay task has seen the close: try again.
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        round_trip(&mut d, b"and on").await;
+        // Stopped, it accepts no more.
+        stop.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while TcpStream::connect(gw).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the listener closes on stop");
+    }
+
+    #[tokio::test]
+    async fn a_caller_is_reset_when_the_control_plane_cannot_be_reached() {
+        let gone = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let (gw, _stop) = passthrough(gone, 4).await;
+        for _ in 0..8 {
+            let mut c = TcpStream::connect(gw).await.unwrap();
+            assert_reset(&mut c).await;
+        }
+    }
+}

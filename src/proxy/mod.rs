@@ -950,6 +950,23 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
     let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
+    if let Some(target) = cfg
+        .node
+        .east_west_gateway
+        .as_ref()
+        .and_then(|g| g.control_plane)
+    {
+        let port = crate::config::networks::CONTROL_PLANE_PORT;
+        let l = bind("control-plane passthrough", cfg.listen_addr(port), false)?;
+        tracing::info!(listen = %addr(&l), %target, "east-west gateway passes the control plane through");
+        tasks.push(tokio::spawn(gateway::control_plane_passthrough(
+            node.mark(),
+            l,
+            target,
+            rx.clone(),
+            gateway::MAX_PASSTHROUGH,
+        )));
+    }
     spawn_control(&node, admin, metrics)?;
     tasks.push(tokio::spawn(readiness::serve(
         node.clone(),
