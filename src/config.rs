@@ -1409,7 +1409,7 @@ workloads:
         )
         .is_ok());
         let e = err(&with("  - { name: billing, namespace: finance }\n"));
-        assert!(e.to_string().contains("nodes"), "{e}");
+        assert!(e.to_string().contains("workload_groups[0].nodes"), "{e}");
         let e = err(&with(
             "  - { name: billing, namespace: finance, nodes: [] }\n",
         ));

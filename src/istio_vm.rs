@@ -104,6 +104,9 @@ pub fn parse_env(file: &str, text: &str) -> Result<BTreeMap<String, String>, Ist
             }
             _ => value.trim().to_string(),
         };
+        if value.chars().any(char::is_control) {
+            return Err(bad("a value may not hold control characters"));
+        }
         if out.insert(key.to_string(), value).is_some() {
             return Err(bad(&format!("{key} is set twice")));
         }
@@ -195,6 +198,17 @@ impl IstioVm {
         }
         let mut metadata = BTreeMap::new();
         for (k, v) in &env {
+            let name = k
+                .strip_prefix("ISTIO_METAJSON_")
+                .or_else(|| k.strip_prefix("ISTIO_META_"));
+            if name.is_some_and(|n| n.is_empty() || n.len() > 64) {
+                return Err(IstioVmError::File {
+                    file: env_file.clone(),
+                    reason: format!(
+                        "{k}: the metadata name after the prefix must be 1-64 characters"
+                    ),
+                });
+            }
             if let Some(name) = k.strip_prefix("ISTIO_METAJSON_") {
                 let json = serde_json::from_str(v).map_err(|e| IstioVmError::File {
                     file: env_file.clone(),

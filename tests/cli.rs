@@ -735,3 +735,79 @@ fn ca_sign_signs_only_the_named_identity_and_never_writes_over_files() {
     assert!(!sign("dev/alice", &cert, "24h").status.success());
     assert_eq!(std::fs::read(&cert).unwrap(), first);
 }
+
+/// `join --istio-vm-dir` with broken or incomplete VM files: a clear error naming the file and
+/// fault, and nothing written; without `--name` (the token's node) it is refused by the parser.
+#[test]
+fn join_from_broken_istio_vm_files_names_the_fault_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = dir.path().join("vm");
+    std::fs::create_dir(&vm).unwrap();
+    let etc = dir.path().join("etc");
+    let units = dir.path().join("units");
+    let join = |extra: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["join", "--istio-vm-dir"])
+            .arg(&vm)
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("--unit-dir")
+            .arg(&units)
+            .args(["--no-systemctl", "--address", "192.0.2.9"])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let write = |name: &str, body: &str| std::fs::write(vm.join(name), body).unwrap();
+    write(
+        "cluster.env",
+        "ISTIO_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'\nISTIO_META_AUTO_REGISTER_GROUP='billing'\n",
+    );
+    write(
+        "mesh.yaml",
+        "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n",
+    );
+    write("root-cert.pem", "not checked here");
+    // No istio-token: named.
+    let out = join(&["--name", "vm-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("istio-token"),
+        "{err}"
+    );
+    write("istio-token", "token");
+    // An unterminated quote: the file and line are named.
+    write("cluster.env", "ISTIO_NAMESPACE='finance\n");
+    let out = join(&["--name", "vm-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster.env:1: unterminated quote"),
+        "{err}"
+    );
+    // A metadata name the control plane would not take: refused before anything is written.
+    write(
+        "cluster.env",
+        "ISTIO_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'\nISTIO_META_='x'\n",
+    );
+    let out = join(&["--name", "vm-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster.env: ISTIO_META_: the metadata name"),
+        "{err}"
+    );
+    // A value with a control character gets past neither the file nor the config check.
+    write(
+        "cluster.env",
+        "ISTIO_NAMESPACE='finance'\nSERVICE_ACCOUNT='billing-sa'\nISTIO_META_X='a\u{7f}b'\n",
+    );
+    let out = join(&["--name", "vm-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster.env:3: a value may not hold control"),
+        "{err}"
+    );
+    // Without --name the parser refuses it.
+    let out = join(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--name"), "{err}");
+    assert!(!etc.exists() && !units.exists(), "join wrote something");
+}

@@ -105,7 +105,8 @@ struct JoinArgs {
     /// configure`): cluster.env, mesh.yaml, root-cert.pem, istio-token, and optionally hosts.
     /// The node then takes its identity from them, and its workloads, services, policies and
     /// certificates from istiod, which registers the VM into its WorkloadGroup.
-    #[arg(long, conflicts_with_all = ["identity", "ca_dir", "ca_address", "cert", "key", "roots", "trust_domain"])]
+    /// Needs --name: the node its istio-token was made for.
+    #[arg(long, requires = "name", conflicts_with_all = ["identity", "ca_dir", "ca_address", "ca_root", "ca_server_name", "join_token", "join_token_file", "cert", "key", "roots", "trust_domain"])]
     istio_vm_dir: Option<PathBuf>,
     /// Dev only: the CA directory itself (zmesh-node ca init); the CA key then sits on this
     /// host. Prefer --ca-address.

@@ -36,7 +36,9 @@ pub struct WorkloadGroupConfig {
     pub network: Option<BoundedString>,
     #[serde(default)]
     pub services: BTreeMap<BoundedString, BTreeMap<u16, u16>>,
-    /// Node names (bootstrap-token names) admitted: exact, or a prefix ending in `*`.
+    /// Node names (bootstrap-token names) admitted: exact, or a prefix ending in `*`. Empty
+    /// (the default) is refused at load, naming the field.
+    #[serde(default)]
     pub nodes: Vec<BoundedString>,
 }
 

@@ -750,7 +750,15 @@ impl SnapshotCache {
                 return s.clone();
             }
         }
-        let registered = self.registry.workloads();
+        // Judged again against the file in force: a node the group no longer admits, a group
+        // that is gone or an address the file now gives to someone else is withheld from every
+        // snapshot, however long the registering stream lives.
+        let registered: Vec<_> = self
+            .registry
+            .workloads()
+            .into_iter()
+            .filter(|w| still_admitted(cfg, w))
+            .collect();
         let snapshot = Arc::new(if registered.is_empty() {
             resources(cfg)
         } else {
@@ -799,20 +807,34 @@ impl Registry {
     }
 
     /// Registers `w` (replacing the same uid's earlier registration: a reconnect); dropping the
-    /// returned guard takes it away, unless a newer registration replaced it meanwhile.
-    fn add(self: &Arc<Self>, w: crate::config::WorkloadConfig) -> Registration {
+    /// returned guard takes it away, unless a newer registration replaced it meanwhile. Refused
+    /// (None, with the uid that holds it) when another registration holds one of its addresses:
+    /// checked and inserted under one lock, so two VMs racing for an address cannot both win.
+    fn add(self: &Arc<Self>, w: crate::config::WorkloadConfig) -> Result<Registration, String> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let uid = w.uid.0.clone();
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.clone(), (id, w));
-        self.bump();
-        Registration {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((holder, _)) = entries
+            .iter()
+            .find(|(u, (_, o))| **u != uid && o.addresses.iter().any(|a| w.addresses.contains(a)))
+        {
+            return Err(holder.clone());
+        }
+        let changed = entries.get(&uid).is_none_or(|(_, old)| {
+            (&old.name, &old.addresses, &old.service_account, &old.network, &old.services)
+                != (&w.name, &w.addresses, &w.service_account, &w.network, &w.services)
+        });
+        entries.insert(uid.clone(), (id, w));
+        drop(entries);
+        // A reconnect that registers the same workload again changes no snapshot.
+        if changed {
+            self.bump();
+        }
+        Ok(Registration {
             registry: self.clone(),
             uid,
             id,
-        }
+        })
     }
 }
 
@@ -856,11 +878,17 @@ fn auto_registration(
     };
     let group = text("AUTO_REGISTER_GROUP")?;
     let namespace = text("NAMESPACE").unwrap_or("");
-    let Some(g) = cfg
+    let named = |g: &&crate::config::workload_group::WorkloadGroupConfig| {
+        g.name.0 == group && (namespace.is_empty() || g.namespace.0 == namespace)
+    };
+    // Of the groups with that name (in any namespace when none is given), the one admitting
+    // the caller, if any.
+    let admitting = cfg
         .workload_groups
         .iter()
-        .find(|g| g.name.0 == group && (namespace.is_empty() || g.namespace.0 == namespace))
-    else {
+        .filter(named)
+        .find(|g| caller.is_some_and(|c| g.admits(&c.0)));
+    let Some(g) = admitting.or_else(|| cfg.workload_groups.iter().find(named)) else {
         tracing::warn!(group = %truncate(group), namespace = %truncate(namespace), "xDS stream names an unknown workload group; nothing registered");
         return None;
     };
@@ -876,17 +904,64 @@ fn auto_registration(
         .and_then(|ips| ips.split(',').next())
         .and_then(|ip| ip.trim().parse().ok())
         .or(peer_ip)?;
-    // An address the mesh file gives another node's workload stays theirs: a VM cannot take
-    // over another workload's traffic by naming its address.
-    if let Some(w) = cfg
-        .workloads
-        .iter()
-        .find(|w| w.addresses.contains(&ip) && w.node.0 != caller.0)
-    {
-        tracing::warn!(%group, node = %caller.0, %ip, owner = %w.uid, "auto-registration refused: the address belongs to another node's workload");
+    if let Some(why) = address_refused(cfg, &caller.0, ip) {
+        tracing::warn!(%group, node = %caller.0, %ip, "auto-registration refused: {why}");
         return None;
     }
     Some(g.register(&caller.0, ip))
+}
+
+/// Why a VM on `node` may not be registered at `ip` under the mesh file `cfg`, if it may not:
+/// an address that is no single host's, a service's VIP, or another node's workload's address.
+/// A VM cannot take over other traffic by naming its address. (Other registrations are
+/// checked by [`Registry::add`].)
+fn address_refused(cfg: &Config, node: &str, ip: IpAddr) -> Option<String> {
+    let unicast = match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_link_local()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    };
+    if !unicast {
+        return Some("not a unicast host address".into());
+    }
+    if let Some(s) = cfg.services.iter().find(|s| s.vips.contains(&ip)) {
+        return Some(format!(
+            "the address is the VIP of service {}",
+            s.hostname.0
+        ));
+    }
+    cfg.workloads
+        .iter()
+        .find(|w| w.addresses.contains(&ip) && w.node.0 != node)
+        .map(|w| {
+            format!(
+                "the address belongs to workload {} on another node",
+                w.uid.0
+            )
+        })
+}
+
+/// Whether a registration still stands under `cfg`: its group is there and admits its node,
+/// and its address is still free to take.
+fn still_admitted(cfg: &Config, w: &crate::config::WorkloadConfig) -> bool {
+    let group = w.canonical_name.as_ref().map(|g| g.0.as_str());
+    cfg.workload_groups.iter().any(|g| {
+        Some(g.name.0.as_str()) == group && g.namespace == w.namespace && g.admits(&w.node.0)
+    }) && w
+        .addresses
+        .iter()
+        .all(|ip| address_refused(cfg, &w.node.0, *ip).is_none())
 }
 
 /// The delta ADS service over a mesh file that the caller reloads into `mesh`.
@@ -1017,8 +1092,14 @@ async fn serve_stream(
                         tracing::info!(%peer, node = %truncate(node), "xDS stream opened");
                         let cfg = mesh.borrow().clone();
                         if let Some(w) = auto_registration(&cfg, &req, who.node.as_ref(), who.ip) {
-                            tracing::info!(%peer, uid = %w.uid, node = %w.node, "workload auto-registered");
-                            _registration = Some(cache.registry.add(w));
+                            let (uid, node) = (w.uid.0.clone(), w.node.0.clone());
+                            match cache.registry.add(w) {
+                                Ok(r) => {
+                                    tracing::info!(%peer, %uid, %node, "workload auto-registered");
+                                    _registration = Some(r);
+                                }
+                                Err(holder) => tracing::warn!(%peer, %uid, %holder, "auto-registration refused: another registered VM holds the address"),
+                            }
                             registered.borrow_and_update();
                             // Nothing is subscribed yet: the state starts over from the
                             // snapshot that holds the registration.
@@ -1668,6 +1749,37 @@ services:
             "{GROUPS}workloads:\n  - {{ uid: db, name: db, namespace: finance, addresses: [192.0.2.7], node: node-b }}\n"
         )));
         assert!(auto_registration(&taken, &vm_request(&meta), Some(&node), None).is_none());
+        // Nor one that names a service's VIP, or an address that is no single host's.
+        let vip = Arc::new(self::cfg(&format!(
+            "{GROUPS}services:\n  - {{ name: db, namespace: finance, hostname: db.finance.svc.cluster.local, vips: [192.0.2.7], ports: {{ 80: 80 }} }}\n"
+        )));
+        assert!(auto_registration(&vip, &vm_request(&meta), Some(&node), None).is_none());
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "169.254.1.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "::ffff:192.0.2.7",
+        ] {
+            let m = [("AUTO_REGISTER_GROUP", "billing"), ("INSTANCE_IPS", bad)];
+            assert!(
+                auto_registration(&cfg, &vm_request(&m), Some(&node), None).is_none(),
+                "{bad}"
+            );
+        }
+        // Without a namespace, the group of that name that admits the caller is the one taken.
+        let two = Arc::new(self::cfg(&format!(
+            "{GROUPS}  - {{ name: billing, namespace: aaa, nodes: [other] }}\n"
+        )));
+        let m = [
+            ("AUTO_REGISTER_GROUP", "billing"),
+            ("INSTANCE_IPS", "192.0.2.7"),
+        ];
+        let got = auto_registration(&two, &vm_request(&m), Some(&node), None).unwrap();
+        assert_eq!(got.namespace.0, "finance");
 
         // Registered, every stream's snapshot has it; the stream ends, it is gone.
         let cache = SnapshotCache::default();
@@ -1675,15 +1787,42 @@ services:
             .get(&cfg)
             .addresses
             .contains_key("finance/billing/vm-7"));
-        let guard = cache.registry.add(w.clone());
+        let guard = cache.registry.add(w.clone()).unwrap();
+        // Another VM naming the same address is refused while the first holds it.
+        let rival = auto_registration(
+            &cfg,
+            &vm_request(&meta),
+            Some(&CallerNode("vm-8".into())),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            cache.registry.add(rival).err().as_deref(),
+            Some("finance/billing/vm-7")
+        );
         let with = cache.get(&cfg);
         let got = workload_of(&with, "finance/billing/vm-7");
         assert_eq!(got.service_account, "billing-sa");
         assert_eq!(got.network, "vm-net");
         assert_eq!(got.node, "vm-7");
         // A reconnect replaces it; the old stream's end leaves the new registration alone.
-        let newer = cache.registry.add(w);
+        let newer = cache.registry.add(w).unwrap();
         drop(guard);
+        assert!(cache
+            .get(&cfg)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
+        // A reload that stops admitting the node, or gives its address to a workload of the
+        // file, withholds the registration from every snapshot while its stream lives on.
+        let shut = Arc::new(self::cfg(&GROUPS.replace("\"vm-*\"", "vm-1")));
+        assert!(!cache
+            .get(&shut)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
+        assert!(!cache
+            .get(&taken)
+            .addresses
+            .contains_key("finance/billing/vm-7"));
         assert!(cache
             .get(&cfg)
             .addresses

@@ -18,6 +18,7 @@ mod inbound;
 pub mod inpod;
 pub mod operator;
 pub mod outbound;
+mod passthrough;
 mod plaintext;
 mod readiness;
 pub mod reload;
@@ -58,6 +59,22 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("node.east_west_gateway.control_plane {0} is this host's own passthrough port: it would pass through to itself")]
+    PassthroughLoop(SocketAddr),
+}
+
+/// Whether `target` is this host's own control-plane passthrough: the port, on an address of
+/// one of its interfaces (the config check at load cannot see those).
+fn passthrough_loops(target: SocketAddr) -> bool {
+    target.port() == crate::config::networks::CONTROL_PLANE_PORT
+        && nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+            addrs.any(|i| {
+                i.address.is_some_and(|a| {
+                    a.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(target.ip())
+                        || a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(target.ip())
+                })
+            })
+        })
 }
 
 /// What a reload replaces, published as one value so readers never see a model from one
@@ -956,15 +973,18 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         .as_ref()
         .and_then(|g| g.control_plane)
     {
+        if passthrough_loops(target) {
+            return Err(StartError::PassthroughLoop(target));
+        }
         let port = crate::config::networks::CONTROL_PLANE_PORT;
         let l = bind("control-plane passthrough", cfg.listen_addr(port), false)?;
         tracing::info!(listen = %addr(&l), %target, "east-west gateway passes the control plane through");
-        tasks.push(tokio::spawn(gateway::control_plane_passthrough(
+        tasks.push(tokio::spawn(passthrough::control_plane_passthrough(
             node.mark(),
             l,
             target,
             rx.clone(),
-            gateway::MAX_PASSTHROUGH,
+            passthrough::PassthroughLimits::default(),
         )));
     }
     spawn_control(&node, admin, metrics)?;
