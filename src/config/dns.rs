@@ -159,3 +159,49 @@ fn default_tcp_idle_timeout() -> Duration {
 fn default_ttl() -> u32 {
     30
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn parse(dns: &str) -> Result<Config, String> {
+        let text = format!(
+            "node:\n  name: n1\n  certificates: {{ file_ca: {{ dir: /tmp/ca }} }}\n  dns: {dns}\n"
+        );
+        Config::parse(&text, "node.yaml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_ztunnels_and_a_bare_enable_is_complete() {
+        let c = parse("{ enabled: true }").unwrap();
+        let d = &c.node.dns;
+        assert!(d.enabled);
+        assert_eq!((d.bind.to_string(), d.port), ("127.0.0.1".into(), 15053));
+        assert_eq!(d.vip_range.to_string(), "240.240.0.0/16");
+        assert_eq!(d.cluster_domain, "cluster.local");
+        assert_eq!(d.upstream_timeout, std::time::Duration::from_secs(2));
+        assert!(d.upstreams.is_empty());
+        let c = parse("{ upstreams: ['10.0.0.53:53'], vip_range: 240.1.0.0/24 }").unwrap();
+        assert!(!c.node.dns.enabled, "off unless enabled");
+        assert_eq!(c.node.dns.upstreams[0].to_string(), "10.0.0.53:53");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_field() {
+        for (dns, want) in [
+            ("{ port: 0 }", "node.dns.port"),
+            ("{ vip_range: 240.0.0.0/31 }", "node.dns.vip_range"),
+            ("{ cluster_domain: 'bad domain' }", "node.dns.cluster_domain"),
+            ("{ upstream_timeout: 0s }", "node.dns.upstream_timeout"),
+            ("{ max_inflight: 0 }", "node.dns.max_inflight"),
+            ("{ max_tcp_connections: 0 }", "node.dns.max_tcp_connections"),
+            ("{ tcp_idle_timeout: 0s }", "node.dns.tcp_idle_timeout"),
+            ("{ upstreams: [10.0.0.53] }", "upstreams"),
+            ("{ vip_range: 'fd00::/64' }", "vip_range"),
+            ("{ enable: true }", "unknown field `enable`"),
+        ] {
+            let e = parse(dns).unwrap_err();
+            assert!(e.contains(want), "{dns}: {e}");
+        }
+    }
+}

@@ -298,3 +298,251 @@ fn on_connection(server: &Arc<Server>, mut s: TcpStream, peer: SocketAddr) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use hickory_proto::op::{Edns, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::time::Duration;
+
+    struct Fixed(Arc<Model>);
+
+    impl Clients for Fixed {
+        fn model(&self) -> Arc<Model> {
+            self.0.clone()
+        }
+        fn namespace(&self, _: IpAddr) -> Option<String> {
+            Some("shop".into())
+        }
+    }
+
+    fn model() -> Arc<Model> {
+        let text = "node:
+  name: n1
+  certificates: { file_ca: { dir: /tmp/ca } }
+  dns: { enabled: true }
+services:
+  - { name: cart, namespace: shop, hostname: cart.shop.svc.cluster.local,
+      vips: [10.96.0.20], ports: { 80: 8080 } }
+";
+        Arc::new(Model::from_config(&Config::parse(text, "test").unwrap()))
+    }
+
+    /// A proxy on 127.0.0.1 (a free port) forwarding to `upstreams`.
+    async fn start(upstreams: Vec<SocketAddr>, cfg: DnsConfig) -> (SocketAddr, Arc<Server>) {
+        let l = DnsListeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let up = Upstream::new(upstreams, "test".into(), addr, cfg.upstream_timeout, None, None);
+        let server = Arc::new(Server::new(
+            Arc::new(Fixed(model())),
+            up,
+            &cfg,
+            DnsMetrics::default(),
+        ));
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(serve(server.clone(), l, rx));
+        // The proxy runs until the test's runtime ends.
+        std::mem::forget(tx);
+        (addr, server)
+    }
+
+    fn query(id: u16, name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_recursion_desired(true)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    async fn ask_udp(proxy: SocketAddr, q: &[u8]) -> Option<Message> {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(q, proxy).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+            .await
+            .ok()?
+            .unwrap();
+        Some(Message::from_vec(&buf[..n]).unwrap())
+    }
+
+    async fn ask_tcp(proxy: SocketAddr, q: &[u8]) -> Message {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(q).await.unwrap();
+        let n = usize::from(s.read_u16().await.unwrap());
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await.unwrap();
+        Message::from_vec(&buf).unwrap()
+    }
+
+    fn ipv4s(m: &Message) -> Vec<String> {
+        m.answers()
+            .iter()
+            .map(|r| match r.data() {
+                RData::A(a) => a.0.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A fake resolver: over UDP it answers TC with no records; over TCP, 40 A records (too
+    /// many for a 512-byte UDP answer). Returns its address (UDP and TCP on one port).
+    async fn truncating_upstream() -> SocketAddr {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let answer = |q: &Message, truncated: bool| {
+            let mut a = resolve::reply(q, ResponseCode::NoError);
+            a.set_truncated(truncated);
+            if !truncated {
+                for i in 0..40u8 {
+                    a.add_answer(Record::from_rdata(
+                        q.queries()[0].name().clone(),
+                        60,
+                        RData::A(A::new(192, 0, 2, i)),
+                    ));
+                }
+            }
+            a.to_vec().unwrap()
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                udp.send_to(&answer(&q, true), from).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = tcp.accept().await.unwrap();
+                let n = usize::from(s.read_u16().await.unwrap());
+                let mut buf = vec![0u8; n];
+                s.read_exact(&mut buf).await.unwrap();
+                let a = answer(&Message::from_vec(&buf).unwrap(), false);
+                s.write_all(&(a.len() as u16).to_be_bytes()).await.unwrap();
+                s.write_all(&a).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn mesh_names_over_udp_and_tcp_and_forwarded_names_retry_over_tcp() {
+        let up = truncating_upstream().await;
+        let (proxy, server) = start(vec![up], DnsConfig::default()).await;
+        // A mesh name by short name, both transports.
+        let a = ask_udp(proxy, &query(1, "cart", RecordType::A)).await.unwrap();
+        assert_eq!((a.id(), ipv4s(&a)), (1, vec!["10.96.0.20".to_string()]));
+        let a = ask_tcp(proxy, &query(2, "cart.shop.", RecordType::A)).await;
+        assert_eq!(ipv4s(&a), ["10.96.0.20"]);
+        // An external name: the upstream says TC over UDP, the proxy asks again over TCP; the
+        // 40-record answer does not fit 512 bytes, so a UDP client without EDNS gets TC...
+        let a = ask_udp(proxy, &query(3, "big.example.", RecordType::A)).await.unwrap();
+        assert!(a.truncated() && a.answers().is_empty(), "{a:?}");
+        // ...a client with EDNS gets it all, and so does a TCP client.
+        let mut m = Message::from_vec(&query(4, "big.example.", RecordType::A)).unwrap();
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        m.set_edns(edns);
+        let a = ask_udp(proxy, &m.to_vec().unwrap()).await.unwrap();
+        assert_eq!((a.truncated(), a.answers().len()), (false, 40));
+        let a = ask_tcp(proxy, &query(5, "big.example.", RecordType::A)).await;
+        assert_eq!(a.answers().len(), 40);
+        // Three forwarded queries, each UDP then TCP upstream.
+        assert_eq!(server.metrics().upstream_requests_total(), 6);
+        assert_eq!(server.metrics().upstream_failures_total(), 0);
+    }
+
+    #[tokio::test]
+    async fn hostile_input_is_dropped_and_counted_and_the_proxy_still_answers() {
+        // A silent upstream holds every forwarded query for its deadline: a flood of them
+        // fills `max_inflight` and the rest are dropped.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = DnsConfig {
+            max_inflight: 2,
+            upstream_timeout: Duration::from_secs(5),
+            ..DnsConfig::default()
+        };
+        let (proxy, server) = start(vec![silent.local_addr().unwrap()], cfg).await;
+        let m = server.metrics().clone();
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Garbage, a short header, a compression pointer to itself, a name of 5 x 63 bytes.
+        let mut looped = vec![0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        looped.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+        let long = ["x".repeat(63).as_str(); 5].join(".");
+        let mut long_q = vec![0, 10, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in long.split('.') {
+            long_q.push(l.len() as u8);
+            long_q.extend_from_slice(l.as_bytes());
+        }
+        long_q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        for bad in [
+            b"\xff\xfe garbage that is no DNS at all".to_vec(),
+            vec![0, 1, 2],
+            looped,
+            long_q,
+        ] {
+            s.send_to(&bad, proxy).await.unwrap();
+        }
+        // A response sent to the proxy (reflection), and a datagram over the query bound.
+        let mut resp = Message::from_vec(&query(11, "cart.", RecordType::A)).unwrap();
+        resp.set_message_type(hickory_proto::op::MessageType::Response);
+        s.send_to(&resp.to_vec().unwrap(), proxy).await.unwrap();
+        s.send_to(&vec![0u8; MAX_UDP_QUERY + 1], proxy).await.unwrap();
+        // Five forwarded queries: two held, three dropped.
+        for id in 20..25 {
+            s.send_to(&query(id, "slow.example.", RecordType::A), proxy).await.unwrap();
+        }
+        // The proxy still answers a mesh name, at once.
+        let a = ask_udp(proxy, &query(30, "cart", RecordType::A)).await.unwrap();
+        assert_eq!(ipv4s(&a), ["10.96.0.20"]);
+        assert_eq!(m.dropped_count(DropReason::Malformed), 4);
+        assert_eq!(m.dropped_count(DropReason::NotAQuery), 1);
+        assert_eq!(m.dropped_count(DropReason::Oversized), 1);
+        assert_eq!(m.dropped_count(DropReason::Overloaded), 3);
+        // Nothing was sent back to the sender of the junk (no reflection, no amplification).
+        let mut buf = [0u8; 512];
+        let r = tokio::time::timeout(Duration::from_millis(200), s.recv(&mut buf)).await;
+        assert!(r.is_err(), "junk got an answer: {r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forwarding_failures_are_servfail_and_counted() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (proxy, server) = start(vec![silent.local_addr().unwrap()], DnsConfig::default()).await;
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let q = query(40, "nowhere.example.", RecordType::A);
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&q).await.unwrap();
+        // Paused time: the 2s deadline passes as soon as everything is idle.
+        let n = usize::from(s.read_u16().await.unwrap());
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await.unwrap();
+        let a = Message::from_vec(&buf).unwrap();
+        assert_eq!(a.response_code(), ResponseCode::ServFail);
+        assert_eq!(server.metrics().upstream_failures_total(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tcp_clients_are_capped_and_idle_ones_disconnected() {
+        let cfg = DnsConfig {
+            max_tcp_connections: 1,
+            ..DnsConfig::default()
+        };
+        let (proxy, server) = start(vec![], cfg).await;
+        let mut first = TcpStream::connect(proxy).await.unwrap();
+        // Let the proxy take the first connection before the second arrives.
+        tokio::task::yield_now().await;
+        let mut second = TcpStream::connect(proxy).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(second.read(&mut b).await.unwrap_or(0), 0, "over the cap: closed");
+        assert_eq!(server.metrics().dropped_count(DropReason::TcpLimit), 1);
+        // The first sends nothing: closed after the idle timeout.
+        assert_eq!(first.read(&mut b).await.unwrap_or(0), 0);
+        assert_eq!(server.metrics().dropped_count(DropReason::TcpIdle), 1);
+    }
+}
