@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use server::{serve, Clients, DnsListeners, Server};
+pub use server::{respond, serve, Clients, DnsListeners, Response, Server};
 
 type Labels = Vec<(&'static str, &'static str)>;
 

@@ -140,34 +140,27 @@ impl Server {
         }
     }
 
-    /// Parses and judges one message; `limit` is the UDP size bound (None over TCP).
+    /// Judges one message (`respond`), counting it, and takes an in-flight slot for a
+    /// forwarded one.
     fn prepare(&self, bytes: &[u8], client: IpAddr, protocol: &'static str, udp: bool) -> Step {
-        let query = match Message::from_vec(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(%client, error = %e, "malformed DNS message dropped");
-                self.metrics.dropped(DropReason::Malformed);
-                return Step::Done(None);
-            }
-        };
         let model = self.clients.model();
         let ns = self.clients.namespace(client);
         let search = resolve::search_domains(ns.as_deref(), &self.cluster_domain);
-        let decision = resolve::decide(&model, &search, &query, self.ttl);
-        if !matches!(decision, Decision::Ignore) {
-            let t = query.query().map_or("other", |q| query_type_label(q.query_type()));
+        let (query_type, response) = respond(&model, &search, self.ttl, bytes, udp);
+        if let Some(t) = query_type {
             self.metrics.request(t, protocol);
         }
-        match decision {
-            Decision::Ignore => {
-                self.metrics.dropped(DropReason::NotAQuery);
+        match response {
+            Response::Drop(reason) => {
+                tracing::debug!(%client, reason = reason.label(), "DNS message dropped");
+                self.metrics.dropped(reason);
                 Step::Done(None)
             }
-            Decision::Answer(a) => Step::Done(encode(&a, &query, udp)),
-            Decision::Forward => match self.inflight.clone().try_acquire_owned() {
+            Response::Reply(r) => Step::Done(r),
+            Response::Forward(query) => match self.inflight.clone().try_acquire_owned() {
                 Ok(permit) => Step::Forward {
                     raw: bytes.to_vec(),
-                    query: Box::new(query),
+                    query,
                     _permit: permit,
                 },
                 Err(_) => {
@@ -196,6 +189,43 @@ impl Server {
 
     pub fn metrics(&self) -> &DnsMetrics {
         &self.metrics
+    }
+}
+
+/// What the proxy does with one received message, before any I/O.
+#[derive(Debug)]
+pub enum Response {
+    /// Say nothing, counted under this reason.
+    Drop(DropReason),
+    /// Send these bytes (None: the answer could not be encoded, which hickory reports for
+    /// nothing it parsed itself; nothing is sent).
+    Reply(Option<Vec<u8>>),
+    /// Not a mesh name: forward this query upstream.
+    Forward(Box<Message>),
+}
+
+/// The pure core of the proxy (what the `dns` fuzz target drives): parses `bytes`, decides
+/// against `model` with the client's `search` domains, and encodes the answer for UDP (`udp`:
+/// within the client's size limit, else truncated) or TCP. Also returns the query-type label
+/// when the message was a query (for `istio_dns_requests_total`).
+pub fn respond(
+    model: &Model,
+    search: &[String],
+    ttl: u32,
+    bytes: &[u8],
+    udp: bool,
+) -> (Option<&'static str>, Response) {
+    let query = match Message::from_vec(bytes) {
+        Ok(m) => m,
+        Err(_) => return (None, Response::Drop(DropReason::Malformed)),
+    };
+    let label = query
+        .query()
+        .map_or("other", |q| query_type_label(q.query_type()));
+    match resolve::decide(model, search, &query, ttl) {
+        Decision::Ignore => (None, Response::Drop(DropReason::NotAQuery)),
+        Decision::Answer(a) => (Some(label), Response::Reply(encode(&a, &query, udp))),
+        Decision::Forward => (Some(label), Response::Forward(Box::new(query))),
     }
 }
 
