@@ -283,7 +283,10 @@ impl Model {
                 namespace: s.namespace.0.clone(),
                 hostname: s.hostname.0.clone(),
                 vips: s.vips.clone(),
-                auto_vip: auto_vips.get(s.hostname.0.as_str()).copied().map(IpAddr::V4),
+                auto_vip: auto_vips
+                    .get(s.hostname.0.as_str())
+                    .copied()
+                    .map(IpAddr::V4),
                 ports: s.ports.iter().map(|(a, b)| (*a, *b)).collect(),
                 subject_alt_names: s.subject_alt_names.iter().map(|x| x.0.clone()).collect(),
                 mode: s.load_balancing.mode,

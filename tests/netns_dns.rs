@@ -53,9 +53,9 @@ type Seen = Arc<Mutex<Vec<(&'static str, String, RecordType)>>>;
 
 /// The fake upstream: an A query gets EXTERNAL_IP, a TXT query a fixed string; over UDP, a
 /// name starting with `big.` gets an empty answer with TC set, so the proxy must ask over TCP.
-fn fake_resolver(ns: &Netns) -> Seen {
+fn fake_resolver(ns: &Netns, ip: &str) -> Seen {
     let seen: Seen = Arc::default();
-    let addr: SocketAddr = format!("{RESOLVER}:53").parse().unwrap();
+    let addr: SocketAddr = format!("{ip}:53").parse().unwrap();
     let udp = ns.run(|| UdpSocket::bind(addr)).unwrap();
     let tcp = ns.listen_tcp(addr).unwrap();
     let answer = |q: &Message, truncate: bool| {
@@ -69,7 +69,9 @@ fn fake_resolver(ns: &Netns) -> Seen {
             a.set_truncated(true);
         } else {
             let rdata = match query.query_type() {
-                RecordType::A => Some(RData::A(EXTERNAL_IP.parse::<std::net::Ipv4Addr>().map(A).unwrap())),
+                RecordType::A => Some(RData::A(
+                    EXTERNAL_IP.parse::<std::net::Ipv4Addr>().map(A).unwrap(),
+                )),
                 RecordType::TXT => Some(RData::TXT(TXT::new(vec!["zmesh-upstream".into()]))),
                 _ => None,
             };
@@ -89,7 +91,9 @@ fn fake_resolver(ns: &Netns) -> Seen {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = udp.recv_from(&mut buf) {
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
             record(&s, "udp", &q);
             let big = q.queries()[0].name().to_ascii().starts_with("big.");
             let _ = udp.send_to(&answer(&q, big), from);
@@ -106,7 +110,9 @@ fn fake_resolver(ns: &Netns) -> Seen {
             if c.read_exact(&mut buf).is_err() {
                 continue;
             }
-            let Ok(q) = Message::from_vec(&buf) else { continue };
+            let Ok(q) = Message::from_vec(&buf) else {
+                continue;
+            };
             record(&s, "tcp", &q);
             let a = answer(&q, false);
             let _ = c.write_all(&(a.len() as u16).to_be_bytes());
@@ -119,6 +125,12 @@ fn fake_resolver(ns: &Netns) -> Seen {
 /// Asks `name` over UDP from inside `pod`, to the resolver's address: the capture rule sends
 /// it to the pod's DNS proxy. Returns the response.
 fn ask(pod: &Netns, name: &str, t: RecordType) -> Message {
+    ask_at(pod, RESOLVER, name, t)
+}
+
+/// `ask`, addressed to the resolver at `resolver`:53.
+fn ask_at(pod: &Netns, resolver: &str, name: &str, t: RecordType) -> Message {
+    let to: SocketAddr = format!("{resolver}:53").parse().unwrap();
     let mut q = Message::new();
     q.set_id(0x5a5a)
         .set_recursion_desired(true)
@@ -127,11 +139,11 @@ fn ask(pod: &Netns, name: &str, t: RecordType) -> Message {
     let reply = pod.run(move || -> std::io::Result<Vec<u8>> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.send_to(&bytes, format!("{RESOLVER}:53"))?;
+        s.send_to(&bytes, to)?;
         let mut buf = vec![0u8; 4096];
         let (n, from) = s.recv_from(&mut buf)?;
         // The redirect is undone on the way back: the answer comes from where we asked.
-        assert_eq!(from, format!("{RESOLVER}:53").parse::<SocketAddr>().unwrap());
+        assert_eq!(from, to);
         buf.truncate(n);
         Ok(buf)
     });
@@ -183,7 +195,15 @@ fn metric(node: &Netns, line_prefix: &str) -> f64 {
 }
 
 fn dig(pod: &Netns, args: &[&str]) -> String {
-    let mut all = vec!["dig", "@127.0.0.1", "-p", "15053", "+short", "+tries=1", "+time=3"];
+    let mut all = vec![
+        "dig",
+        "@127.0.0.1",
+        "-p",
+        "15053",
+        "+short",
+        "+tries=1",
+        "+time=3",
+    ];
     all.extend_from_slice(args);
     pod.exec(&all).unwrap()
 }
@@ -211,7 +231,7 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
     pod_b
         .run(|| install_pod(&PodOptions::default(), Backend::Iptables))
         .unwrap();
-    let seen = fake_resolver(&resolver);
+    let seen = fake_resolver(&resolver, RESOLVER);
 
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
@@ -255,7 +275,13 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
     // The FQDN a stub resolver sends after appending the first search domain: same answer.
     let a = ask(&pod_a, "db.shop.svc.cluster.local.", RecordType::A);
     assert_eq!(a_records(&a), [DB_VIP.parse::<IpAddr>().unwrap()]);
-    round_trip(&pod_a, &pod_b, format!("{DB_VIP}:5432").parse().unwrap(), 8080, 1);
+    round_trip(
+        &pod_a,
+        &pod_b,
+        format!("{DB_VIP}:5432").parse().unwrap(),
+        8080,
+        1,
+    );
 
     // (3) A service with no address: an auto-allocated VIP from 240.240.0.0/16, also under the
     // name the stub sends first, and a connection to it reaches the service's endpoint.
@@ -267,8 +293,16 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
         vip.to_string().starts_with("240.240."),
         "auto VIP {vip} outside the default range"
     );
-    let again = ask(&pod_a, "payments.example.com.shop.svc.cluster.local.", RecordType::A);
-    assert_eq!(a_records(&again), [vip], "stable, and found under the search domain");
+    let again = ask(
+        &pod_a,
+        "payments.example.com.shop.svc.cluster.local.",
+        RecordType::A,
+    );
+    assert_eq!(
+        a_records(&again),
+        [vip],
+        "stable, and found under the search domain"
+    );
     round_trip(&pod_a, &pod_b, SocketAddr::new(vip, 443), 8443, 2);
 
     // Mesh names never reached the upstream.
@@ -293,7 +327,10 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
         ]
     );
     assert_eq!(
-        metric(&node, "istio_dns_upstream_requests_total{request_protocol=\"tcp\"}"),
+        metric(
+            &node,
+            "istio_dns_upstream_requests_total{request_protocol=\"tcp\"}"
+        ),
         1.0
     );
 
@@ -301,12 +338,34 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
     // mesh name (AAAA: NOERROR with no record, the service is IPv4 only), and a forwarded TXT.
     assert_eq!(dig(&pod_a, &["db", "A"]).trim(), DB_VIP);
     let aaaa = pod_a
-        .exec(&["dig", "@127.0.0.1", "-p", "15053", "+tries=1", "+time=3", "db", "AAAA"])
+        .exec(&[
+            "dig",
+            "@127.0.0.1",
+            "-p",
+            "15053",
+            "+tries=1",
+            "+time=3",
+            "db",
+            "AAAA",
+        ])
         .unwrap();
-    assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"), "{aaaa}");
-    assert_eq!(dig(&pod_a, &["payments.example.com", "A"]).trim(), vip.to_string());
-    assert_eq!(dig(&pod_a, &["www.example.org", "TXT"]).trim(), "\"zmesh-upstream\"");
-    assert_eq!(dig(&pod_a, &["+tcp", "db.shop", "A"]).trim(), DB_VIP, "over TCP");
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
+        "{aaaa}"
+    );
+    assert_eq!(
+        dig(&pod_a, &["payments.example.com", "A"]).trim(),
+        vip.to_string()
+    );
+    assert_eq!(
+        dig(&pod_a, &["www.example.org", "TXT"]).trim(),
+        "\"zmesh-upstream\""
+    );
+    assert_eq!(
+        dig(&pod_a, &["+tcp", "db.shop", "A"]).trim(),
+        DB_VIP,
+        "over TCP"
+    );
 
     // Hostile input through the capture path: garbage to port 53 is dropped and counted, and
     // the proxy still answers.
@@ -319,8 +378,115 @@ async fn pods_resolve_mesh_names_from_the_model_and_the_rest_upstream() {
             Ok(())
         })
         .unwrap();
-    assert_eq!(a_records(&ask(&pod_a, "db", RecordType::A)), [DB_VIP.parse::<IpAddr>().unwrap()]);
-    assert_eq!(metric(&node, "zmesh_dns_dropped_total{reason=\"malformed\"}"), 3.0);
-    assert!(metric(&node, "istio_dns_requests_total{request_query_type=\"A\",request_protocol=\"udp\"}") >= 8.0);
+    assert_eq!(
+        a_records(&ask(&pod_a, "db", RecordType::A)),
+        [DB_VIP.parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        metric(&node, "zmesh_dns_dropped_total{reason=\"malformed\"}"),
+        3.0
+    );
+    assert!(
+        metric(
+            &node,
+            "istio_dns_requests_total{request_query_type=\"A\",request_protocol=\"udp\"}"
+        ) >= 8.0
+    );
     drop(zn);
+}
+
+/// Host mode (a VM): `zmesh-redirect host install --dns-capture --dns-servers R` sends the VM's
+/// DNS to R into the node's proxy on 127.0.0.1:15053; the proxy answers mesh names with the VM
+/// workload's search domains and forwards the rest to the resolvers of its resolv.conf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_dns_is_captured_by_the_host_rules_and_answered_by_its_node() {
+    assert!(is_root(), "needs root to create network namespaces");
+    const VM: &str = "10.238.0.1";
+    const VM_RESOLVER: &str = "10.238.0.2";
+    let vm = Netns::new("zdv").unwrap();
+    let resolver = Netns::new("zdr").unwrap();
+    zmesh_testbed::link_veth(
+        &vm,
+        "eth0",
+        &format!("{VM}/24"),
+        &resolver,
+        "eth0",
+        &format!("{VM_RESOLVER}/24"),
+    )
+    .unwrap();
+    let seen = fake_resolver(&resolver, VM_RESOLVER);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    zmesh::identity::FileCa::init(&ca, "cluster.local").unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("search example.internal\nnameserver {VM_RESOLVER}\noptions ndots:5\n"),
+    )
+    .unwrap();
+    let cfg = dir.path().join("node.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node:
+  name: vm-1
+  certificates: {{ file_ca: {{ dir: {ca} }} }}
+  dns: {{ enabled: true, resolv_conf: {resolv} }}
+workloads:
+  - {{ uid: vm-1, name: billing, namespace: data, service_account: billing, addresses: [{VM}], node: vm-1 }}
+services:
+  - {{ name: db, namespace: data, hostname: db.data.svc.cluster.local, vips: [10.96.38.10], ports: {{ 5432: 5432 }} }}
+",
+            ca = ca.display(),
+            resolv = resolv.display()
+        ),
+    )
+    .unwrap();
+    let redirect = zmesh_testbed::mesh::redirect_bin(Path::new(env!("CARGO_BIN_EXE_zmesh-node")));
+    let redirect = redirect.to_str().unwrap();
+    vm.exec(&[
+        redirect,
+        "host",
+        "install",
+        "--dns-capture",
+        "--dns-servers",
+        VM_RESOLVER,
+    ])
+    .unwrap();
+    let zn = vm
+        .spawn(
+            env!("CARGO_BIN_EXE_zmesh-node"),
+            &["run", "--config", cfg.to_str().unwrap()],
+            &[("ZMESH_LOG", "info")],
+        )
+        .unwrap();
+    zn.wait_for_log("zmesh node ready", Duration::from_secs(20))
+        .unwrap();
+
+    // The VM's workload is in namespace data: `db` is db.data.svc.cluster.local.
+    let a = ask_at(&vm, VM_RESOLVER, "db", RecordType::A);
+    assert_eq!(a_records(&a), ["10.96.38.10".parse::<IpAddr>().unwrap()]);
+    let a = ask_at(&vm, VM_RESOLVER, "www.example.org.", RecordType::A);
+    assert_eq!(a_records(&a), [EXTERNAL_IP.parse::<IpAddr>().unwrap()]);
+    // Captured over TCP too (dig +tcp to the resolver's address).
+    let out = vm
+        .exec(&[
+            "dig",
+            &format!("@{VM_RESOLVER}"),
+            "+tcp",
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "db.data",
+            "A",
+        ])
+        .unwrap();
+    assert_eq!(out.trim(), "10.96.38.10");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("udp", "www.example.org.".to_string(), RecordType::A)],
+        "only the external name reached the resolver, once"
+    );
+    drop(zn);
+    vm.exec(&[redirect, "host", "uninstall"]).unwrap();
 }

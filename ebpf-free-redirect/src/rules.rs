@@ -670,15 +670,25 @@ mod tests {
             text.find(needle)
                 .unwrap_or_else(|| panic!("no {needle:?} in\n{text}"))
         };
-        let udp = at("-A ZMESH_OUTPUT -d 127.0.0.53/32 -p udp --dport 53 -j REDIRECT --to-ports 15053");
+        let udp =
+            at("-A ZMESH_OUTPUT -d 127.0.0.53/32 -p udp --dport 53 -j REDIRECT --to-ports 15053");
         at("-A ZMESH_OUTPUT -d 127.0.0.53/32 -p tcp --dport 53 -j REDIRECT --to-ports 15053");
         at("-A ZMESH_OUTPUT -d 10.0.0.2/32 -p udp --dport 53 -j REDIRECT --to-ports 15053");
-        assert!(at("-A ZMESH_OUTPUT -m mark --mark 0x539/0xfff -j RETURN") < udp, "the proxy's own queries pass");
-        assert!(udp < at("-A ZMESH_OUTPUT -o lo -j RETURN"), "before the loopback return");
+        assert!(
+            at("-A ZMESH_OUTPUT -m mark --mark 0x539/0xfff -j RETURN") < udp,
+            "the proxy's own queries pass"
+        );
+        assert!(
+            udp < at("-A ZMESH_OUTPUT -o lo -j RETURN"),
+            "before the loopback return"
+        );
         // Without DNS capture, no port-53 rule at all.
         assert!(!restore(&opts()).contains("--dport 53"));
         let nft = o.validate().unwrap().nftables();
-        assert!(nft.contains("ip daddr 127.0.0.53/32 udp dport 53 redirect to :15053"), "{nft}");
+        assert!(
+            nft.contains("ip daddr 127.0.0.53/32 udp dport 53 redirect to :15053"),
+            "{nft}"
+        );
     }
 
     #[test]

@@ -49,9 +49,16 @@ fuzz_target!(|data: &[u8]| {
     let query = hickory_proto::op::Message::from_vec(msg).expect("answered an unparsable message");
     let back = hickory_proto::op::Message::from_vec(&reply).expect("our reply does not parse");
     assert_eq!(back.id(), query.id());
-    assert_eq!(back.message_type(), hickory_proto::op::MessageType::Response);
+    assert_eq!(
+        back.message_type(),
+        hickory_proto::op::MessageType::Response
+    );
     assert_eq!(back.queries(), query.queries());
     if udp {
-        assert!(reply.len() <= udp_limit(&query), "{} bytes over UDP", reply.len());
+        assert!(
+            reply.len() <= udp_limit(&query),
+            "{} bytes over UDP",
+            reply.len()
+        );
     }
 });

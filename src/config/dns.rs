@@ -191,7 +191,10 @@ mod tests {
         for (dns, want) in [
             ("{ port: 0 }", "node.dns.port"),
             ("{ vip_range: 240.0.0.0/31 }", "node.dns.vip_range"),
-            ("{ cluster_domain: 'bad domain' }", "node.dns.cluster_domain"),
+            (
+                "{ cluster_domain: 'bad domain' }",
+                "node.dns.cluster_domain",
+            ),
             ("{ upstream_timeout: 0s }", "node.dns.upstream_timeout"),
             ("{ max_inflight: 0 }", "node.dns.max_inflight"),
             ("{ max_tcp_connections: 0 }", "node.dns.max_tcp_connections"),

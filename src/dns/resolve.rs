@@ -243,19 +243,36 @@ services:
             (Some("data"), "postgres"),
             (Some("data"), "postgres.data.svc.cluster.local"),
             // `name.ns` with the stub's second and third search domains appended.
-            (Some("shop"), "postgres.data.svc.cluster.local.svc.cluster.local"),
+            (
+                Some("shop"),
+                "postgres.data.svc.cluster.local.svc.cluster.local",
+            ),
             (Some("shop"), "postgres.data.cluster.local"),
         ];
         for (ns, name) in table {
-            assert_eq!(answered(&m, *ns, name, a).as_ref(), Some(&pg), "{ns:?} {name}");
+            assert_eq!(
+                answered(&m, *ns, name, a).as_ref(),
+                Some(&pg),
+                "{ns:?} {name}"
+            );
         }
         // An external hostname with the stub's first search domain appended.
-        let api = answered(&m, Some("shop"), "api.example.com.shop.svc.cluster.local.", a).unwrap();
+        let api = answered(
+            &m,
+            Some("shop"),
+            "api.example.com.shop.svc.cluster.local.",
+            a,
+        )
+        .unwrap();
         assert_eq!(api.len(), 1);
         // A short name of another namespace's service is not the client's.
         assert_eq!(answered(&m, Some("shop"), "postgres", a), None);
         // Names the mesh does not know go upstream.
-        for name in ["example.org.", "kubernetes.default.svc.cluster.local.", "svc.cluster.local."] {
+        for name in [
+            "example.org.",
+            "kubernetes.default.svc.cluster.local.",
+            "svc.cluster.local.",
+        ] {
             assert_eq!(answered(&m, Some("shop"), name, a), None, "{name}");
         }
     }
@@ -273,7 +290,10 @@ services:
             Some(vec!["fd00::20".parse().unwrap()])
         );
         // IPv4-only: AAAA is NOERROR with no answer, never forwarded.
-        assert_eq!(answered(&m, None, "postgres.data.", RecordType::AAAA), Some(vec![]));
+        assert_eq!(
+            answered(&m, None, "postgres.data.", RecordType::AAAA),
+            Some(vec![])
+        );
         assert_eq!(answered(&m, None, cart, RecordType::TXT), Some(vec![]));
     }
 
@@ -286,11 +306,19 @@ services:
             IpAddr::V4(v) => v,
             IpAddr::V6(_) => panic!("v6"),
         }));
-        assert_eq!(answered(&m, None, "api.example.com.", RecordType::A), Some(vec![vip]));
+        assert_eq!(
+            answered(&m, None, "api.example.com.", RecordType::A),
+            Some(vec![vip])
+        );
         // ...and the outbound path takes that address for the service.
         assert_eq!(m.service_by_vip(vip).unwrap().hostname, "api.example.com");
         // Services with their own VIPs get none.
-        assert_eq!(m.service_by_host("cart.shop.svc.cluster.local").unwrap().auto_vip, None);
+        assert_eq!(
+            m.service_by_host("cart.shop.svc.cluster.local")
+                .unwrap()
+                .auto_vip,
+            None
+        );
     }
 
     #[test]
@@ -321,8 +349,15 @@ services:
         assert_eq!(normalize("."), None);
         assert_eq!(normalize("a..b"), None);
         assert_eq!(normalize(&"a".repeat(64)), None);
-        assert_eq!(normalize(&["a"; 128].join(".")), None, "255 bytes is over 253");
-        assert!(normalize(&["a"; 127].join(".")).is_some(), "253 bytes is fine");
+        assert_eq!(
+            normalize(&["a"; 128].join(".")),
+            None,
+            "255 bytes is over 253"
+        );
+        assert!(
+            normalize(&["a"; 127].join(".")).is_some(),
+            "253 bytes is fine"
+        );
         assert_eq!(normalize("a b"), None);
     }
 

@@ -67,14 +67,16 @@ fn sockets(addr: SocketAddr) -> io::Result<(Socket, Socket)> {
         s.set_reuse_address(true)?;
         // A restarted node binds beside the old one (as the TCP listeners do).
         s.set_reuse_port(true)?;
-        s.bind(&addr.into()).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot bind DNS {addr}: {e}"))
-        })?;
+        s.bind(&addr.into())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind DNS {addr}: {e}")))?;
         Ok(s)
     };
     let udp = bound(Type::DGRAM, Protocol::UDP)?;
     // Port 0 (tests): TCP takes the port UDP got.
-    let tcp_addr = SocketAddr::new(addr.ip(), udp.local_addr()?.as_socket().map_or(0, |a| a.port()));
+    let tcp_addr = SocketAddr::new(
+        addr.ip(),
+        udp.local_addr()?.as_socket().map_or(0, |a| a.port()),
+    );
     let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     tcp.set_reuse_address(true)?;
     tcp.set_reuse_port(true)?;
@@ -136,7 +138,10 @@ impl Server {
             tcp_slots: Arc::new(Semaphore::new(cfg.max_tcp_connections)),
             metrics,
             // Out of descriptors, accept fails every pause: a few lines a minute say enough.
-            accept_warnings: crate::rejections::LogLimiter::new(5, std::time::Duration::from_secs(60)),
+            accept_warnings: crate::rejections::LogLimiter::new(
+                5,
+                std::time::Duration::from_secs(60),
+            ),
         }
     }
 
@@ -271,7 +276,11 @@ fn on_datagram(server: &Arc<Server>, udp: &Arc<UdpSocket>, msg: &[u8], peer: Soc
             let _ = udp.try_send_to(&reply, peer);
         }
         Step::Done(None) => {}
-        Step::Forward { raw, query, _permit } => {
+        Step::Forward {
+            raw,
+            query,
+            _permit,
+        } => {
             let (server, udp) = (server.clone(), udp.clone());
             tokio::spawn(async move {
                 let _permit = _permit;
@@ -311,14 +320,18 @@ fn on_connection(server: &Arc<Server>, mut s: TcpStream, peer: SocketAddr) {
                 Step::Done(Some(r)) => r,
                 // A malformed message or a response over TCP: the stream cannot be trusted.
                 Step::Done(None) => return,
-                Step::Forward { raw, query, _permit } => {
-                    match server.forward(&raw, &query, false).await {
-                        Some(r) => r,
-                        None => return,
-                    }
-                }
+                Step::Forward {
+                    raw,
+                    query,
+                    _permit,
+                } => match server.forward(&raw, &query, false).await {
+                    Some(r) => r,
+                    None => return,
+                },
             };
-            let Ok(len) = u16::try_from(reply.len()) else { return };
+            let Ok(len) = u16::try_from(reply.len()) else {
+                return;
+            };
             let mut framed = Vec::with_capacity(reply.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&reply);
@@ -365,7 +378,14 @@ services:
     async fn start(upstreams: Vec<SocketAddr>, cfg: DnsConfig) -> (SocketAddr, Arc<Server>) {
         let l = DnsListeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
-        let up = Upstream::new(upstreams, "test".into(), addr, cfg.upstream_timeout, None, None);
+        let up = Upstream::new(
+            upstreams,
+            "test".into(),
+            addr,
+            cfg.upstream_timeout,
+            None,
+            None,
+        );
         let server = Arc::new(Server::new(
             Arc::new(Fixed(model())),
             up,
@@ -465,13 +485,17 @@ services:
         let up = truncating_upstream().await;
         let (proxy, server) = start(vec![up], DnsConfig::default()).await;
         // A mesh name by short name, both transports.
-        let a = ask_udp(proxy, &query(1, "cart", RecordType::A)).await.unwrap();
+        let a = ask_udp(proxy, &query(1, "cart", RecordType::A))
+            .await
+            .unwrap();
         assert_eq!((a.id(), ipv4s(&a)), (1, vec!["10.96.0.20".to_string()]));
         let a = ask_tcp(proxy, &query(2, "cart.shop.", RecordType::A)).await;
         assert_eq!(ipv4s(&a), ["10.96.0.20"]);
         // An external name: the upstream says TC over UDP, the proxy asks again over TCP; the
         // 40-record answer does not fit 512 bytes, so a UDP client without EDNS gets TC...
-        let a = ask_udp(proxy, &query(3, "big.example.", RecordType::A)).await.unwrap();
+        let a = ask_udp(proxy, &query(3, "big.example.", RecordType::A))
+            .await
+            .unwrap();
         assert!(a.truncated() && a.answers().is_empty(), "{a:?}");
         // ...a client with EDNS gets it all, and so does a TCP client.
         let mut m = Message::from_vec(&query(4, "big.example.", RecordType::A)).unwrap();
@@ -522,13 +546,19 @@ services:
         let mut resp = Message::from_vec(&query(11, "cart.", RecordType::A)).unwrap();
         resp.set_message_type(hickory_proto::op::MessageType::Response);
         s.send_to(&resp.to_vec().unwrap(), proxy).await.unwrap();
-        s.send_to(&vec![0u8; MAX_UDP_QUERY + 1], proxy).await.unwrap();
+        s.send_to(&vec![0u8; MAX_UDP_QUERY + 1], proxy)
+            .await
+            .unwrap();
         // Five forwarded queries: two held, three dropped.
         for id in 20..25 {
-            s.send_to(&query(id, "slow.example.", RecordType::A), proxy).await.unwrap();
+            s.send_to(&query(id, "slow.example.", RecordType::A), proxy)
+                .await
+                .unwrap();
         }
         // The proxy still answers a mesh name, at once.
-        let a = ask_udp(proxy, &query(30, "cart", RecordType::A)).await.unwrap();
+        let a = ask_udp(proxy, &query(30, "cart", RecordType::A))
+            .await
+            .unwrap();
         assert_eq!(ipv4s(&a), ["10.96.0.20"]);
         assert_eq!(m.dropped_count(DropReason::Malformed), 4);
         assert_eq!(m.dropped_count(DropReason::NotAQuery), 1);
@@ -569,7 +599,11 @@ services:
         tokio::task::yield_now().await;
         let mut second = TcpStream::connect(proxy).await.unwrap();
         let mut b = [0u8; 1];
-        assert_eq!(second.read(&mut b).await.unwrap_or(0), 0, "over the cap: closed");
+        assert_eq!(
+            second.read(&mut b).await.unwrap_or(0),
+            0,
+            "over the cap: closed"
+        );
         assert_eq!(server.metrics().dropped_count(DropReason::TcpLimit), 1);
         // The first sends nothing: closed after the idle timeout.
         assert_eq!(first.read(&mut b).await.unwrap_or(0), 0);

@@ -110,7 +110,10 @@ impl Upstream {
                     match tokio::time::timeout(self.timeout, self.tcp(server, query, id)).await {
                         Ok(Ok(a)) => Ok(a),
                         Ok(Err(e)) => Err(("tcp", format!("{server} over TCP: {e}"))),
-                        Err(_) => Err(("tcp", format!("{server} over TCP: no answer in {:?}", self.timeout))),
+                        Err(_) => Err((
+                            "tcp",
+                            format!("{server} over TCP: no answer in {:?}", self.timeout),
+                        )),
                     }
                 }
                 Ok(Ok(a)) => Ok(a),
@@ -179,7 +182,9 @@ impl Upstream {
         let mut buf = vec![0u8; n];
         s.read_exact(&mut buf).await?;
         if !is_answer_to(&buf, id) {
-            return Err(std::io::Error::other("answer over TCP is not for our query"));
+            return Err(std::io::Error::other(
+                "answer over TCP is not for our query",
+            ));
         }
         Ok(buf)
     }
@@ -231,7 +236,10 @@ mod tests {
         );
         assert_eq!(
             u.servers(),
-            ["127.0.0.53:53".parse::<SocketAddr>().unwrap(), "10.0.0.1:15053".parse().unwrap()]
+            [
+                "127.0.0.53:53".parse::<SocketAddr>().unwrap(),
+                "10.0.0.1:15053".parse().unwrap()
+            ]
         );
     }
 
@@ -253,7 +261,14 @@ mod tests {
     async fn no_upstream_is_a_counted_failure_naming_the_fix() {
         let m = DnsMetrics::default();
         let own: SocketAddr = "127.0.0.1:15053".parse().unwrap();
-        let u = Upstream::new(vec![], "/etc/resolv.conf".into(), own, Duration::from_secs(1), None, None);
+        let u = Upstream::new(
+            vec![],
+            "/etc/resolv.conf".into(),
+            own,
+            Duration::from_secs(1),
+            None,
+            None,
+        );
         let e = u.forward(&[0; 12], 0, &m).await.unwrap_err().to_string();
         assert!(e.contains("node.dns.upstreams"), "{e}");
         assert_eq!(m.upstream_failures_total(), 1);

@@ -94,12 +94,21 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         let mut ips: Vec<_> = got.values().copied().collect();
         ips.sort();
-        assert_eq!(ips, ["240.0.0.1".parse::<Ipv4Addr>().unwrap(), "240.0.0.2".parse().unwrap()]);
+        assert_eq!(
+            ips,
+            [
+                "240.0.0.1".parse::<Ipv4Addr>().unwrap(),
+                "240.0.0.2".parse().unwrap()
+            ]
+        );
         // An address already in use (a configured VIP) is never handed out.
         let taken: HashSet<IpAddr> = ["240.0.0.1".parse().unwrap()].into();
         let got = allocate(r, ["a", "b"], &taken);
         assert_eq!(got.len(), 1);
-        assert_eq!(*got.values().next().unwrap(), "240.0.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            *got.values().next().unwrap(),
+            "240.0.0.2".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
