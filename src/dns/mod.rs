@@ -124,6 +124,7 @@ impl DnsMetrics {
             .inc();
     }
 
+    /// `protocol` is `none` when there was no resolver to ask.
     pub fn upstream_failure(&self, protocol: &'static str) {
         self.upstream_failures
             .get_or_create(&vec![("request_protocol", protocol)])
@@ -140,9 +141,9 @@ impl DnsMetrics {
             .inc();
     }
 
+    /// A family's total over the protocol labels (tests; reading creates the zero series).
+    #[cfg(test)]
     fn sum(f: &Family<Labels, Counter>) -> u64 {
-        // Read through the text encoder's view would be heavier; families are small (a few
-        // label sets), so clone-and-sum is fine for tests and the admin dump.
         let mut total = 0;
         for key in [
             vec![("request_protocol", "udp")],
@@ -154,15 +155,18 @@ impl DnsMetrics {
         total
     }
 
-    pub fn upstream_requests_total(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn upstream_requests_total(&self) -> u64 {
         Self::sum(&self.upstream_requests)
     }
 
-    pub fn upstream_failures_total(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn upstream_failures_total(&self) -> u64 {
         Self::sum(&self.upstream_failures)
     }
 
-    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn dropped_count(&self, reason: DropReason) -> u64 {
         self.dropped
             .get_or_create(&vec![("reason", reason.label())])
             .get()
