@@ -6,7 +6,8 @@
 #                           busybox-static (containers run with `ctr run --cni`), systemd
 #                           (systemd-analyze checks the unit `zmesh-node join` writes), dash (the ECS
 #                           health check as ECS's CMD-SHELL runs it), kubernetes-client (`kubectl
-#                           kustomize`) and kubernetes-validate from PyPI (manifest validation).
+#                           kustomize`), dnsutils (`dig` against the DNS proxy) and
+#                           kubernetes-validate from PyPI (manifest validation).
 # The Rust toolchain comes from rustup and is expected to be on PATH.
 set -euo pipefail
 what=${1:-test}
@@ -19,7 +20,7 @@ case "$what" in
   test) NEEDS=(iptables:iptables nftables:nft iproute2:ip
                containernetworking-plugins:/usr/lib/cni/bridge containerd:containerd runc:runc
                busybox-static:dpkg systemd:systemd-analyze dash:dash
-               kubernetes-client:kubectl) ;;
+               kubernetes-client:kubectl dnsutils:dig) ;;
   *) echo "usage: scripts/setup.sh demo|test" >&2; exit 64 ;;
 esac
 missing=()

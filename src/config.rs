@@ -15,6 +15,7 @@
 
 pub mod connect;
 pub mod control_plane;
+pub mod dns;
 pub mod guard;
 pub mod networks;
 pub mod workload_group;
@@ -197,6 +198,9 @@ pub struct NodeConfig {
     /// `zmesh-node ca serve --xds`) instead of this file (docs/model.md "Control plane").
     #[serde(default, deserialize_with = "de_control_plane")]
     pub control_plane: Option<control_plane::ControlPlaneConfig>,
+    /// The DNS proxy (docs/capture.md "DNS proxy"); off by default.
+    #[serde(default)]
+    pub dns: dns::DnsConfig,
 }
 
 fn de_control_plane<'de, D: Deserializer<'de>>(
@@ -837,6 +841,9 @@ impl Config {
                 ));
             }
         }
+        n.dns.check().map_err(|(field, value, reason)| {
+            invalid(format!("node.dns.{field}"), &value, reason)
+        })?;
         if n.handshake_timeout.is_zero() {
             return Err(invalid(
                 "node.handshake_timeout".into(),

@@ -4,6 +4,7 @@
 //! - `accesslog`: the bounded, never-blocking access-log writer of the node and the waypoint;
 //! - `config`: the local YAML file, parsed once into typed structs;
 //! - `controlplane`: what zmesh serves to other nodes in place of istiod (the xDS server);
+//! - `dns`: the DNS proxy (15053): mesh names from the model, the rest forwarded upstream;
 //! - `model`: workloads and services, and outbound destination selection;
 //! - `identity`: SPIFFE IDs, the built-in file CA and the certificate manager;
 //! - `controlplane`: `zmesh-node ca serve`, the CA server of a standalone mesh;
@@ -21,6 +22,7 @@ pub mod alloc;
 pub mod config;
 pub mod controlplane;
 pub mod copy;
+pub mod dns;
 pub mod grpc;
 pub mod hbone;
 pub mod host;

@@ -278,6 +278,8 @@ pub struct NodeMetrics {
     /// rather than its own copy of twenty-three strings, and a departed workload's series can
     /// be found and removed.
     seen: Mutex<HashSet<Arc<TcpLabels>>>,
+    /// The DNS proxy's families (`istio_dns_*`), shared by every scope's DNS listener.
+    pub dns: crate::dns::DnsMetrics,
 }
 
 impl Default for NodeMetrics {
@@ -321,8 +323,11 @@ impl Default for NodeMetrics {
             "TCP connections that failed before reaching their destination (zmesh)",
             failed.clone(),
         );
+        let dns = crate::dns::DnsMetrics::default();
+        dns.register(&mut registry);
         NodeMetrics {
             registry,
+            dns,
             opened,
             closed,
             failed,

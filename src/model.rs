@@ -64,6 +64,9 @@ pub struct Service {
     pub namespace: String,
     pub hostname: String,
     pub vips: Vec<IpAddr>,
+    /// The address the DNS proxy gives a service that has no `vips` (node.dns.vip_range);
+    /// the outbound path recognises it like a configured VIP (docs/capture.md "DNS proxy").
+    pub auto_vip: Option<IpAddr>,
     pub ports: HashMap<u16, u16>,
     pub subject_alt_names: Vec<SpiffeId>,
     pub mode: LoadBalancingMode,
@@ -265,6 +268,8 @@ impl Model {
                     .push(w.clone());
             }
         }
+        let service_configs: Vec<&ServiceConfig> = service_configs.into_iter().collect();
+        let auto_vips = auto_vips(node, &service_configs, &workloads_by_ip);
         let mut services = Vec::new();
         let mut services_by_vip = HashMap::new();
         for s in service_configs {
@@ -278,6 +283,10 @@ impl Model {
                 namespace: s.namespace.0.clone(),
                 hostname: s.hostname.0.clone(),
                 vips: s.vips.clone(),
+                auto_vip: auto_vips
+                    .get(s.hostname.0.as_str())
+                    .copied()
+                    .map(IpAddr::V4),
                 ports: s.ports.iter().map(|(a, b)| (*a, *b)).collect(),
                 subject_alt_names: s.subject_alt_names.iter().map(|x| x.0.clone()).collect(),
                 mode: s.load_balancing.mode,
@@ -287,7 +296,7 @@ impl Model {
                 app_protocols: s.app_protocols.iter().map(|(p, a)| (*p, *a)).collect(),
                 endpoints,
             });
-            for vip in &svc.vips {
+            for vip in svc.vips.iter().chain(&svc.auto_vip) {
                 if services_by_vip.contains_key(vip) {
                     tracing::warn!(vip = %vip, ignored = %key, "two services claim one VIP; keeping the first");
                     continue;
@@ -660,6 +669,28 @@ fn resolve_gateways(
 }
 
 /// Every name a service answers to; the first service to claim a name keeps it.
+/// Auto-allocated VIPs (by hostname) for the services without `vips`, when the DNS proxy is on:
+/// only then can a client learn such an address (docs/capture.md "DNS proxy").
+fn auto_vips(
+    node: &NodeConfig,
+    services: &[&ServiceConfig],
+    workloads_by_ip: &HashMap<IpAddr, Arc<Workload>>,
+) -> std::collections::BTreeMap<String, std::net::Ipv4Addr> {
+    if !node.dns.enabled {
+        return Default::default();
+    }
+    let taken: std::collections::HashSet<IpAddr> = services
+        .iter()
+        .flat_map(|s| s.vips.iter().copied())
+        .chain(workloads_by_ip.keys().copied())
+        .collect();
+    let unaddressed = services
+        .iter()
+        .filter(|s| s.vips.is_empty())
+        .map(|s| s.hostname.0.as_str());
+    crate::dns::vip::allocate(node.dns.vip_range, unaddressed, &taken)
+}
+
 fn host_index(services: &[Arc<Service>]) -> HashMap<String, Arc<Service>> {
     let mut index = HashMap::new();
     for s in services {

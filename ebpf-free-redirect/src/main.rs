@@ -243,6 +243,13 @@ struct HostArgs {
     /// The tunnel's uid, excluded from outbound capture in addition to its socket mark.
     #[arg(long, value_name = "UID")]
     tunnel_uid: Option<u32>,
+    /// Redirect this host's DNS (UDP and TCP 53 to its resolvers) to the node's DNS proxy on
+    /// 127.0.0.1:15053 (zmesh-node with `node.dns.enabled`).
+    #[arg(long)]
+    dns_capture: bool,
+    /// The resolvers whose DNS is captured (IPv4); default: the nameservers of /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',', value_name = "IPS")]
+    dns_servers: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -281,9 +288,31 @@ impl HostArgs {
             },
             exclude_ports: self.exclude_ports.clone(),
             exclude_cidrs: self.exclude_cidrs.clone(),
+            dns_capture: self.dns_capture,
+            dns_servers: if self.dns_capture && self.dns_servers.is_empty() {
+                resolv_conf_nameservers(RESOLV_CONF)
+            } else {
+                self.dns_servers.clone()
+            },
             ..HostOptions::default()
         }
     }
+}
+
+/// Where `--dns-capture` finds the host's resolvers when `--dns-servers` is not given.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The IPv4 `nameserver` addresses of a resolv.conf (none when it cannot be read: the options'
+/// validation then says what to pass instead).
+fn resolv_conf_nameservers(path: &str) -> Vec<std::net::Ipv4Addr> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "nameserver").then(|| w.next()?.parse().ok())?
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {

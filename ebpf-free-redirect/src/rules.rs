@@ -34,7 +34,7 @@ pub const ROUTE_TABLE: u32 = 100;
 /// only decides for marked packets that are not already addressed to this host.
 pub const RULE_PREF: u32 = 32764;
 /// The tunnel's listeners (docs/capture.md, Mode 1): captured outbound, captured inbound plaintext, HBONE,
-/// and the DNS proxy (in-pod DNS capture only).
+/// and the DNS proxy (with DNS capture).
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAIN_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
@@ -42,6 +42,8 @@ pub const DNS_CAPTURE_PORT: u16 = 15053;
 /// SSH is never captured in either direction, whatever the user configures, so that a crashed or
 /// misconfigured tunnel still leaves a host one can log into (docs/capture.md, Mode 2).
 pub const SSH_PORT: u16 = 22;
+/// DNS, captured towards the DNS proxy when DNS capture is on.
+pub const DNS_PORT: u16 = 53;
 
 /// Which tool installs the rules. Both produce the same effect (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,6 +92,16 @@ pub struct HostOptions {
     pub exclude_ports: Vec<u16>,
     /// Outbound destinations never captured (IPv4 only for now); default empty.
     pub exclude_cidrs: Vec<IpNet>,
+    /// Redirect this host's DNS (UDP and TCP port 53) to `dns_servers` into the tunnel's DNS
+    /// proxy; default false.
+    pub dns_capture: bool,
+    /// The DNS proxy's port (used only with `dns_capture`); default [`DNS_CAPTURE_PORT`].
+    pub dns_port: u16,
+    /// The resolvers whose queries are captured: the host's resolv.conf nameservers (IPv4).
+    /// Only those, never all of port 53: a local caching resolver (systemd-resolved) asks its
+    /// own upstreams on port 53 too, and capturing that would loop it through the proxy.
+    /// Required with `dns_capture`; default empty.
+    pub dns_servers: Vec<std::net::Ipv4Addr>,
 }
 
 impl Default for HostOptions {
@@ -106,6 +118,9 @@ impl Default for HostOptions {
             inbound_plaintext: InboundPlaintext::Allow,
             exclude_ports: vec![SSH_PORT],
             exclude_cidrs: Vec::new(),
+            dns_capture: false,
+            dns_port: DNS_CAPTURE_PORT,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -135,6 +150,11 @@ pub enum OptionsError {
     MarksEqual { value: u32 },
     #[error("route table {table} is reserved by the kernel (0 unspec, 253 default, 254 main, 255 local)")]
     ReservedRouteTable { table: u32 },
+    #[error(
+        "DNS capture needs the resolvers to capture (the host's resolv.conf nameservers, IPv4): \
+         none given; pass --dns-servers"
+    )]
+    NoDnsServers,
     #[error("exclude CIDR {cidr} is IPv6; only IPv4 capture rules are generated so far")]
     Ipv6Cidr { cidr: IpNet },
     #[error(
@@ -177,7 +197,7 @@ impl HostOptions {
     /// Validates and normalises the options: 22 is added to the excluded ports, duplicates are
     /// dropped (first occurrence kept), and CIDRs lose their host bits.
     pub fn validate(&self) -> Result<HostRules, OptionsError> {
-        let listeners = [
+        let mut listeners = vec![
             ("outbound_port", "outbound", self.outbound_port),
             (
                 "inbound_plain_port",
@@ -186,6 +206,12 @@ impl HostOptions {
             ),
             ("hbone_port", "HBONE", self.hbone_port),
         ];
+        if self.dns_capture {
+            listeners.push(("dns_port", "DNS", self.dns_port));
+            if self.dns_servers.is_empty() {
+                return Err(OptionsError::NoDnsServers);
+            }
+        }
         check_tunnel(
             self.tunnel_mark,
             self.connmark,
@@ -521,6 +547,21 @@ fn host_chains(o: &HostOptions) -> Vec<Chain> {
     if let Some(uid) = o.tunnel_uid {
         nat_output.push(rule([Match::Uid(uid)], Verdict::Return));
     }
+    // DNS to the host's resolvers goes to the DNS proxy; before the loopback return, since a
+    // local stub resolver (127.0.0.53) is the usual one. The proxy's own queries carry the mark.
+    if o.dns_capture {
+        for &server in &o.dns_servers {
+            let to = Match::Daddr(IpNet::V4(ipnet::Ipv4Net::from(server)));
+            nat_output.push(rule(
+                [to.clone(), Match::UdpDport(DNS_PORT)],
+                Verdict::Redirect(o.dns_port),
+            ));
+            nat_output.push(rule(
+                [to, Match::TcpDport(DNS_PORT)],
+                Verdict::Redirect(o.dns_port),
+            ));
+        }
+    }
     // Loopback and the host's own addresses (routed via lo) are local traffic, never mesh traffic.
     nat_output.push(rule([Match::OutIf("lo")], Verdict::Return));
     nat_output.extend(
@@ -596,6 +637,58 @@ mod tests {
                 "{field}"
             );
         }
+    }
+
+    #[test]
+    fn host_dns_capture_redirects_only_the_resolvers_before_loopback_and_needs_them() {
+        let o = HostOptions {
+            dns_capture: true,
+            ..opts()
+        };
+        assert_eq!(o.validate(), Err(OptionsError::NoDnsServers));
+        let o = HostOptions {
+            dns_capture: true,
+            dns_port: 15001,
+            dns_servers: vec!["127.0.0.53".parse().unwrap()],
+            ..opts()
+        };
+        assert!(matches!(
+            o.validate(),
+            Err(OptionsError::PortClash {
+                field: "dns_port",
+                other: "outbound",
+                ..
+            })
+        ));
+        let o = HostOptions {
+            dns_capture: true,
+            dns_servers: vec!["127.0.0.53".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+            ..opts()
+        };
+        let text = restore(&o);
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("no {needle:?} in\n{text}"))
+        };
+        let udp =
+            at("-A ZMESH_OUTPUT -d 127.0.0.53/32 -p udp --dport 53 -j REDIRECT --to-ports 15053");
+        at("-A ZMESH_OUTPUT -d 127.0.0.53/32 -p tcp --dport 53 -j REDIRECT --to-ports 15053");
+        at("-A ZMESH_OUTPUT -d 10.0.0.2/32 -p udp --dport 53 -j REDIRECT --to-ports 15053");
+        assert!(
+            at("-A ZMESH_OUTPUT -m mark --mark 0x539/0xfff -j RETURN") < udp,
+            "the proxy's own queries pass"
+        );
+        assert!(
+            udp < at("-A ZMESH_OUTPUT -o lo -j RETURN"),
+            "before the loopback return"
+        );
+        // Without DNS capture, no port-53 rule at all.
+        assert!(!restore(&opts()).contains("--dport 53"));
+        let nft = o.validate().unwrap().nftables();
+        assert!(
+            nft.contains("ip daddr 127.0.0.53/32 udp dport 53 redirect to :15053"),
+            "{nft}"
+        );
     }
 
     #[test]

@@ -33,6 +33,15 @@ fn host_cases() -> Vec<(&'static str, HostOptions)> {
                 ..HostOptions::default()
             },
         ),
+        // A VM whose DNS goes to its local stub resolver and a second one: both captured.
+        (
+            "host-dns",
+            HostOptions {
+                dns_capture: true,
+                dns_servers: vec!["127.0.0.53".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+                ..HostOptions::default()
+            },
+        ),
     ]
 }
 

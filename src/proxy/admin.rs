@@ -72,7 +72,7 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
         .map(|s| {
             json!({
                 "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
-                "vips": s.vips, "ports": s.ports, "waypoint": s.waypoint,
+                "vips": s.vips, "auto_vip": s.auto_vip, "ports": s.ports, "waypoint": s.waypoint,
                 "endpoints": s.endpoints.iter().map(|w| w.uid.clone()).collect::<Vec<_>>(),
             })
         })
@@ -145,6 +145,12 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
             "ping_interval_s": n.ping_interval.as_secs_f64(),
             "ping_timeout_s": n.ping_timeout.as_secs_f64(),
             "crl": n.crl,
+            "dns": {"enabled": n.dns.enabled, "bind": n.dns.bind, "port": n.dns.port,
+                    "upstreams": n.dns.upstreams, "resolv_conf": n.dns.resolv_conf,
+                    "vip_range": n.dns.vip_range.to_string(), "cluster_domain": n.dns.cluster_domain,
+                    "upstream_timeout_s": n.dns.upstream_timeout.as_secs_f64(),
+                    "max_inflight": n.dns.max_inflight, "max_tcp_connections": n.dns.max_tcp_connections,
+                    "tcp_idle_timeout_s": n.dns.tcp_idle_timeout.as_secs_f64(), "ttl": n.dns.ttl},
         },
         "ready": node.is_ready(),
         "workloads": workloads,

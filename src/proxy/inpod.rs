@@ -328,6 +328,17 @@ async fn add(
     let hbone_l = listen_in(&netns, bind(p.hbone), false)
         .await
         .map_err(listen_err("HBONE"))?;
+    let d = &node.cfg.node.dns;
+    let dns_l = if d.enabled {
+        let addr = SocketAddr::new(d.bind, d.port);
+        Some(
+            crate::dns::DnsListeners::bind_in(&netns, addr)
+                .await
+                .map_err(listen_err("DNS"))?,
+        )
+    } else {
+        None
+    };
     let (kill_tx, kill) = watch::channel(false);
     let (stop_tx, stop) = watch::channel(false);
     let pool = Pool::new(
@@ -350,7 +361,10 @@ async fn add(
         kill,
         active: node.active.clone(),
     });
-    let mut tasks = spawn_listeners(node, scope, outbound_l, plain_l, hbone_l, &stop);
+    let mut tasks = spawn_listeners(node, scope.clone(), outbound_l, plain_l, hbone_l, &stop);
+    if let Some(dns_l) = dns_l {
+        tasks.push(super::spawn_dns(node, scope, dns_l, &stop));
+    }
     match &initial {
         Some(w) => {
             tracing::info!(uid, workload = %w.name, identity = %w.identity, "pod proxy started")

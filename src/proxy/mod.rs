@@ -882,6 +882,8 @@ pub struct Bound {
     pub readiness: SocketAddr,
     pub metrics: SocketAddr,
     pub admin: SocketAddr,
+    /// The DNS proxy (UDP and TCP on one address), when `node.dns.enabled` (host mode).
+    pub dns: Option<SocketAddr>,
 }
 
 /// A running node: listeners plus the shutdown switch.
@@ -955,6 +957,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
     let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
     let admin = bind("admin", admin::admin_addr(cfg.node.bind, p.admin), false)?;
+    let dns = bind_dns(cfg)?;
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let bound = Bound {
         outbound: addr(&outbound),
@@ -963,10 +966,17 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         readiness: addr(&ready),
         metrics: addr(&metrics),
         admin: addr(&admin),
+        dns: dns
+            .as_ref()
+            .map(|d| d.local_addr().expect("bound socket has an address")),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, kill) = watch::channel(false);
-    let mut tasks = spawn_listeners(&node, node.host_scope(kill), outbound, plain, hbone, &rx);
+    let scope = node.host_scope(kill);
+    let mut tasks = spawn_listeners(&node, scope.clone(), outbound, plain, hbone, &rx);
+    if let Some(dns) = dns {
+        tasks.push(spawn_dns(&node, scope, dns, &rx));
+    }
     if let Some(target) = cfg
         .node
         .east_west_gateway
@@ -1014,6 +1024,97 @@ pub async fn start(node: Arc<Node>) -> Result<Running, StartError> {
         _host_kill: host_kill,
         tasks,
     })
+}
+
+/// The host's DNS proxy sockets, when `node.dns` is on.
+fn bind_dns(cfg: &Config) -> Result<Option<crate::dns::DnsListeners>, StartError> {
+    let d = &cfg.node.dns;
+    if !d.enabled {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(d.bind, d.port);
+    crate::dns::DnsListeners::bind(addr)
+        .map(Some)
+        .map_err(|source| StartError::Listen {
+            role: "DNS",
+            addr,
+            source,
+        })
+}
+
+/// The DNS proxy's view of a scope: the node's model, and the namespace of the client (the
+/// pod's in in-pod mode; in host mode, the workload's at the query's source address).
+struct DnsClients {
+    node: Arc<Node>,
+    scope: Arc<Scope>,
+}
+
+impl crate::dns::Clients for DnsClients {
+    fn model(&self) -> Arc<Model> {
+        self.node.model()
+    }
+
+    fn namespace(&self, ip: IpAddr) -> Option<String> {
+        match self.scope.bound_workload() {
+            Ok(Some(w)) => Some(w.namespace.clone()),
+            Ok(None) => self
+                .node
+                .model()
+                .workload_by_ip(ip)
+                .map(|w| w.namespace.clone()),
+            // A pod the model does not know: no namespace, so only cluster-wide names resolve.
+            Err(_) => None,
+        }
+    }
+}
+
+/// The upstream resolvers of the node's DNS proxies: `node.dns.upstreams`, else the nameservers
+/// of `node.dns.resolv_conf` (read once, at start); and where they came from.
+pub(crate) fn dns_upstreams(cfg: &crate::config::dns::DnsConfig) -> (Vec<SocketAddr>, String) {
+    if !cfg.upstreams.is_empty() {
+        return (cfg.upstreams.clone(), "node.dns.upstreams".into());
+    }
+    let origin = cfg.resolv_conf.display().to_string();
+    match std::fs::read_to_string(&cfg.resolv_conf) {
+        Ok(text) => (crate::dns::upstream::parse_resolv_conf(&text), origin),
+        Err(e) => {
+            tracing::warn!(path = %origin, error = %e, "cannot read the DNS proxy's resolv.conf: names the mesh does not know get SERVFAIL");
+            (Vec::new(), origin)
+        }
+    }
+}
+
+/// Serves a scope's DNS proxy until `stop`; its upstream sockets are made in the scope's
+/// namespace and carry the node's mark.
+pub(crate) fn spawn_dns(
+    node: &Arc<Node>,
+    scope: Arc<Scope>,
+    listeners: crate::dns::DnsListeners,
+    stop: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let d = &node.cfg.node.dns;
+    let (servers, origin) = dns_upstreams(d);
+    let own = listeners
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(d.bind, d.port));
+    let upstream = crate::dns::upstream::Upstream::new(
+        servers,
+        origin,
+        own,
+        d.upstream_timeout,
+        scope.netns.clone(),
+        node.mark(),
+    );
+    let server = crate::dns::Server::new(
+        Arc::new(DnsClients {
+            node: node.clone(),
+            scope,
+        }),
+        upstream,
+        d,
+        node.metrics.dns.clone(),
+    );
+    tokio::spawn(crate::dns::serve(Arc::new(server), listeners, stop.clone()))
 }
 
 /// One scope's three listeners: outbound (15001), plaintext inbound (15006), HBONE (15008).
@@ -1119,6 +1220,11 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
         readiness: ready.local_addr().expect("bound listener has an address"),
         metrics: metrics.local_addr().expect("bound listener has an address"),
         admin: admin.local_addr().expect("bound listener has an address"),
+        dns: cfg
+            .node
+            .dns
+            .enabled
+            .then(|| SocketAddr::new(cfg.node.dns.bind, cfg.node.dns.port)),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);

@@ -10,7 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::model::{chains, rule, Chain, Family, Hook, Match, Scope, Table, Verdict};
 use super::{check_tunnel, Capture, OptionsError, CONNMARK, MARK_MASK, ROUTE_TABLE};
-use super::{DNS_CAPTURE_PORT, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK};
+use super::{
+    DNS_CAPTURE_PORT, DNS_PORT, HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT, TUNNEL_MARK,
+};
 
 /// Source address kubelet probes arrive from once the node SNATs them (istio-cni's
 /// `HOST_PROBE_SNAT_IP` default; docs/capture.md). Probes must reach the app directly, not via policy.
@@ -19,8 +21,6 @@ pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 pub const PROBE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(
     0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
 );
-/// DNS, captured (when enabled) towards the tunnel's DNS proxy.
-const DNS_PORT: u16 = 53;
 /// Conntrack zone of the tunnel's upstream DNS exchanges (istio uses 1). The app's query to
 /// server:53 was redirected to the proxy, so its conntrack entry already owns that tuple; the
 /// proxy's own query from the pod IP to the same server could clash with it in the default zone.
