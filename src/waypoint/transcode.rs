@@ -985,54 +985,20 @@ pub async fn json_answer(
         Event::End(_) => None,
         Event::Broken(e) => return Err(bad_gateway(e)),
     };
+    let state = Streamed {
+        // No first message: the call already ended well, nothing more to read.
+        reader: first.is_some().then_some(reader),
+        pending: first,
+        sent_any: false,
+        then_abort: None,
+        done: false,
+        cfg: t.cfg.clone(),
+    };
     let format = t.cfg.streaming;
-    let cfg = t.cfg.clone();
-    // State: the reader (None once the call has ended), whether an element was sent.
-    let stream = futures_util::stream::unfold(
-        (Some(reader), first, false, false),
-        move |(reader, pending, sent_any, closed)| {
-            let cfg = cfg.clone();
-            async move {
-                if closed {
-                    return None;
-                }
-                let mut reader = reader?;
-                let event = match pending {
-                    Some(m) => Event::Message(m),
-                    None if sent_any || format == StreamingFormat::Ndjson => reader.next().await,
-                    // An array that ended before any element.
-                    None => Event::End(tonic::Status::new(tonic::Code::Ok, "")),
-                };
-                match event {
-                    Event::Message(msg) => {
-                        let chunk = match print(&msg, &cfg) {
-                            Ok(j) => frame_element(format, j, sent_any),
-                            Err(e) => return Some((Err(abort(e)), (None, None, true, true))),
-                        };
-                        Some((Ok(chunk), (Some(reader), None, true, false)))
-                    }
-                    Event::End(s) if s.code() == tonic::Code::Ok => {
-                        let tail = match (format, sent_any) {
-                            (StreamingFormat::Array, true) => Bytes::from_static(b"]"),
-                            (StreamingFormat::Array, false) => Bytes::from_static(b"[]"),
-                            (StreamingFormat::Ndjson, _) => Bytes::new(),
-                        };
-                        Some((Ok(tail), (None, None, sent_any, true)))
-                    }
-                    Event::End(s) => Some((
-                        Err(abort(format!(
-                            "the call failed mid-stream: {:?}: {}",
-                            s.code(),
-                            s.message()
-                        ))),
-                        (None, None, sent_any, true),
-                    )),
-                    Event::Broken(e) => Some((Err(abort(e)), (None, None, sent_any, true))),
-                }
-            }
-        },
-    );
-    // A first `None` with an array: the reader is consumed above only once data came.
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        let item = st.step().await?;
+        Some((item, st))
+    });
     let body = StreamBody::new(futures_util::StreamExt::map(stream, |r| {
         r.map(hyper::body::Frame::data)
     }));
@@ -1045,6 +1011,74 @@ pub async fn json_answer(
         }),
     );
     Ok(resp)
+}
+
+/// A server-streaming answer on its way to the client.
+struct Streamed {
+    reader: Option<GrpcReader>,
+    /// The first message, read before the response headers were committed.
+    pending: Option<DynamicMessage>,
+    sent_any: bool,
+    /// An ndjson stream that failed: its error line was sent, the abort comes next.
+    then_abort: Option<String>,
+    done: bool,
+    cfg: GrpcTranscoding,
+}
+
+impl Streamed {
+    /// The next chunk of the body; `Err` aborts the response (hyper then never sends the final
+    /// chunk, so the client sees an incomplete response, not a complete-looking one).
+    async fn step(&mut self) -> Option<Result<Bytes, BoxError>> {
+        if self.done {
+            return None;
+        }
+        if let Some(reason) = self.then_abort.take() {
+            self.done = true;
+            return Some(Err(abort(reason)));
+        }
+        let format = self.cfg.streaming;
+        let event = match (self.pending.take(), self.reader.as_mut()) {
+            (Some(m), _) => Event::Message(m),
+            (None, Some(r)) => r.next().await,
+            (None, None) => Event::End(tonic::Status::new(tonic::Code::Ok, "")),
+        };
+        let failed = match event {
+            Event::Message(msg) => match print(&msg, &self.cfg) {
+                Ok(j) => {
+                    let chunk = frame_element(format, j, self.sent_any);
+                    self.sent_any = true;
+                    return Some(Ok(chunk));
+                }
+                Err(e) => tonic::Status::internal(e),
+            },
+            Event::End(s) if s.code() == tonic::Code::Ok => {
+                self.done = true;
+                return Some(Ok(match (format, self.sent_any) {
+                    (StreamingFormat::Array, true) => Bytes::from_static(b"]"),
+                    (StreamingFormat::Array, false) => Bytes::from_static(b"[]"),
+                    (StreamingFormat::Ndjson, _) => Bytes::new(),
+                }));
+            }
+            Event::End(s) => s,
+            Event::Broken(e) => tonic::Status::internal(e),
+        };
+        let reason = format!(
+            "the call failed mid-stream: {:?}: {}",
+            failed.code(),
+            failed.message()
+        );
+        if format == StreamingFormat::Ndjson {
+            // A last line that says why, then the abort: a reader that only looks at lines
+            // still learns that the stream failed.
+            let line = serde_json::json!({"error": {"code": failed.code() as i32, "message": failed.message()}});
+            let mut b = serde_json::to_vec(&line).expect("JSON of a string");
+            b.push(b'\n');
+            self.then_abort = Some(reason);
+            return Some(Ok(Bytes::from(b)));
+        }
+        self.done = true;
+        Some(Err(abort(reason)))
+    }
 }
 
 /// One streamed element: a line, or an array element with its separator.
