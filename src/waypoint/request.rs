@@ -426,7 +426,11 @@ async fn route_request(
                 service: service.as_ref(),
                 host: &host,
             };
-            return transcoded(wp, state, down, req, (&t, &m), call, out, req_bytes).await;
+            let mut resp = transcoded(wp, state, down, req, (&t, &m), call, out, req_bytes).await?;
+            if let Some(r) = rule {
+                apply_header_ops(resp.headers_mut(), &r.response_headers);
+            }
+            return Ok(resp);
         }
     }
     let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());

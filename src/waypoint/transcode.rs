@@ -1389,6 +1389,69 @@ mod tests {
         assert!(message_json(&lax, Method::GET, "/v1/books?colour=red", "").is_ok());
     }
 
+    /// A descriptor set compiled here, with protox, from `proto` (which may import the
+    /// testbed's google/api/annotations.proto).
+    fn compile(proto: &str) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.proto"), proto).unwrap();
+        let google = concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/proto");
+        let mut c = protox::Compiler::new([dir.path(), std::path::Path::new(google)]).unwrap();
+        c.include_imports(true);
+        c.open_file("t.proto").unwrap();
+        c.encode_file_descriptor_set()
+    }
+
+    #[test]
+    fn bindings_that_cannot_work_are_refused_at_load_naming_method_and_template() {
+        let fds = compile(
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message M { string name = 1; N n = 2; repeated string tags = 3; }
+message N { string x = 1; }
+service Bare { rpc Plain(M) returns (M); }
+service BadTemplate { rpc Get(M) returns (M) { option (google.api.http) = { get: "/v1/{name" }; } }
+service BadField { rpc Get(M) returns (M) { option (google.api.http) = { get: "/v1/{nope}" }; } }
+service MessageVar { rpc Get(M) returns (M) { option (google.api.http) = { get: "/v1/{n}" }; } }
+service ListVar { rpc Get(M) returns (M) { option (google.api.http) = { get: "/v1/{tags}" }; } }
+service BadBody { rpc Post(M) returns (M) { option (google.api.http) = { post: "/v1/m" body: "name" }; } }
+service Upload { rpc Up(stream M) returns (M) { option (google.api.http) = { post: "/v1/up" body: "*" }; } }
+service Custom { rpc Head(M) returns (M) { option (google.api.http) = { custom: { kind: "HEAD" path: "/v1/{name}" } }; } }
+"#,
+        );
+        let load = |service: &str, unannotated: bool| {
+            let mut cfg: GrpcTranscoding =
+                serde_yaml::from_str("{descriptor_set: t.pb, services: [x]}").unwrap();
+            cfg.services = vec![service.to_string()];
+            cfg.unannotated_methods = unannotated;
+            Transcoder::from_bytes(&fds, "t.pb", &cfg)
+        };
+        for (service, want) in [
+            ("t.Bare", "method t.Bare.Plain: no google.api.http option"),
+            (
+                "t.BadTemplate",
+                "method t.BadTemplate.Get: path template \"/v1/{name\": unclosed '{'",
+            ),
+            ("t.BadField", "path template \"/v1/{nope}\": no field \"nope\" in t.M"),
+            ("t.MessageVar", "\"n\" is not a singular scalar field"),
+            ("t.ListVar", "\"tags\" is not a singular scalar field"),
+            ("t.BadBody", "method t.BadBody.Post: body field \"name\" must be a singular message"),
+            ("t.Upload", "method t.Upload.Up: client streaming cannot be transcoded"),
+        ] {
+            let e = load(service, false).unwrap_err().to_string();
+            assert!(e.contains(want), "{service}: {e}");
+        }
+        // An unannotated method, when allowed, is POST /<pkg.Service>/<Method> with body "*".
+        let t = load("t.Bare", true).unwrap();
+        let m = t.find(&Method::POST, "/t.Bare/Plain").unwrap();
+        let msg = t.request_message(&m, None, br#"{"name":"x"}"#).unwrap();
+        assert_eq!(msg.get_field_by_name("name").unwrap().as_str(), Some("x"));
+        // A custom verb.
+        let t = load("t.Custom", false).unwrap();
+        assert!(t.find(&Method::HEAD, "/v1/a").is_some());
+        assert!(t.find(&Method::GET, "/v1/a").is_none());
+    }
+
     #[test]
     fn configs_that_cannot_work_are_refused_naming_the_service_or_method() {
         let e = shelf(|c| c.services = vec!["zmesh.test.shelf.Nope".into()]).unwrap_err();
