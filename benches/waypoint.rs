@@ -297,7 +297,9 @@ async fn grpc_or_json(t: &ThreeNodes, json: bool, per_conn: usize) -> Result<(Ru
                     let mut lat = Vec::with_capacity(n);
                     for _ in 0..n {
                         let t = Instant::now();
-                        let r = client.get_shelf(pb::GetShelfRequest { shelf_id: 42 }).await?;
+                        let r = client
+                            .get_shelf(pb::GetShelfRequest { shelf_id: 42 })
+                            .await?;
                         anyhow::ensure!(r.get_ref().id == 42);
                         lat.push(t.elapsed());
                     }

@@ -25,6 +25,9 @@ use zmesh_testbed::shelf::{self, pb};
 
 struct Setup {
     net: u8,
+    /// `html` (an HTTP/2 server that is not gRPC) and `shelf-tiny` (a 64-byte response cap).
+    html: SocketAddr,
+    shelf_tiny: SocketAddr,
     _mesh: Mesh,
     _dir: tempfile::TempDir,
     wp: Arc<Waypoint>,
@@ -46,12 +49,14 @@ async fn setup(net: u8) -> Setup {
         r#"workloads:
   - {{ uid: client, name: client, namespace: shop, service_account: client, addresses: [{c}], node: node-a }}
   - {{ uid: wp, name: wp, namespace: shop, service_account: waypoint, addresses: [{w}], node: node-w }}
-  - {{ uid: grpc, name: grpc, namespace: shop, service_account: shelf, addresses: [{g}], node: node-b, services: {{ shop/shelf: {{}}, shop/shelf-array: {{}} }} }}
-  - {{ uid: web, name: web, namespace: shop, service_account: web, addresses: [{h}], node: node-c, services: {{ shop/web: {{}} }} }}
+  - {{ uid: grpc, name: grpc, namespace: shop, service_account: shelf, addresses: [{g}], node: node-b, services: {{ shop/shelf: {{}}, shop/shelf-array: {{}}, shop/shelf-tiny: {{}} }} }}
+  - {{ uid: web, name: web, namespace: shop, service_account: web, addresses: [{h}], node: node-c, services: {{ shop/web: {{}}, shop/html: {{}} }} }}
 services:
   - {{ name: shelf, namespace: shop, hostname: shelf, vips: [{v1}], ports: {{ 80: 8080 }}, waypoint: wp }}
   - {{ name: shelf-array, namespace: shop, hostname: shelf-array, vips: [{v2}], ports: {{ 80: 8080 }}, waypoint: wp }}
   - {{ name: web, namespace: shop, hostname: web, vips: [{v3}], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: html, namespace: shop, hostname: html, vips: [{v4}], ports: {{ 80: 8081 }}, waypoint: wp }}
+  - {{ name: shelf-tiny, namespace: shop, hostname: shelf-tiny, vips: [{v5}], ports: {{ 80: 8080 }}, waypoint: wp }}
 "#,
         c = ip(net, 2),
         w = ip(net, 5),
@@ -60,6 +65,8 @@ services:
         v1 = vip(1),
         v2 = vip(2),
         v3 = vip(3),
+        v4 = vip(4),
+        v5 = vip(5),
     );
     let routes = format!(
         r#"routes:
@@ -80,6 +87,12 @@ services:
       services: [zmesh.test.shelf.Shelves]
       streaming: array
       print: {{ use_proto_field_names: true, emit_defaults: true }}
+  - name: html
+    service: shop/html
+    grpc_transcoding: {{ descriptor_set: {fds}, services: [zmesh.test.shelf.Shelves] }}
+  - name: shelf-tiny
+    service: shop/shelf-tiny
+    grpc_transcoding: {{ descriptor_set: {fds}, services: [zmesh.test.shelf.Shelves], max_response_message_bytes: 64 }}
 "#,
         fds = fds.display()
     );
@@ -109,11 +122,34 @@ services:
         .await
         .unwrap();
     tokio::spawn(app_logged("web", web, log.clone()));
+    // An HTTP/2 server that is not gRPC: a web page for every request.
+    let html = TcpListener::bind(SocketAddr::new(ip(net, 4), 8081))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = html.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let mut r =
+                        http::Response::new(Full::new(Bytes::from_static(b"<html></html>")));
+                    r.headers_mut()
+                        .insert("content-type", "text/html".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
     let entry = |addr: String| capture_to(a.clone(), ip(net, 2), addr.parse().unwrap());
     Setup {
         net,
         shelf: entry(format!("{}:80", vip(1))).await,
         shelf_array: entry(format!("{}:80", vip(2))).await,
+        html: entry(format!("{}:80", vip(4))).await,
+        shelf_tiny: entry(format!("{}:80", vip(5))).await,
         _mesh: mesh,
         _dir: dir,
         wp,
@@ -443,4 +479,27 @@ async fn hostile_json_is_refused_with_the_field_named_and_plain_grpc_passes_unto
     assert!(e.contains("zmesh.test.shelf.Gone"), "{e}");
     let (st, _, _) = call(&mut c, Method::GET, "/v1/shelves/5", "").await;
     assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_are_not_grpc_or_too_large_are_502() {
+    let s = setup(139).await;
+    // A backend that answers HTTP/2 but not gRPC.
+    let mut c = h1(s.net, s.html).await;
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/shelves/1", "").await;
+    let body = body.unwrap();
+    assert_eq!(st, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("did not answer gRPC"), "{body}");
+    assert!(body.contains("text/html"), "{body}");
+    // A response message over max_response_message_bytes (64): refused from its prefix.
+    let mut c = h1(s.net, s.shelf_tiny).await;
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/shelves/1", "").await;
+    assert_eq!(st, StatusCode::OK, "small answers pass: {body:?}");
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/books?pageSize=20", "").await;
+    let body = body.unwrap();
+    assert_eq!(st, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains("exceeds max_response_message_bytes (64)"),
+        "{body}"
+    );
 }

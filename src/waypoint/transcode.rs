@@ -161,7 +161,7 @@ impl PathTemplate {
                 chars = &chars[end..];
             }
             match chars.strip_prefix('/') {
-                Some(r) if r.is_empty() => return Err("trailing '/'".into()),
+                Some("") => return Err("trailing '/'".into()),
                 Some(r) => chars = r,
                 None if chars.is_empty() => {}
                 None => return Err(format!("expected '/' before {chars:?}")),
@@ -1432,11 +1432,20 @@ service Custom { rpc Head(M) returns (M) { option (google.api.http) = { custom: 
                 "t.BadTemplate",
                 "method t.BadTemplate.Get: path template \"/v1/{name\": unclosed '{'",
             ),
-            ("t.BadField", "path template \"/v1/{nope}\": no field \"nope\" in t.M"),
+            (
+                "t.BadField",
+                "path template \"/v1/{nope}\": no field \"nope\" in t.M",
+            ),
             ("t.MessageVar", "\"n\" is not a singular scalar field"),
             ("t.ListVar", "\"tags\" is not a singular scalar field"),
-            ("t.BadBody", "method t.BadBody.Post: body field \"name\" must be a singular message"),
-            ("t.Upload", "method t.Upload.Up: client streaming cannot be transcoded"),
+            (
+                "t.BadBody",
+                "method t.BadBody.Post: body field \"name\" must be a singular message",
+            ),
+            (
+                "t.Upload",
+                "method t.Upload.Up: client streaming cannot be transcoded",
+            ),
         ] {
             let e = load(service, false).unwrap_err().to_string();
             assert!(e.contains(want), "{service}: {e}");

@@ -40,7 +40,7 @@ pub const FAIL_MID_STREAM: i64 = 13;
 struct Library;
 
 fn books(req: &ListBooksRequest) -> Vec<Book> {
-    let filter = req.filter.clone().unwrap_or_default();
+    let filter = req.filter.unwrap_or_default();
     let authors: Vec<String> = if req.authors.is_empty() {
         (0..req.page_size.max(0))
             .map(|_| "anon".to_string())
