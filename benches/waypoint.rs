@@ -218,6 +218,164 @@ fn measure(workers: usize, per_conn: usize) -> Result<Vec<(&'static str, Run, [f
     })
 }
 
+/// The transcoding comparison's model: a tonic `Shelves` server behind service `shelf`, whose
+/// route offers it as JSON (`grpc_transcoding`, descriptor set at `fds`).
+fn transcode_config(node: &str, bind: &str, fds: &Path, extra: &str) -> String {
+    format!(
+        r#"node:
+  name: {node}
+  bind: {bind}
+  access_log: off
+  certificates: {{ file_ca: {{ dir: CA_DIR }} }}
+{extra}workloads:
+  - {{ uid: a, name: client, namespace: bench, service_account: client, addresses: [{N1_IP}], node: n1 }}
+  - {{ uid: wp, name: waypoint, namespace: bench, service_account: waypoint, addresses: [{WAYPOINT_IP}], node: n2 }}
+  - {{ uid: grpc, name: grpc, namespace: bench, service_account: grpc, addresses: [{N3_IP}], node: n3, services: {{ bench/shelf: {{}} }} }}
+services:
+  - {{ name: shelf, namespace: bench, hostname: shelf, vips: [{SHELF_VIP}], ports: {{ 80: 8080 }}, waypoint: wp }}
+routes:
+  - name: shelf
+    service: bench/shelf
+    grpc_transcoding: {{ descriptor_set: {fds}, services: [zmesh.test.shelf.Shelves] }}
+"#,
+        fds = fds.display()
+    )
+}
+
+const SHELF_VIP: &str = "10.96.30.3";
+
+/// Unary calls, `per_conn` sequential ones on each of `CONNECTIONS` connections: plain gRPC
+/// (tonic's client, HTTP/2) or the same call as HTTP/1.1 JSON (`GET /v1/shelves/42`), both
+/// through the waypoint. Returns the run and the waypoint's CPU-s per 10k calls.
+async fn grpc_or_json(t: &ThreeNodes, json: bool, per_conn: usize) -> Result<(Run, f64)> {
+    use zmesh_testbed::shelf::pb;
+    let connect = || -> Result<Vec<std::net::TcpStream>> {
+        (0..CONNECTIONS)
+            .map(|_| t.n1.connect_tcp(format!("{SHELF_VIP}:80")))
+            .collect()
+    };
+    let one_run = |streams: Vec<std::net::TcpStream>, n: usize| async move {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for s in streams {
+            s.set_nonblocking(true)?;
+            s.set_nodelay(true)?;
+            let tcp = tokio::net::TcpStream::from_std(s)?;
+            if json {
+                tasks.push(tokio::spawn(async move {
+                    let (mut send, conn) =
+                        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+                            .await?;
+                    tokio::spawn(conn);
+                    let mut lat = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let t = Instant::now();
+                        send.ready().await?;
+                        let req = Request::get("/v1/shelves/42")
+                            .header("host", "shelf")
+                            .body(Full::new(Bytes::new()))?;
+                        let resp = send.send_request(req).await?;
+                        anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+                        resp.into_body().collect().await?;
+                        lat.push(t.elapsed());
+                    }
+                    anyhow::Ok(lat)
+                }));
+            } else {
+                let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(tcp)));
+                let channel = tonic::transport::Endpoint::from_static("http://shelf")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let tcp = slot.lock().expect("poisoned").take();
+                        async move {
+                            tcp.map(TokioIo::new)
+                                .ok_or_else(|| std::io::Error::other("one connection per channel"))
+                        }
+                    }))
+                    .await?;
+                tasks.push(tokio::spawn(async move {
+                    let mut client = pb::shelves_client::ShelvesClient::new(channel);
+                    let mut lat = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let t = Instant::now();
+                        let r = client
+                            .get_shelf(pb::GetShelfRequest { shelf_id: 42 })
+                            .await?;
+                        anyhow::ensure!(r.get_ref().id == 42);
+                        lat.push(t.elapsed());
+                    }
+                    anyhow::Ok(lat)
+                }));
+            }
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let elapsed = start.elapsed();
+        all.sort();
+        let pct =
+            |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
+        anyhow::Ok(Run {
+            rps: all.len() as f64 / elapsed.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            requests: all.len(),
+        })
+    };
+    one_run(connect()?, 50).await?;
+    let streams = connect()?;
+    let before = cpu_ticks(&t.waypoint);
+    let r = one_run(streams, per_conn).await?;
+    let cpu = (cpu_ticks(&t.waypoint) - before) as f64 / clk_tck() * 10_000.0 / r.requests as f64;
+    Ok((r, cpu))
+}
+
+/// Transcoded JSON next to plain gRPC, both through the waypoint to the same tonic server.
+fn measure_transcoding(per_conn: usize) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let fds = dir.path().join("shelf.pb");
+    std::fs::write(&fds, zmesh_testbed::shelf::DESCRIPTOR_SET)?;
+    let t = ThreeNodes::start(
+        &bin("zmesh-node")?,
+        &bin("zmesh-waypoint")?,
+        [
+            transcode_config("n1", "0.0.0.0", &fds, ""),
+            transcode_config("n2", WAYPOINT_IP, &fds, "waypoint: { workload: wp }\n"),
+            transcode_config("n3", "0.0.0.0", &fds, ""),
+        ],
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let l = t.n3.listen_tcp(format!("{N3_IP}:8080"))?;
+        l.set_nonblocking(true)?;
+        tokio::spawn(zmesh_testbed::shelf::serve(tokio::net::TcpListener::from_std(l)?));
+        let (grpc, grpc_cpu) = grpc_or_json(&t, false, per_conn).await?;
+        let (json, json_cpu) = grpc_or_json(&t, true, per_conn).await?;
+        let mut out = String::from(
+            "\n### gRPC↔JSON transcoding\n\nUnary `GetShelf` to a tonic server on node 3, through the waypoint, \
+{CONNECTIONS} connections × {per_conn} sequential calls: plain gRPC (tonic client, HTTP/2) vs the same \
+call as HTTP/1.1 JSON (`GET /v1/shelves/42`) transcoded by the waypoint.\n\n",
+        )
+        .replace("{CONNECTIONS}", &CONNECTIONS.to_string())
+        .replace("{per_conn}", &per_conn.to_string());
+        out += "| path | requests/s | vs gRPC | p50 µs | p99 µs | waypoint CPU-s per 10k |\n|---|---|---|---|---|---|\n";
+        for (name, r, cpu) in [("gRPC via waypoint", &grpc, grpc_cpu), ("JSON transcoded by waypoint", &json, json_cpu)] {
+            out += &format!(
+                "| {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:.3} |\n",
+                r.rps,
+                r.rps / grpc.rps,
+                r.p50_us,
+                r.p99_us,
+                cpu
+            );
+        }
+        anyhow::Ok(out)
+    })
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     anyhow::ensure!(
@@ -257,6 +415,7 @@ mode: {}. Requests/s per waypoint core = 10,000 / the waypoint's CPU-s per 10k r
             );
         }
     }
+    out += &measure_transcoding(per_conn)?;
     println!("{out}");
     if !quick {
         // Replaces this section of benches/RESULTS.md (the system benchmark keeps it).

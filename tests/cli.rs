@@ -169,6 +169,14 @@ fn waypoint_check_config_accepts_the_example_and_refuses_bad_l7_config_with_64()
             "unsupported condition key",
         ),
         (text.replace("\"kty\": \"EC\"", "\"kty\": \"oct\""), "JWKS"),
+        // gRPC-JSON transcoding reads its descriptor set at load.
+        (
+            text.replace(
+                "  # - name: ratings\n",
+                "  - { name: ratings, service: shop/reviews-v1.shop.svc.cluster.local, grpc_transcoding: { descriptor_set: /nonexistent/ratings.pb, services: [a.B] } }\n",
+            ),
+            "routes ratings: grpc_transcoding: descriptor set /nonexistent/ratings.pb",
+        ),
     ] {
         assert_ne!(bad, text, "the edit for {want:?} applied");
         let path = dir.path().join("bad.yaml");

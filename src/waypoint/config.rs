@@ -32,7 +32,80 @@ pub struct RouteConfig {
     pub name: String,
     /// `namespace/hostname` of the service whose traffic this route handles.
     pub service: String,
+    #[serde(default)]
     pub rules: Vec<RouteRule>,
+    /// gRPC↔JSON transcoding for this service (docs/waypoint.md): HTTP/1.1 JSON requests that
+    /// match a method's `google.api.http` binding are sent to the service as gRPC calls.
+    #[serde(default)]
+    pub grpc_transcoding: Option<GrpcTranscoding>,
+}
+
+/// `routes[].grpc_transcoding`: which gRPC services of a descriptor set the waypoint offers
+/// as JSON over HTTP, and how it prints their answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTranscoding {
+    /// A FileDescriptorSet with its imports, as `protoc --include_imports
+    /// --descriptor_set_out` writes it; read (and re-read on reload) when the config loads.
+    pub descriptor_set: PathBuf,
+    /// Fully qualified gRPC services to transcode (`pkg.Service`); each must be in the set.
+    pub services: Vec<String>,
+    /// How a server-streaming method's messages are sent: `ndjson` (default) or `array`.
+    #[serde(default)]
+    pub streaming: StreamingFormat,
+    /// A method without a `google.api.http` option is refused at load unless this is set;
+    /// then it is offered as `POST /<pkg.Service>/<Method>` with body `*`.
+    #[serde(default)]
+    pub unannotated_methods: bool,
+    /// Query parameters that name no field are refused (400) unless this is set.
+    #[serde(default)]
+    pub ignore_unknown_query_parameters: bool,
+    #[serde(default)]
+    pub print: JsonPrint,
+    /// Largest JSON request body accepted (larger: 413). Default 1 MiB.
+    #[serde(default = "default_json_body")]
+    pub max_request_bytes: u32,
+    /// Largest gRPC response message accepted from the service (larger: 502). Default 4 MiB,
+    /// gRPC's own default receive limit.
+    #[serde(default = "default_grpc_message")]
+    pub max_response_message_bytes: u32,
+}
+
+fn default_json_body() -> u32 {
+    1024 * 1024
+}
+
+fn default_grpc_message() -> u32 {
+    4 * 1024 * 1024
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamingFormat {
+    /// One JSON object per line (`application/x-ndjson`).
+    #[default]
+    Ndjson,
+    /// One JSON array, its elements sent as they arrive (`application/json`).
+    Array,
+}
+
+/// How response messages are printed (the proto3 JSON mapping's printer options).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonPrint {
+    /// Field names as in the .proto (`shelf_id`) instead of lowerCamelCase (`shelfId`).
+    #[serde(default)]
+    pub use_proto_field_names: bool,
+    /// Print fields that hold their default value (0, "", false, empty lists).
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Enums as numbers instead of their names.
+    #[serde(default)]
+    pub enums_as_ints: bool,
+    /// 64-bit integers as JSON numbers instead of strings (the mapping's default is strings,
+    /// since JavaScript loses precision above 2^53).
+    #[serde(default)]
+    pub int64_as_numbers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

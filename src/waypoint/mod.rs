@@ -6,7 +6,8 @@
 //! tunnel. `server` is the running waypoint and the entry to its data path: `listener` (HBONE
 //! accept and CONNECT admission), `flow` (what every admitted flow shares: the sniffer),
 //! `request` (HTTP, L7), `upstream` (backends, retries, upstream connections), `tcp` (the
-//! opaque relay), `state` (`WpState`, built from config), `accesslog` (the access line).
+//! opaque relay), `state` (`WpState`, built from config), `accesslog` (the access line), `transcode`
+//! (gRPC↔JSON transcoding).
 
 pub mod accesslog;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod sandwich;
 pub mod server;
 mod state;
 mod tcp;
+pub mod transcode;
 mod upstream;

@@ -21,12 +21,16 @@ use rand::Rng;
 use serde_json::{Map, Value};
 
 use super::accesslog::Exchange;
-use super::config::{HeaderOps, PathMatch, RouteConfig};
+use super::config::{HeaderOps, PathMatch, RouteConfig, RouteRule};
 use super::flow::{Downstream, DownstreamIo, Rewind};
 use super::l7::{authorize, normalize_path, select_rule, RequestView};
 use super::metrics::RequestLabels;
 use super::server::Waypoint;
 use super::state::{check_host, primary_service, WpState};
+use super::transcode::{
+    grpc_request, json_answer, local_json, Matched, Rejected, Transcoder,
+    REJECTIONS as TRANSCODE_REJECTIONS,
+};
 use super::upstream::forward;
 use crate::model::{Service, Workload};
 
@@ -407,12 +411,140 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         req.headers_mut().insert("traceparent", v);
     }
+    let grpc_in = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    // gRPC↔JSON transcoding: a non-gRPC request that matches a binding of its service becomes a
+    // gRPC call; any other request is routed unchanged.
+    let transcoder = key.as_ref().and_then(|k| state.transcoders.get(k)).cloned();
+    if let Some(t) = transcoder.filter(|_| !grpc_in) {
+        if let Some(m) = t.find(req.method(), req.uri().path()) {
+            let call = Call {
+                rule,
+                service: service.as_ref(),
+                host: &host,
+            };
+            let mut resp = transcoded(wp, state, down, req, (&t, &m), call, out, req_bytes).await?;
+            if let Some(r) = rule {
+                apply_header_ops(resp.headers_mut(), &r.response_headers);
+            }
+            return Ok(resp);
+        }
+    }
+    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     let resp = forward(wp, state, down, req, rule, service.as_ref(), out, req_bytes).await?;
     let mut resp = resp;
     if let Some(r) = rule {
         apply_header_ops(resp.headers_mut(), &r.response_headers);
     }
     Ok(resp)
+}
+
+/// What a transcoded call is sent with: the route rule, the service, the client's host.
+struct Call<'a> {
+    rule: Option<&'a RouteRule>,
+    service: Option<&'a Arc<Service>>,
+    host: &'a str,
+}
+
+/// A request that matched a transcoding binding: its JSON body (capped) and its path and query
+/// become the gRPC request message, sent through the same upstream path as any request
+/// (retries, timeouts, limits, HBONE); the answer is turned back into JSON.
+#[allow(clippy::too_many_arguments)]
+async fn transcoded(
+    wp: &Arc<Waypoint>,
+    state: &WpState,
+    down: &Downstream,
+    req: Request<Incoming>,
+    (t, m): (&Arc<Transcoder>, &Matched<'_>),
+    call: Call<'_>,
+    out: &mut Outcome,
+    req_bytes: &Arc<AtomicU64>,
+) -> Handled {
+    let reject = |out: &mut Outcome, r: Rejected| {
+        out.flags = "DPE";
+        out.detail = format!("grpc_transcoding: {}", r.message);
+        if let Some(suppressed) = wp.rejections.record(TRANSCODE_REJECTIONS, r.reason) {
+            tracing::debug!(reason = r.reason, message = %r.message, suppressed, "transcoding refused a request");
+        }
+        local_json(r.status, &r.message)
+    };
+    let (parts, body) = req.into_parts();
+    let body = match http_body_util::Limited::new(body, t.cfg.max_request_bytes as usize)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return Err(reject(
+                out,
+                Rejected {
+                    status: if too_large {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    },
+                    reason: if too_large {
+                        "body_too_large"
+                    } else {
+                        "body_read"
+                    },
+                    message: if too_large {
+                        format!(
+                            "request body exceeds max_request_bytes ({})",
+                            t.cfg.max_request_bytes
+                        )
+                    } else {
+                        format!("reading the request body failed: {e}")
+                    },
+                },
+            ));
+        }
+    };
+    req_bytes.store(body.len() as u64, Ordering::Relaxed);
+    let msg = t
+        .request_message(m, parts.uri.query(), &body)
+        .map_err(|r| reject(out, r))?;
+    let authority = call
+        .service
+        .map(|s| s.hostname.as_str())
+        .filter(|h| !h.is_empty())
+        .or(Some(call.host).filter(|h| !h.is_empty()))
+        .unwrap_or("localhost");
+    let greq = grpc_request(
+        m,
+        &msg,
+        authority,
+        parts.headers,
+        call.rule.and_then(|r| r.timeout),
+    )
+    .map_err(|e| {
+        out.flags = "DPE";
+        out.detail = format!("grpc_transcoding: {e}");
+        local_json(StatusCode::BAD_REQUEST, &e)
+    })?;
+    out.detail = format!("grpc_transcoding: {}", m.grpc_path());
+    let resp = forward(
+        wp,
+        state,
+        down,
+        greq,
+        call.rule,
+        call.service,
+        out,
+        req_bytes,
+    )
+    .await?;
+    json_answer(t, m, resp).await.map_err(|(status, e)| {
+        out.flags = "UPE";
+        out.detail = format!("grpc_transcoding: {}: {e}", m.grpc_path());
+        local_json(status, &e)
+    })
 }
 
 fn apply_header_ops(h: &mut http::HeaderMap, ops: &HeaderOps) {
@@ -565,7 +697,7 @@ impl Drop for Counted {
 
 /// The request body, streamed through and counted.
 pub(super) struct CountedRequest {
-    pub(super) inner: Incoming,
+    pub(super) inner: Body,
     pub(super) bytes: Arc<AtomicU64>,
 }
 
@@ -583,7 +715,7 @@ impl hyper::body::Body for CountedRequest {
                 self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
             }
         }
-        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

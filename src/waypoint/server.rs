@@ -55,6 +55,8 @@ pub enum WaypointError {
     UnknownWorkload(String),
     #[error("request_authentication {name}: {detail}")]
     Jwks { name: String, detail: String },
+    #[error("routes {route}: grpc_transcoding: {detail}")]
+    Transcoding { route: String, detail: String },
     #[error("certificates: {0}")]
     Certs(String),
     #[error("cannot listen on {addr}: {source}")]

@@ -15,6 +15,7 @@ use super::flow::Downstream;
 use super::jwt::{Jwks, Validator};
 use super::l7::{authorize_tcp, TcpView};
 use super::server::WaypointError;
+use super::transcode::Transcoder;
 use crate::config::Config;
 use crate::model::{Model, Service, Workload};
 use crate::policy::PolicySet;
@@ -33,13 +34,32 @@ pub struct WpState {
     service_keys: Vec<String>,
     http_policies: Vec<HttpPolicyConfig>,
     auth: HashMap<String, Vec<JwtRule>>,
+    /// gRPC↔JSON transcoding by service key, compiled from the descriptor sets at load.
+    pub(super) transcoders: HashMap<String, Arc<Transcoder>>,
 }
 
 impl WpState {
     pub fn from_config(cfg: &Config) -> Result<WpState, WaypointError> {
         let mut routes: HashMap<String, Vec<RouteConfig>> = HashMap::new();
+        let mut transcoders = HashMap::new();
         for r in &cfg.routes {
             routes.entry(r.service.clone()).or_default().push(r.clone());
+            if let Some(t) = &r.grpc_transcoding {
+                let bad = |detail: String| WaypointError::Transcoding {
+                    route: r.name.clone(),
+                    detail,
+                };
+                let compiled = Transcoder::load(t).map_err(|e| bad(e.to_string()))?;
+                if transcoders
+                    .insert(r.service.clone(), Arc::new(compiled))
+                    .is_some()
+                {
+                    return Err(bad(format!(
+                        "service {} already has grpc_transcoding in another route",
+                        r.service
+                    )));
+                }
+            }
         }
         let mut auth: HashMap<String, Vec<_>> = HashMap::new();
         for a in &cfg.request_authentication {
@@ -79,6 +99,7 @@ impl WpState {
             service_keys,
             http_policies: cfg.http_policies.clone(),
             auth,
+            transcoders,
         })
     }
 }

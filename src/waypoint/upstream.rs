@@ -64,7 +64,7 @@ pub(super) async fn forward(
     wp: &Arc<Waypoint>,
     state: &WpState,
     down: &Downstream,
-    req: Request<Incoming>,
+    req: Request<Body>,
     rule: Option<&RouteRule>,
     service: Option<&Arc<Service>>,
     out: &mut Outcome,
@@ -78,16 +78,12 @@ pub(super) async fn forward(
     // Only a buffered body can be sent twice; without retries the body streams through.
     let mut once: Option<Body> = None;
     let buffered: Option<Bytes> = match &retries {
-        Some(_) => match http_body_util::Limited::new(body, MAX_RETRY_BODY)
-            .collect()
-            .await
-        {
-            Ok(c) => {
-                let b = c.to_bytes();
+        Some(_) => match collect_limited(body, MAX_RETRY_BODY).await {
+            Some(b) => {
                 req_bytes.store(b.len() as u64, Ordering::Relaxed);
                 Some(b)
             }
-            Err(_) => {
+            None => {
                 return Err(local(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request body too large to retry\n",
@@ -174,6 +170,22 @@ pub(super) async fn forward(
             Err(local(status, body))
         }
     }
+}
+
+/// The whole body if it ends within `max` bytes; `None` if it is larger or fails.
+// (Not `http_body_util::Limited`: over a boxed body its `Into<BoxError>` bound trips rustc's
+// higher-ranked Send check on the async fns that await it.)
+async fn collect_limited(mut body: Body, max: usize) -> Option<Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.ok()?.into_data() {
+            if buf.len() + d.len() > max {
+                return None;
+            }
+            buf.extend_from_slice(&d);
+        }
+    }
+    Some(buf.freeze())
 }
 
 impl AttemptError {

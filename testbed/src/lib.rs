@@ -38,6 +38,7 @@ pub mod mesh;
 mod netns;
 pub mod networks;
 mod process;
+pub mod shelf;
 pub mod three;
 
 pub use capture::PacketCapture;
