@@ -242,23 +242,15 @@ impl Fixture {
             .unwrap();
             chown_nobody(&token_file);
             let cp = b
-                .spawn(
+                .spawn_control_plane(
                     bin(),
-                    &[
-                        "ca",
-                        "serve",
-                        "--xds",
-                        "--dir",
-                        ca.to_str().unwrap(),
-                        "--mesh",
-                        mesh.to_str().unwrap(),
-                        "--listen",
-                        &format!("{B_IP}:15012"),
-                    ],
-                    &[("ZMESH_LOG", "info")],
+                    &ca,
+                    &mesh,
+                    &format!("{B_IP}:15012"),
+                    &[],
+                    START_TIMEOUT,
                 )
                 .unwrap();
-            cp.wait_for_log("listening on", START_TIMEOUT).unwrap();
             (
                 Some(cp),
                 format!(

@@ -76,26 +76,9 @@ fn wait_ready(ns: &Netns, node: &Child) {
 
 fn control_plane(mesh: &HostMesh, mesh_path: &Path) -> Child {
     let ca = mesh.ca_dir();
-    let cp = mesh
-        .b
-        .spawn(
-            BIN,
-            &[
-                "ca",
-                "serve",
-                "--xds",
-                "--dir",
-                ca.to_str().unwrap(),
-                "--mesh",
-                mesh_path.to_str().unwrap(),
-                "--listen",
-                &format!("{B_IP}:{CP_PORT}"),
-            ],
-            &[("ZMESH_LOG", "info")],
-        )
-        .unwrap();
-    cp.wait_for_log("listening on", WAIT).unwrap();
-    cp
+    mesh.b
+        .spawn_control_plane(BIN, &ca, mesh_path, &format!("{B_IP}:{CP_PORT}"), &[], WAIT)
+        .unwrap()
 }
 
 /// One request/response from A's app to B's app, through the capture rules and both tunnels.

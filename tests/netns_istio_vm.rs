@@ -259,25 +259,15 @@ fn vm_joins_and_leaves(via_gateway: bool) {
     let _app = echo(&mesh.b, B_IP);
     let cp = mesh
         .a
-        .spawn(
+        .spawn_control_plane(
             BIN,
-            &[
-                "ca",
-                "serve",
-                "--xds",
-                "--dir",
-                ca.to_str().unwrap(),
-                "--mesh",
-                mesh_path.to_str().unwrap(),
-                "--listen",
-                &l.cp,
-                "--server-name",
-                ISTIOD,
-            ],
-            &[("ZMESH_LOG", "info")],
+            &ca,
+            &mesh_path,
+            &l.cp,
+            &["--server-name", ISTIOD],
+            WAIT,
         )
         .unwrap();
-    cp.wait_for_log("listening on", WAIT).unwrap();
     wait_ready(&mesh.a, "node A", || mesh.node_a.read_log());
     wait_ready(&mesh.b, "the VM", || mesh.node_b.read_log());
     cp.wait_for_log("workload auto-registered", WAIT).unwrap();

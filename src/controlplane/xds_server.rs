@@ -821,8 +821,19 @@ impl Registry {
             return Err(holder.clone());
         }
         let changed = entries.get(&uid).is_none_or(|(_, old)| {
-            (&old.name, &old.addresses, &old.service_account, &old.network, &old.services)
-                != (&w.name, &w.addresses, &w.service_account, &w.network, &w.services)
+            (
+                &old.name,
+                &old.addresses,
+                &old.service_account,
+                &old.network,
+                &old.services,
+            ) != (
+                &w.name,
+                &w.addresses,
+                &w.service_account,
+                &w.network,
+                &w.services,
+            )
         });
         entries.insert(uid.clone(), (id, w));
         drop(entries);

@@ -212,6 +212,27 @@ impl Netns {
     /// the guard outlives this `Netns`, the namespace's drop kills it first.
     /// `cmd` is resolved through `PATH` by `ip`, so pass test binaries by
     /// absolute path (e.g. `env!("CARGO_BIN_EXE_...")`).
+    /// Starts `zmesh-node ca serve --xds` (binary `bin`) here, on `listen`, with the CA in `ca`
+    /// and the mesh file `mesh` plus any `extra` arguments, and waits until it listens.
+    pub fn spawn_control_plane(
+        &self,
+        bin: &str,
+        ca: &Path,
+        mesh: &Path,
+        listen: &str,
+        extra: &[&str],
+        timeout: std::time::Duration,
+    ) -> Result<Child> {
+        let (ca, mesh) = (ca.display().to_string(), mesh.display().to_string());
+        let mut args = vec![
+            "ca", "serve", "--xds", "--dir", &ca, "--mesh", &mesh, "--listen", listen,
+        ];
+        args.extend_from_slice(extra);
+        let cp = self.spawn(bin, &args, &[("ZMESH_LOG", "info")])?;
+        cp.wait_for_log("listening on", timeout)?;
+        Ok(cp)
+    }
+
     pub fn spawn(&self, cmd: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Child> {
         let mut command = Command::new("ip");
         command
