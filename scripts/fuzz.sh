@@ -4,7 +4,7 @@
 # one per core), and fails if any of them crashed, ran out of memory or hung. Prints each
 # target's executions and coverage.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
-# CI runs `scripts/fuzz.sh 30`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
+# CI runs `scripts/fuzz.sh 20`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
 # with `fuzz/target/x86_64-unknown-linux-gnu/release/<target> <file>`); the growing corpus in
 # fuzz/corpus/<target>/, logs in fuzz/logs/. ZMESH_CARGO_LOCK=<file> makes the cargo commands
 # (not the runs) wait on that lock, for a machine shared by several builds.
