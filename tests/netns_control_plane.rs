@@ -100,17 +100,7 @@ fn exchange_from(from: &Netns, to: &str, msg: &[u8]) -> std::io::Result<Vec<u8>>
 }
 
 fn echo(ns: &Netns, ip: &str) -> std::thread::JoinHandle<()> {
-    let l = ns.listen_tcp(format!("{ip}:{APP_PORT}")).unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = s.read_to_end(&mut buf);
-                let _ = s.write_all(&buf);
-            });
-        }
-    })
+    ns.spawn_echo(&format!("{ip}:{APP_PORT}")).unwrap()
 }
 
 /// A node's pooled outbound HBONE connections (`zmesh_hbone_pool_connections`).

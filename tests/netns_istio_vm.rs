@@ -160,17 +160,7 @@ fn wait_ready(ns: &Netns, what: &str, log: impl Fn() -> String) {
 }
 
 fn echo(ns: &Netns, ip: &str) -> std::thread::JoinHandle<()> {
-    let l = ns.listen_tcp(format!("{ip}:{APP_PORT}")).unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = s.read_to_end(&mut buf);
-                let _ = s.write_all(&buf);
-            });
-        }
-    })
+    ns.spawn_echo(&format!("{ip}:{APP_PORT}")).unwrap()
 }
 
 /// One request/response from A's app to the billing service's VIP.

@@ -212,6 +212,23 @@ impl Netns {
     /// the guard outlives this `Netns`, the namespace's drop kills it first.
     /// `cmd` is resolved through `PATH` by `ip`, so pass test binaries by
     /// absolute path (e.g. `env!("CARGO_BIN_EXE_...")`).
+    /// An app on `addr` here that answers each connection, once its client has shut down its
+    /// write side, with everything it sent (one thread per connection; lives with the test).
+    pub fn spawn_echo(&self, addr: &str) -> Result<std::thread::JoinHandle<()>> {
+        use std::io::{Read, Write};
+        let l = self.listen_tcp(addr)?;
+        Ok(std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf);
+                    let _ = s.write_all(&buf);
+                });
+            }
+        }))
+    }
+
     /// Starts `zmesh-node ca serve --xds` (binary `bin`) here, on `listen`, with the CA in `ca`
     /// and the mesh file `mesh` plus any `extra` arguments, and waits until it listens.
     pub fn spawn_control_plane(
