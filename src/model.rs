@@ -1100,8 +1100,13 @@ services:
   - { name: hl, namespace: shop, hostname: hl.shop.svc.Cluster.Local, ports: { 80: 80 } }
 ";
         let m = Model::from_config(&Config::parse(text, "t").unwrap());
-        let api = m.service_by_host("api.example.com").expect("lowercase finds it");
-        assert!(Arc::ptr_eq(api, m.service_by_host("API.example.com").unwrap()));
+        let api = m
+            .service_by_host("api.example.com")
+            .expect("lowercase finds it");
+        assert!(Arc::ptr_eq(
+            api,
+            m.service_by_host("API.example.com").unwrap()
+        ));
         // Allocated with the node's DNS proxy off (a waypoint must know it too).
         assert!(api.auto_vip.is_some());
         let hl = m.service_by_host("hl.shop.svc.cluster.local").unwrap();
