@@ -841,9 +841,11 @@ impl Config {
                 ));
             }
         }
-        n.dns.check().map_err(|(field, value, reason)| {
-            invalid(format!("node.dns.{field}"), &value, reason)
-        })?;
+        n.dns
+            .check(n.mode == Mode::InPod)
+            .map_err(|(field, value, reason)| {
+                invalid(format!("node.dns.{field}"), &value, reason)
+            })?;
         if n.handshake_timeout.is_zero() {
             return Err(invalid(
                 "node.handshake_timeout".into(),

@@ -340,8 +340,13 @@ impl Model {
     }
 
     /// The service a Host header names: its hostname, or `name.namespace[.svc]`.
+    /// The service a name designates; DNS names compare ASCII case-insensitively.
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
-        self.services_by_host.get(host)
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.services_by_host.get(&host.to_ascii_lowercase())
+        } else {
+            self.services_by_host.get(host)
+        }
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -669,39 +674,60 @@ fn resolve_gateways(
 }
 
 /// Every name a service answers to; the first service to claim a name keeps it.
-/// Auto-allocated VIPs (by hostname) for the services without `vips`, when the DNS proxy is on:
-/// only then can a client learn such an address (docs/capture.md "DNS proxy").
+/// Auto-allocated VIPs (by hostname) for the services without `vips` whose hostname is not under
+/// `node.dns.cluster_domain` (a Kubernetes service without a ClusterIP is headless: kube-dns
+/// answers it with pod IPs). Allocated whether or not this node's DNS proxy is on: a waypoint
+/// must recognise the auto VIP a client node's proxy handed out, so the table depends only on
+/// the model and `vip_range` (docs/capture.md "DNS proxy").
 fn auto_vips(
     node: &NodeConfig,
     services: &[&ServiceConfig],
     workloads_by_ip: &HashMap<IpAddr, Arc<Workload>>,
 ) -> std::collections::BTreeMap<String, std::net::Ipv4Addr> {
-    if !node.dns.enabled {
-        return Default::default();
-    }
     let taken: std::collections::HashSet<IpAddr> = services
         .iter()
         .flat_map(|s| s.vips.iter().copied())
         .chain(workloads_by_ip.keys().copied())
         .collect();
+    let cluster_domain = node
+        .dns
+        .cluster_domain
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let unaddressed = services
         .iter()
         .filter(|s| s.vips.is_empty())
-        .map(|s| s.hostname.0.as_str());
+        .map(|s| s.hostname.0.as_str())
+        .filter(|h| !under_domain(h, &cluster_domain));
     crate::dns::vip::allocate(node.dns.vip_range, unaddressed, &taken)
+}
+
+/// Whether `host` is `domain` or a name under it (ASCII case-insensitive).
+fn under_domain(host: &str, domain: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == domain
+        || host
+            .strip_suffix(domain)
+            .is_some_and(|rest| rest.ends_with('.'))
 }
 
 fn host_index(services: &[Arc<Service>]) -> HashMap<String, Arc<Service>> {
     let mut index = HashMap::new();
     for s in services {
-        index.entry(s.hostname.clone()).or_insert_with(|| s.clone());
+        // Indexed lowercased: `service_by_host` lowercases what it is asked (DNS names are
+        // case-insensitive, and the DNS proxy asks in lowercase).
+        index
+            .entry(s.hostname.to_ascii_lowercase())
+            .or_insert_with(|| s.clone());
     }
     for s in services {
         for alias in [
             format!("{}.{}", s.name, s.namespace),
             format!("{}.{}.svc", s.name, s.namespace),
         ] {
-            index.entry(alias).or_insert_with(|| s.clone());
+            index
+                .entry(alias.to_ascii_lowercase())
+                .or_insert_with(|| s.clone());
         }
     }
     index
@@ -1064,6 +1090,27 @@ services:
         let tcp = base.replace("waypoint: nope", "waypoint: b") + "  - { uid: b, name: b, namespace: d, addresses: [10.0.0.2], node: n, protocol: TCP }\n";
         let e = Config::parse(&tcp, "t").unwrap_err().to_string();
         assert!(e.contains("must speak HBONE"), "{e}");
+    }
+
+    #[test]
+    fn hostnames_match_case_insensitively_and_auto_vips_skip_the_cluster_domain() {
+        let text = "node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
+services:
+  - { name: api, namespace: shop, hostname: Api.Example.COM, ports: { 443: 443 } }
+  - { name: hl, namespace: shop, hostname: hl.shop.svc.Cluster.Local, ports: { 80: 80 } }
+";
+        let m = Model::from_config(&Config::parse(text, "t").unwrap());
+        let api = m
+            .service_by_host("api.example.com")
+            .expect("lowercase finds it");
+        assert!(Arc::ptr_eq(
+            api,
+            m.service_by_host("API.example.com").unwrap()
+        ));
+        // Allocated with the node's DNS proxy off (a waypoint must know it too).
+        assert!(api.auto_vip.is_some());
+        let hl = m.service_by_host("hl.shop.svc.cluster.local").unwrap();
+        assert_eq!(hl.auto_vip, None, "headless: kube-dns answers it");
     }
 
     #[test]

@@ -20,8 +20,13 @@ pub struct DnsConfig {
     #[serde(default)]
     pub enabled: bool,
     /// Host mode's listening address. Default 127.0.0.1: the capture rules REDIRECT to it.
+    /// In-pod listeners always bind 127.0.0.1. Any other address needs `allow_remote_clients`.
     #[serde(default = "default_bind")]
     pub bind: IpAddr,
+    /// Lets host mode's `bind` be a non-loopback address, serving other hosts. Off: an open
+    /// UDP resolver is an amplifier for spoofed-source floods.
+    #[serde(default)]
+    pub allow_remote_clients: bool,
     #[serde(default = "default_port")]
     pub port: u16,
     /// Resolvers for names the mesh does not know. Empty: the `nameserver` lines of
@@ -65,6 +70,7 @@ impl Default for DnsConfig {
         DnsConfig {
             enabled: false,
             bind: default_bind(),
+            allow_remote_clients: false,
             port: DEFAULT_PORT,
             upstreams: Vec::new(),
             resolv_conf: default_resolv_conf(),
@@ -80,10 +86,24 @@ impl Default for DnsConfig {
 }
 
 impl DnsConfig {
-    /// Cross-field checks; the error is (field under `node.dns`, value, reason).
-    pub fn check(&self) -> Result<(), (&'static str, String, &'static str)> {
+    /// Cross-field checks (`in_pod`: the node runs in in-pod mode); the error is (field under
+    /// `node.dns`, value, reason).
+    pub fn check(&self, in_pod: bool) -> Result<(), (&'static str, String, &'static str)> {
         if self.port == 0 {
             return Err(("port", "0".into(), "port 0 cannot be listened on"));
+        }
+        if !in_pod && !self.bind.is_loopback() && !self.allow_remote_clients {
+            return Err((
+                "bind",
+                self.bind.to_string(),
+                "a non-loopback DNS listener answers other hosts and amplifies spoofed UDP \
+                 floods; set node.dns.allow_remote_clients: true if that is intended",
+            ));
+        }
+        if in_pod {
+            if let Some(a) = loopback_upstream(&self.upstreams) {
+                return Err(("upstreams", a.to_string(), LOOPBACK_IN_POD));
+            }
         }
         if self.vip_range.prefix_len() > 30 {
             return Err((
@@ -125,6 +145,16 @@ impl DnsConfig {
         }
         Ok(())
     }
+}
+
+/// Why an in-pod proxy cannot forward to a loopback resolver (config check and start).
+pub const LOOPBACK_IN_POD: &str = "in in-pod mode upstream queries leave from inside each pod's \
+     network namespace, where the node's loopback resolver (e.g. systemd-resolved's 127.0.0.53) \
+     does not exist; set node.dns.upstreams to kube-dns's ClusterIP (e.g. 10.96.0.10:53)";
+
+/// The first loopback address of `upstreams` (what an in-pod proxy cannot reach).
+pub fn loopback_upstream(upstreams: &[SocketAddr]) -> Option<SocketAddr> {
+    upstreams.iter().copied().find(|a| a.ip().is_loopback())
 }
 
 fn default_bind() -> IpAddr {
@@ -202,9 +232,39 @@ mod tests {
             ("{ upstreams: [10.0.0.53] }", "upstreams"),
             ("{ vip_range: 'fd00::/64' }", "vip_range"),
             ("{ enable: true }", "unknown field `enable`"),
+            ("{ bind: 0.0.0.0 }", "node.dns.bind"),
+            ("{ bind: 10.1.2.3 }", "allow_remote_clients"),
         ] {
             let e = parse(dns).unwrap_err();
             assert!(e.contains(want), "{dns}: {e}");
         }
+    }
+
+    #[test]
+    fn a_remote_bind_needs_the_explicit_opt_in() {
+        let c = parse("{ bind: 0.0.0.0, allow_remote_clients: true }").unwrap();
+        assert_eq!(c.node.dns.bind.to_string(), "0.0.0.0");
+        assert!(parse("{ bind: '::1' }").is_ok(), "loopback needs no opt-in");
+    }
+
+    fn parse_in_pod(dns: &str) -> Result<Config, String> {
+        let text = format!(
+            "node:\n  name: n1\n  mode: in_pod\n  certificates: {{ file_ca: {{ dir: /tmp/ca }} }}\n  dns: {dns}\n"
+        );
+        Config::parse(&text, "node.yaml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn in_pod_refuses_loopback_upstreams_naming_the_field_and_the_fix() {
+        for up in ["127.0.0.53:53", "127.0.0.1:53", "'[::1]:53'"] {
+            let e = parse_in_pod(&format!("{{ enabled: true, upstreams: [{up}] }}")).unwrap_err();
+            assert!(e.contains("node.dns.upstreams"), "{e}");
+            assert!(e.contains("kube-dns"), "{e}");
+        }
+        assert!(parse_in_pod("{ enabled: true, upstreams: ['10.96.0.10:53'] }").is_ok());
+        // In-pod listeners bind 127.0.0.1 whatever `bind` says: no opt-in asked there.
+        assert!(parse_in_pod("{ enabled: true, bind: 0.0.0.0 }").is_ok());
+        // Host mode forwards from the node's namespace, where a loopback resolver is fine.
+        assert!(parse("{ enabled: true, upstreams: ['127.0.0.53:53'] }").is_ok());
     }
 }

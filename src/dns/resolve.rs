@@ -120,6 +120,11 @@ pub fn decide(model: &Model, search: &[String], query: &Message, ttl: u32) -> De
     let Some(svc) = find_service(model, &name, search) else {
         return Decision::Forward;
     };
+    if svc.vips.is_empty() && svc.auto_vip.is_none() {
+        // A headless Kubernetes service (or one the VIP range had no room for): only the
+        // cluster's DNS knows its pod addresses.
+        return Decision::Forward;
+    }
     // A mesh name: answered here whatever the type, with no record when it has none of that
     // type (NODATA), so a mesh name never leaks to the upstream resolver.
     let mut m = reply(query, ResponseCode::NoError);
@@ -188,6 +193,7 @@ services:
   - { name: cart, namespace: shop, hostname: cart.shop.svc.cluster.local,
       vips: [10.96.0.20, 'fd00::20'], ports: { 80: 8080 } }
   - { name: api, namespace: shop, hostname: api.example.com, ports: { 443: 443 } }
+  - { name: kafka, namespace: data, hostname: kafka.data.svc.cluster.local, ports: { 9092: 9092 } }
 ";
         Model::from_config(&Config::parse(text, "test").unwrap())
     }
@@ -319,6 +325,22 @@ services:
                 .auto_vip,
             None
         );
+    }
+
+    #[test]
+    fn a_headless_cluster_service_gets_no_auto_vip_and_is_forwarded() {
+        let m = model();
+        let kafka = m.service_by_host("kafka.data.svc.cluster.local").unwrap();
+        assert_eq!(kafka.auto_vip, None, "kube-dns answers it with pod IPs");
+        let s = search_domains(Some("data"), "cluster.local");
+        for (name, t) in [
+            ("kafka.data.svc.cluster.local.", RecordType::A),
+            ("kafka.", RecordType::A),
+            ("kafka.data.", RecordType::AAAA),
+        ] {
+            let d = decide(&m, &s, &query(name, t), 30);
+            assert!(matches!(d, Decision::Forward), "{name}: {d:?}");
+        }
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Server {
     /// Forwards, and encodes what goes back to the client: the upstream's answer as it came
     /// (truncated for a UDP client when too long), or SERVFAIL.
     async fn forward(&self, raw: &[u8], query: &Message, udp: bool) -> Option<Vec<u8>> {
-        match self.upstream.forward(raw, query.id(), &self.metrics).await {
+        match self.upstream.forward(raw, &self.metrics).await {
             Ok(answer) if !udp || answer.len() <= resolve::udp_limit(query) => Some(answer),
             Ok(answer) => match Message::from_vec(&answer) {
                 Ok(m) => resolve::fit_udp(&m, resolve::udp_limit(query)),
@@ -257,7 +257,7 @@ pub async fn serve(server: Arc<Server>, listeners: DnsListeners, mut stop: watch
                 }
             },
             r = tcp.accept() => match r {
-                Ok((s, peer)) => on_connection(&server, s, peer),
+                Ok((s, peer)) => on_connection(&server, s, peer, &stop),
                 Err(e) => crate::rejections::accept_failed(&server.accept_warnings, "DNS", &e).await,
             },
             _ = stop.changed() => return,
@@ -292,54 +292,76 @@ fn on_datagram(server: &Arc<Server>, udp: &Arc<UdpSocket>, msg: &[u8], peer: Soc
     }
 }
 
-fn on_connection(server: &Arc<Server>, mut s: TcpStream, peer: SocketAddr) {
+/// Serves one TCP client until it is done, idle, or `stop` flips (a pod's listener stops with
+/// its pod: no connection task may outlive it, holding a slot and the pod's namespace).
+fn on_connection(
+    server: &Arc<Server>,
+    s: TcpStream,
+    peer: SocketAddr,
+    stop: &watch::Receiver<bool>,
+) {
     let Ok(slot) = server.tcp_slots.clone().try_acquire_owned() else {
         server.metrics.dropped(DropReason::TcpLimit);
         return; // dropping the stream closes it
     };
     let server = server.clone();
+    let mut stop = stop.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        loop {
-            // Idle means no complete message within the deadline (a slow drip counts as idle).
-            let read = async {
-                let n = usize::from(s.read_u16().await?);
-                let mut msg = vec![0u8; n];
-                s.read_exact(&mut msg).await?;
-                io::Result::Ok(msg)
-            };
-            let msg = match tokio::time::timeout(server.tcp_idle, read).await {
-                Ok(Ok(m)) => m,
-                Ok(Err(_)) => return, // EOF or reset: the client is done
-                Err(_) => {
-                    server.metrics.dropped(DropReason::TcpIdle);
-                    return;
-                }
-            };
-            let reply = match server.prepare(&msg, peer.ip(), "tcp", false) {
-                Step::Done(Some(r)) => r,
-                // A malformed message or a response over TCP: the stream cannot be trusted.
-                Step::Done(None) => return,
-                Step::Forward {
-                    raw,
-                    query,
-                    _permit,
-                } => match server.forward(&raw, &query, false).await {
-                    Some(r) => r,
-                    None => return,
-                },
-            };
-            let Ok(len) = u16::try_from(reply.len()) else {
+        tokio::select! {
+            _ = serve_connection(&server, s, peer) => {}
+            _ = stop.changed() => {}
+        }
+    });
+}
+
+async fn serve_connection(server: &Server, mut s: TcpStream, peer: SocketAddr) {
+    loop {
+        // Idle means no complete message within the deadline (a slow drip counts as idle).
+        let read = async {
+            let n = usize::from(s.read_u16().await?);
+            let mut msg = vec![0u8; n];
+            s.read_exact(&mut msg).await?;
+            io::Result::Ok(msg)
+        };
+        let msg = match tokio::time::timeout(server.tcp_idle, read).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) => return, // EOF or reset: the client is done
+            Err(_) => {
+                server.metrics.dropped(DropReason::TcpIdle);
                 return;
-            };
-            let mut framed = Vec::with_capacity(reply.len() + 2);
-            framed.extend_from_slice(&len.to_be_bytes());
-            framed.extend_from_slice(&reply);
-            if s.write_all(&framed).await.is_err() {
+            }
+        };
+        let reply = match server.prepare(&msg, peer.ip(), "tcp", false) {
+            Step::Done(Some(r)) => r,
+            // A malformed message or a response over TCP: the stream cannot be trusted.
+            Step::Done(None) => return,
+            Step::Forward {
+                raw,
+                query,
+                _permit,
+            } => match server.forward(&raw, &query, false).await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        // A client that never reads would block the write forever: the idle deadline
+        // bounds writes too.
+        match tokio::time::timeout(server.tcp_idle, s.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                server.metrics.dropped(DropReason::TcpIdle);
                 return;
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]
@@ -376,6 +398,16 @@ services:
 
     /// A proxy on 127.0.0.1 (a free port) forwarding to `upstreams`.
     async fn start(upstreams: Vec<SocketAddr>, cfg: DnsConfig) -> (SocketAddr, Arc<Server>) {
+        let (addr, server, tx) = start_stoppable(upstreams, cfg).await;
+        // The proxy runs until the test's runtime ends.
+        std::mem::forget(tx);
+        (addr, server)
+    }
+
+    async fn start_stoppable(
+        upstreams: Vec<SocketAddr>,
+        cfg: DnsConfig,
+    ) -> (SocketAddr, Arc<Server>, watch::Sender<bool>) {
         let l = DnsListeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
         let up = Upstream::new(
@@ -394,9 +426,7 @@ services:
         ));
         let (tx, rx) = watch::channel(false);
         tokio::spawn(serve(server.clone(), l, rx));
-        // The proxy runs until the test's runtime ends.
-        std::mem::forget(tx);
-        (addr, server)
+        (addr, server, tx)
     }
 
     fn query(id: u16, name: &str, t: RecordType) -> Vec<u8> {
@@ -608,5 +638,74 @@ services:
         // The first sends nothing: closed after the idle timeout.
         assert_eq!(first.read(&mut b).await.unwrap_or(0), 0);
         assert_eq!(server.metrics().dropped_count(DropReason::TcpIdle), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tcp_client_that_never_reads_is_disconnected_after_the_idle_timeout() {
+        let cfg = DnsConfig {
+            max_tcp_connections: 1,
+            ..DnsConfig::default()
+        };
+        let (proxy, server) = start(vec![], cfg).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let s = sock.connect(proxy).await.unwrap();
+        // Pipelined queries, no reads: the proxy's replies fill both socket buffers and its
+        // write blocks.
+        let (_r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let q = query(7, "cart", RecordType::A);
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            let batch = framed.repeat(256);
+            loop {
+                if w.write_all(&batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        for _ in 0..60 {
+            if server.metrics().dropped_count(DropReason::TcpIdle) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(
+            server.metrics().dropped_count(DropReason::TcpIdle),
+            1,
+            "the blocked write was cut off at the idle timeout"
+        );
+        // The proxy closed the connection: the writer fails and ends.
+        tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .expect("writer ended")
+            .unwrap();
+        // And its slot is free again: a new client is served.
+        let a = ask_tcp(proxy, &query(8, "cart", RecordType::A)).await;
+        assert_eq!(ipv4s(&a), ["10.96.0.20"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_the_listener_ends_its_tcp_connections() {
+        let cfg = DnsConfig {
+            tcp_idle_timeout: Duration::from_secs(3600),
+            ..DnsConfig::default()
+        };
+        let (proxy, server, stop) = start_stoppable(vec![], cfg).await;
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        // Served while the listener runs...
+        let q = query(9, "cart", RecordType::A);
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&q).await.unwrap();
+        let n = usize::from(s.read_u16().await.unwrap());
+        s.read_exact(&mut vec![0u8; n]).await.unwrap();
+        // ...and closed as soon as it stops, long before the hour-long idle timeout.
+        stop.send(true).unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("closed on stop");
+        assert_eq!(r.unwrap_or(0), 0);
+        assert_eq!(server.metrics().dropped_count(DropReason::TcpIdle), 0);
     }
 }

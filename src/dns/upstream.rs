@@ -87,12 +87,11 @@ impl Upstream {
         &self.servers
     }
 
-    /// The first answer any resolver gives for `query` (whose id is `id`), in order; each
-    /// attempt and each failure is counted.
+    /// The first answer any resolver gives for `query`, in order; each attempt and each
+    /// failure is counted.
     pub async fn forward(
         &self,
         query: &[u8],
-        id: u16,
         metrics: &DnsMetrics,
     ) -> Result<Vec<u8>, ForwardError> {
         if self.servers.is_empty() {
@@ -103,11 +102,11 @@ impl Upstream {
         for &server in &self.servers {
             let started = tokio::time::Instant::now();
             metrics.upstream_request("udp");
-            let udp = tokio::time::timeout(self.timeout, self.udp(server, query, id)).await;
+            let udp = tokio::time::timeout(self.timeout, self.udp(server, query)).await;
             let answer = match udp {
                 Ok(Ok(a)) if truncated(&a) => {
                     metrics.upstream_request("tcp");
-                    match tokio::time::timeout(self.timeout, self.tcp(server, query, id)).await {
+                    match tokio::time::timeout(self.timeout, self.tcp(server, query)).await {
                         Ok(Ok(a)) => Ok(a),
                         Ok(Err(e)) => Err(("tcp", format!("{server} over TCP: {e}"))),
                         Err(_) => Err((
@@ -133,7 +132,7 @@ impl Upstream {
         Err(ForwardError::AllFailed(last))
     }
 
-    async fn udp(&self, server: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
+    async fn udp(&self, server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
         let domain = Domain::for_address(server);
         let new = move || Socket::new(domain, Type::DGRAM, Some(Protocol::UDP));
         let socket = match &self.netns {
@@ -158,14 +157,14 @@ impl Upstream {
             let n = socket.recv(&mut buf).await?;
             // A datagram that is not the answer to this query (a late answer to an earlier
             // one, a spoof) is skipped; the deadline bounds the wait.
-            if is_answer_to(&buf[..n], id) {
+            if is_answer_to(&buf[..n], query) {
                 buf.truncate(n);
                 return Ok(buf);
             }
         }
     }
 
-    async fn tcp(&self, server: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
+    async fn tcp(&self, server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
         let opts = DialOptions {
             mark: self.mark,
             ..Default::default()
@@ -181,7 +180,7 @@ impl Upstream {
         let n = usize::from(s.read_u16().await?);
         let mut buf = vec![0u8; n];
         s.read_exact(&mut buf).await?;
-        if !is_answer_to(&buf, id) {
+        if !is_answer_to(&buf, query) {
             return Err(std::io::Error::other(
                 "answer over TCP is not for our query",
             ));
@@ -190,9 +189,44 @@ impl Upstream {
     }
 }
 
-/// Whether `msg` is a response (QR set) with id `id`: the header's first three bytes.
-fn is_answer_to(msg: &[u8], id: u16) -> bool {
-    msg.len() >= 12 && u16::from_be_bytes([msg[0], msg[1]]) == id && msg[2] & 0x80 != 0
+/// Whether `msg` is a response (QR set) to `query`: the same id and the same question
+/// (names compared ASCII case-insensitively), so a spoof must guess the name as well as the id.
+fn is_answer_to(msg: &[u8], query: &[u8]) -> bool {
+    msg.len() >= 12
+        && query.len() >= 12
+        && msg[0..2] == query[0..2]
+        && msg[2] & 0x80 != 0
+        && match (question(msg), question(query)) {
+            (Some(a), Some(q)) => a.eq_ignore_ascii_case(q),
+            _ => false,
+        }
+}
+
+/// The question section of a message: its count (bytes 4-5) and its one question's bytes (an
+/// uncompressed name, type and class). None when it cannot be read that way.
+fn question(msg: &[u8]) -> Option<&[u8]> {
+    let count = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+    match count {
+        0 => Some(&msg[4..6]),
+        1 => {
+            let mut i = 12;
+            loop {
+                let len = usize::from(*msg.get(i)?);
+                i += 1;
+                if len == 0 {
+                    break;
+                }
+                // The first name of a message has nothing before it to point at.
+                if len & 0xC0 != 0 {
+                    return None;
+                }
+                i += len;
+            }
+            let end = i + 4;
+            (end <= msg.len()).then(|| &msg[12..end])
+        }
+        _ => None,
+    }
 }
 
 /// Whether the TC bit of a response is set.
@@ -244,14 +278,39 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_matched_by_id_and_qr() {
+    fn answers_are_matched_by_id_qr_and_question() {
         let mut h = [0u8; 12];
         h[0..2].copy_from_slice(&7u16.to_be_bytes());
-        assert!(!is_answer_to(&h, 7), "a query is not an answer");
+        let q7 = h;
+        let mut q8 = h;
+        q8[0..2].copy_from_slice(&8u16.to_be_bytes());
+        assert!(!is_answer_to(&h, &q7), "a query is not an answer");
         h[2] = 0x80;
-        assert!(is_answer_to(&h, 7));
-        assert!(!is_answer_to(&h, 8));
-        assert!(!is_answer_to(&h[..11], 7), "short header");
+        assert!(is_answer_to(&h, &q7));
+        assert!(!is_answer_to(&h, &q8));
+        assert!(!is_answer_to(&h[..11], &q7), "short header");
+        // One question: the answer must repeat it (case aside).
+        let with_q = |hdr: [u8; 12], name: &[u8]| {
+            let mut m = hdr.to_vec();
+            m[5] = 1;
+            m.extend_from_slice(name);
+            m.extend_from_slice(&[0, 1, 0, 1]);
+            m
+        };
+        let query = with_q(q7, b"\x03api\x07example\x03com\x00");
+        assert!(is_answer_to(
+            &with_q(h, b"\x03API\x07example\x03com\x00"),
+            &query
+        ));
+        assert!(!is_answer_to(
+            &with_q(h, b"\x03bad\x07example\x03com\x00"),
+            &query
+        ));
+        assert!(!is_answer_to(&h, &query), "no question in the answer");
+        assert!(!is_answer_to(&with_q(h, b"\xc0\x0c"), &query), "compressed");
+        let mut cut = with_q(h, b"\x03api\x07example\x03com\x00");
+        cut.truncate(cut.len() - 2);
+        assert!(!is_answer_to(&cut, &query), "cut short");
         assert!(!truncated(&h));
         h[2] |= 0x02;
         assert!(truncated(&h));
@@ -269,7 +328,7 @@ mod tests {
             None,
             None,
         );
-        let e = u.forward(&[0; 12], 0, &m).await.unwrap_err().to_string();
+        let e = u.forward(&[0; 12], &m).await.unwrap_err().to_string();
         assert!(e.contains("node.dns.upstreams"), "{e}");
         assert_eq!(m.upstream_failures_total(), 1);
     }
@@ -299,8 +358,8 @@ mod tests {
         );
         let mut q = [0u8; 12];
         q[0..2].copy_from_slice(&9u16.to_be_bytes());
-        let a = u.forward(&q, 9, &m).await.unwrap();
-        assert!(is_answer_to(&a, 9));
+        let a = u.forward(&q, &m).await.unwrap();
+        assert!(is_answer_to(&a, &q));
         assert_eq!(m.upstream_requests_total(), 2);
         assert_eq!(m.upstream_failures_total(), 1);
     }

@@ -330,7 +330,8 @@ async fn add(
         .map_err(listen_err("HBONE"))?;
     let d = &node.cfg.node.dns;
     let dns_l = if d.enabled {
-        let addr = SocketAddr::new(d.bind, d.port);
+        // Only the pod's own processes ask it (`node.dns.bind` is host mode's address).
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), d.port);
         Some(
             crate::dns::DnsListeners::bind_in(&netns, addr)
                 .await

@@ -61,6 +61,24 @@ pub enum StartError {
     },
     #[error("node.east_west_gateway.control_plane {0} is this host's own passthrough port: it would pass through to itself")]
     PassthroughLoop(SocketAddr),
+    #[error(
+        "node.dns.upstreams is empty and {origin} names the loopback resolver {addr}: {}",
+        crate::config::dns::LOOPBACK_IN_POD
+    )]
+    DnsLoopbackUpstream { addr: SocketAddr, origin: String },
+}
+
+/// In-pod mode forwards from inside each pod, where the node's loopback resolver does not
+/// exist: refuses to start rather than SERVFAIL every name the mesh does not know.
+pub(crate) fn check_in_pod_dns(d: &crate::config::dns::DnsConfig) -> Result<(), StartError> {
+    if !d.enabled {
+        return Ok(());
+    }
+    let (servers, origin) = dns_upstreams(d);
+    match crate::config::dns::loopback_upstream(&servers) {
+        Some(addr) => Err(StartError::DnsLoopbackUpstream { addr, origin }),
+        None => Ok(()),
+    }
 }
 
 /// Whether `target` is this host's own control-plane passthrough: the port, on an address of
@@ -1208,6 +1226,7 @@ fn spawn_renewals(node: &Node, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
 /// ZDS. Ready once the first snapshot is in and every pod proxy in it is up.
 async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
     let cfg = &node.cfg;
+    check_in_pod_dns(&cfg.node.dns)?;
     let p = &cfg.node.ports;
     let ready = bind("readiness", cfg.listen_addr(p.readiness), false)?;
     let metrics = bind("metrics", cfg.listen_addr(p.metrics), false)?;
@@ -1224,7 +1243,7 @@ async fn start_in_pod(node: Arc<Node>) -> Result<Running, StartError> {
             .node
             .dns
             .enabled
-            .then(|| SocketAddr::new(cfg.node.dns.bind, cfg.node.dns.port)),
+            .then(|| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), cfg.node.dns.port)),
     };
     let (tx, rx) = watch::channel(false);
     let (host_kill, _) = watch::channel(false);
@@ -1342,5 +1361,37 @@ async fn accept_loop<F, Fut>(
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod dns_start_tests {
+    use super::*;
+
+    #[test]
+    fn in_pod_start_refuses_a_loopback_resolver_from_resolv_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 127.0.0.53\noptions edns0\n").unwrap();
+        let mut d = crate::config::dns::DnsConfig {
+            enabled: true,
+            resolv_conf: conf.clone(),
+            ..Default::default()
+        };
+        let e = check_in_pod_dns(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("node.dns.upstreams") && e.contains("127.0.0.53:53"),
+            "{e}"
+        );
+        assert!(
+            e.contains("kube-dns") && e.contains(&conf.display().to_string()),
+            "{e}"
+        );
+        // A cluster resolver is fine; so is any resolver when the proxy is off.
+        std::fs::write(&conf, "nameserver 10.96.0.10\n").unwrap();
+        assert!(check_in_pod_dns(&d).is_ok());
+        std::fs::write(&conf, "nameserver 127.0.0.1\n").unwrap();
+        d.enabled = false;
+        assert!(check_in_pod_dns(&d).is_ok());
     }
 }

@@ -220,7 +220,12 @@ pub(super) fn check_host(
         return Ok(None);
     }
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        if let Some(s) = t.services.iter().find(|s| s.vips.contains(&ip)) {
+        // A client node's DNS proxy may have handed out the service's auto VIP.
+        if let Some(s) = t
+            .services
+            .iter()
+            .find(|s| s.vips.contains(&ip) || s.auto_vip == Some(ip))
+        {
             return Ok(Some(s.clone()));
         }
         let is_target_pod = t.workload.iter().any(|w| w.addresses.contains(&ip))
@@ -324,6 +329,34 @@ http_policies:
             let got: Vec<&str> = st.policies(&t).iter().map(|p| p.name.as_str()).collect();
             assert_eq!(got, *policies, "{dst}");
         }
+    }
+
+    #[test]
+    fn an_auto_vip_authority_names_its_service_even_with_dns_off_at_the_waypoint() {
+        // The waypoint's own DNS proxy is off; a client node's proxy handed out the auto VIP.
+        let text = r#"node: { name: n, certificates: { file_ca: { dir: /tmp/ca } } }
+workloads:
+  - { uid: e, name: e, namespace: shop, addresses: [10.0.4.1], node: n, services: { shop/api.example.com: {} } }
+  - { uid: f, name: f, namespace: shop, addresses: [10.0.4.2], node: n, services: { shop/db.example.com: {} } }
+services:
+  - { name: api, namespace: shop, hostname: api.example.com, ports: { 443: 443 } }
+  - { name: db, namespace: shop, hostname: db.example.com, ports: { 443: 443 } }
+"#;
+        let st = WpState::from_config(&Config::parse(text, "t").unwrap()).unwrap();
+        let vip = |h: &str| {
+            st.model
+                .service_by_host(h)
+                .unwrap()
+                .auto_vip
+                .expect("allocated")
+        };
+        let (api, db) = (vip("api.example.com"), vip("db.example.com"));
+        let t = st.target(SocketAddr::new(api, 443));
+        assert_eq!(names(&t), ["api"]);
+        let named = check_host(&st.model, &api.to_string(), &t).unwrap();
+        assert_eq!(named.map(|s| s.name.clone()).as_deref(), Some("api"));
+        // Another service's auto VIP is still misdirected.
+        assert!(check_host(&st.model, &db.to_string(), &t).is_err());
     }
 
     #[test]

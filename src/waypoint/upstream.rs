@@ -239,7 +239,7 @@ async fn attempt_once(
                 .ok_or_else(|| {
                     AttemptError::NoEndpoint(format!("backend {} is gone", b.service))
                 })?;
-            let vip = *svc.vips.first().ok_or_else(|| {
+            let vip = *svc.vips.first().or(svc.auto_vip.as_ref()).ok_or_else(|| {
                 AttemptError::NoEndpoint(format!("backend {} has no VIP", b.service))
             })?;
             (
