@@ -658,7 +658,9 @@ impl Transcoder {
                 DynamicMessage::new(input)
             }
         };
-        let mut bound: HashSet<String> = HashSet::new();
+        // Bound fields are kept as resolved field paths, not spellings: a query key may name
+        // a field by its proto or its JSON name, and either must hit the same guard.
+        let mut bound: Vec<Vec<FieldDescriptor>> = Vec::new();
         for (path, value) in &m.vars {
             set_path(&mut msg, path, value).map_err(|e| {
                 bad_request(
@@ -666,7 +668,9 @@ impl Transcoder {
                     format!("path field {:?}: {e}", path.join(".")),
                 )
             })?;
-            bound.insert(path.join("."));
+            if let Ok(fields) = resolve(&input_of(b), path) {
+                bound.push(fields);
+            }
         }
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -680,7 +684,9 @@ impl Transcoder {
                 }
                 BodySpec::None => false,
             };
-            if bound.contains(&key) || into_body {
+            let clashes = resolve(&input_of(b), &path)
+                .is_ok_and(|q| bound.iter().any(|p| overlaps(p, &q)));
+            if clashes || into_body {
                 return Err(bad_request(
                     "bad_query",
                     format!("query parameter {key:?} sets a field the path or body already sets"),
@@ -701,6 +707,21 @@ impl Transcoder {
         }
         Ok(msg)
     }
+}
+
+/// Whether setting the field path `q` would change what the field path `p` set: the same
+/// field, one inside the other, or, where they part, two members of one oneof (setting one
+/// clears the other).
+fn overlaps(p: &[FieldDescriptor], q: &[FieldDescriptor]) -> bool {
+    for (a, b) in p.iter().zip(q) {
+        if a.number() != b.number() {
+            return match (a.containing_oneof(), b.containing_oneof()) {
+                (Some(x), Some(y)) => x.name() == y.name(),
+                _ => false,
+            };
+        }
+    }
+    true
 }
 
 fn input_of(b: &Binding) -> MessageDescriptor {
@@ -1362,6 +1383,20 @@ mod tests {
                 "already sets",
             ),
             (Method::POST, "/v1/echo?text=x", "{}", "already sets"),
+            // The JSON spelling of a path variable is the same field (a policy on
+            // /v1/shelves/1 must not let shelf 2 through).
+            (
+                Method::GET,
+                "/v1/shelves/1?shelfId=2",
+                "",
+                "query parameter \"shelfId\" sets a field the path or body already sets",
+            ),
+            (
+                Method::GET,
+                "/v1/shelves/1?shelf_id=2",
+                "",
+                "query parameter \"shelf_id\" sets",
+            ),
             (Method::GET, "/v1/shelves/1", "{}", "takes no request body"),
             (
                 Method::GET,
@@ -1459,6 +1494,49 @@ service Custom { rpc Head(M) returns (M) { option (google.api.http) = { custom: 
         let t = load("t.Custom", false).unwrap();
         assert!(t.find(&Method::HEAD, "/v1/a").is_some());
         assert!(t.find(&Method::GET, "/v1/a").is_none());
+    }
+
+    #[test]
+    fn query_parameters_cannot_touch_path_bound_fields_or_their_oneof() {
+        let fds = compile(
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message Key { oneof k { string name = 1; int64 number = 2; } string note = 3; }
+message M { oneof id { string user_id = 1; string group_id = 2; } Key key = 3; string other = 4; }
+service S {
+  rpc ByUser(M) returns (M) { option (google.api.http) = { get: "/v1/users/{user_id}" }; }
+  rpc ByKey(M) returns (M) { option (google.api.http) = { get: "/v1/keys/{key.name}" }; }
+}
+"#,
+        );
+        let cfg: GrpcTranscoding =
+            serde_yaml::from_str("{descriptor_set: t.pb, services: [t.S]}").unwrap();
+        let t = Transcoder::from_bytes(&fds, "t.pb", &cfg).unwrap();
+        for (path_q, key) in [
+            ("/v1/users/u1?groupId=g", "groupId"),
+            ("/v1/users/u1?group_id=g", "group_id"),
+            ("/v1/users/u1?userId=u2", "userId"),
+            ("/v1/keys/k1?key.number=7", "key.number"),
+            ("/v1/keys/k1?key.name=k2", "key.name"),
+        ] {
+            let e = message_json(&t, Method::GET, path_q, "").unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{path_q}");
+            assert!(
+                e.message.contains(&format!("query parameter {key:?}")),
+                "{path_q}: {}",
+                e.message
+            );
+        }
+        // Fields outside the bound field and its oneof stay settable.
+        assert_eq!(
+            message_json(&t, Method::GET, "/v1/users/u1?other=x", "").unwrap(),
+            "/t.S/ByUser {\"userId\":\"u1\",\"other\":\"x\"}"
+        );
+        assert_eq!(
+            message_json(&t, Method::GET, "/v1/keys/k1?key.note=n", "").unwrap(),
+            "/t.S/ByKey {\"key\":{\"name\":\"k1\",\"note\":\"n\"}}"
+        );
     }
 
     #[test]
