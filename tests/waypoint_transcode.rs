@@ -542,6 +542,12 @@ async fn policies_on_grpc_method_paths_hold_for_transcoded_calls() {
     let (st, _, body) = call(&mut c, Method::POST, "/v1/echo", r#"{"text":"hi"}"#).await;
     assert_eq!(st, StatusCode::FORBIDDEN, "{body:?}");
     // A request straight to the gRPC method path meets the same DENY.
-    let (st, _, _) = call(&mut c, Method::POST, "/zmesh.test.shelf.Shelves/GetShelf", "").await;
+    let (st, _, _) = call(
+        &mut c,
+        Method::POST,
+        "/zmesh.test.shelf.Shelves/GetShelf",
+        "",
+    )
+    .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
 }

@@ -684,8 +684,8 @@ impl Transcoder {
                 }
                 BodySpec::None => false,
             };
-            let clashes = resolve(&input_of(b), &path)
-                .is_ok_and(|q| bound.iter().any(|p| overlaps(p, &q)));
+            let clashes =
+                resolve(&input_of(b), &path).is_ok_and(|q| bound.iter().any(|p| overlaps(p, &q)));
             if clashes || into_body {
                 return Err(bad_request(
                     "bad_query",
@@ -853,6 +853,9 @@ struct GrpcReader {
     desc: MessageDescriptor,
     max: usize,
     ended: bool,
+    /// A `grpc-status` the response headers carried (trailers-only): the call's status if the
+    /// body ends without trailers.
+    header_status: Option<tonic::Status>,
 }
 
 impl GrpcReader {
@@ -915,6 +918,11 @@ impl GrpcReader {
                 }
                 None => {
                     self.ended = true;
+                    if self.buf.is_empty() {
+                        if let Some(s) = self.header_status.take() {
+                            return Event::End(s);
+                        }
+                    }
                     return Event::Broken("the call ended without grpc-status".into());
                 }
             }
@@ -948,10 +956,12 @@ pub async fn json_answer(
 ) -> Result<Response<Body>, Failure> {
     let bad_gateway = |msg: String| (StatusCode::BAD_GATEWAY, msg);
     let (parts, body) = resp.into_parts();
-    // Trailers-only: the status is in the headers.
-    if let Some(s) = tonic::Status::from_header_map(&parts.headers) {
+    // Trailers-only: the status is in the headers. A non-OK one is the answer; an OK one is
+    // kept for when the body ends without trailers (a stream with no messages).
+    let header_status = tonic::Status::from_header_map(&parts.headers);
+    if let Some(s) = &header_status {
         if s.code() != tonic::Code::Ok {
-            return Ok(error_response(&s));
+            return Ok(error_response(s));
         }
     }
     let is_grpc = parts
@@ -975,6 +985,7 @@ pub async fn json_answer(
         desc: m.binding.method.output(),
         max: t.cfg.max_response_message_bytes as usize,
         ended: false,
+        header_status,
     };
     let first = reader.next().await;
     if !m.binding.method.is_server_streaming() {
@@ -1537,6 +1548,74 @@ service S {
             message_json(&t, Method::GET, "/v1/keys/k1?key.note=n", "").unwrap(),
             "/t.S/ByKey {\"key\":{\"name\":\"k1\",\"note\":\"n\"}}"
         );
+    }
+
+    /// A gRPC answer with these headers and body (data frames, no trailers).
+    fn grpc_answer(
+        headers: &[(&'static str, &'static str)],
+        body: &'static [u8],
+    ) -> Response<Body> {
+        let body = Full::new(Bytes::from_static(body))
+            .map_err(|e| match e {})
+            .boxed();
+        let mut r = Response::new(body);
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        r
+    }
+
+    async fn answer_text(r: Result<Response<Body>, Failure>) -> (StatusCode, String) {
+        let r = r.unwrap_or_else(|(st, e)| panic!("failed {st}: {e}"));
+        let st = r.status();
+        let b = r.into_body().collect().await.map_err(|e| e.to_string());
+        (
+            st,
+            String::from_utf8_lossy(&b.unwrap().to_bytes()).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn trailers_only_answers_keep_the_status_from_the_headers() {
+        let grpc = ("content-type", "application/grpc");
+        for (streaming, want) in [
+            (StreamingFormat::Ndjson, ""),
+            (StreamingFormat::Array, "[]"),
+        ] {
+            let t = Arc::new(shelf(|c| c.streaming = streaming).unwrap());
+            let m = t.find(&Method::GET, "/v1/shelves/s1/books:stream").unwrap();
+            // Trailers-only OK on a server stream: an empty stream, not a 502.
+            let r = json_answer(&t, &m, grpc_answer(&[grpc, ("grpc-status", "0")], b"")).await;
+            assert_eq!(answer_text(r).await, (StatusCode::OK, want.to_string()));
+            // Trailers-only NOT_FOUND: its own status.
+            let r = json_answer(
+                &t,
+                &m,
+                grpc_answer(&[grpc, ("grpc-status", "5"), ("grpc-message", "no")], b""),
+            )
+            .await;
+            assert_eq!(answer_text(r).await.0, StatusCode::NOT_FOUND);
+            // No status anywhere: still a broken call.
+            let e = json_answer(&t, &m, grpc_answer(&[grpc], b""))
+                .await
+                .unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_GATEWAY);
+            assert!(e.1.contains("without grpc-status"), "{}", e.1);
+            // An OK header status does not excuse a cut message.
+            let cut = grpc_answer(&[grpc, ("grpc-status", "0")], b"\0\0\0\0\x09ab");
+            let e = json_answer(&t, &m, cut).await.unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_GATEWAY, "{}", e.1);
+        }
+        // A unary call with trailers-only OK has no message: 502, naming that.
+        let t = Arc::new(shelf(|_| {}).unwrap());
+        let m = t.find(&Method::GET, "/v1/shelves/1").unwrap();
+        let e = json_answer(&t, &m, grpc_answer(&[grpc, ("grpc-status", "0")], b""))
+            .await
+            .unwrap_err();
+        assert!(e.1.contains("no message"), "{}", e.1);
     }
 
     #[test]
