@@ -814,6 +814,17 @@ pub fn grpc_request(
     ] {
         headers.remove(h);
     }
+    // The client spoke JSON, not gRPC: its `grpc-*` headers (grpc-timeout, grpc-encoding,
+    // grpc-accept-encoding, ...) would steer a call it did not make. Only the route's
+    // timeout, below, becomes a grpc-timeout.
+    let client_grpc: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("grpc-"))
+        .cloned()
+        .collect();
+    for k in client_grpc {
+        headers.remove(k);
+    }
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
@@ -1616,6 +1627,35 @@ service S {
             .await
             .unwrap_err();
         assert!(e.1.contains("no message"), "{}", e.1);
+    }
+
+    #[test]
+    fn client_grpc_headers_are_not_forwarded() {
+        let t = shelf(|_| {}).unwrap();
+        let m = t.find(&Method::GET, "/v1/shelves/1").unwrap();
+        let msg = t.request_message(&m, None, b"").unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("grpc-timeout", "1n"),
+            ("grpc-accept-encoding", "gzip"),
+            ("grpc-encoding", "gzip"),
+            ("grpc-status", "0"),
+            ("x-keep", "yes"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        let r = grpc_request(&m, &msg, "shelf", h.clone(), None).unwrap();
+        let grpc: Vec<_> = r
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().starts_with("grpc-"))
+            .collect();
+        assert!(grpc.is_empty(), "{grpc:?}");
+        assert_eq!(r.headers()["x-keep"], "yes");
+        // The route's timeout is the only grpc-timeout.
+        let r = grpc_request(&m, &msg, "shelf", h, Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(r.headers()["grpc-timeout"], "2000m");
+        assert!(r.headers().get("grpc-accept-encoding").is_none());
     }
 
     #[test]
