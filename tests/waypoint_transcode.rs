@@ -2,7 +2,8 @@
 //! JSON to a service whose backend is a real tonic gRPC server (the testbed's `Shelves`):
 //! client → node A → HBONE → zmesh-waypoint (transcodes) → HBONE (HTTP/2, gRPC) → node B →
 //! tonic. Also: plain gRPC to the same service through the waypoint is untouched, paths no
-//! binding matches are routed as usual, hostile bodies get 400/413, and a reload with a broken
+//! binding matches are routed as usual, hostile bodies get 400/413, policies on gRPC method
+//! paths hold for transcoded calls, and a reload with a broken
 //! descriptor set keeps the old config.
 
 mod common;
@@ -28,6 +29,9 @@ struct Setup {
     /// `html` (an HTTP/2 server that is not gRPC) and `shelf-tiny` (a 64-byte response cap).
     html: SocketAddr,
     shelf_tiny: SocketAddr,
+    /// `shelf-guard`: a DENY on the gRPC path of GetShelf, an ALLOW of `/v1/*` plus the gRPC
+    /// paths of GetShelf and ListBooks (not Echo).
+    shelf_guard: SocketAddr,
     _mesh: Mesh,
     _dir: tempfile::TempDir,
     wp: Arc<Waypoint>,
@@ -49,7 +53,7 @@ async fn setup(net: u8) -> Setup {
         r#"workloads:
   - {{ uid: client, name: client, namespace: shop, service_account: client, addresses: [{c}], node: node-a }}
   - {{ uid: wp, name: wp, namespace: shop, service_account: waypoint, addresses: [{w}], node: node-w }}
-  - {{ uid: grpc, name: grpc, namespace: shop, service_account: shelf, addresses: [{g}], node: node-b, services: {{ shop/shelf: {{}}, shop/shelf-array: {{}}, shop/shelf-tiny: {{}} }} }}
+  - {{ uid: grpc, name: grpc, namespace: shop, service_account: shelf, addresses: [{g}], node: node-b, services: {{ shop/shelf: {{}}, shop/shelf-array: {{}}, shop/shelf-tiny: {{}}, shop/shelf-guard: {{}} }} }}
   - {{ uid: web, name: web, namespace: shop, service_account: web, addresses: [{h}], node: node-c, services: {{ shop/web: {{}}, shop/html: {{}} }} }}
 services:
   - {{ name: shelf, namespace: shop, hostname: shelf, vips: [{v1}], ports: {{ 80: 8080 }}, waypoint: wp }}
@@ -57,6 +61,7 @@ services:
   - {{ name: web, namespace: shop, hostname: web, vips: [{v3}], ports: {{ 80: 8080 }}, waypoint: wp }}
   - {{ name: html, namespace: shop, hostname: html, vips: [{v4}], ports: {{ 80: 8081 }}, waypoint: wp }}
   - {{ name: shelf-tiny, namespace: shop, hostname: shelf-tiny, vips: [{v5}], ports: {{ 80: 8080 }}, waypoint: wp }}
+  - {{ name: shelf-guard, namespace: shop, hostname: shelf-guard, vips: [{v6}], ports: {{ 80: 8080 }}, waypoint: wp }}
 "#,
         c = ip(net, 2),
         w = ip(net, 5),
@@ -67,6 +72,7 @@ services:
         v3 = vip(3),
         v4 = vip(4),
         v5 = vip(5),
+        v6 = vip(6),
     );
     let routes = format!(
         r#"routes:
@@ -93,6 +99,22 @@ services:
   - name: shelf-tiny
     service: shop/shelf-tiny
     grpc_transcoding: {{ descriptor_set: {fds}, services: [zmesh.test.shelf.Shelves], max_response_message_bytes: 64 }}
+  - name: shelf-guard
+    service: shop/shelf-guard
+    grpc_transcoding: {{ descriptor_set: {fds}, services: [zmesh.test.shelf.Shelves] }}
+http_policies:
+  # Policies written on gRPC method paths hold for transcoded calls too; an ALLOW must let
+  # both the REST view and the gRPC view through.
+  - name: deny-getshelf
+    namespace: shop
+    service: shop/shelf-guard
+    action: deny
+    rules: [{{ to: [{{ paths: ["/zmesh.test.shelf.Shelves/GetShelf"] }}] }}]
+  - name: allow-rest-and-some-grpc
+    namespace: shop
+    service: shop/shelf-guard
+    action: allow
+    rules: [{{ to: [{{ paths: ["/v1/*", "/zmesh.test.shelf.Shelves/GetShelf", "/zmesh.test.shelf.Shelves/ListBooks"] }}] }}]
 "#,
         fds = fds.display()
     );
@@ -150,6 +172,7 @@ services:
         shelf_array: entry(format!("{}:80", vip(2))).await,
         html: entry(format!("{}:80", vip(4))).await,
         shelf_tiny: entry(format!("{}:80", vip(5))).await,
+        shelf_guard: entry(format!("{}:80", vip(6))).await,
         _mesh: mesh,
         _dir: dir,
         wp,
@@ -502,4 +525,29 @@ async fn answers_that_are_not_grpc_or_too_large_are_502() {
         body.contains("exceeds max_response_message_bytes (64)"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_on_grpc_method_paths_hold_for_transcoded_calls() {
+    let s = setup(141).await;
+    let mut c = h1(s.net, s.shelf_guard).await;
+    // Both views allowed: REST `/v1/*` and gRPC ListBooks.
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/books?pageSize=1", "").await;
+    assert_eq!(st, StatusCode::OK, "{body:?}");
+    // The REST path is allowed, but the DENY on `/zmesh.test.shelf.Shelves/GetShelf` stops it.
+    let (st, _, body) = call(&mut c, Method::GET, "/v1/shelves/1", "").await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body:?}");
+    assert!(body.unwrap().contains("RBAC"));
+    // The REST path is allowed, but no ALLOW rule names the gRPC path of Echo.
+    let (st, _, body) = call(&mut c, Method::POST, "/v1/echo", r#"{"text":"hi"}"#).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body:?}");
+    // A request straight to the gRPC method path meets the same DENY.
+    let (st, _, _) = call(
+        &mut c,
+        Method::POST,
+        "/zmesh.test.shelf.Shelves/GetShelf",
+        "",
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
 }

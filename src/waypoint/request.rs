@@ -421,6 +421,30 @@ async fn route_request(
     let transcoder = key.as_ref().and_then(|k| state.transcoders.get(k)).cloned();
     if let Some(t) = transcoder.filter(|_| !grpc_in) {
         if let Some(m) = t.find(req.method(), req.uri().path()) {
+            // The backend sees a gRPC call, so a policy written on the gRPC method path
+            // (`/pkg.Service/Method`, method POST) must hold too: both views must pass.
+            let grpc_view = RequestView {
+                method: "POST",
+                path: m.grpc_path(),
+                query: None,
+                headers: req.headers(),
+                host: &host,
+                port: down.dst.port(),
+                source: Some(&down.client),
+                source_ip: down.peer.ip(),
+                claims: claims.as_ref(),
+                request_principal: request_principal.as_deref(),
+            };
+            let d = authorize(&applicable, &grpc_view);
+            if !d.allowed {
+                out.flags = "RBAC";
+                out.detail = format!(
+                    "denied by {} (as gRPC {})",
+                    d.policy.as_deref().unwrap_or("no matching ALLOW policy"),
+                    m.grpc_path()
+                );
+                return Err(local(StatusCode::FORBIDDEN, "RBAC: access denied\n"));
+            }
             let call = Call {
                 rule,
                 service: service.as_ref(),

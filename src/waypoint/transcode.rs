@@ -658,7 +658,9 @@ impl Transcoder {
                 DynamicMessage::new(input)
             }
         };
-        let mut bound: HashSet<String> = HashSet::new();
+        // Bound fields are kept as resolved field paths, not spellings: a query key may name
+        // a field by its proto or its JSON name, and either must hit the same guard.
+        let mut bound: Vec<Vec<FieldDescriptor>> = Vec::new();
         for (path, value) in &m.vars {
             set_path(&mut msg, path, value).map_err(|e| {
                 bad_request(
@@ -666,7 +668,9 @@ impl Transcoder {
                     format!("path field {:?}: {e}", path.join(".")),
                 )
             })?;
-            bound.insert(path.join("."));
+            if let Ok(fields) = resolve(&input_of(b), path) {
+                bound.push(fields);
+            }
         }
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -680,7 +684,9 @@ impl Transcoder {
                 }
                 BodySpec::None => false,
             };
-            if bound.contains(&key) || into_body {
+            let clashes =
+                resolve(&input_of(b), &path).is_ok_and(|q| bound.iter().any(|p| overlaps(p, &q)));
+            if clashes || into_body {
                 return Err(bad_request(
                     "bad_query",
                     format!("query parameter {key:?} sets a field the path or body already sets"),
@@ -701,6 +707,21 @@ impl Transcoder {
         }
         Ok(msg)
     }
+}
+
+/// Whether setting the field path `q` would change what the field path `p` set: the same
+/// field, one inside the other, or, where they part, two members of one oneof (setting one
+/// clears the other).
+fn overlaps(p: &[FieldDescriptor], q: &[FieldDescriptor]) -> bool {
+    for (a, b) in p.iter().zip(q) {
+        if a.number() != b.number() {
+            return match (a.containing_oneof(), b.containing_oneof()) {
+                (Some(x), Some(y)) => x.name() == y.name(),
+                _ => false,
+            };
+        }
+    }
+    true
 }
 
 fn input_of(b: &Binding) -> MessageDescriptor {
@@ -793,6 +814,17 @@ pub fn grpc_request(
     ] {
         headers.remove(h);
     }
+    // The client spoke JSON, not gRPC: its `grpc-*` headers (grpc-timeout, grpc-encoding,
+    // grpc-accept-encoding, ...) would steer a call it did not make. Only the route's
+    // timeout, below, becomes a grpc-timeout.
+    let client_grpc: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("grpc-"))
+        .cloned()
+        .collect();
+    for k in client_grpc {
+        headers.remove(k);
+    }
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
@@ -832,6 +864,9 @@ struct GrpcReader {
     desc: MessageDescriptor,
     max: usize,
     ended: bool,
+    /// A `grpc-status` the response headers carried (trailers-only): the call's status if the
+    /// body ends without trailers.
+    header_status: Option<tonic::Status>,
 }
 
 impl GrpcReader {
@@ -894,6 +929,11 @@ impl GrpcReader {
                 }
                 None => {
                     self.ended = true;
+                    if self.buf.is_empty() {
+                        if let Some(s) = self.header_status.take() {
+                            return Event::End(s);
+                        }
+                    }
                     return Event::Broken("the call ended without grpc-status".into());
                 }
             }
@@ -927,10 +967,12 @@ pub async fn json_answer(
 ) -> Result<Response<Body>, Failure> {
     let bad_gateway = |msg: String| (StatusCode::BAD_GATEWAY, msg);
     let (parts, body) = resp.into_parts();
-    // Trailers-only: the status is in the headers.
-    if let Some(s) = tonic::Status::from_header_map(&parts.headers) {
+    // Trailers-only: the status is in the headers. A non-OK one is the answer; an OK one is
+    // kept for when the body ends without trailers (a stream with no messages).
+    let header_status = tonic::Status::from_header_map(&parts.headers);
+    if let Some(s) = &header_status {
         if s.code() != tonic::Code::Ok {
-            return Ok(error_response(&s));
+            return Ok(error_response(s));
         }
     }
     let is_grpc = parts
@@ -954,6 +996,7 @@ pub async fn json_answer(
         desc: m.binding.method.output(),
         max: t.cfg.max_response_message_bytes as usize,
         ended: false,
+        header_status,
     };
     let first = reader.next().await;
     if !m.binding.method.is_server_streaming() {
@@ -1362,6 +1405,20 @@ mod tests {
                 "already sets",
             ),
             (Method::POST, "/v1/echo?text=x", "{}", "already sets"),
+            // The JSON spelling of a path variable is the same field (a policy on
+            // /v1/shelves/1 must not let shelf 2 through).
+            (
+                Method::GET,
+                "/v1/shelves/1?shelfId=2",
+                "",
+                "query parameter \"shelfId\" sets a field the path or body already sets",
+            ),
+            (
+                Method::GET,
+                "/v1/shelves/1?shelf_id=2",
+                "",
+                "query parameter \"shelf_id\" sets",
+            ),
             (Method::GET, "/v1/shelves/1", "{}", "takes no request body"),
             (
                 Method::GET,
@@ -1459,6 +1516,146 @@ service Custom { rpc Head(M) returns (M) { option (google.api.http) = { custom: 
         let t = load("t.Custom", false).unwrap();
         assert!(t.find(&Method::HEAD, "/v1/a").is_some());
         assert!(t.find(&Method::GET, "/v1/a").is_none());
+    }
+
+    #[test]
+    fn query_parameters_cannot_touch_path_bound_fields_or_their_oneof() {
+        let fds = compile(
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message Key { oneof k { string name = 1; int64 number = 2; } string note = 3; }
+message M { oneof id { string user_id = 1; string group_id = 2; } Key key = 3; string other = 4; }
+service S {
+  rpc ByUser(M) returns (M) { option (google.api.http) = { get: "/v1/users/{user_id}" }; }
+  rpc ByKey(M) returns (M) { option (google.api.http) = { get: "/v1/keys/{key.name}" }; }
+}
+"#,
+        );
+        let cfg: GrpcTranscoding =
+            serde_yaml::from_str("{descriptor_set: t.pb, services: [t.S]}").unwrap();
+        let t = Transcoder::from_bytes(&fds, "t.pb", &cfg).unwrap();
+        for (path_q, key) in [
+            ("/v1/users/u1?groupId=g", "groupId"),
+            ("/v1/users/u1?group_id=g", "group_id"),
+            ("/v1/users/u1?userId=u2", "userId"),
+            ("/v1/keys/k1?key.number=7", "key.number"),
+            ("/v1/keys/k1?key.name=k2", "key.name"),
+        ] {
+            let e = message_json(&t, Method::GET, path_q, "").unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{path_q}");
+            assert!(
+                e.message.contains(&format!("query parameter {key:?}")),
+                "{path_q}: {}",
+                e.message
+            );
+        }
+        // Fields outside the bound field and its oneof stay settable.
+        assert_eq!(
+            message_json(&t, Method::GET, "/v1/users/u1?other=x", "").unwrap(),
+            "/t.S/ByUser {\"userId\":\"u1\",\"other\":\"x\"}"
+        );
+        assert_eq!(
+            message_json(&t, Method::GET, "/v1/keys/k1?key.note=n", "").unwrap(),
+            "/t.S/ByKey {\"key\":{\"name\":\"k1\",\"note\":\"n\"}}"
+        );
+    }
+
+    /// A gRPC answer with these headers and body (data frames, no trailers).
+    fn grpc_answer(
+        headers: &[(&'static str, &'static str)],
+        body: &'static [u8],
+    ) -> Response<Body> {
+        let body = Full::new(Bytes::from_static(body))
+            .map_err(|e| match e {})
+            .boxed();
+        let mut r = Response::new(body);
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        r
+    }
+
+    async fn answer_text(r: Result<Response<Body>, Failure>) -> (StatusCode, String) {
+        let r = r.unwrap_or_else(|(st, e)| panic!("failed {st}: {e}"));
+        let st = r.status();
+        let b = r.into_body().collect().await.map_err(|e| e.to_string());
+        (
+            st,
+            String::from_utf8_lossy(&b.unwrap().to_bytes()).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn trailers_only_answers_keep_the_status_from_the_headers() {
+        let grpc = ("content-type", "application/grpc");
+        for (streaming, want) in [
+            (StreamingFormat::Ndjson, ""),
+            (StreamingFormat::Array, "[]"),
+        ] {
+            let t = Arc::new(shelf(|c| c.streaming = streaming).unwrap());
+            let m = t.find(&Method::GET, "/v1/shelves/s1/books:stream").unwrap();
+            // Trailers-only OK on a server stream: an empty stream, not a 502.
+            let r = json_answer(&t, &m, grpc_answer(&[grpc, ("grpc-status", "0")], b"")).await;
+            assert_eq!(answer_text(r).await, (StatusCode::OK, want.to_string()));
+            // Trailers-only NOT_FOUND: its own status.
+            let r = json_answer(
+                &t,
+                &m,
+                grpc_answer(&[grpc, ("grpc-status", "5"), ("grpc-message", "no")], b""),
+            )
+            .await;
+            assert_eq!(answer_text(r).await.0, StatusCode::NOT_FOUND);
+            // No status anywhere: still a broken call.
+            let e = json_answer(&t, &m, grpc_answer(&[grpc], b""))
+                .await
+                .unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_GATEWAY);
+            assert!(e.1.contains("without grpc-status"), "{}", e.1);
+            // An OK header status does not excuse a cut message.
+            let cut = grpc_answer(&[grpc, ("grpc-status", "0")], b"\0\0\0\0\x09ab");
+            let e = json_answer(&t, &m, cut).await.unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_GATEWAY, "{}", e.1);
+        }
+        // A unary call with trailers-only OK has no message: 502, naming that.
+        let t = Arc::new(shelf(|_| {}).unwrap());
+        let m = t.find(&Method::GET, "/v1/shelves/1").unwrap();
+        let e = json_answer(&t, &m, grpc_answer(&[grpc, ("grpc-status", "0")], b""))
+            .await
+            .unwrap_err();
+        assert!(e.1.contains("no message"), "{}", e.1);
+    }
+
+    #[test]
+    fn client_grpc_headers_are_not_forwarded() {
+        let t = shelf(|_| {}).unwrap();
+        let m = t.find(&Method::GET, "/v1/shelves/1").unwrap();
+        let msg = t.request_message(&m, None, b"").unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("grpc-timeout", "1n"),
+            ("grpc-accept-encoding", "gzip"),
+            ("grpc-encoding", "gzip"),
+            ("grpc-status", "0"),
+            ("x-keep", "yes"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        let r = grpc_request(&m, &msg, "shelf", h.clone(), None).unwrap();
+        let grpc: Vec<_> = r
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().starts_with("grpc-"))
+            .collect();
+        assert!(grpc.is_empty(), "{grpc:?}");
+        assert_eq!(r.headers()["x-keep"], "yes");
+        // The route's timeout is the only grpc-timeout.
+        let r = grpc_request(&m, &msg, "shelf", h, Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(r.headers()["grpc-timeout"], "2000m");
+        assert!(r.headers().get("grpc-accept-encoding").is_none());
     }
 
     #[test]
