@@ -117,122 +117,130 @@ pub async fn proxy_from(
     let enabled = node.access_log_enabled();
     log.src_identity = Some(source.identity.to_string());
     log.src_wl = Some(source.clone());
-    let model = node.model();
-    let route = match model.select(&source, dst, &mut rand::thread_rng()) {
-        Ok(r) => r,
-        Err(e) => {
-            reset_on_drop(&tcp);
-            log.emit(enabled, Some(&e));
-            return;
-        }
-    };
-    match route {
-        Route::Hbone {
-            hbone_addr,
-            authority,
-            expected,
-            destination,
-            service,
-        } => {
-            log.dst_identity = Some(destination.identity.to_string());
-            log.dst_workload = Some(destination.name.clone());
-            log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-            log.dst_wl = Some(destination.clone());
-            log.svc = service.clone();
-            log.mtls = true;
-            // ztunnel's fields: the tunnel's address at L4, the target inside it apart.
-            log.dst = hbone_addr;
-            log.hbone_addr = Some(authority);
-            log.path = format!("hbone {hbone_addr} authority {authority}");
-            let (trace_id, span_id) = new_trace_ids();
-            let req = build_connect(
+    // Everything up to the tunnel happens inside this block, so that none of its locals (the
+    // route, the pool key, the requests) stays in the task's state for the connection's life:
+    // the task is sized by the relay alone (RSS per open connection).
+    let (tunnel, log) = {
+        let model = node.model();
+        let route = match model.select(&source, dst, &mut rand::thread_rng()) {
+            Ok(r) => r,
+            Err(e) => {
+                reset_on_drop(&tcp);
+                log.emit(enabled, Some(&e));
+                return;
+            }
+        };
+        match route {
+            Route::Hbone {
+                hbone_addr,
                 authority,
-                &ConnectHeaders {
+                expected,
+                destination,
+                service,
+            } => {
+                log.dst_identity = Some(destination.identity.to_string());
+                log.dst_workload = Some(destination.name.clone());
+                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                log.dst_wl = Some(destination.clone());
+                log.svc = service.clone();
+                log.mtls = true;
+                // ztunnel's fields: the tunnel's address at L4, the target inside it apart.
+                log.dst = hbone_addr;
+                log.hbone_addr = Some(authority);
+                log.path = format!("hbone {hbone_addr} authority {authority}");
+                let (trace_id, span_id) = new_trace_ids();
+                let req = build_connect(
+                    authority,
+                    &ConnectHeaders {
+                        source: &source,
+                        client_addr: peer,
+                        service_host: service.as_ref().map(|s| s.hostname.as_str()),
+                        trace_id,
+                        span_id,
+                    },
+                );
+                let key = PoolKey {
+                    source: source.identity.clone(),
+                    expected,
+                    dst: hbone_addr,
+                    source_ip: Some(peer.ip()),
+                };
+                // Boxed: the connect future is large and would otherwise stay part of this task's state
+                // for the connection's whole life (RSS per idle connection).
+                (Box::pin(scope.pool.connect(&key, req)).await, log)
+            }
+            Route::Gateway {
+                gateway,
+                gateway_identity,
+                authority,
+                expected,
+                network,
+                destination,
+                service,
+            } => {
+                log.dst_identity = Some(destination.identity.to_string());
+                log.dst_workload = Some(destination.name.clone());
+                log.dst_service = Some(service.hostname.clone());
+                log.dst_wl = Some(destination.clone());
+                log.svc = Some(service.clone());
+                log.mtls = true;
+                log.dst = gateway;
+                log.path = format!("double hbone via {gateway} ({network}) authority {authority}");
+                let (trace_id, span_id) = new_trace_ids();
+                let headers = ConnectHeaders {
                     source: &source,
                     client_addr: peer,
-                    service_host: service.as_ref().map(|s| s.hostname.as_str()),
+                    service_host: Some(service.hostname.as_str()),
                     trace_id,
                     span_id,
-                },
-            );
-            let key = PoolKey {
-                source: source.identity.clone(),
-                expected,
-                dst: hbone_addr,
-                source_ip: Some(peer.ip()),
-            };
-            // Boxed: the connect future is large and would otherwise stay part of this task's state
-            // for the connection's whole life (RSS per idle connection).
-            let tunnel = Box::pin(scope.pool.connect(&key, req)).await;
-            carry(tcp, tunnel, log, enabled).await;
+                };
+                let (host, port) = (service.hostname.as_str(), dst.port());
+                let reqs = build_connect_host(host, port, &headers, None).and_then(|outer| {
+                    let inner = build_connect_host(host, port, &headers, Some(&source.network))?;
+                    Ok((outer, inner))
+                });
+                let (outer, inner) = match reqs {
+                    Ok(r) => r,
+                    Err(e) => {
+                        reset_on_drop(&tcp);
+                        log.emit(
+                            enabled,
+                            Some(&format_args!("service {}: {e}", service.key())),
+                        );
+                        return;
+                    }
+                };
+                let key = PoolKey {
+                    source: source.identity.clone(),
+                    expected: vec![gateway_identity],
+                    dst: gateway,
+                    source_ip: Some(peer.ip()),
+                };
+                let tunnel =
+                    Box::pin(scope.pool.connect_double(&key, outer, expected, inner)).await;
+                (tunnel, log)
+            }
+            Route::Direct {
+                addr,
+                destination,
+                service,
+            } => {
+                log.dst_workload = Some(destination.name.clone());
+                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                log.dst_wl = Some(destination.clone());
+                log.svc = service.clone();
+                log.path = format!("direct {addr}");
+                // The plain-TCP relays are boxed so that every connection's task is sized by the
+                // HBONE path, the mesh's common one (RSS per open connection).
+                return Box::pin(relay(&node, &scope, tcp, addr, log)).await;
+            }
+            Route::Passthrough { addr } => {
+                log.path = format!("passthrough {addr}");
+                return Box::pin(relay(&node, &scope, tcp, addr, log)).await;
+            }
         }
-        Route::Gateway {
-            gateway,
-            gateway_identity,
-            authority,
-            expected,
-            network,
-            destination,
-            service,
-        } => {
-            log.dst_identity = Some(destination.identity.to_string());
-            log.dst_workload = Some(destination.name.clone());
-            log.dst_service = Some(service.hostname.clone());
-            log.dst_wl = Some(destination.clone());
-            log.svc = Some(service.clone());
-            log.mtls = true;
-            log.dst = gateway;
-            log.path = format!("double hbone via {gateway} ({network}) authority {authority}");
-            let (trace_id, span_id) = new_trace_ids();
-            let headers = ConnectHeaders {
-                source: &source,
-                client_addr: peer,
-                service_host: Some(service.hostname.as_str()),
-                trace_id,
-                span_id,
-            };
-            let (host, port) = (service.hostname.as_str(), dst.port());
-            let reqs = build_connect_host(host, port, &headers, None).and_then(|outer| {
-                let inner = build_connect_host(host, port, &headers, Some(&source.network))?;
-                Ok((outer, inner))
-            });
-            let (outer, inner) = match reqs {
-                Ok(r) => r,
-                Err(e) => {
-                    reset_on_drop(&tcp);
-                    log.emit(
-                        enabled,
-                        Some(&format_args!("service {}: {e}", service.key())),
-                    );
-                    return;
-                }
-            };
-            let key = PoolKey {
-                source: source.identity.clone(),
-                expected: vec![gateway_identity],
-                dst: gateway,
-                source_ip: Some(peer.ip()),
-            };
-            let tunnel = Box::pin(scope.pool.connect_double(&key, outer, expected, inner)).await;
-            carry(tcp, tunnel, log, enabled).await;
-        }
-        Route::Direct {
-            addr,
-            destination,
-            service,
-        } => {
-            log.dst_workload = Some(destination.name.clone());
-            log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-            log.dst_wl = Some(destination.clone());
-            log.svc = service.clone();
-            log.path = format!("direct {addr}");
-            relay(&node, &scope, tcp, addr, log).await;
-        }
-        Route::Passthrough { addr } => {
-            log.path = format!("passthrough {addr}");
-            relay(&node, &scope, tcp, addr, log).await;
-        }
-    }
+    };
+    carry(tcp, tunnel, log, enabled).await;
 }
 
 /// Carries the application's connection over an HBONE tunnel once it is open; a tunnel that
@@ -273,5 +281,25 @@ async fn relay(node: &Node, scope: &Scope, mut tcp: TcpStream, addr: SocketAddr,
             reset_on_drop(&tcp);
             log.emit(node.access_log_enabled(), Some(&e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future `f` returns, read from its type: nothing is called.
+    fn returned_size<F, A, B, C, D, R>(_: &F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every open outbound connection holds one `proxy` task for its whole life. With the
+    /// route, pool key and requests in scope across the relay, and the plain-TCP relays inline,
+    /// it was 4.9 KB (debug); 3.6 KB now.
+    #[test]
+    fn an_outbound_connections_task_stays_small() {
+        let size = returned_size(&super::proxy);
+        assert!(size <= 4096, "outbound::proxy's future is {size} bytes");
     }
 }
