@@ -240,6 +240,24 @@ fn pid_stat(pid: u32) -> Result<(u64, u64)> {
     Ok((ticks, rss))
 }
 
+/// `paths` rotated left by `r`: repetition `r`'s order.
+fn rotated(paths: &[Path], r: usize) -> Vec<Path> {
+    let mut order = paths.to_vec();
+    order.rotate_left(r % paths.len().max(1));
+    order
+}
+
+/// The profile this bench was built with: benches run from target/<profile>/deps.
+fn harness_profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| {
+            let dir = e.parent()?.parent()?;
+            Some(dir.file_name()?.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn clk_tck() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -710,11 +728,14 @@ fn main() -> Result<()> {
     }
 
     // This machine's speed drifts from minute to minute (shared host), so each throughput figure
-    // is the median of REPEATS runs, with the three paths interleaved inside every repetition.
+    // is the median of REPEATS runs, with the paths interleaved inside every repetition. The
+    // order rotates from one repetition to the next: whichever path went first measured up to
+    // 18% slower (a run against a baseline build, then the same two builds swapped), and the
+    // median drops that repetition.
     eprintln!("bulk throughput ({REPEATS} repetitions)...");
     let mut runs: Vec<(usize, Path, Throughput)> = Vec::new();
-    for _ in 0..REPEATS {
-        for &p in &paths {
+    for r in 0..REPEATS {
+        for p in rotated(&paths, r) {
             b.select(p)?;
             for streams in [1usize, 8] {
                 runs.push((streams, p, bulk(&b, p, streams, sizes.bulk)?));
@@ -738,8 +759,8 @@ fn main() -> Result<()> {
     // the median of the repetitions' values.
     eprintln!("latency ({REPEATS} repetitions)...");
     let mut lat_runs: Vec<(usize, Path, Latency)> = Vec::new();
-    for _ in 0..REPEATS {
-        for &p in &paths {
+    for r in 0..REPEATS {
+        for p in rotated(&paths, r) {
             b.select(p)?;
             for size in [64usize, 1024] {
                 lat_runs.push((size, p, latency(&b, p, size, sizes.round_trips)?));
@@ -1042,11 +1063,12 @@ fn main() -> Result<()> {
         .output()?;
     out += "# zmesh system benchmark\n\n";
     out += &format!(
-        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- node binary: {}\n- mode: {}\n- command: `cargo bench --bench system{}`\n\n",
+        "- date: {}\n- CPU: {cpu}, {} cores\n- commit: {commit}{}\n- node binary: {}\n- harness (apps, TLS baseline) build profile: {}\n- mode: {}\n- command: `cargo bench --bench system{}`\n\n",
         String::from_utf8_lossy(&date.stdout).trim(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         if dirty { " (with uncommitted changes)" } else { "" },
         node_bin_env.as_deref().unwrap_or("built with this benchmark"),
+        harness_profile(),
         if quick { "quick (smoke sizes)" } else { "full" },
         if quick { " -- --quick" } else { "" },
     );
@@ -1057,7 +1079,9 @@ process). All processes share this machine's cores.\n\n";
     out += &rows.join("\n");
     out += "\n";
     println!("{out}");
-    if !quick && node_bin_env.is_none() {
+    // A full run of one build writes the file (the header names the binary); a run against a
+    // baseline build only prints, its figures go into the notes of RESULTS.md by hand.
+    if !quick && baseline_bin.is_none() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
         // The generated part has no `## ` headings; what follows the first one (records of
         // changes kept and rejected, written by hand) is carried over.

@@ -140,7 +140,20 @@ fn clk_tck() -> f64 {
         .unwrap_or(100) as f64
 }
 
+/// The binary to run: `ZMESH_NODE_BIN` / `ZMESH_WAYPOINT_BIN` when set (another build measured
+/// on the same topology, say the release build under a quick-release harness), else the one
+/// built with this bench.
 fn bin(name: &str) -> Result<PathBuf> {
+    let var = match name {
+        "zmesh-node" => "ZMESH_NODE_BIN",
+        "zmesh-waypoint" => "ZMESH_WAYPOINT_BIN",
+        _ => anyhow::bail!("no binary named {name} in this bench"),
+    };
+    if let Some(p) = std::env::var_os(var) {
+        let p = PathBuf::from(p);
+        anyhow::ensure!(p.exists(), "{var}={} does not exist", p.display());
+        return Ok(p);
+    }
     // Benches live in target/<profile>/deps; the binaries one level up.
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).context("bench path")?;
@@ -390,6 +403,11 @@ three namespaces on a bridge (client node, waypoint, app node), one run per wayp
 mode: {}. Requests/s per waypoint core = 10,000 / the waypoint's CPU-s per 10k requests.\n\n",
         if quick { "quick" } else { "full" }
     );
+    for var in ["ZMESH_NODE_BIN", "ZMESH_WAYPOINT_BIN"] {
+        if let Ok(p) = std::env::var(var) {
+            out += &format!("{var}={p}\n\n");
+        }
+    }
     out += "| waypoint threads | path | requests/s | vs direct | p50 µs | p99 µs | CPU-s per 10k requests: node 1 / waypoint / node 3 | requests/s per waypoint core |\n";
     out += "|---|---|---|---|---|---|---|---|\n";
     // The default (a thread per CPU, as a Deployment without a CPU limit gets) and one thread
