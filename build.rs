@@ -6,12 +6,17 @@
 //! start, so it stays in the node's RSS. DT_RELR stores the same relocations as bitmaps, a few
 //! KiB. The binary then needs glibc 2.36 or later at run time (GLIBC_ABI_DT_RELR), so the flag
 //! is used only when the glibc of the machine building it is that new: the images build and run
-//! on the same Debian release, and a host build runs where it was built.
+//! on the same Debian release, and a host build runs where it was built. To build on a new
+//! machine for an older host (say, glibc 2.31), set `ZMESH_NO_RELR=1`.
 
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=ZMESH_NO_RELR");
+    if std::env::var_os("ZMESH_NO_RELR").is_some() {
+        return;
+    }
     let linux_gnu = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
     let cross = std::env::var("TARGET").ok() != std::env::var("HOST").ok();

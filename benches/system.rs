@@ -468,6 +468,29 @@ fn accepted_handshakes(b: &Bench, cfg: &Arc<rustls::ClientConfig>, n: usize) -> 
     Ok((after.b - before.b) as f64 / clk_tck() / n as f64 * 1e6)
 }
 
+/// The file-backed part of a process's RSS, KiB: its code, read-only data and shared libraries
+/// as mapped (pages the kernel can drop and read again), apart from the memory it allocated.
+fn rss_file(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .context("RssFile")?
+        .split_whitespace()
+        .next()
+        .context("RssFile value")?
+        .parse::<u64>()
+        .context("RssFile value")
+}
+
+/// Both nodes' file-backed RSS now, KiB.
+fn node_rss_file(b: &Bench) -> Result<(u64, u64)> {
+    Ok((
+        rss_file(b.mesh.node_a.pid())?,
+        rss_file(b.mesh.node_b.pid())?,
+    ))
+}
+
 /// Both nodes' RSS now, KiB.
 fn node_rss(b: &Bench) -> Result<(u64, u64)> {
     Ok((
@@ -480,6 +503,8 @@ fn node_rss(b: &Bench) -> Result<(u64, u64)> {
 struct Settle {
     at_end: (u64, u64),
     after: (u64, u64),
+    /// The file-backed part of `after`.
+    after_file: (u64, u64),
     /// Seconds until both nodes were within 1.5× their idle RSS; None if not within 60 s.
     secs: Option<f64>,
 }
@@ -496,6 +521,7 @@ fn settle(b: &Bench, idle: (u64, u64)) -> Result<Settle> {
             return Ok(Settle {
                 at_end,
                 after: now,
+                after_file: node_rss_file(b)?,
                 secs: Some(start.elapsed().as_secs_f64()),
             });
         }
@@ -503,6 +529,7 @@ fn settle(b: &Bench, idle: (u64, u64)) -> Result<Settle> {
             return Ok(Settle {
                 at_end,
                 after: now,
+                after_file: node_rss_file(b)?,
                 secs: None,
             });
         }
@@ -705,6 +732,7 @@ fn main() -> Result<()> {
     let (a_pid, b_pid) = (mesh.node_a.pid(), mesh.node_b.pid());
     let idle_a = pid_stat(a_pid)?.1;
     let idle_b = pid_stat(b_pid)?.1;
+    let idle_file = (rss_file(a_pid)?, rss_file(b_pid)?);
     // ZMESH_BASELINE_NODE_BIN: another build (say, main before a change) measured in the same
     // run through the same topology, its nodes swapped in for its turns.
     let baseline_bin = std::env::var_os("ZMESH_BASELINE_NODE_BIN").map(std::path::PathBuf::from);
@@ -966,9 +994,11 @@ fn main() -> Result<()> {
         "| full mTLS handshakes/s (cold-pool cost), sequential | | {hs:.0} | | | |"
     ));
     rows.push(format!(
-        "| node RSS idle at start, MiB: A / B | {:.1} / {:.1} | | | | |",
+        "| node RSS idle at start, MiB: A / B (file-backed: code, libraries) | {:.1} / {:.1} ({:.1} / {:.1}) | | | | |",
         idle_a as f64 / 1024.0,
-        idle_b as f64 / 1024.0
+        idle_b as f64 / 1024.0,
+        idle_file.0 as f64 / 1024.0,
+        idle_file.1 as f64 / 1024.0
     ));
     rows.push(format!(
         "| RSS per idle proxied connection at {} open, KiB: A / B | {:.2} / {:.2} | | | | |",
@@ -995,11 +1025,13 @@ fn main() -> Result<()> {
         ),
     ] {
         rows.push(format!(
-            "| RSS after {what}, MiB A / B: at load end → after | {:.1} / {:.1} → {:.1} / {:.1} ({}) | | | | |",
+            "| RSS after {what}, MiB A / B: at load end → after (file-backed) | {:.1} / {:.1} → {:.1} / {:.1} ({:.1} / {:.1}; {}) | | | | |",
             mib(st.at_end.0),
             mib(st.at_end.1),
             mib(st.after.0),
             mib(st.after.1),
+            mib(st.after_file.0),
+            mib(st.after_file.1),
             match st.secs {
                 Some(s) => format!("within 1.5× idle after {s:.0} s"),
                 None => "not within 1.5× idle after 60 s".to_string(),
@@ -1079,9 +1111,12 @@ process). All processes share this machine's cores.\n\n";
     out += &rows.join("\n");
     out += "\n";
     println!("{out}");
-    // A full run of one build writes the file (the header names the binary); a run against a
-    // baseline build only prints, its figures go into the notes of RESULTS.md by hand.
-    if !quick && baseline_bin.is_none() {
+    // A full run of the build made with this bench writes the file; one of another build
+    // (ZMESH_NODE_BIN) only with `-- --write` (the header then names the binary), so measuring
+    // an old build does not replace the figures the notes below refer to. A run against a
+    // baseline build only prints: its figures go into the notes by hand.
+    let write = std::env::args().any(|a| a == "--write");
+    if !quick && baseline_bin.is_none() && (node_bin_env.is_none() || write) {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
         // The generated part has no `## ` headings; what follows the first one (records of
         // changes kept and rejected, written by hand) is carried over.

@@ -9,7 +9,10 @@
 //! idle. The price is about 1.3 MiB at idle (a node alone: 12.7 against 11.4 MiB). The library
 //! itself (tests, benches, fuzz targets) keeps the system allocator.
 
-/// Declares the binaries' global allocator; each `src/bin` calls it once at the top level.
+use std::sync::OnceLock;
+
+/// Declares the binaries' global allocator; each `src/bin` calls it once at the top level, and
+/// `declare_allocator()` first thing in `main`, so `/debug/memory` reports the right one.
 #[macro_export]
 macro_rules! binary_allocator {
     () => {
@@ -19,5 +22,38 @@ macro_rules! binary_allocator {
         #[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
         #[global_allocator]
         static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+        /// Records the allocator declared above ([`zmesh::alloc::declare`]).
+        fn declare_allocator() {
+            $crate::alloc::declare(if cfg!(feature = "jemalloc") {
+                $crate::alloc::Allocator::Jemalloc
+            } else if cfg!(feature = "mimalloc") {
+                $crate::alloc::Allocator::Mimalloc
+            } else {
+                $crate::alloc::Allocator::System
+            });
+        }
     };
+}
+
+/// What serves this process's allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocator {
+    /// The C library's malloc (glibc on the supported images).
+    System,
+    Jemalloc,
+    Mimalloc,
+}
+
+static DECLARED: OnceLock<Allocator> = OnceLock::new();
+
+/// Records the binary's allocator, once, at start ([`binary_allocator!`]).
+pub fn declare(allocator: Allocator) {
+    let _ = DECLARED.set(allocator);
+}
+
+/// The allocator serving this process: what the binary declared, else the system's (the
+/// library's tests and benches).
+pub fn in_use() -> Allocator {
+    DECLARED.get().copied().unwrap_or(Allocator::System)
 }

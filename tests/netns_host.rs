@@ -298,6 +298,30 @@ fn admin_is_loopback_only_and_changes_log_levels() {
         "{dump}"
     );
     assert!(!dump.contains("PRIVATE KEY"));
+    // The binary names its own allocator (jemalloc) and does not report glibc's counters, which
+    // would describe an allocator that serves almost nothing there; the kernel's lines follow.
+    let mem = http("GET /debug/memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(mem.starts_with("HTTP/1.1 200"), "{mem}");
+    let value = |key: &str| -> u64 {
+        mem.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key}: {mem}"))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(value("RssAnon") > 0 && value("RssFile") > 0, "{mem}");
+    if cfg!(feature = "jemalloc") {
+        assert!(mem.contains("## allocator: jemalloc"), "{mem}");
+        assert!(
+            !mem.contains("in_use_bytes"),
+            "glibc's counters reported: {mem}"
+        );
+    } else {
+        assert!(value("in_use_bytes") > 0, "{mem}");
+    }
     let set = http("POST /logging?level=debug HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     assert!(set.starts_with("HTTP/1.1 200"), "{set}");
     let get = http("GET /logging HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");

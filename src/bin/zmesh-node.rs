@@ -372,6 +372,7 @@ enum CaCmd {
 }
 
 fn main() -> ExitCode {
+    declare_allocator();
     let cli = Cli::parse();
     match cli.cmd.unwrap_or(Cmd::Run { config: None }) {
         Cmd::CheckConfig { file } => match Config::load(&file) {

@@ -44,6 +44,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    declare_allocator();
     match Cli::parse().cmd {
         Cmd::CheckConfig { file } => match load(&file) {
             Ok(_) => {

@@ -5,10 +5,11 @@
 //!   certificates (identity, serial, validity: never keys), pooled connections and counters.
 //! - `GET /logging` shows the log filter; `POST /logging?level=<filter>` replaces it.
 //! - `POST /quitquitquit` asks the process to stop (the same drain as SIGTERM).
-//! - `GET /debug/memory`: the process's memory as text: glibc's allocator statistics
-//!   (`mallinfo2`) and the kernel's VmRSS/VmHWM/VmData. zmesh uses glibc malloc, which has no
-//!   heap profiler, so there is no pprof profile: `GET /debug/pprof/heap` (ztunnel's path, a
-//!   jemalloc profile there) answers 501 and points here.
+//! - `GET /debug/memory`: the process's memory as text: which allocator serves (jemalloc in the
+//!   binaries, built without statistics; glibc's `mallinfo2` counters where glibc serves) and
+//!   the kernel's VmRSS/VmHWM/VmData/RssAnon/RssFile. No heap profiler is built in, so there is no pprof
+//!   profile: `GET /debug/pprof/heap` (ztunnel's path, a jemalloc profile there) answers 501 and
+//!   points here.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -166,12 +167,41 @@ pub fn config_dump(node: &Node) -> serde_json::Value {
 }
 
 /// The `/proc/self/status` lines about memory, as the kernel writes them.
-const STATUS_KEYS: [&str; 5] = ["VmRSS", "VmHWM", "VmData", "RssAnon", "VmSwap"];
+const STATUS_KEYS: [&str; 6] = ["VmRSS", "VmHWM", "VmData", "RssAnon", "RssFile", "VmSwap"];
 
 /// `/debug/memory`: allocator statistics and the kernel's memory lines for this process.
 pub fn memory_report() -> String {
     let mut out =
-        String::from("# zmesh memory (not a pprof profile: glibc malloc has no heap profiler)\n");
+        String::from("# zmesh memory (not a pprof profile: no heap profiler is built in)\n");
+    match crate::alloc::in_use() {
+        crate::alloc::Allocator::System => glibc_stats(&mut out),
+        crate::alloc::Allocator::Jemalloc => jemalloc_section(&mut out),
+        crate::alloc::Allocator::Mimalloc => {
+            out.push_str("## allocator statistics unavailable (mimalloc)\n")
+        }
+    }
+    out.push_str("## kernel (/proc/self/status)\n");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for line in status.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            if STATUS_KEYS.contains(&k) {
+                out.push_str(&format!("{k} {}\n", v.trim()));
+            }
+        }
+    }
+    out
+}
+
+/// jemalloc is built without its statistics (they cost data-path CPU, benches/RESULTS.md), so
+/// the kernel's lines are the measure; glibc's counters would describe an allocator that serves
+/// almost nothing here.
+fn jemalloc_section(out: &mut String) {
+    out.push_str(
+        "## allocator: jemalloc, built without its statistics (RssAnon below is the heap's measure)\n",
+    );
+}
+
+fn glibc_stats(out: &mut String) {
     match zmesh_redirect::allocator_stats() {
         Some(m) => {
             out.push_str("## allocator (glibc mallinfo2), bytes unless counted\n");
@@ -189,16 +219,6 @@ pub fn memory_report() -> String {
         }
         None => out.push_str("## allocator statistics unavailable (not glibc)\n"),
     }
-    out.push_str("## kernel (/proc/self/status)\n");
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for line in status.lines() {
-        if let Some((k, v)) = line.split_once(':') {
-            if STATUS_KEYS.contains(&k) {
-                out.push_str(&format!("{k} {}\n", v.trim()));
-            }
-        }
-    }
-    out
 }
 
 fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
@@ -255,7 +275,7 @@ fn respond(node: &Node, logs: Option<&dyn LogControl>, req: &Request<Incoming>) 
         (&Method::GET, "/debug/pprof/heap") => reply(
             StatusCode::NOT_IMPLEMENTED,
             text,
-            "no heap profile: zmesh uses glibc malloc, which has no profiler; allocator statistics are at GET /debug/memory\n".into(),
+            "no heap profile: zmesh has no heap profiler built in; allocator statistics are at GET /debug/memory\n".into(),
         ),
         (&Method::POST, "/quitquitquit") => {
             node.quit.notify_one();

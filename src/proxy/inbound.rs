@@ -395,9 +395,10 @@ mod tests {
     /// Every open inbound connection holds one `stream` task for its whole life, so its size is
     /// paid per connection. The east-west gateway's relay, inline, made it 5.2 KB (debug) and
     /// cost about 2 KiB of RSS per open connection (benches/RESULTS.md); boxed, it is 3.8 KB.
+    /// The bound leaves room for compiler and dependency updates and still catches that.
     #[test]
     fn an_inbound_streams_task_stays_small() {
         let size = returned_size(&super::stream);
-        assert!(size <= 4096, "inbound::stream's future is {size} bytes");
+        assert!(size <= 4608, "inbound::stream's future is {size} bytes");
     }
 }

@@ -165,8 +165,8 @@ pub async fn proxy_from(
                     dst: hbone_addr,
                     source_ip: Some(peer.ip()),
                 };
-                // Boxed: the connect future is large and would otherwise stay part of this task's state
-                // for the connection's whole life (RSS per idle connection).
+                // Boxed: the connect future is large and would otherwise stay part of this
+                // task's state for the connection's whole life (RSS per idle connection).
                 (Box::pin(scope.pool.connect(&key, req)).await, log)
             }
             Route::Gateway {
@@ -296,10 +296,11 @@ mod tests {
 
     /// Every open outbound connection holds one `proxy` task for its whole life. With the
     /// route, pool key and requests in scope across the relay, and the plain-TCP relays inline,
-    /// it was 4.9 KB (debug); 3.6 KB now.
+    /// it was 4.9 KB (debug); 3.6 KB now. The bound leaves room for compiler and dependency
+    /// updates and still catches that.
     #[test]
     fn an_outbound_connections_task_stays_small() {
         let size = returned_size(&super::proxy);
-        assert!(size <= 4096, "outbound::proxy's future is {size} bytes");
+        assert!(size <= 4608, "outbound::proxy's future is {size} bytes");
     }
 }
