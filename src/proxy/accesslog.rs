@@ -118,6 +118,15 @@ impl ConnLog {
         }
     }
 
+    /// The destination workload and, when the connection was for one, its service: the log's
+    /// `dst.workload` and `dst.service`, and the metrics' destination labels.
+    pub fn set_destination(&mut self, workload: &Arc<Workload>, service: Option<&Arc<Service>>) {
+        self.dst_workload = Some(workload.name.clone());
+        self.dst_service = service.map(|s| s.hostname.clone());
+        self.dst_wl = Some(workload.clone());
+        self.svc = service.cloned();
+    }
+
     fn labels(&self) -> TcpLabels {
         let reporter = match self.direction {
             Direction::Outbound => "source",
@@ -344,10 +353,7 @@ services:
         log.dst = "10.0.0.2:15008".parse().unwrap();
         log.hbone_addr = Some("10.0.0.2:8080".parse().unwrap());
         log.dst_identity = Some(server.identity.to_string());
-        log.dst_workload = Some(server.name.clone());
-        log.dst_service = svc.as_ref().map(|s| s.hostname.clone());
-        log.dst_wl = Some(server);
-        log.svc = svc;
+        log.set_destination(&server, svc.as_ref());
         log.mtls = true;
         log.path = "hbone 10.0.0.2:15008 authority 10.0.0.2:8080".into();
         log.opened();

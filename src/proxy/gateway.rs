@@ -127,11 +127,8 @@ pub(super) async fn relay(
         );
     }
     log.dst = hbone;
-    log.dst_workload = Some(endpoint.name.clone());
     log.dst_identity = Some(endpoint.identity.to_string());
-    log.dst_service = Some(svc.hostname.clone());
-    log.dst_wl = Some(endpoint.clone());
-    log.svc = Some(svc.clone());
+    log.set_destination(&endpoint, Some(&svc));
     log.path = format!("gateway relay {host}:{port} to {hbone}");
     let opts = DialOptions {
         mark: node.mark(),

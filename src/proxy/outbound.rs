@@ -139,10 +139,7 @@ pub async fn proxy_from(
                 service,
             } => {
                 log.dst_identity = Some(destination.identity.to_string());
-                log.dst_workload = Some(destination.name.clone());
-                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-                log.dst_wl = Some(destination.clone());
-                log.svc = service.clone();
+                log.set_destination(&destination, service.as_ref());
                 log.mtls = true;
                 // ztunnel's fields: the tunnel's address at L4, the target inside it apart.
                 log.dst = hbone_addr;
@@ -179,10 +176,7 @@ pub async fn proxy_from(
                 service,
             } => {
                 log.dst_identity = Some(destination.identity.to_string());
-                log.dst_workload = Some(destination.name.clone());
-                log.dst_service = Some(service.hostname.clone());
-                log.dst_wl = Some(destination.clone());
-                log.svc = Some(service.clone());
+                log.set_destination(&destination, Some(&service));
                 log.mtls = true;
                 log.dst = gateway;
                 log.path = format!("double hbone via {gateway} ({network}) authority {authority}");
@@ -225,10 +219,7 @@ pub async fn proxy_from(
                 destination,
                 service,
             } => {
-                log.dst_workload = Some(destination.name.clone());
-                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-                log.dst_wl = Some(destination.clone());
-                log.svc = service.clone();
+                log.set_destination(&destination, service.as_ref());
                 log.path = format!("direct {addr}");
                 // The plain-TCP relays are boxed so that every connection's task is sized by the
                 // HBONE path, the mesh's common one (RSS per open connection).
