@@ -478,16 +478,7 @@ async fn admin_serves_memory_statistics_only_on_the_admin_listener() {
     let (status, body) = get(admin, "/debug/memory").await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert!(body.contains("not a pprof profile"), "{body}");
-    let value = |key: &str| -> u64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key} ")))
-            .unwrap_or_else(|| panic!("no {key}: {body}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |key: &str| memory_value(&body, key);
     // A running node has allocated: the allocator holds more than nothing, and the kernel
     // counts resident memory (in kB) at least as high as that at its peak.
     assert!(value("in_use_bytes") > 0, "{body}");

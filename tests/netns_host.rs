@@ -2,10 +2,13 @@
 //! capture rules and real `zmesh-node` processes. The apps know nothing of the mesh: A's app dials
 //! B's ordinary IP:port and the rules do the rest.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown};
 use std::path::Path;
 
+use common::memory_value;
 use zmesh_testbed::mesh::{connect_uncaptured, HostMesh, APP_PORT, A_IP, B_IF, B_IP};
 use zmesh_testbed::{is_root, seeded_bytes, sha256, PacketCapture, IPPROTO_TCP};
 
@@ -302,16 +305,7 @@ fn admin_is_loopback_only_and_changes_log_levels() {
     // would describe an allocator that serves almost nothing there; the kernel's lines follow.
     let mem = http("GET /debug/memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     assert!(mem.starts_with("HTTP/1.1 200"), "{mem}");
-    let value = |key: &str| -> u64 {
-        mem.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key} ")))
-            .unwrap_or_else(|| panic!("no {key}: {mem}"))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |key: &str| memory_value(&mem, key);
     assert!(value("RssAnon") > 0 && value("RssFile") > 0, "{mem}");
     if cfg!(feature = "jemalloc") {
         assert!(mem.contains("## allocator: jemalloc"), "{mem}");

@@ -479,3 +479,17 @@ pub async fn assert_refused(src: IpAddr, entry: SocketAddr) {
     }
     assert_cut(&mut c).await;
 }
+
+/// The number on the `key value [unit]` line of a `/debug/memory` report (the allocator's
+/// counters are bytes, the kernel's lines kB); panics, showing the report, when there is none.
+pub fn memory_value(report: &str, key: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key}: {report}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
