@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
-use super::{answer_and_relay, denial_reason, inbound_connection, ConnLog, Direction, Node, Scope};
+use super::{
+    answer_and_relay, denial_reason, dial_far_side, inbound_connection, ConnLog, Direction, Node,
+    Scope,
+};
 use crate::hbone::server;
 use crate::identity::SpiffeId;
 use crate::model::{SelectError, Workload};
@@ -31,7 +34,7 @@ pub(super) async fn relay(
 ) {
     let server::Stream {
         req,
-        mut respond,
+        respond,
         guard,
     } = s;
     let enabled = node.access_log_enabled();
@@ -136,20 +139,10 @@ pub(super) async fn relay(
         transparent: false,
     };
     let dial = Box::pin(dial_in(scope.dial_netns(), hbone, opts));
-    let mut up = match guard.dial(&mut respond, dial).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
-            log.emit(enabled, Some(&format_args!("{e} (503)")));
-            return;
-        }
-        Err(server::Abandoned) => {
-            log.emit(
-                enabled,
-                Some(&"client reset the stream before the endpoint was reached; dial abandoned"),
-            );
-            return;
-        }
+    let Some((mut up, respond)) =
+        dial_far_side(&guard, respond, dial, &log, enabled, "endpoint").await
+    else {
+        return;
     };
     let body = req.into_body();
     answer_and_relay(

@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    accept_loop, answer_and_relay, denial_reason, dial_app, inbound_connection, ConnLog, Direction,
-    Node, Scope,
+    accept_loop, answer_and_relay, denial_reason, dial_app, dial_far_side, inbound_connection,
+    ConnLog, Direction, Node, Scope,
 };
 use crate::copy::reset_on_drop;
 use crate::hbone::connect::{parse_connect_target, Target};
@@ -222,7 +222,7 @@ async fn stream(
 ) {
     let server::Stream {
         req,
-        mut respond,
+        respond,
         guard,
     } = s;
     let enabled = node.access_log_enabled();
@@ -335,35 +335,20 @@ async fn stream(
     // The app sees the calling workload's address; bytes the client sent before our 200 wait in
     // h2's window and reach nobody until the dial succeeded (reliability #11). The dial runs
     // under the connection's cap and is dropped if the client resets first (reliability #7).
-    let dialed = guard
-        .dial(&mut respond, dial_app(&node, &scope, tunnel.dial, peer))
-        .await;
-    let mut app = match dialed {
-        Ok(Ok(mut a)) => match write_header(&mut a, tunnel.header.as_deref()).await {
-            Ok(()) => a,
-            Err(e) => {
-                reset_on_drop(&a);
-                server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
-                log.emit(
-                    enabled,
-                    Some(&format_args!("writing the PROXY header: {e} (503)")),
-                );
-                return;
-            }
-        },
-        Ok(Err(e)) => {
-            server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
-            log.emit(enabled, Some(&format_args!("{e} (503)")));
-            return;
-        }
-        Err(server::Abandoned) => {
-            log.emit(
-                enabled,
-                Some(&"client reset the stream before the app was reached; dial abandoned"),
-            );
-            return;
-        }
+    let dial = dial_app(&node, &scope, tunnel.dial, peer);
+    let Some((mut app, respond)) = dial_far_side(&guard, respond, dial, &log, enabled, "app").await
+    else {
+        return;
     };
+    if let Err(e) = write_header(&mut app, tunnel.header.as_deref()).await {
+        reset_on_drop(&app);
+        server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+        log.emit(
+            enabled,
+            Some(&format_args!("writing the PROXY header: {e} (503)")),
+        );
+        return;
+    }
     let body = req.into_body();
     answer_and_relay(
         &node, &guard, respond, body, &mut app, log, who, changes, &client,

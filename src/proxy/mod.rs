@@ -704,6 +704,41 @@ pub(crate) async fn answer_and_relay(
     settle(log, enabled, outcome, Some(client));
 }
 
+/// Dials the far side of a terminated CONNECT (`far_side`: inbound's app, the east-west
+/// gateway's endpoint) under the stream's guard, which caps the connection's dials and drops
+/// this one if the client resets the stream first (reliability #7). Gives `respond` back with
+/// the connection; otherwise the client has been answered 503 (nothing if it reset the stream)
+/// and the connection logged.
+pub(crate) async fn dial_far_side(
+    guard: &crate::hbone::server::StreamGuard,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    dial: impl std::future::Future<Output = Result<tokio::net::TcpStream, crate::socket::DialError>>,
+    log: &ConnLog,
+    enabled: bool,
+    far_side: &str,
+) -> Option<(
+    tokio::net::TcpStream,
+    h2::server::SendResponse<bytes::Bytes>,
+)> {
+    match guard.dial(&mut respond, dial).await {
+        Ok(Ok(up)) => Some((up, respond)),
+        Ok(Err(e)) => {
+            crate::hbone::server::refuse(respond, http::StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(enabled, Some(&format_args!("{e} (503)")));
+            None
+        }
+        Err(crate::hbone::server::Abandoned) => {
+            log.emit(
+                enabled,
+                Some(&format_args!(
+                    "client reset the stream before the {far_side} was reached; dial abandoned"
+                )),
+            );
+            None
+        }
+    }
+}
+
 pub(crate) async fn enforce<F: std::future::Future>(
     node: &Node,
     who: impl Fn() -> policy::Connection,
