@@ -654,14 +654,6 @@ impl Node {
     }
 }
 
-/// Runs a proxied connection to its end unless a reload publishes policies that deny it: then
-/// the connection's future is dropped (closing both sides) and the deciding policy returned.
-/// `changes` must have been subscribed before the connection was first judged, so a reload in
-/// between is not missed. `who` describes the connection on demand: it is only needed when the
-/// policies change, so an idle connection does not carry a second copy of its identity.
-///
-/// The connection is taken pinned in place: moving a future into an async fn and pinning it
-/// there stores it twice in the task (measured: +1.3 KiB per idle inbound connection).
 /// The end every terminated CONNECT shares (inbound to the app, the east-west gateway to an
 /// endpoint's node), once `up` is dialed: answer 200, relay the stream and `up` while policy
 /// still allows it (`who` is re-judged on every policy change), tell the connection's guard how
@@ -739,6 +731,14 @@ pub(crate) async fn dial_far_side(
     }
 }
 
+/// Runs a proxied connection to its end unless a reload publishes policies that deny it: then
+/// the connection's future is dropped (closing both sides) and the deciding policy returned.
+/// `changes` must have been subscribed before the connection was first judged, so a reload in
+/// between is not missed. `who` describes the connection on demand: it is only needed when the
+/// policies change, so an idle connection does not carry a second copy of its identity.
+///
+/// The connection is taken pinned in place: moving a future into an async fn and pinning it
+/// there stores it twice in the task (measured: +1.3 KiB per idle inbound connection).
 pub(crate) async fn enforce<F: std::future::Future>(
     node: &Node,
     who: impl Fn() -> policy::Connection,
