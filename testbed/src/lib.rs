@@ -34,6 +34,7 @@ mod data;
 mod frame;
 pub mod kubeapi;
 mod link;
+pub mod link_order;
 pub mod mesh;
 mod netns;
 pub mod networks;
