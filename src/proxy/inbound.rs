@@ -64,8 +64,10 @@ enum InboundError {
     Socket(std::io::Error),
     #[error("{0} is not the address of a workload on this node")]
     NotLocal(std::net::IpAddr),
+    /// The pod's workload is not in the model. The socket rides along, already set to reset,
+    /// so the caller counts the rejection before the peer sees the reset.
     #[error("{0}")]
-    PodUnknown(String),
+    PodUnknown(String, TcpStream),
     #[error("no certificate for {identity}: {reason}")]
     NoCertificate { identity: SpiffeId, reason: String },
     #[error(transparent)]
@@ -77,7 +79,7 @@ impl InboundError {
         match self {
             InboundError::Socket(_) => "socket",
             InboundError::NotLocal(_) => "not_a_local_workload",
-            InboundError::PodUnknown(_) => "pod_workload_unknown",
+            InboundError::PodUnknown(..) => "pod_workload_unknown",
             InboundError::NoCertificate { .. } => "no_server_certificate",
             InboundError::Serve(e) => e.code(),
         }
@@ -101,7 +103,7 @@ async fn connection(
             // No workload, so no certificate to present and no policy to judge by: the caller
             // gets a reset before any handshake (fail closed).
             reset_on_drop(&tcp);
-            return Err(InboundError::PodUnknown(pod.unknown_reason()));
+            return Err(InboundError::PodUnknown(pod.unknown_reason(), tcp));
         }
     };
     let workload = found.ok_or(InboundError::NotLocal(local.ip()))?;
