@@ -14,9 +14,10 @@
 //! startup and on the data path were spread over nearly all of its text. The script, generated
 //! from a profile by `scripts/link-order.sh`, puts them side by side at the front (GNU ld and lld
 //! read it alike; mold and gold do not, and link without it; `zmesh_testbed::link_order` has the
-//! details). Every profile links zmesh-node
-//! with it, so the binary every test runs is laid out as the shipped one (`tests/link_order.rs`
-//! checks that it was). `ZMESH_NO_LINK_ORDER=1` leaves it out.
+//! details). Every profile links zmesh-node with it, so the binary every test runs is laid out
+//! by the same script (by its globs: only the profiled build's own hashes match its exact
+//! symbols), and `tests/link_order.rs` checks that it was. `ZMESH_NO_LINK_ORDER=1` leaves it
+//! out.
 
 use std::process::Command;
 
@@ -26,7 +27,6 @@ fn main() {
     println!("cargo:rerun-if-env-changed=ZMESH_NO_LINK_ORDER");
     // The directory, not the file: a missing file would count as changed at every build.
     println!("cargo:rerun-if-changed=link");
-    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let linux = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux");
     let linux_gnu = linux && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
     let cross = std::env::var("TARGET").ok() != std::env::var("HOST").ok();
@@ -39,11 +39,12 @@ fn main() {
     }
     // mold and gold take no SECTIONS/INSERT script: such a build goes without the layout.
     let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    let other_linker = ["fuse-ld=mold", "fuse-ld=gold"]
-        .iter()
-        .find(|l| flags.contains(*l));
+    let other_linker = flags.split('\x1f').find(|f| {
+        (f.contains("fuse-ld=") || f.contains("ld-path="))
+            && (f.ends_with("mold") || f.ends_with("gold"))
+    });
     if let Some(linker) = other_linker {
-        println!("cargo:warning=zmesh-node is linked without its code layout ({LINK_ORDER}): -{linker} does not read it");
+        println!("cargo:warning=zmesh-node is linked without its code layout ({LINK_ORDER}): {linker} does not read it");
     } else if std::env::var_os("ZMESH_NO_LINK_ORDER").is_none() && linux {
         let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
         let script = std::path::Path::new(&dir).join(LINK_ORDER);

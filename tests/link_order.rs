@@ -4,8 +4,10 @@
 //!
 //! The script's globs name Rust functions by path. When code is renamed or rewritten they stop
 //! matching one by one, and the node's RSS creeps back up without any other test failing; this
-//! is the test that fails first. The fix is `scripts/link-order.sh` (as root), which profiles
-//! the current code and rewrites the script.
+//! test fails once too many are gone (new code the profile never saw does not fail it: rerun
+//! the profile after a large change anyway). The fix is `scripts/link-order.sh` (as root), which
+//! profiles the current code and rewrites the script. A build with `ZMESH_NO_LINK_ORDER=1`, or
+//! with mold or gold, has no layout, and these tests say so.
 
 use std::process::Command;
 
@@ -47,16 +49,20 @@ fn section(sections: &str, name: &str) -> Option<(u64, u64)> {
 fn the_node_is_linked_with_its_code_layout() {
     let sections = tool("readelf", &["-SW", BIN]);
     let (_, hot) = section(&sections, HOT_SECTION).unwrap_or_else(|| {
-        panic!("{BIN} has no {HOT_SECTION}: build.rs did not give the linker {SCRIPT}\n{sections}")
+        panic!("{BIN} has no {HOT_SECTION}: build.rs did not give the linker {SCRIPT} (ZMESH_NO_LINK_ORDER set, or mold/gold?)\n{sections}")
     });
     let (_, rest) = section(&sections, ".text").expect(".text");
+    // C and assembly alone (jemalloc, ring) put about 320 KiB there; the Rust functions about
+    // 3 MiB (debug) to 4 MiB (release).
     assert!(
-        hot > 256 * 1024,
+        hot > 1024 * 1024,
         "{HOT_SECTION} holds only {hot} bytes: the script's patterns no longer find the code"
     );
-    // A pattern gone wide (say `_ZN*`) would move everything and gain nothing.
+    // A pattern gone wide (say `_ZN*`) would move everything and gain nothing. A fresh
+    // profile's section is about 22 % (debug) to 48 % (release) of the text.
+    let share = hot as f64 / (hot + rest) as f64;
     assert!(
-        hot < rest,
+        share < 0.7,
         "{HOT_SECTION} holds {hot} bytes against {rest} left in .text: the patterns take in too much"
     );
 }

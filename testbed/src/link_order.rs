@@ -96,8 +96,8 @@ fn legacy_stem(name: &str) -> Option<&str> {
 }
 
 /// A v0-mangled name with each crate root's disambiguator (`Cs<base-62>_`) and each
-/// back-reference (`B<base-62>_`, not after a digit, where it would begin an identifier) made
-/// a glob. A rewrite inside an identifier only widens the glob.
+/// back-reference (`B<base-62>_`) made a glob. A rewrite inside an identifier (`9Buffer_in`)
+/// only widens the glob.
 fn v0_generic(name: &str) -> String {
     let bytes = name.as_bytes();
     let mut out = String::with_capacity(name.len());
@@ -105,7 +105,7 @@ fn v0_generic(name: &str) -> String {
     while i < bytes.len() {
         let tag = if name[i..].starts_with("Cs") {
             Some(2)
-        } else if bytes[i] == b'B' && i > 0 && !bytes[i - 1].is_ascii_digit() {
+        } else if bytes[i] == b'B' && i > 0 {
             Some(1)
         } else {
             None
@@ -242,8 +242,9 @@ fn resolve(
 /// The order the functions are laid out in, from when each first ran (the earliest profile it
 /// appears in: callgrind's `--dump-every-bb` writes one every few million basic blocks) and its
 /// cost: first to run first, then hottest first. The nodes a profiling run starts first sit
-/// idle before any traffic, so startup comes first and stays together, and a node that has
-/// only started maps only that part; the data path follows.
+/// idle before any traffic, so startup comes first, and a node that has only started maps
+/// mostly that part; the data path follows. (A profile is written when its basic-block count
+/// is reached, so the end of startup can share one with the first traffic.)
 pub fn rank(functions: &HashMap<String, (u128, u64)>) -> Vec<&str> {
     let mut ranked: Vec<(&String, &(u128, u64))> = functions.iter().collect();
     ranked.sort_by(|a, b| {
@@ -327,7 +328,9 @@ mod tests {
                 "_RNvMs0_NtCs1a2B_3std4syncNtB5_4Once4call",
                 Some("_RNvMs0_NtCs*_3std4syncNtB*_4Once4call*"),
             ),
-            // an identifier starting with B is not a back-reference
+            // a back-reference after a closure's empty name (`0`) too; an identifier starting
+            // with B and no `_` after it is left alone
+            ("_RNCNvCs1a_4main0B3_", Some("_RNCNvCs*_4main0B*_*")),
             ("_RNvCs1a_5bytes8BytesMut", Some("_RNvCs*_5bytes8BytesMut*")),
             // C and assembly keep their names, but for ring's version
             (
