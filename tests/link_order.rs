@@ -12,6 +12,7 @@
 use std::process::Command;
 
 use zmesh_testbed::link_order::{glob_match, script_patterns, HOT_SECTION};
+use zmesh_testbed::run_ok;
 
 const BIN: &str = env!("CARGO_BIN_EXE_zmesh-node");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/link/zmesh-node.ld");
@@ -21,17 +22,9 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/link/zmesh-node.ld");
 /// names apart) and all of them in a release build.
 const MIN_PLACED: f64 = 0.85;
 
+/// A binutils tool's output.
 fn tool(name: &str, args: &[&str]) -> String {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {name} (binutils): {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    run_ok(Command::new(name).args(args))
 }
 
 /// A section's address and size, from `readelf -SW`: `[Nr] Name Type Address Off Size ...`.

@@ -49,7 +49,6 @@ pub use link::{attach_to_bridge, link_veth};
 pub use netns::{sweep_stale, Netns};
 pub use process::Child;
 
-/// Whether the current process runs with effective uid 0.
 /// Runs `cmd` to completion and returns its stdout; panics with its stderr if it failed.
 pub fn run_ok(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap();
@@ -61,6 +60,7 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether the current process runs with effective uid 0.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

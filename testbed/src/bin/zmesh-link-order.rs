@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Context, Result};
-use zmesh_testbed::link_order::{executed_functions, rank, script, script_patterns};
+use zmesh_testbed::link_order::{exact, executed_functions, rank, script, script_patterns};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,9 +37,7 @@ fn main() -> Result<()> {
         }
     }
     ensure!(
-        functions
-            .keys()
-            .any(|f| zmesh_testbed::link_order::exact(f).is_some()),
+        functions.keys().any(|f| exact(f).is_some()),
         "the profiles name no function of {object} by symbol: was it built with symbols, and \
          is {object} the file name callgrind saw?"
     );
