@@ -323,3 +323,66 @@ fn admin_is_loopback_only_and_changes_log_levels() {
     let bad = http("POST /logging?level=not[a]filter HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
 }
+
+/// After a load, the data-plane workers give their allocator caches back (`zmesh::alloc`): both
+/// nodes count trims on `/debug/memory` that the load caused (a baseline is read first) and,
+/// once the load is over, no worker is left waiting for a nudge (one that stayed pending would
+/// hold its cache and keep the nudger waking the node). The bytes through the tunnel are exact
+/// while caches are flushed under them. The nodes are real processes, so the wait for their
+/// nudges is a poll with a deadline.
+#[test]
+fn workers_give_their_allocator_caches_back_after_a_load() {
+    require_root();
+    let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "off").unwrap();
+    spawn_echo_in_b(&mesh);
+    let report = |ns: &zmesh_testbed::Netns| -> String {
+        let mut s = ns.connect_tcp("127.0.0.1:15000").unwrap();
+        s.write_all(b"GET /debug/memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    if !cfg!(feature = "jemalloc") {
+        // Without jemalloc there are no thread caches to flush, and nothing is reported.
+        assert!(!report(&mesh.a).contains("thread_cache_trims"));
+        return;
+    }
+    let before = [&mesh.a, &mesh.b].map(|ns| memory_value(&report(ns), "thread_cache_trims"));
+    let app = format!("{B_IP}:{APP_PORT}");
+    // Concurrent connections, each with several round trips of a few KiB: each node's workers
+    // free many MiB, far more than the 256 KiB that makes a worker's cache worth flushing.
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let (mesh, app) = (&mesh, &app);
+            s.spawn(move || {
+                for i in 0..25u8 {
+                    let mut c = mesh.a.connect_tcp(app.as_str()).unwrap();
+                    for round in 0..4u8 {
+                        let msg = vec![t ^ i ^ round; 4096 + usize::from(i) * 97];
+                        echo_once(&mut c, &msg).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    for ((name, ns), before) in [("A", &mesh.a), ("B", &mesh.b)].into_iter().zip(before) {
+        // A nudge comes a second after a worker became pending; allow for a slow machine.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mem = report(ns);
+            let (trims, pending) = (
+                memory_value(&mem, "thread_cache_trims"),
+                memory_value(&mem, "workers_pending_trim"),
+            );
+            if trims > before && pending == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {name}: {trims} trims ({before} before the load), {pending} workers still pending: {mem}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}

@@ -28,6 +28,8 @@ mod sys;
 pub mod logging;
 pub use logging::log_filter;
 pub use sys::{allocator_stats, AllocatorStats};
+#[cfg(feature = "jemalloc")]
+pub use sys::{jemalloc_thread_freed, jemalloc_thread_idle};
 
 /// The commit this build was made from (`build.rs`: short SHA, or `unknown` without git).
 pub const GIT_SHA: &str = env!("ZMESH_GIT_SHA");

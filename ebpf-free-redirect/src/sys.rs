@@ -7,8 +7,14 @@
 //! - [`namespace_type`]: the `NS_GET_NSTYPE` ioctl, to tell a network namespace from any other
 //!   file before `setns`.
 //! - [`allocator_stats`]: glibc's `mallinfo2(3)`, the allocator's own view of the heap, which the
-//!   node's admin endpoint `/debug/memory` serves (zmesh uses glibc malloc, which has no pprof
-//!   heap profiler; `nix` does not wrap it).
+//!   node's admin endpoint `/debug/memory` serves for builds on glibc's malloc (`nix` does not
+//!   wrap it).
+//! - [`jemalloc_thread_idle`] and [`jemalloc_thread_freed`] (feature `jemalloc`): jemalloc's
+//!   `thread.idle` control, which hands the calling thread's cache of freed objects back to the
+//!   shared arenas so their pages can go back to the kernel once a load is over, and the
+//!   thread's count of bytes freed, which tells whether that cache can hold much. They sit here,
+//!   beside `mallinfo2`, because this is the workspace's one room for foreign calls; the policy
+//!   of when to call them is the node's (`zmesh::alloc`).
 //!
 //! Everything around these calls (what to accept, what to refuse, error texts) lives in safe code.
 #![allow(unsafe_code)]
@@ -159,4 +165,78 @@ pub fn allocator_stats() -> Option<AllocatorStats> {
     {
         None
     }
+}
+
+/// jemalloc's `thread.idle` (jemalloc 5.3): the calling thread flushes its thread cache (freed
+/// objects it keeps for reuse) back to the arenas, where their pages become purgeable. For a
+/// thread about to go quiet; the caller decides when (`zmesh::alloc`).
+#[cfg(feature = "jemalloc")]
+pub fn jemalloc_thread_idle() -> io::Result<()> {
+    // SAFETY: `thread.idle` neither reads nor writes a value, and jemalloc refuses it (EPERM)
+    // unless the three value pointers are null and the new length 0, as here; the name is a
+    // NUL-terminated literal.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"thread.idle".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// The bytes the calling thread has freed since it started (jemalloc's `thread.deallocated`,
+/// kept without jemalloc's statistics). Read through a MIB looked up once: this runs each time
+/// a worker parks.
+#[cfg(feature = "jemalloc")]
+pub fn jemalloc_thread_freed() -> io::Result<u64> {
+    static MIB: std::sync::OnceLock<Result<[usize; 2], i32>> = std::sync::OnceLock::new();
+    let mib = MIB.get_or_init(|| {
+        let mut mib = [0usize; 2];
+        let mut len = mib.len();
+        // SAFETY: `mib` has room for `len` entries and jemalloc writes at most that many,
+        // updating `len`; the name is a NUL-terminated literal.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctlnametomib(
+                c"thread.deallocated".as_ptr(),
+                mib.as_mut_ptr(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            Err(rc)
+        } else if len != mib.len() {
+            Err(libc::EINVAL)
+        } else {
+            Ok(mib)
+        }
+    });
+    let mib = mib.map_err(io::Error::from_raw_os_error)?;
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>();
+    // SAFETY: `thread.deallocated` is a uint64_t, read into `value` (`len` bytes, checked
+    // below); nothing is written.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctlbymib(
+            mib.as_ptr(),
+            mib.len(),
+            (&mut value as *mut u64).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if len != size_of::<u64>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(value)
 }

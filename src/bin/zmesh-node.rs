@@ -895,12 +895,19 @@ fn serve(
     });
     raise_nofile_limit();
     let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(workers)
         .thread_name("zmesh-data")
-        .enable_all()
+        .enable_all();
+    // Workers give their allocator caches back after a load (zmesh::alloc).
+    let trims = zmesh::alloc::trim_on_park(&mut builder);
+    let rt = builder
         .build()
         .context("cannot start the data-plane runtime")?;
+    if trims {
+        zmesh::proxy::control().spawn(zmesh::alloc::nudge_pending(rt.handle().clone(), workers));
+    }
     let result = rt.block_on(async move {
         log_effective(&cfg);
         let drain_timeout = cfg.node.drain_timeout;

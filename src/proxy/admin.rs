@@ -199,6 +199,11 @@ fn jemalloc_section(out: &mut String) {
     out.push_str(
         "## allocator: jemalloc, built without its statistics (RssAnon below is the heap's measure)\n",
     );
+    out.push_str(&format!(
+        "thread_cache_trims {}\nworkers_pending_trim {}\n",
+        crate::alloc::trims(),
+        crate::alloc::pending_workers()
+    ));
 }
 
 fn glibc_stats(out: &mut String) {
