@@ -150,22 +150,40 @@ thread_local! {
 }
 
 /// Whether this binary's allocator keeps per-thread caches that [`on_worker_park`] can flush.
-pub fn trims_thread_caches() -> bool {
+fn trims_thread_caches() -> bool {
     cfg!(feature = "jemalloc") && in_use() == Allocator::Jemalloc
 }
 
-/// Installs [`on_worker_park`] on a runtime about to be built, where the allocator has thread
-/// caches; the caller then spawns [`nudge_pending`] once the runtime exists. Returns whether it
-/// did.
-pub fn trim_on_park(builder: &mut tokio::runtime::Builder) -> bool {
-    if trims_thread_caches() {
+/// Builds a multi-thread runtime of `workers` workers named `name`, all I/O and timers on,
+/// whose workers give their allocator caches back after a load: where the allocator has thread
+/// caches, it installs [`on_worker_park`] and spawns [`nudge_pending`] on `nudger`, or on the
+/// runtime itself when there is none (its own timer then runs on a worker, which trims as it
+/// parks, and its empty tasks reach the others).
+pub fn trimming_runtime(
+    name: &str,
+    workers: usize,
+    nudger: Option<&tokio::runtime::Handle>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all();
+    let trims = trims_thread_caches();
+    if trims {
         builder.on_thread_park(on_worker_park);
     }
-    trims_thread_caches()
+    let rt = builder.build()?;
+    if trims {
+        let nudge = nudge_pending(rt.handle().clone(), workers);
+        drop(nudger.unwrap_or(rt.handle()).spawn(nudge));
+    }
+    Ok(rt)
 }
 
-/// A runtime's `on_thread_park` hook: applies [`ParkState`] to this worker.
-pub fn on_worker_park() {
+/// A runtime's `on_thread_park` hook, installed by [`trimming_runtime`] only where the
+/// allocator has thread caches: applies [`ParkState`] to this worker.
+fn on_worker_park() {
     let Some(freed) = thread_freed() else {
         return;
     };
@@ -191,24 +209,21 @@ pub fn on_worker_park() {
 /// The calling thread's bytes freed since it started, where the allocator counts them.
 fn thread_freed() -> Option<u64> {
     #[cfg(feature = "jemalloc")]
-    if in_use() == Allocator::Jemalloc {
-        return zmesh_redirect::jemalloc_thread_freed()
-            .inspect_err(|e| tracing::debug!("jemalloc thread.deallocated failed: {e}"))
-            .ok();
-    }
+    return zmesh_redirect::jemalloc_thread_freed()
+        .inspect_err(|e| tracing::debug!("jemalloc thread.deallocated failed: {e}"))
+        .ok();
+    #[cfg(not(feature = "jemalloc"))]
     None
 }
 
 /// Flushes the calling thread's allocator cache, where the allocator has one to flush.
 fn trim_this_thread() {
     #[cfg(feature = "jemalloc")]
-    if in_use() == Allocator::Jemalloc {
-        match zmesh_redirect::jemalloc_thread_idle() {
-            Ok(()) => {
-                TRIMS.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::debug!("jemalloc thread.idle failed: {e}"),
+    match zmesh_redirect::jemalloc_thread_idle() {
+        Ok(()) => {
+            TRIMS.fetch_add(1, Ordering::Relaxed);
         }
+        Err(e) => tracing::debug!("jemalloc thread.idle failed: {e}"),
     }
 }
 

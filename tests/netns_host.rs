@@ -280,6 +280,16 @@ fn strict_mtls_policy_applied_by_sighup_resets_plaintext_and_keeps_hbone() {
     );
 }
 
+/// Sends one raw HTTP/1.1 request to the node admin port inside `ns` (loopback there) and
+/// returns the whole answer; the request should close the connection.
+fn admin_request(ns: &zmesh_testbed::Netns, req: &str) -> String {
+    let mut s = ns.connect_tcp("127.0.0.1:15000").unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// The admin server answers on the node's loopback only: a client in the peer namespace cannot
 /// reach it, while the node's own namespace can read `/config_dump` and change log levels.
 #[test]
@@ -288,13 +298,7 @@ fn admin_is_loopback_only_and_changes_log_levels() {
     let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "json").unwrap();
     let from_a = connect_uncaptured(&mesh.a, format!("{B_IP}:15000").parse().unwrap());
     assert!(from_a.is_err(), "admin reachable from the peer namespace");
-    let http = |req: &str| -> String {
-        let mut s = mesh.b.connect_tcp("127.0.0.1:15000").unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let http = |req: &str| admin_request(&mesh.b, req);
     let dump = http("GET /config_dump HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     assert!(
         dump.starts_with("HTTP/1.1 200") && dump.contains("\"node-b\""),
@@ -335,13 +339,11 @@ fn workers_give_their_allocator_caches_back_after_a_load() {
     require_root();
     let mesh = HostMesh::start(Path::new(env!("CARGO_BIN_EXE_zmesh-node")), "off").unwrap();
     spawn_echo_in_b(&mesh);
-    let report = |ns: &zmesh_testbed::Netns| -> String {
-        let mut s = ns.connect_tcp("127.0.0.1:15000").unwrap();
-        s.write_all(b"GET /debug/memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+    let report = |ns: &zmesh_testbed::Netns| {
+        admin_request(
+            ns,
+            "GET /debug/memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
     };
     if !cfg!(feature = "jemalloc") {
         // Without jemalloc there are no thread caches to flush, and nothing is reported.

@@ -895,19 +895,9 @@ fn serve(
     });
     raise_nofile_limit();
     let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .worker_threads(workers)
-        .thread_name("zmesh-data")
-        .enable_all();
-    // Workers give their allocator caches back after a load (zmesh::alloc).
-    let trims = zmesh::alloc::trim_on_park(&mut builder);
-    let rt = builder
-        .build()
+    // Workers give their allocator caches back after a load, nudged from the control runtime.
+    let rt = zmesh::alloc::trimming_runtime("zmesh-data", workers, Some(zmesh::proxy::control()))
         .context("cannot start the data-plane runtime")?;
-    if trims {
-        zmesh::proxy::control().spawn(zmesh::alloc::nudge_pending(rt.handle().clone(), workers));
-    }
     let result = rt.block_on(async move {
         log_effective(&cfg);
         let drain_timeout = cfg.node.drain_timeout;

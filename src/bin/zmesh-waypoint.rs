@@ -94,19 +94,9 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 fn run(cfg: Config, path: PathBuf, loaded: zmesh::proxy::reload::Stamp) -> anyhow::Result<()> {
     let workers = zmesh::workers::detect(cfg.node.worker_threads).count;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .worker_threads(workers)
-        .thread_name("zmesh-waypoint")
-        .enable_all();
-    // Workers give their allocator caches back after a load (zmesh::alloc).
-    let trims = zmesh::alloc::trim_on_park(&mut builder);
-    let rt = builder.build().context("cannot start the runtime")?;
-    if trims {
-        // The waypoint has one runtime, so the nudger's own timer runs on a worker too (which
-        // then trims as it parks), and its empty tasks reach the others.
-        rt.spawn(zmesh::alloc::nudge_pending(rt.handle().clone(), workers));
-    }
+    // Workers give their allocator caches back after a load; the one runtime nudges itself.
+    let rt = zmesh::alloc::trimming_runtime("zmesh-waypoint", workers, None)
+        .context("cannot start the runtime")?;
     rt.block_on(async move {
         let (source, trust) = load_certificates(&cfg, Arc::new(zmesh::identity::SystemClock))?;
         let certs = Arc::new(CertManager::with_trust(source, trust)?);
