@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Fuzzing (fuzz/README.md): builds every cargo-fuzz target once (nightly, AddressSanitizer, one
-# build for all), then runs each for SECONDS (default 600), ZMESH_FUZZ_JOBS at a time (default
-# one per core), and fails if any of them crashed, ran out of memory or hung. Prints each
-# target's executions and coverage.
+# Fuzzing (fuzz/README.md): builds every fuzz target once (nightly, libFuzzer, AddressSanitizer,
+# one build for all, with the flags cargo-fuzz passes, so `cargo fuzz run` works on the same
+# tree), then runs each for SECONDS (default 600), ZMESH_FUZZ_JOBS at a time (default one per
+# core), and fails if any of them crashed, ran out of memory or hung. Prints each target's
+# executions and coverage.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   scripts/fuzz.sh build      only the build (CI starts it early, at the lowest priority)
 # CI runs `scripts/fuzz.sh 20`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
 # with `fuzz/target/x86_64-unknown-linux-gnu/release/<target> <file>`); the growing corpus in
 # fuzz/corpus/<target>/, logs in fuzz/logs/. ZMESH_CARGO_LOCK=<file> makes the cargo commands
 # (not the runs) wait on that lock, for a machine shared by several builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build_only=false
+if [ "${1:-}" = build ]; then
+  build_only=true
+  shift
+  [ $# -eq 0 ] || { echo "fuzz: 'build' takes no arguments" >&2; exit 1; }
+fi
 secs=${1:-600}
 shift || true
 toolchain=${ZMESH_FUZZ_TOOLCHAIN:-nightly}
-# The cargo-fuzz release this script is written against (its CLI and output layout).
-cargo_fuzz_version=0.13.2
+# The cargo profile the targets build with (fuzz/Cargo.toml): `release` (cargo fuzz's) for real
+# campaigns; CI's short runs set `fuzz-quick`, which builds faster and runs a little slower.
+profile=${ZMESH_FUZZ_PROFILE:-release}
 # Per input: a parser that takes longer than this on a few KiB is a hang, not slowness.
 timeout_secs=10
 # Per process: well above what any target needs (the corpus included), far below the machine.
@@ -26,7 +35,7 @@ locked() {
 }
 [[ "$secs" =~ ^[1-9][0-9]*$ ]] || die "SECONDS must be a positive number of seconds, not '$secs'"
 
-# Tools: installed when missing, never skipped. Fuzzing needs nightly (-Zsanitizer); the
+# The toolchain: installed when missing, never skipped. Fuzzing needs nightly (-Zsanitizer); the
 # project itself builds on stable.
 command -v rustup >/dev/null || die "rustup not found: it installs the $toolchain toolchain fuzzing needs"
 if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
@@ -34,22 +43,37 @@ if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
   rustup toolchain install "$toolchain" --profile minimal \
     || die "cannot install the $toolchain toolchain (network? rustup?)"
 fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "fuzz: installing cargo-fuzz $cargo_fuzz_version"
-  locked cargo install --locked --version "$cargo_fuzz_version" cargo-fuzz \
-    || die "cannot install cargo-fuzz from crates.io"
-fi
 
-# One build for every target; its own target dir (fuzz/target), so the stable build is untouched.
+# One build for every target, in the fuzz workspace's own target dir (fuzz/target), so the
+# stable build is untouched. These are the flags `cargo fuzz build` (cargo-fuzz 0.13, its
+# defaults) gives rustc: libFuzzer's coverage counters, comparison tracing and stack depth,
+# `cfg(fuzzing)`, AddressSanitizer (one codegen unit per crate is in the release profile);
+# built directly, CI need not compile cargo-fuzz.
+triple=x86_64-unknown-linux-gnu
+rustflags=(
+  -Cpasses=sancov-module
+  -Cllvm-args=-sanitizer-coverage-level=4
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters
+  -Cllvm-args=-sanitizer-coverage-pc-table
+  -Cllvm-args=-sanitizer-coverage-trace-compares
+  --cfg fuzzing
+  -Cllvm-args=-simplifycfg-branch-fold-threshold=0
+  -Zsanitizer=address
+  -Cllvm-args=-sanitizer-coverage-stack-depth
+)
 start=$(date +%s)
-locked cargo "+$toolchain" fuzz build -O --fuzz-dir fuzz || die "the fuzz build failed"
+RUSTFLAGS="${rustflags[*]}" locked cargo "+$toolchain" build --manifest-path fuzz/Cargo.toml \
+  --target "$triple" --profile "$profile" --bins || die "the fuzz build failed"
 echo "fuzz: build took $(( $(date +%s) - start )) s"
+$build_only && exit 0
 
-bin_dir=fuzz/target/x86_64-unknown-linux-gnu/release
+bin_dir=fuzz/target/$triple/$profile
 if [ $# -gt 0 ]; then
   targets=("$@")
 else
-  mapfile -t targets < <(cargo "+$toolchain" fuzz list --fuzz-dir fuzz)
+  # Every [[bin]] of fuzz/Cargo.toml, in file order.
+  mapfile -t targets < <(awk '/^\[\[bin\]\]/ { bin = 1; next } /^\[/ { bin = 0 }
+    bin && /^name *=/ { gsub(/^name *= *"|" *$/, ""); print }' fuzz/Cargo.toml)
 fi
 [ ${#targets[@]} -gt 0 ] || die "no fuzz targets found in fuzz/Cargo.toml"
 
