@@ -5,9 +5,10 @@
 # core), and fails if any of them crashed, ran out of memory or hung. Prints each target's
 # executions and coverage.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
-#   scripts/fuzz.sh build      only the build (CI starts it early, at the lowest priority)
-# CI runs `scripts/fuzz.sh 20`. Crash inputs are kept in fuzz/artifacts/<target>/ (replay one
-# with `fuzz/target/x86_64-unknown-linux-gnu/release/<target> <file>`); the growing corpus in
+#   scripts/fuzz.sh build      only the build (CI starts it early, beside its other builds)
+# CI runs `scripts/fuzz.sh 20` with ZMESH_FUZZ_PROFILE=fuzz-quick. Crash inputs are kept in
+# fuzz/artifacts/<target>/ (replay one with
+# `fuzz/target/x86_64-unknown-linux-gnu/<profile>/<target> <file>`); the growing corpus in
 # fuzz/corpus/<target>/, logs in fuzz/logs/. ZMESH_CARGO_LOCK=<file> makes the cargo commands
 # (not the runs) wait on that lock, for a machine shared by several builds.
 set -euo pipefail
