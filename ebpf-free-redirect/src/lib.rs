@@ -14,11 +14,16 @@ pub use rules::{Backend, HostOptions, HostRules, InboundPlaintext, OptionsError,
 pub mod zds;
 pub use apply::{install_pod, uninstall_pod};
 pub use rules::{Capture, Family, PodOptions, PodRules};
+#[cfg(feature = "kube")]
 pub mod agent;
+#[cfg(feature = "kube")]
 pub mod cni;
 pub mod cni_install;
+#[cfg(feature = "kube")]
 pub mod enroll;
+#[cfg(feature = "kube")]
 pub mod health;
+#[cfg(feature = "kube")]
 pub mod k8s;
 pub mod netns_scan;
 pub mod nsfd;
