@@ -461,3 +461,23 @@ fn default_ejection() -> Duration {
 fn default_max_ejection() -> u32 {
     10
 }
+
+#[cfg(test)]
+mod tests {
+    use super::compile;
+
+    /// Route regexes are anchored and take Unicode classes and case folding, as Envoy's RE2
+    /// does: `regex` is built with its Unicode tables (the workspace's Cargo.toml), which the
+    /// node and the waypoint once got only through the Kubernetes client's dependencies.
+    #[test]
+    fn regexes_are_anchored_and_take_unicode_classes() {
+        let r = compile(r"\p{Greek}+/\d+").expect("a Unicode class compiles");
+        assert!(r.0.is_match("αβγ/42"));
+        assert!(!r.0.is_match("abc/42"));
+        assert!(!r.0.is_match("x αβγ/42"), "anchored at the start");
+        assert!(!r.0.is_match("αβγ/42 x"), "anchored at the end");
+        assert!(compile("(?i)δ").expect("case folding").0.is_match("Δ"));
+        let e = compile("(").expect_err("an unclosed group is refused");
+        assert!(e.contains("invalid regex \"(\""), "{e}");
+    }
+}
