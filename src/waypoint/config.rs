@@ -468,7 +468,9 @@ mod tests {
 
     /// Route regexes are anchored and take Unicode classes and case folding, as Envoy's RE2
     /// does: `regex` is built with its Unicode tables (the workspace's Cargo.toml), which the
-    /// node and the waypoint once got only through the Kubernetes client's dependencies.
+    /// node and the waypoint once got only through the Kubernetes client's dependencies. A test
+    /// build still has those dependencies (the enrollment tests), so this checks the behaviour;
+    /// the workspace's declaration is what keeps the tables in a binary built alone.
     #[test]
     fn regexes_are_anchored_and_take_unicode_classes() {
         let r = compile(r"\p{Greek}+/\d+").expect("a Unicode class compiles");
